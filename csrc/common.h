@@ -1,0 +1,85 @@
+// Helpers shared by the torch-facing code of every backend (csrc/cpu/*.cpp, csrc/cuda/*_api.cpp):
+// output allocation (NaN-poisoned under FASTATTN_POISON_OUTPUTS=1, so that tests catch an unwritten
+// tile) and the input checks that every op repeats, with messages that name the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <limits>
+#include <optional>
+
+namespace fastattn {
+
+inline bool poison_outputs() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("FASTATTN_POISON_OUTPUTS");
+    return value != nullptr && value[0] == '1';
+  }();
+  return enabled;
+}
+
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (poison_outputs()) {
+    return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+  }
+  return at::empty(sizes, options);
+}
+
+inline at::ScalarType lse_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// q (B, H, Nq, D), k and v (B, H, Nk, D) on one device, one dtype, unit stride in the last dim.
+inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK_VALUE(q.dim() == 4, "q: expected 4 dims (B, H, Nq, D), got ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 4, "k: expected 4 dims (B, H, Nk, D), got ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v: expected the shape of k ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+                    "k: expected shape (", q.size(0), ", ", q.size(1), ", Nk, ", q.size(3), ") to match q, got ",
+                    k.sizes());
+  for (const at::Tensor* t : {&k, &v}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), "k, v: expected dtype ", q.scalar_type(),
+                     " (that of q), got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == q.device(), "k, v: expected device ", q.device(), " (that of q), got ",
+                      t->device());
+  }
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK_VALUE(t->stride(3) == 1, "q, k, v: expected unit stride in the last dim, got strides ",
+                      t->strides());
+  }
+}
+
+// bool (B, Nk), contiguous, on the device of q.
+inline void check_key_padding_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q, int64_t key_len) {
+  if (!mask.has_value()) return;
+  TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "key_padding_mask: expected dtype bool, got ",
+                   mask->scalar_type());
+  TORCH_CHECK_VALUE(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == key_len,
+                    "key_padding_mask: expected shape (", q.size(0), ", ", key_len, "), got ", mask->sizes());
+  TORCH_CHECK_VALUE(mask->device() == q.device(), "key_padding_mask: expected device ", q.device(), ", got ",
+                    mask->device());
+  TORCH_CHECK_VALUE(mask->is_contiguous(), "key_padding_mask: expected a contiguous tensor");
+}
+
+// Per-head CSR of a block layout: offsets (h, blocks + 1) and indices (h, nnz_max), int32, contiguous,
+// h == 1 or H, on the device of q.
+inline void check_csr(const char* offsets_name, const at::Tensor& offsets, const char* indices_name,
+                      const at::Tensor& indices, int64_t heads, int64_t blocks, const at::Tensor& q) {
+  for (const auto& [name, t] : {std::pair{offsets_name, &offsets}, std::pair{indices_name, &indices}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kInt, name, ": expected dtype int32, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->is_contiguous(), name, ": expected a contiguous 2-dim tensor, got ",
+                      t->sizes());
+    TORCH_CHECK_VALUE(t->device() == q.device(), name, ": expected device ", q.device(), ", got ", t->device());
+  }
+  TORCH_CHECK_VALUE(offsets.size(0) == 1 || offsets.size(0) == heads, offsets_name, ": expected 1 or ", heads,
+                    " heads, got ", offsets.size(0));
+  TORCH_CHECK_VALUE(offsets.size(1) == blocks + 1, offsets_name, ": expected ", blocks + 1,
+                    " offsets per head for ", blocks, " blocks, got ", offsets.size(1));
+  TORCH_CHECK_VALUE(indices.size(0) == offsets.size(0), indices_name, ": expected ", offsets.size(0),
+                    " heads (as ", offsets_name, "), got ", indices.size(0));
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace fastattn

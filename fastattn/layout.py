@@ -1,0 +1,169 @@
+"""Block layouts: which key blocks each query block attends to, per head, as CSR (and its transpose)."""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["BlockLayout", "bigbird_layout"]
+
+
+def _csr(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-head CSR of a bool (h, rows, cols) mask; column lists padded to the longest head with -1."""
+    counts = mask.sum(-1, dtype=torch.int32)
+    offsets = torch.zeros(mask.shape[0], mask.shape[1] + 1, dtype=torch.int32)
+    offsets[:, 1:] = counts.cumsum(-1)
+    nnz_max = max(int(offsets[:, -1].max()), 1)
+    indices = torch.full((mask.shape[0], nnz_max), -1, dtype=torch.int32)
+    for head in range(mask.shape[0]):
+        cols = mask[head].nonzero()[:, 1].to(torch.int32)
+        indices[head, : cols.numel()] = cols
+    return offsets, indices
+
+
+class BlockLayout:
+    """A block-sparse attention pattern: query block i attends to the key blocks listed for it.
+
+    Stored per head as CSR (``row_offsets`` (h, nqb + 1), ``col_indices`` (h, nnz_max)) and its
+    transpose (``col_offsets`` (h, nkb + 1), ``row_indices``), int32, which the backward pass reads to
+    gather, for each key block, the query blocks that attend to it. ``h`` is 1 (one layout shared by
+    every head) or the number of heads.
+    """
+
+    def __init__(self, mask: Tensor, block_size: int):
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected a bool tensor, got {_describe(mask)}")
+        if mask.dim() == 2:
+            mask = mask.unsqueeze(0)
+        if mask.dim() != 3 or 0 in mask.shape:
+            raise ValueError(
+                f"mask: expected a non-empty bool tensor of shape (heads, query_blocks, key_blocks) or "
+                f"(query_blocks, key_blocks), got shape {tuple(mask.shape)}"
+            )
+        self._mask = mask.detach().to("cpu", copy=True)
+        self.block_size = block_size
+        self.row_offsets, self.col_indices = _csr(self._mask)
+        self.col_offsets, self.row_indices = _csr(self._mask.transpose(1, 2))
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    @classmethod
+    def from_dense(cls, mask: Tensor, block_size: int) -> "BlockLayout":
+        """Layout from a bool mask of shape (h, nqb, nkb) or (nqb, nkb); h is 1 or the number of heads."""
+        return cls(mask, block_size)
+
+    @property
+    def num_heads(self) -> int:
+        return self._mask.shape[0]
+
+    @property
+    def num_query_blocks(self) -> int:
+        return self._mask.shape[1]
+
+    @property
+    def num_key_blocks(self) -> int:
+        return self._mask.shape[2]
+
+    @property
+    def nnz(self) -> int:
+        """Number of (query block, key block) pairs listed, summed over heads."""
+        return int(self.row_offsets[:, -1].sum())
+
+    @property
+    def density(self) -> float:
+        """Fraction of the blocks listed, over all heads."""
+        return self.nnz / self._mask.numel()
+
+    def to_dense(self) -> Tensor:
+        """The layout as a bool tensor (h, nqb, nkb)."""
+        return self._mask.clone()
+
+    def csr(self, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(row_offsets, col_indices, col_offsets, row_indices) on ``device``, copied once and cached."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = tuple(
+                t.to(device) for t in (self.row_offsets, self.col_indices, self.col_offsets, self.row_indices)
+            )
+        return self._on_device[device]
+
+    def check_fits(self, num_heads: int, query_len: int, key_len: int) -> None:
+        """Raise ValueError unless this layout covers exactly these lengths and this many heads."""
+        query_blocks = math.ceil(query_len / self.block_size)
+        key_blocks = math.ceil(key_len / self.block_size)
+        if (self.num_query_blocks, self.num_key_blocks) != (query_blocks, key_blocks):
+            raise ValueError(
+                f"layout: expected {query_blocks} x {key_blocks} blocks of size {self.block_size} for "
+                f"Nq={query_len}, Nk={key_len}, got {self.num_query_blocks} x {self.num_key_blocks}"
+            )
+        if self.num_heads not in (1, num_heads):
+            raise ValueError(f"layout: expected 1 or {num_heads} heads (H of q), got {self.num_heads}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BlockLayout):
+            return NotImplemented
+        return self.block_size == other.block_size and torch.equal(self._mask, other._mask)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockLayout(heads={self.num_heads}, query_blocks={self.num_query_blocks}, "
+            f"key_blocks={self.num_key_blocks}, block_size={self.block_size}, density={self.density:.3f})"
+        )
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"Tensor(dtype={value.dtype}, shape={tuple(value.shape)}, device={value.device})"
+    return type(value).__name__
+
+
+def bigbird_layout(
+    seq_len: int,
+    *,
+    block_size: int = 64,
+    num_heads: int = 1,
+    num_random_blocks: int = 3,
+    seed: int = 0,
+    causal: bool = False,
+) -> BlockLayout:
+    """BigBird's ITC layout: global first and last blocks, a window of 3 blocks, random blocks per row.
+
+    The first and last query blocks attend to every key block and every query block attends to them;
+    every block attends to itself and its neighbours; each other row gets ``num_random_blocks`` blocks
+    drawn from the rest, reproducibly from ``seed``, independently per head. With ``causal=True`` only
+    blocks at or left of the diagonal are listed and the random blocks come from those left of the
+    window. Layouts are cached per argument set.
+    """
+    for name, value, low in (("seq_len", seq_len, 1), ("block_size", block_size, 1),
+                             ("num_heads", num_heads, 1), ("num_random_blocks", num_random_blocks, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return _bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, int(seed), bool(causal))
+
+
+@functools.lru_cache(maxsize=64)
+def _bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, seed, causal) -> BlockLayout:
+    blocks = math.ceil(seq_len / block_size)
+    last = blocks - 1
+    mask = torch.zeros(num_heads, blocks, blocks, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(seed)
+    for head in range(num_heads):
+        for row in range(blocks):
+            if row in (0, last):
+                mask[head, row, :] = True
+                continue
+            window = {row - 1, row} if causal else {row - 1, row, row + 1}
+            fixed = window | ({0} if causal else {0, last})
+            mask[head, row, sorted(fixed)] = True
+            rest = [col for col in range(row if causal else blocks) if col not in fixed]
+            if rest and num_random_blocks:
+                picks = torch.randperm(len(rest), generator=generator)[:num_random_blocks]
+                mask[head, row, [rest[i] for i in picks.tolist()]] = True
+    if causal:
+        mask &= torch.ones(blocks, blocks, dtype=torch.bool).tril()
+    return BlockLayout(mask, block_size)

@@ -1,0 +1,6 @@
+"""Triton kernels of fastattn, one file per mechanism; installed as ``fastattn.triton_kernels``.
+
+``IMPLEMENTATIONS`` maps a mechanism to its differentiable call, with the signature of the matching
+``fastattn.ops.<mechanism>.<mechanism>_attention``; the backend registry reads it.
+"""
+IMPLEMENTATIONS: dict = {}
