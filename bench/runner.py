@@ -1,0 +1,220 @@
+"""The run: the correctness gate, then every (mechanism, dtype, N, mode, provider) measured in turn."""
+from __future__ import annotations
+
+import datetime
+import gc
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .correctness import PASSED, Verdict, check_provider
+from .measure import Effort, Memory, Timing, peak_memory, time_call
+from .providers import Declined, Prepared, Provider, all_providers
+from .workload import Case, flops, make_inputs
+
+BASELINE = "sdpa-dense"
+NOT_GATED = "n/a (peer)"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    device: str
+    mechanisms: tuple[str, ...]
+    seq_lens: tuple[int, ...]
+    modes: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    batch: int
+    heads: int
+    head_dim: int
+    block_size: int
+    random_blocks: int
+    kp: int
+    features: int
+    effort: Effort
+    memory_budget_bytes: float
+
+    def case(self, mechanism: str, seq_len: int, dtype: torch.dtype) -> Case:
+        return Case(mechanism, seq_len, dtype, self.device, self.batch, self.heads, self.head_dim, self.block_size,
+                    self.random_blocks, self.kp, self.features)
+
+
+@dataclass
+class Record:
+    """One provider on one case and mode: measured (timing, memory) or skipped (with the reason)."""
+
+    case: Case
+    provider: str
+    family: str
+    mode: str
+    correctness: str
+    timing: Timing | None = None
+    memory: Memory | None = None
+    skipped: str | None = None
+    speedup: float | None = None
+
+    @property
+    def tflops(self) -> float | None:
+        return None if self.timing is None else flops(self.case, self.mode) / (self.timing.median_ms * 1e-3) / 1e12
+
+
+@dataclass
+class RunResult:
+    records: list[Record]
+    verdicts: dict[tuple[str, str, str], Verdict]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def git_revision() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return revision + ("-dirty" if dirty else "")
+
+
+def _step(prepared: Prepared, mode: str) -> Callable[[], object]:
+    """The timed call: a forward without autograd, a backward over a retained graph, or both."""
+    if mode == "fwd":
+        def forward():
+            with torch.no_grad():
+                return prepared.run()
+        return forward
+    out = prepared.run()
+    grad_out = torch.randn_like(out)
+    if mode == "bwd":
+        return lambda: torch.autograd.grad(out, prepared.leaves, grad_out, retain_graph=True)
+    del out
+    return lambda: torch.autograd.grad(prepared.run(), prepared.leaves, grad_out)
+
+
+def measure_provider(provider: Provider, case: Case, inputs: dict, mode: str, config: RunConfig) -> tuple[Timing, Memory]:
+    """Warm up, then peak memory of one call and the timing; raises Declined or whatever the call raises."""
+    unavailable = provider.unavailable()
+    if unavailable is not None:
+        raise Declined(unavailable)
+    if provider.memory_estimate is not None:
+        needed = provider.memory_estimate(case, mode)
+        if needed > config.memory_budget_bytes:
+            raise Declined(f"needs about {needed / 2**30:.1f} GiB, over the memory budget of "
+                           f"{config.memory_budget_bytes / 2**30:.1f} GiB (--memory-budget-gib)")
+    step = _step(provider.prepare(case, inputs, mode != "fwd"), mode)
+    for _ in range(2):
+        step()
+    memory = peak_memory(step, case.device)
+    return time_call(step, case.device, config.effort), memory
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _first_line(error: BaseException) -> str:
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0] if message else ''}"
+
+
+def run_gate(config: RunConfig, providers: tuple[Provider, ...], note: Callable[[str], None]) -> dict:
+    verdicts = {}
+    for provider in providers:
+        if provider.family != "fastattn":
+            continue
+        backend = provider.name.removeprefix("fastattn-")
+        for mechanism in config.mechanisms:
+            if mechanism not in provider.mechanisms:
+                continue
+            for dtype in config.dtypes:
+                case = config.case(mechanism, config.seq_lens[0], dtype)
+                verdict = check_provider(case, backend)
+                verdicts[(provider.name, mechanism, case.dtype_name)] = verdict
+                note(f"gate {provider.name:18s} {mechanism:16s} {case.dtype_name:9s} forward: {verdict.forward} | "
+                     f"backward: {verdict.backward}")
+    return verdicts
+
+
+def run(config: RunConfig, *, progress: bool = True, note: Callable[[str], None] = tqdm.write) -> RunResult:
+    providers = all_providers()
+    metadata = {
+        "device": device_name(config.device),
+        "torch_version": torch.__version__,
+        "git_revision": git_revision(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    for provider in providers:
+        reason = provider.unavailable()
+        if reason is not None:
+            note(f"skipping {provider.name}: {reason}")
+    verdicts = run_gate(config, providers, note)
+    tasks = [(mechanism, dtype, n, mode, provider)
+             for mechanism in config.mechanisms for dtype in config.dtypes for n in config.seq_lens
+             for mode in config.modes for provider in providers if mechanism in provider.mechanisms]
+    records: list[Record] = []
+    baselines: dict[tuple, tuple[Timing, Memory] | str] = {}
+    noted: set[tuple[str, str, str]] = set()
+    inputs_key, inputs = None, None
+    for mechanism, dtype, n, mode, provider in tqdm(tasks, desc="bench", disable=not progress, dynamic_ncols=True):
+        case = config.case(mechanism, n, dtype)
+        if inputs_key != (mechanism, dtype, n):
+            inputs = None
+            _release(config.device)
+            inputs_key, inputs = (mechanism, dtype, n), make_inputs(case)
+        verdict = verdicts.get((provider.name, mechanism, case.dtype_name))
+        correctness = NOT_GATED if verdict is None else verdict.describe(mode)
+        record = Record(case, provider.name, provider.family, mode, correctness)
+        # Dense SDPA does the same work for every mechanism: measured once per (causal, dtype, N, mode).
+        baseline_key = (provider.name, case.causal, dtype, n, mode) if provider.name == BASELINE else None
+        try:
+            if baseline_key is not None and baseline_key in baselines:
+                outcome = baselines[baseline_key]
+                if isinstance(outcome, str):
+                    raise Declined(outcome)
+                record.timing, record.memory = outcome
+            else:
+                record.timing, record.memory = measure_provider(provider, case, inputs, mode, config)
+                if baseline_key is not None:
+                    baselines[baseline_key] = (record.timing, record.memory)
+        except Exception as error:  # any failure of one provider is recorded and the run goes on
+            record.skipped = str(error) if isinstance(error, Declined) else _first_line(error)
+            if baseline_key is not None:
+                baselines[baseline_key] = record.skipped
+            if (provider.name, mechanism, record.skipped) not in noted:
+                noted.add((provider.name, mechanism, record.skipped))
+                note(f"skipped {provider.name} on {mechanism} {case.dtype_name} N={n} {mode}: {record.skipped}")
+        finally:
+            _release(config.device)
+        records.append(record)
+    inputs = None
+    add_speedups(records)
+    return RunResult(records, verdicts, metadata)
+
+
+def add_speedups(records: list[Record]) -> None:
+    """Speed-up against dense SDPA of the same case and mode, except for fastattn providers that failed the gate."""
+    baseline = {(r.case, r.mode): r.timing for r in records if r.provider == BASELINE and r.timing is not None}
+    for record in records:
+        reference = baseline.get((record.case, record.mode))
+        trusted = record.family != "fastattn" or record.correctness == PASSED
+        if record.timing is not None and reference is not None and trusted:
+            record.speedup = reference.median_ms / record.timing.median_ms
