@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from .workload import MECHANISMS, MODES
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DEFAULT_LENGTHS = {"cpu": (512, 1024, 2048, 4096), "cuda": (1024, 2048, 4096, 8192, 16384)}
 QUICK_LENGTHS = (512, 1024)
+QUICK_MEMORY_BUDGET_GIB = 1.5
 DEFAULT_SHAPE = {"cpu": (1, 8, 64), "cuda": (2, 16, 64)}  # B, H, D
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "float16"}
 
@@ -57,10 +59,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--random-blocks", type=int, default=3, help="BigBird random blocks per row (default: 3)")
     p.add_argument("--kp", type=_positive, default=256, help="Linformer projected length (default: 256)")
     p.add_argument("--features", type=_positive, default=256, help="Performer random features m (default: 256)")
-    p.add_argument("--quick", action="store_true", help="smoke pass: N=512,1024, short timing, small quality table")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke pass: N=512,1024, short timing, a memory budget of 1.5 GiB, small quality table")
     p.add_argument("--min-run-time", type=float, help="seconds of timing per measurement (default 1.0, --quick 0.1)")
     p.add_argument("--memory-budget-gib", type=float,
-                   help="skip a provider whose estimated memory exceeds this (default: half the available memory)")
+                   help="skip a provider whose estimated memory exceeds this (default: half the available memory; "
+                   f"--quick: at most {QUICK_MEMORY_BUDGET_GIB})")
     p.add_argument("--no-quality", action="store_true", help="skip the approximation-quality table")
     p.add_argument("--quality-n", type=_positive, help="N of the quality table (default 1024, --quick 512)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -92,9 +96,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     batch, heads, head_dim = DEFAULT_SHAPE[device]
     quick = args.quick
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.1 if quick else 1.0)
-    effort = Effort(min_run_time=min_run_time, min_samples=3 if quick else 10, max_seconds=5.0 if quick else 30.0)
-    budget = (args.memory_budget_gib * 2**30 if args.memory_budget_gib is not None
-              else 0.5 * _available_memory_bytes(device))
+    effort = Effort(min_run_time=min_run_time, min_samples=3 if quick else 10, max_seconds=2.0 if quick else 30.0,
+                    slow_call_seconds=0.5 if quick else 5.0)
+    if args.memory_budget_gib is not None:
+        budget = args.memory_budget_gib * 2**30
+    else:
+        budget = 0.5 * _available_memory_bytes(device)
+        if quick:  # keeps the smoke pass short: the causal prefix-sum compositions at N=1024 need 2 GiB
+            budget = min(budget, QUICK_MEMORY_BUDGET_GIB * 2**30)
     return RunConfig(
         device=device,
         mechanisms=_flatten(args.mechanism, MECHANISMS),
@@ -120,9 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(result, out / "results.csv")
     plots = write_plots(result, out / "plots")
     if not args.no_quality:
-        quality_config = QualityConfig(seq_len=args.quality_n or (512 if args.quick else 1024),
-                                       heads=2 if args.quick else 4, head_dim=config.head_dim,
-                                       block_size=config.block_size, seeds=1 if args.quick else 3)
+        quality_config = QualityConfig(seq_len=args.quality_n or 1024, heads=4, head_dim=config.head_dim,
+                                       block_size=config.block_size, seeds=3)
+        if args.quick:
+            quality_config = dataclasses.replace(
+                quality_config, seq_len=args.quality_n or 512, heads=1, seeds=1, feature_counts=(64, 256, 1024),
+                kps=(64, 256), random_blocks=(0, 1, 3))
         rows = approximation_quality(quality_config)
         print("\n" + format_quality(rows))
         write_quality_csv(rows, out / "quality.csv")

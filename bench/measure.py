@@ -38,16 +38,34 @@ class Memory:
 
 @dataclass(frozen=True)
 class Effort:
-    """How long to measure: at least ``min_run_time`` seconds and ``min_samples`` samples, up to ``max_seconds``."""
+    """How long to measure: at least ``min_run_time`` seconds and ``min_samples`` samples, up to ``max_seconds``.
+
+    A call slower than ``slow_call_seconds`` is timed by single runs, its memory run counting as the first.
+    """
 
     min_run_time: float
     min_samples: int
     max_seconds: float
+    slow_call_seconds: float
 
 
 def _synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def timed(step: Callable[[], object], device: str) -> tuple[object, float]:
+    """What one call of ``step`` returns, and its wall time in seconds (the device synchronised)."""
+    _synchronize(device)
+    started = time.perf_counter()
+    result = step()
+    _synchronize(device)
+    return result, time.perf_counter() - started
+
+
+def _quantiles_ms(seconds: list[float]) -> Timing:
+    median, p20, p80 = (1e3 * float(value) for value in np.quantile(seconds, QUANTILES))
+    return Timing(median, p20, p80, len(seconds))
 
 
 def time_call(step: Callable[[], object], device: str, effort: Effort) -> Timing:
@@ -58,8 +76,15 @@ def time_call(step: Callable[[], object], device: str, effort: Effort) -> Timing
     times = list(timer.blocked_autorange(min_run_time=effort.min_run_time).times)
     while len(times) < effort.min_samples and time.perf_counter() - started < effort.max_seconds:
         times.extend(timer.timeit(1).times)
-    median, p20, p80 = (1e3 * float(value) for value in np.quantile(times, QUANTILES))
-    return Timing(median, p20, p80, len(times))
+    return _quantiles_ms(times)
+
+
+def time_slow_call(step: Callable[[], object], device: str, effort: Effort, first_seconds: float) -> Timing:
+    """Single runs of a call that takes seconds: ``first_seconds`` and more until min_samples or max_seconds."""
+    times = [first_seconds]
+    while len(times) < effort.min_samples and sum(times) + times[-1] < effort.max_seconds:
+        times.append(timed(step, device)[1])
+    return _quantiles_ms(times)
 
 
 def _time_cuda(step: Callable[[], object], effort: Effort) -> Timing:
@@ -110,19 +135,18 @@ def peak_resident_set() -> int:
     return 1024 * _status_kib("VmHWM")
 
 
-def peak_memory(step: Callable[[], object], device: str) -> Memory:
-    """Peak memory of one call of ``step`` (whatever it returns is dropped after the peak is read)."""
+def peak_memory(step: Callable[[], object], device: str) -> tuple[Memory, float]:
+    """Peak memory of one call of ``step``, and the call's wall time in seconds."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        result = step()
-        torch.cuda.synchronize()
+        result, seconds = timed(step, device)
         peak = torch.cuda.max_memory_allocated()
         del result
-        return Memory(peak, peak - before)
+        return Memory(peak, peak - before), seconds
     before = reset_peak_resident_set()
-    result = step()
+    result, seconds = timed(step, device)
     peak = peak_resident_set()
     del result
-    return Memory(peak, max(peak - before, 0))
+    return Memory(peak, max(peak - before, 0)), seconds

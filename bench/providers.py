@@ -49,6 +49,7 @@ class Provider:
     unavailable: Callable[[], str | None] = field(default=lambda: None)
     # Bytes the call may hold at its peak (None: O(N) memory, no estimate needed); used to decline early.
     memory_estimate: Callable[[Case, str], float] | None = None
+    compiles: bool = False  # its first call compiles: run once before any measurement
 
 
 def _leaf(tensor: Tensor, requires_grad: bool) -> Tensor:
@@ -316,7 +317,7 @@ PEERS = (
              "phi(k) v^T)", _prepare_composition, memory_estimate=_composition_memory),
     Provider("flex-attention", "peer", ("bigbird",),
              "torch.compile(flex_attention) with a BlockMask of the same layout (BLOCK_SIZE = block size)",
-             _prepare_flex, _flex_unavailable),
+             _prepare_flex, _flex_unavailable, compiles=True),
     Provider("hf-bigbird", "peer", ("bigbird",),
              "transformers' BigBirdBlockSparseAttention.bigbird_block_sparse_attention on q, k, v (eval mode, "
              "no padding)", _prepare_hf_bigbird, _missing("transformers", "transformers")),

@@ -113,11 +113,11 @@ def write_plots(result: RunResult, directory: Path) -> list[Path]:
                 continue
             lengths = [r.case.seq_len for r in measured]
             marker = "o-" if measured[0].family == "fastattn" else "s--"
-            time_axis.plot(lengths, [r.timing.median_ms for r in measured], marker, label=provider)
+            (line,) = time_axis.plot(lengths, [r.timing.median_ms for r in measured], marker, label=provider)
             time_axis.fill_between(lengths, [r.timing.p20_ms for r in measured], [r.timing.p80_ms for r in measured],
-                                   alpha=0.2)
+                                   color=line.get_color(), alpha=0.2)
             memory_axis.plot(lengths, [max(r.memory.added_bytes / MIB, 1e-2) for r in measured], marker,
-                             label=provider)
+                             color=line.get_color(), label=provider)
         for axis, label in ((time_axis, "median time (ms), band: p20-p80"),
                             (memory_axis, "memory added by the call (MiB)")):
             axis.set_xscale("log", base=2)

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .correctness import PASSED, Verdict, check_provider
-from .measure import Effort, Memory, Timing, peak_memory, time_call
+from .measure import Effort, Memory, Timing, peak_memory, time_call, time_slow_call, timed
 from .providers import Declined, Prepared, Provider, all_providers
 from .workload import Case, flops, make_inputs
 
@@ -119,10 +119,15 @@ def measure_provider(provider: Provider, case: Case, inputs: dict, mode: str, co
             raise Declined(f"needs about {needed / 2**30:.1f} GiB, over the memory budget of "
                            f"{config.memory_budget_bytes / 2**30:.1f} GiB (--memory-budget-gib)")
     step = _step(provider.prepare(case, inputs, mode != "fwd"), mode)
-    for _ in range(2):
-        step()
-    memory = peak_memory(step, case.device)
-    return time_call(step, case.device, config.effort), memory
+    effort = config.effort
+    if provider.compiles:
+        timed(step, case.device)
+    memory, seconds = peak_memory(step, case.device)
+    if seconds >= effort.slow_call_seconds:
+        # Lazy initialisation is noise against seconds: this first call counts, as memory and first sample.
+        return time_slow_call(step, case.device, effort, seconds), memory
+    memory, _ = peak_memory(step, case.device)
+    return time_call(step, case.device, effort), memory
 
 
 def _release(device: str) -> None:
@@ -137,11 +142,13 @@ def _first_line(error: BaseException) -> str:
 
 
 def run_gate(config: RunConfig, providers: tuple[Provider, ...], note: Callable[[str], None]) -> dict:
+    """Verdicts per (provider, mechanism, dtype); printed one line per provider where they all agree."""
     verdicts = {}
     for provider in providers:
         if provider.family != "fastattn":
             continue
         backend = provider.name.removeprefix("fastattn-")
+        lines = []
         for mechanism in config.mechanisms:
             if mechanism not in provider.mechanisms:
                 continue
@@ -149,8 +156,14 @@ def run_gate(config: RunConfig, providers: tuple[Provider, ...], note: Callable[
                 case = config.case(mechanism, config.seq_lens[0], dtype)
                 verdict = check_provider(case, backend)
                 verdicts[(provider.name, mechanism, case.dtype_name)] = verdict
-                note(f"gate {provider.name:18s} {mechanism:16s} {case.dtype_name:9s} forward: {verdict.forward} | "
-                     f"backward: {verdict.backward}")
+                lines.append((f"{mechanism} {case.dtype_name}",
+                              f"forward {verdict.forward} | backward {verdict.backward}"))
+        if lines and all(verdict.forward.startswith("declined") for key, verdict in verdicts.items()
+                         if key[0] == provider.name):
+            note(f"gate {provider.name}: declined everywhere, e.g. {lines[0][0]}: {lines[0][1].split(' | ')[0]}")
+            continue
+        for where, outcome in lines:
+            note(f"gate {provider.name} {where}: {outcome}")
     return verdicts
 
 
@@ -172,7 +185,7 @@ def run(config: RunConfig, *, progress: bool = True, note: Callable[[str], None]
              for mode in config.modes for provider in providers if mechanism in provider.mechanisms]
     records: list[Record] = []
     baselines: dict[tuple, tuple[Timing, Memory] | str] = {}
-    noted: set[tuple[str, str, str]] = set()
+    noted: set[tuple[str, str]] = set()
     inputs_key, inputs = None, None
     for mechanism, dtype, n, mode, provider in tqdm(tasks, desc="bench", disable=not progress, dynamic_ncols=True):
         case = config.case(mechanism, n, dtype)
@@ -199,8 +212,9 @@ def run(config: RunConfig, *, progress: bool = True, note: Callable[[str], None]
             record.skipped = str(error) if isinstance(error, Declined) else _first_line(error)
             if baseline_key is not None:
                 baselines[baseline_key] = record.skipped
-            if (provider.name, mechanism, record.skipped) not in noted:
-                noted.add((provider.name, mechanism, record.skipped))
+            gate_declined = verdict is not None and verdict.forward.startswith("declined")
+            if (provider.name, record.skipped) not in noted and not gate_declined:
+                noted.add((provider.name, record.skipped))
                 note(f"skipped {provider.name} on {mechanism} {case.dtype_name} N={n} {mode}: {record.skipped}")
         finally:
             _release(config.device)
