@@ -80,7 +80,13 @@ def format_table(result: RunResult) -> str:
     header = ["provider", "N", "median ms", "p20-p80 ms", "TFLOP/s", "added MiB", "peak MiB", "vs SDPA", "check"]
     blocks = [f"device: {result.metadata['device']} | torch {result.metadata['torch_version']} | "
               f"fastattn {result.metadata['git_revision']}"]
-    records = sorted(result.records, key=lambda r: (_group_key(r), r.case.seq_len))
+    # fastattn backends that cannot run here at all (no kernel, other device) are in the CSV, not in the table.
+    hidden = [r for r in result.records if r.timing is None and r.correctness.startswith("declined")]
+    shown = [r for r in result.records if r.timing is not None or not r.correctness.startswith("declined")]
+    if hidden:
+        names = ", ".join(dict.fromkeys(r.provider for r in hidden))
+        blocks.append(f"not shown where they decline to run (reasons in the CSV): {names}")
+    records = sorted(shown, key=lambda r: (_group_key(r), r.case.seq_len))
     for (mechanism, dtype, mode), group in itertools.groupby(records, key=_group_key):
         group = list(group)
         case = group[0].case
