@@ -1,8 +1,8 @@
 """Short block-sparse benchmark for `make gpu-check` when the bench package is absent.
 
 Times forward and forward+backward of BigBird block-sparse attention (bf16, B=2, H=16, D=64, block 64,
-3 random blocks) for fastattn's CUDA and Triton backends, FlexAttention (compiled, same block mask)
-(its block mask at its default 128 granularity, the mask_mod masking the 64-blocks inside) and dense
+3 random blocks) for fastattn's CUDA and Triton backends, FlexAttention (compiled, same layout: its block
+mask at its default 128 granularity, the mask_mod masking the 64-blocks inside) and dense
 scaled_dot_product_attention, at N = 4096 and 16384, with torch.utils.benchmark in one
 process. Writes a long-format CSV (a row per measurement, flushed as it goes) and a summary table.
 
