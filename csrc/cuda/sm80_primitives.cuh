@@ -43,6 +43,11 @@ struct MmaType<__nv_bfloat16> {
   }
 };
 
+#ifdef FASTATTN_SM80_EMULATION
+// tests/cuda_emulation compiles the kernels for the CPU and supplies these collectives there (one OS
+// thread per CUDA thread), so the kernels' logic is tested on machines without a GPU.
+#include FASTATTN_SM80_EMULATION
+#else
 __device__ __forceinline__ uint32_t shared_address(const void* pointer) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
 }
@@ -111,6 +116,7 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #endif
 }
+#endif  // FASTATTN_SM80_EMULATION
 
 // A shared-memory tile of Rows x Cols 16-bit elements, row-major, each row padded by 8 elements
 // (16 bytes) so that the 8 row addresses of one ldmatrix fall in distinct banks.
