@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastattn  # noqa: E402
 
+BATCH, HEADS, HEAD_DIM, BLOCK_SIZE = 2, 16, 64, 64
 FIELDS = ["provider", "mode", "N", "B", "H", "D", "block_size", "dtype", "median_ms", "p20_ms", "p80_ms", "tflops",
           "peak_memory_mib", "speedup_vs_sdpa", "device", "torch", "git", "error"]
 
@@ -86,6 +87,22 @@ def measure(fn, q, k, v, grad_out, mode: str, min_run_time: float):
     return measurement.median * 1e3, p20, p80, peak
 
 
+def write_summary(path: Path, rows: list[dict], device_name: str, revision: str) -> str:
+    """The table so far, rewritten after every measurement so that a run cut short still leaves one."""
+    lines = [f"block-sparse benchmark (BigBird layout, bf16, B={BATCH}, H={HEADS}, D={HEAD_DIM}, block {BLOCK_SIZE}) "
+             f"on {device_name}, torch {torch.__version__}, git {revision}:",
+             f"{'provider':16s} {'mode':8s} {'N':>6s} {'median ms':>10s} {'TFLOP/s':>8s} {'vs SDPA':>8s}"]
+    for row in rows:
+        if row["error"]:
+            lines.append(f"{row['provider']:16s} {row['mode']:8s} {row['N']:6d} unavailable: {row['error']}")
+        else:
+            lines.append(f"{row['provider']:16s} {row['mode']:8s} {row['N']:6d} {row['median_ms']:>10s} "
+                         f"{row['tflops']:>8s} {row['speedup_vs_sdpa'] or '-':>8s}")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu-check-out/bench"))
@@ -96,7 +113,7 @@ def main() -> int:
         print("gpu_bench: no NVIDIA GPU visible to torch; nothing to measure", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    batch, heads, head_dim, block_size, dtype = 2, 16, 64, 64, torch.bfloat16
+    batch, heads, head_dim, block_size, dtype = BATCH, HEADS, HEAD_DIM, BLOCK_SIZE, torch.bfloat16
     device_name, revision = torch.cuda.get_device_name(), git_revision()
     rows = []
     csv_path = args.out / "block_sparse.csv"
@@ -136,17 +153,8 @@ def main() -> int:
                     writer.writerow(row)
                     handle.flush()
                     rows.append(row)
-    lines = [f"block-sparse benchmark (BigBird layout, bf16, B={batch}, H={heads}, D={head_dim}, block {block_size}) "
-             f"on {device_name}, torch {torch.__version__}, git {revision}:",
-             f"{'provider':16s} {'mode':8s} {'N':>6s} {'median ms':>10s} {'TFLOP/s':>8s} {'vs SDPA':>8s}"]
-    for row in rows:
-        if row["error"]:
-            lines.append(f"{row['provider']:16s} {row['mode']:8s} {row['N']:6d} unavailable: {row['error']}")
-        else:
-            lines.append(f"{row['provider']:16s} {row['mode']:8s} {row['N']:6d} {row['median_ms']:>10s} "
-                         f"{row['tflops']:>8s} {row['speedup_vs_sdpa'] or '-':>8s}")
-    (args.out / "summary.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                    write_summary(args.out / "summary.txt", rows, device_name, revision)
+    print(write_summary(args.out / "summary.txt", rows, device_name, revision))
     print(f"CSV: {csv_path}")
     return 0
 
