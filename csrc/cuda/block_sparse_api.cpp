@@ -128,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_fwd_cuda(
                key_padding_mask);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const at::Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in), v = with_aligned_rows(v_in);
-  at::Tensor out = new_output(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = new_output(q.sizes(), q.options());
   at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
   if (k.size(2) == 0) {
@@ -172,10 +172,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_bwd_cuda(
   const at::Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in), v = with_aligned_rows(v_in);
   const at::Tensor grad_out = with_aligned_rows(grad_out_in);
   const at::Tensor lse = lse_in.contiguous();
-  const auto contiguous = at::MemoryFormat::Contiguous;
-  at::Tensor grad_q = new_output(q.sizes(), q.options().memory_format(contiguous));
-  at::Tensor grad_k = new_output(k.sizes(), k.options().memory_format(contiguous));
-  at::Tensor grad_v = new_output(v.sizes(), v.options().memory_format(contiguous));
+  at::Tensor grad_q = new_output(q.sizes(), q.options());
+  at::Tensor grad_k = new_output(k.sizes(), k.options());
+  at::Tensor grad_v = new_output(v.sizes(), v.options());
   if (q.numel() == 0 || k.numel() == 0) {
     grad_q.zero_(), grad_k.zero_(), grad_v.zero_();
     return {grad_q, grad_k, grad_v};
