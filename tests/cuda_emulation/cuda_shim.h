@@ -13,7 +13,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <memory>
+#include <vector>
 
 namespace emulation {
 
@@ -28,11 +30,20 @@ struct Cta {
   std::unique_ptr<Warp[]> warps;
 };
 
+// A 16-byte cp.async: it lands in shared memory only when a cp.async.wait_group retires its group,
+// so a kernel that reads a tile before waiting for it reads the poison left there.
+struct AsyncCopy {
+  void* shared;
+  const void* global;  // null: zero-fill
+};
+
 struct ThreadContext {
   uint3 thread_index, block_index;
   Cta* cta;
   Warp* warp;
   int lane;
+  std::vector<AsyncCopy> uncommitted;
+  std::deque<std::vector<AsyncCopy>> committed;
 };
 
 inline thread_local ThreadContext context;

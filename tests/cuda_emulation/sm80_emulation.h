@@ -3,17 +3,30 @@
 // fragment layouts of ldmatrix and mma.m16n8k16, independently of how the kernels use them.
 
 inline void cp_async_16(void* shared, const void* global, bool valid) {
-  if (valid) {
-    std::memcpy(shared, global, 16);
-  } else {
-    std::memset(shared, 0, 16);
-  }
+  ::emulation::context.uncommitted.push_back({shared, valid ? global : nullptr});
 }
 
-inline void cp_async_commit() {}
+inline void cp_async_commit() {
+  auto& context = ::emulation::context;
+  context.committed.push_back(std::move(context.uncommitted));
+  context.uncommitted.clear();
+}
 
+// Retires the oldest groups until at most Pending remain in flight.
 template <int Pending>
-inline void cp_async_wait() {}
+inline void cp_async_wait() {
+  auto& committed = ::emulation::context.committed;
+  while (committed.size() > static_cast<size_t>(Pending)) {
+    for (const auto& copy : committed.front()) {
+      if (copy.global != nullptr) {
+        std::memcpy(copy.shared, copy.global, 16);
+      } else {
+        std::memset(copy.shared, 0, 16);
+      }
+    }
+    committed.pop_front();
+  }
+}
 
 struct LoadedMatrices {
   uint32_t registers[4];
