@@ -41,6 +41,12 @@ if ! command -v nvcc >/dev/null; then
   exit 1
 fi
 export CUDA_HOME=${CUDA_HOME:-$(bash scripts/cuda_home.sh)}
+# Headers that torch's CUDA headers include but a partial toolkit lacks come from torch's own nvidia
+# wheels where present (CPATH is searched after the toolkit's -I paths).
+site=$("$python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+for include in "$site"/nvidia/cu*/include; do
+  [ -d "$include" ] && export CPATH="${CPATH:+$CPATH:}$include"
+done
 export TORCH_CUDA_ARCH_LIST=$arch
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export FASTATTN_CUDA=1
