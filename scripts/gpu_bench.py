@@ -4,7 +4,8 @@ Times forward and forward+backward of BigBird block-sparse attention (bf16, B=2,
 3 random blocks) for fastattn's CUDA and Triton backends, FlexAttention (compiled, same layout: its block
 mask at its default 128 granularity, the mask_mod masking the 64-blocks inside) and dense
 scaled_dot_product_attention, at N = 4096 and 16384, with torch.utils.benchmark in one
-process. Writes a long-format CSV (a row per measurement, flushed as it goes) and a summary table.
+process. Writes a long-format CSV (a row per measurement, flushed as it goes), a summary table and,
+where matplotlib is installed, a PNG of time against N.
 
     python scripts/gpu_bench.py --out gpu-check-out/bench [--lengths 4096 16384] [--min-run-time 0.2]
 """
@@ -103,6 +104,32 @@ def write_summary(path: Path, rows: list[dict], device_name: str, revision: str)
     return text
 
 
+def plot(path: Path, rows: list[dict]) -> str:
+    """Median time against N per provider, one panel per mode, when matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed"
+    modes = sorted({row["mode"] for row in rows})
+    figure, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
+    for axis, mode in zip(axes[0], modes):
+        for provider in dict.fromkeys(row["provider"] for row in rows):
+            points = [(row["N"], float(row["median_ms"])) for row in rows
+                      if row["mode"] == mode and row["provider"] == provider and not row["error"]]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=provider)
+        axis.set(title=f"block-sparse {mode}, bf16, B={BATCH} H={HEADS} D={HEAD_DIM}", xlabel="N",
+                 ylabel="median ms", xscale="log", yscale="log")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return f"plot: {path}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu-check-out/bench"))
@@ -156,6 +183,7 @@ def main() -> int:
                     write_summary(args.out / "summary.txt", rows, device_name, revision)
     print(write_summary(args.out / "summary.txt", rows, device_name, revision))
     print(f"CSV: {csv_path}")
+    print(plot(args.out / "block_sparse_time.png", rows))
     return 0
 
 
