@@ -11,8 +11,8 @@ import torch
 
 from .measure import Effort
 from .quality import QualityConfig, approximation_quality, format_quality, write_quality_csv
-from .report import format_table, write_csv, write_plots
-from .runner import RunConfig, run
+from .report import CsvWriter, format_table, write_plots
+from .runner import RunConfig, run, run_metadata
 from .workload import MECHANISMS, MODES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -60,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kp", type=_positive, default=256, help="Linformer projected length (default: 256)")
     p.add_argument("--features", type=_positive, default=256, help="Performer random features m (default: 256)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke pass: N=512,1024, short timing, a memory budget of 1.5 GiB, small quality table")
+                   help="smoke pass: N=512,1024, short timing, a memory budget of 1.5 GiB, no compiled peer "
+                   "(flex-attention), small quality table")
     p.add_argument("--min-run-time", type=float, help="seconds of timing per measurement (default 1.0, --quick 0.1)")
     p.add_argument("--memory-budget-gib", type=float,
                    help="skip a provider whose estimated memory exceeds this (default: half the available memory; "
@@ -112,7 +113,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         dtypes=tuple(DTYPES[name] for name in _flatten(args.dtype, (DEFAULT_DTYPE[device],))),
         batch=args.batch or batch, heads=args.heads or heads, head_dim=args.head_dim or head_dim,
         block_size=args.block_size, random_blocks=args.random_blocks, kp=args.kp, features=args.features,
-        effort=effort, memory_budget_bytes=budget,
+        effort=effort, memory_budget_bytes=budget, skip_compiled=quick,
     )
 
 
@@ -122,11 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    result = run(config, progress=not args.no_progress)
+    metadata = run_metadata(config.device)
+    writer = CsvWriter(out / "results.csv", metadata)
+    try:
+        result = run(config, progress=not args.no_progress, metadata=metadata, on_record=writer.write)
+    finally:
+        writer.close()
     table = format_table(result)
     print(table)
-    (out / "results.txt").write_text(table + "\n")
-    write_csv(result, out / "results.csv")
+    (out / "summary.txt").write_text(table + "\n")
     plots = write_plots(result, out / "plots")
     if not args.no_quality:
         quality_config = QualityConfig(seq_len=args.quality_n or 1024, heads=4, head_dim=config.head_dim,
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = approximation_quality(quality_config)
         print("\n" + format_quality(rows))
         write_quality_csv(rows, out / "quality.csv")
-    print(f"\nwrote {out / 'results.csv'}, {out / 'results.txt'}, {len(plots)} plots in {out / 'plots'}"
+    print(f"\nwrote {out / 'results.csv'}, {out / 'summary.txt'}, {len(plots)} plots in {out / 'plots'}"
           + ("" if args.no_quality else f", {out / 'quality.csv'}") + f" ({time.perf_counter() - started:.0f} s)")
     return 0
 

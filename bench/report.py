@@ -41,22 +41,30 @@ def _metrics(record: Record) -> list[tuple[str, float | None, float | None, floa
     return rows
 
 
-def write_csv(result: RunResult, path: Path) -> None:
-    meta = result.metadata
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, CSV_COLUMNS)
-        writer.writeheader()
-        for record in result.records:
-            case = record.case
-            for metric, value, p20, p80, note in _metrics(record):
-                writer.writerow({
-                    "mechanism": case.mechanism, "provider": record.provider, "mode": record.mode,
-                    "dtype": case.dtype_name, "B": case.batch, "H": case.heads, "N": case.seq_len, "D": case.head_dim,
-                    "options": case.options, "metric": metric, "value": _number(value), "p20": _number(p20),
-                    "p80": _number(p80), "correctness": record.correctness, "note": note, "device": meta["device"],
-                    "torch_version": meta["torch_version"], "git_revision": meta["git_revision"],
-                    "timestamp": meta["timestamp"],
-                })
+class CsvWriter:
+    """results.csv, one record at a time and flushed, so that a run cut short keeps the rows it wrote."""
+
+    def __init__(self, path: Path, metadata: dict[str, str]):
+        self._handle = open(path, "w", newline="")
+        self._writer = csv.DictWriter(self._handle, CSV_COLUMNS)
+        self._writer.writeheader()
+        self._metadata = metadata
+
+    def write(self, record: Record) -> None:
+        case, meta = record.case, self._metadata
+        for metric, value, p20, p80, note in _metrics(record):
+            self._writer.writerow({
+                "mechanism": case.mechanism, "provider": record.provider, "mode": record.mode,
+                "dtype": case.dtype_name, "B": case.batch, "H": case.heads, "N": case.seq_len, "D": case.head_dim,
+                "options": case.options, "metric": metric, "value": _number(value), "p20": _number(p20),
+                "p80": _number(p80), "correctness": record.correctness, "note": note, "device": meta["device"],
+                "torch_version": meta["torch_version"], "git_revision": meta["git_revision"],
+                "timestamp": meta["timestamp"],
+            })
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
 
 
 def _number(value: float | None) -> str:

@@ -37,6 +37,7 @@ class RunConfig:
     features: int
     effort: Effort
     memory_budget_bytes: float
+    skip_compiled: bool = False  # --quick: leave out providers that compile for each shape
 
     def case(self, mechanism: str, seq_len: int, dtype: torch.dtype) -> Case:
         return Case(mechanism, seq_len, dtype, self.device, self.batch, self.heads, self.head_dim, self.block_size,
@@ -169,14 +170,12 @@ def run_gate(config: RunConfig, providers: tuple[Provider, ...], note: Callable[
     return verdicts
 
 
-def run(config: RunConfig, *, progress: bool = True, note: Callable[[str], None] = tqdm.write) -> RunResult:
-    providers = all_providers()
-    metadata = {
-        "device": device_name(config.device),
-        "torch_version": torch.__version__,
-        "git_revision": git_revision(),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+def run(config: RunConfig, *, progress: bool = True, note: Callable[[str], None] = tqdm.write,
+        metadata: dict[str, str] | None = None, on_record: Callable[[Record], None] | None = None) -> RunResult:
+    """Gate, then measure every task; ``on_record`` sees each record as soon as it is complete."""
+    # The baseline goes first in every group, so each record's speed-up is known when it is handed on.
+    providers = tuple(sorted(all_providers(), key=lambda p: p.name != BASELINE))
+    metadata = metadata or run_metadata(config.device)
     for provider in providers:
         reason = provider.unavailable()
         if reason is not None:
@@ -199,8 +198,10 @@ def run(config: RunConfig, *, progress: bool = True, note: Callable[[str], None]
         correctness = NOT_GATED if verdict is None else verdict.describe(mode)
         record = Record(case, provider.name, provider.family, mode, correctness)
         # Dense SDPA does the same work for every mechanism: measured once per (causal, dtype, N, mode).
-        baseline_key = (provider.name, case.causal, dtype, n, mode) if provider.name == BASELINE else None
+        baseline_key = (case.causal, dtype, n, mode) if provider.name == BASELINE else None
         try:
+            if provider.compiles and config.skip_compiled:
+                raise Declined("not run with --quick: it compiles for tens of seconds per shape")
             if baseline_key is not None and baseline_key in baselines:
                 outcome = baselines[baseline_key]
                 if isinstance(outcome, str):
@@ -220,17 +221,34 @@ def run(config: RunConfig, *, progress: bool = True, note: Callable[[str], None]
                 note(f"skipped {provider.name} on {mechanism} {case.dtype_name} N={n} {mode}: {record.skipped}")
         finally:
             _release(config.device, collect=False)
+        baseline = baselines.get((case.causal, dtype, n, mode))
+        record.speedup = speedup(record, baseline[0] if isinstance(baseline, tuple) else None)
         records.append(record)
+        if on_record is not None:
+            on_record(record)
     inputs = None
-    add_speedups(records)
     return RunResult(records, verdicts, metadata)
 
 
+def run_metadata(device: str) -> dict[str, str]:
+    return {
+        "device": device_name(device),
+        "torch_version": torch.__version__,
+        "git_revision": git_revision(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def speedup(record: Record, baseline: Timing | None) -> float | None:
+    """Dense SDPA's median over the record's, except for a fastattn provider that did not pass the gate."""
+    trusted = record.family != "fastattn" or record.correctness == PASSED
+    if record.timing is None or baseline is None or not trusted:
+        return None
+    return baseline.median_ms / record.timing.median_ms
+
+
 def add_speedups(records: list[Record]) -> None:
-    """Speed-up against dense SDPA of the same case and mode, except for fastattn providers that failed the gate."""
-    baseline = {(r.case, r.mode): r.timing for r in records if r.provider == BASELINE and r.timing is not None}
+    """Speed-ups of ``records`` against the dense SDPA records among them with the same case and mode."""
+    baseline = {(r.case, r.mode): r.timing for r in records if r.provider == BASELINE}
     for record in records:
-        reference = baseline.get((record.case, record.mode))
-        trusted = record.family != "fastattn" or record.correctness == PASSED
-        if record.timing is not None and reference is not None and trusted:
-            record.speedup = reference.median_ms / record.timing.median_ms
+        record.speedup = speedup(record, baseline.get((record.case, record.mode)))
