@@ -94,7 +94,7 @@ def git_revision() -> str:
     return revision + ("-dirty" if dirty else "")
 
 
-def _step(prepared: Prepared, mode: str) -> Callable[[], object]:
+def timed_step(prepared: Prepared, mode: str) -> Callable[[], object]:
     """The timed call: a forward without autograd, a backward over a retained graph, or both."""
     if mode == "fwd":
         def forward():
@@ -119,7 +119,7 @@ def measure_provider(provider: Provider, case: Case, inputs: dict, mode: str, co
         if needed > config.memory_budget_bytes:
             raise Declined(f"needs about {needed / 2**30:.1f} GiB, over the memory budget of "
                            f"{config.memory_budget_bytes / 2**30:.1f} GiB (--memory-budget-gib)")
-    step = _step(provider.prepare(case, inputs, mode != "fwd"), mode)
+    step = timed_step(provider.prepare(case, inputs, mode != "fwd"), mode)
     effort = config.effort
     if provider.compiles:
         timed(step, case.device)

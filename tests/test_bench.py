@@ -13,7 +13,7 @@ from bench.__main__ import main
 from bench.measure import Timing, peak_memory
 from bench.providers import PEERS, Prepared, reference_function
 from bench.report import CSV_COLUMNS
-from bench.runner import BASELINE, Record, add_speedups
+from bench.runner import BASELINE, Record, add_speedups, timed_step
 from bench.workload import Case, forward_flops, make_inputs
 
 from tests.utils import describe_case
@@ -67,6 +67,22 @@ def test_bigbird_flops_of_a_dense_layout_equal_full_attention(seq_len):
     dense_bigbird = dataclasses.replace(SMALL, seq_len=blocks * SMALL.block_size, random_blocks=blocks)
     assert dense_bigbird.layout().density == 1.0
     assert forward_flops(dense_bigbird) == forward_flops(dataclasses.replace(dense_bigbird, mechanism="full"))
+
+
+@pytest.mark.parametrize("mode", ("fwd", "bwd", "fwdbwd"))
+def test_timed_step_of_each_mode(mode):
+    """fwd builds no graph; bwd reuses one retained graph; fwdbwd runs both; gradients are autograd's."""
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=mode != "fwd")
+    weight = torch.randn(3, 3, dtype=torch.float64)
+    step = timed_step(Prepared(lambda: torch.tanh(x @ weight), (x,)), mode)
+    first, second = step(), step()
+    if mode == "fwd":
+        assert not first.requires_grad
+        torch.testing.assert_close(first, torch.tanh(x @ weight))
+        return
+    (grad_first,), (grad_second,) = first, second
+    torch.testing.assert_close(grad_first, grad_second)
+    assert grad_first.shape == x.shape and x.grad is None
 
 
 def test_peak_memory_is_reset_between_calls():
