@@ -104,7 +104,10 @@ def block_sparse_fwd_kernel(
 
     m_seen = b_l > 0
     b_o = b_acc / tl.where(m_seen, b_l, 1.0)[:, None]
-    b_lse = tl.where(m_seen, (b_m + tl.log2(tl.where(m_seen, b_l, 1.0))) / 1.4426950408889634, float("inf"))
+    # The natural-log lse lets the backward recompute p = exp(s * scale - lse) without converting lse
+    # back to log2 units: each conversion costs a rounding at the magnitude of lse, which shows in
+    # float32 gradients.
+    b_lse = tl.where(m_seen, b_m * 0.6931471805599453 + tl.log(tl.where(m_seen, b_l, 1.0)), float("inf"))
 
     p_o = o + i_b * stride_ob + i_h * stride_oh + o_m.to(tl.int64)[:, None] * stride_on + o_d[None, :]
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None])
@@ -142,7 +145,7 @@ def block_sparse_bwd_kernel_dkdv(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_colo_h, stride_rowi_h, stride_pad_b,
-    H, Nq, Nk, scale, scale_log2,
+    H, Nq, Nk, scale,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
 ):
@@ -185,16 +188,16 @@ def block_sparse_bwd_kernel_dkdv(
             o_m64 = o_m.to(tl.int64)
             b_q = tl.load(p_q_base + o_m64[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
             b_do = tl.load(p_do_base + o_m64[:, None] * stride_don + o_d[None, :], mask=m_m[:, None], other=0.0)
-            b_lse2 = tl.load(p_lse_base + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
+            b_lse = tl.load(p_lse_base + o_m, mask=m_m, other=float("inf"))
             b_delta = tl.load(p_delta_base + o_m, mask=m_m, other=0.0)
 
-            # [BN, D] @ [D, BM] -> [BN, BM], in log2 units
-            b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * scale_log2
+            # [BN, D] @ [D, BM] -> [BN, BM]
+            b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * scale
             m_sT = m_k[:, None] & m_m[None, :]
             if CAUSAL:
                 m_sT = m_sT & (o_k[:, None] <= o_m[None, :])
             # lse is +inf for rows that see no key: their probabilities vanish.
-            b_pT = tl.where(m_sT, tl.exp2(b_sT - b_lse2[None, :]), 0.0)
+            b_pT = tl.where(m_sT, tl.exp(b_sT - b_lse[None, :]), 0.0)
             # [BN, BM] @ [BM, D] -> [BN, D]
             b_dv += tl.dot(b_pT.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
             # [BN, D] @ [D, BM] -> [BN, BM]
@@ -218,7 +221,7 @@ def block_sparse_bwd_kernel_dq(
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
     stride_row_h, stride_col_h, stride_pad_b,
-    H, Nq, Nk, scale, scale_log2,
+    H, Nq, Nk, scale,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
 ):
@@ -235,7 +238,7 @@ def block_sparse_bwd_kernel_dq(
                   mask=m_m[:, None], other=0.0)
     b_do = tl.load(do + i_b * stride_dob + i_h * stride_doh + o_m64[:, None] * stride_don + o_d[None, :],
                    mask=m_m[:, None], other=0.0)
-    b_lse2 = tl.load(lse + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
+    b_lse = tl.load(lse + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=float("inf"))
     b_delta = tl.load(delta + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
     p_k_base = k + i_b * stride_kb + i_h * stride_kh
     p_v_base = v + i_b * stride_vb + i_h * stride_vh
@@ -261,12 +264,12 @@ def block_sparse_bwd_kernel_dq(
             b_k = tl.load(p_k_base + o_k64[:, None] * stride_kn + o_d[None, :], mask=m_k[:, None], other=0.0)
             b_v = tl.load(p_v_base + o_k64[:, None] * stride_vn + o_d[None, :], mask=m_k[:, None], other=0.0)
 
-            # [BM, D] @ [D, BN] -> [BM, BN], in log2 units
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2
+            # [BM, D] @ [D, BN] -> [BM, BN]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale
             m_s = m_k[None, :]
             if CAUSAL:
                 m_s = m_s & (o_m[:, None] >= o_k[None, :])
-            b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.0)
+            b_p = tl.where(m_s, tl.exp(b_s - b_lse[:, None]), 0.0)
             # [BM, D] @ [D, BN] -> [BM, BN]
             b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
             b_ds = b_p * (b_dp - b_delta[:, None])
@@ -399,13 +402,13 @@ def block_sparse_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
         *grad_k.stride()[:3], *grad_v.stride()[:3],
         _csr_head_stride(col_offsets), _csr_head_stride(row_indices), stride_pad_b,
-        heads, query_len, key_len, scale, scale * LOG2E, **flags,
+        heads, query_len, key_len, scale, **flags,
     )
     block_sparse_bwd_kernel_dq[(query_blocks, batch * heads)](
         q, k, v, grad_out, lse, delta, grad_q, row_offsets, col_indices, padding,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *grad_q.stride()[:3],
         _csr_head_stride(row_offsets), _csr_head_stride(col_indices), stride_pad_b,
-        heads, query_len, key_len, scale, scale * LOG2E, **flags,
+        heads, query_len, key_len, scale, **flags,
     )
     return grad_q, grad_k, grad_v
 
