@@ -104,6 +104,37 @@ def test_matches_reference(batch, heads, query_len, key_len, head_dim, block_siz
     _check(inputs, layout, causal=causal, dtype=dtype)
 
 
+# Tiles smaller than the block: each program covers part of a block and walks blocks in slices.
+SUBTILE_CASES = [
+    (1, 2, 150, 150, 32, 64, "bigbird", True, True, torch.float32),
+    (1, 2, 72, 72, 64, 32, "random", False, False, torch.float16),
+    (1, 2, 100, 100, 32, 64, "random", True, False, torch.float32),
+]
+
+
+@needs_triton_device
+@pytest.mark.parametrize(
+    "batch, heads, query_len, key_len, head_dim, block_size, kind, causal, padding, dtype",
+    SUBTILE_CASES,
+    ids=[describe_case(B=b, H=h, Nq=nq, Nk=nk, D=d, block=bs, **{kind: True}, causal=c, padding=p, dtype=t)
+         for b, h, nq, nk, d, bs, kind, c, p, t in SUBTILE_CASES],
+)
+def test_tiles_smaller_than_block_match_reference(monkeypatch, batch, heads, query_len, key_len, head_dim,
+                                                  block_size, kind, causal, padding, dtype):
+    monkeypatch.setattr(triton_block_sparse, "_tiles",
+                        lambda kernel, block, dim: {"BM": 16, "BN": 32, "num_warps": 4, "num_stages": 2})
+    layout = _layout(kind, heads, query_len, key_len, block_size, causal, seed=query_len)
+    inputs = _inputs(batch, heads, query_len, key_len, head_dim, padding=padding, seed=2, device=DEVICE)
+    _check(inputs, layout, causal=causal, dtype=dtype)
+
+
+@needs_triton_device
+def test_block_128_with_default_tiles_matches_reference():
+    layout = bigbird_layout(300, block_size=128, num_heads=1, num_random_blocks=0, causal=True)
+    inputs = _inputs(1, 1, 300, 300, 32, padding=True, seed=4, device=DEVICE)
+    _check(inputs, layout, causal=True, dtype=torch.float32)
+
+
 @needs_triton_device
 def test_custom_scale_and_strided_inputs():
     """q, k, v with non-contiguous batch/head/sequence strides (unit last stride) and a custom scale."""
@@ -154,7 +185,7 @@ def test_torch_compile_fullgraph_matches_eager():
         return triton_block_sparse.block_sparse_attention(q, k, v, layout, causal=True,
                                                           key_padding_mask=key_padding_mask, scale=0.2)
 
-    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(attention, fullgraph=True)
     generator = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 2, 48, 32, generator=generator).to(DEVICE) for _ in range(3))
     padding = torch.zeros(1, 48, dtype=torch.bool, device=DEVICE)

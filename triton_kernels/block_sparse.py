@@ -1,7 +1,8 @@
 """Block-sparse (BigBird) attention in Triton: FlashAttention-2 forward and backward over a block CSR.
 
-Every program owns one tile of BM = BN = block_size rows and walks the list of blocks that the
-layout gives it, read from the CSR index tensors inside the kernel:
+Every program owns a tile of rows inside one layout block and walks the list of blocks that the layout
+gives that block, read from the CSR index tensors inside the kernel, in tiles of BM x BN (each
+dividing the block size; see ``_tiles``):
 
 - forward: one program per (query block, batch * head) loops over its row of ``col_indices`` with an
   online softmax in registers (exp2 with log2(e) folded into the scale) and saves the output and the
@@ -47,12 +48,13 @@ def block_sparse_fwd_kernel(
     stride_row_h, stride_col_h, stride_pad_b,
     H, Nq, Nk, scale_log2,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+    BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
 ):
-    i_qb, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_qb = i_m * BM // BLOCK
 
-    o_m = i_qb * BM + tl.arange(0, BM)
+    o_m = i_m * BM + tl.arange(0, BM)
     o_n = tl.arange(0, BN)
     o_d = tl.arange(0, D)
     m_m = o_m < Nq
@@ -69,14 +71,16 @@ def block_sparse_fwd_kernel(
     p_row = row_offsets + i_h * stride_row_h + i_qb
     i_start = tl.load(p_row)
     i_end = tl.load(p_row + 1)
+    # With causal, key tiles that start after this tile's last query are skipped (listed blocks above
+    # the diagonal give an empty range).
+    i_q_last = tl.minimum(i_m * BM + BM, Nq) - 1
     for i_nz in range(i_start, i_end):
         i_kb = tl.load(col_indices + i_h * stride_col_h + i_nz)
+        i_k_stop = tl.minimum(i_kb * BLOCK + BLOCK, Nk)
         if CAUSAL:
-            visible = i_kb <= i_qb
-        else:
-            visible = i_kb >= 0
-        if visible:
-            o_k = i_kb * BN + o_n
+            i_k_stop = tl.minimum(i_k_stop, i_q_last + 1)
+        for i_k in range(i_kb * BLOCK, i_k_stop, BN):
+            o_k = i_k + o_n
             m_k = o_k < Nk
             if HAS_PADDING:
                 b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_k, mask=m_k, other=1)
@@ -147,12 +151,13 @@ def block_sparse_bwd_kernel_dkdv(
     stride_colo_h, stride_rowi_h, stride_pad_b,
     H, Nq, Nk, scale,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+    BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
 ):
-    i_kb, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_kb = i_n * BN // BLOCK
 
-    o_k = i_kb * BN + tl.arange(0, BN)
+    o_k = i_n * BN + tl.arange(0, BN)
     o_m_block = tl.arange(0, BM)
     o_d = tl.arange(0, D)
     m_k_in = o_k < Nk
@@ -178,12 +183,13 @@ def block_sparse_bwd_kernel_dkdv(
     i_end = tl.load(p_col + 1)
     for i_nz in range(i_start, i_end):
         i_qb = tl.load(row_indices + i_h * stride_rowi_h + i_nz)
+        i_q_start = i_qb * BLOCK
         if CAUSAL:
-            visible = i_qb >= i_kb
-        else:
-            visible = i_qb >= 0
-        if visible:
-            o_m = i_qb * BM + o_m_block
+            # Query tiles that end before this key tile starts see none of its keys (and listed blocks
+            # above the diagonal give an empty range).
+            i_q_start += tl.maximum(i_n * BN - i_q_start, 0) // BM * BM
+        for i_q in range(i_q_start, tl.minimum(i_qb * BLOCK + BLOCK, Nq), BM):
+            o_m = i_q + o_m_block
             m_m = o_m < Nq
             o_m64 = o_m.to(tl.int64)
             b_q = tl.load(p_q_base + o_m64[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
@@ -223,12 +229,13 @@ def block_sparse_bwd_kernel_dq(
     stride_row_h, stride_col_h, stride_pad_b,
     H, Nq, Nk, scale,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+    BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
 ):
-    i_qb, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_qb = i_m * BM // BLOCK
 
-    o_m = i_qb * BM + tl.arange(0, BM)
+    o_m = i_m * BM + tl.arange(0, BM)
     o_n = tl.arange(0, BN)
     o_d = tl.arange(0, D)
     m_m = o_m < Nq
@@ -248,14 +255,16 @@ def block_sparse_bwd_kernel_dq(
     p_row = row_offsets + i_h * stride_row_h + i_qb
     i_start = tl.load(p_row)
     i_end = tl.load(p_row + 1)
+    # With causal, key tiles that start after this tile's last query are skipped (listed blocks above
+    # the diagonal give an empty range).
+    i_q_last = tl.minimum(i_m * BM + BM, Nq) - 1
     for i_nz in range(i_start, i_end):
         i_kb = tl.load(col_indices + i_h * stride_col_h + i_nz)
+        i_k_stop = tl.minimum(i_kb * BLOCK + BLOCK, Nk)
         if CAUSAL:
-            visible = i_kb <= i_qb
-        else:
-            visible = i_kb >= 0
-        if visible:
-            o_k = i_kb * BN + o_n
+            i_k_stop = tl.minimum(i_k_stop, i_q_last + 1)
+        for i_k in range(i_kb * BLOCK, i_k_stop, BN):
+            o_k = i_k + o_n
             m_k = o_k < Nk
             if HAS_PADDING:
                 b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_k, mask=m_k, other=1)
@@ -287,10 +296,23 @@ def _new_output(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch_options(block_size: int, head_dim: int) -> dict:
-    """Warps and pipeline stages for one BM = BN = block_size tile (sized for an H100)."""
-    num_warps = 8 if block_size * head_dim >= 128 * 64 else 4
-    return {"num_warps": num_warps, "num_stages": 2}
+def _tiles(kernel: str, block_size: int, head_dim: int) -> dict:
+    """BM x BN tiles (each dividing block_size) and launch options of one kernel, sized for an H100.
+
+    The forward and dQ keep a tall query tile and walk each listed key block in narrower slices; dK/dV
+    keep a tall key tile and walk each query block in slices. This keeps the fp32 accumulators and the
+    score tile in registers up to block 128 and D = 128.
+    """
+    if kernel == "fwd":
+        tile_m, tile_n = min(block_size, 128), min(block_size, 64)
+    elif kernel == "dq":
+        tile_m, tile_n = min(block_size, 128 if head_dim <= 64 else 64), min(block_size, 32)
+    elif kernel == "dkdv":
+        tile_m, tile_n = min(block_size, 32), min(block_size, 128 if head_dim <= 64 else 64)
+    else:
+        raise ValueError(f"kernel: expected 'fwd', 'dq' or 'dkdv', got {kernel!r}")
+    num_warps = 8 if max(tile_m, tile_n) * head_dim >= 128 * 128 else 4
+    return {"BM": tile_m, "BN": tile_n, "num_warps": num_warps, "num_stages": 2}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -354,14 +376,14 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
     out = _new_output(q.shape, q.dtype, q.device)
     lse = _new_output((batch, heads, query_len), torch.float32, q.device)
     padding, stride_pad_b = _padding_arguments(key_padding_mask, q)
-    grid = (triton.cdiv(query_len, block_size), batch * heads)
-    block_sparse_fwd_kernel[grid](
+    tiles = _tiles("fwd", block_size, head_dim)
+    block_sparse_fwd_kernel[(triton.cdiv(query_len, tiles["BM"]), batch * heads)](
         q, k, v, out, lse, row_offsets, col_indices, padding,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         _csr_head_stride(row_offsets), _csr_head_stride(col_indices), stride_pad_b,
         heads, query_len, k.shape[2], scale * LOG2E,
         CAUSAL=causal, HAS_PADDING=key_padding_mask is not None, DOT_PRECISION=_dot_precision(q.dtype),
-        BM=block_size, BN=block_size, D=head_dim, **_launch_options(block_size, head_dim),
+        BLOCK=block_size, D=head_dim, **tiles,
     )
     return out, lse
 
@@ -390,25 +412,25 @@ def block_sparse_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     lse = lse.contiguous()
     padding, stride_pad_b = _padding_arguments(key_padding_mask, q)
     flags = dict(CAUSAL=causal, HAS_PADDING=key_padding_mask is not None, DOT_PRECISION=_dot_precision(q.dtype),
-                 BM=block_size, BN=block_size, D=head_dim, **_launch_options(block_size, head_dim))
-    query_blocks = triton.cdiv(query_len, block_size)
+                 BLOCK=block_size, D=head_dim)
+    dkdv_tiles, dq_tiles = _tiles("dkdv", block_size, head_dim), _tiles("dq", block_size, head_dim)
 
-    block_sparse_bwd_preprocess_kernel[(query_blocks, batch * heads)](
+    block_sparse_bwd_preprocess_kernel[(triton.cdiv(query_len, dq_tiles["BM"]), batch * heads)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, query_len,
-        BM=block_size, D=head_dim,
+        BM=dq_tiles["BM"], D=head_dim,
     )
-    block_sparse_bwd_kernel_dkdv[(triton.cdiv(key_len, block_size), batch * heads)](
+    block_sparse_bwd_kernel_dkdv[(triton.cdiv(key_len, dkdv_tiles["BN"]), batch * heads)](
         q, k, v, grad_out, lse, delta, grad_k, grad_v, col_offsets, row_indices, padding,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
         *grad_k.stride()[:3], *grad_v.stride()[:3],
         _csr_head_stride(col_offsets), _csr_head_stride(row_indices), stride_pad_b,
-        heads, query_len, key_len, scale, **flags,
+        heads, query_len, key_len, scale, **flags, **dkdv_tiles,
     )
-    block_sparse_bwd_kernel_dq[(query_blocks, batch * heads)](
+    block_sparse_bwd_kernel_dq[(triton.cdiv(query_len, dq_tiles["BM"]), batch * heads)](
         q, k, v, grad_out, lse, delta, grad_q, row_offsets, col_indices, padding,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *grad_q.stride()[:3],
         _csr_head_stride(row_offsets), _csr_head_stride(col_indices), stride_pad_b,
-        heads, query_len, key_len, scale, **flags,
+        heads, query_len, key_len, scale, **flags, **dq_tiles,
     )
     return grad_q, grad_k, grad_v
 
