@@ -122,17 +122,18 @@ SUBTILE_CASES = [
 def test_tiles_smaller_than_block_match_reference(monkeypatch, batch, heads, query_len, key_len, head_dim,
                                                   block_size, kind, causal, padding, dtype):
     monkeypatch.setattr(triton_block_sparse, "_tiles",
-                        lambda kernel, block, dim: {"BM": 16, "BN": 32, "num_warps": 4, "num_stages": 2})
+                        lambda kernel, block, dim, dtype: {"BM": 16, "BN": 32, "num_warps": 4, "num_stages": 2})
     layout = _layout(kind, heads, query_len, key_len, block_size, causal, seed=query_len)
     inputs = _inputs(batch, heads, query_len, key_len, head_dim, padding=padding, seed=2, device=DEVICE)
     _check(inputs, layout, causal=causal, dtype=dtype)
 
 
 @needs_triton_device
-def test_block_128_with_default_tiles_matches_reference():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_block_128_with_default_tiles_matches_reference(dtype):
     layout = bigbird_layout(300, block_size=128, num_heads=1, num_random_blocks=0, causal=True)
     inputs = _inputs(1, 1, 300, 300, 32, padding=True, seed=4, device=DEVICE)
-    _check(inputs, layout, causal=True, dtype=torch.float32)
+    _check(inputs, layout, causal=True, dtype=dtype)
 
 
 @needs_triton_device

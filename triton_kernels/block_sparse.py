@@ -296,22 +296,30 @@ def _new_output(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _tiles(kernel: str, block_size: int, head_dim: int) -> dict:
+def _tiles(kernel: str, block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
     """BM x BN tiles (each dividing block_size) and launch options of one kernel, sized for an H100.
 
     The forward and dQ keep a tall query tile and walk each listed key block in narrower slices; dK/dV
     keep a tall key tile and walk each query block in slices. This keeps the fp32 accumulators and the
     score tile in registers up to block 128 and D = 128.
     """
+    # num_warps: the warp count at which ptxas -v (sm_90a, Triton 3.9) reports no register spills for
+    # that tile and head dim; 8 warps where the resident fp32 accumulators outgrow 4 warps' registers.
+    if dtype == torch.float32:
+        # IEEE float32 dots run on the FMA units, not the tensor cores, and need far more registers.
+        tile_m, tile_n = {"fwd": (32, 32), "dq": (16, 64), "dkdv": (32, 32)}[kernel]
+        return {"BM": min(block_size, tile_m), "BN": min(block_size, tile_n), "num_warps": 8, "num_stages": 2}
     if kernel == "fwd":
         tile_m, tile_n = min(block_size, 128), min(block_size, 64)
+        num_warps = 8 if tile_m * head_dim >= 128 * 128 else 4
     elif kernel == "dq":
         tile_m, tile_n = min(block_size, 128 if head_dim <= 64 else 64), min(block_size, 32)
+        num_warps = 8 if tile_m == 128 and head_dim == 64 else 4
     elif kernel == "dkdv":
         tile_m, tile_n = min(block_size, 32), min(block_size, 128 if head_dim <= 64 else 64)
+        num_warps = 8 if tile_n * head_dim >= 64 * 128 else 4
     else:
         raise ValueError(f"kernel: expected 'fwd', 'dq' or 'dkdv', got {kernel!r}")
-    num_warps = 8 if max(tile_m, tile_n) * head_dim >= 128 * 128 else 4
     return {"BM": tile_m, "BN": tile_n, "num_warps": num_warps, "num_stages": 2}
 
 
@@ -376,7 +384,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
     out = _new_output(q.shape, q.dtype, q.device)
     lse = _new_output((batch, heads, query_len), torch.float32, q.device)
     padding, stride_pad_b = _padding_arguments(key_padding_mask, q)
-    tiles = _tiles("fwd", block_size, head_dim)
+    tiles = _tiles("fwd", block_size, head_dim, q.dtype)
     block_sparse_fwd_kernel[(triton.cdiv(query_len, tiles["BM"]), batch * heads)](
         q, k, v, out, lse, row_offsets, col_indices, padding,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
@@ -413,7 +421,7 @@ def block_sparse_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     padding, stride_pad_b = _padding_arguments(key_padding_mask, q)
     flags = dict(CAUSAL=causal, HAS_PADDING=key_padding_mask is not None, DOT_PRECISION=_dot_precision(q.dtype),
                  BLOCK=block_size, D=head_dim)
-    dkdv_tiles, dq_tiles = _tiles("dkdv", block_size, head_dim), _tiles("dq", block_size, head_dim)
+    dkdv_tiles, dq_tiles = (_tiles(kernel, block_size, head_dim, q.dtype) for kernel in ("dkdv", "dq"))
 
     block_sparse_bwd_preprocess_kernel[(triton.cdiv(query_len, dq_tiles["BM"]), batch * heads)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, query_len,
