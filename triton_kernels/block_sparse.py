@@ -4,16 +4,17 @@ Every program owns a tile of rows inside one layout block and walks the list of 
 gives that block, read from the CSR index tensors inside the kernel, in tiles of BM x BN (each
 dividing the block size; see ``_tiles``):
 
-- forward: one program per (query block, batch * head) loops over its row of ``col_indices`` with an
-  online softmax in registers (exp2 with log2(e) folded into the scale) and saves the output and the
-  log-sum-exp per row (+inf for a row that sees no key, whose output is 0);
-- backward: a preprocess computes D = rowsum(dO * O); one program per key block loops over the
-  transposed CSR (``col_offsets``/``row_indices``) for dK and dV, one program per query block loops
-  over the CSR for dQ. Each gradient tile is written by exactly one program, so the backward is
-  deterministic and needs no atomics.
+- forward: one program per (query tile, batch * head) loops over its block's row of ``col_indices``
+  with an online softmax in registers (exp2 with log2(e) folded into the scale) and saves the output
+  and the natural log-sum-exp per row (+inf for a row that sees no key, whose output is 0);
+- backward: a preprocess computes D = rowsum(dO * O); one program per (key tile, batch * head) loops
+  over the transposed CSR (``col_offsets``/``row_indices``) for dK and dV, one program per (query
+  tile, batch * head) loops over the CSR for dQ. Each gradient tile is written by exactly one
+  program, so the backward is deterministic and needs no atomics.
 
-With ``causal`` listed blocks above the diagonal are skipped and the diagonal block is masked element-
-wise; lengths need not be multiples of the block size (every load is masked). The launches are wrapped
+With ``causal`` key tiles past a query tile's last row are skipped (so are listed blocks above the
+diagonal) and the diagonal is masked element-wise; lengths need not be multiples of the block size
+(every load is masked). Layouts are shared by all heads (CSR head stride 0) or given per head. The launches are wrapped
 in ``torch.library`` custom ops (``fastattn::triton_block_sparse_fwd`` / ``_bwd``) with fake kernels and
 an autograd formula, so ``torch.compile(fullgraph=True)`` keeps them in the graph.
 """
@@ -36,6 +37,8 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 LOG2E = math.log2(math.e)
+LN2 = tl.constexpr(math.log(2.0))
+MAX_BATCH_HEADS = 65535
 
 
 @triton.jit
@@ -111,7 +114,7 @@ def block_sparse_fwd_kernel(
     # The natural-log lse lets the backward recompute p = exp(s * scale - lse) without converting lse
     # back to log2 units: each conversion costs a rounding at the magnitude of lse, which shows in
     # float32 gradients.
-    b_lse = tl.where(m_seen, b_m * 0.6931471805599453 + tl.log(tl.where(m_seen, b_l, 1.0)), float("inf"))
+    b_lse = tl.where(m_seen, b_m * LN2 + tl.log(tl.where(m_seen, b_l, 1.0)), float("inf"))
 
     p_o = o + i_b * stride_ob + i_h * stride_oh + o_m.to(tl.int64)[:, None] * stride_on + o_d[None, :]
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None])
@@ -340,7 +343,7 @@ def _padding_arguments(key_padding_mask: Tensor | None, q: Tensor) -> tuple[Tens
     return mask, mask.stride(0)
 
 
-def _check_arguments(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_indices: Tensor,
+def _check_arguments(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_indices: Tensor, col_offsets: Tensor,
                      block_size: int, causal: bool, key_padding_mask: Tensor | None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"q, k, v: expected (B, H, N, D) with v shaped like k, got q {tuple(q.shape)}, "
@@ -368,6 +371,13 @@ def _check_arguments(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
     if row_offsets.dim() != 2 or row_offsets.shape[0] not in (1, q.shape[1]) or row_offsets.shape[1] != query_blocks + 1:
         raise ValueError(f"row_offsets: expected shape (1 or {q.shape[1]}, {query_blocks + 1}), "
                          f"got {tuple(row_offsets.shape)}")
+    key_blocks = triton.cdiv(k.shape[2], block_size)
+    if col_offsets.dim() != 2 or col_offsets.shape[0] != row_offsets.shape[0] or col_offsets.shape[1] != key_blocks + 1:
+        raise ValueError(f"col_offsets: expected shape ({row_offsets.shape[0]}, {key_blocks + 1}), "
+                         f"got {tuple(col_offsets.shape)}")
+    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
+        raise ValueError(f"q: expected B * H <= {MAX_BATCH_HEADS} (the second grid axis), "
+                         f"got {q.shape[0]} * {q.shape[1]}")
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
                                          or tuple(key_padding_mask.shape) != (q.shape[0], k.shape[2])):
         raise ValueError(f"key_padding_mask: expected bool of shape ({q.shape[0]}, {k.shape[2]}), "
@@ -379,7 +389,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
                      col_offsets: Tensor, row_indices: Tensor, block_size: int, causal: bool,
                      key_padding_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     """Output (B, H, Nq, D) and float32 log-sum-exp (B, H, Nq) (+inf where a row sees no key)."""
-    _check_arguments(q, k, v, row_offsets, col_indices, block_size, causal, key_padding_mask)
+    _check_arguments(q, k, v, row_offsets, col_indices, col_offsets, block_size, causal, key_padding_mask)
     batch, heads, query_len, head_dim = q.shape
     out = _new_output(q.shape, q.dtype, q.device)
     lse = _new_output((batch, heads, query_len), torch.float32, q.device)
@@ -408,7 +418,7 @@ def block_sparse_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                      block_size: int, causal: bool, key_padding_mask: Tensor | None,
                      scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of q, k, v; deterministic (every gradient tile is written by one program, no atomics)."""
-    _check_arguments(q, k, v, row_offsets, col_indices, block_size, causal, key_padding_mask)
+    _check_arguments(q, k, v, row_offsets, col_indices, col_offsets, block_size, causal, key_padding_mask)
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     out = out if out.stride(-1) == 1 else out.contiguous()
     batch, heads, query_len, head_dim = q.shape
