@@ -34,7 +34,8 @@ __all__ = ["block_sparse_attention", "SUPPORTED_BLOCK_SIZES", "SUPPORTED_HEAD_DI
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# float64 is for gradcheck (in the interpreter): it accumulates and saves lse in float64.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 LOG2E = math.log2(math.e)
 LN2 = tl.constexpr(math.log(2.0))
@@ -51,7 +52,7 @@ def block_sparse_fwd_kernel(
     stride_row_h, stride_col_h, stride_pad_b,
     H, Nq, Nk, scale_log2,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+    BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -67,9 +68,9 @@ def block_sparse_fwd_kernel(
     p_k_base = k + i_b * stride_kb + i_h * stride_kh
     p_v_base = v + i_b * stride_vb + i_h * stride_vh
 
-    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BM], dtype=tl.float32)
-    b_acc = tl.zeros([BM, D], dtype=tl.float32)
+    b_m = tl.full([BM], float("-inf"), dtype=ACC)
+    b_l = tl.zeros([BM], dtype=ACC)
+    b_acc = tl.zeros([BM, D], dtype=ACC)
 
     p_row = row_offsets + i_h * stride_row_h + i_qb
     i_start = tl.load(p_row)
@@ -127,7 +128,7 @@ def block_sparse_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_on,
     stride_dob, stride_doh, stride_don,
     H, Nq,
-    BM: tl.constexpr, D: tl.constexpr,
+    BM: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
     i_qb, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -137,8 +138,8 @@ def block_sparse_bwd_preprocess_kernel(
     o_m64 = o_m.to(tl.int64)
     p_o = o + i_b * stride_ob + i_h * stride_oh + o_m64[:, None] * stride_on + o_d[None, :]
     p_do = do + i_b * stride_dob + i_h * stride_doh + o_m64[:, None] * stride_don + o_d[None, :]
-    b_o = tl.load(p_o, mask=m_m[:, None], other=0.0).to(tl.float32)
-    b_do = tl.load(p_do, mask=m_m[:, None], other=0.0).to(tl.float32)
+    b_o = tl.load(p_o, mask=m_m[:, None], other=0.0).to(ACC)
+    b_do = tl.load(p_do, mask=m_m[:, None], other=0.0).to(ACC)
     tl.store(delta + i_bh.to(tl.int64) * Nq + o_m, tl.sum(b_o * b_do, 1), mask=m_m)
 
 
@@ -154,7 +155,7 @@ def block_sparse_bwd_kernel_dkdv(
     stride_colo_h, stride_rowi_h, stride_pad_b,
     H, Nq, Nk, scale,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+    BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -178,8 +179,8 @@ def block_sparse_bwd_kernel_dkdv(
     p_lse_base = lse + i_bh.to(tl.int64) * Nq
     p_delta_base = delta + i_bh.to(tl.int64) * Nq
 
-    b_dk = tl.zeros([BN, D], dtype=tl.float32)
-    b_dv = tl.zeros([BN, D], dtype=tl.float32)
+    b_dk = tl.zeros([BN, D], dtype=ACC)
+    b_dv = tl.zeros([BN, D], dtype=ACC)
 
     p_col = col_offsets + i_h * stride_colo_h + i_kb
     i_start = tl.load(p_col)
@@ -232,7 +233,7 @@ def block_sparse_bwd_kernel_dq(
     stride_row_h, stride_col_h, stride_pad_b,
     H, Nq, Nk, scale,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+    BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -253,7 +254,7 @@ def block_sparse_bwd_kernel_dq(
     p_k_base = k + i_b * stride_kb + i_h * stride_kh
     p_v_base = v + i_b * stride_vb + i_h * stride_vh
 
-    b_dq = tl.zeros([BM, D], dtype=tl.float32)
+    b_dq = tl.zeros([BM, D], dtype=ACC)
 
     p_row = row_offsets + i_h * stride_row_h + i_qb
     i_start = tl.load(p_row)
@@ -308,8 +309,8 @@ def _tiles(kernel: str, block_size: int, head_dim: int, dtype: torch.dtype) -> d
     """
     # num_warps: the warp count at which ptxas -v (sm_90a, Triton 3.9) reports no register spills for
     # that tile and head dim; 8 warps where the resident fp32 accumulators outgrow 4 warps' registers.
-    if dtype == torch.float32:
-        # IEEE float32 dots run on the FMA units, not the tensor cores, and need far more registers.
+    if dtype in (torch.float32, torch.float64):
+        # IEEE float32/float64 dots run on the FMA units, not the tensor cores, and need far more registers.
         tile_m, tile_n = {"fwd": (32, 32), "dq": (16, 64), "dkdv": (32, 32)}[kernel]
         return {"BM": min(block_size, tile_m), "BN": min(block_size, tile_n), "num_warps": 8, "num_stages": 2}
     if kernel == "fwd":
@@ -328,7 +329,15 @@ def _tiles(kernel: str, block_size: int, head_dim: int, dtype: torch.dtype) -> d
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # TF32 would round float32 inputs to 10 mantissa bits: far outside the float32 tolerance.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the running sums, lse and D: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def _csr_head_stride(index: Tensor) -> int:
@@ -388,11 +397,11 @@ def _check_arguments(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
 def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_indices: Tensor,
                      col_offsets: Tensor, row_indices: Tensor, block_size: int, causal: bool,
                      key_padding_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-    """Output (B, H, Nq, D) and float32 log-sum-exp (B, H, Nq) (+inf where a row sees no key)."""
+    """Output (B, H, Nq, D) and log-sum-exp (B, H, Nq), float32 (float64 for float64 inputs), +inf where a row sees no key."""
     _check_arguments(q, k, v, row_offsets, col_indices, col_offsets, block_size, causal, key_padding_mask)
     batch, heads, query_len, head_dim = q.shape
     out = _new_output(q.shape, q.dtype, q.device)
-    lse = _new_output((batch, heads, query_len), torch.float32, q.device)
+    lse = _new_output((batch, heads, query_len), _accumulator_dtype(q.dtype), q.device)
     padding, stride_pad_b = _padding_arguments(key_padding_mask, q)
     tiles = _tiles("fwd", block_size, head_dim, q.dtype)
     block_sparse_fwd_kernel[(triton.cdiv(query_len, tiles["BM"]), batch * heads)](
@@ -401,7 +410,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
         _csr_head_stride(row_offsets), _csr_head_stride(col_indices), stride_pad_b,
         heads, query_len, k.shape[2], scale * LOG2E,
         CAUSAL=causal, HAS_PADDING=key_padding_mask is not None, DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK=block_size, D=head_dim, **tiles,
+        BLOCK=block_size, D=head_dim, ACC=_TRITON_DTYPES[_accumulator_dtype(q.dtype)], **tiles,
     )
     return out, lse
 
@@ -409,7 +418,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
 @block_sparse_fwd.register_fake
 def _block_sparse_fwd_fake(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, causal,
                            key_padding_mask, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_accumulator_dtype(q.dtype))
 
 
 @torch.library.custom_op("fastattn::triton_block_sparse_bwd", mutates_args=())
@@ -426,16 +435,16 @@ def block_sparse_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     grad_q = _new_output(q.shape, q.dtype, q.device)
     grad_k = _new_output(k.shape, k.dtype, k.device)
     grad_v = _new_output(v.shape, v.dtype, v.device)
-    delta = torch.empty((batch, heads, query_len), dtype=torch.float32, device=q.device)
+    delta = torch.empty((batch, heads, query_len), dtype=_accumulator_dtype(q.dtype), device=q.device)
     lse = lse.contiguous()
     padding, stride_pad_b = _padding_arguments(key_padding_mask, q)
     flags = dict(CAUSAL=causal, HAS_PADDING=key_padding_mask is not None, DOT_PRECISION=_dot_precision(q.dtype),
-                 BLOCK=block_size, D=head_dim)
+                 BLOCK=block_size, D=head_dim, ACC=_TRITON_DTYPES[_accumulator_dtype(q.dtype)])
     dkdv_tiles, dq_tiles = (_tiles(kernel, block_size, head_dim, q.dtype) for kernel in ("dkdv", "dq"))
 
     block_sparse_bwd_preprocess_kernel[(triton.cdiv(query_len, dq_tiles["BM"]), batch * heads)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, query_len,
-        BM=dq_tiles["BM"], D=head_dim,
+        BM=dq_tiles["BM"], D=head_dim, ACC=flags["ACC"],
     )
     block_sparse_bwd_kernel_dkdv[(triton.cdiv(key_len, dkdv_tiles["BN"]), batch * heads)](
         q, k, v, grad_out, lse, delta, grad_k, grad_v, col_offsets, row_indices, padding,
