@@ -387,10 +387,10 @@ def _check_arguments(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
     if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
         raise ValueError(f"q: expected B * H <= {MAX_BATCH_HEADS} (the second grid axis), "
                          f"got {q.shape[0]} * {q.shape[1]}")
-    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.device != q.device
                                          or tuple(key_padding_mask.shape) != (q.shape[0], k.shape[2])):
-        raise ValueError(f"key_padding_mask: expected bool of shape ({q.shape[0]}, {k.shape[2]}), "
-                         f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        raise ValueError(f"key_padding_mask: expected bool of shape ({q.shape[0]}, {k.shape[2]}) on {q.device}, "
+                         f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} on {key_padding_mask.device}")
 
 
 @torch.library.custom_op("fastattn::triton_block_sparse_fwd", mutates_args=())
