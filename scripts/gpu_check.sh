@@ -6,6 +6,8 @@
 #   PYTHON (default python3), MAX_JOBS (default: all cores), time limits BUILD_TIMEOUT, TEST_TIMEOUT,
 #   BENCH_TIMEOUT in seconds (defaults 210, 150, 90: under 8 minutes in all).
 set -uo pipefail
+# Triton compiles for the GPU here; the interpreter is only for machines without one.
+export TRITON_INTERPRET=0
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 out=${OUT:-gpu-check-out}
