@@ -3,6 +3,11 @@
 // input dtype and the accumulation type (float, or double for double inputs).
 #pragma once
 
+// Floating-point compares and conversions may then be reordered as if they raised no exception, which
+// lets GCC vectorise the loops over exp_approx. Results are unchanged: this is not -ffast-math, and
+// PyTorch itself is built with -fno-trapping-math. Include this header first.
+#pragma GCC optimize("no-trapping-math")
+
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -41,11 +46,11 @@ inline void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64
   }
 }
 
-// exp(x) within about 1 ulp for x in [-87, 88], written without calls or branches so that the compiler
+// exp(x) within about 1 ulp for x in [-87, 88] (callers pass x <= 0), written without calls or branches so that the compiler
 // vectorises loops over it (std::exp does not vectorise without -ffast-math). Inputs below -87 give
 // about 1e-38 rather than 0: callers that need an exact zero (padding) write it themselves.
 inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  x = x < -87.0f ? -87.0f : x;
   // Adding 1.5 * 2^23 rounds to the nearest integer in the default rounding mode.
   const float shifter = 12582912.0f;
   const float n = (x * 1.44269504088896341f + shifter) - shifter;
@@ -65,6 +70,35 @@ inline float exp_approx(float x) {
 
 inline float exp_acc(float x) { return exp_approx(x); }
 inline double exp_acc(double x) { return std::exp(x); }
+
+// Sum and maximum with eight independent partial results, so that the compiler vectorises them (a plain
+// loop fixes the order of the float operations and stays scalar).
+template <typename T>
+inline T sum_of(const T* x, int64_t n) {
+  T partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int l = 0; l < 8; ++l) partial[l] += x[i + l];
+  }
+  T total = 0;
+  for (; i < n; ++i) total += x[i];
+  for (int l = 0; l < 8; ++l) total += partial[l];
+  return total;
+}
+
+template <typename T>
+inline T max_of(const T* x, int64_t n) {
+  T partial[8];
+  std::fill(partial, partial + 8, -std::numeric_limits<T>::infinity());
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int l = 0; l < 8; ++l) partial[l] = x[i + l] > partial[l] ? x[i + l] : partial[l];
+  }
+  T result = -std::numeric_limits<T>::infinity();
+  for (; i < n; ++i) result = x[i] > result ? x[i] : result;
+  for (int l = 0; l < 8; ++l) result = partial[l] > result ? partial[l] : result;
+  return result;
+}
 
 // rows x cols from a strided source (unit stride along a row) into a contiguous buffer, times multiplier.
 template <typename scalar_t, typename T>

@@ -4,6 +4,8 @@
 // The backward recomputes the scores from the saved lse (FlashAttention-2 style), reduces dK' and dV'
 // over query tiles, then projects them back: dK = P_k^T dK', dP_k = sum over batch (and heads when
 // shared) of dK' K^T, computed per key tile so that every task owns its output columns.
+#include "cpu/dense_tiles.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,11 +15,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <optional>
 #include <vector>
 
 #include "common.h"
-#include "cpu/dense_tiles.h"
 
 namespace fastattn {
 namespace {
@@ -25,7 +27,7 @@ namespace {
 using cpu::gemm;
 using cpu::HeadView;
 
-constexpr int64_t kQueryTile = 64;
+constexpr int64_t kQueryTile = 128;
 constexpr int64_t kKeyTile = 256;
 
 // A (kp, Nk) projection shared by the heads or an (H, kp, Nk) one per head, in the accumulation type.
@@ -115,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
 
   const int64_t query_tiles = ceil_div(query_len, kQueryTile);
   at::parallel_for(0, batch * heads * query_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> queries(kQueryTile * dim), scores(kQueryTile * kp), outputs(kQueryTile * dim);
+    std::vector<T> queries(kQueryTile * dim), scores(kQueryTile * kp), outputs(kQueryTile * dim), row_sums(kQueryTile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / query_tiles, b = bh / heads, h = bh % heads;
       const int64_t start = (task % query_tiles) * kQueryTile, n = std::min(kQueryTile, query_len - start);
@@ -123,17 +125,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       gemm(false, true, n, kp, dim, T(1), queries.data(), dim, kp_ptr + bh * kp * dim, dim, T(0), scores.data(), kp);
       for (int64_t r = 0; r < n; ++r) {
         T* row = scores.data() + r * kp;
-        const T row_max = *std::max_element(row, row + kp);
-        T sum = 0;
-        for (int64_t j = 0; j < kp; ++j) {
-          row[j] = cpu::exp_acc(row[j] - row_max);
-          sum += row[j];
-        }
-        const T inverse = T(1) / sum;
-        for (int64_t j = 0; j < kp; ++j) row[j] *= inverse;
+        const T row_max = cpu::max_of(row, kp);
+        for (int64_t j = 0; j < kp; ++j) row[j] = cpu::exp_acc(row[j] - row_max);
+        const T sum = cpu::sum_of(row, kp);
+        row_sums[r] = sum;
         lse_ptr[bh * query_len + start + r] = row_max + std::log(sum);
       }
+      // Normalising the outputs (n x D) instead of the probabilities (n x kp) costs less when D < kp.
       gemm(false, false, n, dim, kp, T(1), scores.data(), kp, vp_ptr + bh * kp * dim, dim, T(0), outputs.data(), dim);
+      for (int64_t r = 0; r < n; ++r) {
+        const T inverse = T(1) / row_sums[r];
+        for (int64_t c = 0; c < dim; ++c) outputs[r * dim + c] *= inverse;
+      }
       cpu::store_rows(outputs.data(), n, dim, out_ptr + ov.offset(b, h) + start * ov.row_stride, ov.row_stride);
     }
   });
@@ -204,9 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           const T row_lse = lse_ptr[bh * query_len + start + r];
           T* row = probs.data() + r * kp;
           for (int64_t j = 0; j < kp; ++j) row[j] = cpu::exp_acc(row[j] - row_lse);
-          T dot = 0;
-          for (int64_t c = 0; c < dim; ++c) dot += grads[r * dim + c] * outputs[r * dim + c];
-          delta[r] = dot;
+          for (int64_t c = 0; c < dim; ++c) outputs[r * dim + c] *= grads[r * dim + c];
+          delta[r] = cpu::sum_of(outputs.data() + r * dim, dim);
         }
         gemm(true, false, kp, dim, n, T(1), probs.data(), kp, grads.data(), dim, T(1), grad_values, dim);
         gemm(false, true, n, kp, dim, T(1), grads.data(), dim, values, dim, T(0), dprobs.data(), kp);
