@@ -28,7 +28,7 @@ using cpu::gemm;
 using cpu::HeadView;
 
 constexpr int64_t kQueryTile = 128;
-constexpr int64_t kKeyTile = 256;
+constexpr int64_t kKeyTile = 1024;
 
 // A (kp, Nk) projection shared by the heads or an (H, kp, Nk) one per head, in the accumulation type.
 template <typename T>
@@ -65,15 +65,29 @@ void check_projections(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                     " (that of proj_k), got shape ", proj_v.sizes());
 }
 
-// Rows [start, start + rows) of head (b, h) of k, with padded keys zeroed, into a contiguous buffer.
+// Rows [start, start + rows) of one head of k or v as a matrix for BLAS, with padded keys zeroed: read in
+// place when the input already has the accumulation type and no key of the head is padded, else
+// converted into `buffer`. Returns the rows and their leading dimension.
 template <typename scalar_t, typename T>
-void load_keys(const scalar_t* head, int64_t row_stride, const bool* padding, int64_t start, int64_t rows,
-               int64_t dim, T* dst) {
-  cpu::load_rows(head + start * row_stride, row_stride, rows, dim, T(1), dst);
-  if (padding == nullptr) return;
-  for (int64_t r = 0; r < rows; ++r) {
-    if (padding[start + r]) std::fill(dst + r * dim, dst + (r + 1) * dim, T(0));
+std::pair<const T*, int64_t> key_rows(const scalar_t* head, int64_t row_stride, const bool* padding, int64_t start,
+                                      int64_t rows, int64_t dim, T* buffer) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    if (padding == nullptr) return {head + start * row_stride, row_stride};
   }
+  cpu::load_rows(head + start * row_stride, row_stride, rows, dim, T(1), buffer);
+  if (padding != nullptr) {
+    for (int64_t r = 0; r < rows; ++r) {
+      if (padding[start + r]) std::fill(buffer + r * dim, buffer + (r + 1) * dim, T(0));
+    }
+  }
+  return {buffer, dim};
+}
+
+// The padding flags of batch b, or nullptr when none of its keys is padded (the common case reads in place).
+inline const bool* padding_of(const bool* mask, int64_t b, int64_t key_len) {
+  if (mask == nullptr) return nullptr;
+  const bool* row = mask + b * key_len;
+  return std::any_of(row, row + key_len, [](bool padded) { return padded; }) ? row : nullptr;
 }
 
 template <typename scalar_t>
@@ -101,14 +115,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     std::vector<T> rows(kKeyTile * dim);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
-      const bool* padding = mask ? mask + b * key_len : nullptr;
+      const bool* padding = padding_of(mask, b, key_len);
       for (const auto& [src, view, projection, dst] :
            {std::tuple{k_ptr, &kv, &pk, kp_ptr}, std::tuple{v_ptr, &vv, &pv, vp_ptr}}) {
         T* projected = dst + bh * kp * dim;
         for (int64_t start = 0; start < key_len; start += kKeyTile) {
           const int64_t n = std::min(kKeyTile, key_len - start);
-          load_keys(src + view->offset(b, h), view->row_stride, padding, start, n, dim, rows.data());
-          gemm(false, false, kp, dim, n, T(1), projection->head(h) + start, projection->row_stride, rows.data(), dim,
+          const auto [keys, ld] = key_rows(src + view->offset(b, h), view->row_stride, padding, start, n, dim,
+                                           rows.data());
+          gemm(false, false, kp, dim, n, T(1), projection->head(h) + start, projection->row_stride, keys, ld,
                T(start == 0 ? 0 : 1), projected, dim);
         }
       }
@@ -232,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const bool* mask = key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr;
   const int64_t key_tiles = ceil_div(key_len, kKeyTile);
 
-  // dK = P_k^T dK' and dV = P_v^T dV', zero on padded keys.
+  // dK = P_k^T dK' and dV = P_v^T dV', zero on padded keys; written in place when the dtype allows.
   at::parallel_for(0, batch * heads * key_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> rows(kKeyTile * dim);
     for (int64_t task = begin; task < end; ++task) {
@@ -240,16 +255,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       const int64_t start = (task % key_tiles) * kKeyTile, n = std::min(kKeyTile, key_len - start);
       for (int64_t which = 0; which < 2; ++which) {
         const auto& projection = which == 0 ? pk : pv;
-        gemm(true, false, n, dim, kp, T(1), projection.head(h) + start, projection.row_stride,
-             gp_ptr + (bh * 2 + which) * kp * dim, dim, T(0), rows.data(), dim);
-        if (mask) {
-          for (int64_t r = 0; r < n; ++r) {
-            if (mask[b * key_len + start + r]) std::fill(rows.data() + r * dim, rows.data() + (r + 1) * dim, T(0));
-          }
-        }
         const HeadView& view = which == 0 ? gkv : gvv;
         scalar_t* dst = (which == 0 ? gk_ptr : gv_ptr) + view.offset(b, h) + start * view.row_stride;
-        cpu::store_rows(rows.data(), n, dim, dst, view.row_stride);
+        T* result = rows.data();
+        if constexpr (std::is_same_v<scalar_t, T>) result = dst;
+        gemm(true, false, n, dim, kp, T(1), projection.head(h) + start, projection.row_stride,
+             gp_ptr + (bh * 2 + which) * kp * dim, dim, T(0), result, dim);
+        if (mask) {
+          for (int64_t r = 0; r < n; ++r) {
+            if (mask[b * key_len + start + r]) std::fill(result + r * dim, result + (r + 1) * dim, T(0));
+          }
+        }
+        if constexpr (!std::is_same_v<scalar_t, T>) cpu::store_rows(result, n, dim, dst, view.row_stride);
       }
     }
   });
@@ -269,16 +286,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         const int64_t group = task / key_tiles;
         const int64_t start = (task % key_tiles) * kKeyTile, n = std::min(kKeyTile, key_len - start);
         const int64_t head_begin = per_head ? group : 0, head_end = per_head ? group + 1 : heads;
+        scalar_t* dst = grad_ptr + group * kp * key_len + start;
+        T* result = sums.data();
+        int64_t ld = n;
+        if constexpr (std::is_same_v<scalar_t, T>) result = dst, ld = key_len;
         for (int64_t b = 0; b < batch; ++b) {
-          const bool* padding = mask ? mask + b * key_len : nullptr;
+          const bool* padding = padding_of(mask, b, key_len);
           for (int64_t h = head_begin; h < head_end; ++h) {
-            load_keys(src + view.offset(b, h), view.row_stride, padding, start, n, dim, rows.data());
+            const auto [keys, keys_ld] = key_rows(src + view.offset(b, h), view.row_stride, padding, start, n, dim,
+                                                  rows.data());
             const bool first = b == 0 && h == head_begin;
-            gemm(false, true, kp, n, dim, T(1), gp_ptr + ((b * heads + h) * 2 + which) * kp * dim, dim, rows.data(),
-                 dim, T(first ? 0 : 1), sums.data(), n);
+            gemm(false, true, kp, n, dim, T(1), gp_ptr + ((b * heads + h) * 2 + which) * kp * dim, dim, keys, keys_ld,
+                 T(first ? 0 : 1), result, ld);
           }
         }
-        cpu::store_rows(sums.data(), kp, n, grad_ptr + group * kp * key_len + start, key_len);
+        if constexpr (!std::is_same_v<scalar_t, T>) cpu::store_rows(result, kp, n, dst, key_len);
       }
     });
   }
