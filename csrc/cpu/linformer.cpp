@@ -27,7 +27,7 @@ namespace {
 using cpu::gemm;
 using cpu::HeadView;
 
-constexpr int64_t kQueryTile = 128;
+constexpr int64_t kQueryTile = 256;
 constexpr int64_t kKeyTile = 1024;
 
 // A (kp, Nk) projection shared by the heads or an (H, kp, Nk) one per head, in the accumulation type.
