@@ -9,8 +9,10 @@
 #pragma GCC optimize("no-trapping-math")
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -71,6 +73,22 @@ inline float exp_approx(float x) {
 inline float exp_acc(float x) { return exp_approx(x); }
 inline double exp_acc(double x) { return std::exp(x); }
 
+// out[i] = exp(in[i] - shift) for a row (in may be out). On x86-64 the float loop is compiled for AVX-512,
+// AVX2 and the baseline, and the loader picks the widest the CPU has (the extension is built without -mavx).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTATTN_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTATTN_VECTOR_CLONES
+#endif
+namespace {
+[[maybe_unused]] FASTATTN_VECTOR_CLONES void exp_shifted(const float* in, float* out, int64_t n, float shift) {
+  for (int64_t i = 0; i < n; ++i) out[i] = exp_approx(in[i] - shift);
+}
+[[maybe_unused]] void exp_shifted(const double* in, double* out, int64_t n, double shift) {
+  for (int64_t i = 0; i < n; ++i) out[i] = std::exp(in[i] - shift);
+}
+}  // namespace
+
 // Sum and maximum with eight independent partial results, so that the compiler vectorises them (a plain
 // loop fixes the order of the float operations and stays scalar).
 template <typename T>
@@ -117,6 +135,22 @@ inline void store_rows(const T* src, int64_t rows, int64_t cols, scalar_t* dst, 
     scalar_t* out = dst + r * row_stride;
     for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<scalar_t>(in[c]);
   }
+}
+
+// Runs tasks [0, count) on at::parallel_for's threads, each thread taking the next task when it is done
+// with one: run(claim) is called once per thread (to set up its buffers) and loops on claim(), which
+// returns the next task or -1. A static split (at::parallel_for's own) waits for its slowest thread,
+// which on a shared machine is often one the OS has descheduled. Inside a parallel region the calling
+// thread runs every task.
+template <typename Run>
+inline void parallel_tasks(int64_t count, const Run& run) {
+  std::atomic<int64_t> next{0};
+  const auto claim = [&]() -> int64_t {
+    const int64_t task = next.fetch_add(1);
+    return task < count ? task : -1;
+  };
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { run(claim); });
 }
 
 // Strides of a (B, H, N, D) tensor with unit stride in D, and the start of head (b, h).

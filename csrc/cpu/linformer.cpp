@@ -111,9 +111,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   T *kp_ptr = k_proj.data_ptr<T>(), *vp_ptr = v_proj.data_ptr<T>(), *lse_ptr = lse.data_ptr<T>();
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
 
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_tasks(batch * heads, [&](const auto& claim) {
     std::vector<T> rows(kKeyTile * dim);
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t bh = claim(); bh >= 0; bh = claim()) {
       const int64_t b = bh / heads, h = bh % heads;
       const bool* padding = padding_of(mask, b, key_len);
       for (const auto& [src, view, projection, dst] :
@@ -131,9 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   });
 
   const int64_t query_tiles = ceil_div(query_len, kQueryTile);
-  at::parallel_for(0, batch * heads * query_tiles, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_tasks(batch * heads * query_tiles, [&](const auto& claim) {
     std::vector<T> queries(kQueryTile * dim), scores(kQueryTile * kp), outputs(kQueryTile * dim), row_sums(kQueryTile);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / query_tiles, b = bh / heads, h = bh % heads;
       const int64_t start = (task % query_tiles) * kQueryTile, n = std::min(kQueryTile, query_len - start);
       cpu::load_rows(q_ptr + qv.offset(b, h) + start * qv.row_stride, qv.row_stride, n, dim, T(scale), queries.data());
@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       for (int64_t r = 0; r < n; ++r) {
         T* row = scores.data() + r * kp;
         const T row_max = cpu::max_of(row, kp);
-        for (int64_t j = 0; j < kp; ++j) row[j] = cpu::exp_acc(row[j] - row_max);
+        cpu::exp_shifted(row, row, kp, row_max);
         const T sum = cpu::sum_of(row, kp);
         row_sums[r] = sum;
         lse_ptr[bh * query_len + start + r] = row_max + std::log(sum);
@@ -200,10 +200,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const scalar_t *out_ptr = out.data_ptr<scalar_t>(), *go_ptr = grad_out.data_ptr<scalar_t>();
   scalar_t* gq_ptr = grad_q.data_ptr<scalar_t>();
 
-  at::parallel_for(0, batch * heads * splits, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_tasks(batch * heads * splits, [&](const auto& claim) {
     std::vector<T> queries(kQueryTile * dim), grads(kQueryTile * dim), outputs(kQueryTile * dim);
     std::vector<T> probs(kQueryTile * kp), dprobs(kQueryTile * kp), delta(kQueryTile);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / splits, b = bh / heads, h = bh % heads;
       const T* keys = kp_ptr + bh * kp * dim;
       const T* values = vp_ptr + bh * kp * dim;
@@ -221,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         for (int64_t r = 0; r < n; ++r) {
           const T row_lse = lse_ptr[bh * query_len + start + r];
           T* row = probs.data() + r * kp;
-          for (int64_t j = 0; j < kp; ++j) row[j] = cpu::exp_acc(row[j] - row_lse);
+          cpu::exp_shifted(row, row, kp, row_lse);
           for (int64_t c = 0; c < dim; ++c) outputs[r * dim + c] *= grads[r * dim + c];
           delta[r] = cpu::sum_of(outputs.data() + r * dim, dim);
         }
@@ -248,9 +248,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const int64_t key_tiles = ceil_div(key_len, kKeyTile);
 
   // dK = P_k^T dK' and dV = P_v^T dV', zero on padded keys; written in place when the dtype allows.
-  at::parallel_for(0, batch * heads * key_tiles, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_tasks(batch * heads * key_tiles, [&](const auto& claim) {
     std::vector<T> rows(kKeyTile * dim);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / key_tiles, b = bh / heads, h = bh % heads;
       const int64_t start = (task % key_tiles) * kKeyTile, n = std::min(kKeyTile, key_len - start);
       for (int64_t which = 0; which < 2; ++which) {
@@ -280,9 +280,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const HeadView& view = which == 0 ? kv : vv;
     scalar_t* grad_ptr = (which == 0 ? grad_proj_k : grad_proj_v).data_ptr<scalar_t>();
     const int64_t groups = per_head ? heads : 1;
-    at::parallel_for(0, groups * key_tiles, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_tasks(groups * key_tiles, [&](const auto& claim) {
       std::vector<T> rows(kKeyTile * dim), sums(kp * kKeyTile);
-      for (int64_t task = begin; task < end; ++task) {
+      for (int64_t task = claim(); task >= 0; task = claim()) {
         const int64_t group = task / key_tiles;
         const int64_t start = (task % key_tiles) * kKeyTile, n = std::min(kKeyTile, key_len - start);
         const int64_t head_begin = per_head ? group : 0, head_end = per_head ? group + 1 : heads;

@@ -93,7 +93,7 @@ struct FeatureMap {
         std::fill(pr, pr + features, T(0));
       } else if (softmax) {
         const T shift = stabiliser[r];
-        for (int64_t f = 0; f < features; ++f) pr[f] = cpu::exp_acc(lr[f] - shift);
+        cpu::exp_shifted(lr, pr, features, shift);
       } else {
         for (int64_t f = 0; f < features; ++f) pr[f] = (lr[f] > 0 ? lr[f] : T(0)) + T(kReluEpsilon);
       }
@@ -286,10 +286,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   };
 
   // Keys (and, when causal, the queries of the same chunk) per (batch, head), in order.
-  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_tasks(p.batch * p.heads, [&](const auto& claim) {
     Workspace<T> w(m, dim);
     std::vector<T> rows(kTile * dim);
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t bh = claim(); bh >= 0; bh = claim()) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
       const auto map = p.feature_map(h);
       T* head_state = state_ptr + bh * m * (dim + 1);
@@ -343,10 +343,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   if (causal) return {out, normaliser, key_stabiliser, state};
 
   const int64_t query_tiles = ceil_div(p.query_len, kTile);
-  at::parallel_for(0, p.batch * p.heads * query_tiles, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_tasks(p.batch * p.heads * query_tiles, [&](const auto& claim) {
     Workspace<T> w(m, dim);
     std::vector<T> rows(kTile * dim);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / query_tiles, b = bh / p.heads, h = bh % p.heads;
       const int64_t start = (task % query_tiles) * kTile, n = std::min(kTile, p.query_len - start);
       query_features(p, p.feature_map(h), b, h, start, n, w);
@@ -399,9 +399,9 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
   scalar_t *gq_ptr = grad_q.data_ptr<scalar_t>(), *gk_ptr = grad_k.data_ptr<scalar_t>(),
            *gv_ptr = grad_v.data_ptr<scalar_t>();
 
-  at::parallel_for(0, bh_count * splits, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_tasks(bh_count * splits, [&](const auto& claim) {
     Workspace<T> w(m, dim);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / splits, b = bh / p.heads, h = bh % p.heads;
       const auto map = p.feature_map(h);
       const T* head_state = state_ptr + bh * m * (dim + 1);
@@ -425,9 +425,9 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
   const T* gs_ptr = grad_state_all.data_ptr<T>();
 
   const int64_t key_tiles = ceil_div(p.key_len, kTile);
-  at::parallel_for(0, bh_count * key_tiles, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_tasks(bh_count * key_tiles, [&](const auto& claim) {
     Workspace<T> w(m, dim);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / key_tiles, b = bh / p.heads, h = bh % p.heads;
       const int64_t start = (task % key_tiles) * kTile, n = std::min(kTile, p.key_len - start);
       const auto map = p.feature_map(h);
@@ -591,10 +591,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
            *gv_ptr = grad_v.data_ptr<scalar_t>();
   const int64_t bh_count = p.batch * p.heads;
   // Tasks [0, BH) take the forward direction (dq), [BH, 2 BH) the reverse one (dk, dv).
-  at::parallel_for(0, 2 * bh_count, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_tasks(2 * bh_count, [&](const auto& claim) {
     Workspace<T> w(p.features, p.dim);
     std::vector<T> running(p.features * (p.dim + 1));
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task % bh_count, b = bh / p.heads, h = bh % p.heads;
       if (task < bh_count) {
         backward_causal_queries(p, b, h, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, gq_ptr, gqv, w, running);
