@@ -46,6 +46,7 @@ CASES = [
     (1, 2, 200, 128, 48, True, False, False),
     (1, 1, 1000, 16, 64, False, False, True),
     (2, 2, 300, 32, 256, True, False, True),
+    (1, 1, 70, 256, 20, False, False, True),
 ]
 
 

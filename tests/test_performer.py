@@ -49,6 +49,7 @@ SHAPES = [
     (2, 1, 65, 32, 16, False, True),
     (1, 2, 200, 128, 32, False, False),
     (1, 1, 1000, 16, 32, True, True),
+    (1, 1, 70, 256, 20, False, True),
 ]
 MODES = [("softmax", False), ("softmax", True), ("relu", False), ("relu", True)]
 
