@@ -75,9 +75,11 @@ struct FeatureMap {
         continue;
       }
       const T* xr = x + r * dim;
-      T half_norm = 0;
-      for (int64_t c = 0; c < dim; ++c) half_norm += xr[c] * xr[c];
-      half_norm *= T(0.5);
+      // Summed in double: |x|^2 / 2 is large next to the logits' spread, and its rounding error becomes a
+      // relative error of every feature of the row.
+      double norm = 0;
+      for (int64_t c = 0; c < dim; ++c) norm += static_cast<double>(xr[c]) * xr[c];
+      const T half_norm = static_cast<T>(0.5 * norm);
       T* lr = logits + r * features;
       for (int64_t f = 0; f < features; ++f) lr[f] -= half_norm;
       row_max[r] = cpu::max_of(lr, features);
@@ -168,12 +170,12 @@ void output_grads(const scalar_t* grad_out, const scalar_t* out, int64_t row_str
       continue;
     }
     const T inverse = T(1) / normaliser[r];
-    T dot = 0;
+    double dot = 0;  // g . out cancels against dnum . v in the scores' gradient: summed in double
     for (int64_t c = 0; c < dim; ++c) {
       d[c] = static_cast<T>(g[c]) * inverse;
-      dot += d[c] * static_cast<T>(o[c]);
+      dot += static_cast<double>(d[c]) * static_cast<double>(o[c]);
     }
-    d[dim] = -dot;
+    d[dim] = static_cast<T>(-dot);
   }
 }
 
