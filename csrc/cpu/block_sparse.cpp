@@ -16,9 +16,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -69,33 +69,49 @@ inline float exp_float(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float power;
-  std::memcpy(&power, &bits, sizeof(power));
+  const float power = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
   return x < kMin ? 0.0f : p * power;
 }
 
 inline double exp_accum(double x) { return std::exp(x); }
 inline float exp_accum(float x) { return exp_float(x); }
 
+// Reductions keep kLanes partial results so that they vectorise without reassociating by -ffast-math.
+constexpr int64_t kLanes = 16;
+
 // row[j] = exp(row[j] - shift) for j < n; returns the sum of the new values.
 template <typename T>
 FASTATTN_ISA_CLONES T exp_shifted_sum(T* row, int64_t n, T shift) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    T e = exp_accum(row[j] - shift);
-    row[j] = e;
-    sum += e;
+  T lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const T e = exp_accum(row[j + l] - shift);
+      row[j + l] = e;
+      lanes[l] += e;
+    }
   }
+  T sum = 0;
+  for (; j < n; ++j) {
+    row[j] = exp_accum(row[j] - shift);
+    sum += row[j];
+  }
+  for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
   return sum;
 }
 
 template <typename T>
 FASTATTN_ISA_CLONES T row_max(const T* row, int64_t n) {
-  T result = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : result)
-  for (int64_t j = 0; j < n; ++j) result = std::max(result, row[j]);
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  T lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, neg_inf);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] < row[j + l] ? row[j + l] : lanes[l];
+  }
+  T result = neg_inf;
+  for (; j < n; ++j) result = result < row[j] ? row[j] : result;
+  for (int64_t l = 0; l < kLanes; ++l) result = result < lanes[l] ? lanes[l] : result;
   return result;
 }
 
