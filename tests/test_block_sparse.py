@@ -251,13 +251,17 @@ def test_bigbird_attention_is_block_sparse_with_bigbird_layout(causal):
     assert not torch.equal(other_seed, expected), "the seed must change the random blocks"
 
 
-def test_deterministic():
+def test_deterministic_whatever_the_thread_count():
     inputs = Case(2, 3, 200, 200, 64, 32, layout="bigbird-per-head", padding=True).make_inputs()
     results = []
-    for _ in range(2):
+    threads = torch.get_num_threads()
+    for count in (threads, 1, threads):
+        torch.set_num_threads(count)
         q, k, v = (inputs[name].clone().requires_grad_() for name in ("q", "k", "v"))
         out = _cpu_kernel(q, k, v, inputs["layout"], False, inputs["key_padding_mask"], None)
         out.sum().backward()
         results.append((out, q.grad, k.grad, v.grad))
-    for first, second in zip(*results):
-        assert torch.equal(first, second)
+    torch.set_num_threads(threads)
+    for run in results[1:]:
+        for first, again in zip(results[0], run):
+            assert torch.equal(first, again)

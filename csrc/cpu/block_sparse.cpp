@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -221,13 +222,19 @@ void mask_scores(const Problem& p, accum_t* scores, int64_t rows, int64_t cols, 
   }
 }
 
-// Per-thread scratch, reused by every work item of a parallel_for chunk.
-template <typename accum_t>
-struct Scratch {
-  std::vector<accum_t> buffer;
-  explicit Scratch(int64_t size) : buffer(size) {}
-  accum_t* at(int64_t offset) { return buffer.data() + offset; }
-};
+// Runs body(item, scratch) for every item in [0, count) on torch's intra-op threads, each thread with its
+// own scratch of scratch_size elements. Threads take the next item from a shared counter: rows of a
+// layout differ in cost (global rows list every block), so a static split would leave threads idle.
+// Every item writes its own output tiles in a fixed order, so results do not depend on the scheduling.
+template <typename accum_t, typename Body>
+void for_each_item(int64_t count, int64_t scratch_size, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<accum_t> scratch(scratch_size);
+    for (int64_t item = next++; item < count; item = next++) body(item, scratch.data());
+  });
+}
 
 template <typename scalar_t>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
@@ -240,63 +247,60 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const accum_t scale = static_cast<accum_t>(p.scale);
   const int64_t tile = bs * dim;
 
-  at::parallel_for(0, p.batch * p.heads * p.query_blocks, 1, [&](int64_t begin, int64_t end) {
-    // q, k, v tiles (bf16 only), scores, output accumulator, running max and sum.
-    Scratch<accum_t> scratch(3 * tile + bs * bs + tile + 2 * bs);
-    accum_t *q_buf = scratch.at(0), *k_buf = scratch.at(tile), *v_buf = scratch.at(2 * tile);
-    accum_t* scores = scratch.at(3 * tile);
+  // Scratch: q, k, v tiles (bf16 only), scores, output accumulator, running max and sum.
+  const int64_t scratch_size = 3 * tile + bs * bs + tile + 2 * bs;
+  for_each_item<accum_t>(p.batch * p.heads * p.query_blocks, scratch_size, [&](int64_t item, accum_t* scratch) {
+    accum_t *q_buf = scratch, *k_buf = scratch + tile, *v_buf = scratch + 2 * tile;
+    accum_t* scores = scratch + 3 * tile;
     accum_t* acc = scores + bs * bs;
     accum_t* run_max = acc + tile;
     accum_t* run_sum = run_max + bs;
+    const int64_t qb = item % p.query_blocks;
+    const int64_t h = (item / p.query_blocks) % p.heads;
+    const int64_t b = item / (p.query_blocks * p.heads);
+    const int64_t r0 = qb * bs, rows = p.query_rows(qb);
+    const auto q_tile = load_tile(q_op.rows(b, h, r0), q_op.row_stride, rows, dim, q_buf);
+    std::fill(acc, acc + rows * dim, accum_t(0));
+    std::fill(run_max, run_max + rows, -std::numeric_limits<accum_t>::infinity());
+    std::fill(run_sum, run_sum + rows, accum_t(0));
 
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t qb = item % p.query_blocks;
-      const int64_t h = (item / p.query_blocks) % p.heads;
-      const int64_t b = item / (p.query_blocks * p.heads);
-      const int64_t r0 = qb * bs, rows = p.query_rows(qb);
-      const auto q_tile = load_tile(q_op.rows(b, h, r0), q_op.row_stride, rows, dim, q_buf);
-      std::fill(acc, acc + rows * dim, accum_t(0));
-      std::fill(run_max, run_max + rows, -std::numeric_limits<accum_t>::infinity());
-      std::fill(run_sum, run_sum + rows, accum_t(0));
-
-      const int64_t lh = p.layout_head(h);
-      const int32_t* offsets = p.row_offsets + lh * p.row_offsets_stride;
-      const int32_t* cols_of = p.col_indices + lh * p.col_indices_stride;
-      for (int64_t idx = offsets[qb]; idx < offsets[qb + 1]; ++idx) {
-        const int64_t kb = cols_of[idx];
-        if (p.causally_empty(qb, kb)) continue;
-        const int64_t c0 = kb * bs, cols = p.key_cols(kb);
-        const auto k_tile = load_tile(k_op.rows(b, h, c0), k_op.row_stride, cols, dim, k_buf);
-        const auto v_tile = load_tile(v_op.rows(b, h, c0), v_op.row_stride, cols, dim, v_buf);
-        gemm_row_major<accum_t>(false, true, rows, cols, dim, scale, q_tile.data, q_tile.stride, k_tile.data,
-                                k_tile.stride, 0, scores, bs);
-        mask_scores(p, scores, rows, cols, b, r0, c0);
-        for (int64_t i = 0; i < rows; ++i) {
-          accum_t* row = scores + i * bs;
-          const accum_t new_max = std::max(run_max[i], row_max(row, cols));
-          if (new_max == -std::numeric_limits<accum_t>::infinity()) {
-            std::fill(row, row + cols, accum_t(0));
-            continue;
-          }
-          const accum_t row_sum = exp_shifted_sum(row, cols, new_max);
-          const accum_t correction = exp_accum(run_max[i] - new_max);
-          if (correction != accum_t(1)) scale_row(acc + i * dim, dim, correction);
-          run_sum[i] = run_sum[i] * correction + row_sum;
-          run_max[i] = new_max;
-        }
-        gemm_row_major<accum_t>(false, false, rows, dim, cols, 1, scores, bs, v_tile.data, v_tile.stride, 1, acc,
-                                dim);
-      }
-
-      const int64_t out_row = (b * p.heads + h) * p.query_len + r0;
+    const int64_t lh = p.layout_head(h);
+    const int32_t* offsets = p.row_offsets + lh * p.row_offsets_stride;
+    const int32_t* cols_of = p.col_indices + lh * p.col_indices_stride;
+    for (int64_t idx = offsets[qb]; idx < offsets[qb + 1]; ++idx) {
+      const int64_t kb = cols_of[idx];
+      if (p.causally_empty(qb, kb)) continue;
+      const int64_t c0 = kb * bs, cols = p.key_cols(kb);
+      const auto k_tile = load_tile(k_op.rows(b, h, c0), k_op.row_stride, cols, dim, k_buf);
+      const auto v_tile = load_tile(v_op.rows(b, h, c0), v_op.row_stride, cols, dim, v_buf);
+      gemm_row_major<accum_t>(false, true, rows, cols, dim, scale, q_tile.data, q_tile.stride, k_tile.data,
+                              k_tile.stride, 0, scores, bs);
+      mask_scores(p, scores, rows, cols, b, r0, c0);
       for (int64_t i = 0; i < rows; ++i) {
-        const bool sees_a_key = run_sum[i] > 0;
-        scale_row(acc + i * dim, dim, sees_a_key ? accum_t(1) / run_sum[i] : accum_t(0));
-        lse_data[out_row + i] =
-            sees_a_key ? run_max[i] + std::log(run_sum[i]) : std::numeric_limits<accum_t>::infinity();
+        accum_t* row = scores + i * bs;
+        const accum_t new_max = std::max(run_max[i], row_max(row, cols));
+        if (new_max == -std::numeric_limits<accum_t>::infinity()) {
+          std::fill(row, row + cols, accum_t(0));
+          continue;
+        }
+        const accum_t row_sum = exp_shifted_sum(row, cols, new_max);
+        const accum_t correction = exp_accum(run_max[i] - new_max);
+        if (correction != accum_t(1)) scale_row(acc + i * dim, dim, correction);
+        run_sum[i] = run_sum[i] * correction + row_sum;
+        run_max[i] = new_max;
       }
-      store_rows(acc, dim, out_data + out_row * dim, dim, rows, dim);
+      gemm_row_major<accum_t>(false, false, rows, dim, cols, 1, scores, bs, v_tile.data, v_tile.stride, 1, acc,
+                              dim);
     }
+
+    const int64_t out_row = (b * p.heads + h) * p.query_len + r0;
+    for (int64_t i = 0; i < rows; ++i) {
+      const bool sees_a_key = run_sum[i] > 0;
+      scale_row(acc + i * dim, dim, sees_a_key ? accum_t(1) / run_sum[i] : accum_t(0));
+      lse_data[out_row + i] =
+          sees_a_key ? run_max[i] + std::log(run_sum[i]) : std::numeric_limits<accum_t>::infinity();
+    }
+    store_rows(acc, dim, out_data + out_row * dim, dim, rows, dim);
   });
 }
 
@@ -353,83 +357,90 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   scalar_t* grad_k_data = grad_k.data_ptr<scalar_t>();
   scalar_t* grad_v_data = grad_v.data_ptr<scalar_t>();
 
+  // Scratch: q, grad_out, k, v tiles (bf16 only), probabilities, dP, and the dK and dV (or dQ) accumulators.
+  const int64_t scratch_size = 4 * tile + 2 * bs * bs + 2 * tile;
+
   // dQ per query block, over the key blocks its row lists.
-  at::parallel_for(0, p.batch * p.heads * p.query_blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<accum_t> scratch(4 * tile + 2 * bs * bs + tile);
-    accum_t *q_buf = scratch.at(0), *do_buf = scratch.at(tile), *k_buf = scratch.at(2 * tile),
-            *v_buf = scratch.at(3 * tile);
-    accum_t* probs = scratch.at(4 * tile);
+  const auto grad_q_item = [&](int64_t item, accum_t* scratch) {
+    accum_t *q_buf = scratch, *do_buf = scratch + tile, *k_buf = scratch + 2 * tile, *v_buf = scratch + 3 * tile;
+    accum_t* probs = scratch + 4 * tile;
     accum_t* dp = probs + bs * bs;
     accum_t* acc = dp + bs * bs;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t qb = item % p.query_blocks;
-      const int64_t h = (item / p.query_blocks) % p.heads;
-      const int64_t b = item / (p.query_blocks * p.heads);
+    const int64_t qb = item % p.query_blocks;
+    const int64_t h = (item / p.query_blocks) % p.heads;
+    const int64_t b = item / (p.query_blocks * p.heads);
+    const int64_t r0 = qb * bs, rows = p.query_rows(qb);
+    const int64_t first_row = (b * p.heads + h) * p.query_len + r0;
+    const auto q_tile = load_tile(q_op.rows(b, h, r0), q_op.row_stride, rows, dim, q_buf);
+    const auto do_tile = load_tile(do_op.rows(b, h, r0), do_op.row_stride, rows, dim, do_buf);
+    std::fill(acc, acc + rows * dim, accum_t(0));
+    const int64_t lh = p.layout_head(h);
+    const int32_t* offsets = p.row_offsets + lh * p.row_offsets_stride;
+    const int32_t* cols_of = p.col_indices + lh * p.col_indices_stride;
+    for (int64_t idx = offsets[qb]; idx < offsets[qb + 1]; ++idx) {
+      const int64_t kb = cols_of[idx];
+      if (p.causally_empty(qb, kb)) continue;
+      const int64_t c0 = kb * bs, cols = p.key_cols(kb);
+      const auto k_tile = load_tile(k_op.rows(b, h, c0), k_op.row_stride, cols, dim, k_buf);
+      const auto v_tile = load_tile(v_op.rows(b, h, c0), v_op.row_stride, cols, dim, v_buf);
+      recompute_probs(p, q_tile.data, q_tile.stride, k_tile.data, k_tile.stride, lse_data + first_row, probs, rows,
+                      cols, b, r0, c0);
+      softmax_grad(p, do_tile.data, do_tile.stride, v_tile.data, v_tile.stride, probs, delta_data + first_row, dp,
+                   rows, cols);
+      gemm_row_major<accum_t>(false, false, rows, dim, cols, scale, dp, bs, k_tile.data, k_tile.stride, 1, acc, dim);
+    }
+    store_rows(acc, dim, grad_q_data + first_row * dim, dim, rows, dim);
+  };
+
+  // dK and dV per key block, over the query blocks that list it (the transposed CSR).
+  const auto grad_kv_item = [&](int64_t item, accum_t* scratch) {
+    accum_t *q_buf = scratch, *do_buf = scratch + tile, *k_buf = scratch + 2 * tile, *v_buf = scratch + 3 * tile;
+    accum_t* probs = scratch + 4 * tile;
+    accum_t* dp = probs + bs * bs;
+    accum_t* acc_k = dp + bs * bs;
+    accum_t* acc_v = acc_k + tile;
+    const int64_t kb = item % p.key_blocks;
+    const int64_t h = (item / p.key_blocks) % p.heads;
+    const int64_t b = item / (p.key_blocks * p.heads);
+    const int64_t c0 = kb * bs, cols = p.key_cols(kb);
+    const auto k_tile = load_tile(k_op.rows(b, h, c0), k_op.row_stride, cols, dim, k_buf);
+    const auto v_tile = load_tile(v_op.rows(b, h, c0), v_op.row_stride, cols, dim, v_buf);
+    std::fill(acc_k, acc_k + 2 * tile, accum_t(0));
+    const int64_t lh = p.layout_head(h);
+    const int32_t* offsets = p.col_offsets + lh * p.col_offsets_stride;
+    const int32_t* rows_of = p.row_indices + lh * p.row_indices_stride;
+    for (int64_t idx = offsets[kb]; idx < offsets[kb + 1]; ++idx) {
+      const int64_t qb = rows_of[idx];
+      if (p.causally_empty(qb, kb)) continue;
       const int64_t r0 = qb * bs, rows = p.query_rows(qb);
       const int64_t first_row = (b * p.heads + h) * p.query_len + r0;
       const auto q_tile = load_tile(q_op.rows(b, h, r0), q_op.row_stride, rows, dim, q_buf);
       const auto do_tile = load_tile(do_op.rows(b, h, r0), do_op.row_stride, rows, dim, do_buf);
-      std::fill(acc, acc + rows * dim, accum_t(0));
-      const int64_t lh = p.layout_head(h);
-      const int32_t* offsets = p.row_offsets + lh * p.row_offsets_stride;
-      const int32_t* cols_of = p.col_indices + lh * p.col_indices_stride;
-      for (int64_t idx = offsets[qb]; idx < offsets[qb + 1]; ++idx) {
-        const int64_t kb = cols_of[idx];
-        if (p.causally_empty(qb, kb)) continue;
-        const int64_t c0 = kb * bs, cols = p.key_cols(kb);
-        const auto k_tile = load_tile(k_op.rows(b, h, c0), k_op.row_stride, cols, dim, k_buf);
-        const auto v_tile = load_tile(v_op.rows(b, h, c0), v_op.row_stride, cols, dim, v_buf);
-        recompute_probs(p, q_tile.data, q_tile.stride, k_tile.data, k_tile.stride, lse_data + first_row, probs, rows,
-                        cols, b, r0, c0);
-        softmax_grad(p, do_tile.data, do_tile.stride, v_tile.data, v_tile.stride, probs, delta_data + first_row, dp,
-                     rows, cols);
-        gemm_row_major<accum_t>(false, false, rows, dim, cols, scale, dp, bs, k_tile.data, k_tile.stride, 1, acc, dim);
-      }
-      store_rows(acc, dim, grad_q_data + first_row * dim, dim, rows, dim);
+      recompute_probs(p, q_tile.data, q_tile.stride, k_tile.data, k_tile.stride, lse_data + first_row, probs, rows,
+                      cols, b, r0, c0);
+      gemm_row_major<accum_t>(true, false, cols, dim, rows, 1, probs, bs, do_tile.data, do_tile.stride, 1, acc_v,
+                              dim);
+      softmax_grad(p, do_tile.data, do_tile.stride, v_tile.data, v_tile.stride, probs, delta_data + first_row, dp,
+                   rows, cols);
+      gemm_row_major<accum_t>(true, false, cols, dim, rows, scale, dp, bs, q_tile.data, q_tile.stride, 1, acc_k,
+                              dim);
     }
-  });
+    const int64_t first_key = (b * p.heads + h) * p.key_len + c0;
+    store_rows(acc_k, dim, grad_k_data + first_key * dim, dim, cols, dim);
+    store_rows(acc_v, dim, grad_v_data + first_key * dim, dim, cols, dim);
+  };
 
-  // dK and dV per key block, over the query blocks that list it (the transposed CSR).
-  at::parallel_for(0, p.batch * p.heads * p.key_blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<accum_t> scratch(4 * tile + 2 * bs * bs + 2 * tile);
-    accum_t *q_buf = scratch.at(0), *do_buf = scratch.at(tile), *k_buf = scratch.at(2 * tile),
-            *v_buf = scratch.at(3 * tile);
-    accum_t* probs = scratch.at(4 * tile);
-    accum_t* dp = probs + bs * bs;
-    accum_t* acc_k = dp + bs * bs;
-    accum_t* acc_v = acc_k + tile;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t kb = item % p.key_blocks;
-      const int64_t h = (item / p.key_blocks) % p.heads;
-      const int64_t b = item / (p.key_blocks * p.heads);
-      const int64_t c0 = kb * bs, cols = p.key_cols(kb);
-      const auto k_tile = load_tile(k_op.rows(b, h, c0), k_op.row_stride, cols, dim, k_buf);
-      const auto v_tile = load_tile(v_op.rows(b, h, c0), v_op.row_stride, cols, dim, v_buf);
-      std::fill(acc_k, acc_k + 2 * tile, accum_t(0));
-      const int64_t lh = p.layout_head(h);
-      const int32_t* offsets = p.col_offsets + lh * p.col_offsets_stride;
-      const int32_t* rows_of = p.row_indices + lh * p.row_indices_stride;
-      for (int64_t idx = offsets[kb]; idx < offsets[kb + 1]; ++idx) {
-        const int64_t qb = rows_of[idx];
-        if (p.causally_empty(qb, kb)) continue;
-        const int64_t r0 = qb * bs, rows = p.query_rows(qb);
-        const int64_t first_row = (b * p.heads + h) * p.query_len + r0;
-        const auto q_tile = load_tile(q_op.rows(b, h, r0), q_op.row_stride, rows, dim, q_buf);
-        const auto do_tile = load_tile(do_op.rows(b, h, r0), do_op.row_stride, rows, dim, do_buf);
-        recompute_probs(p, q_tile.data, q_tile.stride, k_tile.data, k_tile.stride, lse_data + first_row, probs, rows,
-                        cols, b, r0, c0);
-        gemm_row_major<accum_t>(true, false, cols, dim, rows, 1, probs, bs, do_tile.data, do_tile.stride, 1, acc_v,
-                                dim);
-        softmax_grad(p, do_tile.data, do_tile.stride, v_tile.data, v_tile.stride, probs, delta_data + first_row, dp,
-                     rows, cols);
-        gemm_row_major<accum_t>(true, false, cols, dim, rows, scale, dp, bs, q_tile.data, q_tile.stride, 1, acc_k,
-                                dim);
-      }
-      const int64_t first_key = (b * p.heads + h) * p.key_len + c0;
-      store_rows(acc_k, dim, grad_k_data + first_key * dim, dim, cols, dim);
-      store_rows(acc_v, dim, grad_v_data + first_key * dim, dim, cols, dim);
-    }
-  });
+  // One queue for both, so that no thread waits between them; the dK/dV items (four tile products per
+  // pair of blocks, against three for dQ) go first.
+  const int64_t kv_items = p.batch * p.heads * p.key_blocks;
+  for_each_item<accum_t>(kv_items + p.batch * p.heads * p.query_blocks, scratch_size,
+                         [&](int64_t item, accum_t* scratch) {
+                           if (item < kv_items) {
+                             grad_kv_item(item, scratch);
+                           } else {
+                             grad_q_item(item - kv_items, scratch);
+                           }
+                         });
 }
 
 // Offsets start at 0, never decrease and stay within the indices; indices lie in [0, index_bound).
