@@ -122,11 +122,14 @@ FASTATTN_ISA_CLONES void scale_row(T* row, int64_t n, T factor) {
   for (int64_t j = 0; j < n; ++j) row[j] *= factor;
 }
 
-// ds[j] = p[j] * (dp[j] - delta), in place in dp.
+// ds[j] = p[j] * (dp[j] - delta), in place in dp. A probability of exactly 1 is a softmax saturated on
+// one key (the only key the row sees, or the others below half an ulp in total): its exact gradient is
+// below the rounding of dp[j] - delta, two dot products rounded apart, so it is set to 0, as the
+// reference's softmax backward gets it by cancellation.
 template <typename T>
 FASTATTN_ISA_CLONES void softmax_grad_row(const T* p, T* dp, int64_t n, T delta) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] == T(1) ? T(0) : p[j] * (dp[j] - delta);
 }
 
 template <typename scalar_t, typename accum_t>
@@ -153,15 +156,14 @@ FASTATTN_ISA_CLONES void store_rows(const accum_t* src, int64_t src_stride, scal
 
 // A (rows x dim) tile of q, k, v, out or grad_out in the accumulation type: the tensor's own memory
 // when the types agree (rows have the tensor's stride), else a converted copy in `scratch`.
-template <typename scalar_t, typename accum_t>
+template <typename accum_t>
 struct Tile {
   const accum_t* data;
   int64_t stride;
 };
 
 template <typename scalar_t, typename accum_t>
-Tile<scalar_t, accum_t> load_tile(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t dim,
-                                  accum_t* scratch) {
+Tile<accum_t> load_tile(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t dim, accum_t* scratch) {
   if constexpr (std::is_same_v<scalar_t, accum_t>) {
     return {src, src_stride};
   } else {
@@ -170,7 +172,7 @@ Tile<scalar_t, accum_t> load_tile(const scalar_t* src, int64_t src_stride, int64
   }
 }
 
-// The shapes, strides and pointers of one call; strides in elements, per (batch, head, row).
+// A (B, H, N, D) input with unit stride in D and any other strides (in elements).
 template <typename scalar_t>
 struct Operand {
   const scalar_t* data;
@@ -184,6 +186,7 @@ struct Operand {
   }
 };
 
+// The sizes, layout and options of one call.
 struct Problem {
   int64_t batch, heads, query_len, key_len, dim, block;
   int64_t query_blocks, key_blocks, layout_heads;
@@ -347,9 +350,10 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
       const int64_t b = bh / p.heads, h = bh % p.heads;
       convert_rows(do_op.rows(b, h, n), 0, do_row.data(), 0, 1, dim);
       convert_rows(o_op.rows(b, h, n), 0, o_row.data(), 0, 1, dim);
-      accum_t sum = 0;
-      for (int64_t d = 0; d < dim; ++d) sum += do_row[d] * o_row[d];
-      delta_data[row] = sum;
+      // In double: products of floats are exact there, so delta adds no rounding of its own to dP - delta.
+      double sum = 0;
+      for (int64_t d = 0; d < dim; ++d) sum += static_cast<double>(do_row[d]) * static_cast<double>(o_row[d]);
+      delta_data[row] = static_cast<accum_t>(sum);
     }
   });
 
