@@ -77,6 +77,9 @@ inline float exp_float(float x) {
 inline double exp_accum(double x) { return std::exp(x); }
 inline float exp_accum(float x) { return exp_float(x); }
 
+// Runs of consecutive blocks are multiplied as one tile of up to this many keys (or queries).
+constexpr int64_t kRunColumns = 512;
+
 // Reductions keep kLanes partial results so that they vectorise without reassociating by -ffast-math.
 constexpr int64_t kLanes = 16;
 
@@ -195,6 +198,7 @@ struct Problem {
   bool causal;
   const bool* key_padding;  // (batch, key_len) or null
   double scale;
+  int64_t run_blocks;  // the most consecutive blocks multiplied as one tile
 
   int64_t layout_head(int64_t h) const { return layout_heads == 1 ? 0 : h; }
   int64_t query_rows(int64_t query_block) const { return std::min(block, query_len - query_block * block); }
@@ -206,21 +210,22 @@ struct Problem {
 };
 
 // Sets to -inf the scores of padded keys and, on the causal diagonal, of keys after their query.
+// scores: rows x cols with leading dimension ld, for queries from first_row and keys from first_col.
 template <typename accum_t>
-void mask_scores(const Problem& p, accum_t* scores, int64_t rows, int64_t cols, int64_t b, int64_t first_row,
-                 int64_t first_col) {
+void mask_scores(const Problem& p, accum_t* scores, int64_t ld, int64_t rows, int64_t cols, int64_t b,
+                 int64_t first_row, int64_t first_col) {
   constexpr accum_t neg_inf = -std::numeric_limits<accum_t>::infinity();
   if (p.key_padding != nullptr) {
     const bool* padded = p.key_padding + b * p.key_len + first_col;
     for (int64_t j = 0; j < cols; ++j) {
       if (!padded[j]) continue;
-      for (int64_t i = 0; i < rows; ++i) scores[i * p.block + j] = neg_inf;
+      for (int64_t i = 0; i < rows; ++i) scores[i * ld + j] = neg_inf;
     }
   }
   if (p.causal && first_col + cols - 1 > first_row) {
     for (int64_t i = 0; i < rows; ++i) {
       int64_t first_future = std::max<int64_t>(0, first_row + i + 1 - first_col);
-      std::fill(scores + i * p.block + std::min(first_future, cols), scores + i * p.block + cols, neg_inf);
+      std::fill(scores + i * ld + std::min(first_future, cols), scores + i * ld + cols, neg_inf);
     }
   }
 }
@@ -239,6 +244,19 @@ void for_each_item(int64_t count, int64_t scratch_size, const Body& body) {
   });
 }
 
+// Consecutive blocks (b, b + 1, ...) of one head are one strided matrix, so the listed blocks are taken in
+// runs: one tile product per run instead of one per block (BigBird's window is a run of 3, a global row
+// one long run). Returns how many entries from list[first] (usable itself) form a run, at most `limit`.
+template <typename Usable>
+int64_t run_length(const int32_t* list, int64_t first, int64_t end, int64_t limit, const Usable& usable) {
+  int64_t length = 1;
+  while (first + length < end && length < limit && list[first + length] == list[first] + length &&
+         usable(list[first + length])) {
+    ++length;
+  }
+  return length;
+}
+
 template <typename scalar_t>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     at::Tensor& lse) {
@@ -246,16 +264,16 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   const Operand<scalar_t> q_op(q), k_op(k), v_op(v);
   scalar_t* out_data = out.data_ptr<scalar_t>();
   accum_t* lse_data = lse.data_ptr<accum_t>();
-  const int64_t bs = p.block, dim = p.dim;
+  const int64_t bs = p.block, dim = p.dim, run = p.run_blocks;
   const accum_t scale = static_cast<accum_t>(p.scale);
-  const int64_t tile = bs * dim;
+  const int64_t tile = bs * dim, ld = run * bs;
 
-  // Scratch: q, k, v tiles (bf16 only), scores, output accumulator, running max and sum.
-  const int64_t scratch_size = 3 * tile + bs * bs + tile + 2 * bs;
+  // Scratch: q tile and k, v runs (bf16 only), scores (bs x run * bs), output accumulator, running max and sum.
+  const int64_t scratch_size = tile + 2 * run * tile + bs * ld + tile + 2 * bs;
   for_each_item<accum_t>(p.batch * p.heads * p.query_blocks, scratch_size, [&](int64_t item, accum_t* scratch) {
-    accum_t *q_buf = scratch, *k_buf = scratch + tile, *v_buf = scratch + 2 * tile;
-    accum_t* scores = scratch + 3 * tile;
-    accum_t* acc = scores + bs * bs;
+    accum_t *q_buf = scratch, *k_buf = q_buf + tile, *v_buf = k_buf + run * tile;
+    accum_t* scores = v_buf + run * tile;
+    accum_t* acc = scores + bs * ld;
     accum_t* run_max = acc + tile;
     accum_t* run_sum = run_max + bs;
     const int64_t qb = item % p.query_blocks;
@@ -269,18 +287,20 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
 
     const int64_t lh = p.layout_head(h);
     const int32_t* offsets = p.row_offsets + lh * p.row_offsets_stride;
-    const int32_t* cols_of = p.col_indices + lh * p.col_indices_stride;
-    for (int64_t idx = offsets[qb]; idx < offsets[qb + 1]; ++idx) {
-      const int64_t kb = cols_of[idx];
-      if (p.causally_empty(qb, kb)) continue;
-      const int64_t c0 = kb * bs, cols = p.key_cols(kb);
+    const int32_t* listed = p.col_indices + lh * p.col_indices_stride;
+    const auto usable = [&](int64_t kb) { return !p.causally_empty(qb, kb); };
+    for (int64_t idx = offsets[qb], end = offsets[qb + 1], length = 1; idx < end; idx += length) {
+      length = 1;
+      if (!usable(listed[idx])) continue;
+      length = run_length(listed, idx, end, run, usable);
+      const int64_t c0 = listed[idx] * bs, cols = std::min(length * bs, p.key_len - c0);
       const auto k_tile = load_tile(k_op.rows(b, h, c0), k_op.row_stride, cols, dim, k_buf);
       const auto v_tile = load_tile(v_op.rows(b, h, c0), v_op.row_stride, cols, dim, v_buf);
       gemm_row_major<accum_t>(false, true, rows, cols, dim, scale, q_tile.data, q_tile.stride, k_tile.data,
-                              k_tile.stride, 0, scores, bs);
-      mask_scores(p, scores, rows, cols, b, r0, c0);
+                              k_tile.stride, 0, scores, ld);
+      mask_scores(p, scores, ld, rows, cols, b, r0, c0);
       for (int64_t i = 0; i < rows; ++i) {
-        accum_t* row = scores + i * bs;
+        accum_t* row = scores + i * ld;
         const accum_t new_max = std::max(run_max[i], row_max(row, cols));
         if (new_max == -std::numeric_limits<accum_t>::infinity()) {
           std::fill(row, row + cols, accum_t(0));
@@ -292,8 +312,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         run_sum[i] = run_sum[i] * correction + row_sum;
         run_max[i] = new_max;
       }
-      gemm_row_major<accum_t>(false, false, rows, dim, cols, 1, scores, bs, v_tile.data, v_tile.stride, 1, acc,
-                              dim);
+      gemm_row_major<accum_t>(false, false, rows, dim, cols, 1, scores, ld, v_tile.data, v_tile.stride, 1, acc, dim);
     }
 
     const int64_t out_row = (b * p.heads + h) * p.query_len + r0;
@@ -307,24 +326,23 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   });
 }
 
-// P = exp(scale * Q K^T - lse) of one (query block, key block) pair, masked, into `probs` (ld = block).
+// P = exp(scale * Q K^T - lse), masked, into `probs` (rows x cols, leading dimension ld).
 template <typename accum_t>
-void recompute_probs(const Problem& p, const accum_t* q, int64_t q_stride, const accum_t* k, int64_t k_stride,
-                     const accum_t* lse, accum_t* probs, int64_t rows, int64_t cols, int64_t b, int64_t r0,
-                     int64_t c0) {
-  gemm_row_major<accum_t>(false, true, rows, cols, p.dim, static_cast<accum_t>(p.scale), q, q_stride, k, k_stride,
-                          0, probs, p.block);
-  mask_scores(p, probs, rows, cols, b, r0, c0);
-  for (int64_t i = 0; i < rows; ++i) exp_shifted_sum(probs + i * p.block, cols, lse[i]);
+void recompute_probs(const Problem& p, const Tile<accum_t>& q, const Tile<accum_t>& k, const accum_t* lse,
+                     accum_t* probs, int64_t ld, int64_t rows, int64_t cols, int64_t b, int64_t r0, int64_t c0) {
+  gemm_row_major<accum_t>(false, true, rows, cols, p.dim, static_cast<accum_t>(p.scale), q.data, q.stride, k.data,
+                          k.stride, 0, probs, ld);
+  mask_scores(p, probs, ld, rows, cols, b, r0, c0);
+  for (int64_t i = 0; i < rows; ++i) exp_shifted_sum(probs + i * ld, cols, lse[i]);
 }
 
-// dS = P * (dO V^T - delta) of one pair, into `dp` (ld = block).
+// dS = P * (dO V^T - delta), into `dp` (rows x cols, leading dimension ld).
 template <typename accum_t>
-void softmax_grad(const Problem& p, const accum_t* grad_out, int64_t grad_out_stride, const accum_t* v,
-                  int64_t v_stride, const accum_t* probs, const accum_t* delta, accum_t* dp, int64_t rows,
-                  int64_t cols) {
-  gemm_row_major<accum_t>(false, true, rows, cols, p.dim, 1, grad_out, grad_out_stride, v, v_stride, 0, dp, p.block);
-  for (int64_t i = 0; i < rows; ++i) softmax_grad_row(probs + i * p.block, dp + i * p.block, cols, delta[i]);
+void softmax_grad(const Problem& p, const Tile<accum_t>& grad_out, const Tile<accum_t>& v, const accum_t* probs,
+                  const accum_t* delta, accum_t* dp, int64_t ld, int64_t rows, int64_t cols) {
+  gemm_row_major<accum_t>(false, true, rows, cols, p.dim, 1, grad_out.data, grad_out.stride, v.data, v.stride, 0, dp,
+                          ld);
+  for (int64_t i = 0; i < rows; ++i) softmax_grad_row(probs + i * ld, dp + i * ld, cols, delta[i]);
 }
 
 template <typename scalar_t>
@@ -335,7 +353,7 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   const Operand<scalar_t> q_op(q), k_op(k), v_op(v), do_op(grad_out), o_op(out);
   const at::Tensor lse_contiguous = lse.contiguous();
   const accum_t* lse_data = lse_contiguous.const_data_ptr<accum_t>();
-  const int64_t bs = p.block, dim = p.dim;
+  const int64_t bs = p.block, dim = p.dim, run = p.run_blocks;
   const accum_t scale = static_cast<accum_t>(p.scale);
   const int64_t tile = bs * dim;
   const int64_t rows_total = p.batch * p.heads * p.query_len;
@@ -361,72 +379,85 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   scalar_t* grad_k_data = grad_k.data_ptr<scalar_t>();
   scalar_t* grad_v_data = grad_v.data_ptr<scalar_t>();
 
-  // Scratch: q, grad_out, k, v tiles (bf16 only), probabilities, dP, and the dK and dV (or dQ) accumulators.
-  const int64_t scratch_size = 4 * tile + 2 * bs * bs + 2 * tile;
+  // Scratch: q, grad_out, k, v tiles or runs (bf16 only), probabilities and dP (run * bs * bs each), and the
+  // dK and dV (or dQ) accumulators.
+  const int64_t scratch_size = 4 * run * tile + 2 * run * bs * bs + 2 * tile;
+  const auto carve = [&](accum_t* scratch) {
+    struct {
+      accum_t *q_buf, *do_buf, *k_buf, *v_buf, *probs, *dp, *acc_a, *acc_b;
+    } parts{};
+    parts.q_buf = scratch;
+    parts.do_buf = parts.q_buf + run * tile;
+    parts.k_buf = parts.do_buf + run * tile;
+    parts.v_buf = parts.k_buf + run * tile;
+    parts.probs = parts.v_buf + run * tile;
+    parts.dp = parts.probs + run * bs * bs;
+    parts.acc_a = parts.dp + run * bs * bs;
+    parts.acc_b = parts.acc_a + tile;
+    return parts;
+  };
 
-  // dQ per query block, over the key blocks its row lists.
+  // dQ per query block, over the runs of key blocks its row lists.
   const auto grad_q_item = [&](int64_t item, accum_t* scratch) {
-    accum_t *q_buf = scratch, *do_buf = scratch + tile, *k_buf = scratch + 2 * tile, *v_buf = scratch + 3 * tile;
-    accum_t* probs = scratch + 4 * tile;
-    accum_t* dp = probs + bs * bs;
-    accum_t* acc = dp + bs * bs;
+    const auto s = carve(scratch);
+    const int64_t ld = run * bs;
     const int64_t qb = item % p.query_blocks;
     const int64_t h = (item / p.query_blocks) % p.heads;
     const int64_t b = item / (p.query_blocks * p.heads);
     const int64_t r0 = qb * bs, rows = p.query_rows(qb);
     const int64_t first_row = (b * p.heads + h) * p.query_len + r0;
-    const auto q_tile = load_tile(q_op.rows(b, h, r0), q_op.row_stride, rows, dim, q_buf);
-    const auto do_tile = load_tile(do_op.rows(b, h, r0), do_op.row_stride, rows, dim, do_buf);
-    std::fill(acc, acc + rows * dim, accum_t(0));
+    const auto q_tile = load_tile(q_op.rows(b, h, r0), q_op.row_stride, rows, dim, s.q_buf);
+    const auto do_tile = load_tile(do_op.rows(b, h, r0), do_op.row_stride, rows, dim, s.do_buf);
+    std::fill(s.acc_a, s.acc_a + rows * dim, accum_t(0));
     const int64_t lh = p.layout_head(h);
     const int32_t* offsets = p.row_offsets + lh * p.row_offsets_stride;
-    const int32_t* cols_of = p.col_indices + lh * p.col_indices_stride;
-    for (int64_t idx = offsets[qb]; idx < offsets[qb + 1]; ++idx) {
-      const int64_t kb = cols_of[idx];
-      if (p.causally_empty(qb, kb)) continue;
-      const int64_t c0 = kb * bs, cols = p.key_cols(kb);
-      const auto k_tile = load_tile(k_op.rows(b, h, c0), k_op.row_stride, cols, dim, k_buf);
-      const auto v_tile = load_tile(v_op.rows(b, h, c0), v_op.row_stride, cols, dim, v_buf);
-      recompute_probs(p, q_tile.data, q_tile.stride, k_tile.data, k_tile.stride, lse_data + first_row, probs, rows,
-                      cols, b, r0, c0);
-      softmax_grad(p, do_tile.data, do_tile.stride, v_tile.data, v_tile.stride, probs, delta_data + first_row, dp,
-                   rows, cols);
-      gemm_row_major<accum_t>(false, false, rows, dim, cols, scale, dp, bs, k_tile.data, k_tile.stride, 1, acc, dim);
+    const int32_t* listed = p.col_indices + lh * p.col_indices_stride;
+    const auto usable = [&](int64_t kb) { return !p.causally_empty(qb, kb); };
+    for (int64_t idx = offsets[qb], end = offsets[qb + 1], length = 1; idx < end; idx += length) {
+      length = 1;
+      if (!usable(listed[idx])) continue;
+      length = run_length(listed, idx, end, run, usable);
+      const int64_t c0 = listed[idx] * bs, cols = std::min(length * bs, p.key_len - c0);
+      const auto k_tile = load_tile(k_op.rows(b, h, c0), k_op.row_stride, cols, dim, s.k_buf);
+      const auto v_tile = load_tile(v_op.rows(b, h, c0), v_op.row_stride, cols, dim, s.v_buf);
+      recompute_probs(p, q_tile, k_tile, lse_data + first_row, s.probs, ld, rows, cols, b, r0, c0);
+      softmax_grad(p, do_tile, v_tile, s.probs, delta_data + first_row, s.dp, ld, rows, cols);
+      gemm_row_major<accum_t>(false, false, rows, dim, cols, scale, s.dp, ld, k_tile.data, k_tile.stride, 1, s.acc_a,
+                              dim);
     }
-    store_rows(acc, dim, grad_q_data + first_row * dim, dim, rows, dim);
+    store_rows(s.acc_a, dim, grad_q_data + first_row * dim, dim, rows, dim);
   };
 
   // dK and dV per key block, over the query blocks that list it (the transposed CSR).
   const auto grad_kv_item = [&](int64_t item, accum_t* scratch) {
-    accum_t *q_buf = scratch, *do_buf = scratch + tile, *k_buf = scratch + 2 * tile, *v_buf = scratch + 3 * tile;
-    accum_t* probs = scratch + 4 * tile;
-    accum_t* dp = probs + bs * bs;
-    accum_t* acc_k = dp + bs * bs;
-    accum_t* acc_v = acc_k + tile;
+    const auto s = carve(scratch);
+    const int64_t ld = bs;
+    accum_t *acc_k = s.acc_a, *acc_v = s.acc_b;
     const int64_t kb = item % p.key_blocks;
     const int64_t h = (item / p.key_blocks) % p.heads;
     const int64_t b = item / (p.key_blocks * p.heads);
     const int64_t c0 = kb * bs, cols = p.key_cols(kb);
-    const auto k_tile = load_tile(k_op.rows(b, h, c0), k_op.row_stride, cols, dim, k_buf);
-    const auto v_tile = load_tile(v_op.rows(b, h, c0), v_op.row_stride, cols, dim, v_buf);
+    const auto k_tile = load_tile(k_op.rows(b, h, c0), k_op.row_stride, cols, dim, s.k_buf);
+    const auto v_tile = load_tile(v_op.rows(b, h, c0), v_op.row_stride, cols, dim, s.v_buf);
     std::fill(acc_k, acc_k + 2 * tile, accum_t(0));
     const int64_t lh = p.layout_head(h);
     const int32_t* offsets = p.col_offsets + lh * p.col_offsets_stride;
-    const int32_t* rows_of = p.row_indices + lh * p.row_indices_stride;
+    const int32_t* listing = p.row_indices + lh * p.row_indices_stride;
+    // One query block at a time, unlike the key runs: S must repeat the forward's products bit for bit (the
+    // forward multiplies one query block at a time), so that P = exp(S - lse) is exactly 1 where the
+    // forward's softmax saturated on one key.
     for (int64_t idx = offsets[kb]; idx < offsets[kb + 1]; ++idx) {
-      const int64_t qb = rows_of[idx];
+      const int64_t qb = listing[idx];
       if (p.causally_empty(qb, kb)) continue;
       const int64_t r0 = qb * bs, rows = p.query_rows(qb);
       const int64_t first_row = (b * p.heads + h) * p.query_len + r0;
-      const auto q_tile = load_tile(q_op.rows(b, h, r0), q_op.row_stride, rows, dim, q_buf);
-      const auto do_tile = load_tile(do_op.rows(b, h, r0), do_op.row_stride, rows, dim, do_buf);
-      recompute_probs(p, q_tile.data, q_tile.stride, k_tile.data, k_tile.stride, lse_data + first_row, probs, rows,
-                      cols, b, r0, c0);
-      gemm_row_major<accum_t>(true, false, cols, dim, rows, 1, probs, bs, do_tile.data, do_tile.stride, 1, acc_v,
+      const auto q_tile = load_tile(q_op.rows(b, h, r0), q_op.row_stride, rows, dim, s.q_buf);
+      const auto do_tile = load_tile(do_op.rows(b, h, r0), do_op.row_stride, rows, dim, s.do_buf);
+      recompute_probs(p, q_tile, k_tile, lse_data + first_row, s.probs, ld, rows, cols, b, r0, c0);
+      gemm_row_major<accum_t>(true, false, cols, dim, rows, 1, s.probs, ld, do_tile.data, do_tile.stride, 1, acc_v,
                               dim);
-      softmax_grad(p, do_tile.data, do_tile.stride, v_tile.data, v_tile.stride, probs, delta_data + first_row, dp,
-                   rows, cols);
-      gemm_row_major<accum_t>(true, false, cols, dim, rows, scale, dp, bs, q_tile.data, q_tile.stride, 1, acc_k,
+      softmax_grad(p, do_tile, v_tile, s.probs, delta_data + first_row, s.dp, ld, rows, cols);
+      gemm_row_major<accum_t>(true, false, cols, dim, rows, scale, s.dp, ld, q_tile.data, q_tile.stride, 1, acc_k,
                               dim);
     }
     const int64_t first_key = (b * p.heads + h) * p.key_len + c0;
@@ -519,6 +550,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   p.causal = causal;
   p.key_padding = key_padding_mask.has_value() ? key_padding_mask->const_data_ptr<bool>() : nullptr;
   p.scale = scale;
+  p.run_blocks = std::max<int64_t>(1, kRunColumns / block_size);
   return p;
 }
 
