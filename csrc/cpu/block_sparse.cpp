@@ -7,8 +7,8 @@
 // transposed form (S^T = K Q^T) so that every tile product is a plain row-major A B. Each output tile
 // is written by exactly one work item: no atomics, deterministic results.
 //
-// The operands are first laid out once per call for those products (O(N D) memory: q pre-scaled, the
-// transposes K^T, V^T, Q^T, dO^T, bfloat16 converted to float32). Float32 tiles are multiplied with
+// The operands are first laid out once per call for those products (O(N D) memory: the transposes K^T,
+// V^T, Q^T, dO^T, bfloat16 converted to float32). Float32 tiles are multiplied with
 // oneDNN's batch-reduce GEMM micro-kernels through at::native::cpublas::brgemm (AVX-512 where the CPU
 // has it, several times faster than BLAS calls on tiles this small); float64 (for gradcheck) with the
 // dgemm_ that torch links. The element-wise loops (masked softmax, dS) are plain loops written for the
@@ -135,16 +135,21 @@ FASTATTN_ISA_CLONES void scale_row(T* row, int64_t n, T factor) {
   for (int64_t j = 0; j < n; ++j) row[j] *= factor;
 }
 
-// dS = scale * P * (dP - delta), in place in dp; deltas[j * delta_step] is the delta of entry j. A
-// probability of exactly 1 is a softmax saturated on one key (the only key the row sees, or the others
-// below half an ulp in total): its exact gradient is below the rounding of dP - delta, two dot products
-// rounded apart, so it is set to 0, as the reference's softmax backward gets it by cancellation.
+// dS = scale * P * (dP - delta), in place in dp, for a row of one query (one delta). A probability of
+// exactly 1 is a softmax saturated on one key (the only key the row sees, or the others below half an
+// ulp in total): its exact gradient is below the rounding of dP - delta, two dot products rounded apart,
+// so it is set to 0, as the reference's softmax backward gets it by cancellation.
 template <typename T>
-FASTATTN_ISA_CLONES void softmax_grad_row(const T* p, T* dp, int64_t n, const T* deltas, int64_t delta_step, T scale) {
+FASTATTN_ISA_CLONES void softmax_grad_row(const T* p, T* dp, int64_t n, T delta, T scale) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    dp[j] = p[j] == T(1) ? T(0) : scale * p[j] * (dp[j] - deltas[j * delta_step]);
-  }
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] == T(1) ? T(0) : scale * p[j] * (dp[j] - delta);
+}
+
+// softmax_grad_row for a row of one key over queries j, whose deltas are deltas[j].
+template <typename T>
+FASTATTN_ISA_CLONES void softmax_grad_row_transposed(const T* p, T* dp, int64_t n, const T* deltas, T scale) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] == T(1) ? T(0) : scale * p[j] * (dp[j] - deltas[j]);
 }
 
 template <typename scalar_t, typename accum_t>
@@ -276,9 +281,9 @@ template <typename scalar_t>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     at::Tensor& lse) {
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const at::Tensor q_scaled = in_accum_type(q).mul(p.scale);
-  const at::Tensor k_t = transposed_in_accum_type(k), v_c = in_accum_type(v);
-  const Heads<accum_t> q_heads(q_scaled), kt_heads(k_t), v_heads(v_c);
+  const at::Tensor q_c = in_accum_type(q), k_t = transposed_in_accum_type(k), v_c = in_accum_type(v);
+  const Heads<accum_t> q_heads(q_c), kt_heads(k_t), v_heads(v_c);
+  const accum_t scale = static_cast<accum_t>(p.scale);
   scalar_t* out_data = out.data_ptr<scalar_t>();
   accum_t* lse_data = lse.data_ptr<accum_t>();
   const int64_t bs = p.block, dim = p.dim, ld = p.run_blocks * bs;
@@ -306,6 +311,8 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
       mask_scores(p, scores, ld, rows, cols, b, r0, c0);
       for (int64_t i = 0; i < rows; ++i) {
         accum_t* row = scores + i * ld;
+        // Scaled in a pass of its own, not fused into the exp: the backward rounds scale * S the same way.
+        scale_row(row, cols, scale);
         const accum_t new_max = std::max(run_max[i], row_max(row, cols));
         if (new_max == -std::numeric_limits<accum_t>::infinity()) {
           std::fill(row, row + cols, accum_t(0));
@@ -336,13 +343,12 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q,
                      at::Tensor& grad_k, at::Tensor& grad_v) {
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const at::Tensor q_c = in_accum_type(q), q_scaled = q_c.mul(p.scale);
-  const at::Tensor q_scaled_t = q_scaled.transpose(2, 3).contiguous();
+  const at::Tensor q_c = in_accum_type(q), q_t = transposed_in_accum_type(q);
   const at::Tensor k_c = in_accum_type(k), k_t = transposed_in_accum_type(k);
   const at::Tensor v_c = in_accum_type(v), v_t = transposed_in_accum_type(v);
   const at::Tensor do_c = in_accum_type(grad_out), do_t = transposed_in_accum_type(grad_out);
   const at::Tensor out_c = in_accum_type(out), lse_c = lse.contiguous();
-  const Heads<accum_t> q_heads(q_c), qs_heads(q_scaled), qst_heads(q_scaled_t), k_heads(k_c), kt_heads(k_t),
+  const Heads<accum_t> q_heads(q_c), qt_heads(q_t), k_heads(k_c), kt_heads(k_t),
       v_heads(v_c), vt_heads(v_t), do_heads(do_c), dot_heads(do_t);
   const accum_t* lse_data = lse_c.const_data_ptr<accum_t>();
   const int64_t bs = p.block, dim = p.dim, ld = p.run_blocks * bs;
@@ -369,7 +375,7 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   scalar_t* grad_k_data = grad_k.data_ptr<scalar_t>();
   scalar_t* grad_v_data = grad_v.data_ptr<scalar_t>();
 
-  // dQ per query block, over the runs of key blocks its row lists: S = (scale Q) K^T, P = exp(S - lse),
+  // dQ per query block, over the runs of key blocks its row lists: S = Q K^T, P = exp(scale S - lse),
   // dP = dO V^T, dS = scale P (dP - delta), dQ = dS K.
   const auto grad_q_item = [&](int64_t item, accum_t* scratch) {
     accum_t* probs = scratch;
@@ -380,7 +386,7 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
     const int64_t b = item / (p.query_blocks * p.heads);
     const int64_t r0 = qb * bs, rows = p.query_rows(qb);
     const int64_t first_row = (b * p.heads + h) * p.query_len + r0;
-    const accum_t* q_tile = qs_heads(b, h, p.heads) + r0 * dim;
+    const accum_t* q_tile = q_heads(b, h, p.heads) + r0 * dim;
     const accum_t* do_tile = do_heads(b, h, p.heads) + r0 * dim;
     const accum_t *k_head = k_heads(b, h, p.heads), *k_t_head = kt_heads(b, h, p.heads);
     const accum_t* v_t_head = vt_heads(b, h, p.heads);
@@ -388,10 +394,13 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
     for_each_key_run(p, h, qb, [&](int64_t c0, int64_t cols) {
       tile_gemm(rows, cols, dim, q_tile, dim, k_t_head + c0, p.key_len, probs, ld, false);
       mask_scores(p, probs, ld, rows, cols, b, r0, c0);
-      for (int64_t i = 0; i < rows; ++i) exp_shifted_sum(probs + i * ld, cols, lse_data[first_row + i]);
+      for (int64_t i = 0; i < rows; ++i) {
+        scale_row(probs + i * ld, cols, scale);
+        exp_shifted_sum(probs + i * ld, cols, lse_data[first_row + i]);
+      }
       tile_gemm(rows, cols, dim, do_tile, dim, v_t_head + c0, p.key_len, dp, ld, false);
       for (int64_t i = 0; i < rows; ++i) {
-        softmax_grad_row(probs + i * ld, dp + i * ld, cols, delta_data + first_row + i, 0, scale);
+        softmax_grad_row(probs + i * ld, dp + i * ld, cols, delta_data[first_row + i], scale);
       }
       tile_gemm(rows, dim, cols, dp, ld, k_head + c0 * dim, dim, acc, dim, true);
     });
@@ -399,7 +408,7 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   };
 
   // dK and dV per key block, over the query blocks that list it (the transposed CSR), transposed:
-  // S^T = K (scale Q)^T, P^T = exp(S^T - lse), dV = P^T dO, dP^T = V dO^T, dS^T = scale P^T (dP^T - delta),
+  // S^T = K Q^T, P^T = exp(scale S^T - lse), dV = P^T dO, dP^T = V dO^T, dS^T = scale P^T (dP^T - delta),
   // dK = dS^T Q. One query block at a time (ld = bs): S^T repeats the forward's products (the same
   // exactly rounded terms summed in the same order), so that P is exactly 1 where the forward's softmax
   // saturated on one key.
@@ -414,7 +423,7 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
     const int64_t c0 = kb * bs, cols = std::min(bs, p.key_len - c0);
     const accum_t* k_tile = k_heads(b, h, p.heads) + c0 * dim;
     const accum_t* v_tile = v_heads(b, h, p.heads) + c0 * dim;
-    const accum_t *q_head = q_heads(b, h, p.heads), *q_t_head = qst_heads(b, h, p.heads);
+    const accum_t *q_head = q_heads(b, h, p.heads), *q_t_head = qt_heads(b, h, p.heads);
     const accum_t *do_head = do_heads(b, h, p.heads), *do_t_head = dot_heads(b, h, p.heads);
     const int64_t head_row = (b * p.heads + h) * p.query_len;
     std::fill(acc_k, acc_k + 2 * bs * dim, accum_t(0));
@@ -427,11 +436,14 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
       const int64_t r0 = qb * bs, rows = p.query_rows(qb);
       tile_gemm(cols, rows, dim, k_tile, dim, q_t_head + r0, p.query_len, probs_t, bs, false);
       mask_scores_transposed(p, probs_t, bs, rows, cols, b, r0, c0);
-      for (int64_t j = 0; j < cols; ++j) exp_shifted(probs_t + j * bs, rows, lse_data + head_row + r0);
+      for (int64_t j = 0; j < cols; ++j) {
+        scale_row(probs_t + j * bs, rows, scale);
+        exp_shifted(probs_t + j * bs, rows, lse_data + head_row + r0);
+      }
       tile_gemm(cols, dim, rows, probs_t, bs, do_head + r0 * dim, dim, acc_v, dim, true);
       tile_gemm(cols, rows, dim, v_tile, dim, do_t_head + r0, p.query_len, dp_t, bs, false);
       for (int64_t j = 0; j < cols; ++j) {
-        softmax_grad_row(probs_t + j * bs, dp_t + j * bs, rows, delta_data + head_row + r0, 1, scale);
+        softmax_grad_row_transposed(probs_t + j * bs, dp_t + j * bs, rows, delta_data + head_row + r0, scale);
       }
       tile_gemm(cols, dim, rows, dp_t, bs, q_head + r0 * dim, dim, acc_k, dim, true);
     }
