@@ -113,7 +113,7 @@ def test_single_key_gradients_vanish(causal):
         assert torch.all(grad == 0), "a softmax over one key does not depend on q or k"
 
 
-def test_strided_inputs_are_read_in_place():
+def test_strided_inputs_match_contiguous_ones():
     inputs = Case(2, 2, 120, 120, 64, 32, strided=True).make_inputs()
     assert not inputs["q"].is_contiguous() and inputs["q"].stride(-1) == 1
     contiguous = {**inputs, **{name: inputs[name].contiguous() for name in ("q", "k", "v")}}

@@ -514,7 +514,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_csr_values("col_offsets", col_offsets, "row_indices", row_indices, query_blocks);
   TORCH_CHECK_VALUE(scale > 0 && std::isfinite(scale), "scale: expected a positive finite float, got ", scale);
   const int64_t max_blas_dim = std::numeric_limits<int>::max();
-  TORCH_CHECK_VALUE(std::max({query_len, key_len, block_size * kRunColumns, q.size(3)}) <= max_blas_dim,
+  TORCH_CHECK_VALUE(std::max({query_len, key_len, block_size, q.size(3)}) <= max_blas_dim / 2,
                     "q, k, block_size: lengths and tiles must fit 32-bit BLAS indices, got Nq=", query_len,
                     ", Nk=", key_len, ", block_size=", block_size);
 
