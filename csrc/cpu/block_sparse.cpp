@@ -1,31 +1,34 @@
 // Block-sparse (BigBird) attention on the CPU, forward and backward, FlashAttention-2 style.
 //
 // Forward: one work item per (batch, head, query block); an online softmax runs over the key blocks
-// that the CSR lists for that row, so only per-tile scratch exists (scores bs x bs, accumulator bs x D).
-// Backward recomputes the probabilities from the saved log-sum-exp: dQ per query block over its key
-// blocks, dK and dV per key block over the query blocks of the transposed CSR. Each output tile is
-// written by exactly one work item: no atomics, deterministic results.
+// that the CSR lists for that row, so only per-tile scratch exists (scores bs x run * bs, accumulator
+// bs x D). Backward recomputes the probabilities from the saved log-sum-exp: dQ per query block over
+// its key blocks, dK and dV per key block over the query blocks of the transposed CSR, the latter in
+// transposed form (S^T = K Q^T) so that every tile product is a plain row-major A B. Each output tile
+// is written by exactly one work item: no atomics, deterministic results.
 //
-// Tiles are multiplied with the BLAS that torch links (sgemm_/dgemm_, as ATen/native/CPUBlas.cpp
-// declares them); bfloat16 tiles are converted to float32 first and accumulate in float32. The
-// element-wise loops (masked softmax, dS) are plain loops written for the compiler to vectorise, cloned
-// per x86 ISA level so that one binary uses AVX-512 or AVX2 where the CPU has it.
+// The operands are first laid out once per call for those products (O(N D) memory: the transposes K^T,
+// V^T, Q^T, dO^T, bfloat16 converted to float32). Float32 tiles are multiplied with
+// oneDNN's batch-reduce GEMM micro-kernels through at::native::cpublas::brgemm (AVX-512 where the CPU
+// has it, several times faster than BLAS calls on tiles this small); float64 (for gradcheck) with the
+// dgemm_ that torch links. The element-wise loops (masked softmax, dS) are plain loops written for the
+// compiler to vectorise, cloned per x86 ISA level so that one binary uses AVX-512 or AVX2 where it can.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "common.h"
 
-extern "C" void sgemm_(char* transa, char* transb, int* m, int* n, int* k, float* alpha, const float* a, int* lda,
-                       const float* b, int* ldb, float* beta, float* c, int* ldc);
 extern "C" void dgemm_(char* transa, char* transb, int* m, int* n, int* k, double* alpha, const double* a, int* lda,
                        const double* b, int* ldb, double* beta, double* c, int* ldc);
 
@@ -38,23 +41,24 @@ extern "C" void dgemm_(char* transa, char* transb, int* m, int* n, int* k, doubl
 namespace fastattn {
 namespace {
 
-// Row-major C (m x n) = alpha * op(A) op(B) + beta * C through column-major BLAS: C^T = op(B)^T op(A)^T.
-template <typename T>
-void gemm_row_major(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
-                    int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  char op_b = transpose_b ? 'T' : 'N';
-  char op_a = transpose_a ? 'T' : 'N';
-  int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
-  int lda_i = static_cast<int>(ldb), ldb_i = static_cast<int>(lda), ldc_i = static_cast<int>(ldc);
-  if constexpr (std::is_same_v<T, float>) {
-    sgemm_(&op_b, &op_a, &mi, &ni, &ki, &alpha, b, &lda_i, a, &ldb_i, &beta, c, &ldc_i);
-  } else {
-    dgemm_(&op_b, &op_a, &mi, &ni, &ki, &alpha, b, &lda_i, a, &ldb_i, &beta, c, &ldc_i);
-  }
+// Row-major C (m x n) = A (m x k) B (k x n), added to C when `accumulate`.
+void tile_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+               int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
 }
 
-// exp for float32 (Cephes' polynomial on the range-reduced argument), written without calls or
-// branches so that loops over it vectorise; exact 0 for x below the smallest normal result (-inf included).
+// Through column-major BLAS: C^T = B^T A^T.
+void tile_gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb, double* c,
+               int64_t ldc, bool accumulate) {
+  char no_transpose = 'N';
+  int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+  int lda_i = static_cast<int>(ldb), ldb_i = static_cast<int>(lda), ldc_i = static_cast<int>(ldc);
+  double alpha = 1, beta = accumulate ? 1 : 0;
+  dgemm_(&no_transpose, &no_transpose, &mi, &ni, &ki, &alpha, b, &lda_i, a, &ldb_i, &beta, c, &ldc_i);
+}
+
+// exp for float32 (Cephes' polynomial on the range-reduced argument), written without calls so that
+// loops over it vectorise; exact 0 for x below the smallest normal result (-inf included).
 inline float exp_float(float x) {
   constexpr float kMin = -87.33654f, kMax = 88.0f;
   float clamped = std::min(std::max(x, kMin), kMax);
@@ -69,33 +73,59 @@ inline float exp_float(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float power;
-  std::memcpy(&power, &bits, sizeof(power));
+  const float power = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
   return x < kMin ? 0.0f : p * power;
 }
 
 inline double exp_accum(double x) { return std::exp(x); }
 inline float exp_accum(float x) { return exp_float(x); }
 
+// Runs of consecutive blocks are multiplied as one tile of up to this many keys.
+constexpr int64_t kRunColumns = 512;
+
+// Reductions keep kLanes partial results so that they vectorise without reassociating by -ffast-math.
+constexpr int64_t kLanes = 16;
+
 // row[j] = exp(row[j] - shift) for j < n; returns the sum of the new values.
 template <typename T>
 FASTATTN_ISA_CLONES T exp_shifted_sum(T* row, int64_t n, T shift) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    T e = exp_accum(row[j] - shift);
-    row[j] = e;
-    sum += e;
+  T lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const T e = exp_accum(row[j + l] - shift);
+      row[j + l] = e;
+      lanes[l] += e;
+    }
   }
+  T sum = 0;
+  for (; j < n; ++j) {
+    row[j] = exp_accum(row[j] - shift);
+    sum += row[j];
+  }
+  for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
   return sum;
+}
+
+// row[j] = exp(row[j] - shifts[j]) for j < n.
+template <typename T>
+FASTATTN_ISA_CLONES void exp_shifted(T* row, int64_t n, const T* shifts) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] = exp_accum(row[j] - shifts[j]);
 }
 
 template <typename T>
 FASTATTN_ISA_CLONES T row_max(const T* row, int64_t n) {
-  T result = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : result)
-  for (int64_t j = 0; j < n; ++j) result = std::max(result, row[j]);
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  T lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, neg_inf);
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] < row[j + l] ? row[j + l] : lanes[l];
+  }
+  T result = neg_inf;
+  for (; j < n; ++j) result = result < row[j] ? row[j] : result;
+  for (int64_t l = 0; l < kLanes; ++l) result = result < lanes[l] ? lanes[l] : result;
   return result;
 }
 
@@ -105,68 +135,30 @@ FASTATTN_ISA_CLONES void scale_row(T* row, int64_t n, T factor) {
   for (int64_t j = 0; j < n; ++j) row[j] *= factor;
 }
 
-// ds[j] = p[j] * (dp[j] - delta), in place in dp.
+// dS = scale * P * (dP - delta), in place in dp, for a row of one query (one delta). A probability of
+// exactly 1 is a softmax saturated on one key (the only key the row sees, or the others below half an
+// ulp in total): its exact gradient is below the rounding of dP - delta, two dot products rounded apart,
+// so it is set to 0, as the reference's softmax backward gets it by cancellation.
 template <typename T>
-FASTATTN_ISA_CLONES void softmax_grad_row(const T* p, T* dp, int64_t n, T delta) {
+FASTATTN_ISA_CLONES void softmax_grad_row(const T* p, T* dp, int64_t n, T delta, T scale) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] == T(1) ? T(0) : scale * p[j] * (dp[j] - delta);
 }
 
-template <typename scalar_t, typename accum_t>
-FASTATTN_ISA_CLONES void convert_rows(const scalar_t* src, int64_t src_stride, accum_t* dst, int64_t dst_stride,
-                                      int64_t rows, int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const scalar_t* s = src + i * src_stride;
-    accum_t* d = dst + i * dst_stride;
+// softmax_grad_row for a row of one key over queries j, whose deltas are deltas[j].
+template <typename T>
+FASTATTN_ISA_CLONES void softmax_grad_row_transposed(const T* p, T* dp, int64_t n, const T* deltas, T scale) {
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) d[j] = static_cast<accum_t>(s[j]);
-  }
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] == T(1) ? T(0) : scale * p[j] * (dp[j] - deltas[j]);
 }
 
 template <typename scalar_t, typename accum_t>
-FASTATTN_ISA_CLONES void store_rows(const accum_t* src, int64_t src_stride, scalar_t* dst, int64_t dst_stride,
-                                    int64_t rows, int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const accum_t* s = src + i * src_stride;
-    scalar_t* d = dst + i * dst_stride;
+FASTATTN_ISA_CLONES void store_rows(const accum_t* src, scalar_t* dst, int64_t count) {
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) d[j] = static_cast<scalar_t>(s[j]);
-  }
+  for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<scalar_t>(src[j]);
 }
 
-// A (rows x dim) tile of q, k, v, out or grad_out in the accumulation type: the tensor's own memory
-// when the types agree (rows have the tensor's stride), else a converted copy in `scratch`.
-template <typename scalar_t, typename accum_t>
-struct Tile {
-  const accum_t* data;
-  int64_t stride;
-};
-
-template <typename scalar_t, typename accum_t>
-Tile<scalar_t, accum_t> load_tile(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t dim,
-                                  accum_t* scratch) {
-  if constexpr (std::is_same_v<scalar_t, accum_t>) {
-    return {src, src_stride};
-  } else {
-    convert_rows(src, src_stride, scratch, dim, rows, dim);
-    return {scratch, dim};
-  }
-}
-
-// The shapes, strides and pointers of one call; strides in elements, per (batch, head, row).
-template <typename scalar_t>
-struct Operand {
-  const scalar_t* data;
-  int64_t batch_stride, head_stride, row_stride;
-
-  explicit Operand(const at::Tensor& t)
-      : data(t.const_data_ptr<scalar_t>()), batch_stride(t.stride(0)), head_stride(t.stride(1)),
-        row_stride(t.stride(2)) {}
-  const scalar_t* rows(int64_t b, int64_t h, int64_t row) const {
-    return data + b * batch_stride + h * head_stride + row * row_stride;
-  }
-};
-
+// The sizes, layout and options of one call.
 struct Problem {
   int64_t batch, heads, query_len, key_len, dim, block;
   int64_t query_blocks, key_blocks, layout_heads;
@@ -175,10 +167,10 @@ struct Problem {
   bool causal;
   const bool* key_padding;  // (batch, key_len) or null
   double scale;
+  int64_t run_blocks;  // the most consecutive key blocks multiplied as one tile
 
   int64_t layout_head(int64_t h) const { return layout_heads == 1 ? 0 : h; }
   int64_t query_rows(int64_t query_block) const { return std::min(block, query_len - query_block * block); }
-  int64_t key_cols(int64_t key_block) const { return std::min(block, key_len - key_block * block); }
   // A causal pair of blocks where every key comes after every query contributes nothing.
   bool causally_empty(int64_t query_block, int64_t key_block) const {
     return causal && key_block * block > query_block * block + query_rows(query_block) - 1;
@@ -186,122 +178,164 @@ struct Problem {
 };
 
 // Sets to -inf the scores of padded keys and, on the causal diagonal, of keys after their query.
+// scores: rows (queries from first_row) x cols (keys from first_col), leading dimension ld.
 template <typename accum_t>
-void mask_scores(const Problem& p, accum_t* scores, int64_t rows, int64_t cols, int64_t b, int64_t first_row,
-                 int64_t first_col) {
+void mask_scores(const Problem& p, accum_t* scores, int64_t ld, int64_t rows, int64_t cols, int64_t b,
+                 int64_t first_row, int64_t first_col) {
   constexpr accum_t neg_inf = -std::numeric_limits<accum_t>::infinity();
   if (p.key_padding != nullptr) {
     const bool* padded = p.key_padding + b * p.key_len + first_col;
     for (int64_t j = 0; j < cols; ++j) {
       if (!padded[j]) continue;
-      for (int64_t i = 0; i < rows; ++i) scores[i * p.block + j] = neg_inf;
+      for (int64_t i = 0; i < rows; ++i) scores[i * ld + j] = neg_inf;
     }
   }
   if (p.causal && first_col + cols - 1 > first_row) {
     for (int64_t i = 0; i < rows; ++i) {
-      int64_t first_future = std::max<int64_t>(0, first_row + i + 1 - first_col);
-      std::fill(scores + i * p.block + std::min(first_future, cols), scores + i * p.block + cols, neg_inf);
+      const int64_t first_future = std::max<int64_t>(0, first_row + i + 1 - first_col);
+      std::fill(scores + i * ld + std::min(first_future, cols), scores + i * ld + cols, neg_inf);
     }
   }
 }
 
-// Per-thread scratch, reused by every work item of a parallel_for chunk.
+// mask_scores for transposed scores: rows are keys (from first_col), columns queries (from first_row).
 template <typename accum_t>
-struct Scratch {
-  std::vector<accum_t> buffer;
-  explicit Scratch(int64_t size) : buffer(size) {}
-  accum_t* at(int64_t offset) { return buffer.data() + offset; }
+void mask_scores_transposed(const Problem& p, accum_t* scores_t, int64_t ld, int64_t rows, int64_t cols, int64_t b,
+                            int64_t first_row, int64_t first_col) {
+  constexpr accum_t neg_inf = -std::numeric_limits<accum_t>::infinity();
+  const bool* padded = p.key_padding != nullptr ? p.key_padding + b * p.key_len + first_col : nullptr;
+  const bool diagonal = p.causal && first_col + cols - 1 > first_row;
+  for (int64_t j = 0; j < cols; ++j) {
+    accum_t* key_row = scores_t + j * ld;
+    if (padded != nullptr && padded[j]) {
+      std::fill(key_row, key_row + rows, neg_inf);
+    } else if (diagonal) {
+      const int64_t first_allowed = std::clamp<int64_t>(first_col + j - first_row, 0, rows);
+      std::fill(key_row, key_row + first_allowed, neg_inf);
+    }
+  }
+}
+
+// Runs body(item, scratch) for every item in [0, count) on torch's intra-op threads, each thread with its
+// own scratch of scratch_size elements. Threads take the next item from a shared counter: rows of a
+// layout differ in cost (global rows list every block), so a static split would leave threads idle.
+// Every item writes its own output tiles in a fixed order, so results do not depend on the scheduling.
+template <typename accum_t, typename Body>
+void for_each_item(int64_t count, int64_t scratch_size, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<accum_t> scratch(scratch_size);
+    for (int64_t item = next++; item < count; item = next++) body(item, scratch.data());
+    if constexpr (std::is_same_v<accum_t, float>) at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  });
+}
+
+// Consecutive key blocks of one head are one strided matrix, so the listed blocks are taken in runs: one
+// tile product per run instead of one per block (BigBird's window is a run of 3, a global row one long
+// run). Returns how many entries from list[first] (usable itself) form a run, at most `limit`.
+template <typename Usable>
+int64_t run_length(const int32_t* list, int64_t first, int64_t end, int64_t limit, const Usable& usable) {
+  int64_t length = 1;
+  while (first + length < end && length < limit && list[first + length] == list[first] + length &&
+         usable(list[first + length])) {
+    ++length;
+  }
+  return length;
+}
+
+// Calls visit(first_key, cols) for each run of key blocks that query block qb lists and may see.
+template <typename Visit>
+void for_each_key_run(const Problem& p, int64_t h, int64_t qb, const Visit& visit) {
+  const int64_t lh = p.layout_head(h);
+  const int32_t* offsets = p.row_offsets + lh * p.row_offsets_stride;
+  const int32_t* listed = p.col_indices + lh * p.col_indices_stride;
+  const auto usable = [&](int64_t kb) { return !p.causally_empty(qb, kb); };
+  for (int64_t idx = offsets[qb], end = offsets[qb + 1], length = 1; idx < end; idx += length) {
+    length = 1;
+    if (!usable(listed[idx])) continue;
+    length = run_length(listed, idx, end, p.run_blocks, usable);
+    const int64_t first_key = listed[idx] * p.block;
+    visit(first_key, std::min(length * p.block, p.key_len - first_key));
+  }
+}
+
+// A (B, H, N, X) tensor of the accumulation type, contiguous: the rows of one (batch, head).
+template <typename accum_t>
+struct Heads {
+  const accum_t* data;
+  int64_t head_size;
+  explicit Heads(const at::Tensor& t) : data(t.const_data_ptr<accum_t>()), head_size(t.size(2) * t.size(3)) {}
+  const accum_t* operator()(int64_t b, int64_t h, int64_t heads) const { return data + (b * heads + h) * head_size; }
 };
+
+at::Tensor in_accum_type(const at::Tensor& t) {
+  return t.to(lse_dtype(t.scalar_type())).contiguous();
+}
+
+at::Tensor transposed_in_accum_type(const at::Tensor& t) {
+  return t.to(lse_dtype(t.scalar_type())).transpose(2, 3).contiguous();
+}
 
 template <typename scalar_t>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     at::Tensor& lse) {
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const Operand<scalar_t> q_op(q), k_op(k), v_op(v);
+  const at::Tensor q_c = in_accum_type(q), k_t = transposed_in_accum_type(k), v_c = in_accum_type(v);
+  const Heads<accum_t> q_heads(q_c), kt_heads(k_t), v_heads(v_c);
+  const accum_t scale = static_cast<accum_t>(p.scale);
   scalar_t* out_data = out.data_ptr<scalar_t>();
   accum_t* lse_data = lse.data_ptr<accum_t>();
-  const int64_t bs = p.block, dim = p.dim;
-  const accum_t scale = static_cast<accum_t>(p.scale);
-  const int64_t tile = bs * dim;
+  const int64_t bs = p.block, dim = p.dim, ld = p.run_blocks * bs;
 
-  at::parallel_for(0, p.batch * p.heads * p.query_blocks, 1, [&](int64_t begin, int64_t end) {
-    // q, k, v tiles (bf16 only), scores, output accumulator, running max and sum.
-    Scratch<accum_t> scratch(3 * tile + bs * bs + tile + 2 * bs);
-    accum_t *q_buf = scratch.at(0), *k_buf = scratch.at(tile), *v_buf = scratch.at(2 * tile);
-    accum_t* scores = scratch.at(3 * tile);
-    accum_t* acc = scores + bs * bs;
-    accum_t* run_max = acc + tile;
+  // Scratch: scores (bs x run * bs), output accumulator, running max and sum.
+  const int64_t scratch_size = bs * ld + bs * dim + 2 * bs;
+  for_each_item<accum_t>(p.batch * p.heads * p.query_blocks, scratch_size, [&](int64_t item, accum_t* scratch) {
+    accum_t* scores = scratch;
+    accum_t* acc = scores + bs * ld;
+    accum_t* run_max = acc + bs * dim;
     accum_t* run_sum = run_max + bs;
+    const int64_t qb = item % p.query_blocks;
+    const int64_t h = (item / p.query_blocks) % p.heads;
+    const int64_t b = item / (p.query_blocks * p.heads);
+    const int64_t r0 = qb * bs, rows = p.query_rows(qb);
+    const accum_t* q_tile = q_heads(b, h, p.heads) + r0 * dim;
+    const accum_t* k_t_head = kt_heads(b, h, p.heads);
+    const accum_t* v_head = v_heads(b, h, p.heads);
+    std::fill(acc, acc + rows * dim, accum_t(0));
+    std::fill(run_max, run_max + rows, -std::numeric_limits<accum_t>::infinity());
+    std::fill(run_sum, run_sum + rows, accum_t(0));
 
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t qb = item % p.query_blocks;
-      const int64_t h = (item / p.query_blocks) % p.heads;
-      const int64_t b = item / (p.query_blocks * p.heads);
-      const int64_t r0 = qb * bs, rows = p.query_rows(qb);
-      const auto q_tile = load_tile(q_op.rows(b, h, r0), q_op.row_stride, rows, dim, q_buf);
-      std::fill(acc, acc + rows * dim, accum_t(0));
-      std::fill(run_max, run_max + rows, -std::numeric_limits<accum_t>::infinity());
-      std::fill(run_sum, run_sum + rows, accum_t(0));
-
-      const int64_t lh = p.layout_head(h);
-      const int32_t* offsets = p.row_offsets + lh * p.row_offsets_stride;
-      const int32_t* cols_of = p.col_indices + lh * p.col_indices_stride;
-      for (int64_t idx = offsets[qb]; idx < offsets[qb + 1]; ++idx) {
-        const int64_t kb = cols_of[idx];
-        if (p.causally_empty(qb, kb)) continue;
-        const int64_t c0 = kb * bs, cols = p.key_cols(kb);
-        const auto k_tile = load_tile(k_op.rows(b, h, c0), k_op.row_stride, cols, dim, k_buf);
-        const auto v_tile = load_tile(v_op.rows(b, h, c0), v_op.row_stride, cols, dim, v_buf);
-        gemm_row_major<accum_t>(false, true, rows, cols, dim, scale, q_tile.data, q_tile.stride, k_tile.data,
-                                k_tile.stride, 0, scores, bs);
-        mask_scores(p, scores, rows, cols, b, r0, c0);
-        for (int64_t i = 0; i < rows; ++i) {
-          accum_t* row = scores + i * bs;
-          const accum_t new_max = std::max(run_max[i], row_max(row, cols));
-          if (new_max == -std::numeric_limits<accum_t>::infinity()) {
-            std::fill(row, row + cols, accum_t(0));
-            continue;
-          }
-          const accum_t row_sum = exp_shifted_sum(row, cols, new_max);
-          const accum_t correction = exp_accum(run_max[i] - new_max);
-          if (correction != accum_t(1)) scale_row(acc + i * dim, dim, correction);
-          run_sum[i] = run_sum[i] * correction + row_sum;
-          run_max[i] = new_max;
-        }
-        gemm_row_major<accum_t>(false, false, rows, dim, cols, 1, scores, bs, v_tile.data, v_tile.stride, 1, acc,
-                                dim);
-      }
-
-      const int64_t out_row = (b * p.heads + h) * p.query_len + r0;
+    for_each_key_run(p, h, qb, [&](int64_t c0, int64_t cols) {
+      tile_gemm(rows, cols, dim, q_tile, dim, k_t_head + c0, p.key_len, scores, ld, false);
+      mask_scores(p, scores, ld, rows, cols, b, r0, c0);
       for (int64_t i = 0; i < rows; ++i) {
-        const bool sees_a_key = run_sum[i] > 0;
-        scale_row(acc + i * dim, dim, sees_a_key ? accum_t(1) / run_sum[i] : accum_t(0));
-        lse_data[out_row + i] =
-            sees_a_key ? run_max[i] + std::log(run_sum[i]) : std::numeric_limits<accum_t>::infinity();
+        accum_t* row = scores + i * ld;
+        // Scaled in a pass of its own, not fused into the exp: the backward rounds scale * S the same way.
+        scale_row(row, cols, scale);
+        const accum_t new_max = std::max(run_max[i], row_max(row, cols));
+        if (new_max == -std::numeric_limits<accum_t>::infinity()) {
+          std::fill(row, row + cols, accum_t(0));
+          continue;
+        }
+        const accum_t row_sum = exp_shifted_sum(row, cols, new_max);
+        const accum_t correction = exp_accum(run_max[i] - new_max);
+        if (correction != accum_t(1)) scale_row(acc + i * dim, dim, correction);
+        run_sum[i] = run_sum[i] * correction + row_sum;
+        run_max[i] = new_max;
       }
-      store_rows(acc, dim, out_data + out_row * dim, dim, rows, dim);
+      tile_gemm(rows, dim, cols, scores, ld, v_head + c0 * dim, dim, acc, dim, true);
+    });
+
+    const int64_t out_row = (b * p.heads + h) * p.query_len + r0;
+    for (int64_t i = 0; i < rows; ++i) {
+      const bool sees_a_key = run_sum[i] > 0;
+      scale_row(acc + i * dim, dim, sees_a_key ? accum_t(1) / run_sum[i] : accum_t(0));
+      lse_data[out_row + i] =
+          sees_a_key ? run_max[i] + std::log(run_sum[i]) : std::numeric_limits<accum_t>::infinity();
     }
+    store_rows(acc, out_data + out_row * dim, rows * dim);
   });
-}
-
-// P = exp(scale * Q K^T - lse) of one (query block, key block) pair, masked, into `probs` (ld = block).
-template <typename accum_t>
-void recompute_probs(const Problem& p, const accum_t* q, int64_t q_stride, const accum_t* k, int64_t k_stride,
-                     const accum_t* lse, accum_t* probs, int64_t rows, int64_t cols, int64_t b, int64_t r0,
-                     int64_t c0) {
-  gemm_row_major<accum_t>(false, true, rows, cols, p.dim, static_cast<accum_t>(p.scale), q, q_stride, k, k_stride,
-                          0, probs, p.block);
-  mask_scores(p, probs, rows, cols, b, r0, c0);
-  for (int64_t i = 0; i < rows; ++i) exp_shifted_sum(probs + i * p.block, cols, lse[i]);
-}
-
-// dS = P * (dO V^T - delta) of one pair, into `dp` (ld = block).
-template <typename accum_t>
-void softmax_grad(const Problem& p, const accum_t* grad_out, int64_t grad_out_stride, const accum_t* v,
-                  int64_t v_stride, const accum_t* probs, const accum_t* delta, accum_t* dp, int64_t rows,
-                  int64_t cols) {
-  gemm_row_major<accum_t>(false, true, rows, cols, p.dim, 1, grad_out, grad_out_stride, v, v_stride, 0, dp, p.block);
-  for (int64_t i = 0; i < rows; ++i) softmax_grad_row(probs + i * p.block, dp + i * p.block, cols, delta[i]);
 }
 
 template <typename scalar_t>
@@ -309,27 +343,31 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q,
                      at::Tensor& grad_k, at::Tensor& grad_v) {
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const Operand<scalar_t> q_op(q), k_op(k), v_op(v), do_op(grad_out), o_op(out);
-  const at::Tensor lse_contiguous = lse.contiguous();
-  const accum_t* lse_data = lse_contiguous.const_data_ptr<accum_t>();
-  const int64_t bs = p.block, dim = p.dim;
+  const at::Tensor q_c = in_accum_type(q), q_t = transposed_in_accum_type(q);
+  const at::Tensor k_c = in_accum_type(k), k_t = transposed_in_accum_type(k);
+  const at::Tensor v_c = in_accum_type(v), v_t = transposed_in_accum_type(v);
+  const at::Tensor do_c = in_accum_type(grad_out), do_t = transposed_in_accum_type(grad_out);
+  const at::Tensor out_c = in_accum_type(out), lse_c = lse.contiguous();
+  const Heads<accum_t> q_heads(q_c), qt_heads(q_t), k_heads(k_c), kt_heads(k_t),
+      v_heads(v_c), vt_heads(v_t), do_heads(do_c), dot_heads(do_t);
+  const accum_t* lse_data = lse_c.const_data_ptr<accum_t>();
+  const int64_t bs = p.block, dim = p.dim, ld = p.run_blocks * bs;
   const accum_t scale = static_cast<accum_t>(p.scale);
-  const int64_t tile = bs * dim;
   const int64_t rows_total = p.batch * p.heads * p.query_len;
 
-  // delta_i = rowsum(dO_i * O_i), the softmax-gradient correction of every query row.
+  // delta_i = rowsum(dO_i * O_i), in double: products of floats are exact there, so delta adds no rounding
+  // of its own to dP - delta.
   at::Tensor delta = at::empty({rows_total}, lse.options());
   accum_t* delta_data = delta.data_ptr<accum_t>();
+  const accum_t* do_data = do_c.const_data_ptr<accum_t>();
+  const accum_t* out_data = out_c.const_data_ptr<accum_t>();
   at::parallel_for(0, rows_total, 64, [&](int64_t begin, int64_t end) {
-    std::vector<accum_t> do_row(dim), o_row(dim);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row % p.query_len, bh = row / p.query_len;
-      const int64_t b = bh / p.heads, h = bh % p.heads;
-      convert_rows(do_op.rows(b, h, n), 0, do_row.data(), 0, 1, dim);
-      convert_rows(o_op.rows(b, h, n), 0, o_row.data(), 0, 1, dim);
-      accum_t sum = 0;
-      for (int64_t d = 0; d < dim; ++d) sum += do_row[d] * o_row[d];
-      delta_data[row] = sum;
+      double sum = 0;
+      for (int64_t d = 0; d < dim; ++d) {
+        sum += static_cast<double>(do_data[row * dim + d]) * static_cast<double>(out_data[row * dim + d]);
+      }
+      delta_data[row] = static_cast<accum_t>(sum);
     }
   });
 
@@ -337,83 +375,96 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   scalar_t* grad_k_data = grad_k.data_ptr<scalar_t>();
   scalar_t* grad_v_data = grad_v.data_ptr<scalar_t>();
 
-  // dQ per query block, over the key blocks its row lists.
-  at::parallel_for(0, p.batch * p.heads * p.query_blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<accum_t> scratch(4 * tile + 2 * bs * bs + tile);
-    accum_t *q_buf = scratch.at(0), *do_buf = scratch.at(tile), *k_buf = scratch.at(2 * tile),
-            *v_buf = scratch.at(3 * tile);
-    accum_t* probs = scratch.at(4 * tile);
-    accum_t* dp = probs + bs * bs;
-    accum_t* acc = dp + bs * bs;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t qb = item % p.query_blocks;
-      const int64_t h = (item / p.query_blocks) % p.heads;
-      const int64_t b = item / (p.query_blocks * p.heads);
-      const int64_t r0 = qb * bs, rows = p.query_rows(qb);
-      const int64_t first_row = (b * p.heads + h) * p.query_len + r0;
-      const auto q_tile = load_tile(q_op.rows(b, h, r0), q_op.row_stride, rows, dim, q_buf);
-      const auto do_tile = load_tile(do_op.rows(b, h, r0), do_op.row_stride, rows, dim, do_buf);
-      std::fill(acc, acc + rows * dim, accum_t(0));
-      const int64_t lh = p.layout_head(h);
-      const int32_t* offsets = p.row_offsets + lh * p.row_offsets_stride;
-      const int32_t* cols_of = p.col_indices + lh * p.col_indices_stride;
-      for (int64_t idx = offsets[qb]; idx < offsets[qb + 1]; ++idx) {
-        const int64_t kb = cols_of[idx];
-        if (p.causally_empty(qb, kb)) continue;
-        const int64_t c0 = kb * bs, cols = p.key_cols(kb);
-        const auto k_tile = load_tile(k_op.rows(b, h, c0), k_op.row_stride, cols, dim, k_buf);
-        const auto v_tile = load_tile(v_op.rows(b, h, c0), v_op.row_stride, cols, dim, v_buf);
-        recompute_probs(p, q_tile.data, q_tile.stride, k_tile.data, k_tile.stride, lse_data + first_row, probs, rows,
-                        cols, b, r0, c0);
-        softmax_grad(p, do_tile.data, do_tile.stride, v_tile.data, v_tile.stride, probs, delta_data + first_row, dp,
-                     rows, cols);
-        gemm_row_major<accum_t>(false, false, rows, dim, cols, scale, dp, bs, k_tile.data, k_tile.stride, 1, acc, dim);
+  // dQ per query block, over the runs of key blocks its row lists: S = Q K^T, P = exp(scale S - lse),
+  // dP = dO V^T, dS = scale P (dP - delta), dQ = dS K.
+  const auto grad_q_item = [&](int64_t item, accum_t* scratch) {
+    accum_t* probs = scratch;
+    accum_t* dp = probs + bs * ld;
+    accum_t* acc = dp + bs * ld;
+    const int64_t qb = item % p.query_blocks;
+    const int64_t h = (item / p.query_blocks) % p.heads;
+    const int64_t b = item / (p.query_blocks * p.heads);
+    const int64_t r0 = qb * bs, rows = p.query_rows(qb);
+    const int64_t first_row = (b * p.heads + h) * p.query_len + r0;
+    const accum_t* q_tile = q_heads(b, h, p.heads) + r0 * dim;
+    const accum_t* do_tile = do_heads(b, h, p.heads) + r0 * dim;
+    const accum_t *k_head = k_heads(b, h, p.heads), *k_t_head = kt_heads(b, h, p.heads);
+    const accum_t* v_t_head = vt_heads(b, h, p.heads);
+    std::fill(acc, acc + rows * dim, accum_t(0));
+    for_each_key_run(p, h, qb, [&](int64_t c0, int64_t cols) {
+      tile_gemm(rows, cols, dim, q_tile, dim, k_t_head + c0, p.key_len, probs, ld, false);
+      mask_scores(p, probs, ld, rows, cols, b, r0, c0);
+      for (int64_t i = 0; i < rows; ++i) {
+        scale_row(probs + i * ld, cols, scale);
+        exp_shifted_sum(probs + i * ld, cols, lse_data[first_row + i]);
       }
-      store_rows(acc, dim, grad_q_data + first_row * dim, dim, rows, dim);
-    }
-  });
+      tile_gemm(rows, cols, dim, do_tile, dim, v_t_head + c0, p.key_len, dp, ld, false);
+      for (int64_t i = 0; i < rows; ++i) {
+        softmax_grad_row(probs + i * ld, dp + i * ld, cols, delta_data[first_row + i], scale);
+      }
+      tile_gemm(rows, dim, cols, dp, ld, k_head + c0 * dim, dim, acc, dim, true);
+    });
+    store_rows(acc, grad_q_data + first_row * dim, rows * dim);
+  };
 
-  // dK and dV per key block, over the query blocks that list it (the transposed CSR).
-  at::parallel_for(0, p.batch * p.heads * p.key_blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<accum_t> scratch(4 * tile + 2 * bs * bs + 2 * tile);
-    accum_t *q_buf = scratch.at(0), *do_buf = scratch.at(tile), *k_buf = scratch.at(2 * tile),
-            *v_buf = scratch.at(3 * tile);
-    accum_t* probs = scratch.at(4 * tile);
-    accum_t* dp = probs + bs * bs;
-    accum_t* acc_k = dp + bs * bs;
-    accum_t* acc_v = acc_k + tile;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t kb = item % p.key_blocks;
-      const int64_t h = (item / p.key_blocks) % p.heads;
-      const int64_t b = item / (p.key_blocks * p.heads);
-      const int64_t c0 = kb * bs, cols = p.key_cols(kb);
-      const auto k_tile = load_tile(k_op.rows(b, h, c0), k_op.row_stride, cols, dim, k_buf);
-      const auto v_tile = load_tile(v_op.rows(b, h, c0), v_op.row_stride, cols, dim, v_buf);
-      std::fill(acc_k, acc_k + 2 * tile, accum_t(0));
-      const int64_t lh = p.layout_head(h);
-      const int32_t* offsets = p.col_offsets + lh * p.col_offsets_stride;
-      const int32_t* rows_of = p.row_indices + lh * p.row_indices_stride;
-      for (int64_t idx = offsets[kb]; idx < offsets[kb + 1]; ++idx) {
-        const int64_t qb = rows_of[idx];
-        if (p.causally_empty(qb, kb)) continue;
-        const int64_t r0 = qb * bs, rows = p.query_rows(qb);
-        const int64_t first_row = (b * p.heads + h) * p.query_len + r0;
-        const auto q_tile = load_tile(q_op.rows(b, h, r0), q_op.row_stride, rows, dim, q_buf);
-        const auto do_tile = load_tile(do_op.rows(b, h, r0), do_op.row_stride, rows, dim, do_buf);
-        recompute_probs(p, q_tile.data, q_tile.stride, k_tile.data, k_tile.stride, lse_data + first_row, probs, rows,
-                        cols, b, r0, c0);
-        gemm_row_major<accum_t>(true, false, cols, dim, rows, 1, probs, bs, do_tile.data, do_tile.stride, 1, acc_v,
-                                dim);
-        softmax_grad(p, do_tile.data, do_tile.stride, v_tile.data, v_tile.stride, probs, delta_data + first_row, dp,
-                     rows, cols);
-        gemm_row_major<accum_t>(true, false, cols, dim, rows, scale, dp, bs, q_tile.data, q_tile.stride, 1, acc_k,
-                                dim);
+  // dK and dV per key block, over the query blocks that list it (the transposed CSR), transposed:
+  // S^T = K Q^T, P^T = exp(scale S^T - lse), dV = P^T dO, dP^T = V dO^T, dS^T = scale P^T (dP^T - delta),
+  // dK = dS^T Q. One query block at a time (ld = bs): S^T repeats the forward's products (the same
+  // exactly rounded terms summed in the same order), so that P is exactly 1 where the forward's softmax
+  // saturated on one key.
+  const auto grad_kv_item = [&](int64_t item, accum_t* scratch) {
+    accum_t* probs_t = scratch;
+    accum_t* dp_t = probs_t + bs * ld;
+    accum_t* acc_k = dp_t + bs * ld;
+    accum_t* acc_v = acc_k + bs * dim;
+    const int64_t kb = item % p.key_blocks;
+    const int64_t h = (item / p.key_blocks) % p.heads;
+    const int64_t b = item / (p.key_blocks * p.heads);
+    const int64_t c0 = kb * bs, cols = std::min(bs, p.key_len - c0);
+    const accum_t* k_tile = k_heads(b, h, p.heads) + c0 * dim;
+    const accum_t* v_tile = v_heads(b, h, p.heads) + c0 * dim;
+    const accum_t *q_head = q_heads(b, h, p.heads), *q_t_head = qt_heads(b, h, p.heads);
+    const accum_t *do_head = do_heads(b, h, p.heads), *do_t_head = dot_heads(b, h, p.heads);
+    const int64_t head_row = (b * p.heads + h) * p.query_len;
+    std::fill(acc_k, acc_k + 2 * bs * dim, accum_t(0));
+    const int64_t lh = p.layout_head(h);
+    const int32_t* offsets = p.col_offsets + lh * p.col_offsets_stride;
+    const int32_t* listing = p.row_indices + lh * p.row_indices_stride;
+    for (int64_t idx = offsets[kb]; idx < offsets[kb + 1]; ++idx) {
+      const int64_t qb = listing[idx];
+      if (p.causally_empty(qb, kb)) continue;
+      const int64_t r0 = qb * bs, rows = p.query_rows(qb);
+      tile_gemm(cols, rows, dim, k_tile, dim, q_t_head + r0, p.query_len, probs_t, bs, false);
+      mask_scores_transposed(p, probs_t, bs, rows, cols, b, r0, c0);
+      for (int64_t j = 0; j < cols; ++j) {
+        scale_row(probs_t + j * bs, rows, scale);
+        exp_shifted(probs_t + j * bs, rows, lse_data + head_row + r0);
       }
-      const int64_t first_key = (b * p.heads + h) * p.key_len + c0;
-      store_rows(acc_k, dim, grad_k_data + first_key * dim, dim, cols, dim);
-      store_rows(acc_v, dim, grad_v_data + first_key * dim, dim, cols, dim);
+      tile_gemm(cols, dim, rows, probs_t, bs, do_head + r0 * dim, dim, acc_v, dim, true);
+      tile_gemm(cols, rows, dim, v_tile, dim, do_t_head + r0, p.query_len, dp_t, bs, false);
+      for (int64_t j = 0; j < cols; ++j) {
+        softmax_grad_row_transposed(probs_t + j * bs, dp_t + j * bs, rows, delta_data + head_row + r0, scale);
+      }
+      tile_gemm(cols, dim, rows, dp_t, bs, q_head + r0 * dim, dim, acc_k, dim, true);
     }
-  });
+    const int64_t first_key = (b * p.heads + h) * p.key_len + c0;
+    store_rows(acc_k, grad_k_data + first_key * dim, cols * dim);
+    store_rows(acc_v, grad_v_data + first_key * dim, cols * dim);
+  };
+
+  // One queue for both, so that no thread waits between them; the dK/dV items (four tile products per
+  // pair of blocks, against three for dQ) go first. Scratch: probabilities and dP (bs x run * bs each),
+  // and the dK and dV (or dQ) accumulators.
+  const int64_t kv_items = p.batch * p.heads * p.key_blocks;
+  const int64_t scratch_size = 2 * bs * ld + 2 * bs * dim;
+  for_each_item<accum_t>(kv_items + p.batch * p.heads * p.query_blocks, scratch_size,
+                         [&](int64_t item, accum_t* scratch) {
+                           if (item < kv_items) {
+                             grad_kv_item(item, scratch);
+                           } else {
+                             grad_q_item(item - kv_items, scratch);
+                           }
+                         });
 }
 
 // Offsets start at 0, never decrease and stay within the indices; indices lie in [0, index_bound).
@@ -462,10 +513,10 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_csr_values("row_offsets", row_offsets, "col_indices", col_indices, key_blocks);
   check_csr_values("col_offsets", col_offsets, "row_indices", row_indices, query_blocks);
   TORCH_CHECK_VALUE(scale > 0 && std::isfinite(scale), "scale: expected a positive finite float, got ", scale);
-  const int64_t max_tile_dim = std::numeric_limits<int>::max();
-  TORCH_CHECK_VALUE(block_size * std::max<int64_t>(q.size(3), block_size) <= max_tile_dim &&
-                        q.stride(2) <= max_tile_dim && k.stride(2) <= max_tile_dim && v.stride(2) <= max_tile_dim,
-                    "block_size, q, k, v: tiles and row strides must fit 32-bit BLAS indices");
+  const int64_t max_blas_dim = std::numeric_limits<int>::max();
+  TORCH_CHECK_VALUE(std::max({query_len, key_len, block_size, q.size(3)}) <= max_blas_dim / 2,
+                    "q, k, block_size: lengths and tiles must fit 32-bit BLAS indices, got Nq=", query_len,
+                    ", Nk=", key_len, ", block_size=", block_size);
 
   Problem p{};
   p.batch = q.size(0);
@@ -488,6 +539,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   p.causal = causal;
   p.key_padding = key_padding_mask.has_value() ? key_padding_mask->const_data_ptr<bool>() : nullptr;
   p.scale = scale;
+  p.run_blocks = std::max<int64_t>(1, kRunColumns / block_size);
   return p;
 }
 
