@@ -22,37 +22,47 @@ class Transformer(nn.Module):
     ``attention`` sets the encoder self-attention; ``decoder_attention`` (default: ``attention``) the
     causal decoder self-attention, so it cannot be "linformer"; ``cross_attention`` (default "full")
     the decoder's attention to the encoder output, where queries and keys differ in length (BigBird
-    needs equal lengths there). ``attention_options`` go to every attention layer.
+    needs equal lengths there). ``attention_options`` configure the layers using ``attention``;
+    ``decoder_attention_options`` and ``cross_attention_options`` default to ``attention_options``
+    when their mechanism is ``attention``, else to no options.
     """
 
     def __init__(self, src_vocab_size: int, tgt_vocab_size: int | None = None, d_model: int = 512, nhead: int = 8,
                  num_encoder_layers: int = 6, num_decoder_layers: int = 6, dim_feedforward: int = 2048,
                  dropout: float = 0.1, *, attention: str = "full", decoder_attention: str | None = None,
-                 cross_attention: str = "full", attention_options: dict | None = None):
+                 cross_attention: str = "full", attention_options: dict | None = None,
+                 decoder_attention_options: dict | None = None, cross_attention_options: dict | None = None):
         super().__init__()
         decoder_attention = attention if decoder_attention is None else decoder_attention
         if decoder_attention == "linformer":
             raise ValueError("decoder_attention: the decoder self-attention is causal and Linformer has no causal form; "
                              "pass decoder_attention='full', 'bigbird' or 'performer'")
         options = _options(attention_options)
+
+        def options_for(mechanism: str, given: dict | None) -> dict:
+            return _options(given) if given is not None else dict(options) if mechanism == attention else {}
+
+        decoder_options = options_for(decoder_attention, decoder_attention_options)
+        cross_options = options_for(cross_attention, cross_attention_options)
         self.d_model = d_model
         self.src_embeddings = nn.Embedding(src_vocab_size, d_model)
         self.tgt_embeddings = nn.Embedding(tgt_vocab_size or src_vocab_size, d_model)
         self.dropout = nn.Dropout(dropout)
 
-        def attention_layer(mechanism: str) -> MultiheadAttention:
-            return MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True, attention=mechanism, **options)
+        def attention_layer(mechanism: str, layer_options: dict) -> MultiheadAttention:
+            return MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True, attention=mechanism,
+                                      **layer_options)
 
         encoder_layers = []
         for _ in range(num_encoder_layers):
             layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, batch_first=True)
-            layer.self_attn = attention_layer(attention)
+            layer.self_attn = attention_layer(attention, options)
             encoder_layers.append(layer)
         decoder_layers = []
         for _ in range(num_decoder_layers):
             layer = nn.TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, batch_first=True)
-            layer.self_attn = attention_layer(decoder_attention)
-            layer.multihead_attn = attention_layer(cross_attention)
+            layer.self_attn = attention_layer(decoder_attention, decoder_options)
+            layer.multihead_attn = attention_layer(cross_attention, cross_options)
             decoder_layers.append(layer)
         self.encoder_layers = nn.ModuleList(encoder_layers)
         self.decoder_layers = nn.ModuleList(decoder_layers)
