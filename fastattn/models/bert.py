@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import MultiheadAttention
-from .common import ModelOutput, activation, attention_options as _options, check_ids, key_padding_mask
+from .common import ModelOutput, activation, attention_options as _options, check_ids, init_weights, key_padding_mask
 
 __all__ = ["BertModel", "BertForPreTraining"]
 
@@ -81,6 +81,7 @@ class BertModel(nn.Module):
             for _ in range(num_hidden_layers)
         )
         self.pooler = nn.Linear(hidden_size, hidden_size) if add_pooling_layer else None
+        init_weights(self)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
                 position_ids: Tensor | None = None) -> ModelOutput:
@@ -126,6 +127,9 @@ class BertForPreTraining(nn.Module):
         self.hidden_act = hidden_act
         self.decoder_bias = nn.Parameter(torch.zeros(vocab_size))
         self.seq_relationship = nn.Linear(hidden_size, 2)
+        init_weights(self.seq_relationship)
+        init_weights(self.transform)
+        init_weights(self.transform_norm)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
                 position_ids: Tensor | None = None, labels: Tensor | None = None,

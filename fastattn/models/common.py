@@ -6,7 +6,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from ..nn import MultiheadAttention
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
@@ -64,3 +66,24 @@ def attention_options(options: dict | None) -> dict:
     if options is not None and not isinstance(options, dict):
         raise TypeError(f"attention_options: expected a dict or None, got {type(options).__name__}")
     return dict(options or {})
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """BERT's and GPT-2's initialisation: weights N(0, std^2), biases 0, layer norms 1 and 0.
+
+    Linformer's sequence projections keep their own initialisation.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, MultiheadAttention):
+            for weight in (module.in_proj_weight, module.q_proj_weight, module.k_proj_weight, module.v_proj_weight):
+                if weight is not None:
+                    nn.init.normal_(weight, std=std)
+            if module.in_proj_bias is not None:
+                nn.init.zeros_(module.in_proj_bias)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import MultiheadAttention
-from .common import ModelOutput, activation, attention_options as _options, check_ids, key_padding_mask
+from .common import ModelOutput, activation, attention_options as _options, check_ids, init_weights, key_padding_mask
 
 __all__ = ["GPTModel", "GPTLMHeadModel"]
 
@@ -74,6 +74,10 @@ class GPTModel(nn.Module):
             for _ in range(num_layers)
         )
         self.ln_f = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        init_weights(self)
+        for block in self.h:  # GPT-2 scales the residual projections by 1/sqrt(2 * layers)
+            nn.init.normal_(block.attn.out_proj.weight, std=0.02 / (2 * num_layers) ** 0.5)
+            nn.init.normal_(block.c_proj.weight, std=0.02 / (2 * num_layers) ** 0.5)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 past_key_values: list | None = None, use_cache: bool = False) -> ModelOutput:

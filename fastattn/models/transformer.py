@@ -68,6 +68,8 @@ class Transformer(nn.Module):
         self.decoder_layers = nn.ModuleList(decoder_layers)
         self.output_projection = nn.Linear(d_model, self.tgt_embeddings.num_embeddings, bias=False)
         self.output_projection.weight = self.tgt_embeddings.weight
+        for embeddings in (self.src_embeddings, self.tgt_embeddings):
+            nn.init.normal_(embeddings.weight, std=d_model**-0.5)
 
     def _embed(self, embeddings: nn.Embedding, ids: Tensor) -> Tensor:
         hidden = embeddings(ids) * math.sqrt(self.d_model)
