@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,6 +42,9 @@ def _mechanism_module(mechanism: str):
 
 def _compiled_implementation(dispatch_key: str) -> Callable[[str], Callable | None]:
     def implementation(mechanism: str) -> Callable | None:
+        if torch.compiler.is_compiling():
+            # select() has checked this backend eagerly; fastattn.ops imported the mechanism's module.
+            return getattr(sys.modules[f"fastattn.ops.{mechanism}"], f"{mechanism}_attention")
         if compiled_extension_error() is not None:
             return None
         op = f"{mechanism}_fwd"
@@ -159,6 +163,22 @@ BACKENDS: dict[str, Backend] = {
 
 def select(mechanism: str, q: Tensor, backend: str | None = None, **options) -> Backend:
     """The backend that runs ``mechanism`` on inputs like ``q``: the one named, or the first that can."""
+    if torch.compiler.is_compiling():
+        return BACKENDS[_select_while_compiling(mechanism, q.device, q.dtype, q.shape[-1], backend,
+                                                tuple(sorted(options.items())))]
+    return _select(mechanism, q, backend, **options)
+
+
+@torch._dynamo.assume_constant_result
+def _select_while_compiling(mechanism: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                            backend: str | None, options: tuple) -> str:
+    """``select`` run eagerly while torch.compile traces (it imports modules and queries the dispatcher,
+    which Dynamo cannot trace): the choice depends only on the device, dtype and head dim of q."""
+    probe = torch.empty(1, 1, 1, head_dim, device=device, dtype=dtype)
+    return _select(mechanism, probe, backend, **dict(options)).name
+
+
+def _select(mechanism: str, q: Tensor, backend: str | None = None, **options) -> Backend:
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected None or one of {sorted(BACKENDS)}, got {backend!r}")

@@ -1,0 +1,263 @@
+"""The CPU block-sparse kernel (fastattn::block_sparse_fwd / _bwd) against the float64 reference."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import reference
+from fastattn.layout import BlockLayout, bigbird_layout
+from tests.utils import check_against_reference, describe_case
+
+
+def _random_layout(heads: int, query_blocks: int, key_blocks: int, block_size: int, density: float, seed: int) -> BlockLayout:
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(heads, query_blocks, key_blocks, generator=generator) < density
+    return BlockLayout.from_dense(mask, block_size)
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    heads: int
+    query_len: int
+    key_len: int
+    dim: int
+    block: int
+    layout: str = "bigbird"  # "bigbird" (shared), "bigbird-per-head", "random-per-head"
+    causal: bool = False
+    padding: bool = False
+    strided: bool = False  # q, k, v as (B, N, H, D) transposed views: non-contiguous, unit last stride
+    scale: float | None = None
+
+    @property
+    def differentiable(self) -> tuple[str, ...]:
+        # With a single key the softmax is constant: the exact gradients of q and k are 0, where the
+        # tolerance rule allows no rounding at all (test_single_key_gradients_vanish covers them).
+        return ("v",) if self.key_len == 1 else ("q", "k", "v")
+
+    @property
+    def id(self) -> str:
+        return describe_case(B=self.batch, H=self.heads, Nq=self.query_len, Nk=self.key_len, D=self.dim,
+                             bs=self.block, **{self.layout: True}, causal=self.causal, padding=self.padding,
+                             strided=self.strided, scaled=self.scale is not None)
+
+    def make_layout(self) -> BlockLayout:
+        if self.layout == "random-per-head":
+            return _random_layout(self.heads, -(-self.query_len // self.block), -(-self.key_len // self.block),
+                                  self.block, 0.4, seed=1)
+        heads = self.heads if self.layout == "bigbird-per-head" else 1
+        return bigbird_layout(self.query_len, block_size=self.block, num_heads=heads, num_random_blocks=2,
+                              seed=3, causal=self.causal)
+
+    def make_inputs(self) -> dict:
+        generator = torch.Generator().manual_seed(0)
+
+        def tensor(length: int) -> torch.Tensor:
+            if self.strided:
+                return torch.randn(self.batch, length, self.heads, self.dim, generator=generator).transpose(1, 2)
+            return torch.randn(self.batch, self.heads, length, self.dim, generator=generator)
+
+        padding = None
+        if self.padding:
+            padding = torch.zeros(self.batch, self.key_len, dtype=torch.bool)
+            padding[-1, self.key_len * 2 // 3:] = True
+            padding[0, 1::5] = True
+        return {"q": tensor(self.query_len), "k": tensor(self.key_len), "v": tensor(self.key_len),
+                "layout": self.make_layout(), "causal": self.causal, "key_padding_mask": padding, "scale": self.scale}
+
+
+CASES = [
+    Case(2, 3, 200, 200, 64, 64),  # lengths not a multiple of the block
+    Case(2, 3, 200, 200, 64, 64, causal=True),
+    Case(2, 3, 200, 200, 64, 64, padding=True),
+    Case(2, 3, 200, 200, 64, 64, layout="bigbird-per-head", causal=True, padding=True),
+    Case(1, 2, 20, 20, 32, 32),  # shorter than one block
+    Case(1, 2, 1, 1, 32, 16),  # one token
+    Case(1, 2, 1, 1, 64, 16, causal=True),
+    Case(1, 4, 256, 256, 32, 32, layout="bigbird-per-head"),
+    Case(1, 2, 130, 130, 128, 32, layout="bigbird-per-head", causal=True),
+    Case(1, 2, 150, 150, 40, 16, padding=True),  # odd head dim
+    Case(2, 2, 100, 170, 64, 32, layout="random-per-head"),  # Nq != Nk
+    Case(2, 2, 100, 170, 32, 32, layout="random-per-head", padding=True),
+    Case(1, 3, 96, 96, 64, 24, layout="random-per-head", causal=True),  # block size not a power of two
+    Case(2, 2, 120, 120, 64, 32, strided=True, padding=True),
+    Case(1, 2, 120, 120, 64, 32, layout="bigbird-per-head", scale=0.3),
+]
+
+
+def _cpu_kernel(q, k, v, layout, causal, key_padding_mask, scale):
+    return fastattn.block_sparse_attention(q, k, v, layout, causal=causal, key_padding_mask=key_padding_mask,
+                                           scale=scale, backend="cpu")
+
+
+def _reference(q, k, v, layout, causal, key_padding_mask, scale):
+    return reference.block_sparse_attention(q, k, v, layout, causal=causal, key_padding_mask=key_padding_mask,
+                                            scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_matches_reference(case: Case, dtype: torch.dtype):
+    check_against_reference(_cpu_kernel, _reference, case.make_inputs(), dtype, differentiable=case.differentiable)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["non-causal", "causal"])
+def test_single_key_gradients_vanish(causal):
+    inputs = Case(2, 2, 1, 1, 32, 16, causal=causal).make_inputs()
+    q, k, v = (inputs[name].requires_grad_() for name in ("q", "k", "v"))
+    out = _cpu_kernel(**inputs)
+    torch.testing.assert_close(out, v.detach(), rtol=0, atol=0)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    torch.testing.assert_close(v.grad, grad_out, rtol=0, atol=0)
+    for grad in (q.grad, k.grad):
+        assert grad.abs().max() <= 1e-5, "a softmax over one key does not depend on q or k"
+
+
+def test_strided_inputs_are_read_in_place():
+    inputs = Case(2, 2, 120, 120, 64, 32, strided=True).make_inputs()
+    assert not inputs["q"].is_contiguous() and inputs["q"].stride(-1) == 1
+    contiguous = {**inputs, **{name: inputs[name].contiguous() for name in ("q", "k", "v")}}
+    torch.testing.assert_close(_cpu_kernel(**inputs), _cpu_kernel(**contiguous), rtol=0, atol=0)
+
+
+def _masked_rows_inputs(dtype: torch.dtype) -> dict:
+    """Query block 1 lists only key block 2, which batch 1 pads; query block 3 lists no block at all."""
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[0, :2] = True
+    mask[1, 2] = True
+    mask[2, 1:] = True
+    layout = BlockLayout.from_dense(mask, 16)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 60, 32, generator=generator, dtype=dtype) for _ in range(3))
+    padding = torch.zeros(2, 60, dtype=torch.bool)
+    padding[1, 32:48] = True
+    return {"q": q, "k": k, "v": v, "layout": layout, "causal": False, "key_padding_mask": padding, "scale": None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fully_masked_rows_give_zeros_and_zero_grads(dtype):
+    inputs = _masked_rows_inputs(dtype)
+    check_against_reference(_cpu_kernel, _reference, inputs, dtype)
+    q, k, v = (inputs[name].requires_grad_() for name in ("q", "k", "v"))
+    out = _cpu_kernel(**inputs)
+    out.backward(torch.ones_like(out))
+    assert torch.all(out[1, :, 16:32] == 0), "rows whose only block is padding must be zero"
+    assert torch.all(out[:, :, 48:] == 0), "rows of a query block that lists no key block must be zero"
+    for grad in (q.grad, k.grad, v.grad):
+        assert torch.isfinite(grad).all()
+    assert torch.all(q.grad[1, :, 16:32] == 0) and torch.all(q.grad[:, :, 48:] == 0)
+    assert torch.all(k.grad[1, :, 32:48] == 0) and torch.all(v.grad[1, :, 32:48] == 0), "padded keys get no gradient"
+
+
+def test_lse_is_inf_for_rows_that_see_no_key():
+    inputs = _masked_rows_inputs(torch.float32)
+    layout = inputs["layout"]
+    _, lse = torch.ops.fastattn.block_sparse_fwd(inputs["q"], inputs["k"], inputs["v"], *layout.csr("cpu"),
+                                                 layout.block_size, False, inputs["key_padding_mask"], 32**-0.5)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, 60)
+    assert torch.all(lse[1, :, 16:32] == float("inf")) and torch.all(lse[:, :, 48:] == float("inf"))
+    assert torch.isfinite(lse[0, :, :48]).all()
+
+
+GRADCHECK_CASES = [
+    dict(query_len=10, key_len=10, block=4, causal=False, padding=False),
+    dict(query_len=10, key_len=10, block=4, causal=True, padding=False),
+    dict(query_len=11, key_len=11, block=4, causal=True, padding=True),
+    dict(query_len=7, key_len=13, block=3, causal=False, padding=True),
+]
+
+
+@pytest.mark.parametrize("params", GRADCHECK_CASES, ids=[describe_case(**p) for p in GRADCHECK_CASES])
+def test_gradcheck_float64(params):
+    generator = torch.Generator().manual_seed(0)
+    heads, dim = 2, 4
+    q = torch.randn(1, heads, params["query_len"], dim, generator=generator, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, heads, params["key_len"], dim, generator=generator, dtype=torch.float64,
+                        requires_grad=True) for _ in range(2))
+    layout = _random_layout(heads, -(-params["query_len"] // params["block"]), -(-params["key_len"] // params["block"]),
+                            params["block"], 0.6, seed=2)
+    padding = None
+    if params["padding"]:
+        padding = torch.zeros(1, params["key_len"], dtype=torch.bool)
+        padding[0, 1::3] = True
+
+    def fn(q, k, v):
+        return _cpu_kernel(q, k, v, layout, params["causal"], padding, None)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
+
+
+def _op_args(requires_grad: bool, padding: bool) -> tuple:
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=generator, requires_grad=requires_grad) for _ in range(3))
+    layout = bigbird_layout(40, block_size=8, num_heads=2, num_random_blocks=1)
+    mask = None
+    if padding:
+        mask = torch.zeros(2, 40, dtype=torch.bool)
+        mask[1, 30:] = True
+    return (q, k, v, *layout.csr("cpu"), layout.block_size, True, mask, 0.25)
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["no-padding", "padding"])
+def test_opcheck_fwd(padding):
+    torch.library.opcheck(torch.ops.fastattn.block_sparse_fwd.default, _op_args(True, padding))
+
+
+def test_opcheck_bwd():
+    q, k, v, *csr, block_size, causal, mask, scale = _op_args(False, True)
+    out, lse = torch.ops.fastattn.block_sparse_fwd(q, k, v, *csr, block_size, causal, mask, scale)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.fastattn.block_sparse_bwd.default,
+                          (grad_out, q, k, v, out, lse, *csr, block_size, causal, mask, scale))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    layout = bigbird_layout(72, block_size=16, num_heads=2, num_random_blocks=1)
+    padding = torch.zeros(1, 72, dtype=torch.bool)
+    padding[0, 60:] = True
+
+    def loss(q, k, v):
+        out = fastattn.block_sparse_attention(q, k, v, layout, causal=False, key_padding_mask=padding, backend="cpu")
+        return (out * out).sum(), out
+
+    def run(fn):
+        q, k, v = (torch.randn(1, 2, 72, 32, generator=torch.Generator().manual_seed(i)).requires_grad_()
+                   for i in range(3))
+        value, out = fn(q, k, v)
+        value.backward()
+        return out.detach(), q.grad, k.grad, v.grad
+
+    eager = run(loss)
+    compiled = run(torch.compile(loss, fullgraph=True, backend="inductor"))
+    for name, a, b in zip(("out", "grad q", "grad k", "grad v"), compiled, eager):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["non-causal", "causal"])
+def test_bigbird_attention_is_block_sparse_with_bigbird_layout(causal):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 150, 32, generator=generator) for _ in range(3))
+    layout = bigbird_layout(150, block_size=16, num_heads=3, num_random_blocks=2, seed=5, causal=causal)
+    expected = fastattn.block_sparse_attention(q, k, v, layout, causal=causal, backend="cpu")
+    actual = fastattn.bigbird_attention(q, k, v, block_size=16, num_random_blocks=2, seed=5, causal=causal,
+                                        backend="cpu")
+    assert torch.equal(actual, expected)
+    other_seed = fastattn.bigbird_attention(q, k, v, block_size=16, num_random_blocks=2, seed=6, causal=causal,
+                                            backend="cpu")
+    assert not torch.equal(other_seed, expected), "the seed must change the random blocks"
+
+
+def test_deterministic():
+    inputs = Case(2, 3, 200, 200, 64, 32, layout="bigbird-per-head", padding=True).make_inputs()
+    results = []
+    for _ in range(2):
+        q, k, v = (inputs[name].clone().requires_grad_() for name in ("q", "k", "v"))
+        out = _cpu_kernel(q, k, v, inputs["layout"], False, inputs["key_padding_mask"], None)
+        out.sum().backward()
+        results.append((out, q.grad, k.grad, v.grad))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
