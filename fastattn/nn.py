@@ -523,6 +523,7 @@ class MultiheadAttention(nn.Module):
         so each new token costs the same whatever the length, and the outputs equal the causal
         forward's (same features and stabilisers as ``fastattn.reference.performer_attention``).
         BigBird and Linformer have no incremental form (BigBird's layout depends on the total length).
+        The first call (the prompt) runs the causal op and sums the prompt's keys into the state at once.
         """
         if self.attention not in ("full", "performer"):
             raise ValueError(f"attention: incremental decoding supports 'full' and 'performer', not {self.attention!r}")
@@ -552,15 +553,16 @@ class MultiheadAttention(nn.Module):
         accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
         phi_q, _ = performer_features(q, projection, kernel=kernel, scale=scale)
         phi_k, key_max = performer_features(k, projection, kernel=kernel, scale=scale)
-        phi_q, phi_k, v, key_max = phi_q.to(accumulate), phi_k.to(accumulate), v.to(accumulate), key_max.to(accumulate)
+        phi_k, key_max, values = phi_k.to(accumulate), key_max.to(accumulate), v.to(accumulate)
         if state is None:
-            batch, heads, _, features = phi_k.shape
-            state = {
-                "kv": phi_k.new_zeros(batch, heads, features, v.shape[-1]),
-                "normaliser": phi_k.new_zeros(batch, heads, features),
-                "stabiliser": phi_k.new_full((batch, heads), float("-inf")) if kernel == "softmax"
-                else phi_k.new_zeros(batch, heads),
-            }
+            # the prompt: outputs from the causal op, the state in closed form (sums relative to the largest key logit)
+            out = functional.performer_attention(q, k, v, projection, kernel=kernel, causal=True,
+                                                 backend=self.attention_options["backend"])
+            stabiliser = key_max.amax(-1)
+            key_features = phi_k * torch.exp(key_max - stabiliser.unsqueeze(-1)).unsqueeze(-1)
+            return out, {"kv": torch.einsum("bhnm,bhnd->bhmd", key_features, values),
+                         "normaliser": key_features.sum(-2), "stabiliser": stabiliser}
+        phi_q, v = phi_q.to(accumulate), values
         kv, normaliser, stabiliser = state["kv"], state["normaliser"], state["stabiliser"]
         outputs = []
         for t in range(q.shape[2]):
