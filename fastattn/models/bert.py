@@ -102,7 +102,9 @@ class BertModel(nn.Module):
         if isinstance(hf_model, HFBertForPreTraining):
             hf_model = hf_model.bert
         if not isinstance(hf_model, HFBertModel):
-            raise TypeError(f"hf_model: expected a transformers BertModel or BertForPreTraining, got {type(hf_model).__name__}")
+            raise TypeError(
+                f"hf_model: expected a transformers BertModel or BertForPreTraining, got {type(hf_model).__name__}"
+            )
         model = cls(**_config_arguments(hf_model.config), add_pooling_layer=hf_model.pooler is not None,
                     attention=attention, attention_options=attention_options)
         model.load_state_dict(_bert_state_dict(hf_model.state_dict(), model), strict=True)

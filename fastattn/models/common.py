@@ -39,7 +39,9 @@ def key_padding_mask(attention_mask: Tensor | None, input_ids: Tensor, name: str
     if attention_mask is None:
         return None
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(f"{name}: expected shape {tuple(input_ids.shape)} (that of the ids), got {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"{name}: expected shape {tuple(input_ids.shape)} (that of the ids), got {tuple(attention_mask.shape)}"
+        )
     return attention_mask == 0
 
 
@@ -49,7 +51,9 @@ def check_ids(input_ids, max_positions: int | None, name: str = "input_ids") -> 
             else type(input_ids).__name__
         raise ValueError(f"{name}: expected an int64 tensor (batch, length), got {described}")
     if max_positions is not None and input_ids.shape[1] > max_positions:
-        raise ValueError(f"{name}: expected at most {max_positions} positions (max_position_embeddings), got {input_ids.shape[1]}")
+        raise ValueError(
+            f"{name}: expected at most {max_positions} positions (max_position_embeddings), got {input_ids.shape[1]}"
+        )
 
 
 def sinusoidal_positions(length: int, dim: int, *, offset: int = 0, device=None, dtype=None) -> Tensor:
