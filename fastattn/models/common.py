@@ -49,7 +49,7 @@ def check_ids(input_ids, max_positions: int | None, name: str = "input_ids") -> 
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
         described = f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor) \
             else type(input_ids).__name__
-        raise ValueError(f"{name}: expected an int64 tensor (batch, length), got {described}")
+        raise ValueError(f"{name}: expected an integer (int64 or int32) tensor (batch, length), got {described}")
     if max_positions is not None and input_ids.shape[1] > max_positions:
         raise ValueError(
             f"{name}: expected at most {max_positions} positions (max_position_embeddings), got {input_ids.shape[1]}"
