@@ -88,6 +88,7 @@ def test_gpt2_lm_head_matches_transformers(side):
         torch.testing.assert_close(actual.loss, expected.loss, atol=1e-4, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:.*does not apply attention dropout")
 def test_gpt2_model_matches_transformers_and_loads_into_every_mechanism():
     torch.manual_seed(3)
     theirs = transformers.GPT2Model(gpt2_config(activation_function="gelu")).eval()
@@ -101,6 +102,7 @@ def test_gpt2_model_matches_transformers_and_loads_into_every_mechanism():
         assert ours(input_ids).last_hidden_state.shape == expected.shape
 
 
+@pytest.mark.filterwarnings("ignore:.*does not apply attention dropout")
 def test_bert_from_hf_with_linformer_keeps_weights():
     theirs = transformers.BertModel(bert_config()).eval()
     ours = BertModel.from_hf(theirs, attention="linformer", **OPTIONS["linformer"]).eval()
