@@ -598,12 +598,15 @@ def replace_attention(model: nn.Module, attention: str = "full", **attention_opt
     """
     if isinstance(model, (nn.MultiheadAttention, MultiheadAttention)):
         raise TypeError("model: got a MultiheadAttention itself; use fastattn.nn.MultiheadAttention.from_torch(model)")
-    swapped = 0
+    replacements: dict[int, MultiheadAttention] = {}  # a layer shared by several parents stays shared
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.MultiheadAttention):
-                setattr(parent, name, MultiheadAttention.from_torch(child, attention=attention, **attention_options))
-                swapped += 1
+                if id(child) not in replacements:
+                    replacements[id(child)] = MultiheadAttention.from_torch(child, attention=attention,
+                                                                            **attention_options)
+                setattr(parent, name, replacements[id(child)])
+    swapped = len(replacements)
     if swapped:
         for module in model.modules():
             if isinstance(module, nn.TransformerEncoder):

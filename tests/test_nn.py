@@ -415,6 +415,14 @@ def test_replace_attention_in_decoder_layer_keeps_weights_and_mode():
     assert torch.equal(layer.multihead_attn.in_proj_weight, weight)
 
 
+def test_replace_attention_keeps_shared_layers_shared():
+    shared = nn.MultiheadAttention(16, 2)
+    model = nn.ModuleDict({"first": nn.ModuleDict({"attn": shared}), "second": nn.ModuleDict({"attn": shared})})
+    assert fastattn.replace_attention(model) == 1
+    assert isinstance(model["first"]["attn"], MultiheadAttention)
+    assert model["first"]["attn"] is model["second"]["attn"]
+
+
 def test_replace_attention_needs_a_parent_module():
     with pytest.raises(TypeError, match="use fastattn.nn.MultiheadAttention.from_torch"):
         fastattn.replace_attention(nn.MultiheadAttention(16, 2))
