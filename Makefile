@@ -11,7 +11,7 @@ DEPS_STAMP := $(VENV)/.fastattn-deps
 DEPS := setuptools wheel ninja pybind11 numpy pytest hypothesis tqdm matplotlib triton \
         "transformers==4.57.*" performer-pytorch "local-attention==1.9.0" linformer
 
-.PHONY: build test bench gpu-check cuda-build-check
+.PHONY: build test bench gpu-check cuda-build-check cuda-compile-each
 
 $(DEPS_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,7 @@ gpu-check:
 # Compiles and links the CUDA kernels against a CUDA build of torch; needs nvcc, not a GPU.
 cuda-build-check:
 	bash scripts/cuda_build_check.sh
+
+# Compiles each csrc/cuda/*.cu alone with plain nvcc -c (no torch on the include path); needs nvcc, not a GPU.
+cuda-compile-each:
+	bash scripts/cuda_compile_each.sh

@@ -89,10 +89,18 @@ def _no_reasons(mechanism: str, q: Tensor, options: dict) -> list[str]:
 
 
 def _cuda_reasons(mechanism: str, q: Tensor, options: dict) -> list[str]:
+    if mechanism != "block_sparse":
+        return []
+    reasons = []
     block_size = options.get("block_size")
-    if mechanism == "block_sparse" and block_size not in (32, 64, 128):
-        return [f"block_size must be 32, 64 or 128, got {block_size}"]
-    return []
+    if block_size not in (32, 64, 128):
+        reasons.append(f"block_size must be 32, 64 or 128, got {block_size}")
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        capability = torch.cuda.get_device_capability(q.device)
+        if capability < (8, 0):
+            reasons.append(f"float16/bfloat16 need tensor cores of compute capability 8.0+ (mma.sync m16n8k16), "
+                           f"got {capability[0]}.{capability[1]}")
+    return reasons
 
 
 def _triton_reasons(mechanism: str, q: Tensor, options: dict) -> list[str]:

@@ -11,21 +11,29 @@ test -x "$venv/bin/python" || python3 -m venv "$venv"
 site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 export CPATH="$site/nvidia/cu13/include${CPATH:+:$CPATH}"
 export LIBRARY_PATH="/usr/local/cuda/lib64${LIBRARY_PATH:+:$LIBRARY_PATH}"
-export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
+export CUDA_HOME=${CUDA_HOME:-$(bash scripts/cuda_home.sh)}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
 export FASTATTN_CUDA=1
 start=$(date +%s)
 "$venv/bin/python" setup.py -q build_ext --build-lib build-cuda/lib --build-temp build-cuda/temp
 echo "CUDA build took $(( $(date +%s) - start )) s"
 so=$(ls build-cuda/lib/fastattn/_C*.so)
-nm -D --undefined-only "$so" | grep -q cudaLaunchKernel || echo "note: $so references no cudaLaunchKernel (no CUDA kernels yet)"
-PYTHONPATH=build-cuda/lib "$venv/bin/python" - <<'PY'
+if ! nm -D --undefined-only "$so" | grep -q cudaLaunchKernel; then
+  echo "error: $so references no cudaLaunchKernel: the CUDA kernels were not linked in" >&2
+  exit 1
+fi
+# -P: not the source tree's fastattn/ (no _C there), but build-cuda/lib/fastattn, which holds the fresh _C.
+PYTHONPATH="$PWD/build-cuda/lib" "$venv/bin/python" -P - <<'PY'
 import torch
 import fastattn._C as built
 
 assert "cuda" in built.compiled_backends, built.compiled_backends
 print("fastattn._C (CUDA build) loads; backends:", built.compiled_backends, "archs:", built.cuda_archs)
+missing = []
 for op in ("block_sparse_fwd", "block_sparse_bwd"):
     has = torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", "CUDA")
     print(f"fastattn::{op} CUDA kernel registered: {has}")
+    if not has:
+        missing.append(op)
+assert not missing, f"no CUDA kernel registered for fastattn::{', '.join(missing)}"
 PY

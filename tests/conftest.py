@@ -1,12 +1,15 @@
 import os
 
+import torch
+
 # Set before fastattn or triton is imported: compiled ops fill their outputs with NaN before writing
-# (an unwritten tile fails), and Triton runs its kernels in the interpreter on CPU tensors.
+# (an unwritten tile fails), and without a GPU Triton runs its kernels in the interpreter on CPU
+# tensors (on a GPU machine the interpreter would make the GPU tests crawl).
 os.environ.setdefault("FASTATTN_POISON_OUTPUTS", "1")
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -57,8 +57,8 @@ def check_against_reference(kernel: Callable[..., Tensor], reference: Callable[.
                             backward: bool = True, seed: int = 0) -> None:
     """The tolerance rule on the output and every gradient: kernel in ``dtype`` vs reference in float64."""
     generator = torch.Generator().manual_seed(seed)
-    reference64, grads64 = forward_backward(reference, inputs, None, torch.float64, differentiable)
-    grad_out = torch.randn(reference64.shape, generator=generator, dtype=torch.float64) if backward else None
+    reference64, _ = forward_backward(reference, inputs, None, torch.float64, differentiable)
+    grad_out = torch.randn(reference64.shape, generator=generator, dtype=torch.float64).to(reference64.device) if backward else None
     reference64, grads64 = forward_backward(reference, inputs, grad_out, torch.float64, differentiable)
     reference_low, grads_low = forward_backward(reference, inputs, grad_out, dtype, differentiable)
     actual, grads = forward_backward(kernel, inputs, grad_out, dtype, differentiable)

@@ -3,4 +3,6 @@
 ``IMPLEMENTATIONS`` maps a mechanism to its differentiable call, with the signature of the matching
 ``fastattn.ops.<mechanism>.<mechanism>_attention``; the backend registry reads it.
 """
-IMPLEMENTATIONS: dict = {}
+from .block_sparse import block_sparse_attention
+
+IMPLEMENTATIONS: dict = {"block_sparse": block_sparse_attention}

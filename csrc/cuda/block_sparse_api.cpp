@@ -1,0 +1,209 @@
+// Torch-facing side of the CUDA block-sparse kernels: checks the inputs (messages name the argument,
+// the expected and the actual value), fills the torch-free params, launches on the current stream,
+// and registers the kernels for the CUDA dispatch key of the schemas in csrc/fastattn.cpp.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "block_sparse_launch.h"
+#include "common.h"
+
+namespace fastattn {
+namespace {
+
+constexpr int64_t kMaxGridDim = 65535;
+
+// The tensor-core kernels copy rows with 16-byte cp.async: rows that are not 16-byte aligned get an aligned copy.
+at::Tensor with_aligned_rows(const at::Tensor& t) {
+  const int64_t elements_per_16_bytes = 16 / t.element_size();
+  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t dim = 0; dim + 1 < t.dim(); ++dim) {
+    aligned = aligned && (t.size(dim) == 1 || t.stride(dim) % elements_per_16_bytes == 0);
+  }
+  return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& row_offsets,
+                  const at::Tensor& col_indices, const at::Tensor& col_offsets, const at::Tensor& row_indices,
+                  int64_t block_size, bool causal, const std::optional<at::Tensor>& key_padding_mask) {
+  check_qkv(q, k, v);
+  TORCH_CHECK_VALUE(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+                   "q: expected dtype float16, bfloat16 or float32 on CUDA, got ", dtype);
+  if (dtype != at::kFloat) {
+    const auto* properties = at::cuda::getDeviceProperties(q.get_device());
+    TORCH_CHECK_VALUE(properties->major >= 8, "q: float16/bfloat16 block-sparse attention needs tensor cores of ",
+                      "compute capability 8.0 or newer (mma.sync m16n8k16), got ", properties->major, ".",
+                      properties->minor, " (", properties->name, "); use float32");
+  }
+  const int64_t head_dim = q.size(3);
+  TORCH_CHECK_VALUE(head_dim == 32 || head_dim == 64 || head_dim == 128,
+                    "q: expected head dim 32, 64 or 128 on CUDA, got ", head_dim);
+  TORCH_CHECK_VALUE(block_size == 32 || block_size == 64 || block_size == 128,
+                    "block_size: expected 32, 64 or 128 on CUDA, got ", block_size);
+  TORCH_CHECK_VALUE(!causal || q.size(2) == k.size(2), "causal: expected Nq == Nk, got Nq=", q.size(2),
+                    " and Nk=", k.size(2));
+  TORCH_CHECK_VALUE(q.size(0) <= kMaxGridDim && q.size(1) <= kMaxGridDim, "q: expected B and H <= ", kMaxGridDim,
+                    ", got shape ", q.sizes());
+  TORCH_CHECK_VALUE(q.size(2) < std::numeric_limits<int32_t>::max() && k.size(2) < std::numeric_limits<int32_t>::max(),
+                    "q, k: expected lengths below 2^31, got Nq=", q.size(2), " and Nk=", k.size(2));
+  check_key_padding_mask(key_padding_mask, q, k.size(2));
+  const int64_t heads = q.size(1);
+  check_csr("row_offsets", row_offsets, "col_indices", col_indices, heads, ceil_div(q.size(2), block_size), q);
+  check_csr("col_offsets", col_offsets, "row_indices", row_indices, heads, ceil_div(k.size(2), block_size), q);
+  TORCH_CHECK_VALUE(row_offsets.size(0) == col_offsets.size(0), "col_offsets: expected ", row_offsets.size(0),
+                    " heads (as row_offsets), got ", col_offsets.size(0));
+}
+
+int64_t layout_head_stride(const at::Tensor& csr_part) { return csr_part.size(0) == 1 ? 0 : csr_part.stride(0); }
+
+void fill_fwd_params(cuda::BlockSparseFwdParams& params, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& row_offsets,
+                     const at::Tensor& col_indices, const at::Tensor& col_offsets, const at::Tensor& row_indices,
+                     int64_t block_size, bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  params.q = q.data_ptr();
+  params.k = k.data_ptr();
+  params.v = v.data_ptr();
+  params.out = out.data_ptr();
+  params.lse = lse.data_ptr<float>();
+  params.q_batch_stride = q.stride(0), params.q_head_stride = q.stride(1), params.q_row_stride = q.stride(2);
+  params.k_batch_stride = k.stride(0), params.k_head_stride = k.stride(1), params.k_row_stride = k.stride(2);
+  params.v_batch_stride = v.stride(0), params.v_head_stride = v.stride(1), params.v_row_stride = v.stride(2);
+  params.out_batch_stride = out.stride(0), params.out_head_stride = out.stride(1);
+  params.out_row_stride = out.stride(2);
+  params.row_offsets = row_offsets.data_ptr<int32_t>();
+  params.col_indices = col_indices.data_ptr<int32_t>();
+  params.col_offsets = col_offsets.data_ptr<int32_t>();
+  params.row_indices = row_indices.data_ptr<int32_t>();
+  params.row_offsets_head_stride = layout_head_stride(row_offsets);
+  params.col_indices_head_stride = layout_head_stride(col_indices);
+  params.col_offsets_head_stride = layout_head_stride(col_offsets);
+  params.row_indices_head_stride = layout_head_stride(row_indices);
+  params.key_padding_mask = key_padding_mask.has_value() ? key_padding_mask->data_ptr<bool>() : nullptr;
+  params.batch = static_cast<int>(q.size(0));
+  params.heads = static_cast<int>(q.size(1));
+  params.query_len = static_cast<int>(q.size(2));
+  params.key_len = static_cast<int>(k.size(2));
+  params.head_dim = static_cast<int>(q.size(3));
+  params.block_size = static_cast<int>(block_size);
+  params.num_query_blocks = static_cast<int>(ceil_div(q.size(2), block_size));
+  params.num_key_blocks = static_cast<int>(ceil_div(k.size(2), block_size));
+  params.scale = static_cast<float>(scale);
+  params.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  params.causal = causal;
+}
+
+template <typename Element, typename Params, typename Run>
+void for_head_dim(const Params& params, Run&& run) {
+  switch (params.head_dim) {
+    case 32: return run.template operator()<Element, 32>(params);
+    case 64: return run.template operator()<Element, 64>(params);
+    default: return run.template operator()<Element, 128>(params);
+  }
+}
+
+template <typename Params, typename Run>
+void for_dtype_and_head_dim(at::ScalarType dtype, const Params& params, Run&& run) {
+  switch (dtype) {
+    case at::kHalf: return for_head_dim<__half>(params, run);
+    case at::kBFloat16: return for_head_dim<__nv_bfloat16>(params, run);
+    default: return for_head_dim<float>(params, run);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& row_offsets,
+    const at::Tensor& col_indices, const at::Tensor& col_offsets, const at::Tensor& row_indices, int64_t block_size,
+    bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  check_inputs(q_in, k_in, v_in, row_offsets, col_indices, col_offsets, row_indices, block_size, causal,
+               key_padding_mask);
+  const c10::cuda::CUDAGuard device_guard(q_in.device());
+  const at::Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in), v = with_aligned_rows(v_in);
+  at::Tensor out = new_output(q.sizes(), q.options());
+  at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+  if (k.size(2) == 0) {
+    out.zero_();
+    lse.fill_(std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  cuda::BlockSparseFwdParams params{};
+  fill_fwd_params(params, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size, causal,
+                  key_padding_mask, scale);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for_dtype_and_head_dim(q.scalar_type(), params, [stream]<typename Element, int HeadDim>(const auto& p) {
+    cuda::run_block_sparse_fwd<Element, HeadDim>(p, stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_bwd_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out, const at::Tensor& lse_in, const at::Tensor& row_offsets, const at::Tensor& col_indices,
+    const at::Tensor& col_offsets, const at::Tensor& row_indices, int64_t block_size, bool causal,
+    const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  check_inputs(q_in, k_in, v_in, row_offsets, col_indices, col_offsets, row_indices, block_size, causal,
+               key_padding_mask);
+  for (const auto& [name, t] : {std::pair{"grad_out", &grad_out_in}, std::pair{"out", &out}}) {
+    TORCH_CHECK_VALUE(t->sizes() == q_in.sizes(), name, ": expected the shape of q ", q_in.sizes(), ", got ",
+                      t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == q_in.scalar_type(), name, ": expected dtype ", q_in.scalar_type(),
+                     " (that of q), got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == q_in.device(), name, ": expected device ", q_in.device(), ", got ",
+                      t->device());
+    TORCH_CHECK_VALUE(t->stride(3) == 1, name, ": expected unit stride in the last dim, got strides ", t->strides());
+  }
+  TORCH_CHECK_TYPE(lse_in.scalar_type() == at::kFloat, "lse: expected dtype float32, got ", lse_in.scalar_type());
+  TORCH_CHECK_VALUE(lse_in.sizes() == q_in.sizes().slice(0, 3), "lse: expected shape ", q_in.sizes().slice(0, 3),
+                    ", got ", lse_in.sizes());
+  TORCH_CHECK_VALUE(lse_in.device() == q_in.device(), "lse: expected device ", q_in.device(), ", got ",
+                    lse_in.device());
+  const c10::cuda::CUDAGuard device_guard(q_in.device());
+  const at::Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in), v = with_aligned_rows(v_in);
+  const at::Tensor grad_out = with_aligned_rows(grad_out_in);
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor grad_q = new_output(q.sizes(), q.options());
+  at::Tensor grad_k = new_output(k.sizes(), k.options());
+  at::Tensor grad_v = new_output(v.sizes(), v.options());
+  if (q.numel() == 0 || k.numel() == 0) {
+    grad_q.zero_(), grad_k.zero_(), grad_v.zero_();
+    return {grad_q, grad_k, grad_v};
+  }
+  at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+
+  cuda::BlockSparseBwdParams params{};
+  fill_fwd_params(params, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, block_size, causal,
+                  key_padding_mask, scale);
+  params.grad_out = grad_out.data_ptr();
+  params.grad_out_batch_stride = grad_out.stride(0);
+  params.grad_out_head_stride = grad_out.stride(1);
+  params.grad_out_row_stride = grad_out.stride(2);
+  params.grad_q = grad_q.data_ptr();
+  params.grad_k = grad_k.data_ptr();
+  params.grad_v = grad_v.data_ptr();
+  params.delta = delta.data_ptr<float>();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for_dtype_and_head_dim(q.scalar_type(), params, [stream]<typename Element, int HeadDim>(const auto& p) {
+    cuda::run_block_sparse_bwd<Element, HeadDim>(p, stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("block_sparse_fwd", &fastattn::block_sparse_fwd_cuda);
+  m.impl("block_sparse_bwd", &fastattn::block_sparse_bwd_cuda);
+}

@@ -1,0 +1,129 @@
+// The kernels of csrc/cuda compiled for the CPU (see cuda_shim.h), behind a C ABI for ctypes: each
+// call fills the same params struct as csrc/cuda/block_sparse_api.cpp (contiguous tensors) and runs
+// the grid one CTA at a time, with the tile choice of csrc/cuda/block_sparse_launch.cuh.
+#include <thread>
+#include <vector>
+
+#include "block_sparse_bwd_kernel.cuh"
+#include "block_sparse_fwd_kernel.cuh"
+#include "block_sparse_simt_kernel.cuh"
+
+namespace fastattn::cuda {
+alignas(16) unsigned char shared_memory[160 * 1024];
+}  // namespace fastattn::cuda
+
+namespace {
+
+using namespace fastattn::cuda;
+
+template <typename Params>
+void run_grid(void (*kernel)(Params), dim3 grid, int threads, int shared_bytes, const Params& params) {
+  if (shared_bytes > static_cast<int>(sizeof(shared_memory))) std::abort();
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        std::memset(shared_memory, 0xff, sizeof(shared_memory));  // NaN in every float type: unwritten reads show
+        emulation::Cta cta(threads);
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; ++t) {
+          pool.emplace_back([&, t] {
+            emulation::context = {{unsigned(t), 0, 0}, {x, y, z}, &cta, &cta.warps[t / 32], t % 32};
+            kernel(params);
+          });
+        }
+        for (auto& thread : pool) thread.join();
+      }
+    }
+  }
+}
+
+int tiles(int length, int tile) { return (length + tile - 1) / tile; }
+
+template <typename Traits>
+void fwd(const BlockSparseFwdParams& p) {
+  const dim3 grid(tiles(p.query_len, Traits::kTile), p.heads, p.batch);
+  if constexpr (std::is_same_v<typename Traits::Element, float>) {
+    run_grid(block_sparse_fwd_simt_kernel<Traits>, grid, Traits::kThreads, Traits::kSharedBytes, p);
+  } else {
+    run_grid(block_sparse_fwd_kernel<Traits>, grid, Traits::kThreads, Traits::kFwdSharedBytes, p);
+  }
+}
+
+template <typename Traits>
+void bwd(const BlockSparseBwdParams& p) {
+  run_grid(block_sparse_bwd_preprocess_kernel<typename Traits::Element>, dim3(tiles(p.query_len, 8), p.heads, p.batch),
+           256, 0, p);
+  const dim3 query_grid(tiles(p.query_len, Traits::kTile), p.heads, p.batch);
+  const dim3 key_grid(tiles(p.key_len, Traits::kTile), p.heads, p.batch);
+  if constexpr (std::is_same_v<typename Traits::Element, float>) {
+    run_grid(block_sparse_bwd_dkdv_simt_kernel<Traits>, key_grid, Traits::kThreads, Traits::kSharedBytes, p);
+    run_grid(block_sparse_bwd_dq_simt_kernel<Traits>, query_grid, Traits::kThreads, Traits::kSharedBytes, p);
+  } else {
+    run_grid(block_sparse_bwd_dkdv_kernel<Traits>, key_grid, Traits::kThreads, Traits::kBwdSharedBytes, p);
+    run_grid(block_sparse_bwd_dq_kernel<Traits>, query_grid, Traits::kThreads, Traits::kBwdSharedBytes, p);
+  }
+}
+
+template <typename Element, int HeadDim>
+void run(const BlockSparseBwdParams& p, bool backward) {
+  if constexpr (std::is_same_v<Element, float>) {
+    backward ? bwd<SimtTraits<HeadDim>>(p) : fwd<SimtTraits<HeadDim>>(p);
+  } else if (backward) {
+    if (HeadDim == 128 || p.block_size == 32) {
+      bwd<TensorCoreTraits<Element, HeadDim, 32>>(p);
+    } else {
+      bwd<TensorCoreTraits<Element, HeadDim, 64>>(p);
+    }
+  } else if (p.block_size == 32) {
+    fwd<TensorCoreTraits<Element, HeadDim, 32>>(p);
+  } else {
+    fwd<TensorCoreTraits<Element, HeadDim, 64>>(p);
+  }
+}
+
+template <typename Element>
+void run_head_dim(const BlockSparseBwdParams& p, bool backward) {
+  switch (p.head_dim) {
+    case 32: return run<Element, 32>(p, backward);
+    case 64: return run<Element, 64>(p, backward);
+    default: return run<Element, 128>(p, backward);
+  }
+}
+
+}  // namespace
+
+// dtype: 0 float16, 1 bfloat16, 2 float32. Tensors contiguous: q, out, grad_out, grad_q (B, H, Nq, D);
+// k, v, grad_k, grad_v (B, H, Nk, D); lse, delta (B, H, Nq); CSR as in csrc/fastattn.cpp with
+// layout_heads (1 or H) heads. Backward when grad_out is not null (then out and lse are inputs).
+extern "C" void emulated_block_sparse(int dtype, const void* q, const void* k, const void* v, void* out, float* lse,
+                                      const int32_t* row_offsets, const int32_t* col_indices,
+                                      const int32_t* col_offsets, const int32_t* row_indices, int layout_heads,
+                                      int nnz_max, const bool* key_padding_mask, int batch, int heads, int query_len,
+                                      int key_len, int head_dim, int block_size, bool causal, float scale,
+                                      const void* grad_out, void* grad_q, void* grad_k, void* grad_v, float* delta) {
+  BlockSparseBwdParams p{};
+  p.q = q, p.k = k, p.v = v, p.out = out, p.lse = lse;
+  p.q_row_stride = p.out_row_stride = p.grad_out_row_stride = head_dim;
+  p.q_head_stride = p.out_head_stride = p.grad_out_head_stride = int64_t(query_len) * head_dim;
+  p.q_batch_stride = p.out_batch_stride = p.grad_out_batch_stride = int64_t(heads) * query_len * head_dim;
+  p.k_row_stride = p.v_row_stride = head_dim;
+  p.k_head_stride = p.v_head_stride = int64_t(key_len) * head_dim;
+  p.k_batch_stride = p.v_batch_stride = int64_t(heads) * key_len * head_dim;
+  const int query_blocks = (query_len + block_size - 1) / block_size;
+  const int key_blocks = (key_len + block_size - 1) / block_size;
+  p.row_offsets = row_offsets, p.col_indices = col_indices, p.col_offsets = col_offsets, p.row_indices = row_indices;
+  p.row_offsets_head_stride = layout_heads == 1 ? 0 : query_blocks + 1;
+  p.col_offsets_head_stride = layout_heads == 1 ? 0 : key_blocks + 1;
+  p.col_indices_head_stride = p.row_indices_head_stride = layout_heads == 1 ? 0 : nnz_max;
+  p.key_padding_mask = key_padding_mask;
+  p.batch = batch, p.heads = heads, p.query_len = query_len, p.key_len = key_len, p.head_dim = head_dim;
+  p.block_size = block_size, p.num_query_blocks = query_blocks, p.num_key_blocks = key_blocks;
+  p.scale = scale, p.scale_log2 = scale * 1.4426950408889634f, p.causal = causal;
+  p.grad_out = grad_out, p.grad_q = grad_q, p.grad_k = grad_k, p.grad_v = grad_v, p.delta = delta;
+  const bool backward = grad_out != nullptr;
+  switch (dtype) {
+    case 0: return run_head_dim<__half>(p, backward);
+    case 1: return run_head_dim<__nv_bfloat16>(p, backward);
+    default: return run_head_dim<float>(p, backward);
+  }
+}

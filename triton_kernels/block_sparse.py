@@ -1,0 +1,495 @@
+"""Block-sparse (BigBird) attention in Triton: FlashAttention-2 forward and backward over a block CSR.
+
+Every program owns a tile of rows inside one layout block and walks the list of blocks that the layout
+gives that block, read from the CSR index tensors inside the kernel, in tiles of BM x BN (each
+dividing the block size; see ``_tiles``):
+
+- forward: one program per (query tile, batch * head) loops over its block's row of ``col_indices``
+  with an online softmax in registers (exp2 with log2(e) folded into the scale) and saves the output
+  and the natural log-sum-exp per row (+inf for a row that sees no key, whose output is 0);
+- backward: a preprocess computes D = rowsum(dO * O); one program per (key tile, batch * head) loops
+  over the transposed CSR (``col_offsets``/``row_indices``) for dK and dV, one program per (query
+  tile, batch * head) loops over the CSR for dQ. Each gradient tile is written by exactly one
+  program, so the backward is deterministic and needs no atomics.
+
+With ``causal`` key tiles past a query tile's last row are skipped (so are listed blocks above the
+diagonal) and the diagonal is masked element-wise; lengths need not be multiples of the block size
+(every load is masked). Layouts are shared by all heads (CSR head stride 0) or given per head. The launches are wrapped
+in ``torch.library`` custom ops (``fastattn::triton_block_sparse_fwd`` / ``_bwd``) with fake kernels and
+an autograd formula, so ``torch.compile(fullgraph=True)`` keeps them in the graph.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..layout import BlockLayout
+
+__all__ = ["block_sparse_attention", "SUPPORTED_BLOCK_SIZES", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
+
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+# float64 is for gradcheck (in the interpreter): it accumulates and saves lse in float64.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+LOG2E = math.log2(math.e)
+LN2 = tl.constexpr(math.log(2.0))
+MAX_BATCH_HEADS = 65535
+
+
+@triton.jit
+def block_sparse_fwd_kernel(
+    q, k, v, o, lse, row_offsets, col_indices, key_padding_mask,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_row_h, stride_col_h, stride_pad_b,
+    H, Nq, Nk, scale_log2,
+    CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_qb = i_m * BM // BLOCK
+
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n = tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+    m_m = o_m < Nq
+
+    p_q = q + i_b * stride_qb + i_h * stride_qh + o_m.to(tl.int64)[:, None] * stride_qn + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
+    p_k_base = k + i_b * stride_kb + i_h * stride_kh
+    p_v_base = v + i_b * stride_vb + i_h * stride_vh
+
+    b_m = tl.full([BM], float("-inf"), dtype=ACC)
+    b_l = tl.zeros([BM], dtype=ACC)
+    b_acc = tl.zeros([BM, D], dtype=ACC)
+
+    p_row = row_offsets + i_h * stride_row_h + i_qb
+    i_start = tl.load(p_row)
+    i_end = tl.load(p_row + 1)
+    # With causal, key tiles that start after this tile's last query are skipped (listed blocks above
+    # the diagonal give an empty range).
+    i_q_last = tl.minimum(i_m * BM + BM, Nq) - 1
+    for i_nz in range(i_start, i_end):
+        i_kb = tl.load(col_indices + i_h * stride_col_h + i_nz)
+        i_k_stop = tl.minimum(i_kb * BLOCK + BLOCK, Nk)
+        if CAUSAL:
+            i_k_stop = tl.minimum(i_k_stop, i_q_last + 1)
+        for i_k in range(i_kb * BLOCK, i_k_stop, BN):
+            o_k = i_k + o_n
+            m_k = o_k < Nk
+            if HAS_PADDING:
+                b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_k, mask=m_k, other=1)
+                m_k = m_k & (b_pad == 0)
+            o_k64 = o_k.to(tl.int64)
+            b_k = tl.load(p_k_base + o_k64[:, None] * stride_kn + o_d[None, :], mask=m_k[:, None], other=0.0)
+            b_v = tl.load(p_v_base + o_k64[:, None] * stride_vn + o_d[None, :], mask=m_k[:, None], other=0.0)
+
+            # [BM, D] @ [D, BN] -> [BM, BN], in log2 units
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2
+            m_s = m_k[None, :]
+            if CAUSAL:
+                m_s = m_s & (o_m[:, None] >= o_k[None, :])
+            b_s = tl.where(m_s, b_s, float("-inf"))
+
+            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            # A row that has seen no key yet keeps a max of -inf; subtracting 0 keeps exp2 at 0, not NaN.
+            b_m_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+            b_p = tl.exp2(b_s - b_m_shift[:, None])
+            b_alpha = tl.exp2(b_m - b_m_shift)
+            b_l = b_l * b_alpha + tl.sum(b_p, 1)
+            # [BM, BN] @ [BN, D] -> [BM, D]
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+            b_m = b_m_new
+
+    m_seen = b_l > 0
+    b_o = b_acc / tl.where(m_seen, b_l, 1.0)[:, None]
+    # The natural-log lse lets the backward recompute p = exp(s * scale - lse) without converting lse
+    # back to log2 units: each conversion costs a rounding at the magnitude of lse, which shows in
+    # float32 gradients.
+    b_lse = tl.where(m_seen, b_m * LN2 + tl.log(tl.where(m_seen, b_l, 1.0)), float("inf"))
+
+    p_o = o + i_b * stride_ob + i_h * stride_oh + o_m.to(tl.int64)[:, None] * stride_on + o_d[None, :]
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None])
+    tl.store(lse + i_bh.to(tl.int64) * Nq + o_m, b_lse, mask=m_m)
+
+
+@triton.jit
+def block_sparse_bwd_preprocess_kernel(
+    o, do, delta,
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    H, Nq,
+    BM: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    i_qb, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_m = i_qb * BM + tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    m_m = o_m < Nq
+    o_m64 = o_m.to(tl.int64)
+    p_o = o + i_b * stride_ob + i_h * stride_oh + o_m64[:, None] * stride_on + o_d[None, :]
+    p_do = do + i_b * stride_dob + i_h * stride_doh + o_m64[:, None] * stride_don + o_d[None, :]
+    b_o = tl.load(p_o, mask=m_m[:, None], other=0.0).to(ACC)
+    b_do = tl.load(p_do, mask=m_m[:, None], other=0.0).to(ACC)
+    tl.store(delta + i_bh.to(tl.int64) * Nq + o_m, tl.sum(b_o * b_do, 1), mask=m_m)
+
+
+@triton.jit
+def block_sparse_bwd_kernel_dkdv(
+    q, k, v, do, lse, delta, dk, dv, col_offsets, row_indices, key_padding_mask,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_colo_h, stride_rowi_h, stride_pad_b,
+    H, Nq, Nk, scale,
+    CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_kb = i_n * BN // BLOCK
+
+    o_k = i_n * BN + tl.arange(0, BN)
+    o_m_block = tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    m_k_in = o_k < Nk
+    m_k = m_k_in
+    if HAS_PADDING:
+        b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_k, mask=m_k_in, other=1)
+        m_k = m_k & (b_pad == 0)
+    o_k64 = o_k.to(tl.int64)
+    b_k = tl.load(k + i_b * stride_kb + i_h * stride_kh + o_k64[:, None] * stride_kn + o_d[None, :],
+                  mask=m_k_in[:, None], other=0.0)
+    b_v = tl.load(v + i_b * stride_vb + i_h * stride_vh + o_k64[:, None] * stride_vn + o_d[None, :],
+                  mask=m_k_in[:, None], other=0.0)
+    p_q_base = q + i_b * stride_qb + i_h * stride_qh
+    p_do_base = do + i_b * stride_dob + i_h * stride_doh
+    p_lse_base = lse + i_bh.to(tl.int64) * Nq
+    p_delta_base = delta + i_bh.to(tl.int64) * Nq
+
+    b_dk = tl.zeros([BN, D], dtype=ACC)
+    b_dv = tl.zeros([BN, D], dtype=ACC)
+
+    p_col = col_offsets + i_h * stride_colo_h + i_kb
+    i_start = tl.load(p_col)
+    i_end = tl.load(p_col + 1)
+    for i_nz in range(i_start, i_end):
+        i_qb = tl.load(row_indices + i_h * stride_rowi_h + i_nz)
+        i_q_start = i_qb * BLOCK
+        if CAUSAL:
+            # Query tiles that end before this key tile starts see none of its keys (and listed blocks
+            # above the diagonal give an empty range).
+            i_q_start += tl.maximum(i_n * BN - i_q_start, 0) // BM * BM
+        for i_q in range(i_q_start, tl.minimum(i_qb * BLOCK + BLOCK, Nq), BM):
+            o_m = i_q + o_m_block
+            m_m = o_m < Nq
+            o_m64 = o_m.to(tl.int64)
+            b_q = tl.load(p_q_base + o_m64[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
+            b_do = tl.load(p_do_base + o_m64[:, None] * stride_don + o_d[None, :], mask=m_m[:, None], other=0.0)
+            b_lse = tl.load(p_lse_base + o_m, mask=m_m, other=float("inf"))
+            b_delta = tl.load(p_delta_base + o_m, mask=m_m, other=0.0)
+
+            # [BN, D] @ [D, BM] -> [BN, BM]
+            b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * scale
+            m_sT = m_k[:, None] & m_m[None, :]
+            if CAUSAL:
+                m_sT = m_sT & (o_k[:, None] <= o_m[None, :])
+            # lse is +inf for rows that see no key: their probabilities vanish.
+            b_pT = tl.where(m_sT, tl.exp(b_sT - b_lse[None, :]), 0.0)
+            # [BN, BM] @ [BM, D] -> [BN, D]
+            b_dv += tl.dot(b_pT.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+            # [BN, D] @ [D, BM] -> [BN, BM]
+            b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+            b_dsT = b_pT * (b_dpT - b_delta[None, :])
+            # [BN, BM] @ [BM, D] -> [BN, D]
+            b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+
+    p_dk = dk + i_b * stride_dkb + i_h * stride_dkh + o_k64[:, None] * stride_dkn + o_d[None, :]
+    p_dv = dv + i_b * stride_dvb + i_h * stride_dvh + o_k64[:, None] * stride_dvn + o_d[None, :]
+    tl.store(p_dk, (b_dk * scale).to(dk.dtype.element_ty), mask=m_k_in[:, None])
+    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_k_in[:, None])
+
+
+@triton.jit
+def block_sparse_bwd_kernel_dq(
+    q, k, v, do, lse, delta, dq, row_offsets, col_indices, key_padding_mask,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_row_h, stride_col_h, stride_pad_b,
+    H, Nq, Nk, scale,
+    CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_qb = i_m * BM // BLOCK
+
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n = tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+    m_m = o_m < Nq
+    o_m64 = o_m.to(tl.int64)
+
+    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_m64[:, None] * stride_qn + o_d[None, :],
+                  mask=m_m[:, None], other=0.0)
+    b_do = tl.load(do + i_b * stride_dob + i_h * stride_doh + o_m64[:, None] * stride_don + o_d[None, :],
+                   mask=m_m[:, None], other=0.0)
+    b_lse = tl.load(lse + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=float("inf"))
+    b_delta = tl.load(delta + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
+    p_k_base = k + i_b * stride_kb + i_h * stride_kh
+    p_v_base = v + i_b * stride_vb + i_h * stride_vh
+
+    b_dq = tl.zeros([BM, D], dtype=ACC)
+
+    p_row = row_offsets + i_h * stride_row_h + i_qb
+    i_start = tl.load(p_row)
+    i_end = tl.load(p_row + 1)
+    # With causal, key tiles that start after this tile's last query are skipped (listed blocks above
+    # the diagonal give an empty range).
+    i_q_last = tl.minimum(i_m * BM + BM, Nq) - 1
+    for i_nz in range(i_start, i_end):
+        i_kb = tl.load(col_indices + i_h * stride_col_h + i_nz)
+        i_k_stop = tl.minimum(i_kb * BLOCK + BLOCK, Nk)
+        if CAUSAL:
+            i_k_stop = tl.minimum(i_k_stop, i_q_last + 1)
+        for i_k in range(i_kb * BLOCK, i_k_stop, BN):
+            o_k = i_k + o_n
+            m_k = o_k < Nk
+            if HAS_PADDING:
+                b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_k, mask=m_k, other=1)
+                m_k = m_k & (b_pad == 0)
+            o_k64 = o_k.to(tl.int64)
+            b_k = tl.load(p_k_base + o_k64[:, None] * stride_kn + o_d[None, :], mask=m_k[:, None], other=0.0)
+            b_v = tl.load(p_v_base + o_k64[:, None] * stride_vn + o_d[None, :], mask=m_k[:, None], other=0.0)
+
+            # [BM, D] @ [D, BN] -> [BM, BN]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale
+            m_s = m_k[None, :]
+            if CAUSAL:
+                m_s = m_s & (o_m[:, None] >= o_k[None, :])
+            b_p = tl.where(m_s, tl.exp(b_s - b_lse[:, None]), 0.0)
+            # [BM, D] @ [D, BN] -> [BM, BN]
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            # [BM, BN] @ [BN, D] -> [BM, D]
+            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+
+    p_dq = dq + i_b * stride_dqb + i_h * stride_dqh + o_m64[:, None] * stride_dqn + o_d[None, :]
+    tl.store(p_dq, (b_dq * scale).to(dq.dtype.element_ty), mask=m_m[:, None])
+
+
+def _new_output(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Contiguous output; filled with NaN under FASTATTN_POISON_OUTPUTS=1 so an unwritten tile fails tests."""
+    if os.environ.get("FASTATTN_POISON_OUTPUTS") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _tiles(kernel: str, block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """BM x BN tiles (each dividing block_size) and launch options of one kernel, sized for an H100.
+
+    The forward and dQ keep a tall query tile and walk each listed key block in narrower slices; dK/dV
+    keep a tall key tile and walk each query block in slices. This keeps the fp32 accumulators and the
+    score tile in registers up to block 128 and D = 128.
+    """
+    # num_warps: the warp count at which ptxas -v (sm_90a, Triton 3.9) reports no register spills for
+    # that tile and head dim; 8 warps where the resident fp32 accumulators outgrow 4 warps' registers.
+    if dtype in (torch.float32, torch.float64):
+        # IEEE float32/float64 dots run on the FMA units, not the tensor cores, and need far more registers.
+        tile_m, tile_n = {"fwd": (32, 32), "dq": (16, 64), "dkdv": (32, 32)}[kernel]
+        return {"BM": min(block_size, tile_m), "BN": min(block_size, tile_n), "num_warps": 8, "num_stages": 2}
+    if kernel == "fwd":
+        tile_m, tile_n = min(block_size, 128), min(block_size, 64)
+        num_warps = 8 if tile_m * head_dim >= 128 * 128 else 4
+    elif kernel == "dq":
+        tile_m, tile_n = min(block_size, 128 if head_dim <= 64 else 64), min(block_size, 32)
+        num_warps = 8 if tile_m == 128 and head_dim == 64 else 4
+    elif kernel == "dkdv":
+        tile_m, tile_n = min(block_size, 32), min(block_size, 128 if head_dim <= 64 else 64)
+        num_warps = 8 if tile_n * head_dim >= 64 * 128 else 4
+    else:
+        raise ValueError(f"kernel: expected 'fwd', 'dq' or 'dkdv', got {kernel!r}")
+    return {"BM": tile_m, "BN": tile_n, "num_warps": num_warps, "num_stages": 2}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # TF32 would round float32 inputs to 10 mantissa bits: far outside the float32 tolerance.
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the running sums, lse and D: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _csr_head_stride(index: Tensor) -> int:
+    """Stride over heads of a CSR tensor; 0 when one layout is shared by every head."""
+    return 0 if index.shape[0] == 1 else index.stride(0)
+
+
+def _padding_arguments(key_padding_mask: Tensor | None, q: Tensor) -> tuple[Tensor, int]:
+    if key_padding_mask is None:
+        return q.new_empty(1, dtype=torch.uint8), 0
+    mask = key_padding_mask.contiguous().view(torch.uint8)
+    return mask, mask.stride(0)
+
+
+def _check_arguments(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_indices: Tensor, col_offsets: Tensor,
+                     block_size: int, causal: bool, key_padding_mask: Tensor | None) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"q, k, v: expected (B, H, N, D) with v shaped like k, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k: expected shape ({q.shape[0]}, {q.shape[1]}, Nk, {q.shape[3]}) to match q, "
+                         f"got {tuple(k.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v: expected one dtype of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == row_offsets.device == col_indices.device):
+        raise ValueError(f"q, k, v, layout: expected one device, got {q.device}, {k.device}, {v.device}, "
+                         f"{row_offsets.device}, {col_indices.device}")
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError(f"q, k, v: expected unit stride in the last dim, got strides {q.stride()}, "
+                         f"{k.stride()}, {v.stride()}")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: expected head dim in {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size: expected one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal: expected Nq == Nk, got Nq={q.shape[2]} and Nk={k.shape[2]}")
+    query_blocks = triton.cdiv(q.shape[2], block_size)
+    if row_offsets.dtype != torch.int32 or col_indices.dtype != torch.int32:
+        raise TypeError(f"row_offsets, col_indices: expected int32, got {row_offsets.dtype}, {col_indices.dtype}")
+    if row_offsets.dim() != 2 or row_offsets.shape[0] not in (1, q.shape[1]) or row_offsets.shape[1] != query_blocks + 1:
+        raise ValueError(f"row_offsets: expected shape (1 or {q.shape[1]}, {query_blocks + 1}), "
+                         f"got {tuple(row_offsets.shape)}")
+    key_blocks = triton.cdiv(k.shape[2], block_size)
+    if col_offsets.dim() != 2 or col_offsets.shape[0] != row_offsets.shape[0] or col_offsets.shape[1] != key_blocks + 1:
+        raise ValueError(f"col_offsets: expected shape ({row_offsets.shape[0]}, {key_blocks + 1}), "
+                         f"got {tuple(col_offsets.shape)}")
+    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
+        raise ValueError(f"q: expected B * H <= {MAX_BATCH_HEADS} (the second grid axis), "
+                         f"got {q.shape[0]} * {q.shape[1]}")
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.device != q.device
+                                         or tuple(key_padding_mask.shape) != (q.shape[0], k.shape[2])):
+        raise ValueError(f"key_padding_mask: expected bool of shape ({q.shape[0]}, {k.shape[2]}) on {q.device}, "
+                         f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} on {key_padding_mask.device}")
+
+
+@torch.library.custom_op("fastattn::triton_block_sparse_fwd", mutates_args=())
+def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_indices: Tensor,
+                     col_offsets: Tensor, row_indices: Tensor, block_size: int, causal: bool,
+                     key_padding_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """Output (B, H, Nq, D) and log-sum-exp (B, H, Nq), float32 (float64 for float64 inputs), +inf where a row sees no key."""
+    _check_arguments(q, k, v, row_offsets, col_indices, col_offsets, block_size, causal, key_padding_mask)
+    batch, heads, query_len, head_dim = q.shape
+    out = _new_output(q.shape, q.dtype, q.device)
+    lse = _new_output((batch, heads, query_len), _accumulator_dtype(q.dtype), q.device)
+    padding, stride_pad_b = _padding_arguments(key_padding_mask, q)
+    tiles = _tiles("fwd", block_size, head_dim, q.dtype)
+    block_sparse_fwd_kernel[(triton.cdiv(query_len, tiles["BM"]), batch * heads)](
+        q, k, v, out, lse, row_offsets, col_indices, padding,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        _csr_head_stride(row_offsets), _csr_head_stride(col_indices), stride_pad_b,
+        heads, query_len, k.shape[2], scale * LOG2E,
+        CAUSAL=causal, HAS_PADDING=key_padding_mask is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK=block_size, D=head_dim, ACC=_TRITON_DTYPES[_accumulator_dtype(q.dtype)], **tiles,
+    )
+    return out, lse
+
+
+@block_sparse_fwd.register_fake
+def _block_sparse_fwd_fake(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, causal,
+                           key_padding_mask, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_accumulator_dtype(q.dtype))
+
+
+@torch.library.custom_op("fastattn::triton_block_sparse_bwd", mutates_args=())
+def block_sparse_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                     row_offsets: Tensor, col_indices: Tensor, col_offsets: Tensor, row_indices: Tensor,
+                     block_size: int, causal: bool, key_padding_mask: Tensor | None,
+                     scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of q, k, v; deterministic (every gradient tile is written by one program, no atomics)."""
+    _check_arguments(q, k, v, row_offsets, col_indices, col_offsets, block_size, causal, key_padding_mask)
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    out = out if out.stride(-1) == 1 else out.contiguous()
+    batch, heads, query_len, head_dim = q.shape
+    key_len = k.shape[2]
+    grad_q = _new_output(q.shape, q.dtype, q.device)
+    grad_k = _new_output(k.shape, k.dtype, k.device)
+    grad_v = _new_output(v.shape, v.dtype, v.device)
+    delta = torch.empty((batch, heads, query_len), dtype=_accumulator_dtype(q.dtype), device=q.device)
+    lse = lse.contiguous()
+    padding, stride_pad_b = _padding_arguments(key_padding_mask, q)
+    flags = dict(CAUSAL=causal, HAS_PADDING=key_padding_mask is not None, DOT_PRECISION=_dot_precision(q.dtype),
+                 BLOCK=block_size, D=head_dim, ACC=_TRITON_DTYPES[_accumulator_dtype(q.dtype)])
+    dkdv_tiles, dq_tiles = (_tiles(kernel, block_size, head_dim, q.dtype) for kernel in ("dkdv", "dq"))
+
+    block_sparse_bwd_preprocess_kernel[(triton.cdiv(query_len, dq_tiles["BM"]), batch * heads)](
+        out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, query_len,
+        BM=dq_tiles["BM"], D=head_dim, ACC=flags["ACC"],
+    )
+    block_sparse_bwd_kernel_dkdv[(triton.cdiv(key_len, dkdv_tiles["BN"]), batch * heads)](
+        q, k, v, grad_out, lse, delta, grad_k, grad_v, col_offsets, row_indices, padding,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
+        *grad_k.stride()[:3], *grad_v.stride()[:3],
+        _csr_head_stride(col_offsets), _csr_head_stride(row_indices), stride_pad_b,
+        heads, query_len, key_len, scale, **flags, **dkdv_tiles,
+    )
+    block_sparse_bwd_kernel_dq[(triton.cdiv(query_len, dq_tiles["BM"]), batch * heads)](
+        q, k, v, grad_out, lse, delta, grad_q, row_offsets, col_indices, padding,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *grad_q.stride()[:3],
+        _csr_head_stride(row_offsets), _csr_head_stride(col_indices), stride_pad_b,
+        heads, query_len, key_len, scale, **flags, **dq_tiles,
+    )
+    return grad_q, grad_k, grad_v
+
+
+@block_sparse_bwd.register_fake
+def _block_sparse_bwd_fake(grad_out, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices,
+                           block_size, causal, key_padding_mask, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, causal, key_padding_mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, key_padding_mask)
+    ctx.block_size, ctx.causal, ctx.scale = block_size, causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, key_padding_mask = ctx.saved_tensors
+    grad_q, grad_k, grad_v = block_sparse_bwd(
+        grad_out, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices,
+        ctx.block_size, ctx.causal, key_padding_mask, ctx.scale,
+    )
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None
+
+
+block_sparse_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, causal: bool,
+                           key_padding_mask: Tensor | None, scale: float) -> Tensor:
+    """Differentiable block-sparse attention through the Triton kernels (the "triton" backend's call)."""
+    out, _ = block_sparse_fwd(q, k, v, *layout.csr(q.device), layout.block_size, causal, key_padding_mask, scale)
+    return out
