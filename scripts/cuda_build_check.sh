@@ -18,7 +18,8 @@ start=$(date +%s)
 "$venv/bin/python" setup.py -q build_ext --build-lib build-cuda/lib --build-temp build-cuda/temp
 echo "CUDA build took $(( $(date +%s) - start )) s"
 so=$(ls build-cuda/lib/fastattn/_C*.so)
-if ! nm -D --undefined-only "$so" | grep -q cudaLaunchKernel; then
+# grep reads all of nm's output: with -q it would stop early, and pipefail would turn nm's SIGPIPE into a failure.
+if ! nm -D --undefined-only "$so" | grep cudaLaunchKernel >/dev/null; then
   echo "error: $so references no cudaLaunchKernel: the CUDA kernels were not linked in" >&2
   exit 1
 fi

@@ -1,0 +1,347 @@
+// Linformer attention on the CPU: K' = P_k K and V' = P_v V (padded keys zeroed), kept in the
+// accumulation type, then softmax attention of Q over the kp projected keys. kp is small, so a tile
+// of query rows holds its whole score row (no online softmax): parallel over batch x head x query tile.
+// The backward recomputes the scores from the saved lse (FlashAttention-2 style), reduces dK' and dV'
+// over query tiles, then projects them back: dK = P_k^T dK', dP_k = sum over batch (and heads when
+// shared) of dK' K^T, computed per key tile so that every task owns its output columns.
+#include "cpu/dense_tiles.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <optional>
+#include <vector>
+
+#include "common.h"
+
+namespace fastattn {
+namespace {
+
+using cpu::gemm;
+using cpu::HeadView;
+
+constexpr int64_t kQueryTile = 256;
+constexpr int64_t kKeyTile = 1024;
+
+// A (kp, Nk) projection shared by the heads or an (H, kp, Nk) one per head, in the accumulation type.
+template <typename T>
+struct Projection {
+  const T* data;
+  int64_t head_stride, row_stride;
+  const T* head(int64_t h) const { return data + h * head_stride; }
+};
+
+at::Tensor projection_in(const at::Tensor& projection, at::ScalarType acc) {
+  // BLAS reads it in place when its rows have unit stride and do not overlap.
+  at::Tensor converted = projection.to(acc);
+  const bool blas_layout = converted.stride(-1) == 1 && converted.stride(-2) >= converted.size(-1);
+  return blas_layout ? converted : converted.contiguous();
+}
+
+template <typename T>
+Projection<T> projection_view(const at::Tensor& projection) {
+  const bool per_head = projection.dim() == 3;
+  return {projection.data_ptr<T>(), per_head ? projection.stride(0) : 0, projection.stride(-2)};
+}
+
+void check_projections(const at::Tensor& q, const at::Tensor& k, const at::Tensor& proj_k, const at::Tensor& proj_v) {
+  for (const auto& [name, p] : {std::pair{"proj_k", &proj_k}, std::pair{"proj_v", &proj_v}}) {
+    TORCH_CHECK_TYPE(p->scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(),
+                     " (that of q), got ", p->scalar_type());
+    TORCH_CHECK_VALUE(p->device() == q.device(), name, ": expected device ", q.device(), ", got ", p->device());
+    TORCH_CHECK_VALUE((p->dim() == 2 || (p->dim() == 3 && p->size(0) == q.size(1))) && p->size(-1) == k.size(2) &&
+                          p->size(-2) > 0,
+                      name, ": expected shape (kp, ", k.size(2), ") or (", q.size(1), ", kp, ", k.size(2), "), got ",
+                      p->sizes());
+  }
+  TORCH_CHECK_VALUE(proj_v.size(-2) == proj_k.size(-2), "proj_v: expected kp = ", proj_k.size(-2),
+                    " (that of proj_k), got shape ", proj_v.sizes());
+}
+
+// Rows [start, start + rows) of one head of k or v as a matrix for BLAS, with padded keys zeroed: read in
+// place when the input already has the accumulation type and no key of the head is padded, else
+// converted into `buffer`. Returns the rows and their leading dimension.
+template <typename scalar_t, typename T>
+std::pair<const T*, int64_t> key_rows(const scalar_t* head, int64_t row_stride, const bool* padding, int64_t start,
+                                      int64_t rows, int64_t dim, T* buffer) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    if (padding == nullptr) return {head + start * row_stride, row_stride};
+  }
+  cpu::load_rows(head + start * row_stride, row_stride, rows, dim, T(1), buffer);
+  if (padding != nullptr) {
+    for (int64_t r = 0; r < rows; ++r) {
+      if (padding[start + r]) std::fill(buffer + r * dim, buffer + (r + 1) * dim, T(0));
+    }
+  }
+  return {buffer, dim};
+}
+
+// The padding flags of batch b, or nullptr when none of its keys is padded (the common case reads in place).
+inline const bool* padding_of(const bool* mask, int64_t b, int64_t key_len) {
+  if (mask == nullptr) return nullptr;
+  const bool* row = mask + b * key_len;
+  return std::any_of(row, row + key_len, [](bool padded) { return padded; }) ? row : nullptr;
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& proj_k, const at::Tensor& proj_v,
+    const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t batch = q.size(0), heads = q.size(1), query_len = q.size(2), dim = q.size(3), key_len = k.size(2);
+  const int64_t kp = proj_k.size(-2);
+  const auto acc = cpu::acc_dtype(q.scalar_type());
+  const at::Tensor pk_tensor = projection_in(proj_k, acc), pv_tensor = projection_in(proj_v, acc);
+  const auto pk = projection_view<T>(pk_tensor), pv = projection_view<T>(pv_tensor);
+
+  at::Tensor out = new_output({batch, heads, query_len, dim}, q.options());
+  at::Tensor lse = new_output({batch, heads, query_len}, q.options().dtype(lse_dtype(q.scalar_type())));
+  at::Tensor k_proj = new_output({batch, heads, kp, dim}, q.options().dtype(acc));
+  at::Tensor v_proj = new_output({batch, heads, kp, dim}, q.options().dtype(acc));
+  const HeadView qv(q), kv(k), vv(v), ov(out);
+  const scalar_t *q_ptr = q.data_ptr<scalar_t>(), *k_ptr = k.data_ptr<scalar_t>(), *v_ptr = v.data_ptr<scalar_t>();
+  const bool* mask = key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr;
+  T *kp_ptr = k_proj.data_ptr<T>(), *vp_ptr = v_proj.data_ptr<T>(), *lse_ptr = lse.data_ptr<T>();
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+
+  cpu::parallel_tasks(batch * heads, [&](const auto& claim) {
+    std::vector<T> rows(kKeyTile * dim);
+    for (int64_t bh = claim(); bh >= 0; bh = claim()) {
+      const int64_t b = bh / heads, h = bh % heads;
+      const bool* padding = padding_of(mask, b, key_len);
+      for (const auto& [src, view, projection, dst] :
+           {std::tuple{k_ptr, &kv, &pk, kp_ptr}, std::tuple{v_ptr, &vv, &pv, vp_ptr}}) {
+        T* projected = dst + bh * kp * dim;
+        for (int64_t start = 0; start < key_len; start += kKeyTile) {
+          const int64_t n = std::min(kKeyTile, key_len - start);
+          const auto [keys, ld] = key_rows(src + view->offset(b, h), view->row_stride, padding, start, n, dim,
+                                           rows.data());
+          gemm(false, false, kp, dim, n, T(1), projection->head(h) + start, projection->row_stride, keys, ld,
+               T(start == 0 ? 0 : 1), projected, dim);
+        }
+      }
+    }
+  });
+
+  const int64_t query_tiles = ceil_div(query_len, kQueryTile);
+  cpu::parallel_tasks(batch * heads * query_tiles, [&](const auto& claim) {
+    std::vector<T> queries(kQueryTile * dim), scores(kQueryTile * kp), outputs(kQueryTile * dim), row_sums(kQueryTile);
+    for (int64_t task = claim(); task >= 0; task = claim()) {
+      const int64_t bh = task / query_tiles, b = bh / heads, h = bh % heads;
+      const int64_t start = (task % query_tiles) * kQueryTile, n = std::min(kQueryTile, query_len - start);
+      cpu::load_rows(q_ptr + qv.offset(b, h) + start * qv.row_stride, qv.row_stride, n, dim, T(scale), queries.data());
+      gemm(false, true, n, kp, dim, T(1), queries.data(), dim, kp_ptr + bh * kp * dim, dim, T(0), scores.data(), kp);
+      for (int64_t r = 0; r < n; ++r) {
+        T* row = scores.data() + r * kp;
+        const T row_max = cpu::max_of(row, kp);
+        cpu::exp_shifted(row, row, kp, row_max);
+        const T sum = cpu::sum_of(row, kp);
+        row_sums[r] = sum;
+        lse_ptr[bh * query_len + start + r] = row_max + std::log(sum);
+      }
+      // Normalising the outputs (n x D) instead of the probabilities (n x kp) costs less when D < kp.
+      gemm(false, false, n, dim, kp, T(1), scores.data(), kp, vp_ptr + bh * kp * dim, dim, T(0), outputs.data(), dim);
+      for (int64_t r = 0; r < n; ++r) {
+        const T inverse = T(1) / row_sums[r];
+        for (int64_t c = 0; c < dim; ++c) outputs[r * dim + c] *= inverse;
+      }
+      cpu::store_rows(outputs.data(), n, dim, out_ptr + ov.offset(b, h) + start * ov.row_stride, ov.row_stride);
+    }
+  });
+  return {out, lse, k_proj, v_proj};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linformer_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& proj_k, const at::Tensor& proj_v,
+    const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  check_qkv(q, k, v);
+  check_key_padding_mask(key_padding_mask, q, k.size(2));
+  check_projections(q, k, proj_k, proj_v);
+  TORCH_CHECK_VALUE(k.size(2) > 0 && q.size(2) > 0, "q, k: expected non-empty sequences, got Nq=", q.size(2),
+                    " and Nk=", k.size(2));
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "linformer_fwd", [&] {
+    result = forward_impl<scalar_t>(q, k, v, proj_k, proj_v, key_padding_mask, scale);
+  });
+  return result;
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& proj_k, const at::Tensor& proj_v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& k_proj, const at::Tensor& v_proj, const std::optional<at::Tensor>& key_padding_mask,
+    double scale) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t batch = q.size(0), heads = q.size(1), query_len = q.size(2), dim = q.size(3), key_len = k.size(2);
+  const int64_t kp = proj_k.size(-2);
+  const auto acc = cpu::acc_dtype(q.scalar_type());
+  const at::Tensor pk_tensor = projection_in(proj_k, acc), pv_tensor = projection_in(proj_v, acc);
+  const auto pk = projection_view<T>(pk_tensor), pv = projection_view<T>(pv_tensor);
+  const at::Tensor k_proj_c = k_proj.contiguous(), v_proj_c = v_proj.contiguous(), lse_c = lse.contiguous();
+  const T *kp_ptr = k_proj_c.data_ptr<T>(), *vp_ptr = v_proj_c.data_ptr<T>(), *lse_ptr = lse_c.data_ptr<T>();
+
+  // dK' and dV' are sums over query tiles: each (head, split) task sums its share, then the splits are added.
+  const int64_t query_tiles = ceil_div(query_len, kQueryTile);
+  const int64_t splits = std::clamp<int64_t>(ceil_div(2 * at::get_num_threads(), batch * heads), 1, query_tiles);
+  const int64_t tiles_per_split = ceil_div(query_tiles, splits);
+  at::Tensor partial = at::empty({batch * heads, splits, 2, kp, dim}, q.options().dtype(acc));
+  T* partial_ptr = partial.data_ptr<T>();
+  at::Tensor grad_q = new_output(q.sizes(), q.options());
+  const HeadView qv(q), kv(k), vv(v), ov(out), gov(grad_out), gqv(grad_q);
+  const scalar_t *q_ptr = q.data_ptr<scalar_t>(), *k_ptr = k.data_ptr<scalar_t>(), *v_ptr = v.data_ptr<scalar_t>();
+  const scalar_t *out_ptr = out.data_ptr<scalar_t>(), *go_ptr = grad_out.data_ptr<scalar_t>();
+  scalar_t* gq_ptr = grad_q.data_ptr<scalar_t>();
+
+  cpu::parallel_tasks(batch * heads * splits, [&](const auto& claim) {
+    std::vector<T> queries(kQueryTile * dim), grads(kQueryTile * dim), outputs(kQueryTile * dim);
+    std::vector<T> probs(kQueryTile * kp), dprobs(kQueryTile * kp), delta(kQueryTile);
+    for (int64_t task = claim(); task >= 0; task = claim()) {
+      const int64_t bh = task / splits, b = bh / heads, h = bh % heads;
+      const T* keys = kp_ptr + bh * kp * dim;
+      const T* values = vp_ptr + bh * kp * dim;
+      T* grad_keys = partial_ptr + task * 2 * kp * dim;
+      T* grad_values = grad_keys + kp * dim;
+      std::fill(grad_keys, grad_keys + 2 * kp * dim, T(0));
+      const int64_t first_tile = (task % splits) * tiles_per_split;
+      const int64_t last_tile = std::min(query_tiles, first_tile + tiles_per_split);
+      for (int64_t tile = first_tile; tile < last_tile; ++tile) {
+        const int64_t start = tile * kQueryTile, n = std::min(kQueryTile, query_len - start);
+        cpu::load_rows(q_ptr + qv.offset(b, h) + start * qv.row_stride, qv.row_stride, n, dim, T(1), queries.data());
+        cpu::load_rows(go_ptr + gov.offset(b, h) + start * gov.row_stride, gov.row_stride, n, dim, T(1), grads.data());
+        cpu::load_rows(out_ptr + ov.offset(b, h) + start * ov.row_stride, ov.row_stride, n, dim, T(1), outputs.data());
+        gemm(false, true, n, kp, dim, T(scale), queries.data(), dim, keys, dim, T(0), probs.data(), kp);
+        for (int64_t r = 0; r < n; ++r) {
+          const T row_lse = lse_ptr[bh * query_len + start + r];
+          T* row = probs.data() + r * kp;
+          cpu::exp_shifted(row, row, kp, row_lse);
+          for (int64_t c = 0; c < dim; ++c) outputs[r * dim + c] *= grads[r * dim + c];
+          delta[r] = cpu::sum_of(outputs.data() + r * dim, dim);
+        }
+        gemm(true, false, kp, dim, n, T(1), probs.data(), kp, grads.data(), dim, T(1), grad_values, dim);
+        gemm(false, true, n, kp, dim, T(1), grads.data(), dim, values, dim, T(0), dprobs.data(), kp);
+        for (int64_t r = 0; r < n; ++r) {
+          for (int64_t j = 0; j < kp; ++j) dprobs[r * kp + j] = probs[r * kp + j] * (dprobs[r * kp + j] - delta[r]);
+        }
+        // dprobs now holds dS; dQ = scale dS K', dK' += scale dS^T Q.
+        gemm(false, false, n, dim, kp, T(scale), dprobs.data(), kp, keys, dim, T(0), outputs.data(), dim);
+        cpu::store_rows(outputs.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
+        gemm(true, false, kp, dim, n, T(scale), dprobs.data(), kp, queries.data(), dim, T(1), grad_keys, dim);
+      }
+    }
+  });
+  const at::Tensor grad_projected = partial.sum(1);  // (B * H, 2, kp, D): dK', dV'
+  const T* gp_ptr = grad_projected.data_ptr<T>();
+
+  at::Tensor grad_k = new_output(k.sizes(), k.options());
+  at::Tensor grad_v = new_output(v.sizes(), v.options());
+  const HeadView gkv(grad_k), gvv(grad_v);
+  scalar_t *gk_ptr = grad_k.data_ptr<scalar_t>(), *gv_ptr = grad_v.data_ptr<scalar_t>();
+  const bool* mask = key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr;
+  const int64_t key_tiles = ceil_div(key_len, kKeyTile);
+
+  // dK = P_k^T dK' and dV = P_v^T dV', zero on padded keys; written in place when the dtype allows.
+  cpu::parallel_tasks(batch * heads * key_tiles, [&](const auto& claim) {
+    std::vector<T> rows(kKeyTile * dim);
+    for (int64_t task = claim(); task >= 0; task = claim()) {
+      const int64_t bh = task / key_tiles, b = bh / heads, h = bh % heads;
+      const int64_t start = (task % key_tiles) * kKeyTile, n = std::min(kKeyTile, key_len - start);
+      for (int64_t which = 0; which < 2; ++which) {
+        const auto& projection = which == 0 ? pk : pv;
+        const HeadView& view = which == 0 ? gkv : gvv;
+        scalar_t* dst = (which == 0 ? gk_ptr : gv_ptr) + view.offset(b, h) + start * view.row_stride;
+        T* result = rows.data();
+        if constexpr (std::is_same_v<scalar_t, T>) result = dst;
+        gemm(true, false, n, dim, kp, T(1), projection.head(h) + start, projection.row_stride,
+             gp_ptr + (bh * 2 + which) * kp * dim, dim, T(0), result, dim);
+        if (mask) {
+          for (int64_t r = 0; r < n; ++r) {
+            if (mask[b * key_len + start + r]) std::fill(result + r * dim, result + (r + 1) * dim, T(0));
+          }
+        }
+        if constexpr (!std::is_same_v<scalar_t, T>) cpu::store_rows(result, n, dim, dst, view.row_stride);
+      }
+    }
+  });
+
+  // dP_k = sum of dK' K^T over the batch (and over the heads when the projection is shared); likewise dP_v.
+  at::Tensor grad_proj_k = new_output(proj_k.sizes(), proj_k.options());
+  at::Tensor grad_proj_v = new_output(proj_v.sizes(), proj_v.options());
+  for (int64_t which = 0; which < 2; ++which) {
+    const bool per_head = (which == 0 ? proj_k : proj_v).dim() == 3;
+    const scalar_t* src = which == 0 ? k_ptr : v_ptr;
+    const HeadView& view = which == 0 ? kv : vv;
+    scalar_t* grad_ptr = (which == 0 ? grad_proj_k : grad_proj_v).data_ptr<scalar_t>();
+    const int64_t groups = per_head ? heads : 1;
+    cpu::parallel_tasks(groups * key_tiles, [&](const auto& claim) {
+      std::vector<T> rows(kKeyTile * dim), sums(kp * kKeyTile);
+      for (int64_t task = claim(); task >= 0; task = claim()) {
+        const int64_t group = task / key_tiles;
+        const int64_t start = (task % key_tiles) * kKeyTile, n = std::min(kKeyTile, key_len - start);
+        const int64_t head_begin = per_head ? group : 0, head_end = per_head ? group + 1 : heads;
+        scalar_t* dst = grad_ptr + group * kp * key_len + start;
+        T* result = sums.data();
+        int64_t ld = n;
+        if constexpr (std::is_same_v<scalar_t, T>) result = dst, ld = key_len;
+        for (int64_t b = 0; b < batch; ++b) {
+          const bool* padding = padding_of(mask, b, key_len);
+          for (int64_t h = head_begin; h < head_end; ++h) {
+            const auto [keys, keys_ld] = key_rows(src + view.offset(b, h), view.row_stride, padding, start, n, dim,
+                                                  rows.data());
+            const bool first = b == 0 && h == head_begin;
+            gemm(false, true, kp, n, dim, T(1), gp_ptr + ((b * heads + h) * 2 + which) * kp * dim, dim, keys, keys_ld,
+                 T(first ? 0 : 1), result, ld);
+          }
+        }
+        if constexpr (!std::is_same_v<scalar_t, T>) cpu::store_rows(result, kp, n, dst, key_len);
+      }
+    });
+  }
+  return {grad_q, grad_k, grad_v, grad_proj_k, grad_proj_v};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linformer_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& proj_k, const at::Tensor& proj_v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& k_proj, const at::Tensor& v_proj, const std::optional<at::Tensor>& key_padding_mask,
+    double scale) {
+  check_qkv(q, k, v);
+  check_key_padding_mask(key_padding_mask, q, k.size(2));
+  check_projections(q, k, proj_k, proj_v);
+  for (const auto& [name, t] : {std::pair{"grad_out", &grad_out}, std::pair{"out", &out}}) {
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes() && t->stride(3) == 1 && t->scalar_type() == q.scalar_type(), name,
+                      ": expected shape ", q.sizes(), ", dtype ", q.scalar_type(), " and unit last stride, got ",
+                      t->sizes(), ", ", t->scalar_type(), ", strides ", t->strides());
+  }
+  const auto acc = cpu::acc_dtype(q.scalar_type());
+  const std::vector<int64_t> projected_shape{q.size(0), q.size(1), proj_k.size(-2), q.size(3)};
+  for (const auto& [name, t] : {std::pair{"k_proj", &k_proj}, std::pair{"v_proj", &v_proj}}) {
+    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(projected_shape) && t->scalar_type() == acc, name,
+                      ": expected shape ", projected_shape, " and dtype ", acc, ", got ", t->sizes(), " and ",
+                      t->scalar_type());
+  }
+  TORCH_CHECK_VALUE(lse.sizes() == q.sizes().slice(0, 3) && lse.scalar_type() == acc, "lse: expected shape ",
+                    q.sizes().slice(0, 3), " and dtype ", acc, ", got ", lse.sizes(), " and ", lse.scalar_type());
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "linformer_bwd", [&] {
+    result = backward_impl<scalar_t>(grad_out, q, k, v, proj_k, proj_v, out, lse, k_proj, v_proj, key_padding_mask,
+                                     scale);
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("linformer_fwd", &linformer_fwd);
+  m.impl("linformer_bwd", &linformer_bwd);
+}
+
+}  // namespace fastattn

@@ -1,0 +1,655 @@
+// Performer attention on the CPU, kernel "softmax" (FAVOR+) or "relu", with the stabilisers of
+// fastattn.reference.performer_attention. Features are computed per tile of rows from the projection
+// and never stored beyond the tile. The running state is phi(K)^T [V | 1] (m x (D + 1)): its last column
+// is the normaliser, so one GEMM gives numerator and denominator.
+//
+// Softmax keys are stabilised by a constant M subtracted from their logits; the state carries the
+// constant of the last key it summed, and is rescaled by exp(M_old - M_new) <= 1 when M grows.
+// Non-causal: M is the maximum over all unpadded keys, reached online tile by tile. Causal: key j uses
+// the prefix maximum M_j, and its contribution to query i >= j is rescaled by exp(M_j - M_i) <= 1, so a
+// later key never changes an earlier output. relu uses M = 0 throughout.
+//
+// Causal runs in chunks: the previous chunks through the state, the current one quadratically
+// (phi(Q) phi(K)^T masked to j <= i). The backward recomputes the features; causal takes a forward pass
+// over the chunks for dq (prefix state) and a reverse pass for dk, dv (a suffix state of
+// phi(Q)^T [dnum | dden]), both per (batch, head).
+#include "cpu/dense_tiles.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "common.h"
+
+namespace fastattn {
+namespace {
+
+using cpu::gemm;
+using cpu::HeadView;
+
+constexpr int64_t kTile = 64;
+constexpr double kReluEpsilon = 1e-3;  // fastattn.reference.RELU_KERNEL_EPSILON
+
+bool is_softmax_kernel(std::string_view kernel) {
+  TORCH_CHECK_VALUE(kernel == "softmax" || kernel == "relu", "kernel: expected 'softmax' or 'relu', got '", kernel,
+                    "'");
+  return kernel == "softmax";
+}
+
+void check_projection(const at::Tensor& projection, const at::Tensor& q) {
+  TORCH_CHECK_TYPE(at::isFloatingType(projection.scalar_type()), "projection: expected a floating-point tensor, got ",
+                   projection.scalar_type());
+  TORCH_CHECK_VALUE(projection.device() == q.device(), "projection: expected device ", q.device(), ", got ",
+                    projection.device());
+  TORCH_CHECK_VALUE((projection.dim() == 2 || (projection.dim() == 3 && projection.size(0) == q.size(1))) &&
+                        projection.size(-1) == q.size(3) && projection.size(-2) > 0,
+                    "projection: expected shape (m, ", q.size(3), ") or (", q.size(1), ", m, ", q.size(3), "), got ",
+                    projection.sizes());
+}
+
+// Feature map of one head: rows of x -> logits -> phi, and the way back from dphi to dx.
+template <typename T>
+struct FeatureMap {
+  const T* weights;  // (m, D)
+  int64_t features, dim;
+  T sqrt_scale;
+  bool softmax;
+
+  // x <- rows * sqrt(scale); logits <- W x (relu) or W x - |x|^2 / 2 (softmax); row_max <- max of each logit row.
+  template <typename scalar_t>
+  void logits(const scalar_t* src, int64_t row_stride, int64_t rows, T* x, T* logits, T* row_max) const {
+    cpu::load_rows(src, row_stride, rows, dim, sqrt_scale, x);
+    gemm(false, true, rows, features, dim, T(1), x, dim, weights, dim, T(0), logits, features);
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!softmax) {
+        row_max[r] = 0;
+        continue;
+      }
+      const T* xr = x + r * dim;
+      // Summed in double: |x|^2 / 2 is large next to the logits' spread, and its rounding error becomes a
+      // relative error of every feature of the row.
+      double norm = 0;
+      for (int64_t c = 0; c < dim; ++c) norm += static_cast<double>(xr[c]) * xr[c];
+      const T half_norm = static_cast<T>(0.5 * norm);
+      T* lr = logits + r * features;
+      for (int64_t f = 0; f < features; ++f) lr[f] -= half_norm;
+      row_max[r] = cpu::max_of(lr, features);
+    }
+  }
+
+  // phi <- exp(logits - stabiliser[r]) (softmax) or relu(logits) + eps; zero rows where dropped[r].
+  void phi(const T* logits, int64_t rows, const T* stabiliser, const bool* dropped, T* phi) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* lr = logits + r * features;
+      T* pr = phi + r * features;
+      if (dropped != nullptr && dropped[r]) {
+        std::fill(pr, pr + features, T(0));
+      } else if (softmax) {
+        const T shift = stabiliser[r];
+        cpu::exp_shifted(lr, pr, features, shift);
+      } else {
+        for (int64_t f = 0; f < features; ++f) pr[f] = (lr[f] > 0 ? lr[f] : T(0)) + T(kReluEpsilon);
+      }
+    }
+  }
+
+  // dx <- d(phi)/dx^T dphi for rows not dropped (dphi is overwritten with dlogits); zero for dropped rows.
+  void backward(T* dphi, const T* phi, const T* logits, const T* x, int64_t rows, const bool* dropped, T* dx) const {
+    std::vector<T> logit_sums(rows, T(0));
+    for (int64_t r = 0; r < rows; ++r) {
+      T* dr = dphi + r * features;
+      if (dropped != nullptr && dropped[r]) {
+        std::fill(dr, dr + features, T(0));
+        continue;
+      }
+      const T* pr = phi + r * features;
+      const T* lr = logits + r * features;
+      if (softmax) {
+        for (int64_t f = 0; f < features; ++f) dr[f] *= pr[f];
+        logit_sums[r] = cpu::sum_of(dr, features);
+      } else {
+        for (int64_t f = 0; f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] : T(0);
+      }
+    }
+    // d logits / d x = W - x (softmax, from the -|x|^2/2) or W (relu); x carries sqrt(scale) once more.
+    gemm(false, false, rows, dim, features, sqrt_scale, dphi, features, weights, dim, T(0), dx, dim);
+    if (!softmax) return;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T factor = sqrt_scale * logit_sums[r];
+      for (int64_t c = 0; c < dim; ++c) dx[r * dim + c] -= factor * x[r * dim + c];
+    }
+  }
+};
+
+// Buffers of one task: a tile of queries and one of keys with their features, and the per-chunk products.
+template <typename T>
+struct Workspace {
+  std::vector<T> qx, q_logits, q_phi, q_max, kx, k_logits, k_phi, k_max, k_stab, values, numden, grads, scores,
+      dscores, dphi, dx;
+  bool k_dropped[kTile];
+  bool q_dropped[kTile];
+  Workspace(int64_t features, int64_t dim)
+      : qx(kTile * dim), q_logits(kTile * features), q_phi(kTile * features), q_max(kTile), kx(kTile * dim),
+        k_logits(kTile * features), k_phi(kTile * features), k_max(kTile), k_stab(kTile), values(kTile * (dim + 1)),
+        numden(kTile * (dim + 1)), grads(kTile * (dim + 1)), scores(kTile * kTile), dscores(kTile * kTile),
+        dphi(kTile * features), dx(kTile * dim) {}
+};
+
+// rows of v into a (rows, D + 1) buffer whose last column is 1.
+template <typename scalar_t, typename T>
+void load_values_with_ones(const scalar_t* src, int64_t row_stride, int64_t rows, int64_t dim, T* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* in = src + r * row_stride;
+    T* out = dst + r * (dim + 1);
+    for (int64_t c = 0; c < dim; ++c) out[c] = static_cast<T>(in[c]);
+    out[dim] = 1;
+  }
+}
+
+// [dnum | dden] of each query row from grad_out, out and the normaliser: dnum = g / den and
+// dden = -(g . out) / den; zeros where den == 0 (the row sees no key). Marks those rows dropped.
+template <typename scalar_t, typename T>
+void output_grads(const scalar_t* grad_out, const scalar_t* out, int64_t row_stride, const T* normaliser, int64_t rows,
+                  int64_t dim, T* dst, bool* dropped) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* g = grad_out + r * row_stride;
+    const scalar_t* o = out + r * row_stride;
+    T* d = dst + r * (dim + 1);
+    dropped[r] = !(normaliser[r] > 0);
+    if (dropped[r]) {
+      std::fill(d, d + dim + 1, T(0));
+      continue;
+    }
+    const T inverse = T(1) / normaliser[r];
+    double dot = 0;  // g . out cancels against dnum . v in the scores' gradient: summed in double
+    for (int64_t c = 0; c < dim; ++c) {
+      d[c] = static_cast<T>(g[c]) * inverse;
+      dot += static_cast<double>(d[c]) * static_cast<double>(o[c]);
+    }
+    d[dim] = static_cast<T>(-dot);
+  }
+}
+
+template <typename scalar_t>
+struct Problem {
+  using T = at::opmath_type<scalar_t>;
+  int64_t batch, heads, query_len, key_len, dim, features;
+  bool softmax, causal;
+  T sqrt_scale;
+  const scalar_t *q, *k, *v;
+  HeadView qv, kv, vv;
+  const T* projection;
+  int64_t projection_head_stride;
+  const bool* mask;
+
+  Problem(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& projection_,
+          bool softmax_, bool causal_, const std::optional<at::Tensor>& key_padding_mask, double scale)
+      : batch(q_.size(0)), heads(q_.size(1)), query_len(q_.size(2)), key_len(k_.size(2)), dim(q_.size(3)),
+        features(projection_.size(-2)), softmax(softmax_), causal(causal_), sqrt_scale(T(std::sqrt(scale))),
+        q(q_.data_ptr<scalar_t>()), k(k_.data_ptr<scalar_t>()), v(v_.data_ptr<scalar_t>()), qv(q_), kv(k_), vv(v_),
+        projection(projection_.data_ptr<T>()),
+        projection_head_stride(projection_.dim() == 3 ? features * dim : 0),
+        mask(key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr) {}
+
+  FeatureMap<T> feature_map(int64_t h) const {
+    return {projection + h * projection_head_stride, features, dim, sqrt_scale, softmax};
+  }
+  bool padded(int64_t b, int64_t j) const { return mask != nullptr && mask[b * key_len + j]; }
+};
+
+// Keys [start, start + n) of head (b, h): logits, their per-row maxima (-inf when padded) and padding flags.
+template <typename scalar_t, typename T>
+void key_logits(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start, int64_t n,
+                Workspace<T>& w) {
+  map.logits(p.k + p.kv.offset(b, h) + start * p.kv.row_stride, p.kv.row_stride, n, w.kx.data(), w.k_logits.data(),
+             w.k_max.data());
+  for (int64_t r = 0; r < n; ++r) {
+    w.k_dropped[r] = p.padded(b, start + r);
+    if (w.k_dropped[r]) w.k_max[r] = -std::numeric_limits<T>::infinity();
+  }
+}
+
+template <typename scalar_t, typename T>
+void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start,
+                    int64_t n, Workspace<T>& w) {
+  map.logits(p.q + p.qv.offset(b, h) + start * p.qv.row_stride, p.qv.row_stride, n, w.qx.data(), w.q_logits.data(),
+             w.q_max.data());
+  map.phi(w.q_logits.data(), n, w.q_max.data(), nullptr, w.q_phi.data());
+}
+
+// Scores of a causal chunk: scores[i][j] = phi_q_i . phi_k_j * exp(M_j - M_i) for j <= i, 0 above the diagonal.
+template <typename T>
+void causal_chunk_scores(const Workspace<T>& w, int64_t n, int64_t features, const T* stabiliser, T* scores) {
+  gemm(false, true, n, n, features, T(1), w.q_phi.data(), features, w.k_phi.data(), features, T(0), scores, n);
+  for (int64_t i = 0; i < n; ++i) {
+    T* row = scores + i * n;
+    for (int64_t j = 0; j <= i; ++j) {
+      const T gap = stabiliser[j] - stabiliser[i];
+      row[j] *= cpu::exp_acc(gap < 0 ? gap : T(0));
+    }
+    std::fill(row + i + 1, row + n, T(0));
+  }
+}
+
+// state <- state * exp(old - new) + phi_k^T [V | 1] with phi_k rescaled from each key's own stabiliser
+// to `next` (the last key's). k_phi is scaled in place.
+template <typename T>
+void add_keys_to_state(Workspace<T>& w, int64_t n, int64_t features, int64_t dim, bool have_state, T current, T next,
+                       T* state) {
+  if (have_state && next != current) {
+    const T decay = cpu::exp_acc(current - next);
+    for (int64_t i = 0; i < features * (dim + 1); ++i) state[i] *= decay;
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    if (w.k_dropped[r] || w.k_stab[r] == next) continue;
+    const T factor = cpu::exp_acc(w.k_stab[r] - next);
+    for (int64_t f = 0; f < features; ++f) w.k_phi[r * features + f] *= factor;
+  }
+  gemm(true, false, features, dim + 1, n, T(1), w.k_phi.data(), features, w.values.data(), dim + 1,
+       T(have_state ? 1 : 0), state, dim + 1);
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& projection, bool softmax,
+    bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  using T = at::opmath_type<scalar_t>;
+  const Problem<scalar_t> p(q, k, v, projection, softmax, causal, key_padding_mask, scale);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = new_output(q.sizes(), q.options());
+  at::Tensor normaliser = new_output({p.batch, p.heads, p.query_len}, q.options().dtype(acc));
+  at::Tensor key_stabiliser = new_output({p.batch, p.heads, p.key_len}, q.options().dtype(acc));
+  at::Tensor state = new_output({p.batch, p.heads, p.features, p.dim + 1}, q.options().dtype(acc));
+  const HeadView ov(out);
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  T *norm_ptr = normaliser.data_ptr<T>(), *stab_ptr = key_stabiliser.data_ptr<T>(), *state_ptr = state.data_ptr<T>();
+  const int64_t m = p.features, dim = p.dim;
+
+  // numden rows -> out rows (numerator / denominator, or 0) and the normaliser.
+  auto write_outputs = [&](const Workspace<T>& w, int64_t bh, int64_t b, int64_t h, int64_t start, int64_t n,
+                           std::vector<T>& rows) {
+    for (int64_t r = 0; r < n; ++r) {
+      const T* nd = w.numden.data() + r * (dim + 1);
+      const T den = nd[dim];
+      norm_ptr[bh * p.query_len + start + r] = den;
+      const T inverse = den > 0 ? T(1) / den : T(0);
+      for (int64_t c = 0; c < dim; ++c) rows[r * dim + c] = nd[c] * inverse;
+    }
+    cpu::store_rows(rows.data(), n, dim, out_ptr + ov.offset(b, h) + start * ov.row_stride, ov.row_stride);
+  };
+
+  // Keys (and, when causal, the queries of the same chunk) per (batch, head), in order.
+  cpu::parallel_tasks(p.batch * p.heads, [&](const auto& claim) {
+    Workspace<T> w(m, dim);
+    std::vector<T> rows(kTile * dim);
+    for (int64_t bh = claim(); bh >= 0; bh = claim()) {
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      const auto map = p.feature_map(h);
+      T* head_state = state_ptr + bh * m * (dim + 1);
+      std::fill(head_state, head_state + m * (dim + 1), T(0));
+      bool have_state = false;  // an unpadded key has been summed; `current` is then the state's stabiliser
+      T current = 0;
+      for (int64_t start = 0; start < p.key_len; start += kTile) {
+        const int64_t n = std::min(kTile, p.key_len - start);
+        key_logits(p, map, b, h, start, n, w);
+        // Stabiliser of each key: running maximum (causal) or the maximum so far, applied to the whole tile.
+        T running = have_state ? current : -std::numeric_limits<T>::infinity();
+        for (int64_t r = 0; r < n; ++r) {
+          running = std::max(running, w.k_max[r]);
+          w.k_stab[r] = running;
+        }
+        const bool tile_has_keys = running > -std::numeric_limits<T>::infinity();
+        if (!causal) std::fill(w.k_stab.begin(), w.k_stab.begin() + n, running);
+        for (int64_t r = 0; r < n; ++r) {
+          if (!(w.k_stab[r] > -std::numeric_limits<T>::infinity())) w.k_stab[r] = 0;
+          stab_ptr[bh * p.key_len + start + r] = w.k_stab[r];
+        }
+        map.phi(w.k_logits.data(), n, w.k_stab.data(), w.k_dropped, w.k_phi.data());
+        load_values_with_ones(p.v + p.vv.offset(b, h) + start * p.vv.row_stride, p.vv.row_stride, n, dim,
+                              w.values.data());
+        if (causal) {
+          query_features(p, map, b, h, start, n, w);
+          // Earlier chunks through the state, rescaled from its stabiliser to each query's.
+          if (have_state) {
+            gemm(false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, head_state, dim + 1, T(0), w.numden.data(),
+                 dim + 1);
+            for (int64_t r = 0; r < n; ++r) {
+              const T factor = cpu::exp_acc(std::min(current - w.k_stab[r], T(0)));
+              for (int64_t c = 0; c <= dim; ++c) w.numden[r * (dim + 1) + c] *= factor;
+            }
+          }
+          causal_chunk_scores(w, n, m, w.k_stab.data(), w.scores.data());
+          gemm(false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1,
+               T(have_state ? 1 : 0), w.numden.data(), dim + 1);
+          write_outputs(w, bh, b, h, start, n, rows);
+        }
+        if (tile_has_keys) {
+          add_keys_to_state(w, n, m, dim, have_state, current, w.k_stab[n - 1], head_state);
+          have_state = true;
+          current = w.k_stab[n - 1];
+        }
+      }
+      // Non-causal keys all use the final maximum, the constant the state now carries.
+      if (!causal) std::fill(stab_ptr + bh * p.key_len, stab_ptr + (bh + 1) * p.key_len, current);
+    }
+  });
+  if (causal) return {out, normaliser, key_stabiliser, state};
+
+  const int64_t query_tiles = ceil_div(p.query_len, kTile);
+  cpu::parallel_tasks(p.batch * p.heads * query_tiles, [&](const auto& claim) {
+    Workspace<T> w(m, dim);
+    std::vector<T> rows(kTile * dim);
+    for (int64_t task = claim(); task >= 0; task = claim()) {
+      const int64_t bh = task / query_tiles, b = bh / p.heads, h = bh % p.heads;
+      const int64_t start = (task % query_tiles) * kTile, n = std::min(kTile, p.query_len - start);
+      query_features(p, p.feature_map(h), b, h, start, n, w);
+      gemm(false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state_ptr + bh * m * (dim + 1), dim + 1, T(0),
+           w.numden.data(), dim + 1);
+      write_outputs(w, bh, b, h, start, n, rows);
+    }
+  });
+  return {out, normaliser, key_stabiliser, state};
+}
+
+template <typename T>
+at::Tensor projection_in(const at::Tensor& projection) {
+  return projection.to(c10::CppTypeToScalarType<T>::value).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> performer_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& projection,
+    std::string_view kernel, bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  check_qkv(q, k, v);
+  check_key_padding_mask(key_padding_mask, q, k.size(2));
+  check_projection(projection, q);
+  const bool softmax = is_softmax_kernel(kernel);
+  TORCH_CHECK_VALUE(!causal || q.size(2) == k.size(2), "causal: expected Nq == Nk, got Nq=", q.size(2), " and Nk=",
+                    k.size(2));
+  TORCH_CHECK_VALUE(scale > 0, "scale: expected a positive value, got ", scale);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "performer_fwd", [&] {
+    using T = at::opmath_type<scalar_t>;
+    result = forward_impl<scalar_t>(q, k, v, projection_in<T>(projection), softmax, causal, key_padding_mask, scale);
+  });
+  return result;
+}
+
+// Non-causal backward. Queries: dphi_q = [dnum | dden] state^T and d state = sum phi_q^T [dnum | dden]
+// (split over query tiles, then added). Keys: dv = phi_k d_num_state, dphi_k = [V | 1] d state^T.
+template <typename scalar_t>
+void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const scalar_t* out_ptr, const HeadView& ov,
+                     const HeadView& gov, const at::opmath_type<scalar_t>* norm_ptr,
+                     const at::opmath_type<scalar_t>* stab_ptr, const at::opmath_type<scalar_t>* state_ptr,
+                     at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t m = p.features, dim = p.dim, bh_count = p.batch * p.heads;
+  const int64_t query_tiles = ceil_div(p.query_len, kTile);
+  const int64_t splits = std::clamp<int64_t>(ceil_div(2 * at::get_num_threads(), bh_count), 1, query_tiles);
+  const int64_t tiles_per_split = ceil_div(query_tiles, splits);
+  at::Tensor partial = at::empty({bh_count, splits, m, dim + 1}, grad_q.options().dtype(c10::CppTypeToScalarType<T>::value));
+  T* partial_ptr = partial.data_ptr<T>();
+  const HeadView gqv(grad_q), gkv(grad_k), gvv(grad_v);
+  scalar_t *gq_ptr = grad_q.data_ptr<scalar_t>(), *gk_ptr = grad_k.data_ptr<scalar_t>(),
+           *gv_ptr = grad_v.data_ptr<scalar_t>();
+
+  cpu::parallel_tasks(bh_count * splits, [&](const auto& claim) {
+    Workspace<T> w(m, dim);
+    for (int64_t task = claim(); task >= 0; task = claim()) {
+      const int64_t bh = task / splits, b = bh / p.heads, h = bh % p.heads;
+      const auto map = p.feature_map(h);
+      const T* head_state = state_ptr + bh * m * (dim + 1);
+      T* grad_state = partial_ptr + task * m * (dim + 1);
+      std::fill(grad_state, grad_state + m * (dim + 1), T(0));
+      const int64_t first_tile = (task % splits) * tiles_per_split;
+      const int64_t last_tile = std::min(query_tiles, first_tile + tiles_per_split);
+      for (int64_t tile = first_tile; tile < last_tile; ++tile) {
+        const int64_t start = tile * kTile, n = std::min(kTile, p.query_len - start);
+        query_features(p, map, b, h, start, n, w);
+        output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
+                     ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
+        gemm(false, true, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state, dim + 1, T(0), w.dphi.data(), m);
+        gemm(true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, T(1), grad_state, dim + 1);
+        map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.dx.data());
+        cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
+      }
+    }
+  });
+  const at::Tensor grad_state_all = partial.sum(1);
+  const T* gs_ptr = grad_state_all.data_ptr<T>();
+
+  const int64_t key_tiles = ceil_div(p.key_len, kTile);
+  cpu::parallel_tasks(bh_count * key_tiles, [&](const auto& claim) {
+    Workspace<T> w(m, dim);
+    for (int64_t task = claim(); task >= 0; task = claim()) {
+      const int64_t bh = task / key_tiles, b = bh / p.heads, h = bh % p.heads;
+      const int64_t start = (task % key_tiles) * kTile, n = std::min(kTile, p.key_len - start);
+      const auto map = p.feature_map(h);
+      const T* grad_state = gs_ptr + bh * m * (dim + 1);
+      key_logits(p, map, b, h, start, n, w);
+      map.phi(w.k_logits.data(), n, stab_ptr + bh * p.key_len + start, w.k_dropped, w.k_phi.data());
+      load_values_with_ones(p.v + p.vv.offset(b, h) + start * p.vv.row_stride, p.vv.row_stride, n, dim,
+                            w.values.data());
+      gemm(false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, T(0), w.dx.data(), dim);
+      cpu::store_rows(w.dx.data(), n, dim, gv_ptr + gvv.offset(b, h) + start * gvv.row_stride, gvv.row_stride);
+      gemm(false, true, n, m, dim + 1, T(1), w.values.data(), dim + 1, grad_state, dim + 1, T(0), w.dphi.data(), m);
+      map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, w.dx.data());
+      cpu::store_rows(w.dx.data(), n, dim, gk_ptr + gkv.offset(b, h) + start * gkv.row_stride, gkv.row_stride);
+    }
+  });
+}
+
+// Causal backward of head (b, h), forward direction: dq from the prefix state and the chunk's scores.
+template <typename scalar_t>
+void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, const scalar_t* go_ptr,
+                             const scalar_t* out_ptr, const HeadView& ov, const HeadView& gov,
+                             const at::opmath_type<scalar_t>* norm_ptr, const at::opmath_type<scalar_t>* stab_ptr,
+                             scalar_t* gq_ptr, const HeadView& gqv, Workspace<at::opmath_type<scalar_t>>& w,
+                             std::vector<at::opmath_type<scalar_t>>& state) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
+  const auto map = p.feature_map(h);
+  bool have_state = false;
+  T current = 0;
+  for (int64_t start = 0; start < p.key_len; start += kTile) {
+    const int64_t n = std::min(kTile, p.key_len - start);
+    key_logits(p, map, b, h, start, n, w);
+    std::copy(stab_ptr + bh * p.key_len + start, stab_ptr + bh * p.key_len + start + n, w.k_stab.begin());
+    map.phi(w.k_logits.data(), n, w.k_stab.data(), w.k_dropped, w.k_phi.data());
+    load_values_with_ones(p.v + p.vv.offset(b, h) + start * p.vv.row_stride, p.vv.row_stride, n, dim, w.values.data());
+    query_features(p, map, b, h, start, n, w);
+    output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
+                 ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
+    // dphi_q = exp(M_state - M_i) [dnum | dden] state^T + (G o E) phi_k, with G = [dnum | dden] [V | 1]^T.
+    if (have_state) {
+      gemm(false, true, n, m, dim + 1, T(1), w.grads.data(), dim + 1, state.data(), dim + 1, T(0), w.dphi.data(), m);
+      for (int64_t r = 0; r < n; ++r) {
+        const T factor = w.q_dropped[r] ? T(0) : cpu::exp_acc(std::min(current - w.k_stab[r], T(0)));
+        for (int64_t f = 0; f < m; ++f) w.dphi[r * m + f] *= factor;
+      }
+    }
+    gemm(false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, T(0), w.dscores.data(), n);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        const T gap = w.k_stab[j] - w.k_stab[i];
+        w.dscores[i * n + j] = j <= i ? w.dscores[i * n + j] * cpu::exp_acc(gap < 0 ? gap : T(0)) : T(0);
+      }
+    }
+    gemm(false, false, n, m, n, T(1), w.dscores.data(), n, w.k_phi.data(), m, T(have_state ? 1 : 0), w.dphi.data(), m);
+    map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.dx.data());
+    cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
+    const bool tile_has_keys = std::any_of(w.k_dropped, w.k_dropped + n, [](bool d) { return !d; }) || have_state;
+    if (tile_has_keys) {
+      add_keys_to_state(w, n, m, dim, have_state, current, w.k_stab[n - 1], state.data());
+      have_state = true;
+      current = w.k_stab[n - 1];
+    }
+  }
+}
+
+// Causal backward of head (b, h), reverse direction: dk, dv from the suffix state
+// R = sum over later queries of exp(M_ref - M_i) phi_q_i [dnum_i | dden_i]^T (M_ref: the smallest of their M_i)
+// and the chunk's scores.
+template <typename scalar_t>
+void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, const scalar_t* go_ptr,
+                          const scalar_t* out_ptr, const HeadView& ov, const HeadView& gov,
+                          const at::opmath_type<scalar_t>* norm_ptr, const at::opmath_type<scalar_t>* stab_ptr,
+                          scalar_t* gk_ptr, const HeadView& gkv, scalar_t* gv_ptr, const HeadView& gvv,
+                          Workspace<at::opmath_type<scalar_t>>& w, std::vector<at::opmath_type<scalar_t>>& suffix) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
+  const auto map = p.feature_map(h);
+  bool have_suffix = false;
+  T reference = 0;
+  const int64_t chunks = ceil_div(p.key_len, kTile);
+  std::vector<T> dv(kTile * dim);
+  for (int64_t chunk = chunks - 1; chunk >= 0; --chunk) {
+    const int64_t start = chunk * kTile, n = std::min(kTile, p.key_len - start);
+    key_logits(p, map, b, h, start, n, w);
+    std::copy(stab_ptr + bh * p.key_len + start, stab_ptr + bh * p.key_len + start + n, w.k_stab.begin());
+    map.phi(w.k_logits.data(), n, w.k_stab.data(), w.k_dropped, w.k_phi.data());
+    load_values_with_ones(p.v + p.vv.offset(b, h) + start * p.vv.row_stride, p.vv.row_stride, n, dim, w.values.data());
+    query_features(p, map, b, h, start, n, w);
+    output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
+                 ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
+    // Later chunks: dv_j = exp(M_j - M_ref) phi_k_j R_num, dphi_k_j = exp(M_j - M_ref) R [v_j | 1].
+    if (have_suffix) {
+      gemm(false, false, n, dim, m, T(1), w.k_phi.data(), m, suffix.data(), dim + 1, T(0), dv.data(), dim);
+      gemm(false, true, n, m, dim + 1, T(1), w.values.data(), dim + 1, suffix.data(), dim + 1, T(0), w.dphi.data(), m);
+      for (int64_t r = 0; r < n; ++r) {
+        const T factor = w.k_dropped[r] ? T(0) : cpu::exp_acc(std::min(w.k_stab[r] - reference, T(0)));
+        for (int64_t c = 0; c < dim; ++c) dv[r * dim + c] *= factor;
+        for (int64_t f = 0; f < m; ++f) w.dphi[r * m + f] *= factor;
+      }
+    }
+    // This chunk: dv += S^T dnum and dphi_k += (G o E)^T phi_q, S the chunk's scores.
+    causal_chunk_scores(w, n, m, w.k_stab.data(), w.scores.data());
+    gemm(true, false, n, dim, n, T(1), w.scores.data(), n, w.grads.data(), dim + 1, T(have_suffix ? 1 : 0), dv.data(),
+         dim);
+    gemm(false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, T(0), w.dscores.data(), n);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        const T gap = w.k_stab[j] - w.k_stab[i];
+        w.dscores[i * n + j] = j <= i ? w.dscores[i * n + j] * cpu::exp_acc(gap < 0 ? gap : T(0)) : T(0);
+      }
+    }
+    gemm(true, false, n, m, n, T(1), w.dscores.data(), n, w.q_phi.data(), m, T(have_suffix ? 1 : 0), w.dphi.data(), m);
+    for (int64_t r = 0; r < n; ++r) {
+      if (w.k_dropped[r]) std::fill(dv.begin() + r * dim, dv.begin() + (r + 1) * dim, T(0));
+    }
+    cpu::store_rows(dv.data(), n, dim, gv_ptr + gvv.offset(b, h) + start * gvv.row_stride, gvv.row_stride);
+    map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, w.dx.data());
+    cpu::store_rows(w.dx.data(), n, dim, gk_ptr + gkv.offset(b, h) + start * gkv.row_stride, gkv.row_stride);
+
+    // Add this chunk's queries to the suffix state, referred to the smallest M_i among those that see a key.
+    int64_t first = 0;
+    while (first < n && w.q_dropped[first]) ++first;
+    if (first == n) continue;
+    const T next = w.k_stab[first];
+    if (have_suffix && next != reference) {
+      const T decay = cpu::exp_acc(std::min(next - reference, T(0)));
+      for (int64_t i = 0; i < m * (dim + 1); ++i) suffix[i] *= decay;
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      const T factor = w.q_dropped[r] ? T(0) : cpu::exp_acc(std::min(next - w.k_stab[r], T(0)));
+      for (int64_t f = 0; f < m; ++f) w.q_phi[r * m + f] *= factor;
+    }
+    gemm(true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, T(have_suffix ? 1 : 0),
+         suffix.data(), dim + 1);
+    have_suffix = true;
+    reference = next;
+  }
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& projection, const at::Tensor& out, const at::Tensor& normaliser, const at::Tensor& key_stabiliser,
+    const at::Tensor& state, bool softmax, bool causal, const std::optional<at::Tensor>& key_padding_mask,
+    double scale) {
+  using T = at::opmath_type<scalar_t>;
+  const Problem<scalar_t> p(q, k, v, projection, softmax, causal, key_padding_mask, scale);
+  at::Tensor grad_q = new_output(q.sizes(), q.options());
+  at::Tensor grad_k = new_output(k.sizes(), k.options());
+  at::Tensor grad_v = new_output(v.sizes(), v.options());
+  const at::Tensor norm_c = normaliser.contiguous(), stab_c = key_stabiliser.contiguous(), state_c = state.contiguous();
+  const HeadView ov(out), gov(grad_out);
+  const scalar_t *go_ptr = grad_out.data_ptr<scalar_t>(), *out_ptr = out.data_ptr<scalar_t>();
+  const T *norm_ptr = norm_c.data_ptr<T>(), *stab_ptr = stab_c.data_ptr<T>();
+  if (!causal) {
+    backward_global(p, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, state_c.data_ptr<T>(), grad_q, grad_k, grad_v);
+    return {grad_q, grad_k, grad_v};
+  }
+  const HeadView gqv(grad_q), gkv(grad_k), gvv(grad_v);
+  scalar_t *gq_ptr = grad_q.data_ptr<scalar_t>(), *gk_ptr = grad_k.data_ptr<scalar_t>(),
+           *gv_ptr = grad_v.data_ptr<scalar_t>();
+  const int64_t bh_count = p.batch * p.heads;
+  // Tasks [0, BH) take the forward direction (dq), [BH, 2 BH) the reverse one (dk, dv).
+  cpu::parallel_tasks(2 * bh_count, [&](const auto& claim) {
+    Workspace<T> w(p.features, p.dim);
+    std::vector<T> running(p.features * (p.dim + 1));
+    for (int64_t task = claim(); task >= 0; task = claim()) {
+      const int64_t bh = task % bh_count, b = bh / p.heads, h = bh % p.heads;
+      if (task < bh_count) {
+        backward_causal_queries(p, b, h, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, gq_ptr, gqv, w, running);
+      } else {
+        backward_causal_keys(p, b, h, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, gk_ptr, gkv, gv_ptr, gvv, w,
+                             running);
+      }
+    }
+  });
+  return {grad_q, grad_k, grad_v};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& projection, const at::Tensor& out, const at::Tensor& normaliser, const at::Tensor& key_stabiliser,
+    const at::Tensor& state, std::string_view kernel, bool causal, const std::optional<at::Tensor>& key_padding_mask,
+    double scale) {
+  check_qkv(q, k, v);
+  check_key_padding_mask(key_padding_mask, q, k.size(2));
+  check_projection(projection, q);
+  const bool softmax = is_softmax_kernel(kernel);
+  for (const auto& [name, t] : {std::pair{"grad_out", &grad_out}, std::pair{"out", &out}}) {
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes() && t->stride(3) == 1 && t->scalar_type() == q.scalar_type(), name,
+                      ": expected shape ", q.sizes(), ", dtype ", q.scalar_type(), " and unit last stride, got ",
+                      t->sizes(), ", ", t->scalar_type(), ", strides ", t->strides());
+  }
+  TORCH_CHECK_VALUE(grad_out.strides() == out.strides(), "grad_out: expected the strides of out ", out.strides(),
+                    ", got ", grad_out.strides());
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const std::vector<int64_t> state_shape{q.size(0), q.size(1), projection.size(-2), q.size(3) + 1};
+  TORCH_CHECK_VALUE(normaliser.sizes() == q.sizes().slice(0, 3) && normaliser.scalar_type() == acc,
+                    "normaliser: expected shape ", q.sizes().slice(0, 3), " and dtype ", acc, ", got ",
+                    normaliser.sizes(), " and ", normaliser.scalar_type());
+  TORCH_CHECK_VALUE(key_stabiliser.sizes() == k.sizes().slice(0, 3) && key_stabiliser.scalar_type() == acc,
+                    "key_stabiliser: expected shape ", k.sizes().slice(0, 3), " and dtype ", acc, ", got ",
+                    key_stabiliser.sizes(), " and ", key_stabiliser.scalar_type());
+  TORCH_CHECK_VALUE(state.sizes() == at::IntArrayRef(state_shape) && state.scalar_type() == acc,
+                    "state: expected shape ", state_shape, " and dtype ", acc, ", got ", state.sizes(), " and ",
+                    state.scalar_type());
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "performer_bwd", [&] {
+    using T = at::opmath_type<scalar_t>;
+    result = backward_impl<scalar_t>(grad_out, q, k, v, projection_in<T>(projection), out, normaliser, key_stabiliser,
+                                     state, softmax, causal, key_padding_mask, scale);
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("performer_fwd", &performer_fwd);
+  m.impl("performer_bwd", &performer_bwd);
+}
+
+}  // namespace fastattn
