@@ -11,6 +11,8 @@ from .functional import (
     performer_attention,
 )
 from .layout import BlockLayout, bigbird_layout
+from . import models, nn
+from .nn import replace_attention
 
 __version__ = "0.1.0"
 
@@ -24,5 +26,8 @@ __all__ = [
     "linformer_attention",
     "performer_attention",
     "random_features",
+    "models",
+    "nn",
     "reference",
+    "replace_attention",
 ]

@@ -1,0 +1,614 @@
+"""A drop-in ``torch.nn.MultiheadAttention`` whose attention is full, BigBird, Linformer or Performer.
+
+:class:`MultiheadAttention` keeps torch's constructor, parameter names, state_dict keys and forward
+signature, so ``module.load_state_dict(torch_mha.state_dict())`` works both ways (Linformer adds its
+learned sequence projections as extra keys). :func:`replace_attention` swaps every
+``torch.nn.MultiheadAttention`` of a model for one, keeping the weights.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional
+from .features import random_features
+from .layout import bigbird_layout
+from .reference import performer_features
+
+__all__ = ["MultiheadAttention", "replace_attention", "MECHANISM_OPTIONS"]
+
+MECHANISM_OPTIONS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "bigbird": {"block_size": 64, "num_random_blocks": 3, "seed": 0, "backend": None},
+    "linformer": {"projected_length": 256, "max_seq_len": None, "share_kv": False, "backend": None},
+    "performer": {"num_features": None, "kernel": "softmax", "feature_redraw_interval": 1000, "backend": None},
+}
+
+
+def _reject_nested_tensors(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: nested tensors are not supported.
+
+    Being a forward hook, it also turns off the fast path of ``nn.TransformerEncoderLayer`` (which
+    declines modules with hooks and would otherwise run torch's own fused dense attention on this
+    module's weights, bypassing the mechanism chosen here).
+    """
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and value.is_nested:
+            raise ValueError(
+                "fastattn.nn.MultiheadAttention: nested tensors are not supported; pass padded tensors with a "
+                "key_padding_mask (for nn.TransformerEncoder set use_nested_tensor=False, as replace_attention does)"
+            )
+
+
+def _bool_padding(key_padding_mask: Tensor | None, what: str) -> Tensor | None:
+    """A bool key padding mask (True = pad) from torch's bool or additive float (-inf = pad) form."""
+    if key_padding_mask is None or key_padding_mask.dtype == torch.bool:
+        return key_padding_mask
+    if not key_padding_mask.is_floating_point():
+        raise TypeError(f"key_padding_mask: expected a bool or floating-point tensor, got dtype {key_padding_mask.dtype}")
+    is_pad = torch.isneginf(key_padding_mask)
+    if not torch.all(is_pad | (key_padding_mask == 0)):
+        raise ValueError(
+            f"key_padding_mask: {what} supports a float mask only with values 0 (keep) and -inf (pad); "
+            "other additive biases need attention='full'"
+        )
+    return is_pad
+
+
+def _is_causal_mask(attn_mask: Tensor, query_len: int, key_len: int) -> bool:
+    """Whether ``attn_mask`` is the (L, L) causal mask nn.Transformer passes (bool or float -inf above the diagonal)."""
+    if attn_mask.dim() != 2 or query_len != key_len or tuple(attn_mask.shape) != (query_len, key_len):
+        return False
+    above = torch.ones(query_len, key_len, dtype=torch.bool, device=attn_mask.device).triu(1)
+    if attn_mask.dtype == torch.bool:
+        return bool(torch.equal(attn_mask, above))
+    return bool(torch.equal(torch.isneginf(attn_mask), above) and torch.all(attn_mask.masked_fill(above, 0) == 0))
+
+
+class MultiheadAttention(nn.Module):
+    """Drop-in replacement of ``torch.nn.MultiheadAttention`` with a choice of attention mechanism.
+
+    The constructor, parameters (``in_proj_weight`` or ``q_proj_weight``/``k_proj_weight``/
+    ``v_proj_weight`` when kdim/vdim differ, ``in_proj_bias``, ``out_proj``, ``bias_k``, ``bias_v``)
+    and ``forward`` are torch's. ``attention`` picks the mechanism; its options:
+
+    - ``"full"``: dense softmax attention, torch's semantics for every ``attn_mask`` and dropout.
+    - ``"bigbird"``: ``block_size=64``, ``num_random_blocks=3``, ``seed=0`` (see
+      ``fastattn.bigbird_attention``). Needs Nq == Nk, so no ``add_bias_kv``/``add_zero_attn``.
+    - ``"linformer"``: ``projected_length=256`` (kp), ``max_seq_len`` (required), ``share_kv=False``.
+      Adds the learned parameters ``proj_k`` (and ``proj_v`` unless ``share_kv``) of shape
+      ``(kp, max_seq_len)``, shared by all heads; they are extra state_dict keys, so loading a
+      torch state_dict into this module needs ``strict=False`` (or the keys added) and the reverse
+      direction needs them dropped. Not causal: a causal mask raises ``ValueError``.
+    - ``"performer"``: ``num_features`` (default ``int(D * ln D)``), ``kernel="softmax"`` or ``"relu"``,
+      ``feature_redraw_interval=1000``: the (m, D) buffer ``projection`` (not saved in the state_dict)
+      is redrawn with ``fastattn.random_features`` every that many training forwards (None: never),
+      from a seed drawn at construction, so replicas of one model redraw identically.
+    - every efficient mechanism: ``backend`` (None = automatic), passed to the fastattn op.
+
+    ``attn_mask``: ``"full"`` accepts anything torch accepts. The efficient mechanisms accept only no
+    mask or the causal mask of ``nn.Transformer.generate_square_subsequent_mask`` (float -inf or bool
+    True above the diagonal), or ``is_causal=True``, mapped to ``causal=True``; any other mask raises
+    ``ValueError``. ``key_padding_mask``: bool (True = pad) or float (-inf = pad; ``"full"`` also takes
+    other additive values).
+
+    ``need_weights=True`` (torch's default) also returns the mechanism's effective attention weights,
+    computed only on request, shape (B, Nq, S) averaged over heads or (B, H, Nq, S):
+
+    - full: the softmax weights (S = Nk);
+    - bigbird: the softmax over the keys the block layout (and causal/padding masks) allows (S = Nk);
+    - linformer: the softmax over the kp projected keys (S = kp);
+    - performer: the normalised kernel matrix ``phi(q) phi(k)^T / normaliser`` (S = Nk).
+
+    Dropout on the attention weights is applied exactly for ``"full"``; the efficient mechanisms do
+    not apply it (a warning says so once). Rows that see no key give zeros (torch gives NaN).
+    """
+
+    _TORCH_ARGUMENTS = ("dropout", "bias", "add_bias_kv", "add_zero_attn", "kdim", "vdim", "batch_first")
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
+                 vdim: int | None = None, batch_first: bool = False, device=None, dtype=None, *,
+                 attention: str = "full", **attention_options):
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(
+                f"embed_dim, num_heads: expected positive ints with embed_dim divisible by num_heads, got "
+                f"embed_dim={embed_dim}, num_heads={num_heads}"
+            )
+        if attention not in MECHANISM_OPTIONS:
+            raise ValueError(f"attention: expected one of {tuple(MECHANISM_OPTIONS)}, got {attention!r}")
+        unknown = sorted(set(attention_options) - set(MECHANISM_OPTIONS[attention]))
+        if unknown:
+            raise TypeError(
+                f"attention_options: {attention!r} attention accepts {sorted(MECHANISM_OPTIONS[attention])}, "
+                f"got unexpected {unknown}"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+        self.add_zero_attn = add_zero_attn
+        self.attention = attention
+        self.attention_options = {**MECHANISM_OPTIONS[attention], **attention_options}
+
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self._init_mechanism(factory)
+        self._reset_parameters()
+        self.register_forward_pre_hook(_reject_nested_tensors, with_kwargs=True)
+
+    def _init_mechanism(self, factory: dict) -> None:
+        options = self.attention_options
+        if self.attention != "full" and self.dropout > 0:
+            warnings.warn(
+                f"fastattn.nn.MultiheadAttention: {self.attention} attention does not apply attention dropout "
+                f"(dropout={self.dropout} is ignored; only attention='full' applies it)",
+                stacklevel=3,
+            )
+        if self.attention == "bigbird" and (self.bias_k is not None or self.add_zero_attn):
+            raise ValueError(
+                "add_bias_kv, add_zero_attn: BigBird attention needs as many keys as queries, and these append keys; "
+                "use attention='full', 'linformer' or 'performer' with them"
+            )
+        if self.attention == "linformer":
+            max_seq_len, projected_length = options["max_seq_len"], options["projected_length"]
+            for name, value in (("max_seq_len", max_seq_len), ("projected_length", projected_length)):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"{name}: linformer attention needs a positive int, got {value!r}")
+            self.proj_k = nn.Parameter(torch.empty(projected_length, max_seq_len, **factory))
+            if options["share_kv"]:
+                self.register_parameter("proj_v", None)
+            else:
+                self.proj_v = nn.Parameter(torch.empty(projected_length, max_seq_len, **factory))
+        if self.attention == "performer":
+            if options["num_features"] is None:
+                options["num_features"] = max(1, int(self.head_dim * math.log(self.head_dim)))
+            if options["kernel"] not in functional.PERFORMER_KERNELS:
+                raise ValueError(f"kernel: expected one of {functional.PERFORMER_KERNELS}, got {options['kernel']!r}")
+            interval = options["feature_redraw_interval"]
+            if interval is not None and (not isinstance(interval, int) or isinstance(interval, bool) or interval < 1):
+                raise ValueError(f"feature_redraw_interval: expected a positive int or None, got {interval!r}")
+            self._feature_seed = int(torch.randint(0, 2**62, ()).item())
+            self._feature_draws = 0
+            self._training_forwards = 0
+            self.register_buffer("projection", self._draw_features(factory["device"]), persistent=False)
+
+    def _draw_features(self, device) -> Tensor:
+        generator = torch.Generator().manual_seed(self._feature_seed + self._feature_draws)
+        self._feature_draws += 1
+        return random_features(self.attention_options["num_features"], self.head_dim, generator=generator,
+                               dtype=torch.float32, device=device)
+
+    def redraw_features(self) -> None:
+        """Draw a new Performer projection (in place, so optimisers and DDP keep their references)."""
+        with torch.no_grad():
+            self.projection.copy_(self._draw_features(self.projection.device))
+
+    def _reset_parameters(self) -> None:
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            nn.init.xavier_uniform_(self.q_proj_weight)
+            nn.init.xavier_uniform_(self.k_proj_weight)
+            nn.init.xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+            nn.init.constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
+        if self.attention == "linformer":
+            std = self.attention_options["projected_length"] ** -0.5
+            nn.init.normal_(self.proj_k, std=std)
+            if self.proj_v is not None:
+                nn.init.normal_(self.proj_v, std=std)
+
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention, attention: str = "full", **attention_options) -> "MultiheadAttention":
+        """The same layer (configuration and weights, on the same device and dtype) with ``attention``."""
+        if not isinstance(mha, (nn.MultiheadAttention, MultiheadAttention)):
+            raise TypeError(f"mha: expected a torch.nn.MultiheadAttention, got {type(mha).__name__}")
+        reference = mha.out_proj.weight
+        module = cls(
+            mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
+            add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn, kdim=mha.kdim, vdim=mha.vdim,
+            batch_first=mha.batch_first, device=reference.device, dtype=reference.dtype,
+            attention=attention, **attention_options,
+        )
+        missing, unexpected = module.load_state_dict(mha.state_dict(), strict=False)
+        extra = {"proj_k", "proj_v"} if attention == "linformer" else set()
+        if unexpected or set(missing) - extra:
+            raise ValueError(f"mha: state_dict does not match (missing {missing}, unexpected {unexpected})")
+        module.train(mha.training)
+        return module
+
+    def extra_repr(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.attention_options.items())
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
+                f"attention={self.attention!r}" + (f", {options}" if options else ""))
+
+    # projections -------------------------------------------------------------------------------
+
+    def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, E) inputs -> q, k, v (B, L, E) after the input projections."""
+        e = self.embed_dim
+        biases = (None, None, None) if self.in_proj_bias is None else self.in_proj_bias.split(e)
+        if self._qkv_same_embed_dim:
+            weights = self.in_proj_weight.split(e)
+        else:
+            weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        if self._qkv_same_embed_dim and query is key and key is value:
+            return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        return tuple(F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
+
+    def _heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _merge_heads(self, x: Tensor) -> Tensor:
+        batch, _, length, _ = x.shape
+        return x.transpose(1, 2).reshape(batch, length, self.embed_dim)
+
+    # forward -----------------------------------------------------------------------------------
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        """torch's forward: (L, B, E) inputs, or (B, L, E) with ``batch_first``, or unbatched (L, E)."""
+        batched = query.dim() == 3
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(
+                f"query, key, value: expected 3-D (batched) or 2-D (unbatched) tensors, got shapes "
+                f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+            )
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        output, weights = self._attend_batch_first(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                                   average_attn_weights, is_causal)
+        if not batched:
+            return output.squeeze(0), None if weights is None else weights.squeeze(0)
+        if not self.batch_first:
+            output = output.transpose(0, 1)
+        return output, weights
+
+    def _attend_batch_first(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                            is_causal):
+        batch, query_len, _ = query.shape
+        if query.shape[-1] != self.embed_dim or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            raise ValueError(
+                f"query, key, value: expected feature sizes ({self.embed_dim}, {self.kdim}, {self.vdim}), got "
+                f"({query.shape[-1]}, {key.shape[-1]}, {value.shape[-1]})"
+            )
+        if key.shape[:2] != value.shape[:2] or key.shape[0] != batch:
+            raise ValueError(
+                f"key, value: expected the same batch and length as each other and batch {batch} of query, got "
+                f"shapes {tuple(key.shape)} and {tuple(value.shape)} (batch first)"
+            )
+        key_len = key.shape[1]
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, key_len):
+            raise ValueError(
+                f"key_padding_mask: expected shape (batch, key length) = ({batch}, {key_len}), got "
+                f"{tuple(key_padding_mask.shape)}"
+            )
+        causal = False
+        if attn_mask is not None and self.attention != "full":
+            causal = _is_causal_mask(attn_mask, query_len, key_len)
+            if not causal:
+                raise ValueError(
+                    f"attn_mask: {self.attention} attention supports only no mask or the causal mask "
+                    f"(float -inf or bool True above the diagonal, shape (L, L)); got a {attn_mask.dtype} mask of "
+                    f"shape {tuple(attn_mask.shape)} that is not causal. Use key_padding_mask for padding, or "
+                    f"attention='full' for arbitrary masks"
+                )
+            attn_mask = None
+        causal = causal or (is_causal and attn_mask is None)
+        if causal and self.attention == "linformer":
+            raise ValueError(
+                "attn_mask, is_causal: Linformer attention has no causal form (projecting along the sequence mixes "
+                "future keys into every row); use 'full', 'bigbird' or 'performer' for causal attention"
+            )
+
+        q, k, v = self._in_projection(query, key, value)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(batch, 1, -1)], dim=1)
+            v = torch.cat([v, self.bias_v.expand(batch, 1, -1)], dim=1)
+            attn_mask, key_padding_mask = self._extend_masks(attn_mask, key_padding_mask)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(batch, self.num_heads, 1, self.head_dim)], dim=2)
+            v = torch.cat([v, v.new_zeros(batch, self.num_heads, 1, self.head_dim)], dim=2)
+            attn_mask, key_padding_mask = self._extend_masks(attn_mask, key_padding_mask)
+        if causal and k.shape[2] != query_len:
+            raise ValueError(
+                f"attn_mask, is_causal: causal attention needs as many keys as queries, got {query_len} queries and "
+                f"{k.shape[2]} keys (add_bias_kv/add_zero_attn append keys)"
+            )
+
+        if self.attention == "full":
+            out, weights = self._full(q, k, v, key_padding_mask, attn_mask, causal, need_weights)
+        else:
+            padding = _bool_padding(key_padding_mask, f"{self.attention} attention")
+            out = getattr(self, f"_{self.attention}")(q, k, v, padding, causal)
+            weights = getattr(self, f"_{self.attention}_weights")(q, k, padding, causal) if need_weights else None
+        output = self.out_proj(self._merge_heads(out))
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        return output, weights
+
+    @staticmethod
+    def _extend_masks(attn_mask: Tensor | None, key_padding_mask: Tensor | None):
+        """Masks for one more key appended (never masked), as torch pads them."""
+        if attn_mask is not None:
+            attn_mask = F.pad(attn_mask, (0, 1))
+        if key_padding_mask is not None:
+            key_padding_mask = F.pad(key_padding_mask, (0, 1))
+        return attn_mask, key_padding_mask
+
+    # mechanisms --------------------------------------------------------------------------------
+
+    def _full(self, q, k, v, key_padding_mask, attn_mask, causal, need_weights):
+        dropout = self.dropout if self.training else 0.0
+        if key_padding_mask is not None and key_padding_mask.is_floating_point():
+            is_pad = torch.isneginf(key_padding_mask)
+            if torch.all(is_pad | (key_padding_mask == 0)):
+                key_padding_mask = is_pad
+        simple_padding = key_padding_mask is None or key_padding_mask.dtype == torch.bool
+        simple_mask = attn_mask is None or _is_causal_mask(attn_mask, q.shape[2], k.shape[2])
+        if not need_weights and dropout == 0 and simple_padding and simple_mask:
+            return functional.full_attention(q, k, v, causal=causal or attn_mask is not None,
+                                             key_padding_mask=key_padding_mask), None
+        bias = self._additive_bias(q, k, key_padding_mask, attn_mask, causal)
+        scores = torch.matmul(q * self.head_dim**-0.5, k.transpose(-1, -2))
+        if bias is not None:
+            scores = scores + bias
+        sees_a_key = ~torch.isneginf(scores).all(dim=-1, keepdim=True)
+        weights = torch.softmax(scores.masked_fill(~sees_a_key, 0.0), dim=-1) * sees_a_key
+        out = torch.matmul(F.dropout(weights, p=dropout) if dropout > 0 else weights, v)
+        return out, weights if need_weights else None
+
+    def _additive_bias(self, q, k, key_padding_mask, attn_mask, causal) -> Tensor | None:
+        """Sum of torch's masks as an additive float bias broadcastable to (B, H, Nq, Nk)."""
+        batch, heads, query_len, _ = q.shape
+        key_len = k.shape[2]
+        bias = None
+
+        def as_float(mask: Tensor) -> Tensor:
+            if mask.dtype == torch.bool:
+                return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, float("-inf"))
+            return mask.to(q.dtype)
+
+        if attn_mask is not None:
+            if attn_mask.dim() == 2 and tuple(attn_mask.shape) == (query_len, key_len):
+                bias = as_float(attn_mask)
+            elif attn_mask.dim() == 3 and tuple(attn_mask.shape) == (batch * heads, query_len, key_len):
+                bias = as_float(attn_mask).view(batch, heads, query_len, key_len)
+            else:
+                raise ValueError(
+                    f"attn_mask: expected shape ({query_len}, {key_len}) or ({batch * heads}, {query_len}, {key_len}), "
+                    f"got {tuple(attn_mask.shape)}"
+                )
+        elif causal:
+            bias = as_float(torch.ones(query_len, key_len, dtype=torch.bool, device=q.device).triu(1))
+        if key_padding_mask is not None:
+            padding = as_float(key_padding_mask)[:, None, None, :]
+            bias = padding if bias is None else bias + padding
+        return bias
+
+    def _bigbird_arguments(self) -> dict:
+        options = self.attention_options
+        return {"block_size": options["block_size"], "num_random_blocks": options["num_random_blocks"],
+                "seed": options["seed"]}
+
+    def _bigbird(self, q, k, v, padding, causal):
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(
+                f"key: BigBird attention needs as many keys as queries, got {q.shape[2]} queries and {k.shape[2]} keys"
+            )
+        return functional.bigbird_attention(q, k, v, causal=causal, key_padding_mask=padding,
+                                            backend=self.attention_options["backend"], **self._bigbird_arguments())
+
+    def _bigbird_weights(self, q, k, padding, causal):
+        layout = bigbird_layout(q.shape[2], num_heads=self.num_heads, causal=causal, **self._bigbird_arguments())
+        size = layout.block_size
+        allowed = layout.to_dense().to(q.device).repeat_interleave(size, 1).repeat_interleave(size, 2)
+        allowed = allowed[:, : q.shape[2], : k.shape[2]].unsqueeze(0)
+        if causal:
+            allowed = allowed & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        if padding is not None:
+            allowed = allowed & ~padding[:, None, None, :]
+        return _masked_softmax(torch.matmul(q * self.head_dim**-0.5, k.transpose(-1, -2)), allowed)
+
+    def _linformer_projections(self, key_len: int) -> tuple[Tensor, Tensor]:
+        max_seq_len = self.attention_options["max_seq_len"]
+        if key_len > max_seq_len:
+            raise ValueError(f"key: Linformer attention was built for max_seq_len={max_seq_len}, got {key_len} keys")
+        return self.proj_k, self.proj_k if self.proj_v is None else self.proj_v
+
+    def _linformer(self, q, k, v, padding, causal):
+        proj_k, proj_v = self._linformer_projections(k.shape[2])
+        return functional.linformer_attention(q, k, v, proj_k.to(q.dtype), proj_v.to(q.dtype), key_padding_mask=padding,
+                                              backend=self.attention_options["backend"])
+
+    def _linformer_weights(self, q, k, padding, causal):
+        proj_k, _ = self._linformer_projections(k.shape[2])
+        if padding is not None:
+            k = k * (~padding)[:, None, :, None].to(k.dtype)
+        projected = torch.einsum("pn,bhnd->bhpd", proj_k[:, : k.shape[2]].to(q.dtype), k)
+        return torch.softmax(torch.matmul(q * self.head_dim**-0.5, projected.transpose(-1, -2)), dim=-1)
+
+    def _performer_projection(self) -> Tensor:
+        interval = self.attention_options["feature_redraw_interval"]
+        if self.training and interval is not None:
+            if self._training_forwards and self._training_forwards % interval == 0:
+                self.redraw_features()
+            self._training_forwards += 1
+        return self.projection
+
+    def _performer(self, q, k, v, padding, causal):
+        projection = self._performer_projection().to(q.dtype)
+        return functional.performer_attention(q, k, v, projection, kernel=self.attention_options["kernel"],
+                                              causal=causal, key_padding_mask=padding,
+                                              backend=self.attention_options["backend"])
+
+    def _performer_weights(self, q, k, padding, causal):
+        projection = self.projection.to(q.dtype)
+        kernel = self.attention_options["kernel"]
+        scale = self.head_dim**-0.5
+        phi_q, _ = performer_features(q, projection, kernel=kernel, scale=scale)
+        phi_k, key_max = performer_features(k, projection, kernel=kernel, scale=scale)
+        keep = None if padding is None else (~padding)[:, None, :]
+        if keep is not None:
+            key_max = key_max.masked_fill(~keep, float("-inf"))
+        if kernel == "softmax":
+            reference = key_max.cummax(-1).values if causal else key_max.amax(-1, keepdim=True).expand_as(key_max)
+            reference = torch.where(torch.isfinite(reference), reference, torch.zeros_like(reference))
+        else:
+            reference = torch.zeros_like(key_max)
+        # phi_k is relative to each key's own maximum; rescale every key to the stabiliser of the query row
+        # (the running maximum up to the query if causal): the same constants as the fastattn ops use
+        key_offset = torch.where(torch.isfinite(key_max), key_max, torch.zeros_like(key_max)) if kernel == "softmax" \
+            else torch.zeros_like(key_max)
+        rescale = torch.exp(torch.clamp(key_offset.unsqueeze(-2) - reference.unsqueeze(-1), max=0.0))
+        kernel_matrix = torch.matmul(phi_q, phi_k.transpose(-1, -2)) * rescale
+        allowed = torch.ones_like(kernel_matrix, dtype=torch.bool)
+        if causal:
+            allowed = allowed & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        if keep is not None:
+            allowed = allowed & keep.unsqueeze(-2)
+        kernel_matrix = kernel_matrix * allowed
+        normaliser = kernel_matrix.sum(-1, keepdim=True)
+        return torch.where(normaliser > 0, kernel_matrix / torch.where(normaliser > 0, normaliser, 1.0), 0.0)
+
+    # incremental decoding ----------------------------------------------------------------------
+
+    def decode(self, x: Tensor, state: dict | None = None) -> tuple[Tensor, dict]:
+        """Causal self-attention of new tokens ``x`` (B, T, E), given the ``state`` of the tokens before them.
+
+        ``state=None`` starts a sequence. Returns the output (B, T, E) and the state to pass with the
+        next tokens. Full attention keeps a key-value cache; causal Performer keeps its running sums
+        (fp32 ``sum_j phi(k_j) v_j^T`` and ``sum_j phi(k_j)`` relative to the running key stabiliser),
+        so each new token costs the same whatever the length, and the outputs equal the causal
+        forward's (same features and stabilisers as ``fastattn.reference.performer_attention``).
+        BigBird and Linformer have no incremental form (BigBird's layout depends on the total length).
+        The first call (the prompt) runs the causal op and sums the prompt's keys into the state at once.
+        """
+        if self.attention not in ("full", "performer"):
+            raise ValueError(f"attention: incremental decoding supports 'full' and 'performer', not {self.attention!r}")
+        if self.bias_k is not None or self.add_zero_attn or not self._qkv_same_embed_dim:
+            raise ValueError("decode: needs plain self-attention (no add_bias_kv, add_zero_attn, kdim or vdim)")
+        q, k, v = (self._heads(t) for t in self._in_projection(x, x, x))
+        if self.attention == "full":
+            if state is None:
+                out = functional.full_attention(q, k, v, causal=True)
+                state = {"key": k, "value": v}
+            else:
+                keys = torch.cat([state["key"], k], dim=2)
+                values = torch.cat([state["value"], v], dim=2)
+                allowed = torch.ones(q.shape[2], keys.shape[2], dtype=torch.bool, device=q.device).tril(
+                    keys.shape[2] - q.shape[2])
+                out = _masked_softmax(torch.matmul(q * self.head_dim**-0.5, keys.transpose(-1, -2)), allowed)
+                out = torch.matmul(out, values)
+                state = {"key": keys, "value": values}
+        else:
+            out, state = self._performer_decode(q, k, v, state)
+        return self.out_proj(self._merge_heads(out)), state
+
+    def _performer_decode(self, q, k, v, state):
+        projection = self.projection.to(q.dtype)
+        kernel = self.attention_options["kernel"]
+        scale = self.head_dim**-0.5
+        accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
+        phi_q, _ = performer_features(q, projection, kernel=kernel, scale=scale)
+        phi_k, key_max = performer_features(k, projection, kernel=kernel, scale=scale)
+        phi_k, key_max, values = phi_k.to(accumulate), key_max.to(accumulate), v.to(accumulate)
+        if state is None:
+            # the prompt: outputs from the causal op, the state in closed form (sums relative to the largest key logit)
+            out = functional.performer_attention(q, k, v, projection, kernel=kernel, causal=True,
+                                                 backend=self.attention_options["backend"])
+            stabiliser = key_max.amax(-1)
+            key_features = phi_k * torch.exp(key_max - stabiliser.unsqueeze(-1)).unsqueeze(-1)
+            return out, {"kv": torch.einsum("bhnm,bhnd->bhmd", key_features, values),
+                         "normaliser": key_features.sum(-2), "stabiliser": stabiliser}
+        phi_q, v = phi_q.to(accumulate), values
+        kv, normaliser, stabiliser = state["kv"], state["normaliser"], state["stabiliser"]
+        outputs = []
+        for t in range(q.shape[2]):
+            new_stabiliser = torch.maximum(stabiliser, key_max[:, :, t])
+            decay = torch.exp(stabiliser - new_stabiliser)
+            weight = torch.exp(key_max[:, :, t] - new_stabiliser)
+            key_features = phi_k[:, :, t] * weight.unsqueeze(-1)
+            kv = kv * decay[..., None, None] + key_features.unsqueeze(-1) * v[:, :, t].unsqueeze(-2)
+            normaliser = normaliser * decay.unsqueeze(-1) + key_features
+            stabiliser = new_stabiliser
+            numerator = torch.einsum("bhm,bhmd->bhd", phi_q[:, :, t], kv)
+            denominator = (phi_q[:, :, t] * normaliser).sum(-1, keepdim=True)
+            outputs.append(torch.where(denominator > 0, numerator / torch.where(denominator > 0, denominator, 1.0), 0.0))
+        out = torch.stack(outputs, dim=2).to(q.dtype)
+        return out, {"kv": kv, "normaliser": normaliser, "stabiliser": stabiliser}
+
+
+def _masked_softmax(scores: Tensor, allowed: Tensor) -> Tensor:
+    """Softmax over the allowed entries; rows with none allowed give zeros."""
+    allowed = allowed.expand_as(scores)
+    sees_a_key = allowed.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~sees_a_key, 0.0)
+    return torch.softmax(scores, dim=-1) * sees_a_key
+
+
+def replace_attention(model: nn.Module, attention: str = "full", **attention_options) -> int:
+    """Swap every ``torch.nn.MultiheadAttention`` inside ``model`` for :class:`MultiheadAttention`.
+
+    Weights, configuration, device, dtype and train/eval mode are kept. Returns the number of layers
+    swapped. ``nn.TransformerEncoder`` stacks get ``use_nested_tensor = False``: their nested-tensor
+    path would bypass the swapped modules. (The fast path of ``nn.TransformerEncoderLayer`` is
+    declined by the swapped module itself, see ``_reject_nested_tensors``.)
+    """
+    if isinstance(model, (nn.MultiheadAttention, MultiheadAttention)):
+        raise TypeError("model: got a MultiheadAttention itself; use fastattn.nn.MultiheadAttention.from_torch(model)")
+    replacements: dict[int, MultiheadAttention] = {}  # a layer shared by several parents stays shared
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.MultiheadAttention):
+                if id(child) not in replacements:
+                    replacements[id(child)] = MultiheadAttention.from_torch(child, attention=attention,
+                                                                            **attention_options)
+                setattr(parent, name, replacements[id(child)])
+    swapped = len(replacements)
+    if swapped:
+        for module in model.modules():
+            if isinstance(module, nn.TransformerEncoder):
+                module.use_nested_tensor = False
+    return swapped
