@@ -1,6 +1,6 @@
 """The correctness gate: each fastattn provider against fastattn.reference on a small input, before timing.
 
-It applies DESIGN's tolerance rule (tests/utils.py) to the output (forward) and to every gradient
+It applies DESIGN's tolerance rule (fastattn.testing) to the output (forward) and to every gradient
 (backward). A provider whose check fails still gets timed, but no speed-up is reported for it.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from tests.utils import check_against_reference
+from fastattn.testing import check_against_reference
 
 from .providers import fastattn_function, fastattn_reasons, reference_function
 from .workload import Case, differentiable_inputs, make_inputs

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 import fastattn
 from fastattn import reference
 from fastattn.layout import BlockLayout, bigbird_layout
-from tests.utils import check_against_reference, describe_case
+from fastattn.testing import check_against_reference
+from tests.utils import describe_case
 
 
 def _random_layout(heads: int, query_blocks: int, key_blocks: int, block_size: int, density: float, seed: int) -> BlockLayout:

@@ -2,7 +2,7 @@
 
 GPU tests are marked ``gpu`` (skipped without a GPU; ``make gpu-check`` runs them). Inputs are drawn on
 the CPU; the kernel runs on the GPU and the references run on the CPU, so the tolerance rule of
-tests.utils.check_against_reference compares like with like.
+fastattn.testing.check_against_reference compares like with like.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import torch
 import fastattn
 from fastattn import backends
 from fastattn.reference import block_sparse_attention as reference_block_sparse
-from tests.utils import check_against_reference, describe_case
+from fastattn.testing import check_against_reference
+from tests.utils import describe_case
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,8 @@ import torch
 import fastattn
 from fastattn.reference import block_sparse_attention as reference_block_sparse
 from tests.test_cuda_block_sparse import _layout, _padding
-from tests.utils import check_against_reference, describe_case
+from fastattn.testing import check_against_reference
+from tests.utils import describe_case
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATION = ROOT / "tests" / "cuda_emulation"

@@ -7,7 +7,8 @@ import torch
 import fastattn
 from fastattn import reference
 from fastattn.ops import linformer as linformer_ops
-from tests.utils import check_against_reference, describe_case
+from fastattn.testing import check_against_reference
+from tests.utils import describe_case
 
 EXTRA_LENGTH = 9  # projections are made longer than the sequence: the functional layer slices them
 

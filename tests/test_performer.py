@@ -7,7 +7,8 @@ import torch
 import fastattn
 from fastattn import reference
 from fastattn.ops import performer as performer_ops
-from tests.utils import check_against_reference, describe_case
+from fastattn.testing import check_against_reference
+from tests.utils import describe_case
 
 
 def _inputs(batch, heads, length, dim, features, *, per_head=False, padding=False, seed=0, dtype=torch.float64):

@@ -18,7 +18,8 @@ from fastattn.backends import BACKENDS  # noqa: E402
 from fastattn.layout import BlockLayout, bigbird_layout  # noqa: E402
 from fastattn.triton_kernels import IMPLEMENTATIONS  # noqa: E402
 from fastattn.triton_kernels import block_sparse as triton_block_sparse  # noqa: E402
-from tests.utils import check_against_reference, describe_case  # noqa: E402
+from fastattn.testing import check_against_reference  # noqa: E402
+from tests.utils import describe_case  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
