@@ -1,9 +1,9 @@
 """Backend registry: what each backend supports, why it declines a call, and automatic selection.
 
 As in xformers' dispatcher, every backend declares its devices, dtypes and head dims and answers
-``not_supported_reasons(mechanism, q, **options)``; a call goes to the first backend of
-``AUTO_ORDER`` with no reason to decline, and when none can serve it the error lists every backend
-with its reasons. The compiled backends ("cpu", "cuda") support a mechanism when fastattn._C
+``not_supported_reasons(mechanism, q, **options)``; a call goes to the first backend of ``BACKENDS``
+(in order of preference) that chooses itself automatically for the device of q and has no reason
+to decline, and when none can serve it the error lists every backend with its reasons. The compiled backends ("cpu", "cuda") support a mechanism when fastattn._C
 registered a kernel for it under that dispatch key, so a new kernel needs no change here.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 MECHANISMS = ("block_sparse", "linformer", "performer")
-AUTO_ORDER = ("cuda", "triton", "cpu")
 
 
 class BackendNotSupportedError(ValueError):
@@ -63,7 +62,8 @@ def _reference_implementation(mechanism: str) -> Callable:
 
 
 def _triton_module():
-    return importlib.import_module("fastattn.triton_kernels")
+    # Dynamo cannot trace import_module; once imported (select() runs eagerly first), sys.modules has it.
+    return sys.modules.get("fastattn.triton_kernels") or importlib.import_module("fastattn.triton_kernels")
 
 
 def _triton_unavailable() -> str | None:
@@ -122,7 +122,8 @@ class Backend:
     implementation: Callable[[str], Callable | None]
     unavailable_reason: Callable[[], str | None] = field(default=lambda: None)
     extra_reasons: Callable[[str, Tensor, dict], list[str]] = field(default=_no_reasons)
-    auto: bool = True
+    auto_device_types: tuple[str, ...] = ()
+    manual_reason: str = ""
 
     def not_supported_reasons(self, mechanism: str, q: Tensor, **options) -> list[str]:
         """Why this backend cannot run ``mechanism`` on inputs like ``q``; empty when it can."""
@@ -151,20 +152,23 @@ BACKENDS: dict[str, Backend] = {
     "cuda": Backend(
         "cuda", "fused CUDA kernels (fastattn._C, tensor cores for fp16/bf16)", ("cuda",), _LOW_PRECISION,
         (32, 64, 128), 128, _compiled_implementation("CUDA"), compiled_extension_error, _cuda_reasons,
+        auto_device_types=("cuda",),
     ),
     "triton": Backend(
         "triton", "Triton kernels (fastattn.triton_kernels)", ("cuda", "cpu"), _LOW_PRECISION,
         (32, 64, 128), 128, _triton_implementation, _triton_unavailable, _triton_reasons,
+        auto_device_types=("cuda",),
+        manual_reason='runs CPU tensors only when asked (backend="triton"): Triton\'s interpreter is for debugging',
     ),
     "cpu": Backend(
         "cpu", "fused C++ CPU kernels (fastattn._C, at::parallel_for + at::vec)", ("cpu",),
         (torch.float32, torch.float64, torch.bfloat16), None, 256, _compiled_implementation("CPU"),
-        compiled_extension_error,
+        compiled_extension_error, auto_device_types=("cpu",),
     ),
     "reference": Backend(
         "reference", "exact pure-PyTorch reference (materialises the attention matrix)", ("cpu", "cuda"),
         (torch.float16, torch.bfloat16, torch.float32, torch.float64), None, 2**31, _reference_implementation,
-        auto=False,
+        manual_reason='never chosen automatically (it materialises the attention matrix): pass backend="reference"',
     ),
 }
 
@@ -197,12 +201,13 @@ def _select(mechanism: str, q: Tensor, backend: str | None = None, **options) ->
             )
         return BACKENDS[backend]
     declined = {}
-    for name in AUTO_ORDER:
-        reasons = BACKENDS[name].not_supported_reasons(mechanism, q, **options)
+    for name, candidate in BACKENDS.items():
+        reasons = candidate.not_supported_reasons(mechanism, q, **options)
+        if not reasons and q.device.type not in candidate.auto_device_types:
+            reasons = [candidate.manual_reason]
         if not reasons:
-            return BACKENDS[name]
+            return candidate
         declined[name] = reasons
-    declined["reference"] = ['never chosen automatically (it materialises the attention matrix): pass backend="reference"']
     lines = "\n".join(f"  {name}: {'; '.join(reasons)}" for name, reasons in declined.items())
     raise BackendNotSupportedError(
         f"no backend can run {mechanism} attention for q of dtype {q.dtype}, device {q.device}, "

@@ -1,7 +1,6 @@
 """Block layouts: which key blocks each query block attends to, per head, as CSR (and its transpose)."""
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -143,11 +142,29 @@ def bigbird_layout(
                              ("num_heads", num_heads, 1), ("num_random_blocks", num_random_blocks, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return _bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, int(seed), bool(causal))
+    return _BIGBIRD_LAYOUTS[_cache_bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, int(seed), bool(causal))]
 
 
-@functools.lru_cache(maxsize=64)
-def _bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, seed, causal) -> BlockLayout:
+_BIGBIRD_LAYOUTS: dict[str, BlockLayout] = {}
+_BIGBIRD_CACHE_SIZE = 256
+
+
+@torch._dynamo.assume_constant_result
+def _cache_bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, seed, causal) -> str:
+    """Build the layout once into the cache and return its key.
+
+    torch.compile runs this eagerly instead of tracing it (the layout is built with data-dependent ops
+    and a torch.Generator, which Dynamo cannot trace); the compiled graph then reads the cache.
+    """
+    key = f"{seq_len}/{block_size}/{num_heads}/{num_random_blocks}/{seed}/{causal}"
+    if key not in _BIGBIRD_LAYOUTS:
+        if len(_BIGBIRD_LAYOUTS) >= _BIGBIRD_CACHE_SIZE:
+            del _BIGBIRD_LAYOUTS[next(iter(_BIGBIRD_LAYOUTS))]
+        _BIGBIRD_LAYOUTS[key] = _build_bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, seed, causal)
+    return key
+
+
+def _build_bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, seed, causal) -> BlockLayout:
     blocks = math.ceil(seq_len / block_size)
     last = blocks - 1
     mask = torch.zeros(num_heads, blocks, blocks, dtype=torch.bool)

@@ -38,7 +38,7 @@ def test_forced_backend_that_declines_says_why():
 
 
 def test_reference_backend_is_never_chosen_automatically_but_runs_when_asked():
-    assert "reference" not in backends.AUTO_ORDER
+    assert backends.BACKENDS["reference"].auto_device_types == ()
     q, k, v = _inputs()
     out = fastattn.bigbird_attention(q, k, v, block_size=16, backend="reference")
     layout = fastattn.bigbird_layout(40, block_size=16, num_heads=2)
@@ -59,3 +59,10 @@ def test_info_reports_versions_and_backends():
     for mechanism in backends.MECHANISMS:
         assert f"{mechanism} on cpu" in result.stdout
     assert any(line.split() == ["reference", "yes"] for line in result.stdout.splitlines())
+
+
+def test_cpu_tensors_go_to_the_cpu_kernels_not_to_triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.empty(1, 2, 64, 64)
+    assert backends.select("block_sparse", q, block_size=64).name == "cpu"
+    assert backends.select("block_sparse", q, "triton", block_size=64).name == "triton"
