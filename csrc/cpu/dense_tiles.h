@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <atomic>
@@ -45,6 +46,42 @@ inline void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64
   } else {
     static_assert(std::is_same_v<T, double>, "gemm: float or double");
     dgemm_(&op_b, &op_a, &rows, &cols, &inner, &alpha, b, &ld_b, a, &ld_a, &beta, c, &ld_c);
+  }
+}
+
+// Row-major C (m x n) = A (m x k) B (k x n), added to C when `accumulate` (else C is not read). Float tiles
+// go to oneDNN's small-matrix (batch-reduce GEMM) kernels through at::native::cpublas::brgemm, which on
+// tiles of 64 to 256 rows and columns run several times faster than BLAS calls; a thread that used them
+// calls release_products() when its work is done. Double (for gradcheck) goes to dgemm_.
+inline void product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                    float* c, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
+}
+
+inline void product(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb,
+                    double* c, int64_t ldc, bool accumulate) {
+  gemm(false, false, m, n, k, 1.0, a, lda, b, ldb, accumulate ? 1.0 : 0.0, c, ldc);
+}
+
+inline void release_products() { at::native::cpublas::brgemm_release(/*is_vnni=*/false); }
+
+// dst (cols x rows, leading dimension dst_ld) = multiplier * src^T, src (rows x cols, leading dimension
+// src_ld), converting between the input dtype and the accumulation type. Walks 16 x 16 blocks so that
+// both sides stay in cache lines already loaded.
+template <typename In, typename Out, typename T>
+inline void transpose(const In* src, int64_t src_ld, int64_t rows, int64_t cols, T multiplier, Out* dst,
+                      int64_t dst_ld) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t row_block = 0; row_block < rows; row_block += kBlock) {
+    const int64_t row_end = std::min(rows, row_block + kBlock);
+    for (int64_t col_block = 0; col_block < cols; col_block += kBlock) {
+      const int64_t col_end = std::min(cols, col_block + kBlock);
+      for (int64_t c = col_block; c < col_end; ++c) {
+        for (int64_t r = row_block; r < row_end; ++r) {
+          dst[c * dst_ld + r] = static_cast<Out>(static_cast<T>(src[r * src_ld + c]) * multiplier);
+        }
+      }
+    }
   }
 }
 
