@@ -47,6 +47,8 @@ CASES = [
     (1, 1, 1000, 16, 64, False, False, True),
     (2, 2, 300, 32, 256, True, False, True),
     (1, 1, 70, 256, 20, False, False, True),
+    (1, 1, 1280, 16, 32, False, False, False),  # 5 query tiles: with 2 threads, the last backward split is empty
+    (2, 2, 3000, 32, 64, True, False, True),  # sums over thousands of keys and queries keep BLAS-like rounding
 ]
 
 

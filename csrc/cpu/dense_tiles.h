@@ -1,5 +1,5 @@
 // Tile helpers of the CPU kernels that work on small dense tiles (Linformer, Performer): row-major GEMM
-// through ATen's BLAS, an exp the compiler can vectorise, and loads/stores that convert between the
+// through BLAS and through oneDNN's small-matrix kernels, transposes, an exp the compiler can vectorise, and loads/stores that convert between the
 // input dtype and the accumulation type (float, or double for double inputs).
 #pragma once
 

@@ -4,6 +4,13 @@
 // The backward recomputes the scores from the saved lse (FlashAttention-2 style), reduces dK' and dV'
 // over query tiles, then projects them back: dK = P_k^T dK', dP_k = sum over batch (and heads when
 // shared) of dK' K^T, computed per key tile so that every task owns its output columns.
+//
+// Every tile product is written as a plain row-major A B (cpu::product: oneDNN's brgemm micro-kernels
+// for float, dgemm_ for double), the operands being laid out for it: the small per-head K'^T, V'^T and
+// projection transposes once per call, the Q^T and dO^T tiles (n x D) in the backward, and the gradients
+// of the projected keys and values accumulated transposed. Recomputing the scores in the backward costs
+// about a tenth of it; saving the (N, kp) probabilities instead would write and read B H N kp floats and
+// fault in their pages on every forward, for a smaller gain, so the kernel recomputes.
 #include "cpu/dense_tiles.h"
 
 #include <ATen/ATen.h>
@@ -28,6 +35,10 @@ using cpu::HeadView;
 
 constexpr int64_t kQueryTile = 256;
 constexpr int64_t kKeyTile = 1024;
+// Sums over the sequence (K' = P_k K, dK'^T = sum of Q^T dS over query tiles) add one partial product per
+// chunk of this many rows: a micro-kernel accumulates its inner dimension in one running sum, so a single
+// product over thousands of rows would round several times worse than BLAS, which blocks that dimension.
+constexpr int64_t kSumChunk = 256;
 // Key rows per task of the projection gradients: their (rows x kp) sum stays in the L2 cache.
 constexpr int64_t kProjectionGradTile = 128;
 
@@ -121,6 +132,20 @@ void finish_rows(const T* rows, int64_t count, int64_t dim, scalar_t* first_row,
   if constexpr (!std::is_same_v<scalar_t, T>) cpu::store_rows(rows, count, dim, first_row, row_stride);
 }
 
+// C (m x n) += A (m x k) B (k x n) through `partial` (m x n scratch), or C = A B when `first`.
+template <typename T>
+void add_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+                 bool first, T* partial) {
+  if (first) {
+    cpu::product(m, n, k, a, lda, b, ldb, c, ldc, false);
+    return;
+  }
+  cpu::product(m, n, k, a, lda, b, ldb, partial, n, false);
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t col = 0; col < n; ++col) c[r * ldc + col] += partial[r * n + col];
+  }
+}
+
 template <typename T>
 void release_products() {
   if constexpr (std::is_same_v<T, float>) cpu::release_products();
@@ -151,19 +176,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
 
   cpu::parallel_tasks(batch * heads, [&](const auto& claim) {
-    std::vector<T> rows(kKeyTile * dim);
+    std::vector<T> rows(kSumChunk * dim), partial(kp * dim);
     for (int64_t bh = claim(); bh >= 0; bh = claim()) {
       const int64_t b = bh / heads, h = bh % heads;
       const bool* padding = padding_of(mask, b, key_len);
       for (const auto& [src, view, projection, dst] :
            {std::tuple{k_ptr, &kv, &pk, kp_ptr}, std::tuple{v_ptr, &vv, &pv, vp_ptr}}) {
         T* projected = dst + bh * kp * dim;
-        for (int64_t start = 0; start < key_len; start += kKeyTile) {
-          const int64_t n = std::min(kKeyTile, key_len - start);
+        for (int64_t start = 0; start < key_len; start += kSumChunk) {
+          const int64_t n = std::min(kSumChunk, key_len - start);
           const auto [keys, ld] = key_rows(src + view->offset(b, h), view->row_stride, padding, start, n, dim,
                                            rows.data());
-          cpu::product(kp, dim, n, projection->head(h) + start, projection->row_stride, keys, ld, projected, dim,
-                       start != 0);
+          add_product(kp, dim, n, projection->head(h) + start, projection->row_stride, keys, ld, projected, dim,
+                      start == 0, partial.data());
         }
       }
       cpu::transpose(kp_ptr + bh * kp * dim, dim, kp, dim, T(scale), kt_ptr + bh * dim * kp, kp);
@@ -249,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   cpu::parallel_tasks(batch * heads * splits, [&](const auto& claim) {
     std::vector<T> queries(kQueryTile * dim), grads(kQueryTile * dim), outputs(kQueryTile * dim);
     std::vector<T> queries_t(dim * kQueryTile), grads_t(dim * kQueryTile), grad_rows(kQueryTile * dim);
-    std::vector<T> keys_t(dim * kp), values_t(dim * kp);
+    std::vector<T> keys_t(dim * kp), values_t(dim * kp), partial_sum(dim * kp);
     std::vector<T> probs(kQueryTile * kp), dprobs(kQueryTile * kp), delta(kQueryTile);
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / splits, b = bh / heads, h = bh % heads;
@@ -263,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       if (first_tile >= last_tile) std::fill(grad_keys_t, grad_keys_t + 2 * dim * kp, T(0));
       for (int64_t tile = first_tile; tile < last_tile; ++tile) {
         const int64_t start = tile * kQueryTile, n = std::min(kQueryTile, query_len - start);
-        const bool accumulate = tile != first_tile;
+        const bool first = tile == first_tile;
         const scalar_t* q_rows = q_ptr + qv.offset(b, h) + start * qv.row_stride;
         const scalar_t* go_rows = go_ptr + gov.offset(b, h) + start * gov.row_stride;
         const scalar_t* o_rows = out_ptr + ov.offset(b, h) + start * ov.row_stride;
@@ -284,8 +309,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           // d_row becomes scale * dS, the factor that both dQ and dK' carry.
           for (int64_t j = 0; j < kp; ++j) d_row[j] = T(scale) * p_row[j] * (d_row[j] - dot);
         }
-        cpu::product(dim, kp, n, grads_t.data(), n, probs.data(), kp, grad_values_t, kp, accumulate);
-        cpu::product(dim, kp, n, queries_t.data(), n, dprobs.data(), kp, grad_keys_t, kp, accumulate);
+        add_product(dim, kp, n, grads_t.data(), n, probs.data(), kp, grad_values_t, kp, first, partial_sum.data());
+        add_product(dim, kp, n, queries_t.data(), n, dprobs.data(), kp, grad_keys_t, kp, first, partial_sum.data());
         scalar_t* gq_rows = gq_ptr + gqv.offset(b, h) + start * gqv.row_stride;
         const auto [grad_query_rows, ldq_out] = rows_out(gq_rows, gqv.row_stride, dim, grad_rows.data());
         cpu::product(n, dim, kp, dprobs.data(), kp, keys, dim, grad_query_rows, ldq_out, false);
