@@ -155,13 +155,40 @@ inline T max_of(const T* x, int64_t n) {
   return result;
 }
 
+// bfloat16 <-> float rows as integer operations the compiler vectorises (c10's conversions are scalar
+// calls here), bit for bit the same as c10: widening shifts the bits up, narrowing rounds to nearest even
+// and turns NaN into the quiet NaN 0x7FC0.
+namespace {
+[[maybe_unused]] FASTATTN_VECTOR_CLONES void widen_row(const uint16_t* in, float* out, int64_t n, float multiplier) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(in[i]) << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    out[i] = value * multiplier;
+  }
+}
+[[maybe_unused]] FASTATTN_VECTOR_CLONES void narrow_row(const float* in, uint16_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &in[i], sizeof(bits));
+    const uint32_t rounding_bias = ((bits >> 16) & 1u) + 0x7FFFu;
+    const uint16_t rounded = static_cast<uint16_t>((bits + rounding_bias) >> 16);
+    out[i] = in[i] != in[i] ? uint16_t{0x7FC0} : rounded;
+  }
+}
+}  // namespace
+
 // rows x cols from a strided source (unit stride along a row) into a contiguous buffer, times multiplier.
 template <typename scalar_t, typename T>
 inline void load_rows(const scalar_t* src, int64_t row_stride, int64_t rows, int64_t cols, T multiplier, T* dst) {
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* in = src + r * row_stride;
     T* out = dst + r * cols;
-    for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<T>(in[c]) * multiplier;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>) {
+      widen_row(reinterpret_cast<const uint16_t*>(in), out, cols, multiplier);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<T>(in[c]) * multiplier;
+    }
   }
 }
 
@@ -170,7 +197,11 @@ inline void store_rows(const T* src, int64_t rows, int64_t cols, scalar_t* dst, 
   for (int64_t r = 0; r < rows; ++r) {
     const T* in = src + r * cols;
     scalar_t* out = dst + r * row_stride;
-    for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<scalar_t>(in[c]);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>) {
+      narrow_row(in, reinterpret_cast<uint16_t*>(out), cols);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<scalar_t>(in[c]);
+    }
   }
 }
 

@@ -295,8 +295,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         const auto [query_rows, ldq] = rows_in(q_rows, qv.row_stride, n, dim, queries.data());
         const auto [grad_out_rows, ldg] = rows_in(go_rows, gov.row_stride, n, dim, grads.data());
         const auto [output_rows, ldo] = rows_in(o_rows, ov.row_stride, n, dim, outputs.data());
-        cpu::transpose(q_rows, qv.row_stride, n, dim, T(1), queries_t.data(), n);
-        cpu::transpose(go_rows, gov.row_stride, n, dim, T(1), grads_t.data(), n);
+        cpu::transpose(query_rows, ldq, n, dim, T(1), queries_t.data(), n);
+        cpu::transpose(grad_out_rows, ldg, n, dim, T(1), grads_t.data(), n);
 
         cpu::product(n, kp, dim, query_rows, ldq, keys_t.data(), kp, probs.data(), kp, false);
         cpu::product(n, kp, dim, grad_out_rows, ldg, values_t.data(), kp, dprobs.data(), kp, false);
