@@ -275,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     std::vector<T> queries(kQueryTile * dim), grads(kQueryTile * dim), outputs(kQueryTile * dim);
     std::vector<T> queries_t(dim * kQueryTile), grads_t(dim * kQueryTile), grad_rows(kQueryTile * dim);
     std::vector<T> keys_t(dim * kp), values_t(dim * kp), partial_sum(dim * kp);
-    std::vector<T> probs(kQueryTile * kp), dprobs(kQueryTile * kp), delta(kQueryTile);
+    std::vector<T> probs(kQueryTile * kp), dprobs(kQueryTile * kp);
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / splits, b = bh / heads, h = bh % heads;
       const T* keys = kp_ptr + bh * kp * dim;
