@@ -48,6 +48,8 @@ CASES = [
     (1, 1, 1000, 16, 64, False, False, True),
     (2, 2, 300, 32, 256, True, False, True),
     (1, 1, 70, 256, 20, False, False, True),
+    (1, 1, 1280, 16, 32, False, False, False),  # 5 query tiles: with 2 threads, the last backward split is empty
+    (2, 2, 3000, 32, 64, True, False, True),  # sums over thousands of keys and queries keep BLAS-like rounding
 ]
 
 
@@ -60,6 +62,22 @@ def test_matches_reference(case, dtype):
     inputs = _inputs(batch, heads, length, dim, kp, per_head=per_head, shared=shared, padding=padding)
     differentiable = ("q", "k", "v", "proj_k") + (() if shared else ("proj_v",))
     check_against_reference(_cpu, _reference, inputs, dtype, differentiable)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_inputs_match_reference(dtype):
+    # q, k, v laid out as (B, N, H, D) and viewed as (B, H, N, D): the rows of a head are H * D apart, and
+    # the kernel reads float32 rows in place with that stride.
+    batch, heads, length, dim = 2, 3, 300, 32
+    inputs = _inputs(batch, heads, length, dim, 40, padding=True)
+    for name in ("q", "k", "v"):
+        inputs[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
+
+    def strided_cpu(q, k, v, **rest):
+        assert q.stride(2) == k.stride(2) == v.stride(2) == heads * dim
+        return _cpu(q, k, v, **rest)
+
+    check_against_reference(strided_cpu, _reference, inputs, dtype, ("q", "k", "v", "proj_k", "proj_v"))
 
 
 GRADCHECK_CASES = [(False, False), (True, False), (False, True)]

@@ -1,5 +1,5 @@
 // Tile helpers of the CPU kernels that work on small dense tiles (Linformer, Performer): row-major GEMM
-// through ATen's BLAS, an exp the compiler can vectorise, and loads/stores that convert between the
+// through BLAS and through oneDNN's small-matrix kernels, transposes, an exp the compiler can vectorise, and loads/stores that convert between the
 // input dtype and the accumulation type (float, or double for double inputs).
 #pragma once
 
@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <atomic>
@@ -45,6 +46,42 @@ inline void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64
   } else {
     static_assert(std::is_same_v<T, double>, "gemm: float or double");
     dgemm_(&op_b, &op_a, &rows, &cols, &inner, &alpha, b, &ld_b, a, &ld_a, &beta, c, &ld_c);
+  }
+}
+
+// Row-major C (m x n) = A (m x k) B (k x n), added to C when `accumulate` (else C is not read). Float tiles
+// go to oneDNN's small-matrix (batch-reduce GEMM) kernels through at::native::cpublas::brgemm, which on
+// tiles of 64 to 256 rows and columns run several times faster than BLAS calls; a thread that used them
+// calls release_products() when its work is done. Double (for gradcheck) goes to dgemm_.
+inline void product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                    float* c, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
+}
+
+inline void product(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb,
+                    double* c, int64_t ldc, bool accumulate) {
+  gemm(false, false, m, n, k, 1.0, a, lda, b, ldb, accumulate ? 1.0 : 0.0, c, ldc);
+}
+
+inline void release_products() { at::native::cpublas::brgemm_release(/*is_vnni=*/false); }
+
+// dst (cols x rows, leading dimension dst_ld) = multiplier * src^T, src (rows x cols, leading dimension
+// src_ld), converting between the input dtype and the accumulation type. Walks 16 x 16 blocks so that
+// both sides stay in cache lines already loaded.
+template <typename In, typename Out, typename T>
+inline void transpose(const In* src, int64_t src_ld, int64_t rows, int64_t cols, T multiplier, Out* dst,
+                      int64_t dst_ld) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t row_block = 0; row_block < rows; row_block += kBlock) {
+    const int64_t row_end = std::min(rows, row_block + kBlock);
+    for (int64_t col_block = 0; col_block < cols; col_block += kBlock) {
+      const int64_t col_end = std::min(cols, col_block + kBlock);
+      for (int64_t c = col_block; c < col_end; ++c) {
+        for (int64_t r = row_block; r < row_end; ++r) {
+          dst[c * dst_ld + r] = static_cast<Out>(static_cast<T>(src[r * src_ld + c]) * multiplier);
+        }
+      }
+    }
   }
 }
 
@@ -118,13 +155,40 @@ inline T max_of(const T* x, int64_t n) {
   return result;
 }
 
+// bfloat16 <-> float rows as integer operations the compiler vectorises (c10's conversions are scalar
+// calls here), bit for bit the same as c10: widening shifts the bits up, narrowing rounds to nearest even
+// and turns NaN into the quiet NaN 0x7FC0.
+namespace {
+[[maybe_unused]] FASTATTN_VECTOR_CLONES void widen_row(const uint16_t* in, float* out, int64_t n, float multiplier) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(in[i]) << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    out[i] = value * multiplier;
+  }
+}
+[[maybe_unused]] FASTATTN_VECTOR_CLONES void narrow_row(const float* in, uint16_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &in[i], sizeof(bits));
+    const uint32_t rounding_bias = ((bits >> 16) & 1u) + 0x7FFFu;
+    const uint16_t rounded = static_cast<uint16_t>((bits + rounding_bias) >> 16);
+    out[i] = in[i] != in[i] ? uint16_t{0x7FC0} : rounded;
+  }
+}
+}  // namespace
+
 // rows x cols from a strided source (unit stride along a row) into a contiguous buffer, times multiplier.
 template <typename scalar_t, typename T>
 inline void load_rows(const scalar_t* src, int64_t row_stride, int64_t rows, int64_t cols, T multiplier, T* dst) {
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* in = src + r * row_stride;
     T* out = dst + r * cols;
-    for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<T>(in[c]) * multiplier;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>) {
+      widen_row(reinterpret_cast<const uint16_t*>(in), out, cols, multiplier);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<T>(in[c]) * multiplier;
+    }
   }
 }
 
@@ -133,7 +197,11 @@ inline void store_rows(const T* src, int64_t rows, int64_t cols, scalar_t* dst, 
   for (int64_t r = 0; r < rows; ++r) {
     const T* in = src + r * cols;
     scalar_t* out = dst + r * row_stride;
-    for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<scalar_t>(in[c]);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>) {
+      narrow_row(in, reinterpret_cast<uint16_t*>(out), cols);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<scalar_t>(in[c]);
+    }
   }
 }
 

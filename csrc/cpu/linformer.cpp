@@ -4,6 +4,13 @@
 // The backward recomputes the scores from the saved lse (FlashAttention-2 style), reduces dK' and dV'
 // over query tiles, then projects them back: dK = P_k^T dK', dP_k = sum over batch (and heads when
 // shared) of dK' K^T, computed per key tile so that every task owns its output columns.
+//
+// Every tile product is written as a plain row-major A B (cpu::product: oneDNN's brgemm micro-kernels
+// for float, dgemm_ for double), the operands being laid out for it: the small per-head K'^T, V'^T and
+// projection transposes once per call, the Q^T and dO^T tiles (n x D) in the backward, and the gradients
+// of the projected keys and values accumulated transposed. Recomputing the scores in the backward costs
+// about a tenth of it; saving the (N, kp) probabilities instead would write and read B H N kp floats and
+// fault in their pages on every forward, for a smaller gain, so the kernel recomputes.
 #include "cpu/dense_tiles.h"
 
 #include <ATen/ATen.h>
@@ -24,11 +31,16 @@
 namespace fastattn {
 namespace {
 
-using cpu::gemm;
 using cpu::HeadView;
 
 constexpr int64_t kQueryTile = 256;
 constexpr int64_t kKeyTile = 1024;
+// Sums over the sequence (K' = P_k K, dK'^T = sum of Q^T dS over query tiles) add one partial product per
+// chunk of this many rows: a micro-kernel accumulates its inner dimension in one running sum, so a single
+// product over thousands of rows would round several times worse than BLAS, which blocks that dimension.
+constexpr int64_t kSumChunk = 256;
+// Key rows per task of the projection gradients: their (rows x kp) sum stays in the L2 cache.
+constexpr int64_t kProjectionGradTile = 128;
 
 // A (kp, Nk) projection shared by the heads or an (H, kp, Nk) one per head, in the accumulation type.
 template <typename T>
@@ -90,6 +102,55 @@ inline const bool* padding_of(const bool* mask, int64_t b, int64_t key_len) {
   return std::any_of(row, row + key_len, [](bool padded) { return padded; }) ? row : nullptr;
 }
 
+// A tile of rows of one head of q, out or grad_out as a matrix for the tile products: read in place when the
+// input already has the accumulation type, else converted into `buffer`. Returns the rows and their
+// leading dimension.
+template <typename scalar_t, typename T>
+std::pair<const T*, int64_t> rows_in(const scalar_t* first_row, int64_t row_stride, int64_t rows, int64_t dim,
+                                     T* buffer) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return {first_row, row_stride};
+  } else {
+    cpu::load_rows(first_row, row_stride, rows, dim, T(1), buffer);
+    return {buffer, dim};
+  }
+}
+
+// Where a tile of output rows is computed: in place when the output has the accumulation type, else in
+// `buffer` (then stored with cpu::store_rows).
+template <typename scalar_t, typename T>
+std::pair<T*, int64_t> rows_out(scalar_t* first_row, int64_t row_stride, int64_t dim, T* buffer) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return {first_row, row_stride};
+  } else {
+    return {buffer, dim};
+  }
+}
+
+template <typename scalar_t, typename T>
+void finish_rows(const T* rows, int64_t count, int64_t dim, scalar_t* first_row, int64_t row_stride) {
+  if constexpr (!std::is_same_v<scalar_t, T>) cpu::store_rows(rows, count, dim, first_row, row_stride);
+}
+
+// C (m x n) += A (m x k) B (k x n) through `partial` (m x n scratch), or C = A B when `first`.
+template <typename T>
+void add_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+                 bool first, T* partial) {
+  if (first) {
+    cpu::product(m, n, k, a, lda, b, ldb, c, ldc, false);
+    return;
+  }
+  cpu::product(m, n, k, a, lda, b, ldb, partial, n, false);
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t col = 0; col < n; ++col) c[r * ldc + col] += partial[r * n + col];
+  }
+}
+
+template <typename T>
+void release_products() {
+  if constexpr (std::is_same_v<T, float>) cpu::release_products();
+}
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& proj_k, const at::Tensor& proj_v,
@@ -105,29 +166,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   at::Tensor lse = new_output({batch, heads, query_len}, q.options().dtype(lse_dtype(q.scalar_type())));
   at::Tensor k_proj = new_output({batch, heads, kp, dim}, q.options().dtype(acc));
   at::Tensor v_proj = new_output({batch, heads, kp, dim}, q.options().dtype(acc));
+  // scale * K'^T per head (D x kp), so that the scores are one plain product Q (scale K'^T).
+  at::Tensor keys_t = at::empty({batch * heads, dim, kp}, q.options().dtype(acc));
   const HeadView qv(q), kv(k), vv(v), ov(out);
   const scalar_t *q_ptr = q.data_ptr<scalar_t>(), *k_ptr = k.data_ptr<scalar_t>(), *v_ptr = v.data_ptr<scalar_t>();
   const bool* mask = key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr;
   T *kp_ptr = k_proj.data_ptr<T>(), *vp_ptr = v_proj.data_ptr<T>(), *lse_ptr = lse.data_ptr<T>();
+  T* kt_ptr = keys_t.data_ptr<T>();
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
 
   cpu::parallel_tasks(batch * heads, [&](const auto& claim) {
-    std::vector<T> rows(kKeyTile * dim);
+    std::vector<T> rows(kSumChunk * dim), partial(kp * dim);
     for (int64_t bh = claim(); bh >= 0; bh = claim()) {
       const int64_t b = bh / heads, h = bh % heads;
       const bool* padding = padding_of(mask, b, key_len);
       for (const auto& [src, view, projection, dst] :
            {std::tuple{k_ptr, &kv, &pk, kp_ptr}, std::tuple{v_ptr, &vv, &pv, vp_ptr}}) {
         T* projected = dst + bh * kp * dim;
-        for (int64_t start = 0; start < key_len; start += kKeyTile) {
-          const int64_t n = std::min(kKeyTile, key_len - start);
+        for (int64_t start = 0; start < key_len; start += kSumChunk) {
+          const int64_t n = std::min(kSumChunk, key_len - start);
           const auto [keys, ld] = key_rows(src + view->offset(b, h), view->row_stride, padding, start, n, dim,
                                            rows.data());
-          gemm(false, false, kp, dim, n, T(1), projection->head(h) + start, projection->row_stride, keys, ld,
-               T(start == 0 ? 0 : 1), projected, dim);
+          add_product(kp, dim, n, projection->head(h) + start, projection->row_stride, keys, ld, projected, dim,
+                      start == 0, partial.data());
         }
       }
+      cpu::transpose(kp_ptr + bh * kp * dim, dim, kp, dim, T(scale), kt_ptr + bh * dim * kp, kp);
     }
+    release_products<T>();
   });
 
   const int64_t query_tiles = ceil_div(query_len, kQueryTile);
@@ -136,8 +202,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / query_tiles, b = bh / heads, h = bh % heads;
       const int64_t start = (task % query_tiles) * kQueryTile, n = std::min(kQueryTile, query_len - start);
-      cpu::load_rows(q_ptr + qv.offset(b, h) + start * qv.row_stride, qv.row_stride, n, dim, T(scale), queries.data());
-      gemm(false, true, n, kp, dim, T(1), queries.data(), dim, kp_ptr + bh * kp * dim, dim, T(0), scores.data(), kp);
+      const auto [query_rows, ldq] =
+          rows_in(q_ptr + qv.offset(b, h) + start * qv.row_stride, qv.row_stride, n, dim, queries.data());
+      cpu::product(n, kp, dim, query_rows, ldq, kt_ptr + bh * dim * kp, kp, scores.data(), kp, false);
       for (int64_t r = 0; r < n; ++r) {
         T* row = scores.data() + r * kp;
         const T row_max = cpu::max_of(row, kp);
@@ -146,14 +213,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
         row_sums[r] = sum;
         lse_ptr[bh * query_len + start + r] = row_max + std::log(sum);
       }
+      scalar_t* out_rows = out_ptr + ov.offset(b, h) + start * ov.row_stride;
+      const auto [result, ldo] = rows_out(out_rows, ov.row_stride, dim, outputs.data());
+      cpu::product(n, dim, kp, scores.data(), kp, vp_ptr + bh * kp * dim, dim, result, ldo, false);
       // Normalising the outputs (n x D) instead of the probabilities (n x kp) costs less when D < kp.
-      gemm(false, false, n, dim, kp, T(1), scores.data(), kp, vp_ptr + bh * kp * dim, dim, T(0), outputs.data(), dim);
       for (int64_t r = 0; r < n; ++r) {
         const T inverse = T(1) / row_sums[r];
-        for (int64_t c = 0; c < dim; ++c) outputs[r * dim + c] *= inverse;
+        for (int64_t c = 0; c < dim; ++c) result[r * ldo + c] *= inverse;
       }
-      cpu::store_rows(outputs.data(), n, dim, out_ptr + ov.offset(b, h) + start * ov.row_stride, ov.row_stride);
+      finish_rows(result, n, dim, out_rows, ov.row_stride);
     }
+    release_products<T>();
   });
   return {out, lse, k_proj, v_proj};
 }
@@ -183,16 +253,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const int64_t batch = q.size(0), heads = q.size(1), query_len = q.size(2), dim = q.size(3), key_len = k.size(2);
   const int64_t kp = proj_k.size(-2);
   const auto acc = cpu::acc_dtype(q.scalar_type());
-  const at::Tensor pk_tensor = projection_in(proj_k, acc), pv_tensor = projection_in(proj_v, acc);
-  const auto pk = projection_view<T>(pk_tensor), pv = projection_view<T>(pv_tensor);
   const at::Tensor k_proj_c = k_proj.contiguous(), v_proj_c = v_proj.contiguous(), lse_c = lse.contiguous();
   const T *kp_ptr = k_proj_c.data_ptr<T>(), *vp_ptr = v_proj_c.data_ptr<T>(), *lse_ptr = lse_c.data_ptr<T>();
 
-  // dK' and dV' are sums over query tiles: each (head, split) task sums its share, then the splits are added.
+  // Every tile product is a plain A B: with the transposed tiles Q^T and dO^T (D x n) and the per-head
+  // K'^T and V'^T (D x kp), the gradients of the projected keys and values come out transposed,
+  // dK'^T += Q^T dS and dV'^T += dO^T P (D x kp), which is the form the projection gradients need.
+  // They are sums over query tiles: each (head, split) task sums its share, then the splits are added.
   const int64_t query_tiles = ceil_div(query_len, kQueryTile);
   const int64_t splits = std::clamp<int64_t>(ceil_div(2 * at::get_num_threads(), batch * heads), 1, query_tiles);
   const int64_t tiles_per_split = ceil_div(query_tiles, splits);
-  at::Tensor partial = at::empty({batch * heads, splits, 2, kp, dim}, q.options().dtype(acc));
+  at::Tensor partial = at::empty({batch * heads, splits, 2, dim, kp}, q.options().dtype(acc));
   T* partial_ptr = partial.data_ptr<T>();
   at::Tensor grad_q = new_output(q.sizes(), q.options());
   const HeadView qv(q), kv(k), vv(v), ov(out), gov(grad_out), gqv(grad_q);
@@ -202,43 +273,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 
   cpu::parallel_tasks(batch * heads * splits, [&](const auto& claim) {
     std::vector<T> queries(kQueryTile * dim), grads(kQueryTile * dim), outputs(kQueryTile * dim);
-    std::vector<T> probs(kQueryTile * kp), dprobs(kQueryTile * kp), delta(kQueryTile);
+    std::vector<T> queries_t(dim * kQueryTile), grads_t(dim * kQueryTile), grad_rows(kQueryTile * dim);
+    std::vector<T> keys_t(dim * kp), values_t(dim * kp), partial_sum(dim * kp);
+    std::vector<T> probs(kQueryTile * kp), dprobs(kQueryTile * kp);
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / splits, b = bh / heads, h = bh % heads;
       const T* keys = kp_ptr + bh * kp * dim;
-      const T* values = vp_ptr + bh * kp * dim;
-      T* grad_keys = partial_ptr + task * 2 * kp * dim;
-      T* grad_values = grad_keys + kp * dim;
-      std::fill(grad_keys, grad_keys + 2 * kp * dim, T(0));
+      cpu::transpose(keys, dim, kp, dim, T(scale), keys_t.data(), kp);
+      cpu::transpose(vp_ptr + bh * kp * dim, dim, kp, dim, T(1), values_t.data(), kp);
+      T* grad_keys_t = partial_ptr + task * 2 * dim * kp;
+      T* grad_values_t = grad_keys_t + dim * kp;
       const int64_t first_tile = (task % splits) * tiles_per_split;
       const int64_t last_tile = std::min(query_tiles, first_tile + tiles_per_split);
+      if (first_tile >= last_tile) std::fill(grad_keys_t, grad_keys_t + 2 * dim * kp, T(0));
       for (int64_t tile = first_tile; tile < last_tile; ++tile) {
         const int64_t start = tile * kQueryTile, n = std::min(kQueryTile, query_len - start);
-        cpu::load_rows(q_ptr + qv.offset(b, h) + start * qv.row_stride, qv.row_stride, n, dim, T(1), queries.data());
-        cpu::load_rows(go_ptr + gov.offset(b, h) + start * gov.row_stride, gov.row_stride, n, dim, T(1), grads.data());
-        cpu::load_rows(out_ptr + ov.offset(b, h) + start * ov.row_stride, ov.row_stride, n, dim, T(1), outputs.data());
-        gemm(false, true, n, kp, dim, T(scale), queries.data(), dim, keys, dim, T(0), probs.data(), kp);
+        const bool first = tile == first_tile;
+        const scalar_t* q_rows = q_ptr + qv.offset(b, h) + start * qv.row_stride;
+        const scalar_t* go_rows = go_ptr + gov.offset(b, h) + start * gov.row_stride;
+        const scalar_t* o_rows = out_ptr + ov.offset(b, h) + start * ov.row_stride;
+        const auto [query_rows, ldq] = rows_in(q_rows, qv.row_stride, n, dim, queries.data());
+        const auto [grad_out_rows, ldg] = rows_in(go_rows, gov.row_stride, n, dim, grads.data());
+        const auto [output_rows, ldo] = rows_in(o_rows, ov.row_stride, n, dim, outputs.data());
+        cpu::transpose(query_rows, ldq, n, dim, T(1), queries_t.data(), n);
+        cpu::transpose(grad_out_rows, ldg, n, dim, T(1), grads_t.data(), n);
+
+        cpu::product(n, kp, dim, query_rows, ldq, keys_t.data(), kp, probs.data(), kp, false);
+        cpu::product(n, kp, dim, grad_out_rows, ldg, values_t.data(), kp, dprobs.data(), kp, false);
         for (int64_t r = 0; r < n; ++r) {
-          const T row_lse = lse_ptr[bh * query_len + start + r];
-          T* row = probs.data() + r * kp;
-          cpu::exp_shifted(row, row, kp, row_lse);
-          for (int64_t c = 0; c < dim; ++c) outputs[r * dim + c] *= grads[r * dim + c];
-          delta[r] = cpu::sum_of(outputs.data() + r * dim, dim);
+          T* p_row = probs.data() + r * kp;
+          cpu::exp_shifted(p_row, p_row, kp, lse_ptr[bh * query_len + start + r]);
+          T dot = 0;
+          for (int64_t c = 0; c < dim; ++c) dot += output_rows[r * ldo + c] * grad_out_rows[r * ldg + c];
+          T* d_row = dprobs.data() + r * kp;
+          // d_row becomes scale * dS, the factor that both dQ and dK' carry.
+          for (int64_t j = 0; j < kp; ++j) d_row[j] = T(scale) * p_row[j] * (d_row[j] - dot);
         }
-        gemm(true, false, kp, dim, n, T(1), probs.data(), kp, grads.data(), dim, T(1), grad_values, dim);
-        gemm(false, true, n, kp, dim, T(1), grads.data(), dim, values, dim, T(0), dprobs.data(), kp);
-        for (int64_t r = 0; r < n; ++r) {
-          for (int64_t j = 0; j < kp; ++j) dprobs[r * kp + j] = probs[r * kp + j] * (dprobs[r * kp + j] - delta[r]);
-        }
-        // dprobs now holds dS; dQ = scale dS K', dK' += scale dS^T Q.
-        gemm(false, false, n, dim, kp, T(scale), dprobs.data(), kp, keys, dim, T(0), outputs.data(), dim);
-        cpu::store_rows(outputs.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
-        gemm(true, false, kp, dim, n, T(scale), dprobs.data(), kp, queries.data(), dim, T(1), grad_keys, dim);
+        add_product(dim, kp, n, grads_t.data(), n, probs.data(), kp, grad_values_t, kp, first, partial_sum.data());
+        add_product(dim, kp, n, queries_t.data(), n, dprobs.data(), kp, grad_keys_t, kp, first, partial_sum.data());
+        scalar_t* gq_rows = gq_ptr + gqv.offset(b, h) + start * gqv.row_stride;
+        const auto [grad_query_rows, ldq_out] = rows_out(gq_rows, gqv.row_stride, dim, grad_rows.data());
+        cpu::product(n, dim, kp, dprobs.data(), kp, keys, dim, grad_query_rows, ldq_out, false);
+        finish_rows(grad_query_rows, n, dim, gq_rows, gqv.row_stride);
       }
     }
+    release_products<T>();
   });
-  const at::Tensor grad_projected = partial.sum(1);  // (B * H, 2, kp, D): dK', dV'
-  const T* gp_ptr = grad_projected.data_ptr<T>();
+  const at::Tensor grad_projected_t = partial.sum(1);  // (B * H, 2, D, kp): dK'^T, dV'^T
+  const at::Tensor grad_projected = grad_projected_t.transpose(-1, -2).contiguous();  // (B * H, 2, kp, D)
+  const T *gpt_ptr = grad_projected_t.data_ptr<T>(), *gp_ptr = grad_projected.data_ptr<T>();
+
+  // P_k^T and P_v^T ((N, kp), or (H, N, kp) per head), so that dK = P_k^T dK' is a plain product.
+  const at::Tensor pk_t = projection_in(proj_k, acc).transpose(-1, -2).contiguous();
+  const at::Tensor pv_t = projection_in(proj_v, acc).transpose(-1, -2).contiguous();
+  const auto pkt = projection_view<T>(pk_t), pvt = projection_view<T>(pv_t);
 
   at::Tensor grad_k = new_output(k.sizes(), k.options());
   at::Tensor grad_v = new_output(v.sizes(), v.options());
@@ -254,54 +342,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       const int64_t bh = task / key_tiles, b = bh / heads, h = bh % heads;
       const int64_t start = (task % key_tiles) * kKeyTile, n = std::min(kKeyTile, key_len - start);
       for (int64_t which = 0; which < 2; ++which) {
-        const auto& projection = which == 0 ? pk : pv;
+        const auto& projection_t = which == 0 ? pkt : pvt;
         const HeadView& view = which == 0 ? gkv : gvv;
         scalar_t* dst = (which == 0 ? gk_ptr : gv_ptr) + view.offset(b, h) + start * view.row_stride;
-        T* result = rows.data();
-        if constexpr (std::is_same_v<scalar_t, T>) result = dst;
-        gemm(true, false, n, dim, kp, T(1), projection.head(h) + start, projection.row_stride,
-             gp_ptr + (bh * 2 + which) * kp * dim, dim, T(0), result, dim);
+        const auto [result, ld] = rows_out(dst, view.row_stride, dim, rows.data());
+        cpu::product(n, dim, kp, projection_t.head(h) + start * projection_t.row_stride, projection_t.row_stride,
+                     gp_ptr + (bh * 2 + which) * kp * dim, dim, result, ld, false);
         if (mask) {
           for (int64_t r = 0; r < n; ++r) {
-            if (mask[b * key_len + start + r]) std::fill(result + r * dim, result + (r + 1) * dim, T(0));
+            if (mask[b * key_len + start + r]) std::fill(result + r * ld, result + r * ld + dim, T(0));
           }
         }
-        if constexpr (!std::is_same_v<scalar_t, T>) cpu::store_rows(result, n, dim, dst, view.row_stride);
+        finish_rows(result, n, dim, dst, view.row_stride);
       }
     }
+    release_products<T>();
   });
 
-  // dP_k = sum of dK' K^T over the batch (and over the heads when the projection is shared); likewise dP_v.
+  // dP_k = sum of dK' K^T over the batch (and over the heads when the projection is shared), computed
+  // transposed per key tile, dP_k^T = sum of K dK'^T (n x kp), then transposed into its columns of dP_k.
+  // Likewise dP_v.
   at::Tensor grad_proj_k = new_output(proj_k.sizes(), proj_k.options());
   at::Tensor grad_proj_v = new_output(proj_v.sizes(), proj_v.options());
+  const int64_t sum_tiles = ceil_div(key_len, kProjectionGradTile);
   for (int64_t which = 0; which < 2; ++which) {
     const bool per_head = (which == 0 ? proj_k : proj_v).dim() == 3;
     const scalar_t* src = which == 0 ? k_ptr : v_ptr;
     const HeadView& view = which == 0 ? kv : vv;
     scalar_t* grad_ptr = (which == 0 ? grad_proj_k : grad_proj_v).data_ptr<scalar_t>();
     const int64_t groups = per_head ? heads : 1;
-    cpu::parallel_tasks(groups * key_tiles, [&](const auto& claim) {
-      std::vector<T> rows(kKeyTile * dim), sums(kp * kKeyTile);
+    cpu::parallel_tasks(groups * sum_tiles, [&](const auto& claim) {
+      std::vector<T> rows(kProjectionGradTile * dim), sums(kProjectionGradTile * kp);
       for (int64_t task = claim(); task >= 0; task = claim()) {
-        const int64_t group = task / key_tiles;
-        const int64_t start = (task % key_tiles) * kKeyTile, n = std::min(kKeyTile, key_len - start);
+        const int64_t group = task / sum_tiles;
+        const int64_t start = (task % sum_tiles) * kProjectionGradTile;
+        const int64_t n = std::min(kProjectionGradTile, key_len - start);
         const int64_t head_begin = per_head ? group : 0, head_end = per_head ? group + 1 : heads;
-        scalar_t* dst = grad_ptr + group * kp * key_len + start;
-        T* result = sums.data();
-        int64_t ld = n;
-        if constexpr (std::is_same_v<scalar_t, T>) result = dst, ld = key_len;
         for (int64_t b = 0; b < batch; ++b) {
           const bool* padding = padding_of(mask, b, key_len);
           for (int64_t h = head_begin; h < head_end; ++h) {
             const auto [keys, keys_ld] = key_rows(src + view.offset(b, h), view.row_stride, padding, start, n, dim,
                                                   rows.data());
             const bool first = b == 0 && h == head_begin;
-            gemm(false, true, kp, n, dim, T(1), gp_ptr + ((b * heads + h) * 2 + which) * kp * dim, dim, keys, keys_ld,
-                 T(first ? 0 : 1), result, ld);
+            cpu::product(n, kp, dim, keys, keys_ld, gpt_ptr + ((b * heads + h) * 2 + which) * dim * kp, kp,
+                         sums.data(), kp, !first);
           }
         }
-        if constexpr (!std::is_same_v<scalar_t, T>) cpu::store_rows(result, kp, n, dst, key_len);
+        cpu::transpose(sums.data(), kp, n, kp, T(1), grad_ptr + group * kp * key_len + start, key_len);
       }
+      release_products<T>();
     });
   }
   return {grad_q, grad_k, grad_v, grad_proj_k, grad_proj_v};
