@@ -55,14 +55,19 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     try:
-        results = {}
-        for attention in MECHANISMS:
-            model = DistributedDataParallel(make_model(attention))
-            results[attention] = [{name.removeprefix("module."): g for name, g in step.items()}
-                                  for step in train(model, rank, WORLD_SIZE)]
+        results = {attention: _train_replica(attention, rank) for attention in MECHANISMS}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _train_replica(attention: str, rank: int) -> list[dict[str, torch.Tensor]]:
+    # The DDP model (and its reducer) dies on return, while the process group still lives: a reducer
+    # outliving the group would destroy it at exit, joining gloo's worker thread while holding the
+    # GIL that thread needs, which deadlocks.
+    model = DistributedDataParallel(make_model(attention))
+    return [{name.removeprefix("module."): g for name, g in step.items()} for step in train(model, rank, WORLD_SIZE)]
 
 
 def free_port() -> int:
