@@ -273,16 +273,46 @@ at::Tensor in_accum_type(const at::Tensor& t) {
   return t.to(lse_dtype(t.scalar_type())).contiguous();
 }
 
-at::Tensor transposed_in_accum_type(const at::Tensor& t) {
-  return t.to(lse_dtype(t.scalar_type())).transpose(2, 3).contiguous();
+// A (B, H, N, D) tensor transposed to (B, H, D, N) in the accumulation type, its rows padded to a leading
+// dimension `ld` that is not a multiple of 4 KiB: rows a power of two apart in memory would all fall in
+// the same few cache sets, and a tile product reads D of them at once.
+template <typename accum_t>
+struct TransposedHeads {
+  at::Tensor storage;
+  const accum_t* data;
+  int64_t ld, head_size;
+  explicit TransposedHeads(const at::Tensor& t) {
+    const int64_t len = t.size(2);
+    ld = (len + 15) / 16 * 16 + 16;
+    storage = at::zeros({t.size(0), t.size(1), t.size(3), ld}, t.options().dtype(lse_dtype(t.scalar_type())));
+    storage.narrow(3, 0, len).copy_(t.transpose(2, 3));
+    data = storage.const_data_ptr<accum_t>();
+    head_size = t.size(3) * ld;
+  }
+  const accum_t* operator()(int64_t b, int64_t h, int64_t heads) const { return data + (b * heads + h) * head_size; }
+};
+
+// dst (cols x rows) = src (rows x cols) transposed.
+template <typename T>
+void transpose_tile(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+  }
+}
+
+template <typename T>
+FASTATTN_ISA_CLONES void add_rows(const T* src, T* dst, int64_t count) {
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) dst[j] += src[j];
 }
 
 template <typename scalar_t>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     at::Tensor& lse) {
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const at::Tensor q_c = in_accum_type(q), k_t = transposed_in_accum_type(k), v_c = in_accum_type(v);
-  const Heads<accum_t> q_heads(q_c), kt_heads(k_t), v_heads(v_c);
+  const at::Tensor q_c = in_accum_type(q), v_c = in_accum_type(v);
+  const Heads<accum_t> q_heads(q_c), v_heads(v_c);
+  const TransposedHeads<accum_t> kt_heads(k);
   const accum_t scale = static_cast<accum_t>(p.scale);
   scalar_t* out_data = out.data_ptr<scalar_t>();
   accum_t* lse_data = lse.data_ptr<accum_t>();
@@ -307,7 +337,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     std::fill(run_sum, run_sum + rows, accum_t(0));
 
     for_each_key_run(p, h, qb, [&](int64_t c0, int64_t cols) {
-      tile_gemm(rows, cols, dim, q_tile, dim, k_t_head + c0, p.key_len, scores, ld, false);
+      tile_gemm(rows, cols, dim, q_tile, dim, k_t_head + c0, kt_heads.ld, scores, ld, false);
       mask_scores(p, scores, ld, rows, cols, b, r0, c0);
       for (int64_t i = 0; i < rows; ++i) {
         accum_t* row = scores + i * ld;
@@ -343,15 +373,12 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q,
                      at::Tensor& grad_k, at::Tensor& grad_v) {
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const at::Tensor q_c = in_accum_type(q), q_t = transposed_in_accum_type(q);
-  const at::Tensor k_c = in_accum_type(k), k_t = transposed_in_accum_type(k);
-  const at::Tensor v_c = in_accum_type(v), v_t = transposed_in_accum_type(v);
-  const at::Tensor do_c = in_accum_type(grad_out), do_t = transposed_in_accum_type(grad_out);
-  const at::Tensor out_c = in_accum_type(out), lse_c = lse.contiguous();
-  const Heads<accum_t> q_heads(q_c), qt_heads(q_t), k_heads(k_c), kt_heads(k_t),
-      v_heads(v_c), vt_heads(v_t), do_heads(do_c), dot_heads(do_t);
+  const at::Tensor q_c = in_accum_type(q), k_c = in_accum_type(k), v_c = in_accum_type(v);
+  const at::Tensor do_c = in_accum_type(grad_out), out_c = in_accum_type(out), lse_c = lse.contiguous();
+  const TransposedHeads<accum_t> qt_heads(q), dot_heads(grad_out);
+  const Heads<accum_t> q_heads(q_c), k_heads(k_c), v_heads(v_c), do_heads(do_c);
   const accum_t* lse_data = lse_c.const_data_ptr<accum_t>();
-  const int64_t bs = p.block, dim = p.dim, ld = p.run_blocks * bs;
+  const int64_t bs = p.block, dim = p.dim;
   const accum_t scale = static_cast<accum_t>(p.scale);
   const int64_t rows_total = p.batch * p.heads * p.query_len;
 
@@ -375,56 +402,29 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   scalar_t* grad_k_data = grad_k.data_ptr<scalar_t>();
   scalar_t* grad_v_data = grad_v.data_ptr<scalar_t>();
 
-  // dQ per query block, over the runs of key blocks its row lists: S = Q K^T, P = exp(scale S - lse),
-  // dP = dO V^T, dS = scale P (dP - delta), dQ = dS K.
-  const auto grad_q_item = [&](int64_t item, accum_t* scratch) {
-    accum_t* probs = scratch;
-    accum_t* dp = probs + bs * ld;
-    accum_t* acc = dp + bs * ld;
-    const int64_t qb = item % p.query_blocks;
-    const int64_t h = (item / p.query_blocks) % p.heads;
-    const int64_t b = item / (p.query_blocks * p.heads);
-    const int64_t r0 = qb * bs, rows = p.query_rows(qb);
-    const int64_t first_row = (b * p.heads + h) * p.query_len + r0;
-    const accum_t* q_tile = q_heads(b, h, p.heads) + r0 * dim;
-    const accum_t* do_tile = do_heads(b, h, p.heads) + r0 * dim;
-    const accum_t *k_head = k_heads(b, h, p.heads), *k_t_head = kt_heads(b, h, p.heads);
-    const accum_t* v_t_head = vt_heads(b, h, p.heads);
-    std::fill(acc, acc + rows * dim, accum_t(0));
-    for_each_key_run(p, h, qb, [&](int64_t c0, int64_t cols) {
-      tile_gemm(rows, cols, dim, q_tile, dim, k_t_head + c0, p.key_len, probs, ld, false);
-      mask_scores(p, probs, ld, rows, cols, b, r0, c0);
-      for (int64_t i = 0; i < rows; ++i) {
-        scale_row(probs + i * ld, cols, scale);
-        exp_shifted_sum(probs + i * ld, cols, lse_data[first_row + i]);
-      }
-      tile_gemm(rows, cols, dim, do_tile, dim, v_t_head + c0, p.key_len, dp, ld, false);
-      for (int64_t i = 0; i < rows; ++i) {
-        softmax_grad_row(probs + i * ld, dp + i * ld, cols, delta_data[first_row + i], scale);
-      }
-      tile_gemm(rows, dim, cols, dp, ld, k_head + c0 * dim, dim, acc, dim, true);
-    });
-    store_rows(acc, grad_q_data + first_row * dim, rows * dim);
-  };
-
-  // dK and dV per key block, over the query blocks that list it (the transposed CSR), transposed:
-  // S^T = K Q^T, P^T = exp(scale S^T - lse), dV = P^T dO, dP^T = V dO^T, dS^T = scale P^T (dP^T - delta),
-  // dK = dS^T Q. One query block at a time (ld = bs): S^T repeats the forward's products (the same
-  // exactly rounded terms summed in the same order), so that P is exactly 1 where the forward's softmax
-  // saturated on one key.
-  const auto grad_kv_item = [&](int64_t item, accum_t* scratch) {
+  // One pass over the key blocks of a head, each over the query blocks that list it (the transposed CSR),
+  // in transposed form: S^T = K Q^T, P^T = exp(scale S^T - lse), dV += P^T dO, dP^T = V dO^T,
+  // dS^T = scale P^T (dP^T - delta), dK += dS^T Q, and the pair's share of dQ, dS K, which
+  // dq_share(position, qb) says where to write and dq_shared(position, qb, rows) is called with once it is
+  // there. Five tile products per pair of blocks. S^T repeats the forward's products (the same exactly
+  // rounded terms summed in the same order), so that P is exactly 1 where the forward's softmax saturated
+  // on one key.
+  // Scratch: P^T, dP^T (dS^T in place) and dS (bs x bs each), the dK and dV accumulators (bs x D each).
+  const int64_t pair_scratch = 3 * bs * bs + 2 * bs * dim;
+  const auto key_block_grads = [&](int64_t b, int64_t h, int64_t kb, accum_t* scratch, const auto& dq_share,
+                                   const auto& dq_shared) {
     accum_t* probs_t = scratch;
-    accum_t* dp_t = probs_t + bs * ld;
-    accum_t* acc_k = dp_t + bs * ld;
+    accum_t* dp_t = probs_t + bs * bs;
+    accum_t* ds = dp_t + bs * bs;
+    accum_t* acc_k = ds + bs * bs;
     accum_t* acc_v = acc_k + bs * dim;
-    const int64_t kb = item % p.key_blocks;
-    const int64_t h = (item / p.key_blocks) % p.heads;
-    const int64_t b = item / (p.key_blocks * p.heads);
     const int64_t c0 = kb * bs, cols = std::min(bs, p.key_len - c0);
     const accum_t* k_tile = k_heads(b, h, p.heads) + c0 * dim;
     const accum_t* v_tile = v_heads(b, h, p.heads) + c0 * dim;
-    const accum_t *q_head = q_heads(b, h, p.heads), *q_t_head = qt_heads(b, h, p.heads);
-    const accum_t *do_head = do_heads(b, h, p.heads), *do_t_head = dot_heads(b, h, p.heads);
+    const accum_t* q_head = q_heads(b, h, p.heads);
+    const accum_t* q_t_head = qt_heads(b, h, p.heads);
+    const accum_t* do_head = do_heads(b, h, p.heads);
+    const accum_t* do_t_head = dot_heads(b, h, p.heads);
     const int64_t head_row = (b * p.heads + h) * p.query_len;
     std::fill(acc_k, acc_k + 2 * bs * dim, accum_t(0));
     const int64_t lh = p.layout_head(h);
@@ -434,37 +434,98 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
       const int64_t qb = listing[idx];
       if (p.causally_empty(qb, kb)) continue;
       const int64_t r0 = qb * bs, rows = p.query_rows(qb);
-      tile_gemm(cols, rows, dim, k_tile, dim, q_t_head + r0, p.query_len, probs_t, bs, false);
+      tile_gemm(cols, rows, dim, k_tile, dim, q_t_head + r0, qt_heads.ld, probs_t, bs, false);
       mask_scores_transposed(p, probs_t, bs, rows, cols, b, r0, c0);
       for (int64_t j = 0; j < cols; ++j) {
         scale_row(probs_t + j * bs, rows, scale);
         exp_shifted(probs_t + j * bs, rows, lse_data + head_row + r0);
       }
       tile_gemm(cols, dim, rows, probs_t, bs, do_head + r0 * dim, dim, acc_v, dim, true);
-      tile_gemm(cols, rows, dim, v_tile, dim, do_t_head + r0, p.query_len, dp_t, bs, false);
+      tile_gemm(cols, rows, dim, v_tile, dim, do_t_head + r0, dot_heads.ld, dp_t, bs, false);
       for (int64_t j = 0; j < cols; ++j) {
         softmax_grad_row_transposed(probs_t + j * bs, dp_t + j * bs, rows, delta_data + head_row + r0, scale);
       }
       tile_gemm(cols, dim, rows, dp_t, bs, q_head + r0 * dim, dim, acc_k, dim, true);
+      transpose_tile(dp_t, bs, cols, rows, ds, bs);
+      accum_t* share = dq_share(idx, qb);
+      tile_gemm(rows, dim, cols, ds, bs, k_tile, dim, share, dim, false);
+      dq_shared(idx, qb, rows);
     }
     const int64_t first_key = (b * p.heads + h) * p.key_len + c0;
     store_rows(acc_k, grad_k_data + first_key * dim, cols * dim);
     store_rows(acc_v, grad_v_data + first_key * dim, cols * dim);
   };
 
-  // One queue for both, so that no thread waits between them; the dK/dV items (four tile products per
-  // pair of blocks, against three for dQ) go first. Scratch: probabilities and dP (bs x run * bs each),
-  // and the dK and dV (or dQ) accumulators.
-  const int64_t kv_items = p.batch * p.heads * p.key_blocks;
-  const int64_t scratch_size = 2 * bs * ld + 2 * bs * dim;
-  for_each_item<accum_t>(kv_items + p.batch * p.heads * p.query_blocks, scratch_size,
-                         [&](int64_t item, accum_t* scratch) {
-                           if (item < kv_items) {
-                             grad_kv_item(item, scratch);
-                           } else {
-                             grad_q_item(item - kv_items, scratch);
-                           }
-                         });
+  // dQ of a query block is the sum of its pairs' shares taken in one fixed order, key block by key block
+  // as the transposed CSR lists them, whichever way the work is split, so the result does not depend on
+  // the number of threads. With enough heads for every thread, one work item is a whole head: its key
+  // blocks in order, each share added at once to a dQ accumulator of the head (O(N D) scratch per
+  // thread). With fewer heads than that, one work item is a key block: shares go to a buffer with a slot
+  // per listed pair (O(nnz_blocks bs D) memory, linear in N for a fixed block count), which a second pass
+  // sums per query block in the same order.
+  const int64_t heads_total = p.batch * p.heads;
+  if (heads_total >= 4 * static_cast<int64_t>(at::get_num_threads())) {
+    const int64_t head_len = p.query_len * dim;
+    for_each_item<accum_t>(heads_total, pair_scratch + bs * dim + head_len, [&](int64_t item, accum_t* scratch) {
+      const int64_t h = item % p.heads, b = item / p.heads;
+      accum_t* share = scratch + pair_scratch;
+      accum_t* dq_head = share + bs * dim;
+      std::fill(dq_head, dq_head + head_len, accum_t(0));
+      const auto to_share = [&](int64_t, int64_t) { return share; };
+      const auto add_share = [&](int64_t, int64_t qb, int64_t rows) {
+        add_rows(share, dq_head + qb * bs * dim, rows * dim);
+      };
+      for (int64_t kb = 0; kb < p.key_blocks; ++kb) key_block_grads(b, h, kb, scratch, to_share, add_share);
+      store_rows(dq_head, grad_q_data + item * head_len, head_len);
+    });
+    return;
+  }
+
+  const int64_t capacity = p.row_indices_stride, share_size = bs * dim;
+  at::Tensor shares = at::empty({heads_total * capacity * share_size}, lse.options());
+  accum_t* shares_data = shares.data_ptr<accum_t>();
+  for_each_item<accum_t>(heads_total * p.key_blocks, pair_scratch, [&](int64_t item, accum_t* scratch) {
+    const int64_t kb = item % p.key_blocks, h = (item / p.key_blocks) % p.heads;
+    const int64_t b = item / (p.key_blocks * p.heads);
+    accum_t* head_shares = shares_data + (b * p.heads + h) * capacity * share_size;
+    const auto to_slot = [&](int64_t idx, int64_t) { return head_shares + idx * share_size; };
+    const auto nothing = [](int64_t, int64_t, int64_t) {};
+    key_block_grads(b, h, kb, scratch, to_slot, nothing);
+  });
+
+  // For each layout head, the positions of the transposed CSR grouped by query block, in position order.
+  std::vector<int64_t> group_offsets(p.layout_heads * (p.query_blocks + 1), 0);
+  std::vector<int64_t> group_positions(p.layout_heads * capacity), position_key_block(p.layout_heads * capacity);
+  for (int64_t lh = 0; lh < p.layout_heads; ++lh) {
+    const int32_t* offsets = p.col_offsets + lh * p.col_offsets_stride;
+    const int32_t* listing = p.row_indices + lh * p.row_indices_stride;
+    int64_t* group = group_offsets.data() + lh * (p.query_blocks + 1);
+    for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
+      for (int64_t idx = offsets[kb]; idx < offsets[kb + 1]; ++idx) {
+        position_key_block[lh * capacity + idx] = kb;
+        ++group[listing[idx] + 1];
+      }
+    }
+    for (int64_t qb = 0; qb < p.query_blocks; ++qb) group[qb + 1] += group[qb];
+    std::vector<int64_t> filled(group, group + p.query_blocks);
+    for (int64_t idx = 0; idx < offsets[p.key_blocks]; ++idx) {
+      group_positions[lh * capacity + filled[listing[idx]]++] = idx;
+    }
+  }
+  for_each_item<accum_t>(heads_total * p.query_blocks, share_size, [&](int64_t item, accum_t* acc) {
+    const int64_t qb = item % p.query_blocks, h = (item / p.query_blocks) % p.heads;
+    const int64_t b = item / (p.query_blocks * p.heads);
+    const int64_t lh = p.layout_head(h), rows = p.query_rows(qb);
+    const accum_t* head_shares = shares_data + (b * p.heads + h) * capacity * share_size;
+    const int64_t* group = group_offsets.data() + lh * (p.query_blocks + 1);
+    std::fill(acc, acc + rows * dim, accum_t(0));
+    for (int64_t g = group[qb]; g < group[qb + 1]; ++g) {
+      const int64_t idx = group_positions[lh * capacity + g];
+      if (p.causally_empty(qb, position_key_block[lh * capacity + idx])) continue;
+      add_rows(head_shares + idx * share_size, acc, rows * dim);
+    }
+    store_rows(acc, grad_q_data + ((b * p.heads + h) * p.query_len + qb * bs) * dim, rows * dim);
+  });
 }
 
 // Offsets start at 0, never decrease and stay within the indices; indices lie in [0, index_bound).
