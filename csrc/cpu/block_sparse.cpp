@@ -82,6 +82,8 @@ inline float exp_accum(float x) { return exp_float(x); }
 
 // Runs of consecutive blocks are multiplied as one tile of up to this many keys.
 constexpr int64_t kRunColumns = 512;
+// The backward's runs are of query blocks, of up to this many queries.
+constexpr int64_t kBackwardRunRows = 256;
 
 // Reductions keep kLanes partial results so that they vectorise without reassociating by -ffast-math.
 constexpr int64_t kLanes = 16;
@@ -92,6 +94,7 @@ FASTATTN_ISA_CLONES T exp_shifted_sum(T* row, int64_t n, T shift) {
   T lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) {
       const T e = exp_accum(row[j + l] - shift);
       row[j + l] = e;
@@ -121,6 +124,7 @@ FASTATTN_ISA_CLONES T row_max(const T* row, int64_t n) {
   std::fill(lanes, lanes + kLanes, neg_inf);
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] < row[j + l] ? row[j + l] : lanes[l];
   }
   T result = neg_inf;
@@ -293,10 +297,19 @@ struct TransposedHeads {
 };
 
 // dst (cols x rows) = src (rows x cols) transposed.
+// In square blocks of kTransposeBlock so that both sides stay in few cache lines.
+constexpr int64_t kTransposeBlock = 16;
 template <typename T>
-void transpose_tile(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+FASTATTN_ISA_CLONES void transpose_tile(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
+                                        int64_t ld_dst) {
+  for (int64_t i0 = 0; i0 < rows; i0 += kTransposeBlock) {
+    const int64_t i1 = std::min(rows, i0 + kTransposeBlock);
+    for (int64_t j0 = 0; j0 < cols; j0 += kTransposeBlock) {
+      const int64_t j1 = std::min(cols, j0 + kTransposeBlock);
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t i = i0; i < i1; ++i) dst[j * ld_dst + i] = src[i * ld_src + j];
+      }
+    }
   }
 }
 
@@ -409,14 +422,18 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   // there. Five tile products per pair of blocks. S^T repeats the forward's products (the same exactly
   // rounded terms summed in the same order), so that P is exactly 1 where the forward's softmax saturated
   // on one key.
-  // Scratch: P^T, dP^T (dS^T in place) and dS (bs x bs each), the dK and dV accumulators (bs x D each).
-  const int64_t pair_scratch = 3 * bs * bs + 2 * bs * dim;
+  // Consecutive query blocks that list the key block are taken as one run (BigBird's window is a run of
+  // 3), of up to run_rows queries: one tile product per run instead of one per pair.
+  // Scratch: P^T and dP^T (dS^T in place) (bs x run_rows each), dS (run_rows x bs), the dK and dV
+  // accumulators (bs x D each).
+  const int64_t run_blocks = std::max<int64_t>(1, kBackwardRunRows / bs), run_rows = run_blocks * bs;
+  const int64_t pair_scratch = 3 * bs * run_rows + 2 * bs * dim;
   const auto key_block_grads = [&](int64_t b, int64_t h, int64_t kb, accum_t* scratch, const auto& dq_share,
                                    const auto& dq_shared) {
     accum_t* probs_t = scratch;
-    accum_t* dp_t = probs_t + bs * bs;
-    accum_t* ds = dp_t + bs * bs;
-    accum_t* acc_k = ds + bs * bs;
+    accum_t* dp_t = probs_t + bs * run_rows;
+    accum_t* ds = dp_t + bs * run_rows;
+    accum_t* acc_k = ds + bs * run_rows;
     accum_t* acc_v = acc_k + bs * dim;
     const int64_t c0 = kb * bs, cols = std::min(bs, p.key_len - c0);
     const accum_t* k_tile = k_heads(b, h, p.heads) + c0 * dim;
@@ -430,25 +447,29 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
     const int64_t lh = p.layout_head(h);
     const int32_t* offsets = p.col_offsets + lh * p.col_offsets_stride;
     const int32_t* listing = p.row_indices + lh * p.row_indices_stride;
-    for (int64_t idx = offsets[kb]; idx < offsets[kb + 1]; ++idx) {
-      const int64_t qb = listing[idx];
-      if (p.causally_empty(qb, kb)) continue;
-      const int64_t r0 = qb * bs, rows = p.query_rows(qb);
-      tile_gemm(cols, rows, dim, k_tile, dim, q_t_head + r0, qt_heads.ld, probs_t, bs, false);
-      mask_scores_transposed(p, probs_t, bs, rows, cols, b, r0, c0);
+    const auto usable = [&](int64_t qb) { return !p.causally_empty(qb, kb); };
+    for (int64_t idx = offsets[kb], end = offsets[kb + 1], length = 1; idx < end; idx += length) {
+      length = 1;
+      if (!usable(listing[idx])) continue;
+      length = run_length(listing, idx, end, run_blocks, usable);
+      const int64_t qb = listing[idx], r0 = qb * bs, rows = std::min(length * bs, p.query_len - r0);
+      const int64_t ld = rows;
+      tile_gemm(cols, rows, dim, k_tile, dim, q_t_head + r0, qt_heads.ld, probs_t, ld, false);
+      mask_scores_transposed(p, probs_t, ld, rows, cols, b, r0, c0);
       for (int64_t j = 0; j < cols; ++j) {
-        scale_row(probs_t + j * bs, rows, scale);
-        exp_shifted(probs_t + j * bs, rows, lse_data + head_row + r0);
+        scale_row(probs_t + j * ld, rows, scale);
+        exp_shifted(probs_t + j * ld, rows, lse_data + head_row + r0);
       }
-      tile_gemm(cols, dim, rows, probs_t, bs, do_head + r0 * dim, dim, acc_v, dim, true);
-      tile_gemm(cols, rows, dim, v_tile, dim, do_t_head + r0, dot_heads.ld, dp_t, bs, false);
+      tile_gemm(cols, dim, rows, probs_t, ld, do_head + r0 * dim, dim, acc_v, dim, true);
+      tile_gemm(cols, rows, dim, v_tile, dim, do_t_head + r0, dot_heads.ld, dp_t, ld, false);
       for (int64_t j = 0; j < cols; ++j) {
-        softmax_grad_row_transposed(probs_t + j * bs, dp_t + j * bs, rows, delta_data + head_row + r0, scale);
+        softmax_grad_row_transposed(probs_t + j * ld, dp_t + j * ld, rows, delta_data + head_row + r0, scale);
       }
-      tile_gemm(cols, dim, rows, dp_t, bs, q_head + r0 * dim, dim, acc_k, dim, true);
-      transpose_tile(dp_t, bs, cols, rows, ds, bs);
+      tile_gemm(cols, dim, rows, dp_t, ld, q_head + r0 * dim, dim, acc_k, dim, true);
+      transpose_tile(dp_t, ld, cols, rows, ds, cols);
+      // The run's shares, rows of consecutive query blocks, are consecutive rows of one matrix.
       accum_t* share = dq_share(idx, qb);
-      tile_gemm(rows, dim, cols, ds, bs, k_tile, dim, share, dim, false);
+      tile_gemm(rows, dim, cols, ds, cols, k_tile, dim, share, dim, false);
       dq_shared(idx, qb, rows);
     }
     const int64_t first_key = (b * p.heads + h) * p.key_len + c0;
@@ -466,10 +487,10 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   const int64_t heads_total = p.batch * p.heads;
   if (heads_total >= 4 * static_cast<int64_t>(at::get_num_threads())) {
     const int64_t head_len = p.query_len * dim;
-    for_each_item<accum_t>(heads_total, pair_scratch + bs * dim + head_len, [&](int64_t item, accum_t* scratch) {
+    for_each_item<accum_t>(heads_total, pair_scratch + run_rows * dim + head_len, [&](int64_t item, accum_t* scratch) {
       const int64_t h = item % p.heads, b = item / p.heads;
       accum_t* share = scratch + pair_scratch;
-      accum_t* dq_head = share + bs * dim;
+      accum_t* dq_head = share + run_rows * dim;
       std::fill(dq_head, dq_head + head_len, accum_t(0));
       const auto to_share = [&](int64_t, int64_t) { return share; };
       const auto add_share = [&](int64_t, int64_t qb, int64_t rows) {
