@@ -388,7 +388,7 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const at::Tensor q_c = in_accum_type(q), k_c = in_accum_type(k), v_c = in_accum_type(v);
   const at::Tensor do_c = in_accum_type(grad_out), out_c = in_accum_type(out), lse_c = lse.contiguous();
-  const TransposedHeads<accum_t> qt_heads(q), dot_heads(grad_out);
+  const TransposedHeads<accum_t> qt_heads(q), kt_heads(k), dot_heads(grad_out);
   const Heads<accum_t> q_heads(q_c), k_heads(k_c), v_heads(v_c), do_heads(do_c);
   const accum_t* lse_data = lse_c.const_data_ptr<accum_t>();
   const int64_t bs = p.block, dim = p.dim;
@@ -424,19 +424,31 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   // on one key.
   // Consecutive query blocks that list the key block are taken as one run (BigBird's window is a run of
   // 3), of up to run_rows queries: one tile product per run instead of one per pair.
-  // Scratch: P^T and dP^T (dS^T in place) (bs x run_rows each), dS (run_rows x bs), the dK and dV
-  // accumulators (bs x D each).
+  // Scratch: P^T and dP^T (dS^T in place) (bs x run_rows each), the dK and dV accumulators (bs x D each).
   const int64_t run_blocks = std::max<int64_t>(1, kBackwardRunRows / bs), run_rows = run_blocks * bs;
-  const int64_t pair_scratch = 3 * bs * run_rows + 2 * bs * dim;
+  const int64_t pair_scratch = 2 * bs * run_rows + 2 * bs * dim;
+  // Calls visit(first_position, length) for each run of the query blocks listed for key block kb (in the
+  // transposed CSR of layout head lh) that may see it.
+  const auto for_each_query_run = [&](int64_t lh, int64_t kb, const auto& visit) {
+    const int32_t* offsets = p.col_offsets + lh * p.col_offsets_stride;
+    const int32_t* listing = p.row_indices + lh * p.row_indices_stride;
+    const auto usable = [&](int64_t qb) { return !p.causally_empty(qb, kb); };
+    for (int64_t idx = offsets[kb], end = offsets[kb + 1], length = 1; idx < end; idx += length) {
+      length = 1;
+      if (!usable(listing[idx])) continue;
+      length = run_length(listing, idx, end, run_blocks, usable);
+      visit(idx, length);
+    }
+  };
   const auto key_block_grads = [&](int64_t b, int64_t h, int64_t kb, accum_t* scratch, const auto& dq_share,
                                    const auto& dq_shared) {
     accum_t* probs_t = scratch;
     accum_t* dp_t = probs_t + bs * run_rows;
-    accum_t* ds = dp_t + bs * run_rows;
-    accum_t* acc_k = ds + bs * run_rows;
+    accum_t* acc_k = dp_t + bs * run_rows;
     accum_t* acc_v = acc_k + bs * dim;
     const int64_t c0 = kb * bs, cols = std::min(bs, p.key_len - c0);
     const accum_t* k_tile = k_heads(b, h, p.heads) + c0 * dim;
+    const accum_t* k_t_tile = kt_heads(b, h, p.heads) + c0;
     const accum_t* v_tile = v_heads(b, h, p.heads) + c0 * dim;
     const accum_t* q_head = q_heads(b, h, p.heads);
     const accum_t* q_t_head = qt_heads(b, h, p.heads);
@@ -445,13 +457,8 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
     const int64_t head_row = (b * p.heads + h) * p.query_len;
     std::fill(acc_k, acc_k + 2 * bs * dim, accum_t(0));
     const int64_t lh = p.layout_head(h);
-    const int32_t* offsets = p.col_offsets + lh * p.col_offsets_stride;
     const int32_t* listing = p.row_indices + lh * p.row_indices_stride;
-    const auto usable = [&](int64_t qb) { return !p.causally_empty(qb, kb); };
-    for (int64_t idx = offsets[kb], end = offsets[kb + 1], length = 1; idx < end; idx += length) {
-      length = 1;
-      if (!usable(listing[idx])) continue;
-      length = run_length(listing, idx, end, run_blocks, usable);
+    for_each_query_run(lh, kb, [&](int64_t idx, int64_t length) {
       const int64_t qb = listing[idx], r0 = qb * bs, rows = std::min(length * bs, p.query_len - r0);
       const int64_t ld = rows;
       tile_gemm(cols, rows, dim, k_tile, dim, q_t_head + r0, qt_heads.ld, probs_t, ld, false);
@@ -466,12 +473,11 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
         softmax_grad_row_transposed(probs_t + j * ld, dp_t + j * ld, rows, delta_data + head_row + r0, scale);
       }
       tile_gemm(cols, dim, rows, dp_t, ld, q_head + r0 * dim, dim, acc_k, dim, true);
-      transpose_tile(dp_t, ld, cols, rows, ds, cols);
-      // The run's shares, rows of consecutive query blocks, are consecutive rows of one matrix.
-      accum_t* share = dq_share(idx, qb);
-      tile_gemm(rows, dim, cols, ds, cols, k_tile, dim, share, dim, false);
-      dq_shared(idx, qb, rows);
-    }
+      // The run's share of dQ, transposed (dQ^T = K^T dS^T, dim x rows), so that dS^T needs no transposing.
+      accum_t* share_t = dq_share(idx);
+      tile_gemm(dim, rows, cols, k_t_tile, kt_heads.ld, dp_t, ld, share_t, rows, false);
+      dq_shared(qb, rows);
+    });
     const int64_t first_key = (b * p.heads + h) * p.key_len + c0;
     store_rows(acc_k, grad_k_data + first_key * dim, cols * dim);
     store_rows(acc_v, grad_v_data + first_key * dim, cols * dim);
@@ -486,22 +492,29 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   // sums per query block in the same order.
   const int64_t heads_total = p.batch * p.heads;
   if (heads_total >= 4 * static_cast<int64_t>(at::get_num_threads())) {
-    const int64_t head_len = p.query_len * dim;
-    for_each_item<accum_t>(heads_total, pair_scratch + run_rows * dim + head_len, [&](int64_t item, accum_t* scratch) {
+    const int64_t ld_q = qt_heads.ld, head_len = p.query_len * dim;
+    for_each_item<accum_t>(heads_total, pair_scratch + run_rows * dim + dim * ld_q,
+                           [&](int64_t item, accum_t* scratch) {
       const int64_t h = item % p.heads, b = item / p.heads;
-      accum_t* share = scratch + pair_scratch;
-      accum_t* dq_head = share + run_rows * dim;
-      std::fill(dq_head, dq_head + head_len, accum_t(0));
-      const auto to_share = [&](int64_t, int64_t) { return share; };
-      const auto add_share = [&](int64_t, int64_t qb, int64_t rows) {
-        add_rows(share, dq_head + qb * bs * dim, rows * dim);
+      accum_t* share_t = scratch + pair_scratch;
+      accum_t* dq_t = share_t + run_rows * dim;  // dQ^T of the head, dim x ld_q
+      std::fill(dq_t, dq_t + dim * ld_q, accum_t(0));
+      const auto to_share = [&](int64_t) { return share_t; };
+      const auto add_share = [&](int64_t qb, int64_t rows) {
+        for (int64_t d = 0; d < dim; ++d) add_rows(share_t + d * rows, dq_t + d * ld_q + qb * bs, rows);
       };
       for (int64_t kb = 0; kb < p.key_blocks; ++kb) key_block_grads(b, h, kb, scratch, to_share, add_share);
-      store_rows(dq_head, grad_q_data + item * head_len, head_len);
+      for (int64_t qb = 0; qb < p.query_blocks; ++qb) {
+        const int64_t rows = p.query_rows(qb);
+        transpose_tile(dq_t + qb * bs, ld_q, dim, rows, share_t, dim);
+        store_rows(share_t, grad_q_data + item * head_len + qb * bs * dim, rows * dim);
+      }
     });
     return;
   }
 
+  // A run of length L starting at position idx writes its share, dim x (rows of the run), over the slots of
+  // positions idx .. idx + L - 1.
   const int64_t capacity = p.row_indices_stride, share_size = bs * dim;
   at::Tensor shares = at::empty({heads_total * capacity * share_size}, lse.options());
   accum_t* shares_data = shares.data_ptr<accum_t>();
@@ -509,42 +522,55 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
     const int64_t kb = item % p.key_blocks, h = (item / p.key_blocks) % p.heads;
     const int64_t b = item / (p.key_blocks * p.heads);
     accum_t* head_shares = shares_data + (b * p.heads + h) * capacity * share_size;
-    const auto to_slot = [&](int64_t idx, int64_t) { return head_shares + idx * share_size; };
-    const auto nothing = [](int64_t, int64_t, int64_t) {};
+    const auto to_slot = [&](int64_t idx) { return head_shares + idx * share_size; };
+    const auto nothing = [](int64_t, int64_t) {};
     key_block_grads(b, h, kb, scratch, to_slot, nothing);
   });
 
-  // For each layout head, the positions of the transposed CSR grouped by query block, in position order.
+  // For each layout head: the positions of the transposed CSR grouped by query block, in position order,
+  // and where each position's share lies: the first position of its run (-1 where the pair is causally
+  // empty), the run's number of rows and the position's first column in it.
   std::vector<int64_t> group_offsets(p.layout_heads * (p.query_blocks + 1), 0);
-  std::vector<int64_t> group_positions(p.layout_heads * capacity), position_key_block(p.layout_heads * capacity);
+  std::vector<int64_t> group_positions(p.layout_heads * capacity);
+  std::vector<int64_t> run_first(p.layout_heads * capacity, -1), run_width(p.layout_heads * capacity),
+      run_column(p.layout_heads * capacity);
   for (int64_t lh = 0; lh < p.layout_heads; ++lh) {
     const int32_t* offsets = p.col_offsets + lh * p.col_offsets_stride;
     const int32_t* listing = p.row_indices + lh * p.row_indices_stride;
     int64_t* group = group_offsets.data() + lh * (p.query_blocks + 1);
+    const int64_t base = lh * capacity;
     for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
-      for (int64_t idx = offsets[kb]; idx < offsets[kb + 1]; ++idx) {
-        position_key_block[lh * capacity + idx] = kb;
-        ++group[listing[idx] + 1];
-      }
+      for (int64_t idx = offsets[kb]; idx < offsets[kb + 1]; ++idx) ++group[listing[idx] + 1];
+      for_each_query_run(lh, kb, [&](int64_t idx, int64_t length) {
+        const int64_t width = std::min(length * bs, p.query_len - listing[idx] * bs);
+        for (int64_t l = 0; l < length; ++l) {
+          run_first[base + idx + l] = idx;
+          run_width[base + idx + l] = width;
+          run_column[base + idx + l] = l * bs;
+        }
+      });
     }
     for (int64_t qb = 0; qb < p.query_blocks; ++qb) group[qb + 1] += group[qb];
     std::vector<int64_t> filled(group, group + p.query_blocks);
-    for (int64_t idx = 0; idx < offsets[p.key_blocks]; ++idx) {
-      group_positions[lh * capacity + filled[listing[idx]]++] = idx;
-    }
+    for (int64_t idx = 0; idx < offsets[p.key_blocks]; ++idx) group_positions[base + filled[listing[idx]]++] = idx;
   }
-  for_each_item<accum_t>(heads_total * p.query_blocks, share_size, [&](int64_t item, accum_t* acc) {
+  for_each_item<accum_t>(heads_total * p.query_blocks, 2 * share_size, [&](int64_t item, accum_t* scratch) {
     const int64_t qb = item % p.query_blocks, h = (item / p.query_blocks) % p.heads;
     const int64_t b = item / (p.query_blocks * p.heads);
-    const int64_t lh = p.layout_head(h), rows = p.query_rows(qb);
+    const int64_t lh = p.layout_head(h), rows = p.query_rows(qb), base = lh * capacity;
     const accum_t* head_shares = shares_data + (b * p.heads + h) * capacity * share_size;
     const int64_t* group = group_offsets.data() + lh * (p.query_blocks + 1);
-    std::fill(acc, acc + rows * dim, accum_t(0));
+    accum_t* acc_t = scratch;  // dQ^T of the block, dim x bs
+    accum_t* acc = acc_t + share_size;
+    std::fill(acc_t, acc_t + share_size, accum_t(0));
     for (int64_t g = group[qb]; g < group[qb + 1]; ++g) {
-      const int64_t idx = group_positions[lh * capacity + g];
-      if (p.causally_empty(qb, position_key_block[lh * capacity + idx])) continue;
-      add_rows(head_shares + idx * share_size, acc, rows * dim);
+      const int64_t idx = group_positions[base + g];
+      if (run_first[base + idx] < 0) continue;
+      const accum_t* share_t = head_shares + run_first[base + idx] * share_size + run_column[base + idx];
+      const int64_t width = run_width[base + idx];
+      for (int64_t d = 0; d < dim; ++d) add_rows(share_t + d * width, acc_t + d * bs, rows);
     }
+    transpose_tile(acc_t, bs, dim, rows, acc, dim);
     store_rows(acc, grad_q_data + ((b * p.heads + h) * p.query_len + qb * bs) * dim, rows * dim);
   });
 }
