@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -79,6 +80,9 @@ inline float exp_float(float x) {
 
 inline double exp_accum(double x) { return std::exp(x); }
 inline float exp_accum(float x) { return exp_float(x); }
+
+// Rows of a (B, H, N, D) tensor transposed by one task.
+constexpr int64_t kTransposeChunk = 256;
 
 // Runs of consecutive blocks are multiplied as one tile of up to this many keys.
 constexpr int64_t kRunColumns = 512;
@@ -229,8 +233,8 @@ void for_each_item(int64_t count, int64_t scratch_size, const Body& body) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<accum_t> scratch(scratch_size);
-    for (int64_t item = next++; item < count; item = next++) body(item, scratch.data());
+    const std::unique_ptr<accum_t[]> scratch(new accum_t[scratch_size]);
+    for (int64_t item = next++; item < count; item = next++) body(item, scratch.get());
     if constexpr (std::is_same_v<accum_t, float>) at::native::cpublas::brgemm_release(/*is_vnni=*/false);
   });
 }
@@ -277,41 +281,59 @@ at::Tensor in_accum_type(const at::Tensor& t) {
   return t.to(lse_dtype(t.scalar_type())).contiguous();
 }
 
-// A (B, H, N, D) tensor transposed to (B, H, D, N) in the accumulation type, its rows padded to a leading
-// dimension `ld` that is not a multiple of 4 KiB: rows a power of two apart in memory would all fall in
-// the same few cache sets, and a tile product reads D of them at once.
-template <typename accum_t>
-struct TransposedHeads {
-  at::Tensor storage;
-  const accum_t* data;
-  int64_t ld, head_size;
-  explicit TransposedHeads(const at::Tensor& t) {
-    const int64_t len = t.size(2);
-    ld = (len + 15) / 16 * 16 + 16;
-    storage = at::zeros({t.size(0), t.size(1), t.size(3), ld}, t.options().dtype(lse_dtype(t.scalar_type())));
-    storage.narrow(3, 0, len).copy_(t.transpose(2, 3));
-    data = storage.const_data_ptr<accum_t>();
-    head_size = t.size(3) * ld;
-  }
-  const accum_t* operator()(int64_t b, int64_t h, int64_t heads) const { return data + (b * heads + h) * head_size; }
-};
-
-// dst (cols x rows) = src (rows x cols) transposed.
 // In square blocks of kTransposeBlock so that both sides stay in few cache lines.
 constexpr int64_t kTransposeBlock = 16;
-template <typename T>
-FASTATTN_ISA_CLONES void transpose_tile(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
+
+// dst (cols x rows) = src (rows x cols) transposed, converted to T.
+template <typename S, typename T>
+FASTATTN_ISA_CLONES void transpose_tile(const S* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
                                         int64_t ld_dst) {
   for (int64_t i0 = 0; i0 < rows; i0 += kTransposeBlock) {
     const int64_t i1 = std::min(rows, i0 + kTransposeBlock);
     for (int64_t j0 = 0; j0 < cols; j0 += kTransposeBlock) {
       const int64_t j1 = std::min(cols, j0 + kTransposeBlock);
       for (int64_t j = j0; j < j1; ++j) {
-        for (int64_t i = i0; i < i1; ++i) dst[j * ld_dst + i] = src[i * ld_src + j];
+        for (int64_t i = i0; i < i1; ++i) dst[j * ld_dst + i] = static_cast<T>(src[i * ld_src + j]);
       }
     }
   }
 }
+
+// A (B, H, N, D) tensor transposed to (B, H, D, N) in the accumulation type, its rows padded to a leading
+// dimension `ld` that is not a multiple of 4 KiB: rows a power of two apart in memory would all fall in
+// the same few cache sets, and a tile product reads D of them at once. The padding is zero.
+template <typename accum_t>
+struct TransposedHeads {
+  at::Tensor storage;
+  const accum_t* data;
+  int64_t ld, head_size;
+  template <typename scalar_t>
+  static TransposedHeads of(const at::Tensor& t) {
+    TransposedHeads result;
+    const at::Tensor src = t.contiguous();
+    const int64_t heads = t.size(0) * t.size(1), len = t.size(2), dim = t.size(3);
+    result.ld = (len + 15) / 16 * 16 + 16;
+    result.head_size = dim * result.ld;
+    result.storage = at::empty({t.size(0), t.size(1), dim, result.ld}, t.options().dtype(lse_dtype(t.scalar_type())));
+    accum_t* dst = result.storage.template data_ptr<accum_t>();
+    const scalar_t* src_data = src.const_data_ptr<scalar_t>();
+    const int64_t ld = result.ld, head_size = result.head_size, chunks = ceil_div(len, kTransposeChunk);
+    at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t head = item / chunks, r0 = item % chunks * kTransposeChunk;
+        const int64_t rows = std::min(kTransposeChunk, len - r0);
+        accum_t* dst_head = dst + head * head_size;
+        transpose_tile(src_data + (head * len + r0) * dim, dim, rows, dim, dst_head + r0, ld);
+        if (r0 + rows == len) {
+          for (int64_t d = 0; d < dim; ++d) std::fill(dst_head + d * ld + len, dst_head + (d + 1) * ld, accum_t(0));
+        }
+      }
+    });
+    result.data = dst;
+    return result;
+  }
+  const accum_t* operator()(int64_t b, int64_t h, int64_t heads) const { return data + (b * heads + h) * head_size; }
+};
 
 template <typename T>
 FASTATTN_ISA_CLONES void add_rows(const T* src, T* dst, int64_t count) {
@@ -325,7 +347,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const at::Tensor q_c = in_accum_type(q), v_c = in_accum_type(v);
   const Heads<accum_t> q_heads(q_c), v_heads(v_c);
-  const TransposedHeads<accum_t> kt_heads(k);
+  const auto kt_heads = TransposedHeads<accum_t>::template of<scalar_t>(k);
   const accum_t scale = static_cast<accum_t>(p.scale);
   scalar_t* out_data = out.data_ptr<scalar_t>();
   accum_t* lse_data = lse.data_ptr<accum_t>();
@@ -388,7 +410,9 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const at::Tensor q_c = in_accum_type(q), k_c = in_accum_type(k), v_c = in_accum_type(v);
   const at::Tensor do_c = in_accum_type(grad_out), out_c = in_accum_type(out), lse_c = lse.contiguous();
-  const TransposedHeads<accum_t> qt_heads(q), kt_heads(k), dot_heads(grad_out);
+  const auto qt_heads = TransposedHeads<accum_t>::template of<scalar_t>(q);
+  const auto kt_heads = TransposedHeads<accum_t>::template of<scalar_t>(k);
+  const auto dot_heads = TransposedHeads<accum_t>::template of<scalar_t>(grad_out);
   const Heads<accum_t> q_heads(q_c), k_heads(k_c), v_heads(v_c), do_heads(do_c);
   const accum_t* lse_data = lse_c.const_data_ptr<accum_t>();
   const int64_t bs = p.block, dim = p.dim;
