@@ -299,9 +299,12 @@ FASTATTN_ISA_CLONES void transpose_tile(const S* src, int64_t ld_src, int64_t ro
   }
 }
 
-// A (B, H, N, D) tensor transposed to (B, H, D, N) in the accumulation type, its rows padded to a leading
-// dimension `ld` that is not a multiple of 4 KiB: rows a power of two apart in memory would all fall in
-// the same few cache sets, and a tile product reads D of them at once. The padding is zero.
+// The leading dimension of a transposed (D, len) matrix: rows a power of two apart in memory would all fall
+// in the same few cache sets, and a tile product reads D of them at once.
+inline int64_t padded_ld(int64_t len) { return (len + 15) / 16 * 16 + 16; }
+
+// A (B, H, N, D) tensor transposed to (B, H, D, N) in the accumulation type, with rows padded_ld(N) apart.
+// The padding is zero.
 template <typename accum_t>
 struct TransposedHeads {
   at::Tensor storage;
@@ -312,7 +315,7 @@ struct TransposedHeads {
     TransposedHeads result;
     const at::Tensor src = t.contiguous();
     const int64_t heads = t.size(0) * t.size(1), len = t.size(2), dim = t.size(3);
-    result.ld = (len + 15) / 16 * 16 + 16;
+    result.ld = padded_ld(len);
     result.head_size = dim * result.ld;
     result.storage = at::empty({t.size(0), t.size(1), dim, result.ld}, t.options().dtype(lse_dtype(t.scalar_type())));
     accum_t* dst = result.storage.template data_ptr<accum_t>();
@@ -410,9 +413,6 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const at::Tensor q_c = in_accum_type(q), k_c = in_accum_type(k), v_c = in_accum_type(v);
   const at::Tensor do_c = in_accum_type(grad_out), out_c = in_accum_type(out), lse_c = lse.contiguous();
-  const auto qt_heads = TransposedHeads<accum_t>::template of<scalar_t>(q);
-  const auto kt_heads = TransposedHeads<accum_t>::template of<scalar_t>(k);
-  const auto dot_heads = TransposedHeads<accum_t>::template of<scalar_t>(grad_out);
   const Heads<accum_t> q_heads(q_c), k_heads(k_c), v_heads(v_c), do_heads(do_c);
   const accum_t* lse_data = lse_c.const_data_ptr<accum_t>();
   const int64_t bs = p.block, dim = p.dim;
@@ -464,20 +464,23 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
       visit(idx, length);
     }
   };
-  const auto key_block_grads = [&](int64_t b, int64_t h, int64_t kb, accum_t* scratch, const auto& dq_share,
-                                   const auto& dq_shared) {
+  // The transposed operands of one head: Q^T and dO^T (dim x ld_q), K^T (dim x ld_k).
+  struct TransposedOperands {
+    const accum_t *q_t, *do_t, *k_t;
+    int64_t ld_q, ld_k;
+  };
+  const auto key_block_grads = [&](int64_t b, int64_t h, int64_t kb, const TransposedOperands& ops,
+                                   accum_t* scratch, const auto& dq_share, const auto& dq_shared) {
     accum_t* probs_t = scratch;
     accum_t* dp_t = probs_t + bs * run_rows;
     accum_t* acc_k = dp_t + bs * run_rows;
     accum_t* acc_v = acc_k + bs * dim;
     const int64_t c0 = kb * bs, cols = std::min(bs, p.key_len - c0);
     const accum_t* k_tile = k_heads(b, h, p.heads) + c0 * dim;
-    const accum_t* k_t_tile = kt_heads(b, h, p.heads) + c0;
+    const accum_t* k_t_tile = ops.k_t + c0;
     const accum_t* v_tile = v_heads(b, h, p.heads) + c0 * dim;
     const accum_t* q_head = q_heads(b, h, p.heads);
-    const accum_t* q_t_head = qt_heads(b, h, p.heads);
     const accum_t* do_head = do_heads(b, h, p.heads);
-    const accum_t* do_t_head = dot_heads(b, h, p.heads);
     const int64_t head_row = (b * p.heads + h) * p.query_len;
     std::fill(acc_k, acc_k + 2 * bs * dim, accum_t(0));
     const int64_t lh = p.layout_head(h);
@@ -485,21 +488,21 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
     for_each_query_run(lh, kb, [&](int64_t idx, int64_t length) {
       const int64_t qb = listing[idx], r0 = qb * bs, rows = std::min(length * bs, p.query_len - r0);
       const int64_t ld = rows;
-      tile_gemm(cols, rows, dim, k_tile, dim, q_t_head + r0, qt_heads.ld, probs_t, ld, false);
+      tile_gemm(cols, rows, dim, k_tile, dim, ops.q_t + r0, ops.ld_q, probs_t, ld, false);
       mask_scores_transposed(p, probs_t, ld, rows, cols, b, r0, c0);
       for (int64_t j = 0; j < cols; ++j) {
         scale_row(probs_t + j * ld, rows, scale);
         exp_shifted(probs_t + j * ld, rows, lse_data + head_row + r0);
       }
       tile_gemm(cols, dim, rows, probs_t, ld, do_head + r0 * dim, dim, acc_v, dim, true);
-      tile_gemm(cols, rows, dim, v_tile, dim, do_t_head + r0, dot_heads.ld, dp_t, ld, false);
+      tile_gemm(cols, rows, dim, v_tile, dim, ops.do_t + r0, ops.ld_q, dp_t, ld, false);
       for (int64_t j = 0; j < cols; ++j) {
         softmax_grad_row_transposed(probs_t + j * ld, dp_t + j * ld, rows, delta_data + head_row + r0, scale);
       }
       tile_gemm(cols, dim, rows, dp_t, ld, q_head + r0 * dim, dim, acc_k, dim, true);
       // The run's share of dQ, transposed (dQ^T = K^T dS^T, dim x rows), so that dS^T needs no transposing.
       accum_t* share_t = dq_share(idx);
-      tile_gemm(dim, rows, cols, k_t_tile, kt_heads.ld, dp_t, ld, share_t, rows, false);
+      tile_gemm(dim, rows, cols, k_t_tile, ops.ld_k, dp_t, ld, share_t, rows, false);
       dq_shared(qb, rows);
     });
     const int64_t first_key = (b * p.heads + h) * p.key_len + c0;
@@ -510,24 +513,31 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   // dQ of a query block is the sum of its pairs' shares taken in one fixed order, key block by key block
   // as the transposed CSR lists them, whichever way the work is split, so the result does not depend on
   // the number of threads. With enough heads for every thread, one work item is a whole head: its key
-  // blocks in order, each share added at once to a dQ accumulator of the head (O(N D) scratch per
-  // thread). With fewer heads than that, one work item is a key block: shares go to a buffer with a slot
+  // blocks in order, each share added at once to a dQ accumulator of the head, with the head's transposed
+  // operands (O(N D) scratch per thread, reused from head to head). With fewer heads than that, one work item is a key block: shares go to a buffer with a slot
   // per listed pair (O(nnz_blocks bs D) memory, linear in N for a fixed block count), which a second pass
   // sums per query block in the same order.
   const int64_t heads_total = p.batch * p.heads;
   if (heads_total >= 4 * static_cast<int64_t>(at::get_num_threads())) {
-    const int64_t ld_q = qt_heads.ld, head_len = p.query_len * dim;
-    for_each_item<accum_t>(heads_total, pair_scratch + run_rows * dim + dim * ld_q,
+    const int64_t ld_q = padded_ld(p.query_len), ld_k = padded_ld(p.key_len), head_len = p.query_len * dim;
+    for_each_item<accum_t>(heads_total, pair_scratch + run_rows * dim + dim * (3 * ld_q + ld_k),
                            [&](int64_t item, accum_t* scratch) {
       const int64_t h = item % p.heads, b = item / p.heads;
       accum_t* share_t = scratch + pair_scratch;
       accum_t* dq_t = share_t + run_rows * dim;  // dQ^T of the head, dim x ld_q
+      accum_t* q_t = dq_t + dim * ld_q;
+      accum_t* do_t = q_t + dim * ld_q;
+      accum_t* k_t = do_t + dim * ld_q;
+      transpose_tile(q_heads(b, h, p.heads), dim, p.query_len, dim, q_t, ld_q);
+      transpose_tile(do_heads(b, h, p.heads), dim, p.query_len, dim, do_t, ld_q);
+      transpose_tile(k_heads(b, h, p.heads), dim, p.key_len, dim, k_t, ld_k);
+      const TransposedOperands ops{q_t, do_t, k_t, ld_q, ld_k};
       std::fill(dq_t, dq_t + dim * ld_q, accum_t(0));
       const auto to_share = [&](int64_t) { return share_t; };
       const auto add_share = [&](int64_t qb, int64_t rows) {
         for (int64_t d = 0; d < dim; ++d) add_rows(share_t + d * rows, dq_t + d * ld_q + qb * bs, rows);
       };
-      for (int64_t kb = 0; kb < p.key_blocks; ++kb) key_block_grads(b, h, kb, scratch, to_share, add_share);
+      for (int64_t kb = 0; kb < p.key_blocks; ++kb) key_block_grads(b, h, kb, ops, scratch, to_share, add_share);
       for (int64_t qb = 0; qb < p.query_blocks; ++qb) {
         const int64_t rows = p.query_rows(qb);
         transpose_tile(dq_t + qb * bs, ld_q, dim, rows, share_t, dim);
@@ -542,13 +552,18 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   const int64_t capacity = p.row_indices_stride, share_size = bs * dim;
   at::Tensor shares = at::empty({heads_total * capacity * share_size}, lse.options());
   accum_t* shares_data = shares.data_ptr<accum_t>();
+  const auto qt_heads = TransposedHeads<accum_t>::template of<scalar_t>(q);
+  const auto kt_heads = TransposedHeads<accum_t>::template of<scalar_t>(k);
+  const auto dot_heads = TransposedHeads<accum_t>::template of<scalar_t>(grad_out);
   for_each_item<accum_t>(heads_total * p.key_blocks, pair_scratch, [&](int64_t item, accum_t* scratch) {
     const int64_t kb = item % p.key_blocks, h = (item / p.key_blocks) % p.heads;
     const int64_t b = item / (p.key_blocks * p.heads);
     accum_t* head_shares = shares_data + (b * p.heads + h) * capacity * share_size;
     const auto to_slot = [&](int64_t idx) { return head_shares + idx * share_size; };
     const auto nothing = [](int64_t, int64_t) {};
-    key_block_grads(b, h, kb, scratch, to_slot, nothing);
+    const TransposedOperands ops{qt_heads(b, h, p.heads), dot_heads(b, h, p.heads), kt_heads(b, h, p.heads),
+                                 qt_heads.ld, kt_heads.ld};
+    key_block_grads(b, h, kb, ops, scratch, to_slot, nothing);
   });
 
   // For each layout head: the positions of the transposed CSR grouped by query block, in position order,
