@@ -2,17 +2,18 @@
 //
 // Forward: one work item per (batch, head, query block); an online softmax runs over the key blocks
 // that the CSR lists for that row, so only per-tile scratch exists (scores bs x run * bs, accumulator
-// bs x D). Backward recomputes the probabilities from the saved log-sum-exp: dQ per query block over
-// its key blocks, dK and dV per key block over the query blocks of the transposed CSR, the latter in
-// transposed form (S^T = K Q^T) so that every tile product is a plain row-major A B. Each output tile
-// is written by exactly one work item: no atomics, deterministic results.
+// bs x D). Backward recomputes the probabilities from the saved log-sum-exp in one pass over the key
+// blocks (the transposed CSR), five tile products per pair of blocks, in transposed form (S^T = K Q^T)
+// so that every tile product is a plain row-major A B: dK and dV accumulate in scratch, and each pair's
+// share of dQ is summed per query block in one fixed order (see backward_kernel). No atomics,
+// deterministic results whatever the number of threads.
 //
-// The operands are first laid out once per call for those products (O(N D) memory: the transposes K^T,
-// V^T, Q^T, dO^T, bfloat16 converted to float32). Float32 tiles are multiplied with
-// oneDNN's batch-reduce GEMM micro-kernels through at::native::cpublas::brgemm (AVX-512 where the CPU
-// has it, several times faster than BLAS calls on tiles this small); float64 (for gradcheck) with the
-// dgemm_ that torch links. The element-wise loops (masked softmax, dS) are plain loops written for the
-// compiler to vectorise, cloned per x86 ISA level so that one binary uses AVX-512 or AVX2 where it can.
+// The operands are first laid out for those products (O(N D) memory: the transposes K^T, Q^T, dO^T,
+// bfloat16 converted to float32). Float32 tiles are multiplied with oneDNN's batch-reduce GEMM
+// micro-kernels through at::native::cpublas::brgemm (AVX-512 where the CPU has it, several times faster
+// than BLAS calls on tiles this small); float64 (for gradcheck) with the dgemm_ that torch links. The
+// element-wise loops (masked softmax, dS) are plain loops written for the compiler to vectorise, cloned
+// per x86 ISA level so that one binary uses AVX-512 or AVX2 where it can.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
