@@ -2,17 +2,18 @@
 //
 // Forward: one work item per (batch, head, query block); an online softmax runs over the key blocks
 // that the CSR lists for that row, so only per-tile scratch exists (scores bs x run * bs, accumulator
-// bs x D). Backward recomputes the probabilities from the saved log-sum-exp: dQ per query block over
-// its key blocks, dK and dV per key block over the query blocks of the transposed CSR, the latter in
-// transposed form (S^T = K Q^T) so that every tile product is a plain row-major A B. Each output tile
-// is written by exactly one work item: no atomics, deterministic results.
+// bs x D). Backward recomputes the probabilities from the saved log-sum-exp in one pass over the key
+// blocks (the transposed CSR), five tile products per pair of blocks, in transposed form (S^T = K Q^T)
+// so that every tile product is a plain row-major A B: dK and dV accumulate in scratch, and each pair's
+// share of dQ is summed per query block in one fixed order (see backward_kernel). No atomics,
+// deterministic results whatever the number of threads.
 //
-// The operands are first laid out once per call for those products (O(N D) memory: the transposes K^T,
-// V^T, Q^T, dO^T, bfloat16 converted to float32). Float32 tiles are multiplied with
-// oneDNN's batch-reduce GEMM micro-kernels through at::native::cpublas::brgemm (AVX-512 where the CPU
-// has it, several times faster than BLAS calls on tiles this small); float64 (for gradcheck) with the
-// dgemm_ that torch links. The element-wise loops (masked softmax, dS) are plain loops written for the
-// compiler to vectorise, cloned per x86 ISA level so that one binary uses AVX-512 or AVX2 where it can.
+// The operands are first laid out for those products (O(N D) memory: the transposes K^T, Q^T, dO^T,
+// bfloat16 converted to float32). Float32 tiles are multiplied with oneDNN's batch-reduce GEMM
+// micro-kernels through at::native::cpublas::brgemm (AVX-512 where the CPU has it, several times faster
+// than BLAS calls on tiles this small); float64 (for gradcheck) with the dgemm_ that torch links. The
+// element-wise loops (masked softmax, dS) are plain loops written for the compiler to vectorise, cloned
+// per x86 ISA level so that one binary uses AVX-512 or AVX2 where it can.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -25,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -80,8 +82,13 @@ inline float exp_float(float x) {
 inline double exp_accum(double x) { return std::exp(x); }
 inline float exp_accum(float x) { return exp_float(x); }
 
+// Rows of a (B, H, N, D) tensor transposed by one task.
+constexpr int64_t kTransposeChunk = 256;
+
 // Runs of consecutive blocks are multiplied as one tile of up to this many keys.
 constexpr int64_t kRunColumns = 512;
+// The backward's runs are of query blocks, of up to this many queries.
+constexpr int64_t kBackwardRunRows = 256;
 
 // Reductions keep kLanes partial results so that they vectorise without reassociating by -ffast-math.
 constexpr int64_t kLanes = 16;
@@ -92,6 +99,7 @@ FASTATTN_ISA_CLONES T exp_shifted_sum(T* row, int64_t n, T shift) {
   T lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) {
       const T e = exp_accum(row[j + l] - shift);
       row[j + l] = e;
@@ -121,6 +129,7 @@ FASTATTN_ISA_CLONES T row_max(const T* row, int64_t n) {
   std::fill(lanes, lanes + kLanes, neg_inf);
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] < row[j + l] ? row[j + l] : lanes[l];
   }
   T result = neg_inf;
@@ -225,8 +234,8 @@ void for_each_item(int64_t count, int64_t scratch_size, const Body& body) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    std::vector<accum_t> scratch(scratch_size);
-    for (int64_t item = next++; item < count; item = next++) body(item, scratch.data());
+    const std::unique_ptr<accum_t[]> scratch(new accum_t[scratch_size]);
+    for (int64_t item = next++; item < count; item = next++) body(item, scratch.get());
     if constexpr (std::is_same_v<accum_t, float>) at::native::cpublas::brgemm_release(/*is_vnni=*/false);
   });
 }
@@ -273,16 +282,76 @@ at::Tensor in_accum_type(const at::Tensor& t) {
   return t.to(lse_dtype(t.scalar_type())).contiguous();
 }
 
-at::Tensor transposed_in_accum_type(const at::Tensor& t) {
-  return t.to(lse_dtype(t.scalar_type())).transpose(2, 3).contiguous();
+// In square blocks of kTransposeBlock so that both sides stay in few cache lines.
+constexpr int64_t kTransposeBlock = 16;
+
+// dst (cols x rows) = src (rows x cols) transposed, converted to T.
+template <typename S, typename T>
+FASTATTN_ISA_CLONES void transpose_tile(const S* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
+                                        int64_t ld_dst) {
+  for (int64_t i0 = 0; i0 < rows; i0 += kTransposeBlock) {
+    const int64_t i1 = std::min(rows, i0 + kTransposeBlock);
+    for (int64_t j0 = 0; j0 < cols; j0 += kTransposeBlock) {
+      const int64_t j1 = std::min(cols, j0 + kTransposeBlock);
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t i = i0; i < i1; ++i) dst[j * ld_dst + i] = static_cast<T>(src[i * ld_src + j]);
+      }
+    }
+  }
+}
+
+// The leading dimension of a transposed (D, len) matrix: rows a power of two apart in memory would all fall
+// in the same few cache sets, and a tile product reads D of them at once.
+inline int64_t padded_ld(int64_t len) { return (len + 15) / 16 * 16 + 16; }
+
+// A (B, H, N, D) tensor transposed to (B, H, D, N) in the accumulation type, with rows padded_ld(N) apart.
+// The padding is zero.
+template <typename accum_t>
+struct TransposedHeads {
+  at::Tensor storage;
+  const accum_t* data;
+  int64_t ld, head_size;
+  template <typename scalar_t>
+  static TransposedHeads of(const at::Tensor& t) {
+    TransposedHeads result;
+    const at::Tensor src = t.contiguous();
+    const int64_t heads = t.size(0) * t.size(1), len = t.size(2), dim = t.size(3);
+    result.ld = padded_ld(len);
+    result.head_size = dim * result.ld;
+    result.storage = at::empty({t.size(0), t.size(1), dim, result.ld}, t.options().dtype(lse_dtype(t.scalar_type())));
+    accum_t* dst = result.storage.template data_ptr<accum_t>();
+    const scalar_t* src_data = src.const_data_ptr<scalar_t>();
+    const int64_t ld = result.ld, head_size = result.head_size, chunks = ceil_div(len, kTransposeChunk);
+    at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t head = item / chunks, r0 = item % chunks * kTransposeChunk;
+        const int64_t rows = std::min(kTransposeChunk, len - r0);
+        accum_t* dst_head = dst + head * head_size;
+        transpose_tile(src_data + (head * len + r0) * dim, dim, rows, dim, dst_head + r0, ld);
+        if (r0 + rows == len) {
+          for (int64_t d = 0; d < dim; ++d) std::fill(dst_head + d * ld + len, dst_head + (d + 1) * ld, accum_t(0));
+        }
+      }
+    });
+    result.data = dst;
+    return result;
+  }
+  const accum_t* operator()(int64_t b, int64_t h, int64_t heads) const { return data + (b * heads + h) * head_size; }
+};
+
+template <typename T>
+FASTATTN_ISA_CLONES void add_rows(const T* src, T* dst, int64_t count) {
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) dst[j] += src[j];
 }
 
 template <typename scalar_t>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     at::Tensor& lse) {
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const at::Tensor q_c = in_accum_type(q), k_t = transposed_in_accum_type(k), v_c = in_accum_type(v);
-  const Heads<accum_t> q_heads(q_c), kt_heads(k_t), v_heads(v_c);
+  const at::Tensor q_c = in_accum_type(q), v_c = in_accum_type(v);
+  const Heads<accum_t> q_heads(q_c), v_heads(v_c);
+  const auto kt_heads = TransposedHeads<accum_t>::template of<scalar_t>(k);
   const accum_t scale = static_cast<accum_t>(p.scale);
   scalar_t* out_data = out.data_ptr<scalar_t>();
   accum_t* lse_data = lse.data_ptr<accum_t>();
@@ -307,7 +376,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     std::fill(run_sum, run_sum + rows, accum_t(0));
 
     for_each_key_run(p, h, qb, [&](int64_t c0, int64_t cols) {
-      tile_gemm(rows, cols, dim, q_tile, dim, k_t_head + c0, p.key_len, scores, ld, false);
+      tile_gemm(rows, cols, dim, q_tile, dim, k_t_head + c0, kt_heads.ld, scores, ld, false);
       mask_scores(p, scores, ld, rows, cols, b, r0, c0);
       for (int64_t i = 0; i < rows; ++i) {
         accum_t* row = scores + i * ld;
@@ -343,15 +412,11 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q,
                      at::Tensor& grad_k, at::Tensor& grad_v) {
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const at::Tensor q_c = in_accum_type(q), q_t = transposed_in_accum_type(q);
-  const at::Tensor k_c = in_accum_type(k), k_t = transposed_in_accum_type(k);
-  const at::Tensor v_c = in_accum_type(v), v_t = transposed_in_accum_type(v);
-  const at::Tensor do_c = in_accum_type(grad_out), do_t = transposed_in_accum_type(grad_out);
-  const at::Tensor out_c = in_accum_type(out), lse_c = lse.contiguous();
-  const Heads<accum_t> q_heads(q_c), qt_heads(q_t), k_heads(k_c), kt_heads(k_t),
-      v_heads(v_c), vt_heads(v_t), do_heads(do_c), dot_heads(do_t);
+  const at::Tensor q_c = in_accum_type(q), k_c = in_accum_type(k), v_c = in_accum_type(v);
+  const at::Tensor do_c = in_accum_type(grad_out), out_c = in_accum_type(out), lse_c = lse.contiguous();
+  const Heads<accum_t> q_heads(q_c), k_heads(k_c), v_heads(v_c), do_heads(do_c);
   const accum_t* lse_data = lse_c.const_data_ptr<accum_t>();
-  const int64_t bs = p.block, dim = p.dim, ld = p.run_blocks * bs;
+  const int64_t bs = p.block, dim = p.dim;
   const accum_t scale = static_cast<accum_t>(p.scale);
   const int64_t rows_total = p.batch * p.heads * p.query_len;
 
@@ -375,96 +440,179 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   scalar_t* grad_k_data = grad_k.data_ptr<scalar_t>();
   scalar_t* grad_v_data = grad_v.data_ptr<scalar_t>();
 
-  // dQ per query block, over the runs of key blocks its row lists: S = Q K^T, P = exp(scale S - lse),
-  // dP = dO V^T, dS = scale P (dP - delta), dQ = dS K.
-  const auto grad_q_item = [&](int64_t item, accum_t* scratch) {
-    accum_t* probs = scratch;
-    accum_t* dp = probs + bs * ld;
-    accum_t* acc = dp + bs * ld;
-    const int64_t qb = item % p.query_blocks;
-    const int64_t h = (item / p.query_blocks) % p.heads;
-    const int64_t b = item / (p.query_blocks * p.heads);
-    const int64_t r0 = qb * bs, rows = p.query_rows(qb);
-    const int64_t first_row = (b * p.heads + h) * p.query_len + r0;
-    const accum_t* q_tile = q_heads(b, h, p.heads) + r0 * dim;
-    const accum_t* do_tile = do_heads(b, h, p.heads) + r0 * dim;
-    const accum_t *k_head = k_heads(b, h, p.heads), *k_t_head = kt_heads(b, h, p.heads);
-    const accum_t* v_t_head = vt_heads(b, h, p.heads);
-    std::fill(acc, acc + rows * dim, accum_t(0));
-    for_each_key_run(p, h, qb, [&](int64_t c0, int64_t cols) {
-      tile_gemm(rows, cols, dim, q_tile, dim, k_t_head + c0, p.key_len, probs, ld, false);
-      mask_scores(p, probs, ld, rows, cols, b, r0, c0);
-      for (int64_t i = 0; i < rows; ++i) {
-        scale_row(probs + i * ld, cols, scale);
-        exp_shifted_sum(probs + i * ld, cols, lse_data[first_row + i]);
-      }
-      tile_gemm(rows, cols, dim, do_tile, dim, v_t_head + c0, p.key_len, dp, ld, false);
-      for (int64_t i = 0; i < rows; ++i) {
-        softmax_grad_row(probs + i * ld, dp + i * ld, cols, delta_data[first_row + i], scale);
-      }
-      tile_gemm(rows, dim, cols, dp, ld, k_head + c0 * dim, dim, acc, dim, true);
-    });
-    store_rows(acc, grad_q_data + first_row * dim, rows * dim);
+  // One pass over the key blocks of a head, each over the query blocks that list it (the transposed CSR),
+  // in transposed form: S^T = K Q^T, P^T = exp(scale S^T - lse), dV += P^T dO, dP^T = V dO^T,
+  // dS^T = scale P^T (dP^T - delta), dK += dS^T Q, and the pair's share of dQ, dS K, which
+  // dq_share(position, qb) says where to write and dq_shared(position, qb, rows) is called with once it is
+  // there. Five tile products per pair of blocks. S^T repeats the forward's products (the same exactly
+  // rounded terms summed in the same order), so that P is exactly 1 where the forward's softmax saturated
+  // on one key.
+  // Consecutive query blocks that list the key block are taken as one run (BigBird's window is a run of
+  // 3), of up to run_rows queries: one tile product per run instead of one per pair.
+  // Scratch: P^T and dP^T (dS^T in place) (bs x run_rows each), the dK and dV accumulators (bs x D each).
+  const int64_t run_blocks = std::max<int64_t>(1, kBackwardRunRows / bs), run_rows = run_blocks * bs;
+  const int64_t pair_scratch = 2 * bs * run_rows + 2 * bs * dim;
+  // Calls visit(first_position, length) for each run of the query blocks listed for key block kb (in the
+  // transposed CSR of layout head lh) that may see it.
+  const auto for_each_query_run = [&](int64_t lh, int64_t kb, const auto& visit) {
+    const int32_t* offsets = p.col_offsets + lh * p.col_offsets_stride;
+    const int32_t* listing = p.row_indices + lh * p.row_indices_stride;
+    const auto usable = [&](int64_t qb) { return !p.causally_empty(qb, kb); };
+    for (int64_t idx = offsets[kb], end = offsets[kb + 1], length = 1; idx < end; idx += length) {
+      length = 1;
+      if (!usable(listing[idx])) continue;
+      length = run_length(listing, idx, end, run_blocks, usable);
+      visit(idx, length);
+    }
   };
-
-  // dK and dV per key block, over the query blocks that list it (the transposed CSR), transposed:
-  // S^T = K Q^T, P^T = exp(scale S^T - lse), dV = P^T dO, dP^T = V dO^T, dS^T = scale P^T (dP^T - delta),
-  // dK = dS^T Q. One query block at a time (ld = bs): S^T repeats the forward's products (the same
-  // exactly rounded terms summed in the same order), so that P is exactly 1 where the forward's softmax
-  // saturated on one key.
-  const auto grad_kv_item = [&](int64_t item, accum_t* scratch) {
+  // The transposed operands of one head: Q^T and dO^T (dim x ld_q), K^T (dim x ld_k).
+  struct TransposedOperands {
+    const accum_t *q_t, *do_t, *k_t;
+    int64_t ld_q, ld_k;
+  };
+  const auto key_block_grads = [&](int64_t b, int64_t h, int64_t kb, const TransposedOperands& ops,
+                                   accum_t* scratch, const auto& dq_share, const auto& dq_shared) {
     accum_t* probs_t = scratch;
-    accum_t* dp_t = probs_t + bs * ld;
-    accum_t* acc_k = dp_t + bs * ld;
+    accum_t* dp_t = probs_t + bs * run_rows;
+    accum_t* acc_k = dp_t + bs * run_rows;
     accum_t* acc_v = acc_k + bs * dim;
-    const int64_t kb = item % p.key_blocks;
-    const int64_t h = (item / p.key_blocks) % p.heads;
-    const int64_t b = item / (p.key_blocks * p.heads);
     const int64_t c0 = kb * bs, cols = std::min(bs, p.key_len - c0);
     const accum_t* k_tile = k_heads(b, h, p.heads) + c0 * dim;
+    const accum_t* k_t_tile = ops.k_t + c0;
     const accum_t* v_tile = v_heads(b, h, p.heads) + c0 * dim;
-    const accum_t *q_head = q_heads(b, h, p.heads), *q_t_head = qt_heads(b, h, p.heads);
-    const accum_t *do_head = do_heads(b, h, p.heads), *do_t_head = dot_heads(b, h, p.heads);
+    const accum_t* q_head = q_heads(b, h, p.heads);
+    const accum_t* do_head = do_heads(b, h, p.heads);
     const int64_t head_row = (b * p.heads + h) * p.query_len;
     std::fill(acc_k, acc_k + 2 * bs * dim, accum_t(0));
     const int64_t lh = p.layout_head(h);
-    const int32_t* offsets = p.col_offsets + lh * p.col_offsets_stride;
     const int32_t* listing = p.row_indices + lh * p.row_indices_stride;
-    for (int64_t idx = offsets[kb]; idx < offsets[kb + 1]; ++idx) {
-      const int64_t qb = listing[idx];
-      if (p.causally_empty(qb, kb)) continue;
-      const int64_t r0 = qb * bs, rows = p.query_rows(qb);
-      tile_gemm(cols, rows, dim, k_tile, dim, q_t_head + r0, p.query_len, probs_t, bs, false);
-      mask_scores_transposed(p, probs_t, bs, rows, cols, b, r0, c0);
+    for_each_query_run(lh, kb, [&](int64_t idx, int64_t length) {
+      const int64_t qb = listing[idx], r0 = qb * bs, rows = std::min(length * bs, p.query_len - r0);
+      const int64_t ld = rows;
+      tile_gemm(cols, rows, dim, k_tile, dim, ops.q_t + r0, ops.ld_q, probs_t, ld, false);
+      mask_scores_transposed(p, probs_t, ld, rows, cols, b, r0, c0);
       for (int64_t j = 0; j < cols; ++j) {
-        scale_row(probs_t + j * bs, rows, scale);
-        exp_shifted(probs_t + j * bs, rows, lse_data + head_row + r0);
+        scale_row(probs_t + j * ld, rows, scale);
+        exp_shifted(probs_t + j * ld, rows, lse_data + head_row + r0);
       }
-      tile_gemm(cols, dim, rows, probs_t, bs, do_head + r0 * dim, dim, acc_v, dim, true);
-      tile_gemm(cols, rows, dim, v_tile, dim, do_t_head + r0, p.query_len, dp_t, bs, false);
+      tile_gemm(cols, dim, rows, probs_t, ld, do_head + r0 * dim, dim, acc_v, dim, true);
+      tile_gemm(cols, rows, dim, v_tile, dim, ops.do_t + r0, ops.ld_q, dp_t, ld, false);
       for (int64_t j = 0; j < cols; ++j) {
-        softmax_grad_row_transposed(probs_t + j * bs, dp_t + j * bs, rows, delta_data + head_row + r0, scale);
+        softmax_grad_row_transposed(probs_t + j * ld, dp_t + j * ld, rows, delta_data + head_row + r0, scale);
       }
-      tile_gemm(cols, dim, rows, dp_t, bs, q_head + r0 * dim, dim, acc_k, dim, true);
-    }
+      tile_gemm(cols, dim, rows, dp_t, ld, q_head + r0 * dim, dim, acc_k, dim, true);
+      // The run's share of dQ, transposed (dQ^T = K^T dS^T, dim x rows), so that dS^T needs no transposing.
+      accum_t* share_t = dq_share(idx);
+      tile_gemm(dim, rows, cols, k_t_tile, ops.ld_k, dp_t, ld, share_t, rows, false);
+      dq_shared(qb, rows);
+    });
     const int64_t first_key = (b * p.heads + h) * p.key_len + c0;
     store_rows(acc_k, grad_k_data + first_key * dim, cols * dim);
     store_rows(acc_v, grad_v_data + first_key * dim, cols * dim);
   };
 
-  // One queue for both, so that no thread waits between them; the dK/dV items (four tile products per
-  // pair of blocks, against three for dQ) go first. Scratch: probabilities and dP (bs x run * bs each),
-  // and the dK and dV (or dQ) accumulators.
-  const int64_t kv_items = p.batch * p.heads * p.key_blocks;
-  const int64_t scratch_size = 2 * bs * ld + 2 * bs * dim;
-  for_each_item<accum_t>(kv_items + p.batch * p.heads * p.query_blocks, scratch_size,
-                         [&](int64_t item, accum_t* scratch) {
-                           if (item < kv_items) {
-                             grad_kv_item(item, scratch);
-                           } else {
-                             grad_q_item(item - kv_items, scratch);
-                           }
-                         });
+  // dQ of a query block is the sum of its pairs' shares taken in one fixed order, key block by key block
+  // as the transposed CSR lists them, whichever way the work is split, so the result does not depend on
+  // the number of threads. With enough heads for every thread, one work item is a whole head: its key
+  // blocks in order, each share added at once to a dQ accumulator of the head, with the head's transposed
+  // operands (O(N D) scratch per thread, reused from head to head). With fewer heads than that, one work item is a key block: shares go to a buffer with a slot
+  // per listed pair (O(nnz_blocks bs D) memory, linear in N for a fixed block count), which a second pass
+  // sums per query block in the same order.
+  const int64_t heads_total = p.batch * p.heads;
+  if (heads_total >= 4 * static_cast<int64_t>(at::get_num_threads())) {
+    const int64_t ld_q = padded_ld(p.query_len), ld_k = padded_ld(p.key_len), head_len = p.query_len * dim;
+    for_each_item<accum_t>(heads_total, pair_scratch + run_rows * dim + dim * (3 * ld_q + ld_k),
+                           [&](int64_t item, accum_t* scratch) {
+      const int64_t h = item % p.heads, b = item / p.heads;
+      accum_t* share_t = scratch + pair_scratch;
+      accum_t* dq_t = share_t + run_rows * dim;  // dQ^T of the head, dim x ld_q
+      accum_t* q_t = dq_t + dim * ld_q;
+      accum_t* do_t = q_t + dim * ld_q;
+      accum_t* k_t = do_t + dim * ld_q;
+      transpose_tile(q_heads(b, h, p.heads), dim, p.query_len, dim, q_t, ld_q);
+      transpose_tile(do_heads(b, h, p.heads), dim, p.query_len, dim, do_t, ld_q);
+      transpose_tile(k_heads(b, h, p.heads), dim, p.key_len, dim, k_t, ld_k);
+      const TransposedOperands ops{q_t, do_t, k_t, ld_q, ld_k};
+      std::fill(dq_t, dq_t + dim * ld_q, accum_t(0));
+      const auto to_share = [&](int64_t) { return share_t; };
+      const auto add_share = [&](int64_t qb, int64_t rows) {
+        for (int64_t d = 0; d < dim; ++d) add_rows(share_t + d * rows, dq_t + d * ld_q + qb * bs, rows);
+      };
+      for (int64_t kb = 0; kb < p.key_blocks; ++kb) key_block_grads(b, h, kb, ops, scratch, to_share, add_share);
+      for (int64_t qb = 0; qb < p.query_blocks; ++qb) {
+        const int64_t rows = p.query_rows(qb);
+        transpose_tile(dq_t + qb * bs, ld_q, dim, rows, share_t, dim);
+        store_rows(share_t, grad_q_data + item * head_len + qb * bs * dim, rows * dim);
+      }
+    });
+    return;
+  }
+
+  // A run of length L starting at position idx writes its share, dim x (rows of the run), over the slots of
+  // positions idx .. idx + L - 1.
+  const int64_t capacity = p.row_indices_stride, share_size = bs * dim;
+  at::Tensor shares = at::empty({heads_total * capacity * share_size}, lse.options());
+  accum_t* shares_data = shares.data_ptr<accum_t>();
+  const auto qt_heads = TransposedHeads<accum_t>::template of<scalar_t>(q);
+  const auto kt_heads = TransposedHeads<accum_t>::template of<scalar_t>(k);
+  const auto dot_heads = TransposedHeads<accum_t>::template of<scalar_t>(grad_out);
+  for_each_item<accum_t>(heads_total * p.key_blocks, pair_scratch, [&](int64_t item, accum_t* scratch) {
+    const int64_t kb = item % p.key_blocks, h = (item / p.key_blocks) % p.heads;
+    const int64_t b = item / (p.key_blocks * p.heads);
+    accum_t* head_shares = shares_data + (b * p.heads + h) * capacity * share_size;
+    const auto to_slot = [&](int64_t idx) { return head_shares + idx * share_size; };
+    const auto nothing = [](int64_t, int64_t) {};
+    const TransposedOperands ops{qt_heads(b, h, p.heads), dot_heads(b, h, p.heads), kt_heads(b, h, p.heads),
+                                 qt_heads.ld, kt_heads.ld};
+    key_block_grads(b, h, kb, ops, scratch, to_slot, nothing);
+  });
+
+  // For each layout head: the positions of the transposed CSR grouped by query block, in position order,
+  // and where each position's share lies: the first position of its run (-1 where the pair is causally
+  // empty), the run's number of rows and the position's first column in it.
+  std::vector<int64_t> group_offsets(p.layout_heads * (p.query_blocks + 1), 0);
+  std::vector<int64_t> group_positions(p.layout_heads * capacity);
+  std::vector<int64_t> run_first(p.layout_heads * capacity, -1), run_width(p.layout_heads * capacity),
+      run_column(p.layout_heads * capacity);
+  for (int64_t lh = 0; lh < p.layout_heads; ++lh) {
+    const int32_t* offsets = p.col_offsets + lh * p.col_offsets_stride;
+    const int32_t* listing = p.row_indices + lh * p.row_indices_stride;
+    int64_t* group = group_offsets.data() + lh * (p.query_blocks + 1);
+    const int64_t base = lh * capacity;
+    for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
+      for (int64_t idx = offsets[kb]; idx < offsets[kb + 1]; ++idx) ++group[listing[idx] + 1];
+      for_each_query_run(lh, kb, [&](int64_t idx, int64_t length) {
+        const int64_t width = std::min(length * bs, p.query_len - listing[idx] * bs);
+        for (int64_t l = 0; l < length; ++l) {
+          run_first[base + idx + l] = idx;
+          run_width[base + idx + l] = width;
+          run_column[base + idx + l] = l * bs;
+        }
+      });
+    }
+    for (int64_t qb = 0; qb < p.query_blocks; ++qb) group[qb + 1] += group[qb];
+    std::vector<int64_t> filled(group, group + p.query_blocks);
+    for (int64_t idx = 0; idx < offsets[p.key_blocks]; ++idx) group_positions[base + filled[listing[idx]]++] = idx;
+  }
+  for_each_item<accum_t>(heads_total * p.query_blocks, 2 * share_size, [&](int64_t item, accum_t* scratch) {
+    const int64_t qb = item % p.query_blocks, h = (item / p.query_blocks) % p.heads;
+    const int64_t b = item / (p.query_blocks * p.heads);
+    const int64_t lh = p.layout_head(h), rows = p.query_rows(qb), base = lh * capacity;
+    const accum_t* head_shares = shares_data + (b * p.heads + h) * capacity * share_size;
+    const int64_t* group = group_offsets.data() + lh * (p.query_blocks + 1);
+    accum_t* acc_t = scratch;  // dQ^T of the block, dim x bs
+    accum_t* acc = acc_t + share_size;
+    std::fill(acc_t, acc_t + share_size, accum_t(0));
+    for (int64_t g = group[qb]; g < group[qb + 1]; ++g) {
+      const int64_t idx = group_positions[base + g];
+      if (run_first[base + idx] < 0) continue;
+      const accum_t* share_t = head_shares + run_first[base + idx] * share_size + run_column[base + idx];
+      const int64_t width = run_width[base + idx];
+      for (int64_t d = 0; d < dim; ++d) add_rows(share_t + d * width, acc_t + d * bs, rows);
+    }
+    transpose_tile(acc_t, bs, dim, rows, acc, dim);
+    store_rows(acc, grad_q_data + ((b * p.heads + h) * p.query_len + qb * bs) * dim, rows * dim);
+  });
 }
 
 // Offsets start at 0, never decrease and stay within the indices; indices lie in [0, index_bound).
