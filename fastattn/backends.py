@@ -89,9 +89,11 @@ def _no_reasons(mechanism: str, q: Tensor, options: dict) -> list[str]:
 
 
 def _cuda_reasons(mechanism: str, q: Tensor, options: dict) -> list[str]:
-    if mechanism != "block_sparse":
-        return []
     reasons = []
+    if "cuda" not in importlib.import_module("fastattn._C").compiled_backends:
+        reasons.append("fastattn._C was built without its CUDA kernels (torch without CUDA, or no nvcc, at build time)")
+    if mechanism != "block_sparse":
+        return reasons
     block_size = options.get("block_size")
     if block_size not in (32, 64, 128):
         reasons.append(f"block_size must be 32, 64 or 128, got {block_size}")

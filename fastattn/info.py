@@ -44,10 +44,16 @@ def report() -> str:
         q = torch.empty(1, 1, 1, 64, device=device, dtype=_SAMPLE_DTYPES[device])
         for mechanism in backends.MECHANISMS:
             lines.append(f"  {mechanism} on {device} ({str(q.dtype).replace('torch.', '')}):")
+            options = dict(block_size=64, causal=False, kernel="softmax")
             for name, backend in backends.BACKENDS.items():
-                reasons = backend.not_supported_reasons(mechanism, q, block_size=64, causal=False, kernel="softmax")
+                reasons = backend.not_supported_reasons(mechanism, q, **options)
                 verdict = "yes" if not reasons else "no: " + "; ".join(reasons)
                 lines.append(f"    {name:10s}{verdict}")
+            try:
+                chosen = backends.select(mechanism, q, **options).name
+            except backends.BackendNotSupportedError:
+                chosen = "none"
+            lines.append(f"    -> chosen automatically: {chosen}")
     return "\n".join(lines)
 
 
