@@ -21,7 +21,6 @@ an autograd formula, so ``torch.compile(fullgraph=True)`` keeps them in the grap
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -29,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..layout import BlockLayout
+from ..ops.common import accumulation_dtype, new_output
 
 __all__ = ["block_sparse_attention", "SUPPORTED_BLOCK_SIZES", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
 
@@ -293,13 +293,6 @@ def block_sparse_bwd_kernel_dq(
     tl.store(p_dq, (b_dq * scale).to(dq.dtype.element_ty), mask=m_m[:, None])
 
 
-def _new_output(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Contiguous output; filled with NaN under FASTATTN_POISON_OUTPUTS=1 so an unwritten tile fails tests."""
-    if os.environ.get("FASTATTN_POISON_OUTPUTS") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _tiles(kernel: str, block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
     """BM x BN tiles (each dividing block_size) and launch options of one kernel, sized for an H100.
 
@@ -330,11 +323,6 @@ def _tiles(kernel: str, block_size: int, head_dim: int, dtype: torch.dtype) -> d
 def _dot_precision(dtype: torch.dtype) -> str:
     # TF32 would round float32 inputs to 10 mantissa bits: far outside the float32 tolerance.
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the running sums, lse and D: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -400,8 +388,8 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
     """Output (B, H, Nq, D) and log-sum-exp (B, H, Nq), float32 (float64 for float64 inputs), +inf where a row sees no key."""
     _check_arguments(q, k, v, row_offsets, col_indices, col_offsets, block_size, causal, key_padding_mask)
     batch, heads, query_len, head_dim = q.shape
-    out = _new_output(q.shape, q.dtype, q.device)
-    lse = _new_output((batch, heads, query_len), _accumulator_dtype(q.dtype), q.device)
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((batch, heads, query_len), accumulation_dtype(q.dtype), q.device)
     padding, stride_pad_b = _padding_arguments(key_padding_mask, q)
     tiles = _tiles("fwd", block_size, head_dim, q.dtype)
     block_sparse_fwd_kernel[(triton.cdiv(query_len, tiles["BM"]), batch * heads)](
@@ -410,7 +398,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
         _csr_head_stride(row_offsets), _csr_head_stride(col_indices), stride_pad_b,
         heads, query_len, k.shape[2], scale * LOG2E,
         CAUSAL=causal, HAS_PADDING=key_padding_mask is not None, DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK=block_size, D=head_dim, ACC=_TRITON_DTYPES[_accumulator_dtype(q.dtype)], **tiles,
+        BLOCK=block_size, D=head_dim, ACC=_TRITON_DTYPES[accumulation_dtype(q.dtype)], **tiles,
     )
     return out, lse
 
@@ -418,7 +406,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
 @block_sparse_fwd.register_fake
 def _block_sparse_fwd_fake(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, causal,
                            key_padding_mask, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_accumulator_dtype(q.dtype))
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op("fastattn::triton_block_sparse_bwd", mutates_args=())
@@ -432,14 +420,14 @@ def block_sparse_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     out = out if out.stride(-1) == 1 else out.contiguous()
     batch, heads, query_len, head_dim = q.shape
     key_len = k.shape[2]
-    grad_q = _new_output(q.shape, q.dtype, q.device)
-    grad_k = _new_output(k.shape, k.dtype, k.device)
-    grad_v = _new_output(v.shape, v.dtype, v.device)
-    delta = torch.empty((batch, heads, query_len), dtype=_accumulator_dtype(q.dtype), device=q.device)
+    grad_q = new_output(q.shape, q.dtype, q.device)
+    grad_k = new_output(k.shape, k.dtype, k.device)
+    grad_v = new_output(v.shape, v.dtype, v.device)
+    delta = torch.empty((batch, heads, query_len), dtype=accumulation_dtype(q.dtype), device=q.device)
     lse = lse.contiguous()
     padding, stride_pad_b = _padding_arguments(key_padding_mask, q)
     flags = dict(CAUSAL=causal, HAS_PADDING=key_padding_mask is not None, DOT_PRECISION=_dot_precision(q.dtype),
-                 BLOCK=block_size, D=head_dim, ACC=_TRITON_DTYPES[_accumulator_dtype(q.dtype)])
+                 BLOCK=block_size, D=head_dim, ACC=_TRITON_DTYPES[accumulation_dtype(q.dtype)])
     dkdv_tiles, dq_tiles = (_tiles(kernel, block_size, head_dim, q.dtype) for kernel in ("dkdv", "dq"))
 
     block_sparse_bwd_preprocess_kernel[(triton.cdiv(query_len, dq_tiles["BM"]), batch * heads)](

@@ -5,16 +5,13 @@ import torch
 from torch import Tensor
 
 from ..layout import BlockLayout
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .common import accumulation_dtype
 
 
 @torch.library.register_fake("fastattn::block_sparse_fwd")
 def _block_sparse_fwd_fake(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, causal,
                            key_padding_mask, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 
 @torch.library.register_fake("fastattn::block_sparse_bwd")

@@ -4,14 +4,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .common import accumulation_dtype
 
 
 @torch.library.register_fake("fastattn::linformer_fwd")
 def _linformer_fwd_fake(q, k, v, proj_k, proj_v, key_padding_mask, scale):
-    accumulation = _accumulation_dtype(q.dtype)
+    accumulation = accumulation_dtype(q.dtype)
     projected_shape = (q.shape[0], q.shape[1], proj_k.shape[-2], q.shape[3])
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),

@@ -4,14 +4,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .common import accumulation_dtype
 
 
 @torch.library.register_fake("fastattn::performer_fwd")
 def _performer_fwd_fake(q, k, v, projection, kernel, causal, key_padding_mask, scale):
-    accumulation = _accumulation_dtype(q.dtype)
+    accumulation = accumulation_dtype(q.dtype)
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         q.new_empty(q.shape[:3], dtype=accumulation),
