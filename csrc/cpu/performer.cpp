@@ -443,10 +443,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> performer_fwd(
 
 // Non-causal backward. Queries: dphi_q = [dnum | dden] state^T and d state = sum phi_q^T [dnum | dden]
 // (split over query tiles, then added). Keys: dv = phi_k d_num_state, dphi_k = [V | 1] d state^T.
+// state_t_ptr: the saved state transposed per head ((D + 1) x m).
 template <typename scalar_t>
 void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const scalar_t* out_ptr, const HeadView& ov,
                      const HeadView& gov, const at::opmath_type<scalar_t>* norm_ptr,
-                     const at::opmath_type<scalar_t>* stab_ptr, const at::opmath_type<scalar_t>* state_ptr,
+                     const at::opmath_type<scalar_t>* stab_ptr, const at::opmath_type<scalar_t>* state_t_ptr,
                      at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh_count = p.batch * p.heads;
@@ -464,7 +465,7 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / splits, b = bh / p.heads, h = bh % p.heads;
       const auto map = p.feature_map(h);
-      const T* head_state = state_ptr + bh * m * (dim + 1);
+      const T* head_state_t = state_t_ptr + bh * m * (dim + 1);
       T* grad_state = partial_ptr + task * m * (dim + 1);
       std::fill(grad_state, grad_state + m * (dim + 1), T(0));
       const int64_t first_tile = (task % splits) * tiles_per_split;
@@ -474,8 +475,8 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
         query_features(p, map, b, h, start, n, w);
         output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
                      ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
-        tile_product(false, true, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state, dim + 1, false,
-                     w.dphi.data(), m);
+        tile_product(false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false, w.dphi.data(),
+                     m);
         tile_product(true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, true, grad_state,
                      dim + 1);
         map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.dx.data());
@@ -485,7 +486,8 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
     release_products<T>();
   });
   const at::Tensor grad_state_all = partial.sum(1);
-  const T* gs_ptr = grad_state_all.data_ptr<T>();
+  const at::Tensor grad_state_t_all = grad_state_all.transpose(-1, -2).contiguous();
+  const T *gs_ptr = grad_state_all.data_ptr<T>(), *gs_t_ptr = grad_state_t_all.data_ptr<T>();
 
   const int64_t key_tiles = ceil_div(p.key_len, kTile);
   cpu::parallel_tasks(bh_count * key_tiles, [&](const auto& claim) {
@@ -501,7 +503,7 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
                             w.values.data());
       tile_product(false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, false, w.dx.data(), dim);
       cpu::store_rows(w.dx.data(), n, dim, gv_ptr + gvv.offset(b, h) + start * gvv.row_stride, gvv.row_stride);
-      tile_product(false, true, n, m, dim + 1, T(1), w.values.data(), dim + 1, grad_state, dim + 1, false,
+      tile_product(false, false, n, m, dim + 1, T(1), w.values.data(), dim + 1, gs_t_ptr + bh * m * (dim + 1), m, false,
                    w.dphi.data(), m);
       map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, w.dx.data());
       cpu::store_rows(w.dx.data(), n, dim, gk_ptr + gkv.offset(b, h) + start * gkv.row_stride, gkv.row_stride);
@@ -652,7 +654,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const scalar_t *go_ptr = grad_out.data_ptr<scalar_t>(), *out_ptr = out.data_ptr<scalar_t>();
   const T *norm_ptr = norm_c.data_ptr<T>(), *stab_ptr = stab_c.data_ptr<T>();
   if (!causal) {
-    backward_global(p, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, state_c.data_ptr<T>(), grad_q, grad_k, grad_v);
+    // The state and its gradient transposed per head, so that every tile product is a plain one.
+    const at::Tensor state_t = state_c.transpose(-1, -2).contiguous();
+    backward_global(p, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, state_t.data_ptr<T>(), grad_q, grad_k, grad_v);
     return {grad_q, grad_k, grad_v};
   }
   const HeadView gqv(grad_q), gkv(grad_k), gvv(grad_v);
