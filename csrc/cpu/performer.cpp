@@ -38,6 +38,58 @@ using cpu::HeadView;
 
 constexpr int64_t kTile = 64;
 constexpr double kReluEpsilon = 1e-3;  // fastattn.reference.RELU_KERNEL_EPSILON
+constexpr int64_t kInnerChunk = 128;
+
+// Row-major C (m x n) = alpha op(A) op(B), added to C when `accumulate`. Float goes to cpu::product
+// (oneDNN's small-matrix kernels, several times faster than BLAS on these tiles) with transposed operands
+// copied into thread scratch; double (gradcheck) to BLAS. A product that is added goes through scratch
+// and is then summed into C: the kernels keep one running sum over their inner dimension, C included,
+// so adding a tile's product directly would make the sums over the sequence round like one long dot
+// product. A thread that ran float products calls release_products<T>() when its work is done.
+template <typename T>
+void tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                  int64_t lda, const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  if constexpr (!std::is_same_v<T, float>) {
+    gemm(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, T(accumulate ? 1 : 0), c, ldc);
+  } else {
+    thread_local std::vector<float> a_t, b_t, partial;
+    if (transpose_a) {
+      a_t.resize(m * k);
+      cpu::transpose(a, lda, k, m, 1.0f, a_t.data(), k);
+      a = a_t.data();
+      lda = k;
+    }
+    if (transpose_b) {
+      b_t.resize(k * n);
+      cpu::transpose(b, ldb, n, k, 1.0f, b_t.data(), n);
+      b = b_t.data();
+      ldb = n;
+    }
+    if (!accumulate && alpha == 1.0f && k <= kInnerChunk) {
+      cpu::product(m, n, k, a, lda, b, ldb, c, ldc, false);
+      return;
+    }
+    partial.resize(m * n);
+    for (int64_t first = 0; first < k; first += kInnerChunk) {
+      const int64_t depth = std::min(kInnerChunk, k - first);
+      cpu::product(m, n, depth, a + first, lda, b + first * ldb, ldb, partial.data(), n, false);
+      for (int64_t r = 0; r < m; ++r) {
+        float* row = c + r * ldc;
+        const float* add = partial.data() + r * n;
+        if (accumulate || first > 0) {
+          for (int64_t col = 0; col < n; ++col) row[col] += alpha * add[col];
+        } else {
+          for (int64_t col = 0; col < n; ++col) row[col] = alpha * add[col];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void release_products() {
+  if constexpr (std::is_same_v<T, float>) cpu::release_products();
+}
 
 bool is_softmax_kernel(std::string_view kernel) {
   TORCH_CHECK_VALUE(kernel == "softmax" || kernel == "relu", "kernel: expected 'softmax' or 'relu', got '", kernel,
@@ -59,7 +111,8 @@ void check_projection(const at::Tensor& projection, const at::Tensor& q) {
 // Feature map of one head: rows of x -> logits -> phi, and the way back from dphi to dx.
 template <typename T>
 struct FeatureMap {
-  const T* weights;  // (m, D)
+  const T* weights;    // (m, D)
+  const T* weights_t;  // (D, m), so that the logits are a plain product
   int64_t features, dim;
   T sqrt_scale;
   bool softmax;
@@ -68,7 +121,7 @@ struct FeatureMap {
   template <typename scalar_t>
   void logits(const scalar_t* src, int64_t row_stride, int64_t rows, T* x, T* logits, T* row_max) const {
     cpu::load_rows(src, row_stride, rows, dim, sqrt_scale, x);
-    gemm(false, true, rows, features, dim, T(1), x, dim, weights, dim, T(0), logits, features);
+    tile_product(false, false, rows, features, dim, T(1), x, dim, weights_t, features, false, logits, features);
     for (int64_t r = 0; r < rows; ++r) {
       if (!softmax) {
         row_max[r] = 0;
@@ -121,7 +174,7 @@ struct FeatureMap {
       }
     }
     // d logits / d x = W - x (softmax, from the -|x|^2/2) or W (relu); x carries sqrt(scale) once more.
-    gemm(false, false, rows, dim, features, sqrt_scale, dphi, features, weights, dim, T(0), dx, dim);
+    tile_product(false, false, rows, dim, features, sqrt_scale, dphi, features, weights, dim, false, dx, dim);
     if (!softmax) return;
     for (int64_t r = 0; r < rows; ++r) {
       const T factor = sqrt_scale * logit_sums[r];
@@ -188,6 +241,7 @@ struct Problem {
   const scalar_t *q, *k, *v;
   HeadView qv, kv, vv;
   const T* projection;
+  at::Tensor projection_t;
   int64_t projection_head_stride;
   const bool* mask;
 
@@ -196,12 +250,13 @@ struct Problem {
       : batch(q_.size(0)), heads(q_.size(1)), query_len(q_.size(2)), key_len(k_.size(2)), dim(q_.size(3)),
         features(projection_.size(-2)), softmax(softmax_), causal(causal_), sqrt_scale(T(std::sqrt(scale))),
         q(q_.data_ptr<scalar_t>()), k(k_.data_ptr<scalar_t>()), v(v_.data_ptr<scalar_t>()), qv(q_), kv(k_), vv(v_),
-        projection(projection_.data_ptr<T>()),
+        projection(projection_.data_ptr<T>()), projection_t(projection_.transpose(-1, -2).contiguous()),
         projection_head_stride(projection_.dim() == 3 ? features * dim : 0),
         mask(key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr) {}
 
   FeatureMap<T> feature_map(int64_t h) const {
-    return {projection + h * projection_head_stride, features, dim, sqrt_scale, softmax};
+    return {projection + h * projection_head_stride, projection_t.data_ptr<T>() + h * projection_head_stride,
+            features, dim, sqrt_scale, softmax};
   }
   bool padded(int64_t b, int64_t j) const { return mask != nullptr && mask[b * key_len + j]; }
 };
@@ -229,7 +284,8 @@ void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_
 // Scores of a causal chunk: scores[i][j] = phi_q_i . phi_k_j * exp(M_j - M_i) for j <= i, 0 above the diagonal.
 template <typename T>
 void causal_chunk_scores(const Workspace<T>& w, int64_t n, int64_t features, const T* stabiliser, T* scores) {
-  gemm(false, true, n, n, features, T(1), w.q_phi.data(), features, w.k_phi.data(), features, T(0), scores, n);
+  tile_product(false, true, n, n, features, T(1), w.q_phi.data(), features, w.k_phi.data(), features, false, scores,
+               n);
   for (int64_t i = 0; i < n; ++i) {
     T* row = scores + i * n;
     for (int64_t j = 0; j <= i; ++j) {
@@ -254,8 +310,8 @@ void add_keys_to_state(Workspace<T>& w, int64_t n, int64_t features, int64_t dim
     const T factor = cpu::exp_acc(w.k_stab[r] - next);
     for (int64_t f = 0; f < features; ++f) w.k_phi[r * features + f] *= factor;
   }
-  gemm(true, false, features, dim + 1, n, T(1), w.k_phi.data(), features, w.values.data(), dim + 1,
-       T(have_state ? 1 : 0), state, dim + 1);
+  tile_product(true, false, features, dim + 1, n, T(1), w.k_phi.data(), features, w.values.data(), dim + 1, have_state,
+               state, dim + 1);
 }
 
 template <typename scalar_t>
@@ -320,16 +376,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
           query_features(p, map, b, h, start, n, w);
           // Earlier chunks through the state, rescaled from its stabiliser to each query's.
           if (have_state) {
-            gemm(false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, head_state, dim + 1, T(0), w.numden.data(),
-                 dim + 1);
+            tile_product(false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, head_state, dim + 1, false,
+                         w.numden.data(), dim + 1);
             for (int64_t r = 0; r < n; ++r) {
               const T factor = cpu::exp_acc(std::min(current - w.k_stab[r], T(0)));
               for (int64_t c = 0; c <= dim; ++c) w.numden[r * (dim + 1) + c] *= factor;
             }
           }
           causal_chunk_scores(w, n, m, w.k_stab.data(), w.scores.data());
-          gemm(false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1,
-               T(have_state ? 1 : 0), w.numden.data(), dim + 1);
+          tile_product(false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1, have_state,
+                       w.numden.data(), dim + 1);
           write_outputs(w, bh, b, h, start, n, rows);
         }
         if (tile_has_keys) {
@@ -341,6 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       // Non-causal keys all use the final maximum, the constant the state now carries.
       if (!causal) std::fill(stab_ptr + bh * p.key_len, stab_ptr + (bh + 1) * p.key_len, current);
     }
+    release_products<T>();
   });
   if (causal) return {out, normaliser, key_stabiliser, state};
 
@@ -352,10 +409,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       const int64_t bh = task / query_tiles, b = bh / p.heads, h = bh % p.heads;
       const int64_t start = (task % query_tiles) * kTile, n = std::min(kTile, p.query_len - start);
       query_features(p, p.feature_map(h), b, h, start, n, w);
-      gemm(false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state_ptr + bh * m * (dim + 1), dim + 1, T(0),
-           w.numden.data(), dim + 1);
+      tile_product(false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state_ptr + bh * m * (dim + 1), dim + 1, false,
+                   w.numden.data(), dim + 1);
       write_outputs(w, bh, b, h, start, n, rows);
     }
+    release_products<T>();
   });
   return {out, normaliser, key_stabiliser, state};
 }
@@ -385,10 +443,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> performer_fwd(
 
 // Non-causal backward. Queries: dphi_q = [dnum | dden] state^T and d state = sum phi_q^T [dnum | dden]
 // (split over query tiles, then added). Keys: dv = phi_k d_num_state, dphi_k = [V | 1] d state^T.
+// state_t_ptr: the saved state transposed per head ((D + 1) x m).
 template <typename scalar_t>
 void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const scalar_t* out_ptr, const HeadView& ov,
                      const HeadView& gov, const at::opmath_type<scalar_t>* norm_ptr,
-                     const at::opmath_type<scalar_t>* stab_ptr, const at::opmath_type<scalar_t>* state_ptr,
+                     const at::opmath_type<scalar_t>* stab_ptr, const at::opmath_type<scalar_t>* state_t_ptr,
                      at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh_count = p.batch * p.heads;
@@ -406,7 +465,7 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / splits, b = bh / p.heads, h = bh % p.heads;
       const auto map = p.feature_map(h);
-      const T* head_state = state_ptr + bh * m * (dim + 1);
+      const T* head_state_t = state_t_ptr + bh * m * (dim + 1);
       T* grad_state = partial_ptr + task * m * (dim + 1);
       std::fill(grad_state, grad_state + m * (dim + 1), T(0));
       const int64_t first_tile = (task % splits) * tiles_per_split;
@@ -416,15 +475,19 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
         query_features(p, map, b, h, start, n, w);
         output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
                      ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
-        gemm(false, true, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state, dim + 1, T(0), w.dphi.data(), m);
-        gemm(true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, T(1), grad_state, dim + 1);
+        tile_product(false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false, w.dphi.data(),
+                     m);
+        tile_product(true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, true, grad_state,
+                     dim + 1);
         map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.dx.data());
         cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
       }
     }
+    release_products<T>();
   });
   const at::Tensor grad_state_all = partial.sum(1);
-  const T* gs_ptr = grad_state_all.data_ptr<T>();
+  const at::Tensor grad_state_t_all = grad_state_all.transpose(-1, -2).contiguous();
+  const T *gs_ptr = grad_state_all.data_ptr<T>(), *gs_t_ptr = grad_state_t_all.data_ptr<T>();
 
   const int64_t key_tiles = ceil_div(p.key_len, kTile);
   cpu::parallel_tasks(bh_count * key_tiles, [&](const auto& claim) {
@@ -438,12 +501,14 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
       map.phi(w.k_logits.data(), n, stab_ptr + bh * p.key_len + start, w.k_dropped, w.k_phi.data());
       load_values_with_ones(p.v + p.vv.offset(b, h) + start * p.vv.row_stride, p.vv.row_stride, n, dim,
                             w.values.data());
-      gemm(false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, T(0), w.dx.data(), dim);
+      tile_product(false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, false, w.dx.data(), dim);
       cpu::store_rows(w.dx.data(), n, dim, gv_ptr + gvv.offset(b, h) + start * gvv.row_stride, gvv.row_stride);
-      gemm(false, true, n, m, dim + 1, T(1), w.values.data(), dim + 1, grad_state, dim + 1, T(0), w.dphi.data(), m);
+      tile_product(false, false, n, m, dim + 1, T(1), w.values.data(), dim + 1, gs_t_ptr + bh * m * (dim + 1), m, false,
+                   w.dphi.data(), m);
       map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, w.dx.data());
       cpu::store_rows(w.dx.data(), n, dim, gk_ptr + gkv.offset(b, h) + start * gkv.row_stride, gkv.row_stride);
     }
+    release_products<T>();
   });
 }
 
@@ -470,20 +535,22 @@ void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, c
                  ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
     // dphi_q = exp(M_state - M_i) [dnum | dden] state^T + (G o E) phi_k, with G = [dnum | dden] [V | 1]^T.
     if (have_state) {
-      gemm(false, true, n, m, dim + 1, T(1), w.grads.data(), dim + 1, state.data(), dim + 1, T(0), w.dphi.data(), m);
+      tile_product(false, true, n, m, dim + 1, T(1), w.grads.data(), dim + 1, state.data(), dim + 1, false,
+                   w.dphi.data(), m);
       for (int64_t r = 0; r < n; ++r) {
         const T factor = w.q_dropped[r] ? T(0) : cpu::exp_acc(std::min(current - w.k_stab[r], T(0)));
         for (int64_t f = 0; f < m; ++f) w.dphi[r * m + f] *= factor;
       }
     }
-    gemm(false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, T(0), w.dscores.data(), n);
+    tile_product(false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, false,
+                 w.dscores.data(), n);
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = 0; j < n; ++j) {
         const T gap = w.k_stab[j] - w.k_stab[i];
         w.dscores[i * n + j] = j <= i ? w.dscores[i * n + j] * cpu::exp_acc(gap < 0 ? gap : T(0)) : T(0);
       }
     }
-    gemm(false, false, n, m, n, T(1), w.dscores.data(), n, w.k_phi.data(), m, T(have_state ? 1 : 0), w.dphi.data(), m);
+    tile_product(false, false, n, m, n, T(1), w.dscores.data(), n, w.k_phi.data(), m, have_state, w.dphi.data(), m);
     map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.dx.data());
     cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
     const bool tile_has_keys = std::any_of(w.k_dropped, w.k_dropped + n, [](bool d) { return !d; }) || have_state;
@@ -522,8 +589,9 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
                  ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
     // Later chunks: dv_j = exp(M_j - M_ref) phi_k_j R_num, dphi_k_j = exp(M_j - M_ref) R [v_j | 1].
     if (have_suffix) {
-      gemm(false, false, n, dim, m, T(1), w.k_phi.data(), m, suffix.data(), dim + 1, T(0), dv.data(), dim);
-      gemm(false, true, n, m, dim + 1, T(1), w.values.data(), dim + 1, suffix.data(), dim + 1, T(0), w.dphi.data(), m);
+      tile_product(false, false, n, dim, m, T(1), w.k_phi.data(), m, suffix.data(), dim + 1, false, dv.data(), dim);
+      tile_product(false, true, n, m, dim + 1, T(1), w.values.data(), dim + 1, suffix.data(), dim + 1, false,
+                   w.dphi.data(), m);
       for (int64_t r = 0; r < n; ++r) {
         const T factor = w.k_dropped[r] ? T(0) : cpu::exp_acc(std::min(w.k_stab[r] - reference, T(0)));
         for (int64_t c = 0; c < dim; ++c) dv[r * dim + c] *= factor;
@@ -532,16 +600,17 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
     }
     // This chunk: dv += S^T dnum and dphi_k += (G o E)^T phi_q, S the chunk's scores.
     causal_chunk_scores(w, n, m, w.k_stab.data(), w.scores.data());
-    gemm(true, false, n, dim, n, T(1), w.scores.data(), n, w.grads.data(), dim + 1, T(have_suffix ? 1 : 0), dv.data(),
-         dim);
-    gemm(false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, T(0), w.dscores.data(), n);
+    tile_product(true, false, n, dim, n, T(1), w.scores.data(), n, w.grads.data(), dim + 1, have_suffix, dv.data(),
+                 dim);
+    tile_product(false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, false,
+                 w.dscores.data(), n);
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = 0; j < n; ++j) {
         const T gap = w.k_stab[j] - w.k_stab[i];
         w.dscores[i * n + j] = j <= i ? w.dscores[i * n + j] * cpu::exp_acc(gap < 0 ? gap : T(0)) : T(0);
       }
     }
-    gemm(true, false, n, m, n, T(1), w.dscores.data(), n, w.q_phi.data(), m, T(have_suffix ? 1 : 0), w.dphi.data(), m);
+    tile_product(true, false, n, m, n, T(1), w.dscores.data(), n, w.q_phi.data(), m, have_suffix, w.dphi.data(), m);
     for (int64_t r = 0; r < n; ++r) {
       if (w.k_dropped[r]) std::fill(dv.begin() + r * dim, dv.begin() + (r + 1) * dim, T(0));
     }
@@ -562,8 +631,8 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
       const T factor = w.q_dropped[r] ? T(0) : cpu::exp_acc(std::min(next - w.k_stab[r], T(0)));
       for (int64_t f = 0; f < m; ++f) w.q_phi[r * m + f] *= factor;
     }
-    gemm(true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, T(have_suffix ? 1 : 0),
-         suffix.data(), dim + 1);
+    tile_product(true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, have_suffix,
+                 suffix.data(), dim + 1);
     have_suffix = true;
     reference = next;
   }
@@ -585,7 +654,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const scalar_t *go_ptr = grad_out.data_ptr<scalar_t>(), *out_ptr = out.data_ptr<scalar_t>();
   const T *norm_ptr = norm_c.data_ptr<T>(), *stab_ptr = stab_c.data_ptr<T>();
   if (!causal) {
-    backward_global(p, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, state_c.data_ptr<T>(), grad_q, grad_k, grad_v);
+    // The state and its gradient transposed per head, so that every tile product is a plain one.
+    const at::Tensor state_t = state_c.transpose(-1, -2).contiguous();
+    backward_global(p, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, state_t.data_ptr<T>(), grad_q, grad_k, grad_v);
     return {grad_q, grad_k, grad_v};
   }
   const HeadView gqv(grad_q), gkv(grad_k), gvv(grad_v);
@@ -605,6 +676,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
                              running);
       }
     }
+    release_products<T>();
   });
   return {grad_q, grad_k, grad_v};
 }
