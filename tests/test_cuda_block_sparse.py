@@ -18,26 +18,9 @@ import fastattn
 from fastattn import backends
 from fastattn.reference import block_sparse_attention as reference_block_sparse
 from fastattn.testing import check_against_reference
-from tests.utils import describe_case
+from tests.utils import block_sparse_case_id, random_block_layout, random_padding
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _layout(heads: int, query_len: int, key_len: int, block_size: int, per_head: bool, seed: int):
-    """A random layout that lists each diagonal block (so causal rows see a key) and a third of the rest."""
-    generator = torch.Generator().manual_seed(seed)
-    query_blocks, key_blocks = -(-query_len // block_size), -(-key_len // block_size)
-    mask = torch.rand(heads if per_head else 1, query_blocks, key_blocks, generator=generator) < 0.35
-    diagonal = torch.arange(min(query_blocks, key_blocks))
-    mask[:, diagonal, diagonal] = True
-    return fastattn.BlockLayout.from_dense(mask, block_size)
-
-
-def _padding(batch: int, key_len: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed + 1)
-    mask = torch.rand(batch, key_len, generator=generator) < 0.2
-    mask[0, key_len // 2:] = True  # a long padded tail, whole key tiles of padding included
-    return mask
 
 
 def _on_gpu(fn):
@@ -48,8 +31,8 @@ def _on_gpu(fn):
 
 
 def _check(batch, heads, query_len, key_len, head_dim, block_size, dtype, causal, padded, per_head, seed=0):
-    layout = _layout(heads, query_len, key_len, block_size, per_head, seed)
-    padding = _padding(batch, key_len, seed) if padded else None
+    layout = random_block_layout(heads, query_len, key_len, block_size, per_head, seed)
+    padding = random_padding(batch, key_len, seed) if padded else None
     padding_gpu = None if padding is None else padding.cuda()
     generator = torch.Generator().manual_seed(seed)
     inputs = {
@@ -86,15 +69,8 @@ GPU_CASES = [
 ]
 
 
-def _case_id(case) -> str:
-    batch, heads, query_len, key_len, head_dim, block_size, dtype, causal, padded, per_head = case
-    lengths = {"N": query_len} if query_len == key_len else {"Nq": query_len, "Nk": key_len}
-    return describe_case(B=batch, H=heads, **lengths, D=head_dim, block=block_size, dtype=dtype, causal=causal,
-                         padded=padded, per_head=per_head)
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=[_case_id(case) for case in GPU_CASES])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[block_sparse_case_id(case) for case in GPU_CASES])
 def test_cuda_matches_reference(case):
     _check(*case)
 
@@ -103,7 +79,7 @@ def test_cuda_matches_reference(case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
 def test_cuda_rows_that_see_no_key_give_zeros_and_zero_gradients(dtype):
     batch, heads, length, head_dim, block_size = 2, 2, 160, 64, 32
-    layout = _layout(heads, length, length, block_size, True, seed=3)
+    layout = random_block_layout(heads, length, length, block_size, True, seed=3)
     padding = torch.zeros(batch, length, dtype=torch.bool, device="cuda")
     padding[1] = True
     q, k, v = (torch.randn(batch, heads, length, head_dim, device="cuda", dtype=dtype, requires_grad=True)
@@ -121,7 +97,7 @@ def test_cuda_rows_that_see_no_key_give_zeros_and_zero_gradients(dtype):
 
 @pytest.mark.gpu
 def test_cuda_accepts_strided_inputs():
-    layout = _layout(4, 192, 192, 64, True, seed=5)
+    layout = random_block_layout(4, 192, 192, 64, True, seed=5)
     packed = torch.randn(2, 192, 3, 4, 64, device="cuda", dtype=torch.float16)
     q, k, v = (packed[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, D) views, rows 3*4*64 apart
     out = fastattn.block_sparse_attention(q, k, v, layout, backend="cuda")
@@ -132,7 +108,7 @@ def test_cuda_accepts_strided_inputs():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
 def test_cuda_opcheck(dtype):
-    layout = _layout(2, 96, 96, 32, True, seed=7)
+    layout = random_block_layout(2, 96, 96, 32, True, seed=7)
     q, k, v = (torch.randn(1, 2, 96, 32, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     padding = torch.zeros(1, 96, dtype=torch.bool, device="cuda")
     padding[0, -5:] = True
@@ -142,7 +118,7 @@ def test_cuda_opcheck(dtype):
 
 @pytest.mark.gpu
 def test_cuda_rejects_unsupported_head_dim_with_a_clear_message():
-    layout = _layout(1, 64, 64, 64, False, seed=0)
+    layout = random_block_layout(1, 64, 64, 64, False, seed=0)
     q = torch.randn(1, 1, 64, 48, device="cuda", dtype=torch.float16)
     with pytest.raises(ValueError, match="head dim 32, 64 or 128"):
         torch.ops.fastattn.block_sparse_fwd(q, q, q, *layout.csr("cuda"), 64, False, None, 1.0)

@@ -19,9 +19,8 @@ import torch
 
 import fastattn
 from fastattn.reference import block_sparse_attention as reference_block_sparse
-from tests.test_cuda_block_sparse import _layout, _padding
 from fastattn.testing import check_against_reference
-from tests.utils import describe_case
+from tests.utils import block_sparse_case_id, random_block_layout, random_padding
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATION = ROOT / "tests" / "cuda_emulation"
@@ -108,18 +107,11 @@ CASES = [
 ]
 
 
-def _case_id(case) -> str:
-    batch, heads, query_len, key_len, head_dim, block_size, dtype, causal, padded, per_head = case
-    lengths = {"N": query_len} if query_len == key_len else {"Nq": query_len, "Nk": key_len}
-    return describe_case(B=batch, H=heads, **lengths, D=head_dim, block=block_size, dtype=dtype, causal=causal,
-                         padded=padded, per_head=per_head)
-
-
-@pytest.mark.parametrize("case", CASES, ids=[_case_id(case) for case in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[block_sparse_case_id(case) for case in CASES])
 def test_emulated_cuda_kernels_match_reference(library, case):
     batch, heads, query_len, key_len, head_dim, block_size, dtype, causal, padded, per_head = case
-    layout = _layout(heads, query_len, key_len, block_size, per_head, seed=1)
-    padding = _padding(batch, key_len, seed=1) if padded else None
+    layout = random_block_layout(heads, query_len, key_len, block_size, per_head, seed=1)
+    padding = random_padding(batch, key_len, seed=1) if padded else None
     scale = head_dim**-0.5
     generator = torch.Generator().manual_seed(1)
     inputs = {
@@ -138,7 +130,7 @@ def test_emulated_cuda_kernels_match_reference(library, case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
 def test_emulated_rows_that_see_no_key_give_zeros_and_zero_gradients(library, dtype):
     batch, heads, length, head_dim, block_size = 2, 1, 64, 32, 32
-    layout = _layout(heads, length, length, block_size, True, seed=2)
+    layout = random_block_layout(heads, length, length, block_size, True, seed=2)
     padding = torch.zeros(batch, length, dtype=torch.bool)
     padding[1] = True
     q, k, v = (torch.randn(batch, heads, length, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
