@@ -105,7 +105,6 @@ def timed_step(prepared: Prepared, mode: str) -> Callable[[], object]:
     grad_out = torch.randn_like(out)
     if mode == "bwd":
         return lambda: torch.autograd.grad(out, prepared.leaves, grad_out, retain_graph=True)
-    del out
     return lambda: torch.autograd.grad(prepared.run(), prepared.leaves, grad_out)
 
 

@@ -1,5 +1,5 @@
 """fastattn: fused block-sparse (BigBird), Linformer and Performer attention for PyTorch."""
-from . import backends, ops, reference
+from . import backends, ops, reference  # noqa: F401  (importing ops registers the compiled ops' autograd)
 from .backends import BackendNotSupportedError
 
 from .features import random_features
