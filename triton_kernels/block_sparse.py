@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..layout import BlockLayout
+from ..ops.block_sparse import backward_through, block_sparse_bwd_fake, block_sparse_fwd_fake, setup_context
 from ..ops.common import accumulation_dtype, new_output
 
 __all__ = ["block_sparse_attention", "SUPPORTED_BLOCK_SIZES", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
@@ -403,10 +404,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
     return out, lse
 
 
-@block_sparse_fwd.register_fake
-def _block_sparse_fwd_fake(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, causal,
-                           key_padding_mask, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
+block_sparse_fwd.register_fake(block_sparse_fwd_fake)
 
 
 @torch.library.custom_op("fastattn::triton_block_sparse_bwd", mutates_args=())
@@ -450,30 +448,8 @@ def block_sparse_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     return grad_q, grad_k, grad_v
 
 
-@block_sparse_bwd.register_fake
-def _block_sparse_bwd_fake(grad_out, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices,
-                           block_size, causal, key_padding_mask, scale):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, causal, key_padding_mask, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, key_padding_mask)
-    ctx.block_size, ctx.causal, ctx.scale = block_size, causal, scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices, key_padding_mask = ctx.saved_tensors
-    grad_q, grad_k, grad_v = block_sparse_bwd(
-        grad_out, q, k, v, out, lse, row_offsets, col_indices, col_offsets, row_indices,
-        ctx.block_size, ctx.causal, key_padding_mask, ctx.scale,
-    )
-    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None
-
-
-block_sparse_fwd.register_autograd(_backward, setup_context=_setup_context)
+block_sparse_bwd.register_fake(block_sparse_bwd_fake)
+block_sparse_fwd.register_autograd(backward_through(block_sparse_bwd), setup_context=setup_context)
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, *, causal: bool,
