@@ -21,6 +21,7 @@ an autograd formula, so ``torch.compile(fullgraph=True)`` keeps them in the grap
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import triton
@@ -40,7 +41,18 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 LOG2E = math.log2(math.e)
 LN2 = tl.constexpr(math.log(2.0))
-MAX_BATCH_HEADS = 65535
+# Programs are numbered on grid axis 0 (tile fastest, then batch * head), whose limit is 2^31 - 1; the
+# other axes stop at 65535.
+MAX_PROGRAMS = 2**31 - 1
+
+
+@triton.jit
+def _tile_and_batch_head(length, TILE: tl.constexpr):
+    """(tile, batch * head) of this program: axis 0 numbers both, tile fastest, so that programs that run
+    together share one head's keys and values in L2."""
+    i_prog = tl.program_id(0)
+    tiles = tl.cdiv(length, TILE)
+    return i_prog % tiles, i_prog // tiles
 
 
 @triton.jit
@@ -55,7 +67,7 @@ def block_sparse_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = _tile_and_batch_head(Nq, BM)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_qb = i_m * BM // BLOCK
 
@@ -131,7 +143,7 @@ def block_sparse_bwd_preprocess_kernel(
     H, Nq,
     BM: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    i_qb, i_bh = tl.program_id(0), tl.program_id(1)
+    i_qb, i_bh = _tile_and_batch_head(Nq, BM)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_m = i_qb * BM + tl.arange(0, BM)
     o_d = tl.arange(0, D)
@@ -158,7 +170,7 @@ def block_sparse_bwd_kernel_dkdv(
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, i_bh = _tile_and_batch_head(Nk, BN)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_kb = i_n * BN // BLOCK
 
@@ -236,7 +248,7 @@ def block_sparse_bwd_kernel_dq(
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = _tile_and_batch_head(Nq, BM)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_qb = i_m * BM // BLOCK
 
@@ -341,8 +353,82 @@ def _padding_arguments(key_padding_mask: Tensor | None, q: Tensor) -> tuple[Tens
     return mask, mask.stride(0)
 
 
+def _grid(length: int, tile: int, batch: int, heads: int) -> tuple[int]:
+    programs = triton.cdiv(length, tile) * batch * heads
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"q: expected at most {MAX_PROGRAMS} programs of {tile} rows, got "
+                         f"{triton.cdiv(length, tile)} tiles x B={batch} x H={heads}")
+    return (programs,)
+
+
+def _check_csr_shapes(offsets_name: str, offsets: Tensor, indices_name: str, indices: Tensor, heads: int,
+                      blocks: int, device: torch.device) -> None:
+    for name, t in ((offsets_name, offsets), (indices_name, indices)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name}: expected dtype int32, got {t.dtype}")
+        if t.dim() != 2 or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous 2-dim tensor, got shape {tuple(t.shape)} and strides "
+                             f"{t.stride()}")
+        if t.device != device:
+            raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    if offsets.shape[0] not in (1, heads) or offsets.shape[1] != blocks + 1:
+        raise ValueError(f"{offsets_name}: expected shape (1 or {heads}, {blocks + 1}) for {blocks} blocks, "
+                         f"got {tuple(offsets.shape)}")
+    if indices.shape[0] != offsets.shape[0]:
+        raise ValueError(f"{indices_name}: expected {offsets.shape[0]} heads (as {offsets_name}), "
+                         f"got {indices.shape[0]}")
+
+
+def _check_csr_values(offsets_name: str, offsets: Tensor, indices_name: str, indices: Tensor, bound: int) -> None:
+    """Offsets start at 0, never decrease and stay within the indices; listed indices lie in [0, bound)."""
+    offsets, indices = offsets.cpu(), indices.cpu()
+    capacity = indices.shape[1]
+    for head in range(offsets.shape[0]):
+        row = offsets[head]
+        if row[0] != 0:
+            raise ValueError(f"{offsets_name}: expected each head's offsets to start at 0, got {int(row[0])} "
+                             f"for head {head}")
+        steps = (row[1:] < row[:-1]).nonzero()
+        if len(steps):
+            i = int(steps[0])
+            raise ValueError(f"{offsets_name}: expected non-decreasing offsets, got {int(row[i])} then "
+                             f"{int(row[i + 1])} for head {head}")
+        listed = int(row[-1])
+        if listed > capacity:
+            raise ValueError(f"{offsets_name}: last offset {listed} of head {head} exceeds the {capacity} "
+                             f"entries of {indices_name}")
+        values = indices[head, :listed]
+        bad = ((values < 0) | (values >= bound)).nonzero()
+        if len(bad):
+            raise ValueError(f"{indices_name}: expected block indices in [0, {bound}), got "
+                             f"{int(values[int(bad[0])])} for head {head}")
+
+
+# Validating a layout's index values costs a copy to the host (a device sync), so it is done once per
+# set of CSR tensors and their versions (an in-place change bumps the version and revalidates).
+# Inference tensors keep no version: they are validated on every call.
+_VALIDATED_CSR: dict[tuple, tuple] = {}
+
+
+def _check_layout(row_offsets: Tensor, col_indices: Tensor, col_offsets: Tensor, row_indices: Tensor,
+                  query_blocks: int, key_blocks: int) -> None:
+    csr = (row_offsets, col_indices, col_offsets, row_indices)
+    cacheable = not any(t.is_inference() for t in csr)
+    key = tuple(id(t) for t in csr) + (query_blocks, key_blocks)
+    versions = tuple(t._version for t in csr) if cacheable else None
+    known = _VALIDATED_CSR.get(key)
+    if cacheable and known is not None and known[1] == versions and all(r() is t for r, t in zip(known[0], csr)):
+        return
+    _check_csr_values("row_offsets", row_offsets, "col_indices", col_indices, key_blocks)
+    _check_csr_values("col_offsets", col_offsets, "row_indices", row_indices, query_blocks)
+    if cacheable:
+        def forget(_, key=key):
+            _VALIDATED_CSR.pop(key, None)
+        _VALIDATED_CSR[key] = (tuple(weakref.ref(t, forget) for t in csr), versions)
+
+
 def _check_arguments(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_indices: Tensor, col_offsets: Tensor,
-                     block_size: int, causal: bool, key_padding_mask: Tensor | None) -> None:
+                     row_indices: Tensor, block_size: int, causal: bool, key_padding_mask: Tensor | None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"q, k, v: expected (B, H, N, D) with v shaped like k, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -351,9 +437,8 @@ def _check_arguments(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
                          f"got {tuple(k.shape)}")
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v: expected one dtype of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device == row_offsets.device == col_indices.device):
-        raise ValueError(f"q, k, v, layout: expected one device, got {q.device}, {k.device}, {v.device}, "
-                         f"{row_offsets.device}, {col_indices.device}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         raise ValueError(f"q, k, v: expected unit stride in the last dim, got strides {q.stride()}, "
                          f"{k.stride()}, {v.stride()}")
@@ -363,23 +448,17 @@ def _check_arguments(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
         raise ValueError(f"block_size: expected one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal: expected Nq == Nk, got Nq={q.shape[2]} and Nk={k.shape[2]}")
-    query_blocks = triton.cdiv(q.shape[2], block_size)
-    if row_offsets.dtype != torch.int32 or col_indices.dtype != torch.int32:
-        raise TypeError(f"row_offsets, col_indices: expected int32, got {row_offsets.dtype}, {col_indices.dtype}")
-    if row_offsets.dim() != 2 or row_offsets.shape[0] not in (1, q.shape[1]) or row_offsets.shape[1] != query_blocks + 1:
-        raise ValueError(f"row_offsets: expected shape (1 or {q.shape[1]}, {query_blocks + 1}), "
-                         f"got {tuple(row_offsets.shape)}")
-    key_blocks = triton.cdiv(k.shape[2], block_size)
-    if col_offsets.dim() != 2 or col_offsets.shape[0] != row_offsets.shape[0] or col_offsets.shape[1] != key_blocks + 1:
-        raise ValueError(f"col_offsets: expected shape ({row_offsets.shape[0]}, {key_blocks + 1}), "
-                         f"got {tuple(col_offsets.shape)}")
-    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
-        raise ValueError(f"q: expected B * H <= {MAX_BATCH_HEADS} (the second grid axis), "
-                         f"got {q.shape[0]} * {q.shape[1]}")
+    query_blocks, key_blocks = triton.cdiv(q.shape[2], block_size), triton.cdiv(k.shape[2], block_size)
+    _check_csr_shapes("row_offsets", row_offsets, "col_indices", col_indices, q.shape[1], query_blocks, q.device)
+    _check_csr_shapes("col_offsets", col_offsets, "row_indices", row_indices, q.shape[1], key_blocks, q.device)
+    if col_offsets.shape[0] != row_offsets.shape[0]:
+        raise ValueError(f"col_offsets: expected {row_offsets.shape[0]} heads (as row_offsets), "
+                         f"got {col_offsets.shape[0]}")
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.device != q.device
                                          or tuple(key_padding_mask.shape) != (q.shape[0], k.shape[2])):
         raise ValueError(f"key_padding_mask: expected bool of shape ({q.shape[0]}, {k.shape[2]}) on {q.device}, "
                          f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} on {key_padding_mask.device}")
+    _check_layout(row_offsets, col_indices, col_offsets, row_indices, query_blocks, key_blocks)
 
 
 @torch.library.custom_op("fastattn::triton_block_sparse_fwd", mutates_args=())
@@ -387,13 +466,14 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
                      col_offsets: Tensor, row_indices: Tensor, block_size: int, causal: bool,
                      key_padding_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     """Output (B, H, Nq, D) and log-sum-exp (B, H, Nq), float32 (float64 for float64 inputs), +inf where a row sees no key."""
-    _check_arguments(q, k, v, row_offsets, col_indices, col_offsets, block_size, causal, key_padding_mask)
+    _check_arguments(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, causal,
+                     key_padding_mask)
     batch, heads, query_len, head_dim = q.shape
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((batch, heads, query_len), accumulation_dtype(q.dtype), q.device)
     padding, stride_pad_b = _padding_arguments(key_padding_mask, q)
     tiles = _tiles("fwd", block_size, head_dim, q.dtype)
-    block_sparse_fwd_kernel[(triton.cdiv(query_len, tiles["BM"]), batch * heads)](
+    block_sparse_fwd_kernel[_grid(query_len, tiles["BM"], batch, heads)](
         q, k, v, out, lse, row_offsets, col_indices, padding,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         _csr_head_stride(row_offsets), _csr_head_stride(col_indices), stride_pad_b,
@@ -413,7 +493,8 @@ def block_sparse_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                      block_size: int, causal: bool, key_padding_mask: Tensor | None,
                      scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of q, k, v; deterministic (every gradient tile is written by one program, no atomics)."""
-    _check_arguments(q, k, v, row_offsets, col_indices, col_offsets, block_size, causal, key_padding_mask)
+    _check_arguments(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, causal,
+                     key_padding_mask)
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     out = out if out.stride(-1) == 1 else out.contiguous()
     batch, heads, query_len, head_dim = q.shape
@@ -428,18 +509,18 @@ def block_sparse_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                  BLOCK=block_size, D=head_dim, ACC=_TRITON_DTYPES[accumulation_dtype(q.dtype)])
     dkdv_tiles, dq_tiles = (_tiles(kernel, block_size, head_dim, q.dtype) for kernel in ("dkdv", "dq"))
 
-    block_sparse_bwd_preprocess_kernel[(triton.cdiv(query_len, dq_tiles["BM"]), batch * heads)](
+    block_sparse_bwd_preprocess_kernel[_grid(query_len, dq_tiles["BM"], batch, heads)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, query_len,
         BM=dq_tiles["BM"], D=head_dim, ACC=flags["ACC"],
     )
-    block_sparse_bwd_kernel_dkdv[(triton.cdiv(key_len, dkdv_tiles["BN"]), batch * heads)](
+    block_sparse_bwd_kernel_dkdv[_grid(key_len, dkdv_tiles["BN"], batch, heads)](
         q, k, v, grad_out, lse, delta, grad_k, grad_v, col_offsets, row_indices, padding,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
         *grad_k.stride()[:3], *grad_v.stride()[:3],
         _csr_head_stride(col_offsets), _csr_head_stride(row_indices), stride_pad_b,
         heads, query_len, key_len, scale, **flags, **dkdv_tiles,
     )
-    block_sparse_bwd_kernel_dq[(triton.cdiv(query_len, dq_tiles["BM"]), batch * heads)](
+    block_sparse_bwd_kernel_dq[_grid(query_len, dq_tiles["BM"], batch, heads)](
         q, k, v, grad_out, lse, delta, grad_q, row_offsets, col_indices, padding,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *grad_q.stride()[:3],
         _csr_head_stride(row_offsets), _csr_head_stride(col_indices), stride_pad_b,
