@@ -205,6 +205,28 @@ def test_rows_that_see_no_key_give_zeros_and_infinite_lse():
 
 
 @needs_triton_device
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_rows_that_see_one_key_get_exactly_zero_dq(dtype):
+    """A softmax over one key is 1 whatever the query: dq is exactly 0 (the float64 reference's too).
+
+    Causal row 0 sees key 0 only; in batch 1 every key but key 7 is padding. dS = P (dP - delta) with
+    P = 1 leaves the rounding of dP - delta (4.8e-7 in float32 before the fix).
+    """
+    layout = bigbird_layout(32, block_size=16, num_heads=1, num_random_blocks=0, causal=True)
+    generator = torch.Generator().manual_seed(11)
+    q, k, v, grad_out = (torch.randn(2, 2, 32, 32, generator=generator).to(DEVICE, dtype) for _ in range(4))
+    padding = torch.ones(2, 32, dtype=torch.bool, device=DEVICE)
+    padding[0] = False
+    padding[1, 7] = False
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = triton_block_sparse.block_sparse_attention(*leaves, layout, causal=True, key_padding_mask=padding, scale=0.3)
+    grad_q, = torch.autograd.grad(out, leaves[0], grad_out)
+    assert torch.equal(grad_q[0, :, 0], torch.zeros_like(grad_q[0, :, 0])), grad_q[0, :, 0].abs().max()
+    assert torch.equal(grad_q[1, :, 7:], torch.zeros_like(grad_q[1, :, 7:])), grad_q[1, :, 7:].abs().max()
+    assert grad_q[0, :, 1:].abs().min(dim=-1).values.gt(0).any()
+
+
+@needs_triton_device
 def test_opcheck_forward_and_backward_ops():
     layout = bigbird_layout(40, block_size=16, num_heads=2, num_random_blocks=1)
     q, k, v = (torch.randn(1, 2, 40, 32, device=DEVICE, requires_grad=True) for _ in range(3))

@@ -5,8 +5,8 @@ gives that block, read from the CSR index tensors inside the kernel, in tiles of
 dividing the block size; see ``_tiles``):
 
 - forward: one program per (query tile, batch * head) loops over its block's row of ``col_indices``
-  with an online softmax in registers (exp2 with log2(e) folded into the scale) and saves the output
-  and the natural log-sum-exp per row (+inf for a row that sees no key, whose output is 0);
+  with an online softmax in registers and saves the output and the natural log-sum-exp per row (+inf
+  for a row that sees no key, whose output is 0);
 - backward: a preprocess computes D = rowsum(dO * O); one program per (key tile, batch * head) loops
   over the transposed CSR (``col_offsets``/``row_indices``) for dK and dV, one program per (query
   tile, batch * head) loops over the CSR for dQ. Each gradient tile is written by exactly one
@@ -20,7 +20,6 @@ an autograd formula, so ``torch.compile(fullgraph=True)`` keeps them in the grap
 """
 from __future__ import annotations
 
-import math
 import weakref
 
 import torch
@@ -39,8 +38,6 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128)
 # float64 is for gradcheck (in the interpreter): it accumulates and saves lse in float64.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-LOG2E = math.log2(math.e)
-LN2 = tl.constexpr(math.log(2.0))
 # Programs are numbered on grid axis 0 (tile fastest, then batch * head), whose limit is 2^31 - 1; the
 # other axes stop at 65535.
 MAX_PROGRAMS = 2**31 - 1
@@ -63,7 +60,7 @@ def block_sparse_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_row_h, stride_col_h, stride_pad_b,
-    H, Nq, Nk, scale_log2,
+    H, Nq, Nk, scale,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -106,8 +103,10 @@ def block_sparse_fwd_kernel(
             b_k = tl.load(p_k_base + o_k64[:, None] * stride_kn + o_d[None, :], mask=m_k[:, None], other=0.0)
             b_v = tl.load(p_v_base + o_k64[:, None] * stride_vn + o_d[None, :], mask=m_k[:, None], other=0.0)
 
-            # [BM, D] @ [D, BN] -> [BM, BN], in log2 units
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale_log2
+            # [BM, D] @ [D, BN] -> [BM, BN]. Natural units, scaled as the backward scales: where the softmax
+            # saturates on one key, p = exp(s - max) = 1 and lse = max exactly, so that the backward
+            # recomputes p == 1 there and knows the row's gradient is 0 (see _softmax_grad).
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale
             m_s = m_k[None, :]
             if CAUSAL:
                 m_s = m_s & (o_m[:, None] >= o_k[None, :])
@@ -116,8 +115,8 @@ def block_sparse_fwd_kernel(
             b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
             # A row that has seen no key yet keeps a max of -inf; subtracting 0 keeps exp2 at 0, not NaN.
             b_m_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-            b_p = tl.exp2(b_s - b_m_shift[:, None])
-            b_alpha = tl.exp2(b_m - b_m_shift)
+            b_p = tl.exp(b_s - b_m_shift[:, None])
+            b_alpha = tl.exp(b_m - b_m_shift)
             b_l = b_l * b_alpha + tl.sum(b_p, 1)
             # [BM, BN] @ [BN, D] -> [BM, D]
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
@@ -125,14 +124,20 @@ def block_sparse_fwd_kernel(
 
     m_seen = b_l > 0
     b_o = b_acc / tl.where(m_seen, b_l, 1.0)[:, None]
-    # The natural-log lse lets the backward recompute p = exp(s * scale - lse) without converting lse
-    # back to log2 units: each conversion costs a rounding at the magnitude of lse, which shows in
-    # float32 gradients.
-    b_lse = tl.where(m_seen, b_m * LN2 + tl.log(tl.where(m_seen, b_l, 1.0)), float("inf"))
+    b_lse = tl.where(m_seen, b_m + tl.log(tl.where(m_seen, b_l, 1.0)), float("inf"))
 
     p_o = o + i_b * stride_ob + i_h * stride_oh + o_m.to(tl.int64)[:, None] * stride_on + o_d[None, :]
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None])
     tl.store(lse + i_bh.to(tl.int64) * Nq + o_m, b_lse, mask=m_m)
+
+
+@triton.jit
+def _softmax_grad(b_p, b_dp, b_delta):
+    """dS = P * (dP - delta). A probability of exactly 1 is a softmax saturated on one key (the only key
+    its row sees, or the others below half an ulp in total): its exact gradient is below the rounding
+    of dP - delta (two sums rounded apart), so it is 0, as the CPU kernel and the reference's own
+    cancellation give it."""
+    return tl.where(b_p == 1.0, 0.0, b_p * (b_dp - b_delta))
 
 
 @triton.jit
@@ -225,7 +230,7 @@ def block_sparse_bwd_kernel_dkdv(
             b_dv += tl.dot(b_pT.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
             # [BN, D] @ [D, BM] -> [BN, BM]
             b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
-            b_dsT = b_pT * (b_dpT - b_delta[None, :])
+            b_dsT = _softmax_grad(b_pT, b_dpT, b_delta[None, :])
             # [BN, BM] @ [BM, D] -> [BN, D]
             b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
 
@@ -298,7 +303,7 @@ def block_sparse_bwd_kernel_dq(
             b_p = tl.where(m_s, tl.exp(b_s - b_lse[:, None]), 0.0)
             # [BM, D] @ [D, BN] -> [BM, BN]
             b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
-            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_ds = _softmax_grad(b_p, b_dp, b_delta[:, None])
             # [BM, BN] @ [BN, D] -> [BM, D]
             b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
 
@@ -477,7 +482,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
         q, k, v, out, lse, row_offsets, col_indices, padding,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         _csr_head_stride(row_offsets), _csr_head_stride(col_indices), stride_pad_b,
-        heads, query_len, k.shape[2], scale * LOG2E,
+        heads, query_len, k.shape[2], scale,
         CAUSAL=causal, HAS_PADDING=key_padding_mask is not None, DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK=block_size, D=head_dim, ACC=_TRITON_DTYPES[accumulation_dtype(q.dtype)], **tiles,
     )
@@ -538,3 +543,33 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout,
     """Differentiable block-sparse attention through the Triton kernels (the "triton" backend's call)."""
     out, _ = block_sparse_fwd(q, k, v, *layout.csr(q.device), layout.block_size, causal, key_padding_mask, scale)
     return out
+
+
+def static_check_variants():
+    """Every launch the wrappers can make on a GPU, for ``scripts/gpu_static_check.py``.
+
+    One (label, launch, is_default) per block size x head dim x dtype x causal x padding: ``launch()``
+    runs the forward and backward wrappers on small CPU tensors whose sizes (B = H = 2, lengths of two
+    blocks, multiples of 16) specialise the kernels as real calls do; the checker records the launches.
+    Every variant is one the wrappers choose (``_tiles``), so all are default.
+    """
+    for block_size in SUPPORTED_BLOCK_SIZES:
+        layout = BlockLayout.from_dense(torch.ones(2, 2, 2, dtype=torch.bool), block_size)
+        for head_dim in SUPPORTED_HEAD_DIMS:
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for causal in (False, True):
+                    for padding in (False, True):
+                        label = (f"block{block_size}-D{head_dim}-{str(dtype).replace('torch.', '')}"
+                                 f"{'-causal' if causal else ''}{'-padding' if padding else ''}")
+                        yield label, _static_check_launch(layout, head_dim, dtype, causal, padding), True
+
+
+def _static_check_launch(layout: BlockLayout, head_dim: int, dtype: torch.dtype, causal: bool, padding: bool):
+    def launch():
+        length = 2 * layout.block_size
+        q = torch.zeros(2, 2, length, head_dim, dtype=dtype)
+        mask = torch.zeros(2, length, dtype=torch.bool) if padding else None
+        csr = layout.csr("cpu")
+        out, lse = block_sparse_fwd(q, q, q, *csr, layout.block_size, causal, mask, head_dim ** -0.5)
+        block_sparse_bwd(q, q, q, q, q, lse, *csr, layout.block_size, causal, mask, head_dim ** -0.5)
+    return launch
