@@ -49,8 +49,6 @@ def _bool_padding(key_padding_mask: Tensor | None, what: str) -> Tensor | None:
     """A bool key padding mask (True = pad) from torch's bool or additive float (-inf = pad) form."""
     if key_padding_mask is None or key_padding_mask.dtype == torch.bool:
         return key_padding_mask
-    if not key_padding_mask.is_floating_point():
-        raise TypeError(f"key_padding_mask: expected a bool or floating-point tensor, got dtype {key_padding_mask.dtype}")
     is_pad = torch.isneginf(key_padding_mask)
     if not torch.all(is_pad | (key_padding_mask == 0)):
         raise ValueError(
@@ -233,8 +231,14 @@ class MultiheadAttention(nn.Module):
                 nn.init.normal_(self.proj_v, std=std)
 
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention, attention: str = "full", **attention_options) -> "MultiheadAttention":
-        """The same layer (configuration and weights, on the same device and dtype) with ``attention``."""
+    def from_torch(cls, mha: nn.Module, attention: str = "full", **attention_options) -> "MultiheadAttention":
+        """The same layer (configuration and weights, on the same device and dtype) with ``attention``.
+
+        ``mha`` is a ``torch.nn.MultiheadAttention`` or a fastattn one (to switch mechanisms). Linformer's
+        learned projections are kept when both layers have them with the same shape; otherwise they are
+        dropped (leaving Linformer) or freshly initialised (entering it, or on a new shape), with a warning
+        when ``mha`` is a fastattn layer being re-targeted.
+        """
         if not isinstance(mha, (nn.MultiheadAttention, MultiheadAttention)):
             raise TypeError(f"mha: expected a torch.nn.MultiheadAttention, got {type(mha).__name__}")
         reference = mha.out_proj.weight
@@ -244,9 +248,23 @@ class MultiheadAttention(nn.Module):
             batch_first=mha.batch_first, device=reference.device, dtype=reference.dtype,
             attention=attention, **attention_options,
         )
-        missing, unexpected = module.load_state_dict(mha.state_dict(), strict=False)
-        extra = {"proj_k", "proj_v"} if attention == "linformer" else set()
-        if unexpected or set(missing) - extra:
+        state = mha.state_dict()
+        ours = module.state_dict()
+        projections = {name for name in ("proj_k", "proj_v") if name in state or name in ours}
+        kept = {name for name in projections if name in state and name in ours and state[name].shape == ours[name].shape}
+        dropped = sorted(name for name in projections - kept if name in state)
+        fresh = sorted(name for name in projections - kept if name in ours)
+        if isinstance(mha, MultiheadAttention) and (dropped or fresh):
+            warnings.warn(
+                f"fastattn.nn.MultiheadAttention.from_torch: {getattr(mha, 'attention', 'torch')} -> {attention} attention: "
+                + "; ".join(part for part in (
+                    f"drops the learned Linformer projections {dropped}" if dropped else "",
+                    f"initialises the Linformer projections {fresh} randomly" if fresh else "") if part),
+                stacklevel=2,
+            )
+        state = {name: value for name, value in state.items() if name not in dropped}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - set(fresh):
             raise ValueError(f"mha: state_dict does not match (missing {missing}, unexpected {unexpected})")
         module.train(mha.training)
         return module
@@ -318,6 +336,10 @@ class MultiheadAttention(nn.Module):
                 f"shapes {tuple(key.shape)} and {tuple(value.shape)} (batch first)"
             )
         key_len = key.shape[1]
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            # torch rejects other dtypes too: an integer mask would otherwise be added as a bias of 0 and 1
+            if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+                raise TypeError(f"{name}: expected a bool or floating-point tensor, got dtype {mask.dtype}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, key_len):
             raise ValueError(
                 f"key_padding_mask: expected shape (batch, key length) = ({batch}, {key_len}), got "
@@ -591,6 +613,8 @@ def _masked_softmax(scores: Tensor, allowed: Tensor) -> Tensor:
 def replace_attention(model: nn.Module, attention: str = "full", **attention_options) -> int:
     """Swap every ``torch.nn.MultiheadAttention`` inside ``model`` for :class:`MultiheadAttention`.
 
+    Layers already swapped are re-targeted to ``attention`` (see :meth:`MultiheadAttention.from_torch`
+    for what happens to Linformer's projections), so a model switches mechanisms without being rebuilt.
     Weights, configuration, device, dtype and train/eval mode are kept. Returns the number of layers
     swapped. ``nn.TransformerEncoder`` stacks get ``use_nested_tensor = False``: their nested-tensor
     path would bypass the swapped modules. (The fast path of ``nn.TransformerEncoderLayer`` is
@@ -601,7 +625,7 @@ def replace_attention(model: nn.Module, attention: str = "full", **attention_opt
     replacements: dict[int, MultiheadAttention] = {}  # a layer shared by several parents stays shared
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.MultiheadAttention):
+            if isinstance(child, (nn.MultiheadAttention, MultiheadAttention)):
                 if id(child) not in replacements:
                     replacements[id(child)] = MultiheadAttention.from_torch(child, attention=attention,
                                                                             **attention_options)
