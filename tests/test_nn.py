@@ -431,11 +431,62 @@ def test_replace_attention_needs_a_parent_module():
         MultiheadAttention.from_torch(nn.Linear(2, 2))
 
 
-def test_nested_tensor_inputs_are_rejected_clearly():
+@pytest.mark.parametrize("name, causal", [(name, causal) for name in ("full", *EFFICIENT) for causal in (False, True)
+                                           if not (causal and name == "linformer")],  # no causal Linformer
+                         ids=lambda value: {True: "causal", False: "non_causal"}.get(value, value))
+def test_nested_tensor_inputs_equal_padded_inputs_with_padding_mask(name, causal):
+    torch.manual_seed(10)
+    attention, options = ("full", {}) if name == "full" else mechanism(name)
+    module = MultiheadAttention(16, 2, batch_first=True, attention=attention, **options).eval()
+    lengths = (7, 12, 3)
+    padded = torch.randn(3, 12, 16)
+    padding = torch.arange(12)[None, :] >= torch.tensor(lengths)[:, None]
+    nested = torch.nested.nested_tensor([padded[i, :n] for i, n in enumerate(lengths)])
+    expected, _ = module(padded, padded, padded, key_padding_mask=padding, need_weights=False, is_causal=causal)
+    actual, weights = module(nested, nested, nested, need_weights=False, is_causal=causal)
+    assert actual.is_nested and weights is None
+    for i, piece in enumerate(actual.unbind()):
+        torch.testing.assert_close(piece, expected[i, :lengths[i]])
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+@pytest.mark.parametrize("name", ("full", *EFFICIENT))
+def test_encoder_built_around_swapped_layers_runs_its_nested_tensor_path(name):
+    """The encoder is built after the swap, so use_nested_tensor stays on and its layers receive nested tensors."""
+    torch.manual_seed(11)
+    attention, options = ("full", {}) if name == "full" else mechanism(name)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    torch_encoder = nn.TransformerEncoder(copy.deepcopy(layer), num_layers=2, enable_nested_tensor=True).eval()
+    assert fastattn.replace_attention(layer, attention=attention, **options) == 1
+    encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True).eval()
+    assert encoder.use_nested_tensor
+    padded_encoder = copy.deepcopy(encoder)
+    padded_encoder.use_nested_tensor = False
+    x = torch.randn(2, 9, 16)
+    padding = padding_mask(2, 9, 3)
+    calls = count_calls(encoder)
+    with torch.no_grad():
+        actual = encoder(x, src_key_padding_mask=padding)
+        expected = padded_encoder(x, src_key_padding_mask=padding)
+        torch_output = torch_encoder(x, src_key_padding_mask=padding)
+    assert calls[0] == 2
+    assert torch.all(actual[padding] == 0), "the nested path returns padded positions as zeros"
+    torch.testing.assert_close(actual[~padding], expected[~padding], atol=1e-5, rtol=0)
+    if name == "full":
+        torch.testing.assert_close(actual, torch_output, atol=1e-5, rtol=0)
+
+
+def test_nested_tensor_inputs_reject_masks_and_mixed_inputs():
     module = MultiheadAttention(16, 2, batch_first=True)
     nested = torch.nested.nested_tensor([torch.randn(3, 16), torch.randn(5, 16)])
-    with pytest.raises(ValueError, match="nested tensors are not supported"):
+    with pytest.raises(ValueError, match="with nested tensors the lengths are the padding"):
         module(nested, nested, nested)
+    with pytest.raises(ValueError, match="with nested tensors the lengths are the padding"):
+        module(nested, nested, nested, need_weights=False, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="expected all three nested"):
+        module(nested, torch.randn(2, 5, 16), torch.randn(2, 5, 16), need_weights=False)
+    with pytest.raises(ValueError, match="need batch_first=True"):
+        MultiheadAttention(16, 2)(nested, nested, nested, need_weights=False)
 
 
 @pytest.mark.parametrize("name", ("full", "performer", "performer-relu"))
