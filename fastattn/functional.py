@@ -5,6 +5,8 @@ dtype. ``key_padding_mask`` is bool (B, Nk) with True marking padding. ``scale``
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -69,8 +71,8 @@ def _check_inputs(q, k, v, *, causal: bool, key_padding_mask, scale) -> tuple[Te
             raise ValueError(f"key_padding_mask: expected device {q.device} (that of q), got {key_padding_mask.device}")
     if scale is None:
         scale = head_dim**-0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale: expected a positive float or None, got {_describe(scale)}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"scale: expected a positive finite float or None, got {_describe(scale)}")
     unit_stride = tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return (*unit_stride, float(scale))
 
@@ -119,8 +121,8 @@ def bigbird_attention(q, k, v, *, block_size=64, num_random_blocks=3, seed=0, ca
     The layout (global first and last blocks, a window of 3, random blocks drawn per head from
     ``seed``) is built for Nq == Nk and cached per argument set.
     """
-    _check_tensor("q", q, 4)
-    _check_tensor("k", k, 4)
+    # the layout is built from q's shape: check the tensors first, so that errors name them, not num_heads
+    _check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"k: BigBird expects Nk == Nq = {q.shape[2]}, got Nk={k.shape[2]}")
     layout = bigbird_layout(q.shape[2], block_size=block_size, num_heads=q.shape[1],

@@ -30,44 +30,56 @@ MECHANISM_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def _reject_nested_tensors(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: nested tensors are not supported.
+def _decline_torch_fast_path(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook that only has to exist: ``nn.TransformerEncoderLayer`` declines its fast path when a
+    submodule has hooks. That fast path would run torch's own fused dense attention on this module's
+    weights, bypassing the mechanism chosen here."""
 
-    Being a forward hook, it also turns off the fast path of ``nn.TransformerEncoderLayer`` (which
-    declines modules with hooks and would otherwise run torch's own fused dense attention on this
-    module's weights, bypassing the mechanism chosen here).
+
+def _require(condition: Tensor, error: type[Exception], message: str) -> None:
+    """Raise ``error(message)`` unless the bool tensor ``condition`` holds.
+
+    A Python branch on tensor data breaks ``torch.compile(fullgraph=True)`` and ``torch.export``, so
+    while tracing the check becomes an assertion inside the graph: it raises ``RuntimeError(message)``
+    when the compiled or exported program runs on inputs that fail it.
     """
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Tensor) and value.is_nested:
-            raise ValueError(
-                "fastattn.nn.MultiheadAttention: nested tensors are not supported; pass padded tensors with a "
-                "key_padding_mask (for nn.TransformerEncoder set use_nested_tensor=False, as replace_attention does)"
-            )
+    if torch.compiler.is_compiling():
+        torch._assert_async(condition, message)
+    elif not bool(condition):
+        raise error(message)
 
 
 def _bool_padding(key_padding_mask: Tensor | None, what: str) -> Tensor | None:
-    """A bool key padding mask (True = pad) from torch's bool or additive float (-inf = pad) form."""
+    """A bool key padding mask (True = pad) from torch's bool or additive float (-inf = pad) form.
+
+    ``nn.TransformerEncoder`` turns a bool ``src_key_padding_mask`` into the float form, so that one is
+    read as padding; other float values are additive biases that only ``"full"`` applies.
+    """
     if key_padding_mask is None or key_padding_mask.dtype == torch.bool:
         return key_padding_mask
-    if not key_padding_mask.is_floating_point():
-        raise TypeError(f"key_padding_mask: expected a bool or floating-point tensor, got dtype {key_padding_mask.dtype}")
     is_pad = torch.isneginf(key_padding_mask)
-    if not torch.all(is_pad | (key_padding_mask == 0)):
-        raise ValueError(
-            f"key_padding_mask: {what} supports a float mask only with values 0 (keep) and -inf (pad); "
-            "other additive biases need attention='full'"
-        )
+    _require(torch.all(is_pad | (key_padding_mask == 0)), ValueError,
+             f"key_padding_mask: {what} supports a float mask only with values 0 (keep) and -inf (pad); "
+             "other additive biases need attention='full'")
     return is_pad
 
 
-def _is_causal_mask(attn_mask: Tensor, query_len: int, key_len: int) -> bool:
-    """Whether ``attn_mask`` is the (L, L) causal mask nn.Transformer passes (bool or float -inf above the diagonal)."""
-    if attn_mask.dim() != 2 or query_len != key_len or tuple(attn_mask.shape) != (query_len, key_len):
-        return False
+def _check_causal_mask(attn_mask: Tensor, query_len: int, key_len: int, what: str) -> None:
+    """The efficient mechanisms take one ``attn_mask`` only: the (L, L) causal mask of ``nn.Transformer``
+    (float -inf or bool True above the diagonal, float 0 elsewhere); it means ``causal=True``."""
+    message = (
+        f"attn_mask: {what} supports only no mask or the causal mask (float -inf or bool True above the "
+        f"diagonal, shape (L, L)); got a {attn_mask.dtype} mask of shape {tuple(attn_mask.shape)}{{}}. Use "
+        f"key_padding_mask for padding, or attention='full' for arbitrary masks"
+    )
+    if query_len != key_len or tuple(attn_mask.shape) != (query_len, key_len):
+        raise ValueError(message.format(f" for {query_len} queries and {key_len} keys"))
     above = torch.ones(query_len, key_len, dtype=torch.bool, device=attn_mask.device).triu(1)
     if attn_mask.dtype == torch.bool:
-        return bool(torch.equal(attn_mask, above))
-    return bool(torch.equal(torch.isneginf(attn_mask), above) and torch.all(attn_mask.masked_fill(above, 0) == 0))
+        is_causal = torch.all(attn_mask == above)
+    else:
+        is_causal = torch.all((torch.isneginf(attn_mask) == above) & ((attn_mask == 0) | above))
+    _require(is_causal, ValueError, message.format(" that is not causal"))
 
 
 class MultiheadAttention(nn.Module):
@@ -91,11 +103,14 @@ class MultiheadAttention(nn.Module):
       from a seed drawn at construction, so replicas of one model redraw identically.
     - every efficient mechanism: ``backend`` (None = automatic), passed to the fastattn op.
 
-    ``attn_mask``: ``"full"`` accepts anything torch accepts. The efficient mechanisms accept only no
-    mask or the causal mask of ``nn.Transformer.generate_square_subsequent_mask`` (float -inf or bool
-    True above the diagonal), or ``is_causal=True``, mapped to ``causal=True``; any other mask raises
-    ``ValueError``. ``key_padding_mask``: bool (True = pad) or float (-inf = pad; ``"full"`` also takes
-    other additive values).
+    ``attn_mask``: ``"full"`` accepts anything torch accepts, and like torch drops it for the
+    ``is_causal=True`` hint when neither a padding mask nor the weights need it. The efficient
+    mechanisms accept only no mask or the causal mask of ``nn.Transformer.generate_square_subsequent_mask``
+    (float -inf or bool True above the diagonal), or ``is_causal=True``, mapped to ``causal=True``; any
+    other mask raises ``ValueError``. ``key_padding_mask``: bool (True = pad) or float (-inf = pad;
+    ``"full"`` also takes other additive values); integer masks raise ``TypeError``, as in torch. No
+    Python branch reads mask data, so ``torch.compile(fullgraph=True)`` and ``torch.export`` work; the
+    checks on mask values become assertions in the graph there (see ``_require``).
 
     ``need_weights=True`` (torch's default) also returns the mechanism's effective attention weights,
     computed only on request, shape (B, Nq, S) averaged over heads or (B, H, Nq, S):
@@ -164,7 +179,7 @@ class MultiheadAttention(nn.Module):
             self.bias_k = self.bias_v = None
         self._init_mechanism(factory)
         self._reset_parameters()
-        self.register_forward_pre_hook(_reject_nested_tensors, with_kwargs=True)
+        self.register_forward_pre_hook(_decline_torch_fast_path, with_kwargs=True)
 
     def _init_mechanism(self, factory: dict) -> None:
         options = self.attention_options
@@ -233,8 +248,14 @@ class MultiheadAttention(nn.Module):
                 nn.init.normal_(self.proj_v, std=std)
 
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention, attention: str = "full", **attention_options) -> "MultiheadAttention":
-        """The same layer (configuration and weights, on the same device and dtype) with ``attention``."""
+    def from_torch(cls, mha: nn.Module, attention: str = "full", **attention_options) -> "MultiheadAttention":
+        """The same layer (configuration and weights, on the same device and dtype) with ``attention``.
+
+        ``mha`` is a ``torch.nn.MultiheadAttention`` or a fastattn one (to switch mechanisms). Linformer's
+        learned projections are kept when both layers have them with the same shape; otherwise they are
+        dropped (leaving Linformer) or freshly initialised (entering it, or on a new shape), with a warning
+        when ``mha`` is a fastattn layer being re-targeted.
+        """
         if not isinstance(mha, (nn.MultiheadAttention, MultiheadAttention)):
             raise TypeError(f"mha: expected a torch.nn.MultiheadAttention, got {type(mha).__name__}")
         reference = mha.out_proj.weight
@@ -244,9 +265,23 @@ class MultiheadAttention(nn.Module):
             batch_first=mha.batch_first, device=reference.device, dtype=reference.dtype,
             attention=attention, **attention_options,
         )
-        missing, unexpected = module.load_state_dict(mha.state_dict(), strict=False)
-        extra = {"proj_k", "proj_v"} if attention == "linformer" else set()
-        if unexpected or set(missing) - extra:
+        state = mha.state_dict()
+        ours = module.state_dict()
+        projections = {name for name in ("proj_k", "proj_v") if name in state or name in ours}
+        kept = {name for name in projections if name in state and name in ours and state[name].shape == ours[name].shape}
+        dropped = sorted(name for name in projections - kept if name in state)
+        fresh = sorted(name for name in projections - kept if name in ours)
+        if isinstance(mha, MultiheadAttention) and (dropped or fresh):
+            warnings.warn(
+                f"fastattn.nn.MultiheadAttention.from_torch: {getattr(mha, 'attention', 'torch')} -> {attention} attention: "
+                + "; ".join(part for part in (
+                    f"drops the learned Linformer projections {dropped}" if dropped else "",
+                    f"initialises the Linformer projections {fresh} randomly" if fresh else "") if part),
+                stacklevel=2,
+            )
+        state = {name: value for name, value in state.items() if name not in dropped}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - set(fresh):
             raise ValueError(f"mha: state_dict does not match (missing {missing}, unexpected {unexpected})")
         module.train(mha.training)
         return module
@@ -283,7 +318,13 @@ class MultiheadAttention(nn.Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
-        """torch's forward: (L, B, E) inputs, or (B, L, E) with ``batch_first``, or unbatched (L, E)."""
+        """torch's forward: (L, B, E) inputs, or (B, L, E) with ``batch_first``, or unbatched (L, E).
+
+        Nested tensors (B, ragged L, E), which ``nn.TransformerEncoder`` passes on its nested-tensor path,
+        are taken as well: padded, attended with the padding masked, and returned nested.
+        """
+        if query.is_nested or key.is_nested or value.is_nested:
+            return self._forward_nested(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
         batched = query.dim() == 3
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             raise ValueError(
@@ -304,6 +345,36 @@ class MultiheadAttention(nn.Module):
             output = output.transpose(0, 1)
         return output, weights
 
+    def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
+        if not (query.is_nested and key.is_nested and value.is_nested) or query.layout != torch.strided:
+            raise ValueError(
+                "query, key, value: expected all three nested (torch.strided layout) or none, got "
+                f"is_nested {query.is_nested}, {key.is_nested}, {value.is_nested} and layout {query.layout}"
+            )
+        if not self.batch_first:
+            raise ValueError("query: nested tensors are (batch, ragged length, embed): they need batch_first=True")
+        if key_padding_mask is not None or attn_mask is not None or need_weights:
+            raise ValueError(
+                "key_padding_mask, attn_mask, need_weights: with nested tensors the lengths are the padding; pass "
+                "need_weights=False and no masks (is_causal is allowed), as nn.TransformerEncoderLayer does"
+            )
+
+        def padded(x: Tensor) -> tuple[Tensor, Tensor, list[int]]:
+            lengths = [piece.shape[0] for piece in x.unbind()]
+            dense = x.to_padded_tensor(0.0)
+            padding = torch.arange(dense.shape[1], device=dense.device)[None, :] >= torch.tensor(
+                lengths, device=dense.device)[:, None]
+            return dense, padding, lengths
+
+        query_dense, _, query_lengths = padded(query)
+        key_dense, key_padding, _ = padded(key)
+        value_dense = key_dense if value is key else padded(value)[0]
+        query_dense = key_dense if query is key else query_dense
+        output, _ = self._attend_batch_first(query_dense, key_dense, value_dense, key_padding, False, None, True,
+                                             is_causal)
+        pieces = [output[i, :length] for i, length in enumerate(query_lengths)]
+        return torch.nested.as_nested_tensor(pieces, layout=torch.strided), None
+
     def _attend_batch_first(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
                             is_causal):
         batch, query_len, _ = query.shape
@@ -318,23 +389,25 @@ class MultiheadAttention(nn.Module):
                 f"shapes {tuple(key.shape)} and {tuple(value.shape)} (batch first)"
             )
         key_len = key.shape[1]
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            # torch rejects other dtypes too: an integer mask would otherwise be added as a bias of 0 and 1
+            if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+                raise TypeError(f"{name}: expected a bool or floating-point tensor, got dtype {mask.dtype}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, key_len):
             raise ValueError(
                 f"key_padding_mask: expected shape (batch, key length) = ({batch}, {key_len}), got "
                 f"{tuple(key_padding_mask.shape)}"
             )
-        causal = False
-        if attn_mask is not None and self.attention != "full":
-            causal = _is_causal_mask(attn_mask, query_len, key_len)
-            if not causal:
-                raise ValueError(
-                    f"attn_mask: {self.attention} attention supports only no mask or the causal mask "
-                    f"(float -inf or bool True above the diagonal, shape (L, L)); got a {attn_mask.dtype} mask of "
-                    f"shape {tuple(attn_mask.shape)} that is not causal. Use key_padding_mask for padding, or "
-                    f"attention='full' for arbitrary masks"
-                )
+        if self.attention == "full":
+            # torch's rule: the is_causal hint replaces the mask when nothing else needs the mask's values
+            if is_causal and attn_mask is not None and key_padding_mask is None and not need_weights:
+                attn_mask = None
+            causal = is_causal and attn_mask is None
+        else:
+            if attn_mask is not None:
+                _check_causal_mask(attn_mask, query_len, key_len, f"{self.attention} attention")
+            causal = is_causal or attn_mask is not None
             attn_mask = None
-        causal = causal or (is_causal and attn_mask is None)
         if causal and self.attention == "linformer":
             raise ValueError(
                 "attn_mask, is_causal: Linformer attention has no causal form (projecting along the sequence mixes "
@@ -381,21 +454,22 @@ class MultiheadAttention(nn.Module):
 
     def _full(self, q, k, v, key_padding_mask, attn_mask, causal, need_weights):
         dropout = self.dropout if self.training else 0.0
-        if key_padding_mask is not None and key_padding_mask.is_floating_point():
-            is_pad = torch.isneginf(key_padding_mask)
-            if torch.all(is_pad | (key_padding_mask == 0)):
-                key_padding_mask = is_pad
-        simple_padding = key_padding_mask is None or key_padding_mask.dtype == torch.bool
-        simple_mask = attn_mask is None or _is_causal_mask(attn_mask, q.shape[2], k.shape[2])
-        if not need_weights and dropout == 0 and simple_padding and simple_mask:
-            return functional.full_attention(q, k, v, causal=causal or attn_mask is not None,
-                                             key_padding_mask=key_padding_mask), None
+        bool_padding = key_padding_mask is None or key_padding_mask.dtype == torch.bool
+        if attn_mask is None and bool_padding and not need_weights and dropout == 0:
+            return functional.full_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask), None
         bias = self._additive_bias(q, k, key_padding_mask, attn_mask, causal)
+        sees_a_key = None if bias is None else ~torch.isneginf(bias).all(dim=-1, keepdim=True)
+        if sees_a_key is not None:
+            bias = bias.masked_fill(~sees_a_key, 0.0)  # rows that see no key: zeros, not softmax's NaN
+        if not need_weights and dropout == 0:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            return (out if sees_a_key is None else torch.where(sees_a_key, out, 0.0)), None
         scores = torch.matmul(q * self.head_dim**-0.5, k.transpose(-1, -2))
         if bias is not None:
             scores = scores + bias
-        sees_a_key = ~torch.isneginf(scores).all(dim=-1, keepdim=True)
-        weights = torch.softmax(scores.masked_fill(~sees_a_key, 0.0), dim=-1) * sees_a_key
+        weights = torch.softmax(scores, dim=-1)
+        if sees_a_key is not None:
+            weights = torch.where(sees_a_key, weights, 0.0)
         out = torch.matmul(F.dropout(weights, p=dropout) if dropout > 0 else weights, v)
         return out, weights if need_weights else None
 
@@ -591,17 +665,20 @@ def _masked_softmax(scores: Tensor, allowed: Tensor) -> Tensor:
 def replace_attention(model: nn.Module, attention: str = "full", **attention_options) -> int:
     """Swap every ``torch.nn.MultiheadAttention`` inside ``model`` for :class:`MultiheadAttention`.
 
+    Layers already swapped are re-targeted to ``attention`` (see :meth:`MultiheadAttention.from_torch`
+    for what happens to Linformer's projections), so a model switches mechanisms without being rebuilt.
     Weights, configuration, device, dtype and train/eval mode are kept. Returns the number of layers
-    swapped. ``nn.TransformerEncoder`` stacks get ``use_nested_tensor = False``: their nested-tensor
-    path would bypass the swapped modules. (The fast path of ``nn.TransformerEncoderLayer`` is
-    declined by the swapped module itself, see ``_reject_nested_tensors``.)
+    swapped. The fast path of ``nn.TransformerEncoderLayer`` is declined by the swapped module itself
+    (see ``_decline_torch_fast_path``). ``nn.TransformerEncoder`` stacks found here get
+    ``use_nested_tensor = False``: on their nested-tensor path every swapped layer would pad and unpad
+    its input again (stacks built later around swapped layers keep that path, which works the same).
     """
     if isinstance(model, (nn.MultiheadAttention, MultiheadAttention)):
         raise TypeError("model: got a MultiheadAttention itself; use fastattn.nn.MultiheadAttention.from_torch(model)")
     replacements: dict[int, MultiheadAttention] = {}  # a layer shared by several parents stays shared
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.MultiheadAttention):
+            if isinstance(child, (nn.MultiheadAttention, MultiheadAttention)):
                 if id(child) not in replacements:
                     replacements[id(child)] = MultiheadAttention.from_torch(child, attention=attention,
                                                                             **attention_options)

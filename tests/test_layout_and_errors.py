@@ -136,3 +136,29 @@ OP_ERRORS = [
 def test_op_rejects_bad_input(name, error, argument, changes):
     with pytest.raises(error, match=argument):
         _op_call(**changes)
+
+
+PUBLIC_OPS = {
+    "full": lambda q, k, v, **kw: fastattn.full_attention(q, k, v, **kw),
+    "block_sparse": lambda q, k, v, **kw: fastattn.block_sparse_attention(q, k, v, _layout(heads=2), **kw),
+    "bigbird": lambda q, k, v, **kw: fastattn.bigbird_attention(q, k, v, block_size=16, num_random_blocks=1, **kw),
+    "linformer": lambda q, k, v, **kw: fastattn.linformer_attention(q, k, v, torch.randn(8, 64), **kw),
+    "performer": lambda q, k, v, **kw: fastattn.performer_attention(q, k, v, torch.randn(8, 16), **kw),
+}
+
+
+@pytest.mark.parametrize("scale", (float("inf"), float("nan"), 0.0, -0.5), ids=("inf", "nan", "zero", "negative"))
+@pytest.mark.parametrize("name", tuple(PUBLIC_OPS))
+def test_every_op_needs_a_positive_finite_scale(name, scale):
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match=r"scale: expected a positive finite float or None, got float"):
+        PUBLIC_OPS[name](q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("empty", ("heads", "batch", "length", "head_dim"))
+def test_bigbird_names_the_empty_tensor_not_its_layout_arguments(empty):
+    q, k, v = _inputs()
+    dim = ("batch", "heads", "length", "head_dim").index(empty)
+    q, k, v = (t.narrow(dim, 0, 0) for t in (q, k, v))
+    with pytest.raises(ValueError, match=r"^q, k: expected non-empty tensors"):
+        fastattn.bigbird_attention(q, k, v, block_size=16)

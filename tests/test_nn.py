@@ -1,7 +1,9 @@
 """fastattn.nn.MultiheadAttention against torch.nn.MultiheadAttention and the float64 references; replace_attention."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -349,7 +351,6 @@ def test_replace_attention_in_encoder_layer_defeats_torch_fast_path():
         assert calls[0] == 1
         # the torch fast path leaves padded positions 0 only when it runs on nested tensors; compare kept rows
         torch.testing.assert_close(actual[~padding], expected[~padding], atol=1e-5, rtol=0)
-        assert fastattn.replace_attention(layer, attention="performer", num_features=8, backend=BACKEND) == 0
     performer_layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
     performer_layer.load_state_dict(layer.state_dict())
     assert fastattn.replace_attention(performer_layer, attention="performer", num_features=8, backend=BACKEND) == 1
@@ -430,11 +431,62 @@ def test_replace_attention_needs_a_parent_module():
         MultiheadAttention.from_torch(nn.Linear(2, 2))
 
 
-def test_nested_tensor_inputs_are_rejected_clearly():
+@pytest.mark.parametrize("name, causal", [(name, causal) for name in ("full", *EFFICIENT) for causal in (False, True)
+                                           if not (causal and name == "linformer")],  # no causal Linformer
+                         ids=lambda value: {True: "causal", False: "non_causal"}.get(value, value))
+def test_nested_tensor_inputs_equal_padded_inputs_with_padding_mask(name, causal):
+    torch.manual_seed(10)
+    attention, options = ("full", {}) if name == "full" else mechanism(name)
+    module = MultiheadAttention(16, 2, batch_first=True, attention=attention, **options).eval()
+    lengths = (7, 12, 3)
+    padded = torch.randn(3, 12, 16)
+    padding = torch.arange(12)[None, :] >= torch.tensor(lengths)[:, None]
+    nested = torch.nested.nested_tensor([padded[i, :n] for i, n in enumerate(lengths)])
+    expected, _ = module(padded, padded, padded, key_padding_mask=padding, need_weights=False, is_causal=causal)
+    actual, weights = module(nested, nested, nested, need_weights=False, is_causal=causal)
+    assert actual.is_nested and weights is None
+    for i, piece in enumerate(actual.unbind()):
+        torch.testing.assert_close(piece, expected[i, :lengths[i]])
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+@pytest.mark.parametrize("name", ("full", *EFFICIENT))
+def test_encoder_built_around_swapped_layers_runs_its_nested_tensor_path(name):
+    """The encoder is built after the swap, so use_nested_tensor stays on and its layers receive nested tensors."""
+    torch.manual_seed(11)
+    attention, options = ("full", {}) if name == "full" else mechanism(name)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    torch_encoder = nn.TransformerEncoder(copy.deepcopy(layer), num_layers=2, enable_nested_tensor=True).eval()
+    assert fastattn.replace_attention(layer, attention=attention, **options) == 1
+    encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True).eval()
+    assert encoder.use_nested_tensor
+    padded_encoder = copy.deepcopy(encoder)
+    padded_encoder.use_nested_tensor = False
+    x = torch.randn(2, 9, 16)
+    padding = padding_mask(2, 9, 3)
+    calls = count_calls(encoder)
+    with torch.no_grad():
+        actual = encoder(x, src_key_padding_mask=padding)
+        expected = padded_encoder(x, src_key_padding_mask=padding)
+        torch_output = torch_encoder(x, src_key_padding_mask=padding)
+    assert calls[0] == 2
+    assert torch.all(actual[padding] == 0), "the nested path returns padded positions as zeros"
+    torch.testing.assert_close(actual[~padding], expected[~padding], atol=1e-5, rtol=0)
+    if name == "full":
+        torch.testing.assert_close(actual, torch_output, atol=1e-5, rtol=0)
+
+
+def test_nested_tensor_inputs_reject_masks_and_mixed_inputs():
     module = MultiheadAttention(16, 2, batch_first=True)
     nested = torch.nested.nested_tensor([torch.randn(3, 16), torch.randn(5, 16)])
-    with pytest.raises(ValueError, match="nested tensors are not supported"):
+    with pytest.raises(ValueError, match="with nested tensors the lengths are the padding"):
         module(nested, nested, nested)
+    with pytest.raises(ValueError, match="with nested tensors the lengths are the padding"):
+        module(nested, nested, nested, need_weights=False, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="expected all three nested"):
+        module(nested, torch.randn(2, 5, 16), torch.randn(2, 5, 16), need_weights=False)
+    with pytest.raises(ValueError, match="need batch_first=True"):
+        MultiheadAttention(16, 2)(nested, nested, nested, need_weights=False)
 
 
 @pytest.mark.parametrize("name", ("full", "performer", "performer-relu"))
@@ -457,3 +509,66 @@ def test_decode_rejects_mechanisms_without_incremental_form():
     module = MultiheadAttention(16, 2, batch_first=True, attention="bigbird", **mechanism("bigbird")[1])
     with pytest.raises(ValueError, match="incremental decoding supports 'full' and 'performer', not 'bigbird'"):
         module.decode(torch.randn(1, 3, 16))
+
+
+@pytest.mark.parametrize("dtype", (torch.uint8, torch.int64), ids=("uint8", "int64"))
+@pytest.mark.parametrize("mask_name", ("key_padding_mask", "attn_mask"))
+@pytest.mark.parametrize("attention", ("full", "performer"))
+def test_integer_masks_are_rejected_as_torch_does(attention, mask_name, dtype):
+    """An integer mask must not become an additive bias of 0 and 1 (the "padded" key would keep its weight)."""
+    module = MultiheadAttention(16, 2, batch_first=True, attention=attention)
+    x = torch.randn(1, 3, 16)
+    mask = torch.tensor([[0, 0, 1]], dtype=dtype) if mask_name == "key_padding_mask" else torch.zeros(3, 3, dtype=dtype)
+    with pytest.raises(TypeError, match=rf"{mask_name}: expected a bool or floating-point tensor, got dtype {dtype}"):
+        module(x, x, x, **{mask_name: mask})
+    with pytest.raises(AssertionError, match="only bool and floating types"):
+        nn.MultiheadAttention(16, 2, batch_first=True)(x, x, x, **{mask_name: mask})
+
+
+SWITCHES = (("full", {}), ("bigbird", EFFICIENT["bigbird"]), ("linformer", EFFICIENT["linformer"]),
+            ("performer", EFFICIENT["performer"]))
+
+
+@pytest.mark.parametrize("before, after", [(a, b) for a in SWITCHES for b in SWITCHES if a[0] != b[0]],
+                         ids=lambda switch: switch[0])
+def test_replace_attention_switches_mechanisms_of_swapped_layers(before, after):
+    torch.manual_seed(9)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 12, 16)
+    fresh = copy.deepcopy(layer)
+    assert fastattn.replace_attention(fresh, attention=after[0], **after[1]) == 1
+    assert fastattn.replace_attention(layer, attention=before[0], **before[1]) == 1
+    linformer_involved = "linformer" in (before[0], after[0])
+    with pytest.warns(UserWarning, match="Linformer projections") if linformer_involved else contextlib.nullcontext():
+        assert fastattn.replace_attention(layer, attention=after[0], **after[1]) == 1
+    attention = layer.self_attn
+    assert isinstance(attention, MultiheadAttention) and attention.attention == after[0]
+    assert not attention.training
+    for name, value in fresh.self_attn.state_dict().items():
+        if name not in ("proj_k", "proj_v"):
+            assert torch.equal(attention.state_dict()[name], value), name
+    if after[0] == "performer":  # a random draw per construction: compare with the same features
+        attention.projection.copy_(fresh.self_attn.projection)
+    if after[0] == "linformer":
+        attention.load_state_dict(fresh.self_attn.state_dict())
+    torch.testing.assert_close(layer(x), fresh(x))
+
+
+def test_from_torch_keeps_linformer_projections_of_the_same_shape_and_warns_otherwise():
+    linformer = MultiheadAttention(16, 2, attention="linformer", projected_length=6, max_seq_len=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = MultiheadAttention.from_torch(linformer, attention="linformer", projected_length=6, max_seq_len=32)
+        MultiheadAttention.from_torch(nn.MultiheadAttention(16, 2), attention="linformer", max_seq_len=32)
+    assert torch.equal(same.proj_k, linformer.proj_k) and torch.equal(same.proj_v, linformer.proj_v)
+    with pytest.warns(UserWarning, match=r"linformer -> linformer attention: drops the learned Linformer projections \['proj_v'\]"):
+        shared = MultiheadAttention.from_torch(linformer, attention="linformer", projected_length=6, max_seq_len=32,
+                                               share_kv=True)
+    assert torch.equal(shared.proj_k, linformer.proj_k) and shared.proj_v is None
+    with pytest.warns(UserWarning, match=r"initialises the Linformer projections \['proj_k', 'proj_v'\] randomly"):
+        MultiheadAttention.from_torch(linformer, attention="linformer", projected_length=4, max_seq_len=32)
+    with pytest.warns(UserWarning, match=r"full -> linformer attention: initialises"):
+        MultiheadAttention.from_torch(MultiheadAttention(16, 2), attention="linformer", max_seq_len=32)
+    with pytest.warns(UserWarning, match=r"linformer -> performer attention: drops the learned Linformer projections"):
+        performer = MultiheadAttention.from_torch(linformer, attention="performer")
+    assert performer.attention == "performer" and "proj_k" not in performer.state_dict()
