@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import operator
 import os
 import sys
 from dataclasses import dataclass, field
@@ -178,7 +179,8 @@ BACKENDS: dict[str, Backend] = {
 def select(mechanism: str, q: Tensor, backend: str | None = None, **options) -> Backend:
     """The backend that runs ``mechanism`` on inputs like ``q``: the one named, or the first that can."""
     if torch.compiler.is_compiling():
-        return BACKENDS[_select_while_compiling(mechanism, q.device, q.dtype, q.shape[-1], backend,
+        # operator.index specialises a symbolic head dim (dynamic=True): backends support some head dims only.
+        return BACKENDS[_select_while_compiling(mechanism, q.device, q.dtype, operator.index(q.shape[-1]), backend,
                                                 tuple(sorted(options.items())))]
     return _select(mechanism, q, backend, **options)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .layout import BlockLayout, bigbird_layout
+from .layout import BlockLayout, TracedBigBirdLayout, bigbird_layout
 
 __all__ = [
     "full_attention",
@@ -106,6 +106,10 @@ def block_sparse_attention(q, k, v, layout, *, causal=False, key_padding_mask=No
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout: expected a fastattn.BlockLayout, got {_describe(layout)}")
     layout.check_fits(q.shape[1], q.shape[2], k.shape[2])
+    return _block_sparse(q, k, v, layout, causal, key_padding_mask, scale, backend)
+
+
+def _block_sparse(q, k, v, layout, causal, key_padding_mask, scale, backend) -> Tensor:
     chosen = backends.select("block_sparse", q, backend, block_size=layout.block_size, causal=causal)
     return chosen.implementation("block_sparse")(
         q, k, v, layout, causal=causal, key_padding_mask=_padding_mask(key_padding_mask), scale=scale
@@ -123,10 +127,15 @@ def bigbird_attention(q, k, v, *, block_size=64, num_random_blocks=3, seed=0, ca
     _check_tensor("k", k, 4)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"k: BigBird expects Nk == Nq = {q.shape[2]}, got Nk={k.shape[2]}")
-    layout = bigbird_layout(q.shape[2], block_size=block_size, num_heads=q.shape[1],
-                            num_random_blocks=num_random_blocks, seed=seed, causal=causal)
-    return block_sparse_attention(q, k, v, layout, causal=causal, key_padding_mask=key_padding_mask,
-                                  scale=scale, backend=backend)
+    arguments = dict(block_size=block_size, num_heads=q.shape[1], num_random_blocks=num_random_blocks, seed=seed,
+                     causal=causal)
+    if torch.compiler.is_compiling():
+        # The layout fits q by construction; building it inside the graph keeps N (and H) symbolic.
+        q, k, v, scale = _check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+        return _block_sparse(q, k, v, TracedBigBirdLayout(q.shape[2], **arguments), causal, key_padding_mask,
+                             scale, backend)
+    return block_sparse_attention(q, k, v, bigbird_layout(q.shape[2], **arguments), causal=causal,
+                                  key_padding_mask=key_padding_mask, scale=scale, backend=backend)
 
 
 def _check_projection(name: str, projection, q: Tensor, *, expected: str, size_dim: int, size: int, size_name: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import Tensor
@@ -121,6 +122,13 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
+def _check_bigbird_arguments(seq_len, block_size, num_heads, num_random_blocks) -> None:
+    for name, value, low in (("seq_len", seq_len, 1), ("block_size", block_size, 1),
+                             ("num_heads", num_heads, 1), ("num_random_blocks", num_random_blocks, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
 def bigbird_layout(
     seq_len: int,
     *,
@@ -138,10 +146,11 @@ def bigbird_layout(
     blocks at or left of the diagonal are listed and the random blocks come from those left of the
     window. Layouts are cached per argument set.
     """
-    for name, value, low in (("seq_len", seq_len, 1), ("block_size", block_size, 1),
-                             ("num_heads", num_heads, 1), ("num_random_blocks", num_random_blocks, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    _check_bigbird_arguments(seq_len, block_size, num_heads, num_random_blocks)
+    # Under torch.compile a length or head count may be symbolic; the BlockLayout (a Python object with
+    # a dense mask) exists for one length only, so operator.index specialises to this call's value and
+    # Dynamo guards on it. (bigbird_attention keeps the length symbolic: see TracedBigBirdLayout.)
+    seq_len, num_heads = operator.index(seq_len), operator.index(num_heads)
     return _BIGBIRD_LAYOUTS[_cache_bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, int(seed), bool(causal))]
 
 
@@ -162,6 +171,42 @@ def _cache_bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, see
             del _BIGBIRD_LAYOUTS[next(iter(_BIGBIRD_LAYOUTS))]
         _BIGBIRD_LAYOUTS[key] = _build_bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, seed, causal)
     return key
+
+
+@torch.library.custom_op("fastattn::bigbird_layout_csr", mutates_args=())
+def _bigbird_layout_csr(seq_len: int, block_size: int, num_heads: int, num_random_blocks: int, seed: int,
+                        causal: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The CSR of ``bigbird_layout(...)`` on ``device`` (copies: a custom op may not return its cache)."""
+    layout = bigbird_layout(seq_len, block_size=block_size, num_heads=num_heads,
+                            num_random_blocks=num_random_blocks, seed=seed, causal=causal)
+    return tuple(t.clone() for t in layout.csr(device))
+
+
+@_bigbird_layout_csr.register_fake
+def _(seq_len, block_size, num_heads, num_random_blocks, seed, causal, device):
+    blocks = (seq_len + block_size - 1) // block_size
+    context = torch.library.get_ctx()
+    offsets = torch.empty(num_heads, blocks + 1, dtype=torch.int32, device=device)
+    return (offsets, offsets.new_empty(num_heads, context.new_dynamic_size(min=1)), torch.empty_like(offsets),
+            offsets.new_empty(num_heads, context.new_dynamic_size(min=1)))
+
+
+class TracedBigBirdLayout:
+    """What the block-sparse ops read of a BigBird layout (``block_size`` and ``csr(device)``), for
+    ``bigbird_attention`` under torch.compile.
+
+    The CSR comes from the opaque op ``fastattn::bigbird_layout_csr``, which builds (or finds in the
+    cache) the layout when the graph runs, so the length and head count may stay symbolic: one graph
+    serves every length (``dynamic=True``, ``mark_dynamic``) instead of one recompilation per length.
+    """
+
+    def __init__(self, seq_len, *, block_size: int, num_heads, num_random_blocks: int, seed: int, causal: bool):
+        _check_bigbird_arguments(seq_len, block_size, num_heads, num_random_blocks)
+        self.block_size = block_size
+        self._arguments = (seq_len, block_size, num_heads, num_random_blocks, int(seed), bool(causal))
+
+    def csr(self, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return torch.ops.fastattn.bigbird_layout_csr(*self._arguments, torch.device(device))
 
 
 def _build_bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, seed, causal) -> BlockLayout:
