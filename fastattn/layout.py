@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import operator
+import random
 
 import torch
 from torch import Tensor
@@ -142,9 +143,13 @@ def bigbird_layout(
 
     The first and last query blocks attend to every key block and every query block attends to them;
     every block attends to itself and its neighbours; each other row gets ``num_random_blocks`` blocks
-    drawn from the rest, reproducibly from ``seed``, independently per head. With ``causal=True`` only
-    blocks at or left of the diagonal are listed and the random blocks come from those left of the
-    window. Layouts are cached per argument set.
+    drawn from the rest, reproducibly from ``seed``, independently per head.
+
+    ``causal=True`` is prefix-stable: query block i lists block 0, the window i - 1, i and
+    ``num_random_blocks`` blocks drawn from those left of the window (all of them where there are
+    fewer), drawn from (seed, head, i) alone. So a row never depends on the length: the layout of N
+    tokens is the top-left corner of that of any longer sequence, and decoding with a key-value cache
+    gives exactly the full forward's outputs. Layouts are cached per argument set.
     """
     _check_bigbird_arguments(seq_len, block_size, num_heads, num_random_blocks)
     # Under torch.compile a length or head count may be symbolic; the BlockLayout (a Python object with
@@ -211,21 +216,58 @@ class TracedBigBirdLayout:
 
 def _build_bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, seed, causal) -> BlockLayout:
     blocks = math.ceil(seq_len / block_size)
-    last = blocks - 1
     mask = torch.zeros(num_heads, blocks, blocks, dtype=torch.bool)
+    if causal:
+        for head in range(num_heads):
+            for row in range(blocks):
+                mask[head, row, _causal_bigbird_row(row, num_random_blocks, seed, head)] = True
+    else:
+        _fill_bigbird_layout(mask, num_random_blocks, seed)
+    return BlockLayout(mask, block_size)
+
+
+def _causal_bigbird_row(row: int, num_random_blocks: int, seed: int, head: int) -> list[int]:
+    """Key blocks of query block ``row`` in a causal layout: block 0, the window ``row - 1, row``, and
+    ``num_random_blocks`` of the blocks 1 .. row - 2 (all of them where there are fewer).
+
+    The draw depends on (seed, head, row) only, never on the length, so the layout of a length is the
+    top-left corner of the layout of any longer length: a token's output does not depend on how many
+    tokens follow, and decoding with a key-value cache is exact.
+    """
+    fixed = sorted({0, max(row - 1, 0), row})
+    candidates = range(1, max(row - 1, 1))
+    picks = random.Random(_row_seed(seed, head, row)).sample(candidates, min(num_random_blocks, len(candidates)))
+    return fixed + picks
+
+
+def _row_seed(seed: int, head: int, row: int) -> int:
+    """A well-mixed 64-bit seed for one row (splitmix64 steps), the same in every process."""
+    state = seed & _MASK64
+    for value in (head, row):
+        state = (state ^ value) * 0x9E3779B97F4A7C15 & _MASK64
+        state = (state ^ (state >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & _MASK64
+        state ^= state >> 31
+    return state
+
+
+_MASK64 = 2**64 - 1
+
+
+def _fill_bigbird_layout(mask: Tensor, num_random_blocks: int, seed: int) -> None:
+    """The non-causal layout into an empty (h, blocks, blocks) mask: the first and last blocks global,
+    the window ``row - 1 .. row + 1``, random blocks drawn from all the others (one draw from ``seed``)."""
+    num_heads, blocks, _ = mask.shape
+    last = blocks - 1
     generator = torch.Generator().manual_seed(seed)
     for head in range(num_heads):
         for row in range(blocks):
             if row in (0, last):
                 mask[head, row, :] = True
                 continue
-            window = {row - 1, row} if causal else {row - 1, row, row + 1}
-            fixed = window | ({0} if causal else {0, last})
+            fixed = {row - 1, row, row + 1, 0, last}
             mask[head, row, sorted(fixed)] = True
-            rest = [col for col in range(row if causal else blocks) if col not in fixed]
+            rest = [col for col in range(blocks) if col not in fixed]
             if rest and num_random_blocks:
                 picks = torch.randperm(len(rest), generator=generator)[:num_random_blocks]
                 mask[head, row, [rest[i] for i in picks.tolist()]] = True
-    if causal:
-        mask &= torch.ones(blocks, blocks, dtype=torch.bool).tril()
-    return BlockLayout(mask, block_size)
