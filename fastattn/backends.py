@@ -127,6 +127,9 @@ class Backend:
     extra_reasons: Callable[[str, Tensor, dict], list[str]] = field(default=_no_reasons)
     auto_device_types: tuple[str, ...] = ()
     manual_reason: str = ""
+    # Mechanisms whose kernels read k and v with fewer heads than q (grouped-query attention) natively;
+    # for the others the public ops repeat k and v to the heads of q before the call.
+    gqa_mechanisms: tuple[str, ...] = ()
 
     def not_supported_reasons(self, mechanism: str, q: Tensor, **options) -> list[str]:
         """Why this backend cannot run ``mechanism`` on inputs like ``q``; empty when it can."""
@@ -172,6 +175,7 @@ BACKENDS: dict[str, Backend] = {
         "reference", "exact pure-PyTorch reference (materialises the attention matrix)", ("cpu", "cuda"),
         (torch.float16, torch.bfloat16, torch.float32, torch.float64), None, 2**31, _reference_implementation,
         manual_reason='never chosen automatically (it materialises the attention matrix): pass backend="reference"',
+        gqa_mechanisms=MECHANISMS,
     ),
 }
 

@@ -1,7 +1,7 @@
 """The public ops: validate the inputs, pick a backend, call its differentiable op.
 
-Every function takes q (B, H, Nq, D), k and v (B, H, Nk, D) and returns (B, H, Nq, D) in the input
-dtype. ``key_padding_mask`` is bool (B, Nk) with True marking padding. ``scale`` defaults to D ** -0.5.
+Every function takes q (B, H, Nq, D), k and v (B, Hkv, Nk, D) with H % Hkv == 0 (grouped-query
+attention: query head h reads kv head h // (H / Hkv)) and returns (B, H, Nq, D) in the input dtype. ``key_padding_mask`` is bool (B, Nk) with True marking padding. ``scale`` defaults to D ** -0.5.
 """
 from __future__ import annotations
 
@@ -48,12 +48,15 @@ def _check_inputs(q, k, v, *, causal: bool, key_padding_mask, scale) -> tuple[Te
         if value.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} (that of q), got {value.device}")
     batch, heads, query_len, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim:
-        raise ValueError(f"k: expected shape ({batch}, {heads}, Nk, {head_dim}) to match q, got {tuple(k.shape)}")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k: expected shape ({batch}, Hkv, Nk, {head_dim}) to match q, got {tuple(k.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if 0 in q.shape or k.shape[2] == 0:
         raise ValueError(f"q, k: expected non-empty tensors, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if k.shape[1] == 0 or heads % k.shape[1] != 0:
+        raise ValueError(f"k: expected Hkv heads dividing H={heads} (the heads of q; grouped-query attention), "
+                         f"got Hkv={k.shape[1]} in shape {tuple(k.shape)}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {_describe(causal)}")
     if causal and query_len != k.shape[2]:
@@ -75,6 +78,15 @@ def _check_inputs(q, k, v, *, causal: bool, key_padding_mask, scale) -> tuple[Te
     return (*unit_stride, float(scale))
 
 
+def _kv_for(chosen: backends.Backend, mechanism: str, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """k and v as ``chosen`` reads them: as given where its kernels read grouped-query heads natively,
+    else repeated to H heads (query head h reads kv head h // (H / Hkv); autograd sums each group's gradients)."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1 or mechanism in chosen.gqa_mechanisms:
+        return k, v
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
 def _padding_mask(key_padding_mask: Tensor | None) -> Tensor | None:
     return None if key_padding_mask is None else key_padding_mask.contiguous()
 
@@ -85,13 +97,14 @@ def full_attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None) 
     Unlike plain SDPA, a query that sees no key (all padding) gives zeros, not NaN.
     """
     q, k, v, scale = _check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    grouped = k.shape[1] != q.shape[1]
     if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=grouped)
     allowed = ~key_padding_mask[:, None, None, :]
     if causal:
         allowed = allowed & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     sees_a_key = allowed.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~sees_a_key, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~sees_a_key, scale=scale, enable_gqa=grouped)
     return out * sees_a_key
 
 
@@ -111,6 +124,7 @@ def block_sparse_attention(q, k, v, layout, *, causal=False, key_padding_mask=No
 
 def _block_sparse(q, k, v, layout, causal, key_padding_mask, scale, backend) -> Tensor:
     chosen = backends.select("block_sparse", q, backend, block_size=layout.block_size, causal=causal)
+    k, v = _kv_for(chosen, "block_sparse", q, k, v)
     return chosen.implementation("block_sparse")(
         q, k, v, layout, causal=causal, key_padding_mask=_padding_mask(key_padding_mask), scale=scale
     )
@@ -177,6 +191,7 @@ def linformer_attention(q, k, v, proj_k, proj_v=None, *, key_padding_mask=None, 
         if projection.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {q.dtype} (that of q), got {projection.dtype}")
     chosen = backends.select("linformer", q, backend)
+    k, v = _kv_for(chosen, "linformer", q, k, v)
     return chosen.implementation("linformer")(
         q, k, v, proj_k[..., :key_len], proj_v[..., :key_len], key_padding_mask=_padding_mask(key_padding_mask), scale=scale
     )
@@ -200,6 +215,7 @@ def performer_attention(q, k, v, projection, *, kernel="softmax", causal=False, 
     if kernel not in PERFORMER_KERNELS:
         raise ValueError(f"kernel: expected one of {PERFORMER_KERNELS}, got {kernel!r}")
     chosen = backends.select("performer", q, backend, kernel=kernel, causal=causal)
+    k, v = _kv_for(chosen, "performer", q, k, v)
     return chosen.implementation("performer")(
         q, k, v, projection.detach(), kernel=kernel, causal=causal, key_padding_mask=_padding_mask(key_padding_mask),
         scale=scale,
