@@ -1,6 +1,7 @@
 """Block layouts: which key blocks each query block attends to, per head, as CSR (and its transpose)."""
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import random
@@ -236,14 +237,14 @@ def _causal_bigbird_row(row: int, num_random_blocks: int, seed: int, head: int) 
     """
     fixed = sorted({0, max(row - 1, 0), row})
     candidates = range(1, max(row - 1, 1))
-    picks = random.Random(_row_seed(seed, head, row)).sample(candidates, min(num_random_blocks, len(candidates)))
+    picks = random.Random(mixed_seed(seed, head, row)).sample(candidates, min(num_random_blocks, len(candidates)))
     return fixed + picks
 
 
-def _row_seed(seed: int, head: int, row: int) -> int:
-    """A well-mixed 64-bit seed for one row (splitmix64 steps), the same in every process."""
+def mixed_seed(seed: int, *values: int) -> int:
+    """A well-mixed 64-bit seed from ``seed`` and ``values`` (splitmix64 steps), the same in every process."""
     state = seed & _MASK64
-    for value in (head, row):
+    for value in values:
         state = (state ^ value) * 0x9E3779B97F4A7C15 & _MASK64
         state = (state ^ (state >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
         state = (state ^ (state >> 27)) * 0x94D049BB133111EB & _MASK64
@@ -252,6 +253,23 @@ def _row_seed(seed: int, head: int, row: int) -> int:
 
 
 _MASK64 = 2**64 - 1
+
+
+@functools.lru_cache(maxsize=64)
+def causal_bigbird_row_layout(position: int, *, block_size: int, num_heads: int, num_random_blocks: int,
+                              seed: int) -> BlockLayout:
+    """The row of query ``position`` in the causal ``bigbird_layout``, as a layout of one query over the
+    keys 0 .. position: (num_heads, 1, ceil((position + 1) / block_size)) blocks.
+
+    For decoding with a key-value cache: the new token attends to its row's blocks only, with
+    ``causal=False`` (no listed key lies after it), and gets exactly the output of the full causal forward.
+    """
+    _check_bigbird_arguments(position + 1, block_size, num_heads, num_random_blocks)
+    row = position // block_size
+    mask = torch.zeros(num_heads, 1, row + 1, dtype=torch.bool)
+    for head in range(num_heads):
+        mask[head, 0, _causal_bigbird_row(row, num_random_blocks, seed, head)] = True
+    return BlockLayout(mask, block_size)
 
 
 def _fill_bigbird_layout(mask: Tensor, num_random_blocks: int, seed: int) -> None:
