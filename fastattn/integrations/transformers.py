@@ -37,7 +37,8 @@ from transformers import masking_utils
 
 from .. import functional
 from ..features import random_features
-from ..layout import BlockLayout, causal_bigbird_row_layout, mixed_seed
+from ..decoding import bigbird_attention_over_cache, last_rows_of_causal, performer_attention_over_cache
+from ..layout import BlockLayout, mixed_seed
 
 __all__ = ["register", "DEFAULT_OPTIONS"]
 
@@ -222,41 +223,32 @@ def _run(mechanism, options, module, q, k, v, padding, causal, scale) -> Tensor:
     query_len, key_len = q.shape[2], k.shape[2]
     if query_len > key_len:
         raise ValueError(f"query: expected at most as many queries as keys, got {query_len} queries and {key_len} keys")
-    if query_len < key_len and causal:
-        if query_len == 1 and mechanism != "block_sparse":
-            return _decode_one(mechanism, options, module, q, k, v, padding, scale)
-        # Chunked prefill: the queries are the last ones of the sequence. Zero queries in front make the
-        # causal op over all the keys give exactly their outputs (each output reads keys up to its own).
-        front = q.new_zeros(*q.shape[:2], key_len - query_len, q.shape[3])
-        return _run(mechanism, options, module, torch.cat([front, q], dim=2), k, v, padding, causal, scale)[
-            :, :, key_len - query_len:]
     backend = options["backend"]
     if mechanism == "performer":
-        return functional.performer_attention(q, k, v, _performer_projection(options, module, q), causal=causal,
-                                              kernel=options["kernel"], key_padding_mask=padding, scale=scale,
-                                              backend=backend)
-    if query_len != key_len:
+        projection = _performer_projection(options, module, q)
+        if causal:
+            return performer_attention_over_cache(q, k, v, projection, kernel=options["kernel"],
+                                                  key_padding_mask=padding, scale=scale, backend=backend)
+        return functional.performer_attention(q, k, v, projection, kernel=options["kernel"], key_padding_mask=padding,
+                                              scale=scale, backend=backend)
+    if mechanism == "bigbird" and causal:
+        return bigbird_attention_over_cache(q, k, v, block_size=options["block_size"],
+                                            num_random_blocks=options["num_random_blocks"], seed=options["seed"],
+                                            key_padding_mask=padding, scale=scale, backend=backend)
+    if query_len != key_len and not causal:
         raise ValueError(f"query: block-sparse attention of transformers models needs as many queries as keys "
                          f"(self-attention), got {query_len} queries and {key_len} keys; {SDPA_HINT}")
     if mechanism == "bigbird":
         return functional.bigbird_attention(q, k, v, block_size=options["block_size"],
                                             num_random_blocks=options["num_random_blocks"], seed=options["seed"],
-                                            causal=causal, key_padding_mask=padding, scale=scale, backend=backend)
-    return functional.block_sparse_attention(q, k, v, _block_sparse_layout(options, query_len, q.shape[1]),
-                                             causal=causal, key_padding_mask=padding, scale=scale, backend=backend)
-
-
-def _decode_one(mechanism, options, module, q, k, v, padding, scale) -> Tensor:
-    """One new token (the last position) over the cached keys: exactly the causal forward's last row."""
-    if mechanism == "performer":
-        # every cached key precedes the query, so causal and non-causal agree (same stabiliser set)
-        return functional.performer_attention(q, k, v, _performer_projection(options, module, q), causal=False,
-                                              kernel=options["kernel"], key_padding_mask=padding, scale=scale,
-                                              backend=options["backend"])
-    layout = causal_bigbird_row_layout(k.shape[2] - 1, block_size=options["block_size"], num_heads=q.shape[1],
-                                       num_random_blocks=options["num_random_blocks"], seed=int(options["seed"]))
-    return functional.block_sparse_attention(q, k, v, layout, key_padding_mask=padding, scale=scale,
-                                             backend=options["backend"])
+                                            key_padding_mask=padding, scale=scale, backend=backend)
+    # over a cache: the last rows of the causal op over every position (prefix-stable layouts make them the
+    # full forward's rows)
+    return last_rows_of_causal(
+        lambda queries: functional.block_sparse_attention(
+            queries, k, v, _block_sparse_layout(options, key_len, q.shape[1]), causal=causal,
+            key_padding_mask=padding, scale=scale, backend=backend),
+        q, key_len)
 
 
 def _block_sparse_layout(options, seq_len: int, num_heads: int) -> BlockLayout:
