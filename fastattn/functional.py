@@ -135,10 +135,12 @@ def bigbird_attention(q, k, v, *, block_size=64, num_random_blocks=3, seed=0, ca
     """BigBird attention: ``block_sparse_attention`` with ``bigbird_layout(N, num_heads=H, ...)``.
 
     The layout (global first and last blocks, a window of 3, random blocks drawn per head from
-    ``seed``) is built for Nq == Nk and cached per argument set.
+    ``seed``; with ``causal`` prefix-stable: block 0, the window i - 1, i and random blocks left of it,
+    drawn from (seed, head, i) alone) is built for Nq == Nk and cached per argument set. Under
+    torch.compile the length may be symbolic (one graph for every length).
     """
-    _check_tensor("q", q, 4)
-    _check_tensor("k", k, 4)
+    # the layout is built from q's shape: check the tensors first, so that errors name them, not num_heads
+    _check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"k: BigBird expects Nk == Nq = {q.shape[2]}, got Nk={k.shape[2]}")
     arguments = dict(block_size=block_size, num_heads=q.shape[1], num_random_blocks=num_random_blocks, seed=seed,
