@@ -66,3 +66,8 @@ def test_compiled_bigbird_serves_varying_lengths(mode):
             torch.testing.assert_close(traced.grad, eager.grad)
     if mode != "static":
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, "a symbolic length needs one graph"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_bigbird_layout_csr_op_passes_opcheck(causal):
+    torch.library.opcheck(torch.ops.fastattn.bigbird_layout_csr.default, (100, 16, 2, 1, 0, causal, torch.device("cpu")))
