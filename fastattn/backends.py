@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import operator
 import os
 import sys
 from dataclasses import dataclass, field
@@ -126,6 +127,9 @@ class Backend:
     extra_reasons: Callable[[str, Tensor, dict], list[str]] = field(default=_no_reasons)
     auto_device_types: tuple[str, ...] = ()
     manual_reason: str = ""
+    # Mechanisms whose kernels read k and v with fewer heads than q (grouped-query attention) natively;
+    # for the others the public ops repeat k and v to the heads of q before the call.
+    gqa_mechanisms: tuple[str, ...] = ()
 
     def not_supported_reasons(self, mechanism: str, q: Tensor, **options) -> list[str]:
         """Why this backend cannot run ``mechanism`` on inputs like ``q``; empty when it can."""
@@ -171,6 +175,7 @@ BACKENDS: dict[str, Backend] = {
         "reference", "exact pure-PyTorch reference (materialises the attention matrix)", ("cpu", "cuda"),
         (torch.float16, torch.bfloat16, torch.float32, torch.float64), None, 2**31, _reference_implementation,
         manual_reason='never chosen automatically (it materialises the attention matrix): pass backend="reference"',
+        gqa_mechanisms=MECHANISMS,
     ),
 }
 
@@ -178,7 +183,8 @@ BACKENDS: dict[str, Backend] = {
 def select(mechanism: str, q: Tensor, backend: str | None = None, **options) -> Backend:
     """The backend that runs ``mechanism`` on inputs like ``q``: the one named, or the first that can."""
     if torch.compiler.is_compiling():
-        return BACKENDS[_select_while_compiling(mechanism, q.device, q.dtype, q.shape[-1], backend,
+        # operator.index specialises a symbolic head dim (dynamic=True): backends support some head dims only.
+        return BACKENDS[_select_while_compiling(mechanism, q.device, q.dtype, operator.index(q.shape[-1]), backend,
                                                 tuple(sorted(options.items())))]
     return _select(mechanism, q, backend, **options)
 

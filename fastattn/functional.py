@@ -1,7 +1,7 @@
 """The public ops: validate the inputs, pick a backend, call its differentiable op.
 
-Every function takes q (B, H, Nq, D), k and v (B, H, Nk, D) and returns (B, H, Nq, D) in the input
-dtype. ``key_padding_mask`` is bool (B, Nk) with True marking padding. ``scale`` defaults to D ** -0.5.
+Every function takes q (B, H, Nq, D), k and v (B, Hkv, Nk, D) with H % Hkv == 0 (grouped-query
+attention: query head h reads kv head h // (H / Hkv)) and returns (B, H, Nq, D) in the input dtype. ``key_padding_mask`` is bool (B, Nk) with True marking padding. ``scale`` defaults to D ** -0.5.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
-from .layout import BlockLayout, bigbird_layout
+from .layout import BlockLayout, TracedBigBirdLayout, bigbird_layout
 
 __all__ = [
     "full_attention",
@@ -50,12 +50,15 @@ def _check_inputs(q, k, v, *, causal: bool, key_padding_mask, scale) -> tuple[Te
         if value.device != q.device:
             raise ValueError(f"{name}: expected device {q.device} (that of q), got {value.device}")
     batch, heads, query_len, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim:
-        raise ValueError(f"k: expected shape ({batch}, {heads}, Nk, {head_dim}) to match q, got {tuple(k.shape)}")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k: expected shape ({batch}, Hkv, Nk, {head_dim}) to match q, got {tuple(k.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if 0 in q.shape or k.shape[2] == 0:
         raise ValueError(f"q, k: expected non-empty tensors, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if k.shape[1] == 0 or heads % k.shape[1] != 0:
+        raise ValueError(f"k: expected Hkv heads dividing H={heads} (the heads of q; grouped-query attention), "
+                         f"got Hkv={k.shape[1]} in shape {tuple(k.shape)}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {_describe(causal)}")
     if causal and query_len != k.shape[2]:
@@ -77,6 +80,15 @@ def _check_inputs(q, k, v, *, causal: bool, key_padding_mask, scale) -> tuple[Te
     return (*unit_stride, float(scale))
 
 
+def _kv_for(chosen: backends.Backend, mechanism: str, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """k and v as ``chosen`` reads them: as given where its kernels read grouped-query heads natively,
+    else repeated to H heads (query head h reads kv head h // (H / Hkv); autograd sums each group's gradients)."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1 or mechanism in chosen.gqa_mechanisms:
+        return k, v
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
 def _padding_mask(key_padding_mask: Tensor | None) -> Tensor | None:
     return None if key_padding_mask is None else key_padding_mask.contiguous()
 
@@ -87,13 +99,14 @@ def full_attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None) 
     Unlike plain SDPA, a query that sees no key (all padding) gives zeros, not NaN.
     """
     q, k, v, scale = _check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    grouped = k.shape[1] != q.shape[1]
     if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=grouped)
     allowed = ~key_padding_mask[:, None, None, :]
     if causal:
         allowed = allowed & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     sees_a_key = allowed.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~sees_a_key, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~sees_a_key, scale=scale, enable_gqa=grouped)
     return out * sees_a_key
 
 
@@ -108,7 +121,12 @@ def block_sparse_attention(q, k, v, layout, *, causal=False, key_padding_mask=No
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout: expected a fastattn.BlockLayout, got {_describe(layout)}")
     layout.check_fits(q.shape[1], q.shape[2], k.shape[2])
+    return _block_sparse(q, k, v, layout, causal, key_padding_mask, scale, backend)
+
+
+def _block_sparse(q, k, v, layout, causal, key_padding_mask, scale, backend) -> Tensor:
     chosen = backends.select("block_sparse", q, backend, block_size=layout.block_size, causal=causal)
+    k, v = _kv_for(chosen, "block_sparse", q, k, v)
     return chosen.implementation("block_sparse")(
         q, k, v, layout, causal=causal, key_padding_mask=_padding_mask(key_padding_mask), scale=scale
     )
@@ -119,16 +137,23 @@ def bigbird_attention(q, k, v, *, block_size=64, num_random_blocks=3, seed=0, ca
     """BigBird attention: ``block_sparse_attention`` with ``bigbird_layout(N, num_heads=H, ...)``.
 
     The layout (global first and last blocks, a window of 3, random blocks drawn per head from
-    ``seed``) is built for Nq == Nk and cached per argument set.
+    ``seed``; with ``causal`` prefix-stable: block 0, the window i - 1, i and random blocks left of it,
+    drawn from (seed, head, i) alone) is built for Nq == Nk and cached per argument set. Under
+    torch.compile the length may be symbolic (one graph for every length).
     """
     # the layout is built from q's shape: check the tensors first, so that errors name them, not num_heads
     _check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"k: BigBird expects Nk == Nq = {q.shape[2]}, got Nk={k.shape[2]}")
-    layout = bigbird_layout(q.shape[2], block_size=block_size, num_heads=q.shape[1],
-                            num_random_blocks=num_random_blocks, seed=seed, causal=causal)
-    return block_sparse_attention(q, k, v, layout, causal=causal, key_padding_mask=key_padding_mask,
-                                  scale=scale, backend=backend)
+    arguments = dict(block_size=block_size, num_heads=q.shape[1], num_random_blocks=num_random_blocks, seed=seed,
+                     causal=causal)
+    if torch.compiler.is_compiling():
+        # The layout fits q by construction; building it inside the graph keeps N (and H) symbolic.
+        q, k, v, scale = _check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+        return _block_sparse(q, k, v, TracedBigBirdLayout(q.shape[2], **arguments), causal, key_padding_mask,
+                             scale, backend)
+    return block_sparse_attention(q, k, v, bigbird_layout(q.shape[2], **arguments), causal=causal,
+                                  key_padding_mask=key_padding_mask, scale=scale, backend=backend)
 
 
 def _check_projection(name: str, projection, q: Tensor, *, expected: str, size_dim: int, size: int, size_name: str) -> None:
@@ -170,6 +195,7 @@ def linformer_attention(q, k, v, proj_k, proj_v=None, *, key_padding_mask=None, 
         if projection.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {q.dtype} (that of q), got {projection.dtype}")
     chosen = backends.select("linformer", q, backend)
+    k, v = _kv_for(chosen, "linformer", q, k, v)
     return chosen.implementation("linformer")(
         q, k, v, proj_k[..., :key_len], proj_v[..., :key_len], key_padding_mask=_padding_mask(key_padding_mask), scale=scale
     )
@@ -193,6 +219,7 @@ def performer_attention(q, k, v, projection, *, kernel="softmax", causal=False, 
     if kernel not in PERFORMER_KERNELS:
         raise ValueError(f"kernel: expected one of {PERFORMER_KERNELS}, got {kernel!r}")
     chosen = backends.select("performer", q, backend, kernel=kernel, causal=causal)
+    k, v = _kv_for(chosen, "performer", q, k, v)
     return chosen.implementation("performer")(
         q, k, v, projection.detach(), kernel=kernel, causal=causal, key_padding_mask=_padding_mask(key_padding_mask),
         scale=scale,

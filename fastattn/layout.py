@@ -1,7 +1,10 @@
 """Block layouts: which key blocks each query block attends to, per head, as CSR (and its transpose)."""
 from __future__ import annotations
 
+import functools
 import math
+import operator
+import random
 
 import torch
 from torch import Tensor
@@ -121,6 +124,13 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
+def _check_bigbird_arguments(seq_len, block_size, num_heads, num_random_blocks) -> None:
+    for name, value, low in (("seq_len", seq_len, 1), ("block_size", block_size, 1),
+                             ("num_heads", num_heads, 1), ("num_random_blocks", num_random_blocks, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
 def bigbird_layout(
     seq_len: int,
     *,
@@ -134,14 +144,19 @@ def bigbird_layout(
 
     The first and last query blocks attend to every key block and every query block attends to them;
     every block attends to itself and its neighbours; each other row gets ``num_random_blocks`` blocks
-    drawn from the rest, reproducibly from ``seed``, independently per head. With ``causal=True`` only
-    blocks at or left of the diagonal are listed and the random blocks come from those left of the
-    window. Layouts are cached per argument set.
+    drawn from the rest, reproducibly from ``seed``, independently per head.
+
+    ``causal=True`` is prefix-stable: query block i lists block 0, the window i - 1, i and
+    ``num_random_blocks`` blocks drawn from those left of the window (all of them where there are
+    fewer), drawn from (seed, head, i) alone. So a row never depends on the length: the layout of N
+    tokens is the top-left corner of that of any longer sequence, and decoding with a key-value cache
+    gives exactly the full forward's outputs. Layouts are cached per argument set.
     """
-    for name, value, low in (("seq_len", seq_len, 1), ("block_size", block_size, 1),
-                             ("num_heads", num_heads, 1), ("num_random_blocks", num_random_blocks, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    _check_bigbird_arguments(seq_len, block_size, num_heads, num_random_blocks)
+    # Under torch.compile a length or head count may be symbolic; the BlockLayout (a Python object with
+    # a dense mask) exists for one length only, so operator.index specialises to this call's value and
+    # Dynamo guards on it. (bigbird_attention keeps the length symbolic: see TracedBigBirdLayout.)
+    seq_len, num_heads = operator.index(seq_len), operator.index(num_heads)
     return _BIGBIRD_LAYOUTS[_cache_bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, int(seed), bool(causal))]
 
 
@@ -164,23 +179,113 @@ def _cache_bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, see
     return key
 
 
+@torch.library.custom_op("fastattn::bigbird_layout_csr", mutates_args=())
+def _bigbird_layout_csr(seq_len: int, block_size: int, num_heads: int, num_random_blocks: int, seed: int,
+                        causal: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The CSR of ``bigbird_layout(...)`` on ``device`` (copies: a custom op may not return its cache)."""
+    layout = bigbird_layout(seq_len, block_size=block_size, num_heads=num_heads,
+                            num_random_blocks=num_random_blocks, seed=seed, causal=causal)
+    return tuple(t.clone() for t in layout.csr(device))
+
+
+@_bigbird_layout_csr.register_fake
+def _(seq_len, block_size, num_heads, num_random_blocks, seed, causal, device):
+    blocks = (seq_len + block_size - 1) // block_size
+    context = torch.library.get_ctx()
+    offsets = torch.empty(num_heads, blocks + 1, dtype=torch.int32, device=device)
+    return (offsets, offsets.new_empty(num_heads, context.new_dynamic_size(min=1)), torch.empty_like(offsets),
+            offsets.new_empty(num_heads, context.new_dynamic_size(min=1)))
+
+
+class TracedBigBirdLayout:
+    """What the block-sparse ops read of a BigBird layout (``block_size`` and ``csr(device)``), for
+    ``bigbird_attention`` under torch.compile.
+
+    The CSR comes from the opaque op ``fastattn::bigbird_layout_csr``, which builds (or finds in the
+    cache) the layout when the graph runs, so the length and head count may stay symbolic: one graph
+    serves every length (``dynamic=True``, ``mark_dynamic``) instead of one recompilation per length.
+    """
+
+    def __init__(self, seq_len, *, block_size: int, num_heads, num_random_blocks: int, seed: int, causal: bool):
+        _check_bigbird_arguments(seq_len, block_size, num_heads, num_random_blocks)
+        self.block_size = block_size
+        self._arguments = (seq_len, block_size, num_heads, num_random_blocks, int(seed), bool(causal))
+
+    def csr(self, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return torch.ops.fastattn.bigbird_layout_csr(*self._arguments, torch.device(device))
+
+
 def _build_bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, seed, causal) -> BlockLayout:
     blocks = math.ceil(seq_len / block_size)
-    last = blocks - 1
     mask = torch.zeros(num_heads, blocks, blocks, dtype=torch.bool)
+    if causal:
+        for head in range(num_heads):
+            for row in range(blocks):
+                mask[head, row, _causal_bigbird_row(row, num_random_blocks, seed, head)] = True
+    else:
+        _fill_bigbird_layout(mask, num_random_blocks, seed)
+    return BlockLayout(mask, block_size)
+
+
+def _causal_bigbird_row(row: int, num_random_blocks: int, seed: int, head: int) -> list[int]:
+    """Key blocks of query block ``row`` in a causal layout: block 0, the window ``row - 1, row``, and
+    ``num_random_blocks`` of the blocks 1 .. row - 2 (all of them where there are fewer).
+
+    The draw depends on (seed, head, row) only, never on the length, so the layout of a length is the
+    top-left corner of the layout of any longer length: a token's output does not depend on how many
+    tokens follow, and decoding with a key-value cache is exact.
+    """
+    fixed = sorted({0, max(row - 1, 0), row})
+    candidates = range(1, max(row - 1, 1))
+    picks = random.Random(mixed_seed(seed, head, row)).sample(candidates, min(num_random_blocks, len(candidates)))
+    return fixed + picks
+
+
+def mixed_seed(seed: int, *values: int) -> int:
+    """A well-mixed 64-bit seed from ``seed`` and ``values`` (splitmix64 steps), the same in every process."""
+    state = seed & _MASK64
+    for value in values:
+        state = (state ^ value) * 0x9E3779B97F4A7C15 & _MASK64
+        state = (state ^ (state >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & _MASK64
+        state ^= state >> 31
+    return state
+
+
+_MASK64 = 2**64 - 1
+
+
+@functools.lru_cache(maxsize=64)
+def causal_bigbird_row_layout(position: int, *, block_size: int, num_heads: int, num_random_blocks: int,
+                              seed: int) -> BlockLayout:
+    """The row of query ``position`` in the causal ``bigbird_layout``, as a layout of one query over the
+    keys 0 .. position: (num_heads, 1, ceil((position + 1) / block_size)) blocks.
+
+    For decoding with a key-value cache: the new token attends to its row's blocks only, with
+    ``causal=False`` (no listed key lies after it), and gets exactly the output of the full causal forward.
+    """
+    _check_bigbird_arguments(position + 1, block_size, num_heads, num_random_blocks)
+    row = position // block_size
+    mask = torch.zeros(num_heads, 1, row + 1, dtype=torch.bool)
+    for head in range(num_heads):
+        mask[head, 0, _causal_bigbird_row(row, num_random_blocks, seed, head)] = True
+    return BlockLayout(mask, block_size)
+
+
+def _fill_bigbird_layout(mask: Tensor, num_random_blocks: int, seed: int) -> None:
+    """The non-causal layout into an empty (h, blocks, blocks) mask: the first and last blocks global,
+    the window ``row - 1 .. row + 1``, random blocks drawn from all the others (one draw from ``seed``)."""
+    num_heads, blocks, _ = mask.shape
+    last = blocks - 1
     generator = torch.Generator().manual_seed(seed)
     for head in range(num_heads):
         for row in range(blocks):
             if row in (0, last):
                 mask[head, row, :] = True
                 continue
-            window = {row - 1, row} if causal else {row - 1, row, row + 1}
-            fixed = window | ({0} if causal else {0, last})
+            fixed = {row - 1, row, row + 1, 0, last}
             mask[head, row, sorted(fixed)] = True
-            rest = [col for col in range(row if causal else blocks) if col not in fixed]
+            rest = [col for col in range(blocks) if col not in fixed]
             if rest and num_random_blocks:
                 picks = torch.randperm(len(rest), generator=generator)[:num_random_blocks]
                 mask[head, row, [rest[i] for i in picks.tolist()]] = True
-    if causal:
-        mask &= torch.ones(blocks, blocks, dtype=torch.bool).tril()
-    return BlockLayout(mask, block_size)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional
+from .decoding import bigbird_attention_over_cache
 from .features import random_features
 from .layout import bigbird_layout
 from .reference import performer_features
@@ -588,39 +589,70 @@ class MultiheadAttention(nn.Module):
 
     # incremental decoding ----------------------------------------------------------------------
 
-    def decode(self, x: Tensor, state: dict | None = None) -> tuple[Tensor, dict]:
+    def decode(self, x: Tensor, state: dict | None = None, key_padding_mask: Tensor | None = None) -> tuple[Tensor, dict]:
         """Causal self-attention of new tokens ``x`` (B, T, E), given the ``state`` of the tokens before them.
 
         ``state=None`` starts a sequence. Returns the output (B, T, E) and the state to pass with the
-        next tokens. Full attention keeps a key-value cache; causal Performer keeps its running sums
-        (fp32 ``sum_j phi(k_j) v_j^T`` and ``sum_j phi(k_j)`` relative to the running key stabiliser),
-        so each new token costs the same whatever the length, and the outputs equal the causal
-        forward's (same features and stabilisers as ``fastattn.reference.performer_attention``).
-        BigBird and Linformer have no incremental form (BigBird's layout depends on the total length).
-        The first call (the prompt) runs the causal op and sums the prompt's keys into the state at once.
+        next tokens. ``key_padding_mask`` (bool, True = padding) covers every token so far, these
+        included: (B, past + T); padding inside the prompt (a left-padded batch) is supported, new
+        tokens after the prompt must not be padding. Full attention and BigBird keep a key-value cache
+        (BigBird: a new token attends to its row's blocks only; the prefix-stable causal layout makes
+        this the causal forward's output); causal Performer keeps its running sums (fp32
+        ``sum_j phi(k_j) v_j^T`` and ``sum_j phi(k_j)`` relative to the running key stabiliser), so each
+        new token costs the same whatever the length, and the outputs equal the causal forward's (same
+        features and stabilisers as ``fastattn.reference.performer_attention``). Linformer has no
+        incremental form. The first call (the prompt) runs the causal op.
         """
-        if self.attention not in ("full", "performer"):
-            raise ValueError(f"attention: incremental decoding supports 'full' and 'performer', not {self.attention!r}")
+        if self.attention not in ("full", "bigbird", "performer"):
+            raise ValueError(f"attention: incremental decoding supports 'full', 'bigbird' and 'performer', "
+                             f"not {self.attention!r}")
         if self.bias_k is not None or self.add_zero_attn or not self._qkv_same_embed_dim:
             raise ValueError("decode: needs plain self-attention (no add_bias_kv, add_zero_attn, kdim or vdim)")
+        if key_padding_mask is not None:
+            self._check_decode_padding(key_padding_mask, x, state)
         q, k, v = (self._heads(t) for t in self._in_projection(x, x, x))
-        if self.attention == "full":
-            if state is None:
-                out = functional.full_attention(q, k, v, causal=True)
-                state = {"key": k, "value": v}
-            else:
-                keys = torch.cat([state["key"], k], dim=2)
-                values = torch.cat([state["value"], v], dim=2)
+        if self.attention == "performer":
+            out, state = self._performer_decode(q, k, v, state, key_padding_mask)
+        elif state is None:
+            out = functional.full_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask) \
+                if self.attention == "full" else \
+                functional.bigbird_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
+                                             backend=self.attention_options["backend"], **self._bigbird_arguments())
+            state = {"key": k, "value": v}
+        else:
+            keys = torch.cat([state["key"], k], dim=2)
+            values = torch.cat([state["value"], v], dim=2)
+            if self.attention == "full":
                 allowed = torch.ones(q.shape[2], keys.shape[2], dtype=torch.bool, device=q.device).tril(
                     keys.shape[2] - q.shape[2])
+                if key_padding_mask is not None:
+                    allowed = allowed & ~key_padding_mask[:, None, None, :]
                 out = _masked_softmax(torch.matmul(q * self.head_dim**-0.5, keys.transpose(-1, -2)), allowed)
                 out = torch.matmul(out, values)
-                state = {"key": keys, "value": values}
-        else:
-            out, state = self._performer_decode(q, k, v, state)
+            else:
+                out = bigbird_attention_over_cache(q, keys, values, key_padding_mask=key_padding_mask,
+                                                   backend=self.attention_options["backend"], **self._bigbird_arguments())
+            state = {"key": keys, "value": values}
         return self.out_proj(self._merge_heads(out)), state
 
-    def _performer_decode(self, q, k, v, state):
+    @staticmethod
+    def _check_decode_padding(key_padding_mask, x: Tensor, state: dict | None) -> None:
+        new = x.shape[1]
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool \
+                or key_padding_mask.dim() != 2 or key_padding_mask.shape[0] != x.shape[0] \
+                or key_padding_mask.shape[1] < new:
+            raise ValueError(f"key_padding_mask: expected a bool tensor (B, past + T) with B={x.shape[0]}, T={new}, "
+                             f"got {key_padding_mask!r}")
+        if state is None and key_padding_mask.shape[1] != new:
+            raise ValueError(f"key_padding_mask: expected ({x.shape[0]}, {new}) for the prompt, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if state is not None and "key" in state and key_padding_mask.shape[1] != state["key"].shape[2] + new:
+            raise ValueError(f"key_padding_mask: expected ({x.shape[0]}, {state['key'].shape[2] + new}) (past + T), "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if state is not None and key_padding_mask[:, -new:].any():
+            raise ValueError("key_padding_mask: only the prompt may hold padding; the new tokens must not")
+
+    def _performer_decode(self, q, k, v, state, key_padding_mask):
         projection = self.projection.to(q.dtype)
         kernel = self.attention_options["kernel"]
         scale = self.head_dim**-0.5
@@ -629,11 +661,17 @@ class MultiheadAttention(nn.Module):
         phi_k, key_max = performer_features(k, projection, kernel=kernel, scale=scale)
         phi_k, key_max, values = phi_k.to(accumulate), key_max.to(accumulate), v.to(accumulate)
         if state is None:
-            # the prompt: outputs from the causal op, the state in closed form (sums relative to the largest key logit)
+            # the prompt: outputs from the causal op, the state in closed form (sums relative to the largest
+            # unpadded key logit; padded keys weigh 0)
             out = functional.performer_attention(q, k, v, projection, kernel=kernel, causal=True,
+                                                 key_padding_mask=key_padding_mask,
                                                  backend=self.attention_options["backend"])
-            stabiliser = key_max.amax(-1)
-            key_features = phi_k * torch.exp(key_max - stabiliser.unsqueeze(-1)).unsqueeze(-1)
+            keep = torch.ones_like(key_max, dtype=torch.bool) if key_padding_mask is None \
+                else (~key_padding_mask)[:, None, :].expand_as(key_max)
+            stabiliser = key_max.masked_fill(~keep, float("-inf")).amax(-1)
+            stabiliser = torch.where(torch.isfinite(stabiliser), stabiliser, torch.zeros_like(stabiliser))
+            weight = torch.exp(torch.clamp(key_max - stabiliser.unsqueeze(-1), max=0.0)).masked_fill(~keep, 0.0)
+            key_features = phi_k * weight.unsqueeze(-1)
             return out, {"kv": torch.einsum("bhnm,bhnd->bhmd", key_features, values),
                          "normaliser": key_features.sum(-2), "stabiliser": stabiliser}
         phi_q, v = phi_q.to(accumulate), values

@@ -1,7 +1,8 @@
 """Exact pure-PyTorch references of every fastattn op: the ground truth of the tests and benchmarks.
 
 They follow the public signatures, materialise the full attention matrix, and run in the dtype of
-their inputs (the tests evaluate them in float64). Semantics shared with every backend are stated
+their inputs (the tests evaluate them in float64). k and v may have fewer heads than q (grouped-query
+attention: query head h reads kv head h // (H / Hkv)). Semantics shared with every backend are stated
 in the docstrings; a row of queries that sees no key gives zeros.
 """
 from __future__ import annotations
@@ -32,6 +33,15 @@ def _padding_allowed(key_padding_mask: Tensor | None) -> Tensor | None:
     return None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
 
 
+def _kv_heads_of_queries(q: Tensor, *kv: Tensor) -> tuple[Tensor, ...]:
+    """k, v (B, Hkv, N, D) indexed to the heads of q (grouped-query attention): query head h reads kv head
+    h // (H / Hkv)."""
+    if kv[0].shape[1] == q.shape[1]:
+        return kv
+    heads = torch.arange(q.shape[1], device=q.device) // (q.shape[1] // kv[0].shape[1])
+    return tuple(t.index_select(1, heads) for t in kv)
+
+
 def _masked_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float) -> Tensor:
     """softmax(q k^T * scale) v over the allowed (query, key) pairs; rows with none allowed give zeros."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -56,6 +66,7 @@ def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 def full_attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None) -> Tensor:
     """Dense softmax attention."""
+    k, v = _kv_heads_of_queries(q, k, v)
     allowed = _padding_allowed(key_padding_mask)
     if causal:
         allowed = _and(allowed, _causal_allowed(q.shape[2], k.shape[2], q.device))
@@ -68,6 +79,7 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, key_pa
     With ``causal`` the keys after each query are masked too, so listed blocks above the diagonal
     contribute nothing and the diagonal block is masked element-wise.
     """
+    k, v = _kv_heads_of_queries(q, k, v)
     size = layout.block_size
     blocks = layout.to_dense().to(q.device)
     allowed = blocks.repeat_interleave(size, 1).repeat_interleave(size, 2)[:, : q.shape[2], : k.shape[2]]
@@ -90,6 +102,7 @@ def linformer_attention(q, k, v, proj_k, proj_v=None, *, key_padding_mask=None, 
 
     Padded keys and values are zeroed before the projection; ``proj_v`` defaults to ``proj_k``.
     """
+    k, v = _kv_heads_of_queries(q, k, v)
     if key_padding_mask is not None:
         keep = (~key_padding_mask)[:, None, :, None].to(k.dtype)
         k, v = k * keep, v * keep
@@ -128,6 +141,7 @@ def performer_attention(q, k, v, projection, *, kernel="softmax", causal=False, 
     change an earlier output). Padded keys contribute to neither numerator nor normaliser; a query whose
     normaliser is zero (it sees no key) gives zeros.
     """
+    k, v = _kv_heads_of_queries(q, k, v)
     scale = _scale(q, scale)
     phi_q, _ = performer_features(q, projection, kernel=kernel, scale=scale)
     phi_k, key_max = performer_features(k, projection, kernel=kernel, scale=scale)

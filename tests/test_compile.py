@@ -36,3 +36,38 @@ def test_compiled_public_op_matches_eager_forward_and_backward(name):
     torch.testing.assert_close(actual, expected)
     for eager, compiled in zip(eager_inputs, compiled_inputs):
         torch.testing.assert_close(compiled.grad, eager.grad)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic", "mark_dynamic"])
+def test_compiled_bigbird_serves_varying_lengths(mode):
+    """Regression: a second length (automatic dynamic shapes), dynamic=True and mark_dynamic used to fail
+    with 'assume_constant_result argument conversion failed' (the layout was built from a symbolic N).
+    With a symbolic length, one graph serves every length."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+    def op(q, k, v):
+        return fastattn.bigbird_attention(q, k, v, block_size=16, num_random_blocks=1, causal=True)
+
+    compiled = torch.compile(op, fullgraph=True, dynamic=True if mode == "dynamic" else None)
+    generator = torch.Generator().manual_seed(0)
+    for length in (64, 100, 37):
+        eager_inputs = [torch.randn(1, 2, length, HEAD_DIM, generator=generator, requires_grad=True) for _ in range(3)]
+        compiled_inputs = [t.detach().clone().requires_grad_() for t in eager_inputs]
+        if mode == "mark_dynamic":
+            for t in compiled_inputs:
+                torch._dynamo.mark_dynamic(t, 2)
+        expected = op(*eager_inputs)
+        expected.square().sum().backward()
+        actual = compiled(*compiled_inputs)
+        actual.square().sum().backward()
+        torch.testing.assert_close(actual, expected)
+        for eager, traced in zip(eager_inputs, compiled_inputs):
+            torch.testing.assert_close(traced.grad, eager.grad)
+    if mode != "static":
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, "a symbolic length needs one graph"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_bigbird_layout_csr_op_passes_opcheck(causal):
+    torch.library.opcheck(torch.ops.fastattn.bigbird_layout_csr.default, (100, 16, 2, 1, 0, causal, torch.device("cpu")))

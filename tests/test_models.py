@@ -129,8 +129,10 @@ def small_gpt(attention: str, seed: int = 0) -> GPTLMHeadModel:
                           attention_dropout=0.0, attention=attention, attention_options=OPTIONS[attention]).eval()
 
 
-@pytest.mark.parametrize("attention", ("full", "performer"))
+@pytest.mark.parametrize("attention", ("full", "bigbird", "performer"))
 def test_incremental_decoding_equals_the_full_forward(attention):
+    """BigBird (blocks of 4: rows 4 and up skip blocks) decodes over its key-value cache too: its causal
+    layout is prefix-stable (regression: it recomputed the prefix, and a cache gave other logits)."""
     model = small_gpt(attention)
     prompt = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
     generated = model.generate(prompt, max_new_tokens=12)
@@ -157,17 +159,21 @@ def test_performer_decoding_state_is_constant_size():
     assert shapes == [{name: tuple(t.shape) for name, t in state["attention"].items()} for state in long]
 
 
-def test_bigbird_generate_recomputes_the_prefix():
-    model = small_gpt("bigbird")
-    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
-    generated = model.generate(prompt, max_new_tokens=8)
-    sequence = prompt
+@pytest.mark.parametrize("attention", ("full", "bigbird", "performer"))
+def test_generate_serves_left_padded_batches(attention):
+    model = small_gpt(attention)
+    generator = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, VOCAB, (2, 9), generator=generator)
+    mask = torch.ones_like(prompt)
+    mask[0, :4] = 0
+    generated = model.generate(prompt, max_new_tokens=10, attention_mask=mask)
+    full_mask = torch.cat([mask, torch.ones(2, 10, dtype=mask.dtype)], dim=1)
     with torch.no_grad():
-        for _ in range(8):
-            sequence = torch.cat([sequence, model(sequence).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(generated, sequence)
-    with pytest.raises(ValueError, match="incremental decoding supports attention"):
-        model(prompt, use_cache=True)
+        logits = model(generated, attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits
+    assert torch.equal(logits[:, 8:-1].argmax(-1), generated[:, 9:])
+    if attention != "bigbird":  # BigBird's blocks start at the padding, so its row 0 differs without it
+        alone = model.generate(prompt[:1, 4:], max_new_tokens=10)
+        assert torch.equal(generated[:1, 4:], alone)
 
 
 def test_gpt_errors():
@@ -178,8 +184,9 @@ def test_gpt_errors():
         model(torch.zeros(1, 49, dtype=torch.long))
     with pytest.raises(ValueError, match="input_ids: expected an integer"):
         model(torch.zeros(1, 4))
-    with pytest.raises(ValueError, match="padding is not supported with use_cache"):
-        model(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 4), use_cache=True)
+    past = model(torch.zeros(1, 4, dtype=torch.long), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"attention_mask: expected shape \(1, 5\) \(past \+ new tokens\)"):
+        model(torch.zeros(1, 1, dtype=torch.long), attention_mask=torch.ones(1, 1), past_key_values=past)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -489,25 +489,26 @@ def test_nested_tensor_inputs_reject_masks_and_mixed_inputs():
         MultiheadAttention(16, 2)(nested, nested, nested, need_weights=False)
 
 
-@pytest.mark.parametrize("name", ("full", "performer", "performer-relu"))
+@pytest.mark.parametrize("name", ("full", "bigbird", "performer", "performer-relu"))
 def test_decode_reproduces_causal_forward(name):
-    """Prompt, then tokens one by one (and two at once): the causal forward's outputs at every position."""
+    """Prompt, then tokens one by one (and several at once): the causal forward's outputs at every position
+    (BigBird's blocks of 4: rows 4 and up skip blocks)."""
     torch.manual_seed(8)
     attention, options = ("full", {}) if name == "full" else mechanism(name)
     module = MultiheadAttention(16, 2, batch_first=True, attention=attention, **options).eval()
-    x = torch.randn(2, 12, 16)
+    x = torch.randn(2, 24, 16)
     expected, _ = module(x, x, x, is_causal=True, need_weights=False)
     outputs, state = module.decode(x[:, :5])
     pieces = [outputs]
-    for start, stop in ((5, 6), (6, 7), (7, 9), (9, 12)):
+    for start, stop in ((5, 6), (6, 7), (7, 9), (9, 12), (12, 19), (19, 20), (20, 24)):
         outputs, state = module.decode(x[:, start:stop], state)
         pieces.append(outputs)
     torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=2e-5, rtol=1e-4)
 
 
 def test_decode_rejects_mechanisms_without_incremental_form():
-    module = MultiheadAttention(16, 2, batch_first=True, attention="bigbird", **mechanism("bigbird")[1])
-    with pytest.raises(ValueError, match="incremental decoding supports 'full' and 'performer', not 'bigbird'"):
+    module = MultiheadAttention(16, 2, batch_first=True, attention="linformer", **mechanism("linformer")[1])
+    with pytest.raises(ValueError, match="incremental decoding supports 'full', 'bigbird' and 'performer', not 'linformer'"):
         module.decode(torch.randn(1, 3, 16))
 
 

@@ -16,9 +16,6 @@ from .common import ModelOutput, activation, attention_options as _options, chec
 
 __all__ = ["GPTModel", "GPTLMHeadModel"]
 
-INCREMENTAL_MECHANISMS = ("full", "performer")
-
-
 class GPTBlock(nn.Module):
     def __init__(self, hidden_size, num_heads, intermediate_size, dropout, attention_dropout, layer_norm_eps,
                  activation_function, attention, options):
@@ -35,7 +32,7 @@ class GPTBlock(nn.Module):
     def forward(self, hidden: Tensor, padding: Tensor | None, state: dict | None, use_cache: bool):
         normed = self.ln_1(hidden)
         if use_cache:
-            attended, state = self.attn.decode(normed, state)
+            attended, state = self.attn.decode(normed, state, key_padding_mask=padding)
         else:
             attended, _ = self.attn(normed, normed, normed, key_padding_mask=padding, need_weights=False,
                                     is_causal=True)
@@ -48,9 +45,10 @@ class GPTModel(nn.Module):
     """GPT-2 decoder stack: ``forward`` returns ``last_hidden_state`` (B, N, hidden) and ``past_key_values``.
 
     ``attention`` ("full", "bigbird", "performer") and ``attention_options`` configure every causal
-    self-attention layer. With ``use_cache=True`` (full and Performer only) the returned
-    ``past_key_values`` (one state per layer: a key-value cache for full attention, Performer's running
-    feature sums) let the next call take only the new tokens.
+    self-attention layer. With ``use_cache=True`` the returned ``past_key_values`` (one state per
+    layer: a key-value cache for full attention and BigBird, Performer's running feature sums) let the
+    next call take only the new tokens; its ``attention_mask`` then covers the past tokens and the new
+    ones, (B, past + N), and only the first call's tokens may be padding (left-padded prompts).
     """
 
     def __init__(self, vocab_size: int = 50257, hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,
@@ -89,12 +87,14 @@ class GPTModel(nn.Module):
                 f"got {past_length} past + {input_ids.shape[1]} new"
             )
         use_cache = use_cache or past_key_values is not None
-        if use_cache and self.attention not in INCREMENTAL_MECHANISMS:
-            raise ValueError(f"use_cache: incremental decoding supports attention {INCREMENTAL_MECHANISMS}, "
-                             f"not {self.attention!r} (BigBird's layout depends on the total length)")
-        if use_cache and attention_mask is not None:
-            raise ValueError("attention_mask: padding is not supported with use_cache / past_key_values")
-        padding = key_padding_mask(attention_mask, input_ids)
+        if past_length and attention_mask is not None:
+            expected = (input_ids.shape[0], past_length + input_ids.shape[1])
+            if tuple(attention_mask.shape) != expected:
+                raise ValueError(f"attention_mask: expected shape {expected} (past + new tokens), "
+                                 f"got {tuple(attention_mask.shape)}")
+            padding = attention_mask == 0
+        else:
+            padding = key_padding_mask(attention_mask, input_ids)
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
             position_ids = position_ids.unsqueeze(0)
@@ -146,13 +146,14 @@ class GPTLMHeadModel(nn.Module):
         return result
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
+    def generate(self, input_ids: Tensor, max_new_tokens: int, attention_mask: Tensor | None = None) -> Tensor:
         """Greedy decoding: ``input_ids`` (B, N) followed by ``max_new_tokens`` argmax tokens.
 
-        Full and Performer attention decode incrementally (key-value cache; Performer's running
-        sums: constant work per token), giving the tokens the full forward gives. BigBird recomputes
-        the forward over the whole prefix at each step, since its layout depends on the total length.
-        Call ``model.eval()`` first for deterministic decoding (dropout).
+        Every mechanism decodes incrementally, giving the tokens the full forward gives: full attention
+        and BigBird with a key-value cache (BigBird's causal layout is prefix-stable, so a new token
+        attends to its row's blocks only), Performer with its running sums (constant work per token).
+        ``attention_mask`` (B, N), 1 = token, 0 = padding, serves left-padded batches: positions count
+        from each row's first token. Call ``model.eval()`` first for deterministic decoding (dropout).
         """
         check_ids(input_ids, None)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
@@ -160,17 +161,20 @@ class GPTLMHeadModel(nn.Module):
         sequence = input_ids
         if max_new_tokens == 0:
             return sequence
-        incremental = self.transformer.attention in INCREMENTAL_MECHANISMS
-        outputs = self(input_ids, use_cache=incremental)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        key_padding_mask(attention_mask, input_ids)  # checks the shape
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        outputs = self(input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
         for step in range(max_new_tokens):
             next_token = outputs.logits[:, -1].argmax(-1, keepdim=True)
             sequence = torch.cat([sequence, next_token], dim=1)
             if step == max_new_tokens - 1:
                 break
-            if incremental:
-                outputs = self(next_token, past_key_values=outputs.past_key_values)
-            else:
-                outputs = self(sequence)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
+            positions = positions[:, -1:] + 1
+            outputs = self(next_token, attention_mask=attention_mask, position_ids=positions,
+                           past_key_values=outputs.past_key_values)
         return sequence
 
     @classmethod
