@@ -4,5 +4,6 @@
 ``fastattn.ops.<mechanism>.<mechanism>_attention``; the backend registry reads it.
 """
 from .block_sparse import block_sparse_attention
+from .linformer import linformer_attention
 
-IMPLEMENTATIONS: dict = {"block_sparse": block_sparse_attention}
+IMPLEMENTATIONS: dict = {"block_sparse": block_sparse_attention, "linformer": linformer_attention}
