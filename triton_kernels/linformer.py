@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ..ops.common import accumulation_dtype, new_output
 from ..ops.linformer import backward_through, linformer_bwd_fake, linformer_fwd_fake, setup_context
+from .block_sparse import _TRITON_DTYPES, _dot_precision, _padding_arguments
 
 __all__ = ["linformer_attention", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
 
@@ -431,24 +432,9 @@ def _split(length: int, tile: int, programs_per_split: int) -> tuple[int, int]:
     return chunk, triton.cdiv(length, chunk)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # TF32 would round float32 inputs to 10 mantissa bits: far outside the float32 tolerance.
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
-_TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-
 def _projection_strides(projection: Tensor) -> tuple[int, int, int]:
     """(head, row, column) strides of a (kp, N) or (H, kp, N) projection; head stride 0 when shared."""
     return (0 if projection.dim() == 2 else projection.stride(0)), projection.stride(-2), projection.stride(-1)
-
-
-def _padding_arguments(key_padding_mask: Tensor | None, q: Tensor) -> tuple[Tensor, int]:
-    if key_padding_mask is None:
-        return q.new_empty(1, dtype=torch.uint8), 0
-    mask = key_padding_mask.contiguous().view(torch.uint8)
-    return mask, mask.stride(0)
 
 
 def _check_arguments(q: Tensor, k: Tensor, v: Tensor, proj_k: Tensor, proj_v: Tensor,
