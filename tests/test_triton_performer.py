@@ -93,6 +93,13 @@ CASES = [
     (2, 2, 1, 50, 32, 33, False, True, "relu", False, torch.float32),
     (2, 2, 2, 64, 64, 64, True, True, "softmax", False, torch.float16),
     (1, 2, 2, 45, 32, 24, False, False, "relu", False, torch.float16),
+    (1, 2, 2, 40, 32, 20, False, False, "softmax", True, torch.float32),
+    (2, 2, 2, 70, 64, 40, True, True, "softmax", True, torch.float32),  # three chunks, two feature tiles
+    (2, 4, 2, 33, 32, 16, True, True, "softmax", True, torch.float32),
+    (1, 1, 1, 5, 128, 24, False, False, "softmax", True, torch.float32),
+    (2, 2, 1, 50, 32, 33, False, True, "relu", True, torch.float32),
+    (2, 2, 2, 100, 64, 64, True, True, "softmax", True, torch.float16),
+    (1, 2, 2, 45, 32, 24, False, False, "relu", True, torch.float16),
 ]
 
 
@@ -139,7 +146,8 @@ def test_large_inputs_stay_within_tolerance():
     _check(inputs, "softmax", False, torch.float32)
 
 
-FINITE_DIFFERENCE_CASES = [("softmax", False, 2, True), ("relu", False, 1, False)]
+FINITE_DIFFERENCE_CASES = [("softmax", False, 2, True), ("relu", False, 1, False), ("softmax", True, 1, True),
+                           ("relu", True, 2, True)]
 
 
 @needs_triton_device
@@ -181,7 +189,32 @@ def test_float64_gradients_match_finite_differences(kernel, causal, kv_heads, pa
 
 
 @needs_triton_device
-@pytest.mark.parametrize("causal", [False], ids=["non-causal"])
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+def test_later_keys_and_values_never_change_earlier_outputs(kernel):
+    """Causal: changing keys and values after position i leaves outputs <= i unchanged (to float32 rounding).
+
+    Position 40 is inside the second chunk. The first key after it is x = w_0 / sqrt(scale), whose
+    FAVOR+ logit |w_0|^2 / 2 exceeds every earlier key logit by far more than float32's exponent range
+    (the projection is scaled by 4): a stabiliser that looked ahead would flush the earlier keys'
+    features to 0 and zero the earlier outputs.
+    """
+    inputs = _inputs(1, 2, 2, 80, 32, 24, per_head=False, padding=False, seed=14)
+    q, k, v = (inputs[name].float() for name in "qkv")
+    projection = 4 * inputs["projection"].float()
+    scale = q.shape[-1] ** -0.5
+    position = 40
+    k_changed, v_changed = k.clone(), v.clone()
+    k_changed[:, :, position + 1:] = torch.randn_like(k[:, :, position + 1:])
+    k_changed[:, :, position + 1] = projection[0] / scale**0.5
+    v_changed[:, :, position + 1:] = torch.randn_like(v[:, :, position + 1:])
+    before = _triton(kernel, True)(q, k, v, projection)
+    after = _triton(kernel, True)(q, k_changed, v_changed, projection)
+    assert not torch.allclose(before[:, :, position + 1:], after[:, :, position + 1:])
+    torch.testing.assert_close(after[:, :, : position + 1], before[:, :, : position + 1], rtol=1e-6, atol=1e-6)
+
+
+@needs_triton_device
+@pytest.mark.parametrize("causal", [False, True], ids=["non-causal", "causal"])
 def test_fully_padded_rows_give_zeros_and_zero_gradients(causal):
     inputs = _inputs(2, 2, 2, 24, 32, 20, per_head=False, padding=True, seed=13)
     q, k, v = (inputs[name].float().requires_grad_() for name in "qkv")
@@ -198,7 +231,7 @@ def test_fully_padded_rows_give_zeros_and_zero_gradients(causal):
 
 
 @needs_triton_device
-@pytest.mark.parametrize("kernel, causal", [("softmax", False)], ids=["softmax"])
+@pytest.mark.parametrize("kernel, causal", [("softmax", False), ("relu", True)], ids=["softmax", "relu-causal"])
 def test_opcheck_forward_and_backward_ops(kernel, causal):
     inputs = _inputs(1, 4, 2, 20, 32, 20, per_head=True, padding=True, seed=8)
     q, k, v = (inputs[name].float().requires_grad_() for name in "qkv")
@@ -220,7 +253,7 @@ def test_torch_compile_fullgraph_matches_eager():
     mask, projection = inputs["key_padding_mask"], inputs["projection"].float()
 
     def attention(q, k, v):
-        return triton_performer.performer_attention(q, k, v, projection, kernel="softmax", causal=False,
+        return triton_performer.performer_attention(q, k, v, projection, kernel="softmax", causal=True,
                                                     key_padding_mask=mask, scale=0.2)
 
     compiled = torch.compile(attention, fullgraph=True)
@@ -274,6 +307,10 @@ GPU_CASES = [
     (2, 16, 4, 4096, 128, 256, True, True, "softmax", False, torch.float16),
     (2, 8, 8, 3000, 32, 100, True, True, "relu", False, torch.bfloat16),
     (2, 8, 8, 1000, 64, 64, False, True, "softmax", False, torch.float32),
+    (2, 16, 16, 4096, 64, 256, False, False, "softmax", True, torch.bfloat16),
+    (2, 16, 4, 2048, 128, 256, True, True, "softmax", True, torch.float16),
+    (2, 8, 8, 3000, 32, 100, False, True, "relu", True, torch.bfloat16),
+    (2, 8, 8, 1000, 64, 64, True, True, "softmax", True, torch.float32),
 ]
 
 
@@ -292,7 +329,7 @@ def test_gpu_matches_reference(batch, heads, kv_heads, length, head_dim, feature
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal", [False], ids=["non-causal"])
+@pytest.mark.parametrize("causal", [False, True], ids=["non-causal", "causal"])
 def test_gpu_backward_is_deterministic(causal):
     inputs = _inputs(2, 8, 2, 4096, 64, 256, per_head=True, padding=True, seed=12, device="cuda")
     leaves = [inputs[name].to(torch.bfloat16).requires_grad_() for name in "qkv"]

@@ -17,13 +17,23 @@ Non-causal forward (``fastattn::triton_performer_fwd``):
 - ``performer_fwd_kernel``: outputs phi(Q) state[:, :D] / phi(Q) state[:, D], one program per query tile,
   walking the feature tiles; saves the normaliser (0 where a query sees no key; its output is 0).
 
+Causal (``performer_fwd_kernel_causal``, ``performer_bwd_kernel_causal_dq`` / ``_dkdv``): one program per
+(feature tile, batch * head) walks the sequence in chunks of BM positions: the earlier chunks through a
+running fp32 state (m tile, D + 1) held in registers, the current chunk quadratically (phi(Q) phi(K)^T
+masked to j <= i and rescaled by exp(M_j - M_i)). Each program writes its feature tile's share of
+[numerator | normaliser] (forward), of dlogits(Q) W (dq, forward over the chunks) or of [dV | dlogits(K) W
+| sum dlogits(K)] (dk, dv: backward over the chunks with a suffix state of phi(Q)^T [dnum | dden]);
+the shares are then added over feature tiles (and over the query heads of a group) in a fixed order.
+
 Non-causal backward: ``performer_bwd_kernel_dq`` (dphi(Q) = [dnum | dden] state^T), ``performer_bwd_kernel_dstate``
 (d state = phi(Q)^T [dnum | dden], split like the state) and ``performer_bwd_kernel_dkdv`` (dV = phi(K) d state,
 dphi(K) = [V | 1] d state^T), with dnum = dO / den and dden = -(dO . O) / den. dK and dV sum the query
 heads of a group (grouped-query attention) inside one program, in order: deterministic, no atomics.
 
-Running sums and states are float32 (float64 for float64 inputs). Products with an fp32 state run in
-tf32 for float16/bfloat16 inputs (a float16 operand could overflow: the state sums over every key).
+Running sums and states are float32 (float64 for float64 inputs). The logits W x are products in the
+inputs' dtype; every product of features, states or gradients takes float32 operands (tf32 for
+float16/bfloat16 inputs): a float16 feature far below its stabiliser would be subnormal, and a state,
+which sums over every key, could overflow float16.
 """
 from __future__ import annotations
 
@@ -153,7 +163,7 @@ def performer_fwd_kernel_state(
             b_stab = tl.zeros([BN], dtype=ACC)
         b_phi = _features(b_wx, b_stab, m_n, m_f, SOFTMAX)
         # [BF, BN] @ [BN, D] -> [BF, D]
-        b_num += tl.dot(tl.trans(b_phi.to(b_v.dtype)), b_v, input_precision=DOT_PRECISION)
+        b_num += tl.dot(tl.trans(b_phi), b_v.to(ACC), input_precision=DOT_PRECISION)
         b_den += tl.sum(b_phi, 0)
 
     p_part = state_part + ((i_bh.to(tl.int64) * SPLITS + i_s) * M + o_f.to(tl.int64)) * (D + 1)
@@ -168,7 +178,7 @@ def performer_fwd_kernel(
     stride_wh, stride_wm,
     stride_ob, stride_oh, stride_on,
     H, Nq, M, sqrt_scale,
-    SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -194,7 +204,7 @@ def performer_fwd_kernel(
         b_s_num = tl.load(p_state[:, None] + o_d[None, :], mask=m_f[:, None], other=0.0)
         b_s_den = tl.load(p_state + D, mask=m_f, other=0.0)
         # [BM, BF] @ [BF, D] -> [BM, D]
-        b_num += tl.dot(b_phi, b_s_num, input_precision=STATE_PRECISION)
+        b_num += tl.dot(b_phi, b_s_num, input_precision=DOT_PRECISION)
         b_den += tl.sum(b_phi * b_s_den[None, :], 1)
 
     m_seen = b_den > 0
@@ -223,7 +233,7 @@ def performer_bwd_kernel_dq(
     stride_ob, stride_oh, stride_on,
     stride_dqb, stride_dqh, stride_dqn,
     H, Nq, M, sqrt_scale,
-    SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
     """dQ = sqrt(scale) dlogits W with dlogits = dphi * phi (softmax) or dphi * [W x > 0] (relu).
@@ -256,14 +266,14 @@ def performer_bwd_kernel_dq(
         b_s_num = tl.load(p_state[:, None] + o_d[None, :], mask=m_f[:, None], other=0.0)
         b_s_den = tl.load(p_state + D, mask=m_f, other=0.0)
         # [BM, D] @ [D, BF] -> [BM, BF]
-        b_dphi = tl.dot(b_dnum, tl.trans(b_s_num), input_precision=STATE_PRECISION) + b_dden[:, None] * b_s_den[None, :]
+        b_dphi = tl.dot(b_dnum, tl.trans(b_s_num), input_precision=DOT_PRECISION) + b_dden[:, None] * b_s_den[None, :]
         if SOFTMAX:
             b_dlogit = b_dphi * b_phi
         else:
             b_dlogit = tl.where(b_wx > 0, b_dphi, 0.0)
         b_w = tl.load(p_w_base + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None], other=0.0)
         # [BM, BF] @ [BF, D] -> [BM, D]
-        b_dx += tl.dot(b_dlogit, b_w.to(ACC), input_precision=STATE_PRECISION)
+        b_dx += tl.dot(b_dlogit, b_w.to(ACC), input_precision=DOT_PRECISION)
 
     p_dq = dq + i_b * stride_dqb + i_h * stride_dqh + o_m64[:, None] * stride_dqn + o_d[None, :]
     tl.store(p_dq, (b_dx * sqrt_scale).to(dq.dtype.element_ty), mask=m_m[:, None])
@@ -276,7 +286,7 @@ def performer_bwd_kernel_dstate(
     stride_wh, stride_wm,
     stride_ob, stride_oh, stride_on,
     H, Nq, M, CHUNK, SPLITS, sqrt_scale,
-    SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
     """d state = phi(Q)^T [dnum | dden] over one split of the queries, for one feature tile."""
@@ -304,7 +314,7 @@ def performer_bwd_kernel_dstate(
         b_phi = _features(_logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION), b_c, m_m, m_f,
                           SOFTMAX)
         # [BF, BM] @ [BM, D] -> [BF, D]
-        b_dnum_state += tl.dot(tl.trans(b_phi), b_dnum, input_precision=STATE_PRECISION)
+        b_dnum_state += tl.dot(tl.trans(b_phi), b_dnum, input_precision=DOT_PRECISION)
         b_dden_state += tl.sum(b_phi * b_dden[:, None], 0)
 
     p_part = dstate_part + ((i_bh.to(tl.int64) * SPLITS + i_s) * M + o_f.to(tl.int64)) * (D + 1)
@@ -322,7 +332,7 @@ def performer_bwd_kernel_dkdv(
     stride_dvb, stride_dvh, stride_dvn,
     stride_pad_b,
     HKV, GROUP, Nk, M, sqrt_scale, scale,
-    SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BN: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
     """dV = phi(K) d state[:, :D] and dK through the feature map, summed over the query heads of the group."""
@@ -366,9 +376,9 @@ def performer_bwd_kernel_dkdv(
             b_ds_num = tl.load(p_dstate[:, None] + o_d[None, :], mask=m_f[:, None], other=0.0)
             b_ds_den = tl.load(p_dstate + D, mask=m_f, other=0.0)
             # [BN, BF] @ [BF, D] -> [BN, D]
-            b_dv += tl.dot(b_phi, b_ds_num, input_precision=STATE_PRECISION)
+            b_dv += tl.dot(b_phi, b_ds_num, input_precision=DOT_PRECISION)
             # [BN, D] @ [D, BF] -> [BN, BF]
-            b_dphi = tl.dot(b_v.to(ACC), tl.trans(b_ds_num), input_precision=STATE_PRECISION) + b_ds_den[None, :]
+            b_dphi = tl.dot(b_v.to(ACC), tl.trans(b_ds_num), input_precision=DOT_PRECISION) + b_ds_den[None, :]
             if SOFTMAX:
                 b_dlogit = b_dphi * b_phi
             else:
@@ -376,7 +386,7 @@ def performer_bwd_kernel_dkdv(
             b_w = tl.load(p_w_base + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None],
                           other=0.0)
             # [BN, BF] @ [BF, D] -> [BN, D]
-            b_dk += tl.dot(b_dlogit, b_w.to(ACC), input_precision=STATE_PRECISION)
+            b_dk += tl.dot(b_dlogit, b_w.to(ACC), input_precision=DOT_PRECISION)
             b_dsum += tl.sum(b_dlogit, 1)
 
     # d logits / d x = sqrt(scale) (W - sqrt(scale) x) for softmax (the -|x|^2 / 2 term), sqrt(scale) W for relu.
@@ -389,6 +399,258 @@ def performer_bwd_kernel_dkdv(
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_n[:, None])
 
 
+@triton.jit
+def _causal_decay(b_mk, o_c, m_c):
+    """E[i, j] = exp(M_j - M_i) (<= 1) for keys j <= i of a chunk, else 0: key j rescaled to query i's stabiliser."""
+    m_causal = (o_c[:, None] >= o_c[None, :]) & m_c[:, None] & m_c[None, :]
+    return tl.where(m_causal, tl.exp(tl.minimum(b_mk[None, :] - b_mk[:, None], 0.0)), 0.0)
+
+
+@triton.jit
+def _causal_chunk(q, k, v, w, query_max, key_stabiliser, key_padding_mask, i_c, i_b, i_h, i_hkv, i_bh, o_f, m_f,
+                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                  stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale,
+                  SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BC: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
+    """One chunk of a causal pass, for one feature tile: positions, masks, q, k, v, stabilisers and features.
+
+    phi_k is stabilised by each key's own M_j; W x of the keys is returned for relu's derivative.
+    """
+    o_c = i_c + tl.arange(0, BC)
+    o_d = tl.arange(0, D)
+    m_c = o_c < N
+    m_kv = m_c
+    if HAS_PADDING:
+        b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_c, mask=m_c, other=1)
+        m_kv = m_c & (b_pad == 0)
+    o_c64 = o_c.to(tl.int64)
+    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_c64[:, None] * stride_qn + o_d[None, :],
+                  mask=m_c[:, None], other=0.0)
+    b_k = tl.load(k + i_b * stride_kb + i_hkv * stride_kh + o_c64[:, None] * stride_kn + o_d[None, :],
+                  mask=m_kv[:, None], other=0.0)
+    b_v = tl.load(v + i_b * stride_vb + i_hkv * stride_vh + o_c64[:, None] * stride_vn + o_d[None, :],
+                  mask=m_kv[:, None], other=0.0).to(ACC)
+    b_cq = tl.load(query_max + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
+    b_mk = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
+    p_w_base = w + i_h * stride_wh
+    b_wx_q = _logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+    b_phi_q = _features(b_wx_q, b_cq, m_c, m_f, SOFTMAX)
+    b_wx_k = _logits(b_k, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+    if SOFTMAX:
+        b_phi_k = _features(b_wx_k - _half_norm(b_k, scale, ACC)[:, None], b_mk, m_kv, m_f, SOFTMAX)
+    else:
+        b_phi_k = _features(b_wx_k, b_mk, m_kv, m_f, SOFTMAX)
+    return o_c, m_c, m_kv, b_k, b_v, b_mk, b_wx_q, b_phi_q, b_wx_k, b_phi_k
+
+
+@triton.jit
+def performer_fwd_kernel_causal(
+    q, k, v, w, query_max, key_stabiliser, key_padding_mask, numden_part, state,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_wh, stride_wm,
+    stride_pad_b,
+    H, GROUP, N, M, FEATURE_TILES, sqrt_scale, scale,
+    SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BC: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    """One feature tile's share of [numerator | normaliser] of every query, chunk by chunk in order.
+
+    The running state phi(K)^T [V | 1] of the earlier chunks is held in registers, stabilised by the
+    last summed key's M; query i takes it rescaled by exp(M_state - M_i) <= 1, plus its own chunk
+    quadratically. A key only ever reaches queries at or after it.
+    """
+    i_f, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_hkv = i_h // GROUP
+    o_f = i_f * BF + tl.arange(0, BF)
+    o_d = tl.arange(0, D)
+    m_f = o_f < M
+
+    b_state_num = tl.zeros([BF, D], dtype=ACC)
+    b_state_den = tl.zeros([BF], dtype=ACC)
+    # The state's stabiliser; any finite value while the state is still 0.
+    b_ref = tl.sum(tl.zeros([1], dtype=ACC), 0)
+    p_part_base = numden_part + (i_bh.to(tl.int64) * FEATURE_TILES + i_f) * N * (D + 1)
+    for i_c in range(0, N, BC):
+        o_c, m_c, m_kv, b_k, b_v, b_mk, b_wx_q, b_phi_q, b_wx_k, b_phi_k = _causal_chunk(
+            q, k, v, w, query_max, key_stabiliser, key_padding_mask, i_c, i_b, i_h, i_hkv, i_bh, o_f, m_f,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale, SOFTMAX, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
+        # [BC, BF] @ [BF, BC] -> [BC, BC]
+        b_s = tl.dot(b_phi_q, tl.trans(b_phi_k), input_precision=DOT_PRECISION) * _causal_decay(b_mk, o_c, m_c)
+        b_factor = tl.exp(tl.minimum(b_ref - b_mk, 0.0))
+        # [BC, BC] @ [BC, D] + [BC, BF] @ [BF, D] -> [BC, D]
+        b_num = tl.dot(b_s, b_v, input_precision=DOT_PRECISION)
+        b_num += tl.dot(b_phi_q, b_state_num, input_precision=DOT_PRECISION) * b_factor[:, None]
+        b_den = tl.sum(b_s, 1) + tl.sum(b_phi_q * b_state_den[None, :], 1) * b_factor
+        p_part = p_part_base + o_c.to(tl.int64) * (D + 1)
+        tl.store(p_part[:, None] + o_d[None, :], b_num, mask=m_c[:, None])
+        tl.store(p_part + D, b_den, mask=m_c)
+
+        # Add the chunk's keys, rescaled to the stabiliser of its last key (the largest M so far).
+        b_ref_new = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + tl.minimum(i_c + BC, N) - 1)
+        b_phi_k = b_phi_k * tl.exp(tl.minimum(b_mk - b_ref_new, 0.0))[:, None]
+        b_decay = tl.exp(tl.minimum(b_ref - b_ref_new, 0.0))
+        # [BF, BC] @ [BC, D] -> [BF, D]
+        b_state_num = b_state_num * b_decay + tl.dot(tl.trans(b_phi_k), b_v, input_precision=DOT_PRECISION)
+        b_state_den = b_state_den * b_decay + tl.sum(b_phi_k, 0)
+        b_ref = b_ref_new
+
+    p_state = state + (i_bh.to(tl.int64) * M + o_f.to(tl.int64)) * (D + 1)
+    tl.store(p_state[:, None] + o_d[None, :], b_state_num, mask=m_f[:, None])
+    tl.store(p_state + D, b_state_den, mask=m_f)
+
+
+@triton.jit
+def performer_bwd_kernel_causal_dq(
+    q, k, v, w, query_max, key_stabiliser, key_padding_mask, do, o, normaliser, dq_part,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_wh, stride_wm,
+    stride_ob, stride_oh, stride_on,
+    stride_pad_b,
+    H, GROUP, N, M, FEATURE_TILES, sqrt_scale, scale,
+    SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BC: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    """One feature tile's share of dlogits(Q) W, forward over the chunks with the running state.
+
+    dphi_q_i = exp(M_state - M_i) [dnum_i | dden_i] state^T + sum over the chunk's keys j <= i of
+    E_ij (dnum_i . v_j + dden_i) phi_k_j. As in the non-causal dq, the query's -|x|^2 / 2 term is 0.
+    """
+    i_f, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_hkv = i_h // GROUP
+    o_f = i_f * BF + tl.arange(0, BF)
+    o_d = tl.arange(0, D)
+    m_f = o_f < M
+    b_w = tl.load(w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None],
+                  other=0.0).to(ACC)
+
+    b_state_num = tl.zeros([BF, D], dtype=ACC)
+    b_state_den = tl.zeros([BF], dtype=ACC)
+    b_ref = tl.sum(tl.zeros([1], dtype=ACC), 0)
+    p_part_base = dq_part + (i_bh.to(tl.int64) * FEATURE_TILES + i_f) * N * D
+    for i_c in range(0, N, BC):
+        o_c, m_c, m_kv, b_k, b_v, b_mk, b_wx_q, b_phi_q, b_wx_k, b_phi_k = _causal_chunk(
+            q, k, v, w, query_max, key_stabiliser, key_padding_mask, i_c, i_b, i_h, i_hkv, i_bh, o_f, m_f,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale, SOFTMAX, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
+        b_den = tl.load(normaliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
+        o_row = i_b * stride_ob + i_h * stride_oh + o_c.to(tl.int64)[:, None] * stride_on + o_d[None, :]
+        b_dnum, b_dden = _output_grads(do + o_row, o + o_row, b_den, m_c)
+
+        # [BC, D] @ [D, BC] -> [BC, BC]
+        b_g = (tl.dot(b_dnum, tl.trans(b_v), input_precision=DOT_PRECISION) + b_dden[:, None]) * \
+            _causal_decay(b_mk, o_c, m_c)
+        b_factor = tl.exp(tl.minimum(b_ref - b_mk, 0.0))
+        # [BC, BC] @ [BC, BF] + [BC, D] @ [D, BF] -> [BC, BF]
+        b_dphi = tl.dot(b_g, b_phi_k, input_precision=DOT_PRECISION)
+        b_dphi += (tl.dot(b_dnum, tl.trans(b_state_num), input_precision=DOT_PRECISION)
+                   + b_dden[:, None] * b_state_den[None, :]) * b_factor[:, None]
+        if SOFTMAX:
+            b_dlogit = b_dphi * b_phi_q
+        else:
+            b_dlogit = tl.where(b_wx_q > 0, b_dphi, 0.0)
+        # [BC, BF] @ [BF, D] -> [BC, D]
+        b_dx = tl.dot(b_dlogit, b_w, input_precision=DOT_PRECISION)
+        tl.store(p_part_base + o_c.to(tl.int64)[:, None] * D + o_d[None, :], b_dx, mask=m_c[:, None])
+
+        b_ref_new = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + tl.minimum(i_c + BC, N) - 1)
+        b_phi_k = b_phi_k * tl.exp(tl.minimum(b_mk - b_ref_new, 0.0))[:, None]
+        b_decay = tl.exp(tl.minimum(b_ref - b_ref_new, 0.0))
+        # [BF, BC] @ [BC, D] -> [BF, D]
+        b_state_num = b_state_num * b_decay + tl.dot(tl.trans(b_phi_k), b_v, input_precision=DOT_PRECISION)
+        b_state_den = b_state_den * b_decay + tl.sum(b_phi_k, 0)
+        b_ref = b_ref_new
+
+
+@triton.jit
+def performer_bwd_kernel_causal_dkdv(
+    q, k, v, w, query_max, key_stabiliser, key_padding_mask, do, o, normaliser, dkv_part,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_wh, stride_wm,
+    stride_ob, stride_oh, stride_on,
+    stride_pad_b,
+    H, GROUP, N, M, FEATURE_TILES, sqrt_scale, scale,
+    SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BC: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    """One feature tile's share of [dV | dlogits(K) W | sum dlogits(K)] of every key, backward over the chunks.
+
+    The suffix state R = sum over later queries of exp(M_ref - M_i) phi_q_i [dnum_i | dden_i]^T is
+    referred to M_ref, the smallest M_i among them that see a key; key j takes it rescaled by
+    exp(M_j - M_ref) <= 1, plus its own chunk quadratically.
+    """
+    i_f, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_hkv = i_h // GROUP
+    o_f = i_f * BF + tl.arange(0, BF)
+    o_d = tl.arange(0, D)
+    m_f = o_f < M
+    b_w = tl.load(w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None],
+                  other=0.0).to(ACC)
+
+    b_suffix_num = tl.zeros([BF, D], dtype=ACC)
+    b_suffix_den = tl.zeros([BF], dtype=ACC)
+    # +inf until a query that sees a key has been added (the suffix is 0 until then).
+    b_ref = tl.sum(tl.full([1], float("inf"), dtype=ACC), 0)
+    p_part_base = dkv_part + (i_bh.to(tl.int64) * FEATURE_TILES + i_f) * N * (2 * D + 1)
+    num_chunks = tl.cdiv(N, BC)
+    for i_rev in range(0, num_chunks):
+        i_c = (num_chunks - 1 - i_rev) * BC
+        o_c, m_c, m_kv, b_k, b_v, b_mk, b_wx_q, b_phi_q, b_wx_k, b_phi_k = _causal_chunk(
+            q, k, v, w, query_max, key_stabiliser, key_padding_mask, i_c, i_b, i_h, i_hkv, i_bh, o_f, m_f,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale, SOFTMAX, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
+        b_den = tl.load(normaliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
+        o_row = i_b * stride_ob + i_h * stride_oh + o_c.to(tl.int64)[:, None] * stride_on + o_d[None, :]
+        b_dnum, b_dden = _output_grads(do + o_row, o + o_row, b_den, m_c)
+
+        b_decay_qk = _causal_decay(b_mk, o_c, m_c)
+        # Later chunks through the suffix state (0 while M_ref is +inf).
+        b_factor = tl.exp(tl.minimum(b_mk - b_ref, 0.0))
+        # [BC, BF] @ [BF, D] -> [BC, D]
+        b_dv = tl.dot(b_phi_k, b_suffix_num, input_precision=DOT_PRECISION) * b_factor[:, None]
+        # [BC, D] @ [D, BF] -> [BC, BF]
+        b_dphi = (tl.dot(b_v, tl.trans(b_suffix_num), input_precision=DOT_PRECISION)
+                  + b_suffix_den[None, :]) * b_factor[:, None]
+        # This chunk: scores S (queries x keys) and G = [dnum | dden] [V | 1]^T, both masked by E.
+        # [BC, BF] @ [BF, BC] -> [BC, BC]
+        b_s = tl.dot(b_phi_q, tl.trans(b_phi_k), input_precision=DOT_PRECISION) * b_decay_qk
+        # [BC, D] @ [D, BC] -> [BC, BC]
+        b_g = (tl.dot(b_dnum, tl.trans(b_v), input_precision=DOT_PRECISION) + b_dden[:, None]) * b_decay_qk
+        # [BC, BC] @ [BC, D] -> [BC, D] and [BC, BC] @ [BC, BF] -> [BC, BF]
+        b_dv += tl.dot(tl.trans(b_s), b_dnum, input_precision=DOT_PRECISION)
+        b_dphi += tl.dot(tl.trans(b_g), b_phi_q, input_precision=DOT_PRECISION)
+        if SOFTMAX:
+            b_dlogit = b_dphi * b_phi_k
+        else:
+            b_dlogit = tl.where(m_kv[:, None] & (b_wx_k > 0), b_dphi, 0.0)
+        # [BC, BF] @ [BF, D] -> [BC, D]
+        b_dx = tl.dot(b_dlogit, b_w, input_precision=DOT_PRECISION)
+        p_part = p_part_base + o_c.to(tl.int64) * (2 * D + 1)
+        tl.store(p_part[:, None] + o_d[None, :], b_dv, mask=m_c[:, None])
+        tl.store(p_part[:, None] + D + o_d[None, :], b_dx, mask=m_c[:, None])
+        tl.store(p_part + 2 * D, tl.sum(b_dlogit, 1), mask=m_c)
+
+        # Add this chunk's queries that see a key, referred to the smallest of their M_i.
+        m_seen = m_c & (b_den > 0)
+        b_ref_new = tl.minimum(b_ref, tl.min(tl.where(m_seen, b_mk, float("inf")), 0))
+        b_decay = tl.where(b_ref_new == b_ref, 1.0, tl.exp(tl.minimum(b_ref_new - b_ref, 0.0)))
+        b_weight = tl.where(m_seen, tl.exp(tl.minimum(b_ref_new - b_mk, 0.0)), 0.0)
+        b_phi_q = b_phi_q * b_weight[:, None]
+        # [BF, BC] @ [BC, D] -> [BF, D]
+        b_suffix_num = b_suffix_num * b_decay + tl.dot(tl.trans(b_phi_q), b_dnum, input_precision=DOT_PRECISION)
+        b_suffix_den = b_suffix_den * b_decay + tl.sum(b_phi_q * b_dden[:, None], 0)
+        b_ref = b_ref_new
+
+
 def _tiles(num_features: int, dtype: torch.dtype) -> dict:
     """Row tile BM (queries, keys, causal chunks), feature tile BF (>= 16 for tl.dot) and launch options."""
     tile_f = max(16, min(64, triton.next_power_of_2(num_features)))
@@ -396,10 +658,6 @@ def _tiles(num_features: int, dtype: torch.dtype) -> dict:
         # IEEE float32/float64 dots run on the FMA units and need far more registers than tensor cores.
         return {"BM": 32, "BF": min(tile_f, 32), "num_warps": 4, "num_stages": 2}
     return {"BM": 64, "BF": tile_f, "num_warps": 4, "num_stages": 2}
-
-
-def _state_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
 def _projection_strides(projection: Tensor) -> tuple[int, int]:
@@ -470,7 +728,6 @@ class _Problem:
         self.launch = {"num_warps": self.tiles["num_warps"], "num_stages": self.tiles["num_stages"]}
         self.flags = {"DOT_PRECISION": _dot_precision(q.dtype), "D": self.head_dim, "BF": self.tiles["BF"],
                       "ACC": _TRITON_DTYPES[self.acc]}
-        self.state_precision = _state_precision(q.dtype)
 
     def row_max(self, x: Tensor, is_key: bool) -> Tensor:
         """Largest logit of each row per query head (B, H, N); keys: -inf where padded (softmax only)."""
@@ -499,6 +756,10 @@ class _Problem:
             stabiliser = key_max.amax(-1, keepdim=True).expand_as(key_max)
         return torch.where(torch.isfinite(stabiliser), stabiliser, torch.zeros_like(stabiliser)).contiguous()
 
+    def causal_strides(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
+        """Strides of q, k, v, the projection and the padding mask, in the causal kernels' order."""
+        return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *self.projection_strides, self.stride_pad_b)
+
     def split(self, length: int) -> tuple[int, int]:
         feature_tiles = triton.cdiv(self.features, self.tiles["BF"])
         chunk, splits = _split(length, self.tiles["BM"], feature_tiles * self.batch * self.heads)
@@ -515,7 +776,8 @@ def _forward_global(p: _Problem, q: Tensor, k: Tensor, v: Tensor, key_stabiliser
         k, v, p.projection, key_stabiliser, p.padding, state_part,
         *k.stride()[:3], *v.stride()[:3], *p.projection_strides, p.stride_pad_b,
         p.heads, p.group, p.key_len, p.features, chunk, splits, p.sqrt_scale, p.scale,
-        SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BN=p.tiles["BM"], **p.flags, **p.launch,
+        SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BN=p.tiles["BM"], **p.flags,
+        **p.launch,
     )
     # The splits added in a fixed order: deterministic.
     state = state_part.sum(1).view(p.batch, p.heads, p.features, p.head_dim + 1)
@@ -525,7 +787,7 @@ def _forward_global(p: _Problem, q: Tensor, k: Tensor, v: Tensor, key_stabiliser
         q, p.projection, p.query_max(q), state, out, normaliser,
         *q.stride()[:3], *p.projection_strides, *out.stride()[:3],
         p.heads, p.query_len, p.features, p.sqrt_scale,
-        SOFTMAX=p.softmax, STATE_PRECISION=p.state_precision, BM=p.tiles["BM"], **p.flags, **p.launch,
+        SOFTMAX=p.softmax, BM=p.tiles["BM"], **p.flags, **p.launch,
     )
     return out, normaliser, state
 
@@ -538,7 +800,7 @@ def _backward_global(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
         q, p.projection, query_max, state, grad_out, out, normaliser, grad_q,
         *q.stride()[:3], *p.projection_strides, *out.stride()[:3], *grad_q.stride()[:3],
         p.heads, p.query_len, p.features, p.sqrt_scale,
-        SOFTMAX=p.softmax, STATE_PRECISION=p.state_precision, BM=p.tiles["BM"], **p.flags, **p.launch,
+        SOFTMAX=p.softmax, BM=p.tiles["BM"], **p.flags, **p.launch,
     )
     chunk, splits = p.split(p.query_len)
     feature_tiles = triton.cdiv(p.features, p.tiles["BF"])
@@ -547,7 +809,7 @@ def _backward_global(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
         q, p.projection, query_max, grad_out, out, normaliser, dstate_part,
         *q.stride()[:3], *p.projection_strides, *out.stride()[:3],
         p.heads, p.query_len, p.features, chunk, splits, p.sqrt_scale,
-        SOFTMAX=p.softmax, STATE_PRECISION=p.state_precision, BM=p.tiles["BM"], **p.flags, **p.launch,
+        SOFTMAX=p.softmax, BM=p.tiles["BM"], **p.flags, **p.launch,
     )
     dstate = dstate_part.sum(1)
     grad_k = new_output(k.shape, k.dtype, k.device)
@@ -556,10 +818,53 @@ def _backward_global(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
         k, v, p.projection, key_stabiliser, dstate, grad_k, grad_v, p.padding,
         *k.stride()[:3], *v.stride()[:3], *p.projection_strides, *grad_k.stride()[:3], *grad_v.stride()[:3],
         p.stride_pad_b, p.kv_heads, p.group, p.key_len, p.features, p.sqrt_scale, p.scale,
-        SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, STATE_PRECISION=p.state_precision, BN=p.tiles["BM"],
+        SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BN=p.tiles["BM"],
         **p.flags, **p.launch,
     )
     return grad_q, grad_k, grad_v
+
+
+def _forward_causal(p: _Problem, q: Tensor, k: Tensor, v: Tensor, key_stabiliser: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    feature_tiles = triton.cdiv(p.features, p.tiles["BF"])
+    numden_part = torch.empty((p.batch * p.heads, feature_tiles, p.query_len, p.head_dim + 1), dtype=p.acc,
+                              device=q.device)
+    state = new_output((p.batch, p.heads, p.features, p.head_dim + 1), p.acc, q.device)
+    performer_fwd_kernel_causal[(feature_tiles, p.batch * p.heads)](
+        q, k, v, p.projection, p.query_max(q), key_stabiliser, p.padding, numden_part, state,
+        *p.causal_strides(q, k, v), p.heads, p.group, p.query_len, p.features, feature_tiles, p.sqrt_scale, p.scale,
+        SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BC=p.tiles["BM"], **p.flags, **p.launch,
+    )
+    # The feature tiles' shares added in a fixed order: deterministic.
+    numden = numden_part.sum(1).view(p.batch, p.heads, p.query_len, p.head_dim + 1)
+    normaliser = numden[..., p.head_dim].contiguous()
+    seen = (normaliser > 0).unsqueeze(-1)
+    out = torch.where(seen, numden[..., : p.head_dim] / torch.where(seen, normaliser.unsqueeze(-1), 1.0), 0.0)
+    return out.to(q.dtype), normaliser, state
+
+
+def _backward_causal(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                     normaliser: Tensor, key_stabiliser: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    feature_tiles = triton.cdiv(p.features, p.tiles["BF"])
+    query_max = p.query_max(q)
+    arguments = (q, k, v, p.projection, query_max, key_stabiliser, p.padding, grad_out, out, normaliser)
+    strides = (*p.causal_strides(q, k, v)[:-1], *out.stride()[:3], p.stride_pad_b)
+    sizes = (p.heads, p.group, p.query_len, p.features, feature_tiles, p.sqrt_scale, p.scale)
+    options = dict(SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BC=p.tiles["BM"], **p.flags, **p.launch)
+    dq_part = torch.empty((p.batch * p.heads, feature_tiles, p.query_len, p.head_dim), dtype=p.acc, device=q.device)
+    performer_bwd_kernel_causal_dq[(feature_tiles, p.batch * p.heads)](*arguments, dq_part, *strides, *sizes, **options)
+    dkv_part = torch.empty((p.batch * p.heads, feature_tiles, p.key_len, 2 * p.head_dim + 1), dtype=p.acc,
+                           device=q.device)
+    performer_bwd_kernel_causal_dkdv[(feature_tiles, p.batch * p.heads)](*arguments, dkv_part, *strides, *sizes,
+                                                                         **options)
+    # Feature tiles and the query heads of each group added in a fixed order: deterministic.
+    grad_q = (dq_part.sum(1) * p.sqrt_scale).view(q.shape).to(q.dtype)
+    dkv = dkv_part.view(p.batch, p.kv_heads, p.group, feature_tiles, p.key_len, 2 * p.head_dim + 1).sum((2, 3))
+    grad_v = dkv[..., : p.head_dim].to(v.dtype).contiguous()
+    grad_k = dkv[..., p.head_dim: 2 * p.head_dim] * p.sqrt_scale
+    if p.softmax:
+        # d logits / d x = sqrt(scale) (W - sqrt(scale) x): the -|x|^2 / 2 term of the keys' logits.
+        grad_k = grad_k - p.scale * dkv[..., 2 * p.head_dim:] * k.to(p.acc)
+    return grad_q, grad_k.to(k.dtype).contiguous(), grad_v
 
 
 @torch.library.custom_op("fastattn::triton_performer_fwd", mutates_args=())
@@ -573,9 +878,8 @@ def performer_fwd(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, kernel: s
     _check_arguments(q, k, v, projection, kernel, causal, key_padding_mask, scale)
     p = _Problem(q, k, projection, kernel, causal, key_padding_mask, scale)
     key_stabiliser = p.key_stabiliser(k)
-    if causal:
-        raise ValueError("causal: the Triton Performer kernels are non-causal only so far, got causal=True")
-    out, normaliser, state = _forward_global(p, q, k, v, key_stabiliser)
+    forward = _forward_causal if causal else _forward_global
+    out, normaliser, state = forward(p, q, k, v, key_stabiliser)
     return out, normaliser, key_stabiliser, state
 
 
@@ -604,7 +908,7 @@ def performer_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, projection:
     grad_out, out = grad_out.contiguous(), out.contiguous()
     normaliser, key_stabiliser, state = normaliser.contiguous(), key_stabiliser.contiguous(), state.contiguous()
     if causal:
-        raise ValueError("causal: the Triton Performer kernels are non-causal only so far, got causal=True")
+        return _backward_causal(p, grad_out, q, k, v, out, normaliser, key_stabiliser)
     return _backward_global(p, grad_out, q, k, v, out, normaliser, key_stabiliser, state)
 
 
