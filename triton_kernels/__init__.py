@@ -4,5 +4,11 @@
 ``fastattn.ops.<mechanism>.<mechanism>_attention``; the backend registry reads it.
 """
 from .block_sparse import block_sparse_attention
+from .linformer import linformer_attention
+from .performer import performer_attention
 
-IMPLEMENTATIONS: dict = {"block_sparse": block_sparse_attention}
+IMPLEMENTATIONS: dict = {
+    "block_sparse": block_sparse_attention,
+    "linformer": linformer_attention,
+    "performer": performer_attention,
+}

@@ -1,0 +1,923 @@
+"""Performer attention in Triton: FAVOR+ ("softmax") or relu random features computed inside the kernels.
+
+Features of a row x (scaled by sqrt(scale)) are logits = W x - |x|^2 / 2 (softmax) turned into
+exp(logits - stabiliser), or relu(W x) + eps (relu), computed per (rows, feature tile) from the
+projection W and never stored: no (N, m) feature matrix and no (N, m, D) prefix tensor exist. The
+stabilisers are those of ``fastattn.reference.performer_attention``: each query its own largest logit
+(a per-query constant that cancels, so |x|^2 / 2 is left out of query logits), each key the largest key
+logit over all unpadded keys (non-causal) or the running prefix maximum M_j (causal); a key's
+contribution to query i is rescaled by exp(M_j - M_i) <= 1. Exponentials that underflow give 0.
+
+Non-causal forward (``fastattn::triton_performer_fwd``):
+
+- ``performer_fwd_kernel_row_max``: the largest logit of every query and key row (softmax only);
+  the key stabilisers follow from it (a max over keys, or a running max);
+- ``performer_fwd_kernel_state``: the (m, D + 1) state phi(K)^T [V | 1], one program per (feature tile,
+  split of the keys, batch * head), each split writing its own partial sums, then added in a fixed order;
+- ``performer_fwd_kernel``: outputs phi(Q) state[:, :D] / phi(Q) state[:, D], one program per query tile,
+  walking the feature tiles; saves the normaliser (0 where a query sees no key; its output is 0).
+
+Causal (``performer_fwd_kernel_causal``, ``performer_bwd_kernel_causal_dq`` / ``_dkdv``): one program per
+(feature tile, batch * head) walks the sequence in chunks of BM positions: the earlier chunks through a
+running fp32 state (m tile, D + 1) held in registers, the current chunk quadratically (phi(Q) phi(K)^T
+masked to j <= i and rescaled by exp(M_j - M_i)). Each program writes its feature tile's share of
+[numerator | normaliser] (forward), of dlogits(Q) W (dq, forward over the chunks) or of [dV | dlogits(K) W
+| sum dlogits(K)] (dk, dv: backward over the chunks with a suffix state of phi(Q)^T [dnum | dden]);
+the shares are then added over feature tiles (and over the query heads of a group) in a fixed order.
+
+Non-causal backward: ``performer_bwd_kernel_dq`` (dphi(Q) = [dnum | dden] state^T), ``performer_bwd_kernel_dstate``
+(d state = phi(Q)^T [dnum | dden], split like the state) and ``performer_bwd_kernel_dkdv`` (dV = phi(K) d state,
+dphi(K) = [V | 1] d state^T), with dnum = dO / den and dden = -(dO . O) / den. dK and dV sum the query
+heads of a group (grouped-query attention) inside one program, in order: deterministic, no atomics.
+
+Running sums and states are float32 (float64 for float64 inputs). The logits W x are products in the
+inputs' dtype; every product of features, states or gradients takes float32 operands (tf32 for
+float16/bfloat16 inputs): a float16 feature far below its stabiliser would be subnormal, and a state,
+which sums over every key, could overflow float16.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..ops.common import accumulation_dtype, new_output
+from ..ops.performer import backward_through, performer_bwd_fake, performer_fwd_fake, setup_context
+from ..reference import RELU_KERNEL_EPSILON
+from .block_sparse import _TRITON_DTYPES, _dot_precision, _padding_arguments
+from .linformer import MAX_GRID_AXIS, _split
+
+__all__ = ["performer_attention", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES", "KERNELS"]
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+# float64 is for gradcheck (in the interpreter): it accumulates and saves its statistics in float64.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNELS = ("softmax", "relu")
+EPSILON = tl.constexpr(RELU_KERNEL_EPSILON)
+
+
+@triton.jit
+def _logits(b_x, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION: tl.constexpr):
+    """W x for a [rows, D] tile x and the feature tile o_f: [rows, BF], x scaled by sqrt(scale)."""
+    b_w = tl.load(p_w_base + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None], other=0.0)
+    # [rows, D] @ [D, BF] -> [rows, BF]
+    return tl.dot(b_x, tl.trans(b_w), input_precision=DOT_PRECISION) * sqrt_scale
+
+
+@triton.jit
+def _features(b_wx, b_shift, m_rows, m_f, SOFTMAX: tl.constexpr):
+    """phi = exp(logits - shift) (softmax; logits already hold any -|x|^2 / 2) or relu(W x) + eps; 0 off the mask."""
+    m_rf = m_rows[:, None] & m_f[None, :]
+    if SOFTMAX:
+        # A masked row may have shift -inf or +inf: its exponent is replaced before exp, never NaN.
+        b_phi = tl.exp(tl.where(m_rf, b_wx - b_shift[:, None], float("-inf")))
+    else:
+        b_phi = tl.where(m_rf, tl.maximum(b_wx, 0.0) + EPSILON, 0.0)
+    return b_phi
+
+
+@triton.jit
+def _half_norm(b_x, scale, ACC: tl.constexpr):
+    """|x|^2 / 2 of each row of x scaled by sqrt(scale), in the accumulation dtype."""
+    b_xf = b_x.to(ACC)
+    return 0.5 * scale * tl.sum(b_xf * b_xf, 1)
+
+
+@triton.jit
+def performer_fwd_kernel_row_max(
+    x, w, row_max, key_padding_mask,
+    stride_xb, stride_xh, stride_xn,
+    stride_wh, stride_wm,
+    stride_pad_b,
+    H, GROUP, N, M, sqrt_scale, scale,
+    IS_KEY: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BN: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Largest logit of each row of head h (x head h // GROUP); keys subtract |x|^2 / 2 and padded keys give -inf."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+    m_n = o_n < N
+    p_x = x + i_b * stride_xb + (i_h // GROUP) * stride_xh + o_n.to(tl.int64)[:, None] * stride_xn + o_d[None, :]
+    b_x = tl.load(p_x, mask=m_n[:, None], other=0.0)
+    p_w_base = w + i_h * stride_wh
+
+    b_max = tl.full([BN], float("-inf"), dtype=ACC)
+    for i_f in range(0, M, BF):
+        o_f = i_f + tl.arange(0, BF)
+        m_f = o_f < M
+        b_wx = _logits(b_x, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+        b_max = tl.maximum(b_max, tl.max(tl.where(m_f[None, :], b_wx, float("-inf")), 1))
+    if IS_KEY:
+        b_max = b_max - _half_norm(b_x, scale, ACC)
+        if HAS_PADDING:
+            b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_n, mask=m_n, other=1)
+            b_max = tl.where(b_pad == 0, b_max, float("-inf"))
+    tl.store(row_max + i_bh.to(tl.int64) * N + o_n, b_max, mask=m_n)
+
+
+@triton.jit
+def performer_fwd_kernel_state(
+    k, v, w, key_stabiliser, key_padding_mask, state_part,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_wh, stride_wm,
+    stride_pad_b,
+    H, GROUP, Nk, M, CHUNK, SPLITS, sqrt_scale, scale,
+    SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BN: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_hkv = i_h // GROUP
+
+    o_f = i_f * BF + tl.arange(0, BF)
+    o_n_tile = tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+    m_f = o_f < M
+    p_k_base = k + i_b * stride_kb + i_hkv * stride_kh
+    p_v_base = v + i_b * stride_vb + i_hkv * stride_vh
+    p_w_base = w + i_h * stride_wh
+
+    b_num = tl.zeros([BF, D], dtype=ACC)
+    b_den = tl.zeros([BF], dtype=ACC)
+    i_first = i_s * CHUNK
+    for i_n in range(i_first, tl.minimum(i_first + CHUNK, Nk), BN):
+        o_n = i_n + o_n_tile
+        m_n = o_n < Nk
+        if HAS_PADDING:
+            b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_n, mask=m_n, other=1)
+            m_n = m_n & (b_pad == 0)
+        o_n64 = o_n.to(tl.int64)
+        b_k = tl.load(p_k_base + o_n64[:, None] * stride_kn + o_d[None, :], mask=m_n[:, None], other=0.0)
+        b_v = tl.load(p_v_base + o_n64[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None], other=0.0)
+        b_wx = _logits(b_k, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+        if SOFTMAX:
+            b_stab = tl.load(key_stabiliser + i_bh.to(tl.int64) * Nk + o_n, mask=m_n, other=0.0)
+            b_wx = b_wx - _half_norm(b_k, scale, ACC)[:, None]
+        else:
+            b_stab = tl.zeros([BN], dtype=ACC)
+        b_phi = _features(b_wx, b_stab, m_n, m_f, SOFTMAX)
+        # [BF, BN] @ [BN, D] -> [BF, D]
+        b_num += tl.dot(tl.trans(b_phi), b_v.to(ACC), input_precision=DOT_PRECISION)
+        b_den += tl.sum(b_phi, 0)
+
+    p_part = state_part + ((i_bh.to(tl.int64) * SPLITS + i_s) * M + o_f.to(tl.int64)) * (D + 1)
+    tl.store(p_part[:, None] + o_d[None, :], b_num, mask=m_f[:, None])
+    tl.store(p_part + D, b_den, mask=m_f)
+
+
+@triton.jit
+def performer_fwd_kernel(
+    q, w, query_max, state, o, normaliser,
+    stride_qb, stride_qh, stride_qn,
+    stride_wh, stride_wm,
+    stride_ob, stride_oh, stride_on,
+    H, Nq, M, sqrt_scale,
+    SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    m_m = o_m < Nq
+    o_m64 = o_m.to(tl.int64)
+    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_m64[:, None] * stride_qn + o_d[None, :],
+                  mask=m_m[:, None], other=0.0)
+    b_c = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
+    p_w_base = w + i_h * stride_wh
+    p_state_base = state + i_bh.to(tl.int64) * M * (D + 1)
+
+    b_num = tl.zeros([BM, D], dtype=ACC)
+    b_den = tl.zeros([BM], dtype=ACC)
+    for i_f in range(0, M, BF):
+        o_f = i_f + tl.arange(0, BF)
+        m_f = o_f < M
+        b_phi = _features(_logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION), b_c, m_m, m_f,
+                          SOFTMAX)
+        p_state = p_state_base + o_f.to(tl.int64) * (D + 1)
+        b_s_num = tl.load(p_state[:, None] + o_d[None, :], mask=m_f[:, None], other=0.0)
+        b_s_den = tl.load(p_state + D, mask=m_f, other=0.0)
+        # [BM, BF] @ [BF, D] -> [BM, D]
+        b_num += tl.dot(b_phi, b_s_num, input_precision=DOT_PRECISION)
+        b_den += tl.sum(b_phi * b_s_den[None, :], 1)
+
+    m_seen = b_den > 0
+    b_o = tl.where(m_seen[:, None], b_num / tl.where(m_seen, b_den, 1.0)[:, None], 0.0)
+    p_o = o + i_b * stride_ob + i_h * stride_oh + o_m64[:, None] * stride_on + o_d[None, :]
+    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None])
+    tl.store(normaliser + i_bh.to(tl.int64) * Nq + o_m, b_den, mask=m_m)
+
+
+@triton.jit
+def _output_grads(p_do, p_o, b_den, m_m):
+    """dnum = dO / den [rows, D] and dden = -(dO . O) / den [rows]; 0 for rows that see no key (den == 0)."""
+    m_seen = m_m & (b_den > 0)
+    b_inv = tl.where(m_seen, 1.0 / tl.where(m_seen, b_den, 1.0), 0.0)
+    b_do = tl.load(p_do, mask=m_seen[:, None], other=0.0).to(b_den.dtype)
+    b_o = tl.load(p_o, mask=m_seen[:, None], other=0.0).to(b_den.dtype)
+    b_dnum = b_do * b_inv[:, None]
+    return b_dnum, -tl.sum(b_dnum * b_o, 1)
+
+
+@triton.jit
+def performer_bwd_kernel_dq(
+    q, w, query_max, state, do, o, normaliser, dq,
+    stride_qb, stride_qh, stride_qn,
+    stride_wh, stride_wm,
+    stride_ob, stride_oh, stride_on,
+    stride_dqb, stride_dqh, stride_dqn,
+    H, Nq, M, sqrt_scale,
+    SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    """dQ = sqrt(scale) dlogits W with dlogits = dphi * phi (softmax) or dphi * [W x > 0] (relu).
+
+    The query's -|x|^2 / 2 is a per-row constant of the logits: its gradient term, sqrt(scale) x
+    sum(dlogits), is 0 in exact arithmetic (sum(dphi * phi) = dnum . num + dden den = 0), so it is left out.
+    """
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    m_m = o_m < Nq
+    o_m64 = o_m.to(tl.int64)
+    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_m64[:, None] * stride_qn + o_d[None, :],
+                  mask=m_m[:, None], other=0.0)
+    b_c = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
+    b_den = tl.load(normaliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
+    o_row = i_b * stride_ob + i_h * stride_oh + o_m64[:, None] * stride_on + o_d[None, :]
+    b_dnum, b_dden = _output_grads(do + o_row, o + o_row, b_den, m_m)
+    p_w_base = w + i_h * stride_wh
+    p_state_base = state + i_bh.to(tl.int64) * M * (D + 1)
+
+    b_dx = tl.zeros([BM, D], dtype=ACC)
+    for i_f in range(0, M, BF):
+        o_f = i_f + tl.arange(0, BF)
+        m_f = o_f < M
+        b_wx = _logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+        b_phi = _features(b_wx, b_c, m_m, m_f, SOFTMAX)
+        p_state = p_state_base + o_f.to(tl.int64) * (D + 1)
+        b_s_num = tl.load(p_state[:, None] + o_d[None, :], mask=m_f[:, None], other=0.0)
+        b_s_den = tl.load(p_state + D, mask=m_f, other=0.0)
+        # [BM, D] @ [D, BF] -> [BM, BF]
+        b_dphi = tl.dot(b_dnum, tl.trans(b_s_num), input_precision=DOT_PRECISION) + b_dden[:, None] * b_s_den[None, :]
+        if SOFTMAX:
+            b_dlogit = b_dphi * b_phi
+        else:
+            b_dlogit = tl.where(b_wx > 0, b_dphi, 0.0)
+        b_w = tl.load(p_w_base + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None], other=0.0)
+        # [BM, BF] @ [BF, D] -> [BM, D]
+        b_dx += tl.dot(b_dlogit, b_w.to(ACC), input_precision=DOT_PRECISION)
+
+    p_dq = dq + i_b * stride_dqb + i_h * stride_dqh + o_m64[:, None] * stride_dqn + o_d[None, :]
+    tl.store(p_dq, (b_dx * sqrt_scale).to(dq.dtype.element_ty), mask=m_m[:, None])
+
+
+@triton.jit
+def performer_bwd_kernel_dstate(
+    q, w, query_max, do, o, normaliser, dstate_part,
+    stride_qb, stride_qh, stride_qn,
+    stride_wh, stride_wm,
+    stride_ob, stride_oh, stride_on,
+    H, Nq, M, CHUNK, SPLITS, sqrt_scale,
+    SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    """d state = phi(Q)^T [dnum | dden] over one split of the queries, for one feature tile."""
+    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_f = i_f * BF + tl.arange(0, BF)
+    o_m_tile = tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    m_f = o_f < M
+    p_w_base = w + i_h * stride_wh
+    p_q_base = q + i_b * stride_qb + i_h * stride_qh
+
+    b_dnum_state = tl.zeros([BF, D], dtype=ACC)
+    b_dden_state = tl.zeros([BF], dtype=ACC)
+    i_first = i_s * CHUNK
+    for i_m in range(i_first, tl.minimum(i_first + CHUNK, Nq), BM):
+        o_m = i_m + o_m_tile
+        m_m = o_m < Nq
+        o_m64 = o_m.to(tl.int64)
+        b_q = tl.load(p_q_base + o_m64[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
+        b_c = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
+        b_den = tl.load(normaliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
+        o_row = i_b * stride_ob + i_h * stride_oh + o_m64[:, None] * stride_on + o_d[None, :]
+        b_dnum, b_dden = _output_grads(do + o_row, o + o_row, b_den, m_m)
+        b_phi = _features(_logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION), b_c, m_m, m_f,
+                          SOFTMAX)
+        # [BF, BM] @ [BM, D] -> [BF, D]
+        b_dnum_state += tl.dot(tl.trans(b_phi), b_dnum, input_precision=DOT_PRECISION)
+        b_dden_state += tl.sum(b_phi * b_dden[:, None], 0)
+
+    p_part = dstate_part + ((i_bh.to(tl.int64) * SPLITS + i_s) * M + o_f.to(tl.int64)) * (D + 1)
+    tl.store(p_part[:, None] + o_d[None, :], b_dnum_state, mask=m_f[:, None])
+    tl.store(p_part + D, b_dden_state, mask=m_f)
+
+
+@triton.jit
+def performer_bwd_kernel_dkdv(
+    k, v, w, key_stabiliser, dstate, dk, dv, key_padding_mask,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_wh, stride_wm,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_pad_b,
+    HKV, GROUP, Nk, M, sqrt_scale, scale,
+    SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BN: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    """dV = phi(K) d state[:, :D] and dK through the feature map, summed over the query heads of the group."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hkv = (i_bh // HKV).to(tl.int64), (i_bh % HKV).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+    m_n = o_n < Nk
+    m_kv = m_n
+    if HAS_PADDING:
+        b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_n, mask=m_n, other=1)
+        m_kv = m_n & (b_pad == 0)
+    o_n64 = o_n.to(tl.int64)
+    b_k = tl.load(k + i_b * stride_kb + i_hkv * stride_kh + o_n64[:, None] * stride_kn + o_d[None, :],
+                  mask=m_kv[:, None], other=0.0)
+    b_v = tl.load(v + i_b * stride_vb + i_hkv * stride_vh + o_n64[:, None] * stride_vn + o_d[None, :],
+                  mask=m_kv[:, None], other=0.0)
+    b_half_norm = _half_norm(b_k, scale, ACC)
+
+    b_dk = tl.zeros([BN, D], dtype=ACC)
+    b_dv = tl.zeros([BN, D], dtype=ACC)
+    b_dsum = tl.zeros([BN], dtype=ACC)
+    for i_g in range(0, GROUP):
+        i_h = i_hkv * GROUP + i_g
+        i_bh_q = i_b * HKV * GROUP + i_h
+        p_w_base = w + i_h * stride_wh
+        p_dstate_base = dstate + i_bh_q * M * (D + 1)
+        if SOFTMAX:
+            b_stab = tl.load(key_stabiliser + i_bh_q * Nk + o_n, mask=m_kv, other=0.0)
+        else:
+            b_stab = tl.zeros([BN], dtype=ACC)
+        for i_f in range(0, M, BF):
+            o_f = i_f + tl.arange(0, BF)
+            m_f = o_f < M
+            b_wx = _logits(b_k, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+            if SOFTMAX:
+                b_phi = _features(b_wx - b_half_norm[:, None], b_stab, m_kv, m_f, SOFTMAX)
+            else:
+                b_phi = _features(b_wx, b_stab, m_kv, m_f, SOFTMAX)
+            p_dstate = p_dstate_base + o_f.to(tl.int64) * (D + 1)
+            b_ds_num = tl.load(p_dstate[:, None] + o_d[None, :], mask=m_f[:, None], other=0.0)
+            b_ds_den = tl.load(p_dstate + D, mask=m_f, other=0.0)
+            # [BN, BF] @ [BF, D] -> [BN, D]
+            b_dv += tl.dot(b_phi, b_ds_num, input_precision=DOT_PRECISION)
+            # [BN, D] @ [D, BF] -> [BN, BF]
+            b_dphi = tl.dot(b_v.to(ACC), tl.trans(b_ds_num), input_precision=DOT_PRECISION) + b_ds_den[None, :]
+            if SOFTMAX:
+                b_dlogit = b_dphi * b_phi
+            else:
+                b_dlogit = tl.where(m_kv[:, None] & (b_wx > 0), b_dphi, 0.0)
+            b_w = tl.load(p_w_base + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None],
+                          other=0.0)
+            # [BN, BF] @ [BF, D] -> [BN, D]
+            b_dk += tl.dot(b_dlogit, b_w.to(ACC), input_precision=DOT_PRECISION)
+            b_dsum += tl.sum(b_dlogit, 1)
+
+    # d logits / d x = sqrt(scale) (W - sqrt(scale) x) for softmax (the -|x|^2 / 2 term), sqrt(scale) W for relu.
+    b_dk = b_dk * sqrt_scale
+    if SOFTMAX:
+        b_dk -= scale * b_dsum[:, None] * b_k.to(ACC)
+    p_dk = dk + i_b * stride_dkb + i_hkv * stride_dkh + o_n64[:, None] * stride_dkn + o_d[None, :]
+    p_dv = dv + i_b * stride_dvb + i_hkv * stride_dvh + o_n64[:, None] * stride_dvn + o_d[None, :]
+    tl.store(p_dk, b_dk.to(dk.dtype.element_ty), mask=m_n[:, None])
+    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_n[:, None])
+
+
+@triton.jit
+def _causal_decay(b_mk, o_c, m_c):
+    """E[i, j] = exp(M_j - M_i) (<= 1) for keys j <= i of a chunk, else 0: key j rescaled to query i's stabiliser."""
+    m_causal = (o_c[:, None] >= o_c[None, :]) & m_c[:, None] & m_c[None, :]
+    return tl.where(m_causal, tl.exp(tl.minimum(b_mk[None, :] - b_mk[:, None], 0.0)), 0.0)
+
+
+@triton.jit
+def _causal_chunk(q, k, v, w, query_max, key_stabiliser, key_padding_mask, i_c, i_b, i_h, i_hkv, i_bh, o_f, m_f,
+                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                  stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale,
+                  SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BC: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
+    """One chunk of a causal pass, for one feature tile: positions, masks, q, k, v, stabilisers and features.
+
+    phi_k is stabilised by each key's own M_j; W x of the keys is returned for relu's derivative.
+    """
+    o_c = i_c + tl.arange(0, BC)
+    o_d = tl.arange(0, D)
+    m_c = o_c < N
+    m_kv = m_c
+    if HAS_PADDING:
+        b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_c, mask=m_c, other=1)
+        m_kv = m_c & (b_pad == 0)
+    o_c64 = o_c.to(tl.int64)
+    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_c64[:, None] * stride_qn + o_d[None, :],
+                  mask=m_c[:, None], other=0.0)
+    b_k = tl.load(k + i_b * stride_kb + i_hkv * stride_kh + o_c64[:, None] * stride_kn + o_d[None, :],
+                  mask=m_kv[:, None], other=0.0)
+    b_v = tl.load(v + i_b * stride_vb + i_hkv * stride_vh + o_c64[:, None] * stride_vn + o_d[None, :],
+                  mask=m_kv[:, None], other=0.0).to(ACC)
+    b_cq = tl.load(query_max + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
+    b_mk = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
+    p_w_base = w + i_h * stride_wh
+    b_wx_q = _logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+    b_phi_q = _features(b_wx_q, b_cq, m_c, m_f, SOFTMAX)
+    b_wx_k = _logits(b_k, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+    if SOFTMAX:
+        b_phi_k = _features(b_wx_k - _half_norm(b_k, scale, ACC)[:, None], b_mk, m_kv, m_f, SOFTMAX)
+    else:
+        b_phi_k = _features(b_wx_k, b_mk, m_kv, m_f, SOFTMAX)
+    return o_c, m_c, m_kv, b_k, b_v, b_mk, b_wx_q, b_phi_q, b_wx_k, b_phi_k
+
+
+@triton.jit
+def performer_fwd_kernel_causal(
+    q, k, v, w, query_max, key_stabiliser, key_padding_mask, numden_part, state,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_wh, stride_wm,
+    stride_pad_b,
+    H, GROUP, N, M, FEATURE_TILES, sqrt_scale, scale,
+    SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BC: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    """One feature tile's share of [numerator | normaliser] of every query, chunk by chunk in order.
+
+    The running state phi(K)^T [V | 1] of the earlier chunks is held in registers, stabilised by the
+    last summed key's M; query i takes it rescaled by exp(M_state - M_i) <= 1, plus its own chunk
+    quadratically. A key only ever reaches queries at or after it.
+    """
+    i_f, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_hkv = i_h // GROUP
+    o_f = i_f * BF + tl.arange(0, BF)
+    o_d = tl.arange(0, D)
+    m_f = o_f < M
+
+    b_state_num = tl.zeros([BF, D], dtype=ACC)
+    b_state_den = tl.zeros([BF], dtype=ACC)
+    # The state's stabiliser; any finite value while the state is still 0.
+    b_ref = tl.sum(tl.zeros([1], dtype=ACC), 0)
+    p_part_base = numden_part + (i_bh.to(tl.int64) * FEATURE_TILES + i_f) * N * (D + 1)
+    for i_c in range(0, N, BC):
+        o_c, m_c, m_kv, b_k, b_v, b_mk, b_wx_q, b_phi_q, b_wx_k, b_phi_k = _causal_chunk(
+            q, k, v, w, query_max, key_stabiliser, key_padding_mask, i_c, i_b, i_h, i_hkv, i_bh, o_f, m_f,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale, SOFTMAX, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
+        # [BC, BF] @ [BF, BC] -> [BC, BC]
+        b_s = tl.dot(b_phi_q, tl.trans(b_phi_k), input_precision=DOT_PRECISION) * _causal_decay(b_mk, o_c, m_c)
+        b_factor = tl.exp(tl.minimum(b_ref - b_mk, 0.0))
+        # [BC, BC] @ [BC, D] + [BC, BF] @ [BF, D] -> [BC, D]
+        b_num = tl.dot(b_s, b_v, input_precision=DOT_PRECISION)
+        b_num += tl.dot(b_phi_q, b_state_num, input_precision=DOT_PRECISION) * b_factor[:, None]
+        b_den = tl.sum(b_s, 1) + tl.sum(b_phi_q * b_state_den[None, :], 1) * b_factor
+        p_part = p_part_base + o_c.to(tl.int64) * (D + 1)
+        tl.store(p_part[:, None] + o_d[None, :], b_num, mask=m_c[:, None])
+        tl.store(p_part + D, b_den, mask=m_c)
+
+        # Add the chunk's keys, rescaled to the stabiliser of its last key (the largest M so far).
+        b_ref_new = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + tl.minimum(i_c + BC, N) - 1)
+        b_phi_k = b_phi_k * tl.exp(tl.minimum(b_mk - b_ref_new, 0.0))[:, None]
+        b_decay = tl.exp(tl.minimum(b_ref - b_ref_new, 0.0))
+        # [BF, BC] @ [BC, D] -> [BF, D]
+        b_state_num = b_state_num * b_decay + tl.dot(tl.trans(b_phi_k), b_v, input_precision=DOT_PRECISION)
+        b_state_den = b_state_den * b_decay + tl.sum(b_phi_k, 0)
+        b_ref = b_ref_new
+
+    p_state = state + (i_bh.to(tl.int64) * M + o_f.to(tl.int64)) * (D + 1)
+    tl.store(p_state[:, None] + o_d[None, :], b_state_num, mask=m_f[:, None])
+    tl.store(p_state + D, b_state_den, mask=m_f)
+
+
+@triton.jit
+def performer_bwd_kernel_causal_dq(
+    q, k, v, w, query_max, key_stabiliser, key_padding_mask, do, o, normaliser, dq_part,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_wh, stride_wm,
+    stride_ob, stride_oh, stride_on,
+    stride_pad_b,
+    H, GROUP, N, M, FEATURE_TILES, sqrt_scale, scale,
+    SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BC: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    """One feature tile's share of dlogits(Q) W, forward over the chunks with the running state.
+
+    dphi_q_i = exp(M_state - M_i) [dnum_i | dden_i] state^T + sum over the chunk's keys j <= i of
+    E_ij (dnum_i . v_j + dden_i) phi_k_j. As in the non-causal dq, the query's -|x|^2 / 2 term is 0.
+    """
+    i_f, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_hkv = i_h // GROUP
+    o_f = i_f * BF + tl.arange(0, BF)
+    o_d = tl.arange(0, D)
+    m_f = o_f < M
+    b_w = tl.load(w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None],
+                  other=0.0).to(ACC)
+
+    b_state_num = tl.zeros([BF, D], dtype=ACC)
+    b_state_den = tl.zeros([BF], dtype=ACC)
+    b_ref = tl.sum(tl.zeros([1], dtype=ACC), 0)
+    p_part_base = dq_part + (i_bh.to(tl.int64) * FEATURE_TILES + i_f) * N * D
+    for i_c in range(0, N, BC):
+        o_c, m_c, m_kv, b_k, b_v, b_mk, b_wx_q, b_phi_q, b_wx_k, b_phi_k = _causal_chunk(
+            q, k, v, w, query_max, key_stabiliser, key_padding_mask, i_c, i_b, i_h, i_hkv, i_bh, o_f, m_f,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale, SOFTMAX, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
+        b_den = tl.load(normaliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
+        o_row = i_b * stride_ob + i_h * stride_oh + o_c.to(tl.int64)[:, None] * stride_on + o_d[None, :]
+        b_dnum, b_dden = _output_grads(do + o_row, o + o_row, b_den, m_c)
+
+        # [BC, D] @ [D, BC] -> [BC, BC]
+        b_g = (tl.dot(b_dnum, tl.trans(b_v), input_precision=DOT_PRECISION) + b_dden[:, None]) * \
+            _causal_decay(b_mk, o_c, m_c)
+        b_factor = tl.exp(tl.minimum(b_ref - b_mk, 0.0))
+        # [BC, BC] @ [BC, BF] + [BC, D] @ [D, BF] -> [BC, BF]
+        b_dphi = tl.dot(b_g, b_phi_k, input_precision=DOT_PRECISION)
+        b_dphi += (tl.dot(b_dnum, tl.trans(b_state_num), input_precision=DOT_PRECISION)
+                   + b_dden[:, None] * b_state_den[None, :]) * b_factor[:, None]
+        if SOFTMAX:
+            b_dlogit = b_dphi * b_phi_q
+        else:
+            b_dlogit = tl.where(b_wx_q > 0, b_dphi, 0.0)
+        # [BC, BF] @ [BF, D] -> [BC, D]
+        b_dx = tl.dot(b_dlogit, b_w, input_precision=DOT_PRECISION)
+        tl.store(p_part_base + o_c.to(tl.int64)[:, None] * D + o_d[None, :], b_dx, mask=m_c[:, None])
+
+        b_ref_new = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + tl.minimum(i_c + BC, N) - 1)
+        b_phi_k = b_phi_k * tl.exp(tl.minimum(b_mk - b_ref_new, 0.0))[:, None]
+        b_decay = tl.exp(tl.minimum(b_ref - b_ref_new, 0.0))
+        # [BF, BC] @ [BC, D] -> [BF, D]
+        b_state_num = b_state_num * b_decay + tl.dot(tl.trans(b_phi_k), b_v, input_precision=DOT_PRECISION)
+        b_state_den = b_state_den * b_decay + tl.sum(b_phi_k, 0)
+        b_ref = b_ref_new
+
+
+@triton.jit
+def performer_bwd_kernel_causal_dkdv(
+    q, k, v, w, query_max, key_stabiliser, key_padding_mask, do, o, normaliser, dkv_part,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_wh, stride_wm,
+    stride_ob, stride_oh, stride_on,
+    stride_pad_b,
+    H, GROUP, N, M, FEATURE_TILES, sqrt_scale, scale,
+    SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BC: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    """One feature tile's share of [dV | dlogits(K) W | sum dlogits(K)] of every key, backward over the chunks.
+
+    The suffix state R = sum over later queries of exp(M_ref - M_i) phi_q_i [dnum_i | dden_i]^T is
+    referred to M_ref, the smallest M_i among them that see a key; key j takes it rescaled by
+    exp(M_j - M_ref) <= 1, plus its own chunk quadratically.
+    """
+    i_f, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_hkv = i_h // GROUP
+    o_f = i_f * BF + tl.arange(0, BF)
+    o_d = tl.arange(0, D)
+    m_f = o_f < M
+    b_w = tl.load(w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None],
+                  other=0.0).to(ACC)
+
+    b_suffix_num = tl.zeros([BF, D], dtype=ACC)
+    b_suffix_den = tl.zeros([BF], dtype=ACC)
+    # +inf until a query that sees a key has been added (the suffix is 0 until then).
+    b_ref = tl.sum(tl.full([1], float("inf"), dtype=ACC), 0)
+    p_part_base = dkv_part + (i_bh.to(tl.int64) * FEATURE_TILES + i_f) * N * (2 * D + 1)
+    num_chunks = tl.cdiv(N, BC)
+    for i_rev in range(0, num_chunks):
+        i_c = (num_chunks - 1 - i_rev) * BC
+        o_c, m_c, m_kv, b_k, b_v, b_mk, b_wx_q, b_phi_q, b_wx_k, b_phi_k = _causal_chunk(
+            q, k, v, w, query_max, key_stabiliser, key_padding_mask, i_c, i_b, i_h, i_hkv, i_bh, o_f, m_f,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale, SOFTMAX, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
+        b_den = tl.load(normaliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
+        o_row = i_b * stride_ob + i_h * stride_oh + o_c.to(tl.int64)[:, None] * stride_on + o_d[None, :]
+        b_dnum, b_dden = _output_grads(do + o_row, o + o_row, b_den, m_c)
+
+        b_decay_qk = _causal_decay(b_mk, o_c, m_c)
+        # Later chunks through the suffix state (0 while M_ref is +inf).
+        b_factor = tl.exp(tl.minimum(b_mk - b_ref, 0.0))
+        # [BC, BF] @ [BF, D] -> [BC, D]
+        b_dv = tl.dot(b_phi_k, b_suffix_num, input_precision=DOT_PRECISION) * b_factor[:, None]
+        # [BC, D] @ [D, BF] -> [BC, BF]
+        b_dphi = (tl.dot(b_v, tl.trans(b_suffix_num), input_precision=DOT_PRECISION)
+                  + b_suffix_den[None, :]) * b_factor[:, None]
+        # This chunk: scores S (queries x keys) and G = [dnum | dden] [V | 1]^T, both masked by E.
+        # [BC, BF] @ [BF, BC] -> [BC, BC]
+        b_s = tl.dot(b_phi_q, tl.trans(b_phi_k), input_precision=DOT_PRECISION) * b_decay_qk
+        # [BC, D] @ [D, BC] -> [BC, BC]
+        b_g = (tl.dot(b_dnum, tl.trans(b_v), input_precision=DOT_PRECISION) + b_dden[:, None]) * b_decay_qk
+        # [BC, BC] @ [BC, D] -> [BC, D] and [BC, BC] @ [BC, BF] -> [BC, BF]
+        b_dv += tl.dot(tl.trans(b_s), b_dnum, input_precision=DOT_PRECISION)
+        b_dphi += tl.dot(tl.trans(b_g), b_phi_q, input_precision=DOT_PRECISION)
+        if SOFTMAX:
+            b_dlogit = b_dphi * b_phi_k
+        else:
+            b_dlogit = tl.where(m_kv[:, None] & (b_wx_k > 0), b_dphi, 0.0)
+        # [BC, BF] @ [BF, D] -> [BC, D]
+        b_dx = tl.dot(b_dlogit, b_w, input_precision=DOT_PRECISION)
+        p_part = p_part_base + o_c.to(tl.int64) * (2 * D + 1)
+        tl.store(p_part[:, None] + o_d[None, :], b_dv, mask=m_c[:, None])
+        tl.store(p_part[:, None] + D + o_d[None, :], b_dx, mask=m_c[:, None])
+        tl.store(p_part + 2 * D, tl.sum(b_dlogit, 1), mask=m_c)
+
+        # Add this chunk's queries that see a key, referred to the smallest of their M_i.
+        m_seen = m_c & (b_den > 0)
+        b_ref_new = tl.minimum(b_ref, tl.min(tl.where(m_seen, b_mk, float("inf")), 0))
+        b_decay = tl.where(b_ref_new == b_ref, 1.0, tl.exp(tl.minimum(b_ref_new - b_ref, 0.0)))
+        b_weight = tl.where(m_seen, tl.exp(tl.minimum(b_ref_new - b_mk, 0.0)), 0.0)
+        b_phi_q = b_phi_q * b_weight[:, None]
+        # [BF, BC] @ [BC, D] -> [BF, D]
+        b_suffix_num = b_suffix_num * b_decay + tl.dot(tl.trans(b_phi_q), b_dnum, input_precision=DOT_PRECISION)
+        b_suffix_den = b_suffix_den * b_decay + tl.sum(b_phi_q * b_dden[:, None], 0)
+        b_ref = b_ref_new
+
+
+def _tiles(num_features: int, dtype: torch.dtype) -> dict:
+    """Row tile BM (queries, keys, causal chunks), feature tile BF (>= 16 for tl.dot) and launch options."""
+    tile_f = max(16, min(64, triton.next_power_of_2(num_features)))
+    if dtype in (torch.float32, torch.float64):
+        # IEEE float32/float64 dots run on the FMA units and need far more registers than tensor cores.
+        return {"BM": 32, "BF": min(tile_f, 32), "num_warps": 4, "num_stages": 2}
+    return {"BM": 64, "BF": tile_f, "num_warps": 4, "num_stages": 2}
+
+
+def _projection_strides(projection: Tensor) -> tuple[int, int]:
+    """(head, row) strides of an (m, D) or (H, m, D) projection; head stride 0 when shared."""
+    return (0 if projection.dim() == 2 else projection.stride(0)), projection.stride(-2)
+
+
+def _check_arguments(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, kernel: str, causal: bool,
+                     key_padding_mask: Tensor | None, scale: float) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"q, k, v: expected (B, H, N, D) with v shaped like k, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    batch, heads, query_len, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim or k.shape[1] == 0 or heads % k.shape[1] != 0:
+        raise ValueError(f"k: expected shape ({batch}, Hkv, Nk, {head_dim}) with {heads} % Hkv == 0, "
+                         f"got {tuple(k.shape)}")
+    if query_len == 0 or k.shape[2] == 0:
+        raise ValueError(f"q, k: expected non-empty sequences, got Nq={query_len} and Nk={k.shape[2]}")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v: expected one dtype of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device == projection.device:
+        raise ValueError(f"q, k, v, projection: expected one device, got {q.device}, {k.device}, {v.device}, "
+                         f"{projection.device}")
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError(f"q, k, v: expected unit stride in the last dim, got strides {q.stride()}, "
+                         f"{k.stride()}, {v.stride()}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: expected head dim in {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    if not projection.is_floating_point():
+        raise TypeError(f"projection: expected a floating-point tensor, got dtype {projection.dtype}")
+    if (projection.dim() not in (2, 3) or (projection.dim() == 3 and projection.shape[0] != heads)
+            or projection.shape[-1] != head_dim or projection.shape[-2] == 0):
+        raise ValueError(f"projection: expected shape (m, {head_dim}) or ({heads}, m, {head_dim}), "
+                         f"got {tuple(projection.shape)}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    if causal and query_len != k.shape[2]:
+        raise ValueError(f"causal: expected Nq == Nk, got Nq={query_len} and Nk={k.shape[2]}")
+    if batch * heads > MAX_GRID_AXIS:
+        raise ValueError(f"q: expected B * H <= {MAX_GRID_AXIS} (a grid axis), got {batch} * {heads}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale: expected a positive finite float, got {scale}")
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.device != q.device
+                                         or tuple(key_padding_mask.shape) != (batch, k.shape[2])):
+        raise ValueError(f"key_padding_mask: expected bool of shape ({batch}, {k.shape[2]}) on {q.device}, "
+                         f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} on {key_padding_mask.device}")
+
+
+class _Problem:
+    """Shapes, launch flags and the arguments every kernel shares, for one call."""
+
+    def __init__(self, q: Tensor, k: Tensor, projection: Tensor, kernel: str, causal: bool,
+                 key_padding_mask: Tensor | None, scale: float):
+        self.batch, self.heads, self.query_len, self.head_dim = q.shape
+        self.kv_heads, self.key_len = k.shape[1], k.shape[2]
+        self.group = self.heads // self.kv_heads
+        self.features = projection.shape[-2]
+        self.softmax = kernel == "softmax"
+        self.causal = causal
+        self.acc = accumulation_dtype(q.dtype)
+        # The reference computes the features with the projection in the inputs' dtype.
+        self.projection = projection.to(q.dtype).contiguous()
+        self.projection_strides = _projection_strides(self.projection)
+        self.padding, self.stride_pad_b = _padding_arguments(key_padding_mask, q)
+        self.has_padding = key_padding_mask is not None
+        self.sqrt_scale, self.scale = math.sqrt(scale), scale
+        self.tiles = _tiles(self.features, q.dtype)
+        self.launch = {"num_warps": self.tiles["num_warps"], "num_stages": self.tiles["num_stages"]}
+        self.flags = {"DOT_PRECISION": _dot_precision(q.dtype), "D": self.head_dim, "BF": self.tiles["BF"],
+                      "ACC": _TRITON_DTYPES[self.acc]}
+
+    def row_max(self, x: Tensor, is_key: bool) -> Tensor:
+        """Largest logit of each row per query head (B, H, N); keys: -inf where padded (softmax only)."""
+        length = x.shape[2]
+        result = torch.empty((self.batch, self.heads, length), dtype=self.acc, device=x.device)
+        performer_fwd_kernel_row_max[(triton.cdiv(length, self.tiles["BM"]), self.batch * self.heads)](
+            x, self.projection, result, self.padding, *x.stride()[:3], *self.projection_strides, self.stride_pad_b,
+            self.heads, self.group if is_key else 1, length, self.features, self.sqrt_scale, self.scale,
+            IS_KEY=is_key, HAS_PADDING=self.has_padding, BN=self.tiles["BM"], **self.flags, **self.launch,
+        )
+        return result
+
+    def query_max(self, q: Tensor) -> Tensor:
+        if not self.softmax:
+            return torch.zeros((self.batch, self.heads, self.query_len), dtype=self.acc, device=q.device)
+        return self.row_max(q, is_key=False)
+
+    def key_stabiliser(self, k: Tensor) -> Tensor:
+        """Per (query head, key): the max key logit over unpadded keys, or its running max (causal); 0 if none."""
+        if not self.softmax:
+            return torch.zeros((self.batch, self.heads, self.key_len), dtype=self.acc, device=k.device)
+        key_max = self.row_max(k, is_key=True)
+        if self.causal:
+            stabiliser = key_max.cummax(-1).values
+        else:
+            stabiliser = key_max.amax(-1, keepdim=True).expand_as(key_max)
+        return torch.where(torch.isfinite(stabiliser), stabiliser, torch.zeros_like(stabiliser)).contiguous()
+
+    def causal_strides(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
+        """Strides of q, k, v, the projection and the padding mask, in the causal kernels' order."""
+        return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *self.projection_strides, self.stride_pad_b)
+
+    def split(self, length: int) -> tuple[int, int]:
+        feature_tiles = triton.cdiv(self.features, self.tiles["BF"])
+        chunk, splits = _split(length, self.tiles["BM"], feature_tiles * self.batch * self.heads)
+        if splits > MAX_GRID_AXIS:
+            raise ValueError(f"sequence of {length} needs {splits} splits, more than a grid axis holds ({MAX_GRID_AXIS})")
+        return chunk, splits
+
+
+def _forward_global(p: _Problem, q: Tensor, k: Tensor, v: Tensor, key_stabiliser: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    chunk, splits = p.split(p.key_len)
+    feature_tiles = triton.cdiv(p.features, p.tiles["BF"])
+    state_part = torch.empty((p.batch * p.heads, splits, p.features, p.head_dim + 1), dtype=p.acc, device=q.device)
+    performer_fwd_kernel_state[(feature_tiles, splits, p.batch * p.heads)](
+        k, v, p.projection, key_stabiliser, p.padding, state_part,
+        *k.stride()[:3], *v.stride()[:3], *p.projection_strides, p.stride_pad_b,
+        p.heads, p.group, p.key_len, p.features, chunk, splits, p.sqrt_scale, p.scale,
+        SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BN=p.tiles["BM"], **p.flags,
+        **p.launch,
+    )
+    # The splits added in a fixed order: deterministic.
+    state = state_part.sum(1).view(p.batch, p.heads, p.features, p.head_dim + 1)
+    out = new_output(q.shape, q.dtype, q.device)
+    normaliser = new_output((p.batch, p.heads, p.query_len), p.acc, q.device)
+    performer_fwd_kernel[(triton.cdiv(p.query_len, p.tiles["BM"]), p.batch * p.heads)](
+        q, p.projection, p.query_max(q), state, out, normaliser,
+        *q.stride()[:3], *p.projection_strides, *out.stride()[:3],
+        p.heads, p.query_len, p.features, p.sqrt_scale,
+        SOFTMAX=p.softmax, BM=p.tiles["BM"], **p.flags, **p.launch,
+    )
+    return out, normaliser, state
+
+
+def _backward_global(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                     normaliser: Tensor, key_stabiliser: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    query_max = p.query_max(q)
+    grad_q = new_output(q.shape, q.dtype, q.device)
+    performer_bwd_kernel_dq[(triton.cdiv(p.query_len, p.tiles["BM"]), p.batch * p.heads)](
+        q, p.projection, query_max, state, grad_out, out, normaliser, grad_q,
+        *q.stride()[:3], *p.projection_strides, *out.stride()[:3], *grad_q.stride()[:3],
+        p.heads, p.query_len, p.features, p.sqrt_scale,
+        SOFTMAX=p.softmax, BM=p.tiles["BM"], **p.flags, **p.launch,
+    )
+    chunk, splits = p.split(p.query_len)
+    feature_tiles = triton.cdiv(p.features, p.tiles["BF"])
+    dstate_part = torch.empty((p.batch * p.heads, splits, p.features, p.head_dim + 1), dtype=p.acc, device=q.device)
+    performer_bwd_kernel_dstate[(feature_tiles, splits, p.batch * p.heads)](
+        q, p.projection, query_max, grad_out, out, normaliser, dstate_part,
+        *q.stride()[:3], *p.projection_strides, *out.stride()[:3],
+        p.heads, p.query_len, p.features, chunk, splits, p.sqrt_scale,
+        SOFTMAX=p.softmax, BM=p.tiles["BM"], **p.flags, **p.launch,
+    )
+    dstate = dstate_part.sum(1)
+    grad_k = new_output(k.shape, k.dtype, k.device)
+    grad_v = new_output(v.shape, v.dtype, v.device)
+    performer_bwd_kernel_dkdv[(triton.cdiv(p.key_len, p.tiles["BM"]), p.batch * p.kv_heads)](
+        k, v, p.projection, key_stabiliser, dstate, grad_k, grad_v, p.padding,
+        *k.stride()[:3], *v.stride()[:3], *p.projection_strides, *grad_k.stride()[:3], *grad_v.stride()[:3],
+        p.stride_pad_b, p.kv_heads, p.group, p.key_len, p.features, p.sqrt_scale, p.scale,
+        SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BN=p.tiles["BM"],
+        **p.flags, **p.launch,
+    )
+    return grad_q, grad_k, grad_v
+
+
+def _forward_causal(p: _Problem, q: Tensor, k: Tensor, v: Tensor, key_stabiliser: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    feature_tiles = triton.cdiv(p.features, p.tiles["BF"])
+    numden_part = torch.empty((p.batch * p.heads, feature_tiles, p.query_len, p.head_dim + 1), dtype=p.acc,
+                              device=q.device)
+    state = new_output((p.batch, p.heads, p.features, p.head_dim + 1), p.acc, q.device)
+    performer_fwd_kernel_causal[(feature_tiles, p.batch * p.heads)](
+        q, k, v, p.projection, p.query_max(q), key_stabiliser, p.padding, numden_part, state,
+        *p.causal_strides(q, k, v), p.heads, p.group, p.query_len, p.features, feature_tiles, p.sqrt_scale, p.scale,
+        SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BC=p.tiles["BM"], **p.flags, **p.launch,
+    )
+    # The feature tiles' shares added in a fixed order: deterministic.
+    numden = numden_part.sum(1).view(p.batch, p.heads, p.query_len, p.head_dim + 1)
+    normaliser = numden[..., p.head_dim].contiguous()
+    seen = (normaliser > 0).unsqueeze(-1)
+    out = torch.where(seen, numden[..., : p.head_dim] / torch.where(seen, normaliser.unsqueeze(-1), 1.0), 0.0)
+    return out.to(q.dtype), normaliser, state
+
+
+def _backward_causal(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                     normaliser: Tensor, key_stabiliser: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    feature_tiles = triton.cdiv(p.features, p.tiles["BF"])
+    query_max = p.query_max(q)
+    arguments = (q, k, v, p.projection, query_max, key_stabiliser, p.padding, grad_out, out, normaliser)
+    strides = (*p.causal_strides(q, k, v)[:-1], *out.stride()[:3], p.stride_pad_b)
+    sizes = (p.heads, p.group, p.query_len, p.features, feature_tiles, p.sqrt_scale, p.scale)
+    options = dict(SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BC=p.tiles["BM"], **p.flags, **p.launch)
+    dq_part = torch.empty((p.batch * p.heads, feature_tiles, p.query_len, p.head_dim), dtype=p.acc, device=q.device)
+    performer_bwd_kernel_causal_dq[(feature_tiles, p.batch * p.heads)](*arguments, dq_part, *strides, *sizes, **options)
+    dkv_part = torch.empty((p.batch * p.heads, feature_tiles, p.key_len, 2 * p.head_dim + 1), dtype=p.acc,
+                           device=q.device)
+    performer_bwd_kernel_causal_dkdv[(feature_tiles, p.batch * p.heads)](*arguments, dkv_part, *strides, *sizes,
+                                                                         **options)
+    # Feature tiles and the query heads of each group added in a fixed order: deterministic.
+    grad_q = (dq_part.sum(1) * p.sqrt_scale).view(q.shape).to(q.dtype)
+    dkv = dkv_part.view(p.batch, p.kv_heads, p.group, feature_tiles, p.key_len, 2 * p.head_dim + 1).sum((2, 3))
+    grad_v = dkv[..., : p.head_dim].to(v.dtype).contiguous()
+    grad_k = dkv[..., p.head_dim: 2 * p.head_dim] * p.sqrt_scale
+    if p.softmax:
+        # d logits / d x = sqrt(scale) (W - sqrt(scale) x): the -|x|^2 / 2 term of the keys' logits.
+        grad_k = grad_k - p.scale * dkv[..., 2 * p.head_dim:] * k.to(p.acc)
+    return grad_q, grad_k.to(k.dtype).contiguous(), grad_v
+
+
+@torch.library.custom_op("fastattn::triton_performer_fwd", mutates_args=())
+def performer_fwd(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, kernel: str, causal: bool,
+                  key_padding_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Output (B, H, Nq, D), normaliser (B, H, Nq), key stabiliser (B, H, Nk) and state (B, H, m, D + 1).
+
+    The statistics are float32 (float64 for float64 inputs); the state is phi(K)^T [V | 1] with the keys
+    stabilised by the last key's stabiliser.
+    """
+    _check_arguments(q, k, v, projection, kernel, causal, key_padding_mask, scale)
+    p = _Problem(q, k, projection, kernel, causal, key_padding_mask, scale)
+    key_stabiliser = p.key_stabiliser(k)
+    forward = _forward_causal if causal else _forward_global
+    out, normaliser, state = forward(p, q, k, v, key_stabiliser)
+    return out, normaliser, key_stabiliser, state
+
+
+performer_fwd.register_fake(performer_fwd_fake)
+
+
+@torch.library.custom_op("fastattn::triton_performer_bwd", mutates_args=())
+def performer_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, projection: Tensor, out: Tensor,
+                  normaliser: Tensor, key_stabiliser: Tensor, state: Tensor, kernel: str, causal: bool,
+                  key_padding_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of q, k, v; deterministic (partial sums added in a fixed order, no atomics)."""
+    _check_arguments(q, k, v, projection, kernel, causal, key_padding_mask, scale)
+    p = _Problem(q, k, projection, kernel, causal, key_padding_mask, scale)
+    for name, tensor, shape in (
+        ("normaliser", normaliser, (p.batch, p.heads, p.query_len)),
+        ("key_stabiliser", key_stabiliser, (p.batch, p.heads, p.key_len)),
+        ("state", state, (p.batch, p.heads, p.features, p.head_dim + 1)),
+    ):
+        if tuple(tensor.shape) != shape or tensor.dtype != p.acc:
+            raise ValueError(f"{name}: expected shape {shape} and dtype {p.acc}, got {tuple(tensor.shape)} and {tensor.dtype}")
+    for name, tensor in (("grad_out", grad_out), ("out", out)):
+        if tensor.shape != q.shape or tensor.dtype != q.dtype:
+            raise ValueError(f"{name}: expected shape {tuple(q.shape)} and dtype {q.dtype}, "
+                             f"got {tuple(tensor.shape)} and {tensor.dtype}")
+    # out and grad_out share one set of strides in the kernels.
+    grad_out, out = grad_out.contiguous(), out.contiguous()
+    normaliser, key_stabiliser, state = normaliser.contiguous(), key_stabiliser.contiguous(), state.contiguous()
+    if causal:
+        return _backward_causal(p, grad_out, q, k, v, out, normaliser, key_stabiliser)
+    return _backward_global(p, grad_out, q, k, v, out, normaliser, key_stabiliser, state)
+
+
+performer_bwd.register_fake(performer_bwd_fake)
+performer_fwd.register_autograd(backward_through(performer_bwd), setup_context=setup_context)
+
+
+def performer_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, kernel: str, causal: bool,
+                        key_padding_mask: Tensor | None, scale: float) -> Tensor:
+    """Differentiable Performer attention through the Triton kernels (the "triton" backend's call)."""
+    out, _, _, _ = performer_fwd(q, k, v, projection, kernel, causal, key_padding_mask, scale)
+    return out
