@@ -165,11 +165,12 @@ BACKENDS: dict[str, Backend] = {
         (32, 64, 128), 128, _triton_implementation, _triton_unavailable, _triton_reasons,
         auto_device_types=("cuda",),
         manual_reason='runs CPU tensors only when asked (backend="triton"): Triton\'s interpreter is for debugging',
+        gqa_mechanisms=("linformer", "performer"),
     ),
     "cpu": Backend(
         "cpu", "fused C++ CPU kernels (fastattn._C, at::parallel_for + at::vec)", ("cpu",),
         (torch.float32, torch.float64, torch.bfloat16), None, 256, _compiled_implementation("CPU"),
-        compiled_extension_error, auto_device_types=("cpu",),
+        compiled_extension_error, auto_device_types=("cpu",), gqa_mechanisms=MECHANISMS,
     ),
     "reference": Backend(
         "reference", "exact pure-PyTorch reference (materialises the attention matrix)", ("cpu", "cuda"),
