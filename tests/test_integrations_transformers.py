@@ -250,6 +250,13 @@ def test_packed_sequences_raise_and_counting_positions_do_not():
         model(ids, position_ids=packed, use_cache=False)
 
 
+def test_static_cache_raises():
+    model = _model("llama", "fastattn_bigbird")
+    with pytest.raises(ValueError, match="static \\(pre-allocated\\) cache"):
+        model.generate(_batch(10, "none")[0], max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       cache_implementation="static")
+
+
 def test_head_mask_raises():
     model = _model("gpt2", "fastattn_bigbird")
     with pytest.raises(ValueError, match="head_mask"):

@@ -120,6 +120,11 @@ def _padding_mask_builder(batch_size: int, cache_position: Tensor, kv_length: in
     flash-attention builder returns; raises where ``mask_function`` is more than causal + padding."""
     for part in _conjuncts(mask_function):
         _check_mask_part(part, kv_offset + kv_length)
+    if kv_offset + kv_length != int(cache_position[-1]) + 1:
+        # a pre-allocated cache hands the attention every slot, filled or not
+        raise ValueError(f"fastattn attention needs the keys to end at the last query ({int(cache_position[-1]) + 1} "
+                         f"positions), got {kv_offset + kv_length}: a static (pre-allocated) cache; use the default "
+                         f"DynamicCache, or {SDPA_HINT}")
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:]
