@@ -51,7 +51,7 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
 
 SDPA_HINT = 'load the model with attn_implementation="sdpa" (or "eager") for this'
 
-# Models of transformers 4.57 whose attention does not go through AttentionInterface: (module, table, kind).
+# Models of transformers 4.57 whose attention does not go through AttentionInterface: (module, table, family).
 _UNROUTED_MODELS = (
     ("transformers.models.bert.modeling_bert", "BERT_SELF_ATTENTION_CLASSES", "BERT"),
     ("transformers.models.roberta.modeling_roberta", "ROBERTA_SELF_ATTENTION_CLASSES", "RoBERTa"),
