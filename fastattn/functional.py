@@ -1,7 +1,8 @@
 """The public ops: validate the inputs, pick a backend, call its differentiable op.
 
 Every function takes q (B, H, Nq, D), k and v (B, Hkv, Nk, D) with H % Hkv == 0 (grouped-query
-attention: query head h reads kv head h // (H / Hkv)) and returns (B, H, Nq, D) in the input dtype. ``key_padding_mask`` is bool (B, Nk) with True marking padding. ``scale`` defaults to D ** -0.5.
+attention: query head h reads kv head h // (H / Hkv)) and returns (B, H, Nq, D) in the input dtype.
+``key_padding_mask`` is bool (B, Nk) with True marking padding. ``scale`` defaults to D ** -0.5.
 """
 from __future__ import annotations
 

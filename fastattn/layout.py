@@ -127,7 +127,8 @@ def _describe(value) -> str:
 def _check_bigbird_arguments(seq_len, block_size, num_heads, num_random_blocks) -> None:
     for name, value, low in (("seq_len", seq_len, 1), ("block_size", block_size, 1),
                              ("num_heads", num_heads, 1), ("num_random_blocks", num_random_blocks, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        # torch.SymInt: a symbolic length or head count while torch.compile or torch.export traces
+        if not isinstance(value, (int, torch.SymInt)) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
 
 

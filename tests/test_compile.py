@@ -71,3 +71,34 @@ def test_compiled_bigbird_serves_varying_lengths(mode):
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_bigbird_layout_csr_op_passes_opcheck(causal):
     torch.library.opcheck(torch.ops.fastattn.bigbird_layout_csr.default, (100, 16, 2, 1, 0, causal, torch.device("cpu")))
+
+
+def test_exported_bigbird_serves_every_length_of_a_dynamic_dim():
+    class BigBird(torch.nn.Module):
+        def forward(self, q, k, v):
+            return fastattn.bigbird_attention(q, k, v, block_size=16, num_random_blocks=1, causal=True)
+
+    generator = torch.Generator().manual_seed(0)
+    example = tuple(torch.randn(1, 2, 64, HEAD_DIM, generator=generator) for _ in range(3))
+    length = torch.export.Dim("length", min=2, max=1024)
+    exported = torch.export.export(BigBird(), example, dynamic_shapes=({2: length},) * 3)
+    for n in (64, 100, 37):
+        q, k, v = (torch.randn(1, 2, n, HEAD_DIM, generator=generator) for _ in range(3))
+        torch.testing.assert_close(exported.module()(q, k, v), BigBird()(q, k, v))
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
+def test_compiled_bigbird_layout_specialises_a_symbolic_length(dynamic):
+    """bigbird_layout returns a Python object for one length: under torch.compile a symbolic length is
+    specialised (one graph per length) instead of failing."""
+    torch._dynamo.reset()
+
+    def op(q, k, v):
+        layout = fastattn.bigbird_layout(q.shape[2], block_size=16, num_heads=q.shape[1], causal=True)
+        return fastattn.reference.block_sparse_attention(q, k, v, layout, causal=True)
+
+    compiled = torch.compile(op, fullgraph=True, dynamic=dynamic)
+    generator = torch.Generator().manual_seed(0)
+    for length in (64, 100, 37):
+        q, k, v = (torch.randn(1, 2, length, HEAD_DIM, generator=generator) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), op(q, k, v))

@@ -250,6 +250,13 @@ def test_packed_sequences_raise_and_counting_positions_do_not():
         model(ids, position_ids=packed, use_cache=False)
 
 
+def test_static_cache_raises():
+    model = _model("llama", "fastattn_bigbird")
+    with pytest.raises(ValueError, match="static \\(pre-allocated\\) cache"):
+        model.generate(_batch(10, "none")[0], max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       cache_implementation="static")
+
+
 def test_head_mask_raises():
     model = _model("gpt2", "fastattn_bigbird")
     with pytest.raises(ValueError, match="head_mask"):
@@ -266,10 +273,11 @@ def test_softcapping_and_attention_sinks_raise(argument):
 
 
 def test_models_that_bypass_the_registry_name_fastattn_models():
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64)
-    with pytest.raises(ValueError, match="fastattn.models.BertModel.from_hf"):
-        transformers.BertModel._from_config(config, attn_implementation="fastattn_bigbird")
+    for family in ("Bert", "Roberta"):
+        config = getattr(transformers, f"{family}Config")(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=64)
+        with pytest.raises(ValueError, match="fastattn.models.BertModel.from_hf"):
+            getattr(transformers, f"{family}Model")._from_config(config, attn_implementation="fastattn_bigbird")
     config = transformers.ModernBertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
                                            num_attention_heads=2, intermediate_size=64, pad_token_id=0,
                                            bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)

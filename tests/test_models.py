@@ -184,6 +184,8 @@ def test_gpt_errors():
         model(torch.zeros(1, 49, dtype=torch.long))
     with pytest.raises(ValueError, match="input_ids: expected an integer"):
         model(torch.zeros(1, 4))
+    with pytest.raises(TypeError, match="attention_mask: expected a Tensor"):
+        model.generate(torch.zeros(1, 4, dtype=torch.long), 2, attention_mask=[[1, 1, 1, 1]])
     past = model(torch.zeros(1, 4, dtype=torch.long), use_cache=True).past_key_values
     with pytest.raises(ValueError, match=r"attention_mask: expected shape \(1, 5\) \(past \+ new tokens\)"):
         model(torch.zeros(1, 1, dtype=torch.long), attention_mask=torch.ones(1, 1), past_key_values=past)

@@ -51,7 +51,7 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
 
 SDPA_HINT = 'load the model with attn_implementation="sdpa" (or "eager") for this'
 
-# Models of transformers 4.57 whose attention does not go through AttentionInterface: (module, table, kind).
+# Models of transformers 4.57 whose attention does not go through AttentionInterface: (module, table, family).
 _UNROUTED_MODELS = (
     ("transformers.models.bert.modeling_bert", "BERT_SELF_ATTENTION_CLASSES", "BERT"),
     ("transformers.models.roberta.modeling_roberta", "ROBERTA_SELF_ATTENTION_CLASSES", "RoBERTa"),
@@ -120,6 +120,11 @@ def _padding_mask_builder(batch_size: int, cache_position: Tensor, kv_length: in
     flash-attention builder returns; raises where ``mask_function`` is more than causal + padding."""
     for part in _conjuncts(mask_function):
         _check_mask_part(part, kv_offset + kv_length)
+    if kv_offset + kv_length != int(cache_position[-1]) + 1:
+        # a pre-allocated cache hands the attention every slot, filled or not
+        raise ValueError(f"fastattn attention needs the keys to end at the last query ({int(cache_position[-1]) + 1} "
+                         f"positions), got {kv_offset + kv_length}: a static (pre-allocated) cache; use the default "
+                         f"DynamicCache, or {SDPA_HINT}")
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:]

@@ -87,6 +87,8 @@ class GPTModel(nn.Module):
                 f"got {past_length} past + {input_ids.shape[1]} new"
             )
         use_cache = use_cache or past_key_values is not None
+        if attention_mask is not None and not isinstance(attention_mask, Tensor):
+            raise TypeError(f"attention_mask: expected a Tensor or None, got {type(attention_mask).__name__}")
         if past_length and attention_mask is not None:
             expected = (input_ids.shape[0], past_length + input_ids.shape[1])
             if tuple(attention_mask.shape) != expected:
@@ -163,6 +165,8 @@ class GPTLMHeadModel(nn.Module):
             return sequence
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(f"attention_mask: expected a Tensor (B, N) or None, got {type(attention_mask).__name__}")
         key_padding_mask(attention_mask, input_ids)  # checks the shape
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         outputs = self(input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True)
