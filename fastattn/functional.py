@@ -101,14 +101,16 @@ def full_attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None) 
     """
     q, k, v, scale = _check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     grouped = k.shape[1] != q.shape[1]
+    # torch's CPU kernel gives zeros for a query row holding NaN; NaN must reach the outputs it touches
+    nan_of_q = q.sum(dim=-1, keepdim=True) * 0
     if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=grouped)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=grouped) + nan_of_q
     allowed = ~key_padding_mask[:, None, None, :]
     if causal:
         allowed = allowed & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     sees_a_key = allowed.any(dim=-1, keepdim=True)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~sees_a_key, scale=scale, enable_gqa=grouped)
-    return out * sees_a_key
+    return torch.where(sees_a_key, out + nan_of_q, 0.0)
 
 
 def block_sparse_attention(q, k, v, layout, *, causal=False, key_padding_mask=None, scale=None, backend=None) -> Tensor:

@@ -10,6 +10,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests (tests/test_properties.py): a small fixed budget in `make test`, a long run on request
+settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("long", max_examples=400, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("FASTATTN_HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
