@@ -27,8 +27,9 @@ the shares are then added over feature tiles (and over the query heads of a grou
 
 Non-causal backward: ``performer_bwd_kernel_dq`` (dphi(Q) = [dnum | dden] state^T), ``performer_bwd_kernel_dstate``
 (d state = phi(Q)^T [dnum | dden], split like the state) and ``performer_bwd_kernel_dkdv`` (dV = phi(K) d state,
-dphi(K) = [V | 1] d state^T), with dnum = dO / den and dden = -(dO . O) / den. dK and dV sum the query
-heads of a group (grouped-query attention) inside one program, in order: deterministic, no atomics.
+dphi(K) = [V | 1] d state^T), with dnum = dO / den and dden = -(dO . O) / den, written in scaled terms
+that stay finite wherever the forward is (see ``_query_shares``). dK and dV sum the query heads of a
+group (grouped-query attention) inside one program, in order: deterministic, no atomics.
 
 Running sums and states are float32 (float64 for float64 inputs). The logits W x are products in the
 inputs' dtype; every product of features, states or gradients takes float32 operands (tf32 for
@@ -81,9 +82,19 @@ def _features(b_wx, b_shift, m_rows, m_f, SOFTMAX: tl.constexpr):
 
 @triton.jit
 def _half_norm(b_x, scale, ACC: tl.constexpr):
-    """|x|^2 / 2 of each row of x scaled by sqrt(scale), in the accumulation dtype."""
-    b_xf = b_x.to(ACC)
-    return 0.5 * scale * tl.sum(b_xf * b_xf, 1)
+    """|x|^2 / 2 of each row of x scaled by sqrt(scale), in the accumulation dtype.
+
+    Summed in float64 for float32 inputs: |x|^2 / 2 is large next to the spread of the logits, and its
+    rounding becomes a relative error of every feature of the key (several times the float32
+    reference's at std 4). float16/bfloat16 inputs keep float32, well inside their tolerance.
+    """
+    if ACC == tl.float32 and b_x.dtype == tl.float32:
+        b_xf = b_x.to(tl.float64)
+        b_half_norm = (0.5 * scale * tl.sum(b_xf * b_xf, 1)).to(ACC)
+    else:
+        b_xf = b_x.to(ACC)
+        b_half_norm = 0.5 * scale * tl.sum(b_xf * b_xf, 1)
+    return b_half_norm
 
 
 @triton.jit
@@ -226,6 +237,30 @@ def _output_grads(p_do, p_o, b_den, m_m):
 
 
 @triton.jit
+def _query_shares(b_wx, b_c, b_den, b_s_den, m_m, m_f, SOFTMAX: tl.constexpr):
+    """a[i, f] = phi_q[i, f] state_den[f] / den[i]: the share of feature f in query i's normaliser, in [0, 1].
+
+    The non-causal backward is written in these shares (and in states scaled by state_den) so that no
+    intermediate exceeds the gradients themselves: phi_q / den and d state alone overflow float32 when a
+    normaliser is subnormal (large inputs), though their products stay finite. (phi_q state_den) / den
+    never overflows: den >= phi_q state_den. 0 for rows that see no key and for features no key reaches.
+    """
+    m_seen = m_m & (b_den > 0)
+    m_share = m_seen[:, None] & (m_f & (b_s_den > 0))[None, :]
+    b_phi = _features(b_wx, b_c, m_seen, m_f, SOFTMAX)
+    return tl.where(m_share, (b_phi * b_s_den[None, :]) / tl.where(m_seen, b_den, 1.0)[:, None], 0.0)
+
+
+@triton.jit
+def _query_grads(p_do, p_o, b_den, m_m):
+    """dO of the rows that see a key (0 elsewhere) [rows, D] and dO . O [rows]: dnum = dO / den, dden = -(dO . O) / den."""
+    m_seen = m_m & (b_den > 0)
+    b_g = tl.load(p_do, mask=m_seen[:, None], other=0.0).to(b_den.dtype)
+    b_o = tl.load(p_o, mask=m_seen[:, None], other=0.0).to(b_den.dtype)
+    return b_g, tl.sum(b_g * b_o, 1)
+
+
+@triton.jit
 def performer_bwd_kernel_dq(
     q, w, query_max, state, do, o, normaliser, dq,
     stride_qb, stride_qh, stride_qn,
@@ -236,10 +271,12 @@ def performer_bwd_kernel_dq(
     SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    """dQ = sqrt(scale) dlogits W with dlogits = dphi * phi (softmax) or dphi * [W x > 0] (relu).
+    """dQ = sqrt(scale) dlogits W, with dphi = [dnum | dden] state^T.
 
-    The query's -|x|^2 / 2 is a per-row constant of the logits: its gradient term, sqrt(scale) x
-    sum(dlogits), is 0 in exact arithmetic (sum(dphi * phi) = dnum . num + dden den = 0), so it is left out.
+    With the shares a = phi_q state_den / den and the state's mean values Vbar = state_num / state_den,
+    dphi * phi = a (dO . Vbar - dO . O) (softmax); relu takes dphi = a / phi_q (...) where W x > 0. The
+    query's -|x|^2 / 2 is a per-row constant of the logits: its gradient term, sqrt(scale) x sum(dlogits),
+    is 0 in exact arithmetic (sum(dphi * phi) = dnum . num + dden den = 0), so it is left out.
     """
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -252,7 +289,7 @@ def performer_bwd_kernel_dq(
     b_c = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
     b_den = tl.load(normaliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
     o_row = i_b * stride_ob + i_h * stride_oh + o_m64[:, None] * stride_on + o_d[None, :]
-    b_dnum, b_dden = _output_grads(do + o_row, o + o_row, b_den, m_m)
+    b_g, b_go = _query_grads(do + o_row, o + o_row, b_den, m_m)
     p_w_base = w + i_h * stride_wh
     p_state_base = state + i_bh.to(tl.int64) * M * (D + 1)
 
@@ -261,16 +298,17 @@ def performer_bwd_kernel_dq(
         o_f = i_f + tl.arange(0, BF)
         m_f = o_f < M
         b_wx = _logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
-        b_phi = _features(b_wx, b_c, m_m, m_f, SOFTMAX)
         p_state = p_state_base + o_f.to(tl.int64) * (D + 1)
         b_s_num = tl.load(p_state[:, None] + o_d[None, :], mask=m_f[:, None], other=0.0)
         b_s_den = tl.load(p_state + D, mask=m_f, other=0.0)
+        b_share = _query_shares(b_wx, b_c, b_den, b_s_den, m_m, m_f, SOFTMAX)
+        b_vbar = b_s_num / tl.where(b_s_den > 0, b_s_den, 1.0)[:, None]
         # [BM, D] @ [D, BF] -> [BM, BF]
-        b_dphi = tl.dot(b_dnum, tl.trans(b_s_num), input_precision=DOT_PRECISION) + b_dden[:, None] * b_s_den[None, :]
+        b_diff = tl.dot(b_g, tl.trans(b_vbar), input_precision=DOT_PRECISION) - b_go[:, None]
         if SOFTMAX:
-            b_dlogit = b_dphi * b_phi
+            b_dlogit = b_share * b_diff
         else:
-            b_dlogit = tl.where(b_wx > 0, b_dphi, 0.0)
+            b_dlogit = tl.where(b_wx > 0, b_share / (tl.maximum(b_wx, 0.0) + EPSILON) * b_diff, 0.0)
         b_w = tl.load(p_w_base + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None], other=0.0)
         # [BM, BF] @ [BF, D] -> [BM, D]
         b_dx += tl.dot(b_dlogit, b_w.to(ACC), input_precision=DOT_PRECISION)
@@ -281,7 +319,7 @@ def performer_bwd_kernel_dq(
 
 @triton.jit
 def performer_bwd_kernel_dstate(
-    q, w, query_max, do, o, normaliser, dstate_part,
+    q, w, query_max, state, do, o, normaliser, dstate_part,
     stride_qb, stride_qh, stride_qn,
     stride_wh, stride_wm,
     stride_ob, stride_oh, stride_on,
@@ -289,7 +327,7 @@ def performer_bwd_kernel_dstate(
     SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    """d state = phi(Q)^T [dnum | dden] over one split of the queries, for one feature tile."""
+    """state_den * d state = sum of a [dO | -(dO . O)] over one split of the queries, for one feature tile."""
     i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_f = i_f * BF + tl.arange(0, BF)
@@ -298,6 +336,7 @@ def performer_bwd_kernel_dstate(
     m_f = o_f < M
     p_w_base = w + i_h * stride_wh
     p_q_base = q + i_b * stride_qb + i_h * stride_qh
+    b_s_den = tl.load(state + (i_bh.to(tl.int64) * M + o_f.to(tl.int64)) * (D + 1) + D, mask=m_f, other=0.0)
 
     b_dnum_state = tl.zeros([BF, D], dtype=ACC)
     b_dden_state = tl.zeros([BF], dtype=ACC)
@@ -310,12 +349,12 @@ def performer_bwd_kernel_dstate(
         b_c = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
         b_den = tl.load(normaliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
         o_row = i_b * stride_ob + i_h * stride_oh + o_m64[:, None] * stride_on + o_d[None, :]
-        b_dnum, b_dden = _output_grads(do + o_row, o + o_row, b_den, m_m)
-        b_phi = _features(_logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION), b_c, m_m, m_f,
-                          SOFTMAX)
+        b_g, b_go = _query_grads(do + o_row, o + o_row, b_den, m_m)
+        b_share = _query_shares(_logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION), b_c,
+                                b_den, b_s_den, m_m, m_f, SOFTMAX)
         # [BF, BM] @ [BM, D] -> [BF, D]
-        b_dnum_state += tl.dot(tl.trans(b_phi), b_dnum, input_precision=DOT_PRECISION)
-        b_dden_state += tl.sum(b_phi * b_dden[:, None], 0)
+        b_dnum_state += tl.dot(tl.trans(b_share), b_g, input_precision=DOT_PRECISION)
+        b_dden_state -= tl.sum(b_share * b_go[:, None], 0)
 
     p_part = dstate_part + ((i_bh.to(tl.int64) * SPLITS + i_s) * M + o_f.to(tl.int64)) * (D + 1)
     tl.store(p_part[:, None] + o_d[None, :], b_dnum_state, mask=m_f[:, None])
@@ -324,7 +363,7 @@ def performer_bwd_kernel_dstate(
 
 @triton.jit
 def performer_bwd_kernel_dkdv(
-    k, v, w, key_stabiliser, dstate, dk, dv, key_padding_mask,
+    k, v, w, key_stabiliser, state, dstate, dk, dv, key_padding_mask,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_wh, stride_wm,
@@ -335,7 +374,10 @@ def performer_bwd_kernel_dkdv(
     SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BN: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    """dV = phi(K) d state[:, :D] and dK through the feature map, summed over the query heads of the group."""
+    """dV = phi(K) d state[:, :D] and dK through the feature map, summed over the query heads of the group.
+
+    ``dstate`` is state_den * d state, so the keys take phi_k / state_den.
+    """
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hkv = (i_bh // HKV).to(tl.int64), (i_bh % HKV).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -349,7 +391,7 @@ def performer_bwd_kernel_dkdv(
     b_k = tl.load(k + i_b * stride_kb + i_hkv * stride_kh + o_n64[:, None] * stride_kn + o_d[None, :],
                   mask=m_kv[:, None], other=0.0)
     b_v = tl.load(v + i_b * stride_vb + i_hkv * stride_vh + o_n64[:, None] * stride_vn + o_d[None, :],
-                  mask=m_kv[:, None], other=0.0)
+                  mask=m_kv[:, None], other=0.0).to(ACC)
     b_half_norm = _half_norm(b_k, scale, ACC)
 
     b_dk = tl.zeros([BN, D], dtype=ACC)
@@ -359,30 +401,29 @@ def performer_bwd_kernel_dkdv(
         i_h = i_hkv * GROUP + i_g
         i_bh_q = i_b * HKV * GROUP + i_h
         p_w_base = w + i_h * stride_wh
-        p_dstate_base = dstate + i_bh_q * M * (D + 1)
-        if SOFTMAX:
-            b_stab = tl.load(key_stabiliser + i_bh_q * Nk + o_n, mask=m_kv, other=0.0)
-        else:
-            b_stab = tl.zeros([BN], dtype=ACC)
+        b_stab = tl.load(key_stabiliser + i_bh_q * Nk + o_n, mask=m_kv, other=0.0)
         for i_f in range(0, M, BF):
             o_f = i_f + tl.arange(0, BF)
             m_f = o_f < M
+            o_state = (i_bh_q * M + o_f.to(tl.int64)) * (D + 1)
+            b_s_den = tl.load(state + o_state + D, mask=m_f, other=0.0)
+            b_ds_num = tl.load(dstate + o_state[:, None] + o_d[None, :], mask=m_f[:, None], other=0.0)
+            b_ds_den = tl.load(dstate + o_state + D, mask=m_f, other=0.0)
+            m_s = m_f & (b_s_den > 0)
+            b_s_den = tl.where(m_s, b_s_den, 1.0)
             b_wx = _logits(b_k, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
             if SOFTMAX:
-                b_phi = _features(b_wx - b_half_norm[:, None], b_stab, m_kv, m_f, SOFTMAX)
-            else:
-                b_phi = _features(b_wx, b_stab, m_kv, m_f, SOFTMAX)
-            p_dstate = p_dstate_base + o_f.to(tl.int64) * (D + 1)
-            b_ds_num = tl.load(p_dstate[:, None] + o_d[None, :], mask=m_f[:, None], other=0.0)
-            b_ds_den = tl.load(p_dstate + D, mask=m_f, other=0.0)
+                b_wx = b_wx - b_half_norm[:, None]
+            # phi_k / state_den <= 1: state_den sums phi_k over the keys.
+            b_phi = _features(b_wx, b_stab, m_kv, m_s, SOFTMAX) / b_s_den[None, :]
             # [BN, BF] @ [BF, D] -> [BN, D]
             b_dv += tl.dot(b_phi, b_ds_num, input_precision=DOT_PRECISION)
             # [BN, D] @ [D, BF] -> [BN, BF]
-            b_dphi = tl.dot(b_v.to(ACC), tl.trans(b_ds_num), input_precision=DOT_PRECISION) + b_ds_den[None, :]
+            b_dphi = tl.dot(b_v, tl.trans(b_ds_num), input_precision=DOT_PRECISION) + b_ds_den[None, :]
             if SOFTMAX:
                 b_dlogit = b_dphi * b_phi
             else:
-                b_dlogit = tl.where(m_kv[:, None] & (b_wx > 0), b_dphi, 0.0)
+                b_dlogit = tl.where(m_kv[:, None] & m_s[None, :] & (b_wx > 0), b_dphi / b_s_den[None, :], 0.0)
             b_w = tl.load(p_w_base + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None],
                           other=0.0)
             # [BN, BF] @ [BF, D] -> [BN, D]
@@ -806,7 +847,7 @@ def _backward_global(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
     feature_tiles = triton.cdiv(p.features, p.tiles["BF"])
     dstate_part = torch.empty((p.batch * p.heads, splits, p.features, p.head_dim + 1), dtype=p.acc, device=q.device)
     performer_bwd_kernel_dstate[(feature_tiles, splits, p.batch * p.heads)](
-        q, p.projection, query_max, grad_out, out, normaliser, dstate_part,
+        q, p.projection, query_max, state, grad_out, out, normaliser, dstate_part,
         *q.stride()[:3], *p.projection_strides, *out.stride()[:3],
         p.heads, p.query_len, p.features, chunk, splits, p.sqrt_scale,
         SOFTMAX=p.softmax, BM=p.tiles["BM"], **p.flags, **p.launch,
@@ -815,7 +856,7 @@ def _backward_global(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
     grad_k = new_output(k.shape, k.dtype, k.device)
     grad_v = new_output(v.shape, v.dtype, v.device)
     performer_bwd_kernel_dkdv[(triton.cdiv(p.key_len, p.tiles["BM"]), p.batch * p.kv_heads)](
-        k, v, p.projection, key_stabiliser, dstate, grad_k, grad_v, p.padding,
+        k, v, p.projection, key_stabiliser, state, dstate, grad_k, grad_v, p.padding,
         *k.stride()[:3], *v.stride()[:3], *p.projection_strides, *grad_k.stride()[:3], *grad_v.stride()[:3],
         p.stride_pad_b, p.kv_heads, p.group, p.key_len, p.features, p.sqrt_scale, p.scale,
         SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BN=p.tiles["BM"],
