@@ -11,7 +11,7 @@ DEPS_STAMP := $(VENV)/.fastattn-deps
 DEPS := setuptools wheel ninja pybind11 numpy pytest hypothesis tqdm matplotlib triton \
         "transformers==4.57.*" performer-pytorch "local-attention==1.9.0" linformer
 
-.PHONY: build test bench gpu-check cuda-build-check cuda-compile-each
+.PHONY: build test bench gpu-check cuda-build-check cuda-compile-each gpu-static-check
 
 $(DEPS_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,8 @@ cuda-build-check:
 # Compiles each csrc/cuda/*.cu alone with plain nvcc -c (no torch on the include path); needs nvcc, not a GPU.
 cuda-compile-each:
 	bash scripts/cuda_compile_each.sh
+
+# Compiles every Triton variant (Triton 3.6, in .venv-triton36) and every .cu for sm_80 and sm_90 and checks
+# shared memory, registers, spills and pipelining (scripts/gpu_static_check.py); needs nvcc, not a GPU.
+gpu-static-check:
+	bash scripts/gpu_static_check.sh $(GPU_STATIC_CHECK_ARGS)

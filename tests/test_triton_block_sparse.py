@@ -205,6 +205,28 @@ def test_rows_that_see_no_key_give_zeros_and_infinite_lse():
 
 
 @needs_triton_device
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_rows_that_see_one_key_get_exactly_zero_dq(dtype):
+    """A softmax over one key is 1 whatever the query: dq is exactly 0 (the float64 reference's too).
+
+    Causal row 0 sees key 0 only; in batch 1 every key but key 7 is padding. dS = P (dP - delta) with
+    P = 1 leaves the rounding of dP - delta (4.8e-7 in float32 before the fix).
+    """
+    layout = bigbird_layout(32, block_size=16, num_heads=1, num_random_blocks=0, causal=True)
+    generator = torch.Generator().manual_seed(11)
+    q, k, v, grad_out = (torch.randn(2, 2, 32, 32, generator=generator).to(DEVICE, dtype) for _ in range(4))
+    padding = torch.ones(2, 32, dtype=torch.bool, device=DEVICE)
+    padding[0] = False
+    padding[1, 7] = False
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = triton_block_sparse.block_sparse_attention(*leaves, layout, causal=True, key_padding_mask=padding, scale=0.3)
+    grad_q, = torch.autograd.grad(out, leaves[0], grad_out)
+    assert torch.equal(grad_q[0, :, 0], torch.zeros_like(grad_q[0, :, 0])), grad_q[0, :, 0].abs().max()
+    assert torch.equal(grad_q[1, :, 7:], torch.zeros_like(grad_q[1, :, 7:])), grad_q[1, :, 7:].abs().max()
+    assert grad_q[0, :, 1:].abs().min(dim=-1).values.gt(0).any()
+
+
+@needs_triton_device
 def test_opcheck_forward_and_backward_ops():
     layout = bigbird_layout(40, block_size=16, num_heads=2, num_random_blocks=1)
     q, k, v = (torch.randn(1, 2, 40, 32, device=DEVICE, requires_grad=True) for _ in range(3))
@@ -279,6 +301,108 @@ def test_op_rejects_unsupported_head_dim():
     q = torch.zeros(1, 1, 32, 48)
     with pytest.raises(ValueError, match="head dim in \\(32, 64, 128\\), got 48"):
         triton_block_sparse.block_sparse_fwd(q, q, q, *layout.csr("cpu"), 16, False, None, 1.0)
+
+
+def _band_layout():
+    """3 x 3 blocks of 16, each query block listing itself and its neighbours: 7 entries per CSR."""
+    return BlockLayout.from_dense(torch.ones(3, 3, dtype=torch.bool).triu(-1).tril(1), 16)
+
+
+def _corrupt(csr_part, position, value):
+    bad = csr_part.clone()
+    bad.view(-1)[position] = value
+    return bad
+
+
+# (name, CSR tensor to corrupt (row_offsets, col_indices, col_offsets, row_indices), flat position, value,
+# expected message): a layout of 3 x 3 blocks (window of 3), 7 entries per CSR.
+BAD_CSR_CASES = [
+    ("negative-index", 1, 2, -1, "col_indices: expected block indices in \\[0, 3\\), got -1 for head 0"),
+    ("index-past-last-block", 3, 0, 3, "row_indices: expected block indices in \\[0, 3\\), got 3 for head 0"),
+    ("offset-past-nnz", 0, 3, 8, "row_offsets: last offset 8 of head 0 exceeds the 7 entries of col_indices"),
+    ("decreasing-offsets", 2, 1, 6, "col_offsets: expected non-decreasing offsets, got 6 then 5 for head 0"),
+    ("offsets-not-from-zero", 0, 0, 1, "row_offsets: expected each head's offsets to start at 0, got 1"),
+]
+
+
+@needs_triton_device
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+@pytest.mark.parametrize("name, part, position, value, message", BAD_CSR_CASES, ids=[c[0] for c in BAD_CSR_CASES])
+def test_raw_ops_reject_csr_values_that_would_read_out_of_bounds(direction, name, part, position, value, message):
+    csr = list(_band_layout().csr(DEVICE))
+    assert [t.numel() for t in csr] == [4, 7, 4, 7]
+    csr[part] = _corrupt(csr[part], position, value)
+    q = torch.randn(1, 1, 48, 32, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        if direction == "fwd":
+            torch.ops.fastattn.triton_block_sparse_fwd(q, q, q, *csr, 16, False, None, 0.2)
+        else:
+            lse = torch.zeros(1, 1, 48, device=DEVICE)
+            torch.ops.fastattn.triton_block_sparse_bwd(q, q, q, q, q, lse, *csr, 16, False, None, 0.2)
+
+
+@needs_triton_device
+def test_layout_changed_in_place_after_a_call_is_checked_again():
+    """Values are validated once per CSR tensor and version: an in-place change is seen."""
+    csr = [t.clone() for t in _band_layout().csr(DEVICE)]
+    q = torch.randn(1, 1, 48, 32, device=DEVICE)
+    torch.ops.fastattn.triton_block_sparse_fwd(q, q, q, *csr, 16, False, None, 0.2)
+    csr[1][0, 0] = 1 << 20
+    with pytest.raises(ValueError, match="col_indices: expected block indices in \\[0, 3\\), got 1048576"):
+        torch.ops.fastattn.triton_block_sparse_fwd(q, q, q, *csr, 16, False, None, 0.2)
+
+
+@needs_triton_device
+@pytest.mark.parametrize(
+    "part, replacement, message",
+    [
+        (3, torch.zeros(1, 6, dtype=torch.int32), None),
+        (3, torch.zeros(2, 7, dtype=torch.int32), "row_indices: expected 1 heads \\(as col_offsets\\), got 2"),
+        (1, torch.zeros(7, dtype=torch.int32), "col_indices: expected a contiguous 2-dim tensor, got shape \\(7,\\)"),
+        (2, torch.zeros(1, 5, dtype=torch.int32), "col_offsets: expected shape \\(1 or 1, 4\\) for 3 blocks, got \\(1, 5\\)"),
+        (3, torch.zeros(1, 7, dtype=torch.int64), "row_indices: expected dtype int32, got torch.int64"),
+    ],
+    ids=["row-indices-shorter-than-nnz", "row-indices-heads", "col-indices-rank", "col-offsets-length", "row-indices-dtype"],
+)
+def test_raw_ops_reject_csr_shapes(part, replacement, message):
+    csr = list(_band_layout().csr(DEVICE))
+    csr[part] = replacement.to(DEVICE)
+    q = torch.randn(1, 1, 48, 32, device=DEVICE)
+    # A row_indices shorter than col_offsets' last offset is a value error of the offsets.
+    message = message or "col_offsets: last offset 7 of head 0 exceeds the 6 entries of row_indices"
+    with pytest.raises((ValueError, TypeError), match=message):
+        torch.ops.fastattn.triton_block_sparse_fwd(q, q, q, *csr, 16, False, None, 0.2)
+
+
+class _RecordingLaunch:
+    """Stands in for a Triton kernel: records each launch grid and writes nothing."""
+
+    def __init__(self, grids):
+        self.grids = grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return lambda *args, **kwargs: None
+
+
+def test_launch_grids_fit_cuda_limits_for_many_batch_heads(monkeypatch):
+    """B * H = 65536 programs per tile: more than grid axes 1 and 2 hold (65535), so B * H goes on axis 0.
+
+    The launches are recorded, not run: 65536 interpreted programs take many minutes. The decoding of
+    a program id into (tile, batch * head) is exercised by every other test (several tiles and heads).
+    """
+    grids = []
+    for name in ("block_sparse_fwd_kernel", "block_sparse_bwd_preprocess_kernel", "block_sparse_bwd_kernel_dkdv",
+                 "block_sparse_bwd_kernel_dq"):
+        monkeypatch.setattr(triton_block_sparse, name, _RecordingLaunch(grids))
+    layout = bigbird_layout(40, block_size=16, num_heads=1, num_random_blocks=0)
+    q = torch.zeros(1024, 64, 40, 32).expand(1024, 64, 40, 32)
+    out, lse = triton_block_sparse.block_sparse_fwd(q, q, q, *layout.csr("cpu"), 16, False, None, 0.2)
+    triton_block_sparse.block_sparse_bwd(out, q, q, q, out, lse, *layout.csr("cpu"), 16, False, None, 0.2)
+    assert len(grids) == 4
+    for grid in grids:
+        assert grid[0] <= 2**31 - 1 and all(extent <= 65535 for extent in grid[1:]), grid
+        assert grid[0] * (grid[1] if len(grid) > 1 else 1) == 3 * 1024 * 64, grid
 
 
 # ---- GPU: realistic shapes (run by make gpu-check) ----

@@ -7,11 +7,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "block_sparse_launch.h"
 #include "common.h"
@@ -29,6 +33,74 @@ at::Tensor with_aligned_rows(const at::Tensor& t) {
     aligned = aligned && (t.size(dim) == 1 || t.stride(dim) % elements_per_16_bytes == 0);
   }
   return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// Offsets start at 0, never decrease and stay within the indices; listed indices lie in [0, index_bound).
+// offsets and indices are host copies.
+void check_csr_values(const char* offsets_name, const at::Tensor& offsets, const char* indices_name,
+                      const at::Tensor& indices, int64_t index_bound) {
+  const int32_t* off = offsets.const_data_ptr<int32_t>();
+  const int32_t* idx = indices.const_data_ptr<int32_t>();
+  const int64_t heads = offsets.size(0), blocks = offsets.size(1) - 1, capacity = indices.size(1);
+  for (int64_t h = 0; h < heads; ++h) {
+    const int32_t* o = off + h * (blocks + 1);
+    TORCH_CHECK_VALUE(o[0] == 0, offsets_name, ": expected each head's offsets to start at 0, got ", o[0],
+                      " for head ", h);
+    for (int64_t i = 0; i < blocks; ++i) {
+      TORCH_CHECK_VALUE(o[i] <= o[i + 1], offsets_name, ": expected non-decreasing offsets, got ", o[i], " then ",
+                        o[i + 1], " for head ", h);
+    }
+    TORCH_CHECK_VALUE(o[blocks] <= capacity, offsets_name, ": last offset ", o[blocks], " of head ", h,
+                      " exceeds the ", capacity, " entries of ", indices_name);
+    for (int64_t i = 0; i < o[blocks]; ++i) {
+      const int32_t value = idx[h * capacity + i];
+      TORCH_CHECK_VALUE(value >= 0 && value < index_bound, indices_name, ": expected block indices in [0, ",
+                        index_bound, "), got ", value, " for head ", h);
+    }
+  }
+}
+
+// The kernels read block indices from the CSR on the device without bounds checks, so the values are
+// checked on the host first. That copy syncs the stream, so it is done once per set of CSR tensors and
+// their versions (an in-place change bumps the version); inference tensors keep no version and are
+// checked on every call.
+void check_layout_values(const at::Tensor& row_offsets, const at::Tensor& col_indices, const at::Tensor& col_offsets,
+                         const at::Tensor& row_indices, int64_t query_blocks, int64_t key_blocks) {
+  using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Checked {
+    std::array<WeakTensor, 4> tensors;
+    std::array<int64_t, 4> versions;
+    int64_t query_blocks, key_blocks;
+  };
+  constexpr size_t kRemembered = 16;
+  static std::mutex mutex;
+  static std::vector<Checked> checked;
+
+  const std::array<const at::Tensor*, 4> csr{&row_offsets, &col_indices, &col_offsets, &row_indices};
+  const bool cacheable = std::none_of(csr.begin(), csr.end(), [](const at::Tensor* t) { return t->is_inference(); });
+  std::array<int64_t, 4> versions{};
+  if (cacheable) {
+    for (size_t i = 0; i < csr.size(); ++i) versions[i] = csr[i]->_version();
+    const auto same = [&](const Checked& c) {
+      if (c.versions != versions || c.query_blocks != query_blocks || c.key_blocks != key_blocks) return false;
+      for (size_t i = 0; i < csr.size(); ++i) {
+        // The weak reference keeps the TensorImpl's memory, so its address names no other tensor.
+        if (c.tensors[i].expired() || c.tensors[i]._unsafe_get_target() != csr[i]->unsafeGetTensorImpl()) return false;
+      }
+      return true;
+    };
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (std::any_of(checked.begin(), checked.end(), same)) return;
+  }
+  check_csr_values("row_offsets", row_offsets.cpu(), "col_indices", col_indices.cpu(), key_blocks);
+  check_csr_values("col_offsets", col_offsets.cpu(), "row_indices", row_indices.cpu(), query_blocks);
+  if (cacheable) {
+    const auto weak = [](const at::Tensor& t) { return WeakTensor(t.getIntrusivePtr()); };
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (checked.size() == kRemembered) checked.erase(checked.begin());
+    checked.push_back(Checked{{weak(row_offsets), weak(col_indices), weak(col_offsets), weak(row_indices)},
+                              versions, query_blocks, key_blocks});
+  }
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& row_offsets,
@@ -62,6 +134,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_csr("col_offsets", col_offsets, "row_indices", row_indices, heads, ceil_div(k.size(2), block_size), q);
   TORCH_CHECK_VALUE(row_offsets.size(0) == col_offsets.size(0), "col_offsets: expected ", row_offsets.size(0),
                     " heads (as row_offsets), got ", col_offsets.size(0));
+  check_layout_values(row_offsets, col_indices, col_offsets, row_indices, ceil_div(q.size(2), block_size),
+                      ceil_div(k.size(2), block_size));
 }
 
 int64_t layout_head_stride(const at::Tensor& csr_part) { return csr_part.size(0) == 1 ? 0 : csr_part.stride(0); }
