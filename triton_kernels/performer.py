@@ -692,13 +692,23 @@ def performer_bwd_kernel_causal_dkdv(
         b_ref = b_ref_new
 
 
-def _tiles(num_features: int, dtype: torch.dtype) -> dict:
-    """Row tile BM (queries, keys, causal chunks), feature tile BF (>= 16 for tl.dot) and launch options."""
-    tile_f = max(16, min(64, triton.next_power_of_2(num_features)))
-    if dtype in (torch.float32, torch.float64):
-        # IEEE float32/float64 dots run on the FMA units and need far more registers than tensor cores.
-        return {"BM": 32, "BF": min(tile_f, 32), "num_warps": 4, "num_stages": 2}
-    return {"BM": 64, "BF": tile_f, "num_warps": 4, "num_stages": 2}
+def _tiles(num_features: int, head_dim: int, dtype: torch.dtype, causal: bool) -> dict:
+    """Row tile BM (queries, keys, causal chunks), feature tile BF (>= 16 for tl.dot) and launch options.
+
+    Sized so that ptxas (Triton 3.6, sm_80 and sm_90; ``make gpu-static-check``) reports no register
+    spills: the causal kernels hold a (BF, D) fp32 state and several (BM, D) tiles at once, so they take
+    8 warps and smaller tiles at D = 128; IEEE float32 dots run on the FMA units and need the most.
+    """
+    low_precision = dtype in (torch.float16, torch.bfloat16)
+    if causal:
+        tile_m = (64 if head_dim <= 64 else 32) if low_precision else (32 if head_dim <= 64 else 16)
+        tile_f, num_warps = tile_m, 8
+    elif low_precision:
+        tile_m, tile_f, num_warps = 64, 64, 8 if head_dim == 128 else 4
+    else:
+        tile_m, tile_f, num_warps = (32 if head_dim <= 64 else 16), 32, 8
+    tile_f = max(16, min(tile_f, triton.next_power_of_2(num_features)))
+    return {"BM": tile_m, "BF": tile_f, "num_warps": num_warps, "num_stages": 2}
 
 
 def _projection_strides(projection: Tensor) -> tuple[int, int]:
@@ -765,7 +775,7 @@ class _Problem:
         self.padding, self.stride_pad_b = _padding_arguments(key_padding_mask, q)
         self.has_padding = key_padding_mask is not None
         self.sqrt_scale, self.scale = math.sqrt(scale), scale
-        self.tiles = _tiles(self.features, q.dtype)
+        self.tiles = _tiles(self.features, self.head_dim, q.dtype, causal)
         self.launch = {"num_warps": self.tiles["num_warps"], "num_stages": self.tiles["num_stages"]}
         self.flags = {"DOT_PRECISION": _dot_precision(q.dtype), "D": self.head_dim, "BF": self.tiles["BF"],
                       "ACC": _TRITON_DTYPES[self.acc]}
@@ -962,3 +972,35 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, 
     """Differentiable Performer attention through the Triton kernels (the "triton" backend's call)."""
     out, _, _, _ = performer_fwd(q, k, v, projection, kernel, causal, key_padding_mask, scale)
     return out
+
+
+def static_check_variants():
+    """Every launch the wrappers can make on a GPU, for ``scripts/gpu_static_check.py``.
+
+    One (label, launch, is_default) per feature tile (m = 16 gives the smallest, m = 256 the largest;
+    ``_tiles``) x head dim x dtype x kernel x causal x padding: ``launch()`` runs the forward and
+    backward wrappers on small CPU tensors (B = H = 2, N = 256) whose sizes specialise the kernels as
+    real calls do. Every variant is one the wrappers choose, so all are default.
+    """
+    for features in (16, 256):
+        for head_dim in SUPPORTED_HEAD_DIMS:
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for kernel in KERNELS:
+                    for causal in (False, True):
+                        for padding in (False, True):
+                            label = (f"m{features}-D{head_dim}-{str(dtype).replace('torch.', '')}-{kernel}"
+                                     f"{'-causal' if causal else ''}{'-padding' if padding else ''}")
+                            yield label, _static_check_launch(features, head_dim, dtype, kernel, causal, padding), True
+
+
+def _static_check_launch(features: int, head_dim: int, dtype: torch.dtype, kernel: str, causal: bool, padding: bool):
+    def launch():
+        length = 256
+        q = torch.zeros(2, 2, length, head_dim, dtype=dtype)
+        projection = torch.zeros(features, head_dim, dtype=dtype)
+        mask = torch.zeros(2, length, dtype=torch.bool) if padding else None
+        out, normaliser, key_stabiliser, state = performer_fwd(q, q, q, projection, kernel, causal, mask,
+                                                               head_dim ** -0.5)
+        performer_bwd(q, q, q, q, projection, out, normaliser, key_stabiliser, state, kernel, causal, mask,
+                      head_dim ** -0.5)
+    return launch
