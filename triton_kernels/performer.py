@@ -568,8 +568,7 @@ def performer_bwd_kernel_causal_dq(
     o_f = i_f * BF + tl.arange(0, BF)
     o_d = tl.arange(0, D)
     m_f = o_f < M
-    b_w = tl.load(w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None],
-                  other=0.0).to(ACC)
+    p_w_tile = w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :]
 
     b_state_num = tl.zeros([BF, D], dtype=ACC)
     b_state_den = tl.zeros([BF], dtype=ACC)
@@ -582,22 +581,25 @@ def performer_bwd_kernel_causal_dq(
             stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale, SOFTMAX, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
         b_den = tl.load(normaliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
         o_row = i_b * stride_ob + i_h * stride_oh + o_c.to(tl.int64)[:, None] * stride_on + o_d[None, :]
-        b_dnum, b_dden = _output_grads(do + o_row, o + o_row, b_den, m_c)
+        b_g, b_go = _query_grads(do + o_row, o + o_row, b_den, m_c)
+        b_den = tl.where(b_den > 0, b_den, 1.0)
 
+        # den * dphi_q, from dO (not dnum = dO / den, which overflows where den is subnormal):
         # [BC, D] @ [D, BC] -> [BC, BC]
-        b_g = (tl.dot(b_dnum, tl.trans(b_v), input_precision=DOT_PRECISION) + b_dden[:, None]) * \
+        b_gv = (tl.dot(b_g, tl.trans(b_v), input_precision=DOT_PRECISION) - b_go[:, None]) * \
             _causal_decay(b_mk, o_c, m_c)
         b_factor = tl.exp(tl.minimum(b_ref - b_mk, 0.0))
         # [BC, BC] @ [BC, BF] + [BC, D] @ [D, BF] -> [BC, BF]
-        b_dphi = tl.dot(b_g, b_phi_k, input_precision=DOT_PRECISION)
-        b_dphi += (tl.dot(b_dnum, tl.trans(b_state_num), input_precision=DOT_PRECISION)
-                   + b_dden[:, None] * b_state_den[None, :]) * b_factor[:, None]
+        b_dphi = tl.dot(b_gv, b_phi_k, input_precision=DOT_PRECISION)
+        b_dphi += (tl.dot(b_g, tl.trans(b_state_num), input_precision=DOT_PRECISION)
+                   - b_go[:, None] * b_state_den[None, :]) * b_factor[:, None]
+        # phi_q (den dphi_q) <= den times a bound of the gradient: the quotient stays finite.
         if SOFTMAX:
-            b_dlogit = b_dphi * b_phi_q
+            b_dlogit = (b_phi_q * b_dphi) / b_den[:, None]
         else:
-            b_dlogit = tl.where(b_wx_q > 0, b_dphi, 0.0)
-        # [BC, BF] @ [BF, D] -> [BC, D]
-        b_dx = tl.dot(b_dlogit, b_w, input_precision=DOT_PRECISION)
+            b_dlogit = tl.where(b_wx_q > 0, b_dphi / b_den[:, None], 0.0)
+        # [BC, BF] @ [BF, D] -> [BC, D]; W reloaded per chunk (an L2 hit) rather than held across the loop.
+        b_dx = tl.dot(b_dlogit, tl.load(p_w_tile, mask=m_f[:, None], other=0.0).to(ACC), input_precision=DOT_PRECISION)
         tl.store(p_part_base + o_c.to(tl.int64)[:, None] * D + o_d[None, :], b_dx, mask=m_c[:, None])
 
         b_ref_new = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + tl.minimum(i_c + BC, N) - 1)
@@ -634,8 +636,7 @@ def performer_bwd_kernel_causal_dkdv(
     o_f = i_f * BF + tl.arange(0, BF)
     o_d = tl.arange(0, D)
     m_f = o_f < M
-    b_w = tl.load(w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None],
-                  other=0.0).to(ACC)
+    p_w_tile = w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :]
 
     b_suffix_num = tl.zeros([BF, D], dtype=ACC)
     b_suffix_den = tl.zeros([BF], dtype=ACC)
@@ -673,8 +674,8 @@ def performer_bwd_kernel_causal_dkdv(
             b_dlogit = b_dphi * b_phi_k
         else:
             b_dlogit = tl.where(m_kv[:, None] & (b_wx_k > 0), b_dphi, 0.0)
-        # [BC, BF] @ [BF, D] -> [BC, D]
-        b_dx = tl.dot(b_dlogit, b_w, input_precision=DOT_PRECISION)
+        # [BC, BF] @ [BF, D] -> [BC, D]; W reloaded per chunk (an L2 hit) rather than held across the loop.
+        b_dx = tl.dot(b_dlogit, tl.load(p_w_tile, mask=m_f[:, None], other=0.0).to(ACC), input_precision=DOT_PRECISION)
         p_part = p_part_base + o_c.to(tl.int64) * (2 * D + 1)
         tl.store(p_part[:, None] + o_d[None, :], b_dv, mask=m_c[:, None])
         tl.store(p_part[:, None] + D + o_d[None, :], b_dx, mask=m_c[:, None])
@@ -700,13 +701,15 @@ def _tiles(num_features: int, head_dim: int, dtype: torch.dtype, causal: bool) -
     8 warps and smaller tiles at D = 128; IEEE float32 dots run on the FMA units and need the most.
     """
     low_precision = dtype in (torch.float16, torch.bfloat16)
+    wide = head_dim > 64
     if causal:
-        tile_m = (64 if head_dim <= 64 else 32) if low_precision else (32 if head_dim <= 64 else 16)
-        tile_f, num_warps = tile_m, 8
+        tile_m = 16 if wide else (64 if low_precision else 32)
+        tile_f = (32 if low_precision else 16) if wide else tile_m
+        num_warps = 8
     elif low_precision:
-        tile_m, tile_f, num_warps = 64, 64, 8 if head_dim == 128 else 4
+        tile_m, tile_f, num_warps = (32, 32, 8) if wide else (64, 64, 4)
     else:
-        tile_m, tile_f, num_warps = (32 if head_dim <= 64 else 16), 32, 8
+        tile_m, tile_f, num_warps = (16 if wide else 32), (16 if wide else 32), 8
     tile_f = max(16, min(tile_f, triton.next_power_of_2(num_features)))
     return {"BM": tile_m, "BF": tile_f, "num_warps": num_warps, "num_stages": 2}
 
