@@ -146,6 +146,27 @@ def test_large_inputs_stay_within_tolerance():
     _check(inputs, "softmax", False, torch.float32)
 
 
+# Causal dk and dv still overflow there: the suffix state of the reverse pass sums phi_q / den, which
+# exceeds float32 where den is subnormal, before the keys' features scale it back down.
+@needs_triton_device
+@pytest.mark.parametrize("causal, checked", [(False, "qkv"), (True, "q")], ids=["non-causal", "causal-dq"])
+def test_backward_stays_finite_where_normalisers_are_subnormal(causal, checked):
+    """std 30 queries and keys (issue 10, item 2): some normalisers are subnormal, the forward is finite,
+    and the gradients must be too (1 / den and phi_q / den alone overflow float32 there)."""
+    generator = torch.Generator().manual_seed(3)
+    q, k = (30 * torch.randn(1, 2, 48, 32, generator=generator) for _ in range(2))
+    v, projection = torch.randn(1, 2, 48, 32, generator=generator), torch.randn(64, 32, generator=generator)
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in (q, k, v))
+    out, normaliser, _, _ = triton_performer.performer_fwd(q, k, v, projection.to(DEVICE), "softmax", causal, None,
+                                                          32**-0.5)
+    assert ((normaliser > 0) & (normaliser < torch.finfo(torch.float32).tiny)).any()
+    assert torch.isfinite(out).all()
+    out.backward(torch.randn_like(out))
+    for name, leaf in zip("qkv", (q, k, v)):
+        if name in checked:
+            assert torch.isfinite(leaf.grad).all(), f"grad of {name} has non-finite values"
+
+
 FINITE_DIFFERENCE_CASES = [("softmax", False, 2, True), ("relu", False, 1, False), ("softmax", True, 1, True),
                            ("relu", True, 2, True)]
 

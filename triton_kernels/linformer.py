@@ -126,7 +126,7 @@ def linformer_fwd_kernel(
 
     p_q = q + i_b * stride_qb + i_h * stride_qh + o_m.to(tl.int64)[:, None] * stride_qn + o_d[None, :]
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
-    # K' and V' are contiguous (B * H, KP, D) in the accumulation dtype.
+    # K' and V' are contiguous (B * H, KP, D), in the dtype of q.
     p_kp_base = k_proj + i_bh.to(tl.int64) * KP * D
     p_vp_base = v_proj + i_bh.to(tl.int64) * KP * D
 
@@ -415,13 +415,30 @@ def linformer_bwd_kernel_dproj(
 
 
 def _tiles(kp: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Query tile BM, projected-key tile BN (>= 16 for tl.dot, at most kp rounded up) and launch options."""
+    """Query tile BM, projected-key tile BN (>= 16 for tl.dot, at most kp rounded up), key tile BK of the
+    kernels that walk the sequence of K and V, and launch options.
+
+    Sized so that ptxas (Triton 3.6, sm_80 and sm_90; ``make gpu-static-check``) reports no register spills.
+    """
     tile_n = max(16, min(64, triton.next_power_of_2(kp)))
     if dtype in (torch.float32, torch.float64):
         # IEEE float32/float64 dots run on the FMA units and need far more registers than tensor cores.
-        return {"BM": 32, "BN": min(tile_n, 32), "num_warps": 4, "num_stages": 2}
+        return {"BM": 32, "BN": min(tile_n, 32), "BK": 32, "num_warps": 4, "num_stages": 2}
     tile_m = 128 if head_dim <= 64 else 64
-    return {"BM": tile_m, "BN": tile_n, "num_warps": 8 if tile_m * head_dim >= 128 * 64 else 4, "num_stages": 2}
+    return {"BM": tile_m, "BN": tile_n, "BK": 64, "num_warps": 8 if tile_m * head_dim >= 128 * 64 else 4,
+            "num_stages": 2}
+
+
+def _attention_tiles(tiles: dict) -> dict:
+    """The tiles and options of the kernels that walk the projected keys (all but BK)."""
+    return {name: value for name, value in tiles.items() if name != "BK"}
+
+
+def _in_input_dtype(k_proj: Tensor, v_proj: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """K' and V' (saved in the accumulation dtype) in q's dtype for the attention kernels: the dots take
+    them in that dtype anyway, and loading them without a conversion lets the pipeliner stage them in
+    shared memory. Every kernel reads the same copies, so the scores are recomputed bit for bit."""
+    return k_proj.to(q.dtype), v_proj.to(q.dtype)
 
 
 def _split(length: int, tile: int, programs_per_split: int) -> tuple[int, int]:
@@ -497,9 +514,9 @@ def linformer_fwd(q: Tensor, k: Tensor, v: Tensor, proj_k: Tensor, proj_v: Tenso
     tiles = _tiles(kp, head_dim, q.dtype)
     padding, stride_pad_b = _padding_arguments(key_padding_mask, q)
 
-    project_tile_p = tiles["BN"]
-    kp_tiles = triton.cdiv(kp, project_tile_p)
-    chunk, splits = _split(key_len, tiles["BM"], kp_tiles * batch * heads)
+    attention_tiles = _attention_tiles(tiles)
+    kp_tiles = triton.cdiv(kp, tiles["BN"])
+    chunk, splits = _split(key_len, tiles["BK"], kp_tiles * batch * heads)
     if splits > MAX_GRID_AXIS:
         raise ValueError(f"k: Nk={key_len} needs {splits} splits, more than a grid axis holds ({MAX_GRID_AXIS})")
     k_part = torch.empty((batch * heads, splits, kp, head_dim), dtype=acc, device=q.device)
@@ -508,7 +525,7 @@ def linformer_fwd(q: Tensor, k: Tensor, v: Tensor, proj_k: Tensor, proj_v: Tenso
         k, v, proj_k, proj_v, k_part, v_part, padding,
         *k.stride()[:3], *v.stride()[:3], *_projection_strides(proj_k), *_projection_strides(proj_v), stride_pad_b,
         heads, heads // k.shape[1], key_len, kp, chunk, splits,
-        HAS_PADDING=key_padding_mask is not None, BP=project_tile_p, BN=tiles["BM"], **flags,
+        HAS_PADDING=key_padding_mask is not None, BP=tiles["BN"], BN=tiles["BK"], **flags,
         num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
     )
     # The splits added in a fixed order: deterministic.
@@ -518,8 +535,8 @@ def linformer_fwd(q: Tensor, k: Tensor, v: Tensor, proj_k: Tensor, proj_v: Tenso
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((batch, heads, query_len), acc, q.device)
     linformer_fwd_kernel[(triton.cdiv(query_len, tiles["BM"]), batch * heads)](
-        q, k_proj, v_proj, out, lse, *q.stride()[:3], *out.stride()[:3],
-        heads, query_len, kp, scale * LOG2E, **flags, **tiles,
+        q, *_in_input_dtype(k_proj, v_proj, q), out, lse, *q.stride()[:3], *out.stride()[:3],
+        heads, query_len, kp, scale * LOG2E, **flags, **attention_tiles,
     )
     return out, lse, k_proj, v_proj
 
@@ -553,9 +570,11 @@ def linformer_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, proj_k: Ten
     padding, stride_pad_b = _padding_arguments(key_padding_mask, q)
 
     row_max, row_sum, delta = torch.empty((3, batch, heads, query_len), dtype=acc, device=q.device)
+    attention_tiles = _attention_tiles(tiles)
+    keys, values = _in_input_dtype(k_proj, v_proj, q)
     linformer_bwd_preprocess_kernel[(triton.cdiv(query_len, tiles["BM"]), batch * heads)](
-        q, k_proj, out, grad_out, row_max, row_sum, delta, *q.stride()[:3], *out.stride()[:3],
-        *grad_out.stride()[:3], heads, query_len, kp, scale * LOG2E, **flags, **tiles,
+        q, keys, out, grad_out, row_max, row_sum, delta, *q.stride()[:3], *out.stride()[:3],
+        *grad_out.stride()[:3], heads, query_len, kp, scale * LOG2E, **flags, **attention_tiles,
     )
     kp_tiles = triton.cdiv(kp, tiles["BN"])
     chunk, splits = _split(query_len, tiles["BM"], kp_tiles * batch * heads)
@@ -564,20 +583,20 @@ def linformer_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, proj_k: Ten
     dk_part = torch.empty((batch * heads, splits, kp, head_dim), dtype=acc, device=q.device)
     dv_part = torch.empty_like(dk_part)
     linformer_bwd_kernel_dkvp[(kp_tiles, splits, batch * heads)](
-        q, grad_out, k_proj, v_proj, row_max, row_sum, delta, dk_part, dv_part, *q.stride()[:3], *grad_out.stride()[:3],
-        heads, query_len, kp, chunk, splits, scale, scale * LOG2E, **flags, **tiles,
+        q, grad_out, keys, values, row_max, row_sum, delta, dk_part, dv_part, *q.stride()[:3], *grad_out.stride()[:3],
+        heads, query_len, kp, chunk, splits, scale, scale * LOG2E, **flags, **attention_tiles,
     )
     dk_proj, dv_proj = dk_part.sum(1), dv_part.sum(1)
 
     grad_q = new_output(q.shape, q.dtype, q.device)
     linformer_bwd_kernel_dq[(triton.cdiv(query_len, tiles["BM"]), batch * heads)](
-        q, grad_out, k_proj, v_proj, row_max, row_sum, delta, grad_q, *q.stride()[:3], *grad_out.stride()[:3],
-        *grad_q.stride()[:3], heads, query_len, kp, scale, scale * LOG2E, **flags, **tiles,
+        q, grad_out, keys, values, row_max, row_sum, delta, grad_q, *q.stride()[:3], *grad_out.stride()[:3],
+        *grad_q.stride()[:3], heads, query_len, kp, scale, scale * LOG2E, **flags, **attention_tiles,
     )
 
     grad_k = new_output(k.shape, k.dtype, k.device)
     grad_v = new_output(v.shape, v.dtype, v.device)
-    key_tile = tiles["BM"]
+    key_tile = tiles["BK"]
     linformer_bwd_kernel_dkdv[(triton.cdiv(key_len, key_tile), batch * kv_heads)](
         dk_proj, dv_proj, proj_k, proj_v, grad_k, grad_v, padding,
         *_projection_strides(proj_k), *_projection_strides(proj_v), *grad_k.stride()[:3], *grad_v.stride()[:3],
@@ -610,3 +629,31 @@ def linformer_attention(q: Tensor, k: Tensor, v: Tensor, proj_k: Tensor, proj_v:
     """Differentiable Linformer attention through the Triton kernels (the "triton" backend's call)."""
     out, _, _, _ = linformer_fwd(q, k, v, proj_k, proj_v, key_padding_mask, scale)
     return out
+
+
+def static_check_variants():
+    """Every launch the wrappers can make on a GPU, for ``scripts/gpu_static_check.py``.
+
+    One (label, launch, is_default) per head dim x dtype x padding x projected-key tile (kp = 16 gives
+    the smallest tile, kp = 256 the largest; ``_tiles``): ``launch()`` runs the forward and backward
+    wrappers on small CPU tensors (B = H = 2, N = 256) whose sizes specialise the kernels as real calls
+    do. Every variant is one the wrappers choose, so all are default.
+    """
+    for kp in (16, 256):
+        for head_dim in SUPPORTED_HEAD_DIMS:
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for padding in (False, True):
+                    label = (f"kp{kp}-D{head_dim}-{str(dtype).replace('torch.', '')}"
+                             f"{'-padding' if padding else ''}")
+                    yield label, _static_check_launch(kp, head_dim, dtype, padding), True
+
+
+def _static_check_launch(kp: int, head_dim: int, dtype: torch.dtype, padding: bool):
+    def launch():
+        length = 256
+        q = torch.zeros(2, 2, length, head_dim, dtype=dtype)
+        projection = torch.zeros(kp, length, dtype=dtype)
+        mask = torch.zeros(2, length, dtype=torch.bool) if padding else None
+        out, lse, k_proj, v_proj = linformer_fwd(q, q, q, projection, projection, mask, head_dim ** -0.5)
+        linformer_bwd(q, q, q, q, projection, projection, out, lse, k_proj, v_proj, mask, head_dim ** -0.5)
+    return launch

@@ -27,8 +27,9 @@ the shares are then added over feature tiles (and over the query heads of a grou
 
 Non-causal backward: ``performer_bwd_kernel_dq`` (dphi(Q) = [dnum | dden] state^T), ``performer_bwd_kernel_dstate``
 (d state = phi(Q)^T [dnum | dden], split like the state) and ``performer_bwd_kernel_dkdv`` (dV = phi(K) d state,
-dphi(K) = [V | 1] d state^T), with dnum = dO / den and dden = -(dO . O) / den. dK and dV sum the query
-heads of a group (grouped-query attention) inside one program, in order: deterministic, no atomics.
+dphi(K) = [V | 1] d state^T), with dnum = dO / den and dden = -(dO . O) / den, written in scaled terms
+that stay finite wherever the forward is (see ``_query_shares``). dK and dV sum the query heads of a
+group (grouped-query attention) inside one program, in order: deterministic, no atomics.
 
 Running sums and states are float32 (float64 for float64 inputs). The logits W x are products in the
 inputs' dtype; every product of features, states or gradients takes float32 operands (tf32 for
@@ -81,9 +82,19 @@ def _features(b_wx, b_shift, m_rows, m_f, SOFTMAX: tl.constexpr):
 
 @triton.jit
 def _half_norm(b_x, scale, ACC: tl.constexpr):
-    """|x|^2 / 2 of each row of x scaled by sqrt(scale), in the accumulation dtype."""
-    b_xf = b_x.to(ACC)
-    return 0.5 * scale * tl.sum(b_xf * b_xf, 1)
+    """|x|^2 / 2 of each row of x scaled by sqrt(scale), in the accumulation dtype.
+
+    Summed in float64 for float32 inputs: |x|^2 / 2 is large next to the spread of the logits, and its
+    rounding becomes a relative error of every feature of the key (several times the float32
+    reference's at std 4). float16/bfloat16 inputs keep float32, well inside their tolerance.
+    """
+    if ACC == tl.float32 and b_x.dtype == tl.float32:
+        b_xf = b_x.to(tl.float64)
+        b_half_norm = (0.5 * scale * tl.sum(b_xf * b_xf, 1)).to(ACC)
+    else:
+        b_xf = b_x.to(ACC)
+        b_half_norm = 0.5 * scale * tl.sum(b_xf * b_xf, 1)
+    return b_half_norm
 
 
 @triton.jit
@@ -226,6 +237,30 @@ def _output_grads(p_do, p_o, b_den, m_m):
 
 
 @triton.jit
+def _query_shares(b_wx, b_c, b_den, b_s_den, m_m, m_f, SOFTMAX: tl.constexpr):
+    """a[i, f] = phi_q[i, f] state_den[f] / den[i]: the share of feature f in query i's normaliser, in [0, 1].
+
+    The non-causal backward is written in these shares (and in states scaled by state_den) so that no
+    intermediate exceeds the gradients themselves: phi_q / den and d state alone overflow float32 when a
+    normaliser is subnormal (large inputs), though their products stay finite. (phi_q state_den) / den
+    never overflows: den >= phi_q state_den. 0 for rows that see no key and for features no key reaches.
+    """
+    m_seen = m_m & (b_den > 0)
+    m_share = m_seen[:, None] & (m_f & (b_s_den > 0))[None, :]
+    b_phi = _features(b_wx, b_c, m_seen, m_f, SOFTMAX)
+    return tl.where(m_share, (b_phi * b_s_den[None, :]) / tl.where(m_seen, b_den, 1.0)[:, None], 0.0)
+
+
+@triton.jit
+def _query_grads(p_do, p_o, b_den, m_m):
+    """dO of the rows that see a key (0 elsewhere) [rows, D] and dO . O [rows]: dnum = dO / den, dden = -(dO . O) / den."""
+    m_seen = m_m & (b_den > 0)
+    b_g = tl.load(p_do, mask=m_seen[:, None], other=0.0).to(b_den.dtype)
+    b_o = tl.load(p_o, mask=m_seen[:, None], other=0.0).to(b_den.dtype)
+    return b_g, tl.sum(b_g * b_o, 1)
+
+
+@triton.jit
 def performer_bwd_kernel_dq(
     q, w, query_max, state, do, o, normaliser, dq,
     stride_qb, stride_qh, stride_qn,
@@ -236,10 +271,12 @@ def performer_bwd_kernel_dq(
     SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    """dQ = sqrt(scale) dlogits W with dlogits = dphi * phi (softmax) or dphi * [W x > 0] (relu).
+    """dQ = sqrt(scale) dlogits W, with dphi = [dnum | dden] state^T.
 
-    The query's -|x|^2 / 2 is a per-row constant of the logits: its gradient term, sqrt(scale) x
-    sum(dlogits), is 0 in exact arithmetic (sum(dphi * phi) = dnum . num + dden den = 0), so it is left out.
+    With the shares a = phi_q state_den / den and the state's mean values Vbar = state_num / state_den,
+    dphi * phi = a (dO . Vbar - dO . O) (softmax); relu takes dphi = a / phi_q (...) where W x > 0. The
+    query's -|x|^2 / 2 is a per-row constant of the logits: its gradient term, sqrt(scale) x sum(dlogits),
+    is 0 in exact arithmetic (sum(dphi * phi) = dnum . num + dden den = 0), so it is left out.
     """
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -252,7 +289,7 @@ def performer_bwd_kernel_dq(
     b_c = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
     b_den = tl.load(normaliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
     o_row = i_b * stride_ob + i_h * stride_oh + o_m64[:, None] * stride_on + o_d[None, :]
-    b_dnum, b_dden = _output_grads(do + o_row, o + o_row, b_den, m_m)
+    b_g, b_go = _query_grads(do + o_row, o + o_row, b_den, m_m)
     p_w_base = w + i_h * stride_wh
     p_state_base = state + i_bh.to(tl.int64) * M * (D + 1)
 
@@ -261,16 +298,17 @@ def performer_bwd_kernel_dq(
         o_f = i_f + tl.arange(0, BF)
         m_f = o_f < M
         b_wx = _logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
-        b_phi = _features(b_wx, b_c, m_m, m_f, SOFTMAX)
         p_state = p_state_base + o_f.to(tl.int64) * (D + 1)
         b_s_num = tl.load(p_state[:, None] + o_d[None, :], mask=m_f[:, None], other=0.0)
         b_s_den = tl.load(p_state + D, mask=m_f, other=0.0)
+        b_share = _query_shares(b_wx, b_c, b_den, b_s_den, m_m, m_f, SOFTMAX)
+        b_vbar = b_s_num / tl.where(b_s_den > 0, b_s_den, 1.0)[:, None]
         # [BM, D] @ [D, BF] -> [BM, BF]
-        b_dphi = tl.dot(b_dnum, tl.trans(b_s_num), input_precision=DOT_PRECISION) + b_dden[:, None] * b_s_den[None, :]
+        b_diff = tl.dot(b_g, tl.trans(b_vbar), input_precision=DOT_PRECISION) - b_go[:, None]
         if SOFTMAX:
-            b_dlogit = b_dphi * b_phi
+            b_dlogit = b_share * b_diff
         else:
-            b_dlogit = tl.where(b_wx > 0, b_dphi, 0.0)
+            b_dlogit = tl.where(b_wx > 0, b_share / (tl.maximum(b_wx, 0.0) + EPSILON) * b_diff, 0.0)
         b_w = tl.load(p_w_base + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None], other=0.0)
         # [BM, BF] @ [BF, D] -> [BM, D]
         b_dx += tl.dot(b_dlogit, b_w.to(ACC), input_precision=DOT_PRECISION)
@@ -281,7 +319,7 @@ def performer_bwd_kernel_dq(
 
 @triton.jit
 def performer_bwd_kernel_dstate(
-    q, w, query_max, do, o, normaliser, dstate_part,
+    q, w, query_max, state, do, o, normaliser, dstate_part,
     stride_qb, stride_qh, stride_qn,
     stride_wh, stride_wm,
     stride_ob, stride_oh, stride_on,
@@ -289,7 +327,7 @@ def performer_bwd_kernel_dstate(
     SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    """d state = phi(Q)^T [dnum | dden] over one split of the queries, for one feature tile."""
+    """state_den * d state = sum of a [dO | -(dO . O)] over one split of the queries, for one feature tile."""
     i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_f = i_f * BF + tl.arange(0, BF)
@@ -298,6 +336,7 @@ def performer_bwd_kernel_dstate(
     m_f = o_f < M
     p_w_base = w + i_h * stride_wh
     p_q_base = q + i_b * stride_qb + i_h * stride_qh
+    b_s_den = tl.load(state + (i_bh.to(tl.int64) * M + o_f.to(tl.int64)) * (D + 1) + D, mask=m_f, other=0.0)
 
     b_dnum_state = tl.zeros([BF, D], dtype=ACC)
     b_dden_state = tl.zeros([BF], dtype=ACC)
@@ -310,12 +349,12 @@ def performer_bwd_kernel_dstate(
         b_c = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
         b_den = tl.load(normaliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
         o_row = i_b * stride_ob + i_h * stride_oh + o_m64[:, None] * stride_on + o_d[None, :]
-        b_dnum, b_dden = _output_grads(do + o_row, o + o_row, b_den, m_m)
-        b_phi = _features(_logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION), b_c, m_m, m_f,
-                          SOFTMAX)
+        b_g, b_go = _query_grads(do + o_row, o + o_row, b_den, m_m)
+        b_share = _query_shares(_logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION), b_c,
+                                b_den, b_s_den, m_m, m_f, SOFTMAX)
         # [BF, BM] @ [BM, D] -> [BF, D]
-        b_dnum_state += tl.dot(tl.trans(b_phi), b_dnum, input_precision=DOT_PRECISION)
-        b_dden_state += tl.sum(b_phi * b_dden[:, None], 0)
+        b_dnum_state += tl.dot(tl.trans(b_share), b_g, input_precision=DOT_PRECISION)
+        b_dden_state -= tl.sum(b_share * b_go[:, None], 0)
 
     p_part = dstate_part + ((i_bh.to(tl.int64) * SPLITS + i_s) * M + o_f.to(tl.int64)) * (D + 1)
     tl.store(p_part[:, None] + o_d[None, :], b_dnum_state, mask=m_f[:, None])
@@ -324,7 +363,7 @@ def performer_bwd_kernel_dstate(
 
 @triton.jit
 def performer_bwd_kernel_dkdv(
-    k, v, w, key_stabiliser, dstate, dk, dv, key_padding_mask,
+    k, v, w, key_stabiliser, state, dstate, dk, dv, key_padding_mask,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_wh, stride_wm,
@@ -335,7 +374,10 @@ def performer_bwd_kernel_dkdv(
     SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BN: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    """dV = phi(K) d state[:, :D] and dK through the feature map, summed over the query heads of the group."""
+    """dV = phi(K) d state[:, :D] and dK through the feature map, summed over the query heads of the group.
+
+    ``dstate`` is state_den * d state, so the keys take phi_k / state_den.
+    """
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hkv = (i_bh // HKV).to(tl.int64), (i_bh % HKV).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -349,7 +391,7 @@ def performer_bwd_kernel_dkdv(
     b_k = tl.load(k + i_b * stride_kb + i_hkv * stride_kh + o_n64[:, None] * stride_kn + o_d[None, :],
                   mask=m_kv[:, None], other=0.0)
     b_v = tl.load(v + i_b * stride_vb + i_hkv * stride_vh + o_n64[:, None] * stride_vn + o_d[None, :],
-                  mask=m_kv[:, None], other=0.0)
+                  mask=m_kv[:, None], other=0.0).to(ACC)
     b_half_norm = _half_norm(b_k, scale, ACC)
 
     b_dk = tl.zeros([BN, D], dtype=ACC)
@@ -359,30 +401,29 @@ def performer_bwd_kernel_dkdv(
         i_h = i_hkv * GROUP + i_g
         i_bh_q = i_b * HKV * GROUP + i_h
         p_w_base = w + i_h * stride_wh
-        p_dstate_base = dstate + i_bh_q * M * (D + 1)
-        if SOFTMAX:
-            b_stab = tl.load(key_stabiliser + i_bh_q * Nk + o_n, mask=m_kv, other=0.0)
-        else:
-            b_stab = tl.zeros([BN], dtype=ACC)
+        b_stab = tl.load(key_stabiliser + i_bh_q * Nk + o_n, mask=m_kv, other=0.0)
         for i_f in range(0, M, BF):
             o_f = i_f + tl.arange(0, BF)
             m_f = o_f < M
+            o_state = (i_bh_q * M + o_f.to(tl.int64)) * (D + 1)
+            b_s_den = tl.load(state + o_state + D, mask=m_f, other=0.0)
+            b_ds_num = tl.load(dstate + o_state[:, None] + o_d[None, :], mask=m_f[:, None], other=0.0)
+            b_ds_den = tl.load(dstate + o_state + D, mask=m_f, other=0.0)
+            m_s = m_f & (b_s_den > 0)
+            b_s_den = tl.where(m_s, b_s_den, 1.0)
             b_wx = _logits(b_k, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
             if SOFTMAX:
-                b_phi = _features(b_wx - b_half_norm[:, None], b_stab, m_kv, m_f, SOFTMAX)
-            else:
-                b_phi = _features(b_wx, b_stab, m_kv, m_f, SOFTMAX)
-            p_dstate = p_dstate_base + o_f.to(tl.int64) * (D + 1)
-            b_ds_num = tl.load(p_dstate[:, None] + o_d[None, :], mask=m_f[:, None], other=0.0)
-            b_ds_den = tl.load(p_dstate + D, mask=m_f, other=0.0)
+                b_wx = b_wx - b_half_norm[:, None]
+            # phi_k / state_den <= 1: state_den sums phi_k over the keys.
+            b_phi = _features(b_wx, b_stab, m_kv, m_s, SOFTMAX) / b_s_den[None, :]
             # [BN, BF] @ [BF, D] -> [BN, D]
             b_dv += tl.dot(b_phi, b_ds_num, input_precision=DOT_PRECISION)
             # [BN, D] @ [D, BF] -> [BN, BF]
-            b_dphi = tl.dot(b_v.to(ACC), tl.trans(b_ds_num), input_precision=DOT_PRECISION) + b_ds_den[None, :]
+            b_dphi = tl.dot(b_v, tl.trans(b_ds_num), input_precision=DOT_PRECISION) + b_ds_den[None, :]
             if SOFTMAX:
                 b_dlogit = b_dphi * b_phi
             else:
-                b_dlogit = tl.where(m_kv[:, None] & (b_wx > 0), b_dphi, 0.0)
+                b_dlogit = tl.where(m_kv[:, None] & m_s[None, :] & (b_wx > 0), b_dphi / b_s_den[None, :], 0.0)
             b_w = tl.load(p_w_base + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None],
                           other=0.0)
             # [BN, BF] @ [BF, D] -> [BN, D]
@@ -527,8 +568,7 @@ def performer_bwd_kernel_causal_dq(
     o_f = i_f * BF + tl.arange(0, BF)
     o_d = tl.arange(0, D)
     m_f = o_f < M
-    b_w = tl.load(w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None],
-                  other=0.0).to(ACC)
+    p_w_tile = w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :]
 
     b_state_num = tl.zeros([BF, D], dtype=ACC)
     b_state_den = tl.zeros([BF], dtype=ACC)
@@ -541,22 +581,25 @@ def performer_bwd_kernel_causal_dq(
             stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale, SOFTMAX, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
         b_den = tl.load(normaliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
         o_row = i_b * stride_ob + i_h * stride_oh + o_c.to(tl.int64)[:, None] * stride_on + o_d[None, :]
-        b_dnum, b_dden = _output_grads(do + o_row, o + o_row, b_den, m_c)
+        b_g, b_go = _query_grads(do + o_row, o + o_row, b_den, m_c)
+        b_den = tl.where(b_den > 0, b_den, 1.0)
 
+        # den * dphi_q, from dO (not dnum = dO / den, which overflows where den is subnormal):
         # [BC, D] @ [D, BC] -> [BC, BC]
-        b_g = (tl.dot(b_dnum, tl.trans(b_v), input_precision=DOT_PRECISION) + b_dden[:, None]) * \
+        b_gv = (tl.dot(b_g, tl.trans(b_v), input_precision=DOT_PRECISION) - b_go[:, None]) * \
             _causal_decay(b_mk, o_c, m_c)
         b_factor = tl.exp(tl.minimum(b_ref - b_mk, 0.0))
         # [BC, BC] @ [BC, BF] + [BC, D] @ [D, BF] -> [BC, BF]
-        b_dphi = tl.dot(b_g, b_phi_k, input_precision=DOT_PRECISION)
-        b_dphi += (tl.dot(b_dnum, tl.trans(b_state_num), input_precision=DOT_PRECISION)
-                   + b_dden[:, None] * b_state_den[None, :]) * b_factor[:, None]
+        b_dphi = tl.dot(b_gv, b_phi_k, input_precision=DOT_PRECISION)
+        b_dphi += (tl.dot(b_g, tl.trans(b_state_num), input_precision=DOT_PRECISION)
+                   - b_go[:, None] * b_state_den[None, :]) * b_factor[:, None]
+        # phi_q (den dphi_q) <= den times a bound of the gradient: the quotient stays finite.
         if SOFTMAX:
-            b_dlogit = b_dphi * b_phi_q
+            b_dlogit = (b_phi_q * b_dphi) / b_den[:, None]
         else:
-            b_dlogit = tl.where(b_wx_q > 0, b_dphi, 0.0)
-        # [BC, BF] @ [BF, D] -> [BC, D]
-        b_dx = tl.dot(b_dlogit, b_w, input_precision=DOT_PRECISION)
+            b_dlogit = tl.where(b_wx_q > 0, b_dphi / b_den[:, None], 0.0)
+        # [BC, BF] @ [BF, D] -> [BC, D]; W reloaded per chunk (an L2 hit) rather than held across the loop.
+        b_dx = tl.dot(b_dlogit, tl.load(p_w_tile, mask=m_f[:, None], other=0.0).to(ACC), input_precision=DOT_PRECISION)
         tl.store(p_part_base + o_c.to(tl.int64)[:, None] * D + o_d[None, :], b_dx, mask=m_c[:, None])
 
         b_ref_new = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + tl.minimum(i_c + BC, N) - 1)
@@ -593,8 +636,7 @@ def performer_bwd_kernel_causal_dkdv(
     o_f = i_f * BF + tl.arange(0, BF)
     o_d = tl.arange(0, D)
     m_f = o_f < M
-    b_w = tl.load(w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None],
-                  other=0.0).to(ACC)
+    p_w_tile = w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :]
 
     b_suffix_num = tl.zeros([BF, D], dtype=ACC)
     b_suffix_den = tl.zeros([BF], dtype=ACC)
@@ -632,8 +674,8 @@ def performer_bwd_kernel_causal_dkdv(
             b_dlogit = b_dphi * b_phi_k
         else:
             b_dlogit = tl.where(m_kv[:, None] & (b_wx_k > 0), b_dphi, 0.0)
-        # [BC, BF] @ [BF, D] -> [BC, D]
-        b_dx = tl.dot(b_dlogit, b_w, input_precision=DOT_PRECISION)
+        # [BC, BF] @ [BF, D] -> [BC, D]; W reloaded per chunk (an L2 hit) rather than held across the loop.
+        b_dx = tl.dot(b_dlogit, tl.load(p_w_tile, mask=m_f[:, None], other=0.0).to(ACC), input_precision=DOT_PRECISION)
         p_part = p_part_base + o_c.to(tl.int64) * (2 * D + 1)
         tl.store(p_part[:, None] + o_d[None, :], b_dv, mask=m_c[:, None])
         tl.store(p_part[:, None] + D + o_d[None, :], b_dx, mask=m_c[:, None])
@@ -651,13 +693,25 @@ def performer_bwd_kernel_causal_dkdv(
         b_ref = b_ref_new
 
 
-def _tiles(num_features: int, dtype: torch.dtype) -> dict:
-    """Row tile BM (queries, keys, causal chunks), feature tile BF (>= 16 for tl.dot) and launch options."""
-    tile_f = max(16, min(64, triton.next_power_of_2(num_features)))
-    if dtype in (torch.float32, torch.float64):
-        # IEEE float32/float64 dots run on the FMA units and need far more registers than tensor cores.
-        return {"BM": 32, "BF": min(tile_f, 32), "num_warps": 4, "num_stages": 2}
-    return {"BM": 64, "BF": tile_f, "num_warps": 4, "num_stages": 2}
+def _tiles(num_features: int, head_dim: int, dtype: torch.dtype, causal: bool) -> dict:
+    """Row tile BM (queries, keys, causal chunks), feature tile BF (>= 16 for tl.dot) and launch options.
+
+    Sized so that ptxas (Triton 3.6, sm_80 and sm_90; ``make gpu-static-check``) reports no register
+    spills: the causal kernels hold a (BF, D) fp32 state and several (BM, D) tiles at once, so they take
+    8 warps and smaller tiles at D = 128; IEEE float32 dots run on the FMA units and need the most.
+    """
+    low_precision = dtype in (torch.float16, torch.bfloat16)
+    wide = head_dim > 64
+    if causal:
+        tile_m = 16 if wide else (64 if low_precision else 32)
+        tile_f = (32 if low_precision else 16) if wide else tile_m
+        num_warps = 8
+    elif low_precision:
+        tile_m, tile_f, num_warps = (32, 32, 8) if wide else (64, 64, 4)
+    else:
+        tile_m, tile_f, num_warps = (16 if wide else 32), (16 if wide else 32), 8
+    tile_f = max(16, min(tile_f, triton.next_power_of_2(num_features)))
+    return {"BM": tile_m, "BF": tile_f, "num_warps": num_warps, "num_stages": 2}
 
 
 def _projection_strides(projection: Tensor) -> tuple[int, int]:
@@ -724,7 +778,7 @@ class _Problem:
         self.padding, self.stride_pad_b = _padding_arguments(key_padding_mask, q)
         self.has_padding = key_padding_mask is not None
         self.sqrt_scale, self.scale = math.sqrt(scale), scale
-        self.tiles = _tiles(self.features, q.dtype)
+        self.tiles = _tiles(self.features, self.head_dim, q.dtype, causal)
         self.launch = {"num_warps": self.tiles["num_warps"], "num_stages": self.tiles["num_stages"]}
         self.flags = {"DOT_PRECISION": _dot_precision(q.dtype), "D": self.head_dim, "BF": self.tiles["BF"],
                       "ACC": _TRITON_DTYPES[self.acc]}
@@ -806,7 +860,7 @@ def _backward_global(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
     feature_tiles = triton.cdiv(p.features, p.tiles["BF"])
     dstate_part = torch.empty((p.batch * p.heads, splits, p.features, p.head_dim + 1), dtype=p.acc, device=q.device)
     performer_bwd_kernel_dstate[(feature_tiles, splits, p.batch * p.heads)](
-        q, p.projection, query_max, grad_out, out, normaliser, dstate_part,
+        q, p.projection, query_max, state, grad_out, out, normaliser, dstate_part,
         *q.stride()[:3], *p.projection_strides, *out.stride()[:3],
         p.heads, p.query_len, p.features, chunk, splits, p.sqrt_scale,
         SOFTMAX=p.softmax, BM=p.tiles["BM"], **p.flags, **p.launch,
@@ -815,7 +869,7 @@ def _backward_global(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
     grad_k = new_output(k.shape, k.dtype, k.device)
     grad_v = new_output(v.shape, v.dtype, v.device)
     performer_bwd_kernel_dkdv[(triton.cdiv(p.key_len, p.tiles["BM"]), p.batch * p.kv_heads)](
-        k, v, p.projection, key_stabiliser, dstate, grad_k, grad_v, p.padding,
+        k, v, p.projection, key_stabiliser, state, dstate, grad_k, grad_v, p.padding,
         *k.stride()[:3], *v.stride()[:3], *p.projection_strides, *grad_k.stride()[:3], *grad_v.stride()[:3],
         p.stride_pad_b, p.kv_heads, p.group, p.key_len, p.features, p.sqrt_scale, p.scale,
         SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BN=p.tiles["BM"],
@@ -921,3 +975,35 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, 
     """Differentiable Performer attention through the Triton kernels (the "triton" backend's call)."""
     out, _, _, _ = performer_fwd(q, k, v, projection, kernel, causal, key_padding_mask, scale)
     return out
+
+
+def static_check_variants():
+    """Every launch the wrappers can make on a GPU, for ``scripts/gpu_static_check.py``.
+
+    One (label, launch, is_default) per feature tile (m = 16 gives the smallest, m = 256 the largest;
+    ``_tiles``) x head dim x dtype x kernel x causal x padding: ``launch()`` runs the forward and
+    backward wrappers on small CPU tensors (B = H = 2, N = 256) whose sizes specialise the kernels as
+    real calls do. Every variant is one the wrappers choose, so all are default.
+    """
+    for features in (16, 256):
+        for head_dim in SUPPORTED_HEAD_DIMS:
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for kernel in KERNELS:
+                    for causal in (False, True):
+                        for padding in (False, True):
+                            label = (f"m{features}-D{head_dim}-{str(dtype).replace('torch.', '')}-{kernel}"
+                                     f"{'-causal' if causal else ''}{'-padding' if padding else ''}")
+                            yield label, _static_check_launch(features, head_dim, dtype, kernel, causal, padding), True
+
+
+def _static_check_launch(features: int, head_dim: int, dtype: torch.dtype, kernel: str, causal: bool, padding: bool):
+    def launch():
+        length = 256
+        q = torch.zeros(2, 2, length, head_dim, dtype=dtype)
+        projection = torch.zeros(features, head_dim, dtype=dtype)
+        mask = torch.zeros(2, length, dtype=torch.bool) if padding else None
+        out, normaliser, key_stabiliser, state = performer_fwd(q, q, q, projection, kernel, causal, mask,
+                                                               head_dim ** -0.5)
+        performer_bwd(q, q, q, q, projection, out, normaliser, key_stabiliser, state, kernel, causal, mask,
+                      head_dim ** -0.5)
+    return launch
