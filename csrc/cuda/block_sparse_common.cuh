@@ -23,18 +23,22 @@ __device__ __forceinline__ T* head_pointer(void* base, int64_t batch_stride, int
   return static_cast<T*>(base) + batch * batch_stride + head * head_stride;
 }
 
-// The blocks listed for one block of one head: indices[begin..end).
+// The blocks listed for one block of one head: indices[begin..end), or every block [begin, end) of a
+// dense layout (no CSR: indices is null).
 struct BlockList {
   const int32_t* indices;
   int begin, end;
+  __device__ __forceinline__ int block(int listed) const { return indices == nullptr ? listed : indices[listed]; }
 };
 
 __device__ __forceinline__ BlockList key_blocks_of(const BlockSparseFwdParams& p, int head, int query_block) {
+  if (p.row_offsets == nullptr) return {nullptr, 0, p.num_key_blocks};
   const int32_t* offsets = p.row_offsets + head * p.row_offsets_head_stride;
   return {p.col_indices + head * p.col_indices_head_stride, offsets[query_block], offsets[query_block + 1]};
 }
 
 __device__ __forceinline__ BlockList query_blocks_of(const BlockSparseFwdParams& p, int head, int key_block) {
+  if (p.col_offsets == nullptr) return {nullptr, 0, p.num_query_blocks};
   const int32_t* offsets = p.col_offsets + head * p.col_offsets_head_stride;
   return {p.row_indices + head * p.row_indices_head_stride, offsets[key_block], offsets[key_block + 1]};
 }

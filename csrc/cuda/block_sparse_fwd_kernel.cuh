@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_fwd_kernel(cons
 
   const BlockList key_blocks = key_blocks_of(p, head, query0 / p.block_size);
   for (int listed = key_blocks.begin; listed < key_blocks.end; ++listed) {
-    const int key_block = key_blocks.indices[listed];
+    const int key_block = key_blocks.block(listed);
     for (int key0 = key_block * p.block_size; key0 < min((key_block + 1) * p.block_size, p.key_len); key0 += kTile) {
       if (tile_is_causally_empty(p, last_query, key0)) break;
       const int key_rows = min(kTile, p.key_len - key0);

@@ -38,8 +38,12 @@ struct SimtTraits {
   // Tiles that lanes read by column (lane = row index) get one extra float per row: no bank conflicts.
   static constexpr int kPaddedStride = HeadDim + 1;
   static constexpr int kTileFloats = kTile * kPaddedStride;
-  static constexpr int kSharedBytes = 4 * kTileFloats * static_cast<int>(sizeof(float)) +
-                                      2 * kTile * static_cast<int>(sizeof(float)) + kTile * static_cast<int>(sizeof(bool));
+  // The forward reads q, k and v tiles; the backward four (q, dO, k, v) and per-row statistics.
+  static constexpr int kFwdSharedBytes =
+      3 * kTileFloats * static_cast<int>(sizeof(float)) + kTile * static_cast<int>(sizeof(bool));
+  static constexpr int kBwdSharedBytes = 4 * kTileFloats * static_cast<int>(sizeof(float)) +
+                                         2 * kTile * static_cast<int>(sizeof(float)) +
+                                         kTile * static_cast<int>(sizeof(bool));
   static_assert(HeadDim % 32 == 0, "each lane owns HeadDim / 32 columns");
 };
 
