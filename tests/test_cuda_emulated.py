@@ -57,14 +57,28 @@ def library(tmp_path_factory):
         [integer] + [pointer] * 9 + [integer, integer, pointer] + [integer] * 6 + [ctypes.c_bool, ctypes.c_float]
         + [pointer] * 5)
     lib.emulated_block_sparse.restype = None
-    lib.emulated_linformer_projection.argtypes = [integer] + [pointer] * 4 + [integer] * 2 + [pointer] + [integer] * 6 + [pointer] * 4
+    lib.emulated_linformer_projection.argtypes = (
+        [integer] + [pointer] * 4 + [integer] * 2 + [pointer] + [integer] * 6 + [pointer] * 4)
     lib.emulated_linformer_projection.restype = None
+    lib.emulated_shared_memory_overruns.restype = integer
     return lib
+
+
+@pytest.fixture(autouse=True)
+def _kernels_stay_within_their_shared_memory(request):
+    """Each test's kernels write no shared memory past the bytes their launch requests (their traits')."""
+    if "library" not in request.fixturenames:
+        yield
+        return
+    lib = request.getfixturevalue("library")
+    before = lib.emulated_shared_memory_overruns()
+    yield
+    assert lib.emulated_shared_memory_overruns() == before, "a kernel wrote shared memory past its launch's request"
 
 
 def _emulated_attention(lib, layout: fastattn.BlockLayout | None, causal: bool, padding, scale: float,
                         block_size: int | None = None):
-    """The block-sparse kernels as an autograd function; layout None: the dense layout (no CSR) in blocks of block_size."""
+    """The block-sparse kernels as an autograd function (layout None: the dense layout, no CSR)."""
     if layout is None:
         csr, layout_heads, nnz_max = (None,) * 4, 1, 0
     else:

@@ -31,8 +31,8 @@ void launch_bwd(const BlockSparseBwdParams& p, cudaStream_t stream) {
     launch<block_sparse_bwd_dkdv_simt_kernel<Traits>>(key_grid, Traits::kThreads, Traits::kBwdSharedBytes, p, stream);
     launch<block_sparse_bwd_dq_simt_kernel<Traits>>(query_grid, Traits::kThreads, Traits::kBwdSharedBytes, p, stream);
   } else {
-    launch<block_sparse_bwd_dkdv_kernel<Traits>>(key_grid, Traits::kThreads, Traits::kBwdSharedBytes, p, stream);
-    launch<block_sparse_bwd_dq_kernel<Traits>>(query_grid, Traits::kThreads, Traits::kBwdSharedBytes, p, stream);
+    launch<block_sparse_bwd_dkdv_kernel<Traits>>(key_grid, Traits::kThreads, Traits::kBwdDkdvSharedBytes, p, stream);
+    launch<block_sparse_bwd_dq_kernel<Traits>>(query_grid, Traits::kThreads, Traits::kBwdDqSharedBytes, p, stream);
   }
 }
 

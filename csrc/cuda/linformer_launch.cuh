@@ -23,7 +23,8 @@ void run_linformer_projection(const LinformerProjectionParams& p, cudaStream_t s
   if (p.splits > 1) {
     const int64_t count = int64_t(p.batch) * p.heads * p.projected_len * p.head_dim;
     const dim3 reduce_grid(static_cast<unsigned>((count + kLinformerReduceThreads - 1) / kLinformerReduceThreads));
-    launch<linformer_projection_reduce_kernel<kLinformerReduceThreads>>(reduce_grid, kLinformerReduceThreads, 0, p, stream);
+    constexpr int kThreads = kLinformerReduceThreads;
+    launch<linformer_projection_reduce_kernel<kThreads>>(reduce_grid, kThreads, 0, p, stream);
   }
 }
 

@@ -158,7 +158,8 @@ __global__ void __launch_bounds__(Traits::kThreads) linformer_projection_kernel(
 }
 
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) linformer_projection_simt_kernel(const LinformerProjectionParams p) {
+__global__ void __launch_bounds__(Traits::kThreads)
+    linformer_projection_simt_kernel(const LinformerProjectionParams p) {
   constexpr int kD = Traits::kHeadDim, kChunk = kLinformerKeyChunk;
   constexpr int kThreads = Traits::kThreads, kWarps = Traits::kWarps, kRows = Traits::kRowsPerWarp;
   constexpr int kValues = Traits::kValuesPerLane;
