@@ -188,6 +188,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
       v_tile[index] = visible ? w.v[int64_t(key) * p.v_row_stride + col] : 0.f;
     }
     __syncthreads();
+    // Unrolled 8 deep, not fully: fully unrolled, ptxas spilled it on sm_80 at D = 64.
+#pragma unroll 8
     for (int j = 0; j < kChunk; ++j) {
 #pragma unroll
       for (int c = 0; c < kValues; ++c) {
