@@ -108,4 +108,45 @@ inline void check_csr(const char* offsets_name, const at::Tensor& offsets, const
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Linformer: proj_k and proj_v (kp, Nk) or (H, kp, Nk) with the same kp > 0, dtype and device of q.
+inline void check_linformer_projections(const at::Tensor& q, const at::Tensor& k, const at::Tensor& proj_k,
+                                        const at::Tensor& proj_v) {
+  for (const auto& [name, p] : {std::pair{"proj_k", &proj_k}, std::pair{"proj_v", &proj_v}}) {
+    TORCH_CHECK_TYPE(p->scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(),
+                     " (that of q), got ", p->scalar_type());
+    TORCH_CHECK_VALUE(p->device() == q.device(), name, ": expected device ", q.device(), ", got ", p->device());
+    TORCH_CHECK_VALUE((p->dim() == 2 || (p->dim() == 3 && p->size(0) == q.size(1))) && p->size(-1) == k.size(2) &&
+                          p->size(-2) > 0,
+                      name, ": expected shape (kp, ", k.size(2), ") or (", q.size(1), ", kp, ", k.size(2), "), got ",
+                      p->sizes());
+  }
+  TORCH_CHECK_VALUE(proj_v.size(-2) == proj_k.size(-2), "proj_v: expected kp = ", proj_k.size(-2),
+                    " (that of proj_k), got shape ", proj_v.sizes());
+}
+
+// What linformer_bwd reads besides the inputs of linformer_fwd: grad_out and out like q, lse (B, H, Nq) and
+// k_proj, v_proj (B, H, kp, D) in the accumulation dtype, all on the device of q.
+inline void check_linformer_saved(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& out,
+                                  const at::Tensor& lse, const at::Tensor& k_proj, const at::Tensor& v_proj,
+                                  const at::Tensor& proj_k) {
+  for (const auto& [name, t] : {std::pair{"grad_out", &grad_out}, std::pair{"out", &out}}) {
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes() && t->stride(3) == 1 && t->scalar_type() == q.scalar_type() &&
+                          t->device() == q.device(),
+                      name, ": expected shape ", q.sizes(), ", dtype ", q.scalar_type(), ", device ", q.device(),
+                      " and unit last stride, got ", t->sizes(), ", ", t->scalar_type(), ", ", t->device(),
+                      ", strides ", t->strides());
+  }
+  const auto acc = lse_dtype(q.scalar_type());
+  const std::vector<int64_t> projected_shape{q.size(0), q.size(1), proj_k.size(-2), q.size(3)};
+  for (const auto& [name, t] : {std::pair{"k_proj", &k_proj}, std::pair{"v_proj", &v_proj}}) {
+    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(projected_shape) && t->scalar_type() == acc &&
+                          t->device() == q.device(),
+                      name, ": expected shape ", projected_shape, ", dtype ", acc, " and device ", q.device(),
+                      ", got ", t->sizes(), ", ", t->scalar_type(), " and ", t->device());
+  }
+  TORCH_CHECK_VALUE(lse.sizes() == q.sizes().slice(0, 3) && lse.scalar_type() == acc && lse.device() == q.device(),
+                    "lse: expected shape ", q.sizes().slice(0, 3), ", dtype ", acc, " and device ", q.device(),
+                    ", got ", lse.sizes(), ", ", lse.scalar_type(), " and ", lse.device());
+}
+
 }  // namespace fastattn

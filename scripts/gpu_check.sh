@@ -75,8 +75,8 @@ note "GPU tests: $(tail -n 1 "$out/pytest-gpu.log") (exit $tests_status, $((SECO
 
 start=$SECONDS
 # The performance goals of the CUDA and Triton kernels: bf16, BigBird block 64, r=3, against compiled
-# FlexAttention with the same block mask and dense SDPA, forward and forward+backward.
-bench_command=("$python" -m bench --device cuda --mechanism bigbird --dtype bfloat16 --batch 2 --heads 16
+# FlexAttention with the same block mask and dense SDPA, and Linformer (kp=256), forward and forward+backward.
+bench_command=("$python" -m bench --device cuda --mechanism bigbird,linformer --dtype bfloat16 --batch 2 --heads 16
   --head-dim "${BENCH_HEAD_DIM:-64}" --n "${BENCH_N:-4096,16384}" --mode fwd --mode fwdbwd --min-run-time 0.2
   --no-quality --no-progress --out "$out/bench")
 if timeout "${BENCH_TIMEOUT:-150}" "${bench_command[@]}" >"$out/bench.log" 2>&1; then

@@ -19,8 +19,9 @@ import torch
 
 import fastattn
 from fastattn.reference import block_sparse_attention as reference_block_sparse
-from fastattn.testing import check_against_reference
-from tests.utils import block_sparse_case_id, random_block_layout, random_padding
+from fastattn.reference import full_attention as reference_full
+from fastattn.testing import assert_within_tolerance, check_against_reference
+from tests.utils import block_sparse_case_id, describe_case, random_block_layout, random_padding
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATION = ROOT / "tests" / "cuda_emulation"
@@ -56,21 +57,42 @@ def library(tmp_path_factory):
         [integer] + [pointer] * 9 + [integer, integer, pointer] + [integer] * 6 + [ctypes.c_bool, ctypes.c_float]
         + [pointer] * 5)
     lib.emulated_block_sparse.restype = None
+    lib.emulated_linformer_projection.argtypes = (
+        [integer] + [pointer] * 4 + [integer] * 2 + [pointer] + [integer] * 6 + [pointer] * 4)
+    lib.emulated_linformer_projection.restype = None
+    lib.emulated_shared_memory_overruns.restype = integer
     return lib
 
 
-def _emulated_attention(lib, layout: fastattn.BlockLayout, causal: bool, padding, scale: float):
-    row_offsets, col_indices, col_offsets, row_indices = layout.csr("cpu")
+@pytest.fixture(autouse=True)
+def _kernels_stay_within_their_shared_memory(request):
+    """Each test's kernels write no shared memory past the bytes their launch requests (their traits')."""
+    if "library" not in request.fixturenames:
+        yield
+        return
+    lib = request.getfixturevalue("library")
+    before = lib.emulated_shared_memory_overruns()
+    yield
+    assert lib.emulated_shared_memory_overruns() == before, "a kernel wrote shared memory past its launch's request"
+
+
+def _emulated_attention(lib, layout: fastattn.BlockLayout | None, causal: bool, padding, scale: float,
+                        block_size: int | None = None):
+    """The block-sparse kernels as an autograd function (layout None: the dense layout, no CSR)."""
+    if layout is None:
+        csr, layout_heads, nnz_max = (None,) * 4, 1, 0
+    else:
+        csr, layout_heads, block_size = layout.csr("cpu"), layout.num_heads, layout.block_size
+        nnz_max = csr[1].shape[1]
     padding_pointer = None if padding is None else padding.contiguous().data_ptr()
 
     def call(q, k, v, out, lse, grad_out=None, grad_q=None, grad_k=None, grad_v=None, delta=None):
         batch, heads, query_len, head_dim = q.shape
         lib.emulated_block_sparse(
             DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-            row_offsets.data_ptr(), col_indices.data_ptr(), col_offsets.data_ptr(), row_indices.data_ptr(),
-            layout.num_heads, col_indices.shape[1], padding_pointer, batch, heads, query_len, k.shape[2], head_dim,
-            layout.block_size, causal, scale, *(None if t is None else t.data_ptr()
-                                                for t in (grad_out, grad_q, grad_k, grad_v, delta)))
+            *(None if t is None else t.data_ptr() for t in csr), layout_heads, nnz_max, padding_pointer, batch, heads,
+            query_len, k.shape[2], head_dim, block_size, causal, scale,
+            *(None if t is None else t.data_ptr() for t in (grad_out, grad_q, grad_k, grad_v, delta)))
 
     class Emulated(torch.autograd.Function):
         @staticmethod
@@ -140,3 +162,91 @@ def test_emulated_rows_that_see_no_key_give_zeros_and_zero_gradients(library, dt
     assert torch.isfinite(out[0]).all()
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         assert torch.equal(tensor.grad[1], torch.zeros_like(tensor.grad[1])), f"grad of {name}[1] is not zero"
+
+
+# (B, H, Nq, kp, D, block_size, dtype): attention over Linformer's kp projected keys, which runs the
+# block-sparse kernels with the dense layout (no CSR); kp not a multiple of the block, and below one block.
+DENSE_CASES = [
+    (1, 2, 100, 70, 64, 64, torch.float16),
+    (2, 1, 40, 20, 32, 64, torch.bfloat16),
+    (1, 2, 50, 40, 128, 64, torch.float32),
+]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=[describe_case(B=c[0], H=c[1], Nq=c[2], kp=c[3], D=c[4], block=c[5],
+                                                                 dtype=c[6]) for c in DENSE_CASES])
+def test_emulated_dense_layout_matches_reference(library, case):
+    batch, heads, query_len, key_len, head_dim, block_size, dtype = case
+    generator = torch.Generator().manual_seed(4)
+    inputs = {
+        "q": torch.randn(batch, heads, query_len, head_dim, generator=generator, dtype=torch.float64),
+        "k": torch.randn(batch, heads, key_len, head_dim, generator=generator, dtype=torch.float64),
+        "v": torch.randn(batch, heads, key_len, head_dim, generator=generator, dtype=torch.float64),
+    }
+    scale = head_dim**-0.5
+    kernel = _emulated_attention(library, None, False, None, scale, block_size)
+    check_against_reference(kernel, lambda q, k, v: reference_full(q, k, v, scale=scale), inputs,
+                            dtype, seed=4)
+
+
+def _emulated_linformer_projection(lib, k, v, proj_k, proj_v, key_len, padding, keys_per_split):
+    """K' = P_k K and V' = P_v V by the projection kernels; proj_* hold (heads?, kp, row stride >= Nk)."""
+    batch, heads, _, head_dim = k.shape
+    projected_len, row_stride = proj_k.shape[-2:]
+    splits = -(-key_len // keys_per_split)
+    partials = [torch.full((splits, batch, heads, projected_len, head_dim), float("nan")) for _ in range(2)]
+    results = [torch.full((batch, heads, projected_len, head_dim), float("nan")) for _ in range(2)]
+    tensors = [t.contiguous() for t in (k, v, proj_k, proj_v)]
+    lib.emulated_linformer_projection(
+        DTYPE_CODES[k.dtype], *(t.data_ptr() for t in tensors), 1 if proj_k.dim() == 2 else heads, row_stride,
+        None if padding is None else padding.contiguous().data_ptr(), batch, heads, key_len, head_dim, projected_len,
+        keys_per_split, *(t.data_ptr() for t in partials + results))
+    return (partials[0][0], partials[1][0]) if splits == 1 else tuple(results)
+
+
+# (B, H, Nk, D, kp, dtype, padded, per_head, keys_per_split): kp below, at and above a row tile (64 rows on
+# tensor cores, 32 in float32) and not a multiple of it; lengths that end inside a key chunk and inside a
+# 16-byte copy; one split and several (the fixed-order sum).
+LINFORMER_PROJECTION_CASES = [
+    (1, 2, 100, 64, 40, torch.float16, True, False, 32),
+    (2, 1, 77, 32, 64, torch.bfloat16, False, True, 1024),
+    (1, 2, 203, 128, 70, torch.bfloat16, True, True, 64),
+    (1, 1, 45, 64, 130, torch.float16, False, False, 1024),
+    (2, 2, 90, 32, 33, torch.float32, True, True, 32),
+    (1, 1, 70, 128, 20, torch.float32, False, False, 1024),
+]
+
+
+def _linformer_projection_id(case) -> str:
+    batch, heads, key_len, head_dim, projected_len, dtype, padded, per_head, keys_per_split = case
+    return describe_case(B=batch, H=heads, N=key_len, D=head_dim, kp=projected_len, dtype=dtype, padded=padded,
+                         per_head=per_head, split=keys_per_split)
+
+
+@pytest.mark.parametrize("case", LINFORMER_PROJECTION_CASES,
+                         ids=[_linformer_projection_id(case) for case in LINFORMER_PROJECTION_CASES])
+def test_emulated_linformer_projection_matches_reference(library, case):
+    batch, heads, key_len, head_dim, projected_len, dtype, padded, per_head, keys_per_split = case
+    generator = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(batch, heads, key_len, head_dim, generator=generator, dtype=torch.float64) for _ in range(2))
+    padding = random_padding(batch, key_len, seed=3) if padded else None
+    if padding is not None:  # padded keys are zeroed before the projection, NaN included
+        k[padding[:, None, :, None].expand_as(k)] = float("nan")
+    # Projections sliced from longer ones (as the public op slices (kp, N) to Nk): the columns past Nk hold
+    # NaN, which the kernels must not read; the row stride keeps rows 16-byte aligned.
+    row_stride = -(-(key_len + 5) // 8) * 8
+    shape = ((heads,) if per_head else ()) + (projected_len, row_stride)
+    proj_k, proj_v = (torch.randn(shape, generator=generator, dtype=torch.float64) / key_len**0.5 for _ in range(2))
+    for projection in (proj_k, proj_v):
+        projection[..., key_len:] = float("nan")
+
+    def reference(dtype_):
+        keys, values = k.to(dtype_), v.to(dtype_)
+        if padding is not None:
+            keys, values = (t.masked_fill(padding[:, None, :, None], 0) for t in (keys, values))
+        return [p[..., :key_len].to(dtype_) @ t for p, t in ((proj_k, keys), (proj_v, values))]
+
+    actual = _emulated_linformer_projection(library, k.to(dtype), v.to(dtype), proj_k.to(dtype), proj_v.to(dtype),
+                                            key_len, padding, keys_per_split)
+    for name, result, exact, low in zip(("k_proj", "v_proj"), actual, reference(torch.float64), reference(dtype)):
+        assert_within_tolerance(name, result, exact, low, dtype)

@@ -17,23 +17,16 @@
 #include <tuple>
 #include <vector>
 
+#include "api_common.h"
 #include "block_sparse_launch.h"
 #include "common.h"
 
 namespace fastattn {
 namespace {
 
-constexpr int64_t kMaxGridDim = 65535;
-
-// The tensor-core kernels copy rows with 16-byte cp.async: rows that are not 16-byte aligned get an aligned copy.
-at::Tensor with_aligned_rows(const at::Tensor& t) {
-  const int64_t elements_per_16_bytes = 16 / t.element_size();
-  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int64_t dim = 0; dim + 1 < t.dim(); ++dim) {
-    aligned = aligned && (t.size(dim) == 1 || t.stride(dim) % elements_per_16_bytes == 0);
-  }
-  return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
-}
+using cuda_api::for_dtype_and_head_dim;
+using cuda_api::kMaxGridDim;
+using cuda_api::with_aligned_rows;
 
 // Offsets start at 0, never decrease and stay within the indices; listed indices lie in [0, index_bound).
 // offsets and indices are host copies.
@@ -144,16 +137,7 @@ void fill_fwd_params(cuda::BlockSparseFwdParams& params, const at::Tensor& q, co
                      const at::Tensor& out, const at::Tensor& lse, const at::Tensor& row_offsets,
                      const at::Tensor& col_indices, const at::Tensor& col_offsets, const at::Tensor& row_indices,
                      int64_t block_size, bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  params.q = q.data_ptr();
-  params.k = k.data_ptr();
-  params.v = v.data_ptr();
-  params.out = out.data_ptr();
-  params.lse = lse.data_ptr<float>();
-  params.q_batch_stride = q.stride(0), params.q_head_stride = q.stride(1), params.q_row_stride = q.stride(2);
-  params.k_batch_stride = k.stride(0), params.k_head_stride = k.stride(1), params.k_row_stride = k.stride(2);
-  params.v_batch_stride = v.stride(0), params.v_head_stride = v.stride(1), params.v_row_stride = v.stride(2);
-  params.out_batch_stride = out.stride(0), params.out_head_stride = out.stride(1);
-  params.out_row_stride = out.stride(2);
+  cuda_api::fill_block_sparse_params(params, q, k, v, out, lse, block_size, causal, key_padding_mask, scale);
   params.row_offsets = row_offsets.data_ptr<int32_t>();
   params.col_indices = col_indices.data_ptr<int32_t>();
   params.col_offsets = col_offsets.data_ptr<int32_t>();
@@ -162,36 +146,6 @@ void fill_fwd_params(cuda::BlockSparseFwdParams& params, const at::Tensor& q, co
   params.col_indices_head_stride = layout_head_stride(col_indices);
   params.col_offsets_head_stride = layout_head_stride(col_offsets);
   params.row_indices_head_stride = layout_head_stride(row_indices);
-  params.key_padding_mask = key_padding_mask.has_value() ? key_padding_mask->data_ptr<bool>() : nullptr;
-  params.batch = static_cast<int>(q.size(0));
-  params.heads = static_cast<int>(q.size(1));
-  params.query_len = static_cast<int>(q.size(2));
-  params.key_len = static_cast<int>(k.size(2));
-  params.head_dim = static_cast<int>(q.size(3));
-  params.block_size = static_cast<int>(block_size);
-  params.num_query_blocks = static_cast<int>(ceil_div(q.size(2), block_size));
-  params.num_key_blocks = static_cast<int>(ceil_div(k.size(2), block_size));
-  params.scale = static_cast<float>(scale);
-  params.scale_log2 = static_cast<float>(scale * M_LOG2E);
-  params.causal = causal;
-}
-
-template <typename Element, typename Params, typename Run>
-void for_head_dim(const Params& params, Run&& run) {
-  switch (params.head_dim) {
-    case 32: return run.template operator()<Element, 32>(params);
-    case 64: return run.template operator()<Element, 64>(params);
-    default: return run.template operator()<Element, 128>(params);
-  }
-}
-
-template <typename Params, typename Run>
-void for_dtype_and_head_dim(at::ScalarType dtype, const Params& params, Run&& run) {
-  switch (dtype) {
-    case at::kHalf: return for_head_dim<__half>(params, run);
-    case at::kBFloat16: return for_head_dim<__nv_bfloat16>(params, run);
-    default: return for_head_dim<float>(params, run);
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor> block_sparse_fwd_cuda(

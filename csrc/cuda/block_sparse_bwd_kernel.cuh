@@ -2,7 +2,8 @@
 //   preprocess: delta = rowsum(dO * O) per query row;
 //   dK, dV: one CTA per key tile, walking the query blocks that list it (the transposed CSR);
 //   dQ:     one CTA per query tile, walking the key blocks listed for it (the CSR).
-// Both recompute P = exp(S - lse) from the saved log-sum-exp; dS = P * (dP - delta).
+// Both recompute P = exp(S - lse) from the saved log-sum-exp; dS = P * (dP - delta). Each issues the loads
+// of its next tile before it computes on the current one (double-buffered K in dQ, q in dK/dV).
 #pragma once
 
 #include "block_sparse_common.cuh"
@@ -36,12 +37,14 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dq_kernel(c
   constexpr int kD = Traits::kHeadDim;
   constexpr int kThreads = Traits::kThreads;
 
+  // K is double-buffered (K of the next tile loads during the whole of this one); V has one buffer, refilled
+  // as soon as dP = dO V^T no longer needs it.
   extern __shared__ __align__(16) unsigned char shared_memory[];
   const Tile q_tile{reinterpret_cast<T*>(shared_memory)};
   const Tile grad_out_tile{q_tile.data + Tile::kElements};
-  const Tile k_tile{grad_out_tile.data + Tile::kElements};
-  const Tile v_tile{k_tile.data + Tile::kElements};
-  bool* key_visible = reinterpret_cast<bool*>(v_tile.data + Tile::kElements);
+  const Tile v_tile{grad_out_tile.data + Tile::kElements};
+  T* const k_buffers = v_tile.data + Tile::kElements;
+  bool* const key_visible = reinterpret_cast<bool*>(k_buffers + 2 * Tile::kElements);  // two slots of kTile
 
   const int thread = threadIdx.x, warp = thread / 32, lane = thread % 32;
   const int head = blockIdx.y, batch = blockIdx.z;
@@ -60,6 +63,16 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dq_kernel(c
   cp_async_commit();
   const T* k = head_pointer<T>(p.k, p.k_batch_stride, p.k_head_stride, batch, head);
   const T* v = head_pointer<T>(p.v, p.v_batch_stride, p.v_head_stride, batch, head);
+  const auto load_keys = [&](int key0, int slot) {
+    load_tile_async<kThreads>(Tile{k_buffers + slot * Tile::kElements}, k + int64_t(key0) * p.k_row_stride,
+                              p.k_row_stride, p.key_len - key0, thread);
+    cp_async_commit();
+    for (int j = thread; j < kTile; j += kThreads) key_visible[slot * kTile + j] = key_is_visible(p, batch, key0 + j);
+  };
+  const auto load_values = [&](int key0) {
+    load_tile_async<kThreads>(v_tile, v + int64_t(key0) * p.v_row_stride, p.v_row_stride, p.key_len - key0, thread);
+    cp_async_commit();
+  };
 
   const int rows[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
   const int64_t row_stats = (int64_t(batch) * p.heads + head) * p.query_len + query0;
@@ -72,47 +85,57 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dq_kernel(c
   }
   float grad_q_acc[kD / 8][4] = {};
 
-  const BlockList key_blocks = key_blocks_of(p, head, query0 / p.block_size);
-  for (int listed = key_blocks.begin; listed < key_blocks.end; ++listed) {
-    const int key_block = key_blocks.indices[listed];
-    for (int key0 = key_block * p.block_size; key0 < min((key_block + 1) * p.block_size, p.key_len); key0 += kTile) {
-      if (tile_is_causally_empty(p, last_query, key0)) break;
-      const int key_rows = min(kTile, p.key_len - key0);
-      __syncthreads();
-      load_tile_async<kThreads>(k_tile, k + int64_t(key0) * p.k_row_stride, p.k_row_stride, key_rows, thread);
-      cp_async_commit();
-      load_tile_async<kThreads>(v_tile, v + int64_t(key0) * p.v_row_stride, p.v_row_stride, key_rows, thread);
-      cp_async_commit();
-      for (int j = thread; j < kTile; j += kThreads) key_visible[j] = key_is_visible(p, batch, key0 + j);
+  // Groups in flight: K and V of this tile when an iteration starts; K of the next issued first.
+  KeyTileCursor<kTile> tile(p, key_blocks_of(p, head, query0 / p.block_size), last_query);
+  if (tile.valid()) {
+    load_keys(tile.key0, 0);
+    load_values(tile.key0);
+  }
+  for (int t = 0; tile.valid(); ++t) {
+    const int key0 = tile.key0, slot = t % 2;
+    const Tile k_tile{k_buffers + slot * Tile::kElements};
+    __syncthreads();  // every warp is done with the other K buffer (the previous tile's)
+    tile.advance(p, last_query);
+    const bool has_next = tile.valid();
+    if (has_next) load_keys(tile.key0, 1 - slot);
+    if (has_next) {
+      cp_async_wait<2>();  // q, dO and this K have landed; this V and the next K may be in flight
+    } else {
       cp_async_wait<1>();
-      __syncthreads();
-
-      float probs[kTile / 8][4] = {};
-      warp_gemm_a_smem_b_nk<T, kTile, kD>(probs, q_tile, warp * 16, k_tile, 0, lane);
-      const bool masked_tile = tile_needs_mask(p, query0, key0, kTile);
-#pragma unroll
-      for (int n = 0; n < kTile / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + (lane % 4) * 2 + (e % 2);
-          const bool masked =
-              masked_tile && (!key_visible[col] || (p.causal && key0 + col > query0 + rows[e / 2]));
-          probs[n][e] = masked ? 0.f : exp2f(probs[n][e] * p.scale_log2 - lse_log2[e / 2]);
-        }
-      }
-      cp_async_wait<0>();
-      __syncthreads();
-      float grad_scores[kTile / 8][4] = {};
-      warp_gemm_a_smem_b_nk<T, kTile, kD>(grad_scores, grad_out_tile, warp * 16, v_tile, 0, lane);
-#pragma unroll
-      for (int n = 0; n < kTile / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) grad_scores[n][e] = probs[n][e] * (grad_scores[n][e] - delta[e / 2]);
-      }
-      uint32_t grad_score_frags[kTile / 16][4];
-      accumulator_to_a_fragments<T, kTile>(grad_score_frags, grad_scores);
-      warp_gemm_a_regs_b_kn<T, kD, kTile>(grad_q_acc, grad_score_frags, k_tile, 0, lane);
     }
+    __syncthreads();
+
+    float probs[kTile / 8][4] = {};
+    warp_gemm_a_smem_b_nk<T, kTile, kD>(probs, q_tile, warp * 16, k_tile, 0, lane);
+    const bool* visible = key_visible + slot * kTile;
+    const bool masked_tile = tile_needs_mask(p, query0, key0, kTile);
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = n * 8 + (lane % 4) * 2 + (e % 2);
+        const bool masked = masked_tile && (!visible[col] || (p.causal && key0 + col > query0 + rows[e / 2]));
+        probs[n][e] = masked ? 0.f : exp2f(probs[n][e] * p.scale_log2 - lse_log2[e / 2]);
+      }
+    }
+    if (has_next) {
+      cp_async_wait<1>();  // this V has landed
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    float grad_scores[kTile / 8][4] = {};
+    warp_gemm_a_smem_b_nk<T, kTile, kD>(grad_scores, grad_out_tile, warp * 16, v_tile, 0, lane);
+    __syncthreads();  // every warp is done with V
+    if (has_next) load_values(tile.key0);
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) grad_scores[n][e] = probs[n][e] * (grad_scores[n][e] - delta[e / 2]);
+    }
+    uint32_t grad_score_frags[kTile / 16][4];
+    accumulator_to_a_fragments<T, kTile>(grad_score_frags, grad_scores);
+    warp_gemm_a_regs_b_kn<T, kD, kTile>(grad_q_acc, grad_score_frags, k_tile, 0, lane);
   }
   cp_async_wait<0>();
 
@@ -137,14 +160,15 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dkdv_kernel
   constexpr int kD = Traits::kHeadDim;
   constexpr int kThreads = Traits::kThreads;
 
+  // q is double-buffered with its rows' statistics (the next query tile's load during the whole of this
+  // one); dO has one buffer, refilled as soon as dV += P^T dO no longer needs it.
   extern __shared__ __align__(16) unsigned char shared_memory[];
   const Tile k_tile{reinterpret_cast<T*>(shared_memory)};
   const Tile v_tile{k_tile.data + Tile::kElements};
-  const Tile q_tile{v_tile.data + Tile::kElements};
-  const Tile grad_out_tile{q_tile.data + Tile::kElements};
-  float* lse_log2 = reinterpret_cast<float*>(grad_out_tile.data + Tile::kElements);
-  float* delta = lse_log2 + kTile;
-  bool* key_visible = reinterpret_cast<bool*>(delta + kTile);
+  const Tile grad_out_tile{v_tile.data + Tile::kElements};
+  T* const query_buffers = grad_out_tile.data + Tile::kElements;
+  float* const stat_buffers = reinterpret_cast<float*>(query_buffers + 2 * Tile::kElements);  // slot s: lse, delta
+  bool* const key_visible = reinterpret_cast<bool*>(stat_buffers + 4 * kTile);
 
   const int thread = threadIdx.x, warp = thread / 32, lane = thread % 32;
   const int head = blockIdx.y, batch = blockIdx.z;
@@ -164,65 +188,82 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dkdv_kernel
   const T* q = head_pointer<T>(p.q, p.q_batch_stride, p.q_head_stride, batch, head);
   const T* grad_out = head_pointer<T>(p.grad_out, p.grad_out_batch_stride, p.grad_out_head_stride, batch, head);
   const int64_t row_stats = (int64_t(batch) * p.heads + head) * p.query_len;
+  const auto load_queries = [&](int query0, int slot) {
+    load_tile_async<kThreads>(Tile{query_buffers + slot * Tile::kElements}, q + int64_t(query0) * p.q_row_stride,
+                              p.q_row_stride, p.query_len - query0, thread);
+    cp_async_commit();
+    float* const lse_log2 = stat_buffers + 2 * slot * kTile;
+    float* const delta = lse_log2 + kTile;
+    for (int i = thread; i < kTile; i += kThreads) {
+      const bool exists = query0 + i < p.query_len;
+      lse_log2[i] = exists ? p.lse[row_stats + query0 + i] * kLog2e : kInfinity;
+      delta[i] = exists ? p.delta[row_stats + query0 + i] : 0.f;
+    }
+  };
+  const auto load_grad_out = [&](int query0) {
+    load_tile_async<kThreads>(grad_out_tile, grad_out + int64_t(query0) * p.grad_out_row_stride,
+                              p.grad_out_row_stride, p.query_len - query0, thread);
+    cp_async_commit();
+  };
 
   // This thread holds key rows `rows[0]` and `rows[0] + 8`; columns are queries.
   const int rows[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
   float grad_k_acc[kD / 8][4] = {};
   float grad_v_acc[kD / 8][4] = {};
 
-  const BlockList query_blocks = query_blocks_of(p, head, key0 / p.block_size);
-  for (int listed = query_blocks.begin; listed < query_blocks.end; ++listed) {
-    const int query_block = query_blocks.indices[listed];
-    for (int query0 = query_block * p.block_size; query0 < min((query_block + 1) * p.block_size, p.query_len);
-         query0 += kTile) {
-      const int query_rows = min(kTile, p.query_len - query0);
-      if (tile_is_causally_empty(p, query0 + query_rows - 1, key0)) continue;
-      __syncthreads();
-      load_tile_async<kThreads>(q_tile, q + int64_t(query0) * p.q_row_stride, p.q_row_stride, query_rows, thread);
-      cp_async_commit();
-      load_tile_async<kThreads>(grad_out_tile, grad_out + int64_t(query0) * p.grad_out_row_stride,
-                                p.grad_out_row_stride, query_rows, thread);
-      cp_async_commit();
-      for (int i = thread; i < kTile; i += kThreads) {
-        const bool exists = i < query_rows;
-        lse_log2[i] = exists ? p.lse[row_stats + query0 + i] * kLog2e : kInfinity;
-        delta[i] = exists ? p.delta[row_stats + query0 + i] : 0.f;
-      }
-      cp_async_wait<1>();
-      __syncthreads();
-
-      float probs[kTile / 8][4] = {};  // P^T: rows are keys, columns queries
-      warp_gemm_a_smem_b_nk<T, kTile, kD>(probs, k_tile, warp * 16, q_tile, 0, lane);
-      const bool masked_tile = tile_needs_mask(p, query0, key0, kTile);
-#pragma unroll
-      for (int n = 0; n < kTile / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + (lane % 4) * 2 + (e % 2);
-          const int row = rows[e / 2];
-          const bool masked = masked_tile && (!key_visible[row] || (p.causal && key0 + row > query0 + col));
-          probs[n][e] = masked ? 0.f : exp2f(probs[n][e] * p.scale_log2 - lse_log2[col]);
-        }
-      }
+  // Groups in flight: q and dO of this tile when an iteration starts; q of the next issued first.
+  QueryTileCursor<kTile> tile(p, query_blocks_of(p, head, key0 / p.block_size), key0);
+  if (tile.valid()) {
+    load_queries(tile.query0, 0);
+    load_grad_out(tile.query0);
+  }
+  for (int t = 0; tile.valid(); ++t) {
+    const int query0 = tile.query0, slot = t % 2;
+    const Tile q_tile{query_buffers + slot * Tile::kElements};
+    const float* lse_log2 = stat_buffers + 2 * slot * kTile;
+    const float* delta = lse_log2 + kTile;
+    __syncthreads();  // every warp is done with the other slot (the previous tile's)
+    tile.advance(p, key0);
+    const bool has_next = tile.valid();
+    if (has_next) {
+      load_queries(tile.query0, 1 - slot);
+      cp_async_wait<1>();  // k, v, this q and this dO have landed; the next q may be in flight
+    } else {
       cp_async_wait<0>();
-      __syncthreads();
-      float grad_scores[kTile / 8][4] = {};  // dP^T = V dO^T, then dS^T
-      warp_gemm_a_smem_b_nk<T, kTile, kD>(grad_scores, v_tile, warp * 16, grad_out_tile, 0, lane);
-#pragma unroll
-      for (int n = 0; n < kTile / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + (lane % 4) * 2 + (e % 2);
-          grad_scores[n][e] = probs[n][e] * (grad_scores[n][e] - delta[col]);
-        }
-      }
-      uint32_t prob_frags[kTile / 16][4];
-      accumulator_to_a_fragments<T, kTile>(prob_frags, probs);
-      warp_gemm_a_regs_b_kn<T, kD, kTile>(grad_v_acc, prob_frags, grad_out_tile, 0, lane);
-      uint32_t grad_score_frags[kTile / 16][4];
-      accumulator_to_a_fragments<T, kTile>(grad_score_frags, grad_scores);
-      warp_gemm_a_regs_b_kn<T, kD, kTile>(grad_k_acc, grad_score_frags, q_tile, 0, lane);
     }
+    __syncthreads();
+
+    float probs[kTile / 8][4] = {};  // P^T: rows are keys, columns queries
+    warp_gemm_a_smem_b_nk<T, kTile, kD>(probs, k_tile, warp * 16, q_tile, 0, lane);
+    const bool masked_tile = tile_needs_mask(p, query0, key0, kTile);
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = n * 8 + (lane % 4) * 2 + (e % 2);
+        const int row = rows[e / 2];
+        const bool masked = masked_tile && (!key_visible[row] || (p.causal && key0 + row > query0 + col));
+        probs[n][e] = masked ? 0.f : exp2f(probs[n][e] * p.scale_log2 - lse_log2[col]);
+      }
+    }
+    float grad_scores[kTile / 8][4] = {};  // dP^T = V dO^T, then dS^T
+    warp_gemm_a_smem_b_nk<T, kTile, kD>(grad_scores, v_tile, warp * 16, grad_out_tile, 0, lane);
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = n * 8 + (lane % 4) * 2 + (e % 2);
+        grad_scores[n][e] = probs[n][e] * (grad_scores[n][e] - delta[col]);
+      }
+    }
+    uint32_t prob_frags[kTile / 16][4];
+    accumulator_to_a_fragments<T, kTile>(prob_frags, probs);
+    warp_gemm_a_regs_b_kn<T, kD, kTile>(grad_v_acc, prob_frags, grad_out_tile, 0, lane);
+    __syncthreads();  // every warp is done with dO
+    if (has_next) load_grad_out(tile.query0);
+    uint32_t grad_score_frags[kTile / 16][4];
+    accumulator_to_a_fragments<T, kTile>(grad_score_frags, grad_scores);
+    warp_gemm_a_regs_b_kn<T, kD, kTile>(grad_k_acc, grad_score_frags, q_tile, 0, lane);
   }
   cp_async_wait<0>();
 

@@ -2,6 +2,7 @@
 // One CTA per (query tile, head, batch); each warp owns 16 query rows and keeps their output, running
 // maximum and running sum in registers while it walks the key tiles of the blocks listed for its
 // query block: S = Q K^T (mma), masked online softmax, O += P V (mma, P straight from registers).
+// The loads of the next tile overlap the current one's work (see the pipeline below).
 #pragma once
 
 #include "block_sparse_common.cuh"
@@ -21,7 +22,7 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_fwd_kernel(cons
   const Tile q_tile{reinterpret_cast<T*>(shared_memory)};
   const Tile k_tile{q_tile.data + Tile::kElements};
   const Tile v_tile{k_tile.data + Tile::kElements};
-  bool* key_visible = reinterpret_cast<bool*>(v_tile.data + Tile::kElements);
+  bool* const key_visible = reinterpret_cast<bool*>(v_tile.data + Tile::kElements);  // two slots of kTile
 
   const int thread = threadIdx.x, warp = thread / 32, lane = thread % 32;
   const int head = blockIdx.y, batch = blockIdx.z;
@@ -32,8 +33,16 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_fwd_kernel(cons
   const T* q = head_pointer<T>(p.q, p.q_batch_stride, p.q_head_stride, batch, head) + int64_t(query0) * p.q_row_stride;
   const T* k = head_pointer<T>(p.k, p.k_batch_stride, p.k_head_stride, batch, head);
   const T* v = head_pointer<T>(p.v, p.v_batch_stride, p.v_head_stride, batch, head);
-  load_tile_async<kThreads>(q_tile, q, p.q_row_stride, query_rows, thread);
-  cp_async_commit();
+  // Loads of key tile key0: K (with its visibility flags into slot `slot`), or V.
+  const auto load_keys = [&](int key0, int slot) {
+    load_tile_async<kThreads>(k_tile, k + int64_t(key0) * p.k_row_stride, p.k_row_stride, p.key_len - key0, thread);
+    cp_async_commit();
+    for (int j = thread; j < kTile; j += kThreads) key_visible[slot * kTile + j] = key_is_visible(p, batch, key0 + j);
+  };
+  const auto load_values = [&](int key0) {
+    load_tile_async<kThreads>(v_tile, v + int64_t(key0) * p.v_row_stride, p.v_row_stride, p.key_len - key0, thread);
+    cp_async_commit();
+  };
 
   // This thread holds rows `rows[0]` and `rows[0] + 8` of the tile (mma C fragment layout).
   const int rows[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
@@ -41,63 +50,68 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_fwd_kernel(cons
   float row_max[2] = {-kInfinity, -kInfinity};
   float row_sum[2] = {0.f, 0.f};
 
-  const BlockList key_blocks = key_blocks_of(p, head, query0 / p.block_size);
-  for (int listed = key_blocks.begin; listed < key_blocks.end; ++listed) {
-    const int key_block = key_blocks.indices[listed];
-    for (int key0 = key_block * p.block_size; key0 < min((key_block + 1) * p.block_size, p.key_len); key0 += kTile) {
-      if (tile_is_causally_empty(p, last_query, key0)) break;
-      const int key_rows = min(kTile, p.key_len - key0);
-      __syncthreads();  // every warp is done with the previous K, V tiles
-      load_tile_async<kThreads>(k_tile, k + int64_t(key0) * p.k_row_stride, p.k_row_stride, key_rows, thread);
-      cp_async_commit();
-      load_tile_async<kThreads>(v_tile, v + int64_t(key0) * p.v_row_stride, p.v_row_stride, key_rows, thread);
-      cp_async_commit();
-      for (int j = thread; j < kTile; j += kThreads) key_visible[j] = key_is_visible(p, batch, key0 + j);
-      cp_async_wait<1>();  // q and k have landed; v may still be in flight
-      __syncthreads();
+  // FlashAttention-2's pipeline on one buffer each for K and V: V of tile t loads while S = Q K^T runs,
+  // and K of tile t + 1 while the softmax and O += P V of tile t run.
+  KeyTileCursor<kTile> tile(p, key_blocks_of(p, head, query0 / p.block_size), last_query);
+  load_tile_async<kThreads>(q_tile, q, p.q_row_stride, query_rows, thread);
+  cp_async_commit();
+  if (tile.valid()) load_keys(tile.key0, 0);
+  for (int t = 0; tile.valid(); ++t) {
+    const int key0 = tile.key0;
+    __syncthreads();  // every warp is done with V of the previous tile
+    load_values(key0);
+    cp_async_wait<1>();  // q and K have landed; V may still be in flight
+    __syncthreads();
 
-      float scores[kTile / 8][4] = {};
-      warp_gemm_a_smem_b_nk<T, kTile, kD>(scores, q_tile, warp * 16, k_tile, 0, lane);
-      const bool masked_tile = tile_needs_mask(p, query0, key0, kTile);
+    float scores[kTile / 8][4] = {};
+    warp_gemm_a_smem_b_nk<T, kTile, kD>(scores, q_tile, warp * 16, k_tile, 0, lane);
+    __syncthreads();  // every warp is done with K
+    tile.advance(p, last_query);
+    if (tile.valid()) load_keys(tile.key0, (t + 1) % 2);
+    const bool* visible = key_visible + (t % 2) * kTile;
+    const bool masked_tile = tile_needs_mask(p, query0, key0, kTile);
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = n * 8 + (lane % 4) * 2 + (e % 2);
+        float s = scores[n][e] * p.scale_log2;
+        if (masked_tile && (!visible[col] || (p.causal && key0 + col > query0 + rows[e / 2]))) s = -kInfinity;
+        scores[n][e] = s;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = -kInfinity;
+#pragma unroll
+      for (int n = 0; n < kTile / 8; ++n) tile_max = fmaxf(tile_max, fmaxf(scores[n][2 * r], scores[n][2 * r + 1]));
+      const float new_max = fmaxf(row_max[r], quad_max(tile_max));
+      const float base = finite_or_zero(new_max);
+      const float correction = exp2f(row_max[r] - base);
+      row_max[r] = new_max;
+      float tile_sum = 0.f;
 #pragma unroll
       for (int n = 0; n < kTile / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + (lane % 4) * 2 + (e % 2);
-          float s = scores[n][e] * p.scale_log2;
-          if (masked_tile && (!key_visible[col] || (p.causal && key0 + col > query0 + rows[e / 2]))) s = -kInfinity;
-          scores[n][e] = s;
-        }
+        scores[n][2 * r] = exp2f(scores[n][2 * r] - base);
+        scores[n][2 * r + 1] = exp2f(scores[n][2 * r + 1] - base);
+        tile_sum += scores[n][2 * r] + scores[n][2 * r + 1];
       }
+      row_sum[r] = row_sum[r] * correction + tile_sum;  // per-thread partial sum, reduced at the end
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float tile_max = -kInfinity;
-#pragma unroll
-        for (int n = 0; n < kTile / 8; ++n) tile_max = fmaxf(tile_max, fmaxf(scores[n][2 * r], scores[n][2 * r + 1]));
-        const float new_max = fmaxf(row_max[r], quad_max(tile_max));
-        const float base = finite_or_zero(new_max);
-        const float correction = exp2f(row_max[r] - base);
-        row_max[r] = new_max;
-        float tile_sum = 0.f;
-#pragma unroll
-        for (int n = 0; n < kTile / 8; ++n) {
-          scores[n][2 * r] = exp2f(scores[n][2 * r] - base);
-          scores[n][2 * r + 1] = exp2f(scores[n][2 * r + 1] - base);
-          tile_sum += scores[n][2 * r] + scores[n][2 * r + 1];
-        }
-        row_sum[r] = row_sum[r] * correction + tile_sum;  // per-thread partial sum, reduced at the end
-#pragma unroll
-        for (int n = 0; n < kD / 8; ++n) {
-          out_acc[n][2 * r] *= correction;
-          out_acc[n][2 * r + 1] *= correction;
-        }
+      for (int n = 0; n < kD / 8; ++n) {
+        out_acc[n][2 * r] *= correction;
+        out_acc[n][2 * r + 1] *= correction;
       }
-      uint32_t probs[kTile / 16][4];
-      accumulator_to_a_fragments<T, kTile>(probs, scores);
-      cp_async_wait<0>();
-      __syncthreads();
-      warp_gemm_a_regs_b_kn<T, kD, kTile>(out_acc, probs, v_tile, 0, lane);
     }
+    uint32_t probs[kTile / 16][4];
+    accumulator_to_a_fragments<T, kTile>(probs, scores);
+    if (tile.valid()) {
+      cp_async_wait<1>();  // V has landed; the next K may still be in flight
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    warp_gemm_a_regs_b_kn<T, kD, kTile>(out_acc, probs, v_tile, 0, lane);
   }
   cp_async_wait<0>();
 

@@ -9,26 +9,17 @@
 #include "block_sparse_fwd_kernel.cuh"
 #include "block_sparse_launch.h"
 #include "block_sparse_simt_kernel.cuh"
+#include "launch_common.cuh"
 
 namespace fastattn::cuda {
-
-inline int tile_count(int length, int tile) { return (length + tile - 1) / tile; }
-
-template <typename Kernel, typename Params>
-void launch(Kernel kernel, dim3 grid, int threads, int shared_bytes, const Params& params, cudaStream_t stream) {
-  if (shared_bytes > 48 * 1024) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes);
-  }
-  kernel<<<grid, threads, shared_bytes, stream>>>(params);
-}
 
 template <typename Traits>
 void launch_fwd(const BlockSparseFwdParams& p, cudaStream_t stream) {
   const dim3 grid(tile_count(p.query_len, Traits::kTile), p.heads, p.batch);
   if constexpr (std::is_same_v<typename Traits::Element, float>) {
-    launch(block_sparse_fwd_simt_kernel<Traits>, grid, Traits::kThreads, Traits::kSharedBytes, p, stream);
+    launch<block_sparse_fwd_simt_kernel<Traits>>(grid, Traits::kThreads, Traits::kFwdSharedBytes, p, stream);
   } else {
-    launch(block_sparse_fwd_kernel<Traits>, grid, Traits::kThreads, Traits::kFwdSharedBytes, p, stream);
+    launch<block_sparse_fwd_kernel<Traits>>(grid, Traits::kThreads, Traits::kFwdSharedBytes, p, stream);
   }
 }
 
@@ -37,11 +28,11 @@ void launch_bwd(const BlockSparseBwdParams& p, cudaStream_t stream) {
   const dim3 query_grid(tile_count(p.query_len, Traits::kTile), p.heads, p.batch);
   const dim3 key_grid(tile_count(p.key_len, Traits::kTile), p.heads, p.batch);
   if constexpr (std::is_same_v<typename Traits::Element, float>) {
-    launch(block_sparse_bwd_dkdv_simt_kernel<Traits>, key_grid, Traits::kThreads, Traits::kSharedBytes, p, stream);
-    launch(block_sparse_bwd_dq_simt_kernel<Traits>, query_grid, Traits::kThreads, Traits::kSharedBytes, p, stream);
+    launch<block_sparse_bwd_dkdv_simt_kernel<Traits>>(key_grid, Traits::kThreads, Traits::kBwdSharedBytes, p, stream);
+    launch<block_sparse_bwd_dq_simt_kernel<Traits>>(query_grid, Traits::kThreads, Traits::kBwdSharedBytes, p, stream);
   } else {
-    launch(block_sparse_bwd_dkdv_kernel<Traits>, key_grid, Traits::kThreads, Traits::kBwdSharedBytes, p, stream);
-    launch(block_sparse_bwd_dq_kernel<Traits>, query_grid, Traits::kThreads, Traits::kBwdSharedBytes, p, stream);
+    launch<block_sparse_bwd_dkdv_kernel<Traits>>(key_grid, Traits::kThreads, Traits::kBwdDkdvSharedBytes, p, stream);
+    launch<block_sparse_bwd_dq_kernel<Traits>>(query_grid, Traits::kThreads, Traits::kBwdDqSharedBytes, p, stream);
   }
 }
 

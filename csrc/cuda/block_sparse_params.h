@@ -19,6 +19,7 @@ struct BlockSparseFwdParams {
   int64_t out_batch_stride, out_head_stride, out_row_stride;
 
   // Per-head CSR of the layout and its transpose. The head strides are 0 when one layout serves all heads.
+  // All four null: the dense layout (every query block sees every key block), as Linformer's attention uses.
   const int32_t* row_offsets;
   const int32_t* col_indices;
   const int32_t* col_offsets;

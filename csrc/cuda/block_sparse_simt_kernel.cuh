@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_fwd_simt_kernel
 
   const BlockList key_blocks = key_blocks_of(p, head, query0 / p.block_size);
   for (int listed = key_blocks.begin; listed < key_blocks.end; ++listed) {
-    const int key_block = key_blocks.indices[listed];
+    const int key_block = key_blocks.block(listed);
     for (int key0 = key_block * p.block_size; key0 < min((key_block + 1) * p.block_size, p.key_len); key0 += kTile) {
       if (tile_is_causally_empty(p, last_query, key0)) break;
       const int key_rows = min(kTile, p.key_len - key0);
@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dq_simt_ker
 
   const BlockList key_blocks = key_blocks_of(p, head, query0 / p.block_size);
   for (int listed = key_blocks.begin; listed < key_blocks.end; ++listed) {
-    const int key_block = key_blocks.indices[listed];
+    const int key_block = key_blocks.block(listed);
     for (int key0 = key_block * p.block_size; key0 < min((key_block + 1) * p.block_size, p.key_len); key0 += kTile) {
       if (tile_is_causally_empty(p, last_query, key0)) break;
       const int key_rows = min(kTile, p.key_len - key0);
@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dkdv_simt_k
   float grad_v_acc[kRows][kValues] = {};
   const BlockList query_blocks = query_blocks_of(p, head, key0 / p.block_size);
   for (int listed = query_blocks.begin; listed < query_blocks.end; ++listed) {
-    const int query_block = query_blocks.indices[listed];
+    const int query_block = query_blocks.block(listed);
     for (int query0 = query_block * p.block_size; query0 < min((query_block + 1) * p.block_size, p.query_len);
          query0 += kTile) {
       const int query_rows = min(kTile, p.query_len - query0);

@@ -52,11 +52,11 @@ __device__ __forceinline__ uint32_t shared_address(const void* pointer) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
 }
 
-// Copies 16 bytes global -> shared asynchronously; with valid == false writes 16 zero bytes instead
-// (the source is not read), which is how rows past the end of a sequence are filled.
-__device__ __forceinline__ void cp_async_16(void* shared, const void* global, bool valid) {
+// Copies 16 bytes global -> shared asynchronously: the first `source_bytes` (0 to 16) from `global`, zeros
+// for the rest (bytes past source_bytes are not read). Rows past the end of a sequence are filled with
+// source_bytes = 0, the ragged last columns of a row with fewer than 16.
+__device__ __forceinline__ void cp_async_16(void* shared, const void* global, int source_bytes) {
 #ifndef FASTATTN_SM80_UNAVAILABLE
-  const int source_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared)), "l"(global),
                "r"(source_bytes));
 #endif
@@ -178,19 +178,38 @@ __device__ __forceinline__ void accumulator_to_a_fragments(uint32_t (&a)[N / 16]
 }
 
 // Loads Rows x Cols elements (row r from global row `row0 + r`, `row_stride` elements apart) into a
-// shared tile with cp.async, 16 bytes per copy, zero-filling rows at or past `valid_rows`.
-template <int Threads, typename T, int Rows, int Cols>
-__device__ __forceinline__ void load_tile_async(const SharedTile<T, Rows, Cols>& tile, const T* global, int64_t row_stride,
-                                                int valid_rows, int thread) {
+// shared tile with cp.async, 16 bytes per copy, zero-filling the rows where row_visible(r) is false and
+// the columns at or past `valid_cols` (a 16-byte copy that straddles it reads only its valid prefix).
+template <int Threads, typename T, int Rows, int Cols, typename RowVisible>
+__device__ __forceinline__ void load_tile_async_if(const SharedTile<T, Rows, Cols>& tile, const T* global,
+                                                   int64_t row_stride, RowVisible row_visible, int valid_cols,
+                                                   int thread) {
   constexpr int kChunksPerRow = Cols * static_cast<int>(sizeof(T)) / 16;
   constexpr int kElementsPerChunk = 16 / static_cast<int>(sizeof(T));
 #pragma unroll
   for (int chunk = thread; chunk < Rows * kChunksPerRow; chunk += Threads) {
     const int row = chunk / kChunksPerRow;
     const int col = (chunk % kChunksPerRow) * kElementsPerChunk;
-    const bool valid = row < valid_rows;
-    cp_async_16(tile.at(row, col), valid ? global + row * row_stride + col : global, valid);
+    const int valid_elements = row_visible(row) ? min(kElementsPerChunk, max(valid_cols - col, 0)) : 0;
+    cp_async_16(tile.at(row, col), valid_elements > 0 ? global + row * row_stride + col : global,
+                valid_elements * static_cast<int>(sizeof(T)));
   }
+}
+
+// The same for whole rows: rows at or past `valid_rows` are zero-filled.
+template <int Threads, typename T, int Rows, int Cols>
+__device__ __forceinline__ void load_tile_async(const SharedTile<T, Rows, Cols>& tile, const T* global, int64_t row_stride,
+                                                int valid_rows, int thread) {
+  load_tile_async_if<Threads>(tile, global, row_stride, [valid_rows](int row) { return row < valid_rows; }, Cols,
+                              thread);
+}
+
+// The A fragments (16 x K, k16 slice i in frags[i]) of rows m0.. and columns k0.. of a row-major shared tile.
+template <int K, typename TileA>
+__device__ __forceinline__ void load_a_fragments(uint32_t (&frags)[K / 16][4], const TileA& a, int m0, int k0,
+                                                 int lane) {
+#pragma unroll
+  for (int k = 0; k < K; k += 16) ldmatrix_x4(frags[k / 16], a.at(m0 + (lane % 16), k0 + k + (lane / 16) * 8));
 }
 
 }  // namespace fastattn::cuda

@@ -6,6 +6,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <vector_functions.h>
 #include <vector_types.h>
 
 #include <algorithm>
@@ -34,7 +35,8 @@ struct Cta {
 // so a kernel that reads a tile before waiting for it reads the poison left there.
 struct AsyncCopy {
   void* shared;
-  const void* global;  // null: zero-fill
+  const void* global;
+  int source_bytes;  // read from global; the rest of the 16 bytes is zero-filled
 };
 
 struct ThreadContext {

@@ -1,12 +1,15 @@
 // The kernels of csrc/cuda compiled for the CPU (see cuda_shim.h), behind a C ABI for ctypes: each
-// call fills the same params struct as csrc/cuda/block_sparse_api.cpp (contiguous tensors) and runs
-// the grid one CTA at a time, with the tile choice of csrc/cuda/block_sparse_launch.cuh.
+// call fills the same params struct as the host code of csrc/cuda/*_api.cpp (contiguous tensors) and
+// runs the grid one CTA at a time, with the kernel choice of csrc/cuda/*_launch.cuh.
+#include <algorithm>
+#include <iterator>
 #include <thread>
 #include <vector>
 
 #include "block_sparse_bwd_kernel.cuh"
 #include "block_sparse_fwd_kernel.cuh"
 #include "block_sparse_simt_kernel.cuh"
+#include "linformer_projection_kernel.cuh"
 
 namespace fastattn::cuda {
 alignas(16) unsigned char shared_memory[160 * 1024];
@@ -16,9 +19,13 @@ namespace {
 
 using namespace fastattn::cuda;
 
+// CTAs that wrote shared memory past the bytes their launch requests (a kernel whose layout outgrew its traits).
+int shared_memory_overruns = 0;
+
 template <typename Params>
 void run_grid(void (*kernel)(Params), dim3 grid, int threads, int shared_bytes, const Params& params) {
   if (shared_bytes > static_cast<int>(sizeof(shared_memory))) std::abort();
+  const auto untouched = [](unsigned char byte) { return byte == 0xff; };
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -32,6 +39,7 @@ void run_grid(void (*kernel)(Params), dim3 grid, int threads, int shared_bytes, 
           });
         }
         for (auto& thread : pool) thread.join();
+        if (!std::all_of(shared_memory + shared_bytes, std::end(shared_memory), untouched)) ++shared_memory_overruns;
       }
     }
   }
@@ -43,7 +51,7 @@ template <typename Traits>
 void fwd(const BlockSparseFwdParams& p) {
   const dim3 grid(tiles(p.query_len, Traits::kTile), p.heads, p.batch);
   if constexpr (std::is_same_v<typename Traits::Element, float>) {
-    run_grid(block_sparse_fwd_simt_kernel<Traits>, grid, Traits::kThreads, Traits::kSharedBytes, p);
+    run_grid(block_sparse_fwd_simt_kernel<Traits>, grid, Traits::kThreads, Traits::kFwdSharedBytes, p);
   } else {
     run_grid(block_sparse_fwd_kernel<Traits>, grid, Traits::kThreads, Traits::kFwdSharedBytes, p);
   }
@@ -56,11 +64,11 @@ void bwd(const BlockSparseBwdParams& p) {
   const dim3 query_grid(tiles(p.query_len, Traits::kTile), p.heads, p.batch);
   const dim3 key_grid(tiles(p.key_len, Traits::kTile), p.heads, p.batch);
   if constexpr (std::is_same_v<typename Traits::Element, float>) {
-    run_grid(block_sparse_bwd_dkdv_simt_kernel<Traits>, key_grid, Traits::kThreads, Traits::kSharedBytes, p);
-    run_grid(block_sparse_bwd_dq_simt_kernel<Traits>, query_grid, Traits::kThreads, Traits::kSharedBytes, p);
+    run_grid(block_sparse_bwd_dkdv_simt_kernel<Traits>, key_grid, Traits::kThreads, Traits::kBwdSharedBytes, p);
+    run_grid(block_sparse_bwd_dq_simt_kernel<Traits>, query_grid, Traits::kThreads, Traits::kBwdSharedBytes, p);
   } else {
-    run_grid(block_sparse_bwd_dkdv_kernel<Traits>, key_grid, Traits::kThreads, Traits::kBwdSharedBytes, p);
-    run_grid(block_sparse_bwd_dq_kernel<Traits>, query_grid, Traits::kThreads, Traits::kBwdSharedBytes, p);
+    run_grid(block_sparse_bwd_dkdv_kernel<Traits>, key_grid, Traits::kThreads, Traits::kBwdDkdvSharedBytes, p);
+    run_grid(block_sparse_bwd_dq_kernel<Traits>, query_grid, Traits::kThreads, Traits::kBwdDqSharedBytes, p);
   }
 }
 
@@ -127,3 +135,70 @@ extern "C" void emulated_block_sparse(int dtype, const void* q, const void* k, c
     default: return run_head_dim<float>(p, backward);
   }
 }
+
+namespace {
+
+template <typename Traits>
+void linformer_projection(const LinformerProjectionParams& p) {
+  const dim3 grid(tiles(p.projected_len, Traits::kRows), p.splits, p.batch * p.heads);
+  if constexpr (std::is_same_v<typename Traits::Element, float>) {
+    run_grid(linformer_projection_simt_kernel<Traits>, grid, Traits::kThreads, Traits::kSharedBytes, p);
+  } else {
+    run_grid(linformer_projection_kernel<Traits>, grid, Traits::kThreads, Traits::kSharedBytes, p);
+  }
+  if (p.splits > 1) {
+    const int64_t count = int64_t(p.batch) * p.heads * p.projected_len * p.head_dim;
+    constexpr int kThreads = kLinformerReduceThreads;
+    run_grid(linformer_projection_reduce_kernel<kThreads>, dim3(tiles(int(count), kThreads)), kThreads, 0, p);
+  }
+}
+
+template <typename Element>
+void linformer_projection_head_dim(const LinformerProjectionParams& p) {
+  constexpr bool kSimt = std::is_same_v<Element, float>;
+  switch (p.head_dim) {
+    case 32:
+      return linformer_projection<
+          std::conditional_t<kSimt, LinformerProjectionSimtTraits<32>, LinformerProjectionTraits<Element, 32>>>(p);
+    case 64:
+      return linformer_projection<
+          std::conditional_t<kSimt, LinformerProjectionSimtTraits<64>, LinformerProjectionTraits<Element, 64>>>(p);
+    default:
+      return linformer_projection<
+          std::conditional_t<kSimt, LinformerProjectionSimtTraits<128>, LinformerProjectionTraits<Element, 128>>>(p);
+  }
+}
+
+}  // namespace
+
+// K' = P_k K, V' = P_v V. k, v contiguous (B, H, Nk, D); proj_k, proj_v (proj_heads, kp, proj_row_stride)
+// contiguous with proj_heads 1 (shared) or H, of which the first Nk columns are used. The keys are split
+// into chunks of keys_per_split; k_partial and v_partial hold (splits, B, H, kp, D) floats, k_proj and
+// v_proj (B, H, kp, D) (with one split the result is in the partials).
+extern "C" void emulated_linformer_projection(int dtype, const void* k, const void* v, const void* proj_k,
+                                              const void* proj_v, int proj_heads, int proj_row_stride,
+                                              const bool* key_padding_mask, int batch, int heads, int key_len,
+                                              int head_dim, int projected_len, int keys_per_split, float* k_partial,
+                                              float* v_partial, float* k_proj, float* v_proj) {
+  LinformerProjectionParams p{};
+  p.k = k, p.v = v, p.proj_k = proj_k, p.proj_v = proj_v;
+  p.k_partial = k_partial, p.v_partial = v_partial, p.k_proj = k_proj, p.v_proj = v_proj;
+  p.split_stride = int64_t(batch) * heads * projected_len * head_dim;
+  p.k_row_stride = p.v_row_stride = head_dim;
+  p.k_head_stride = p.v_head_stride = int64_t(key_len) * head_dim;
+  p.k_batch_stride = p.v_batch_stride = int64_t(heads) * key_len * head_dim;
+  p.proj_k_row_stride = p.proj_v_row_stride = proj_row_stride;
+  p.proj_k_head_stride = p.proj_v_head_stride = proj_heads == 1 ? 0 : int64_t(projected_len) * proj_row_stride;
+  p.key_padding_mask = key_padding_mask;
+  p.batch = batch, p.heads = heads, p.key_len = key_len, p.head_dim = head_dim, p.projected_len = projected_len;
+  p.keys_per_split = keys_per_split;
+  p.splits = (key_len + keys_per_split - 1) / keys_per_split;
+  switch (dtype) {
+    case 0: return linformer_projection_head_dim<__half>(p);
+    case 1: return linformer_projection_head_dim<__nv_bfloat16>(p);
+    default: return linformer_projection_head_dim<float>(p);
+  }
+}
+
+// How many CTAs so far wrote shared memory past their launch's request; the tests expect none.
+extern "C" int emulated_shared_memory_overruns() { return shared_memory_overruns; }

@@ -2,8 +2,9 @@
 // namespace fastattn::cuda, when FASTATTN_SM80_EMULATION names this file). They follow the PTX ISA's
 // fragment layouts of ldmatrix and mma.m16n8k16, independently of how the kernels use them.
 
-inline void cp_async_16(void* shared, const void* global, bool valid) {
-  ::emulation::context.uncommitted.push_back({shared, valid ? global : nullptr});
+inline void cp_async_16(void* shared, const void* global, int source_bytes) {
+  if (source_bytes < 0 || source_bytes > 16) std::abort();
+  ::emulation::context.uncommitted.push_back({shared, global, source_bytes});
 }
 
 inline void cp_async_commit() {
@@ -18,11 +19,8 @@ inline void cp_async_wait() {
   auto& committed = ::emulation::context.committed;
   while (committed.size() > static_cast<size_t>(Pending)) {
     for (const auto& copy : committed.front()) {
-      if (copy.global != nullptr) {
-        std::memcpy(copy.shared, copy.global, 16);
-      } else {
-        std::memset(copy.shared, 0, 16);
-      }
+      std::memcpy(copy.shared, copy.global, copy.source_bytes);
+      std::memset(static_cast<unsigned char*>(copy.shared) + copy.source_bytes, 0, 16 - copy.source_bytes);
     }
     committed.pop_front();
   }
