@@ -188,7 +188,8 @@ def pipelining(ttgir: str) -> tuple[bool, int]:
 def _compile_triton(job: dict) -> dict:
     cached = CACHE / "triton" / f"{job['key']}.json"
     if cached.exists():
-        return json.loads(cached.read_text())
+        # Whether a variant is default is the module's word now, not that of the run that cached it.
+        return {**json.loads(cached.read_text()), "default": job["default"]}
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
