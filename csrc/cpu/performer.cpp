@@ -40,17 +40,73 @@ constexpr int64_t kTile = 64;
 constexpr double kReluEpsilon = 1e-3;  // fastattn.reference.RELU_KERNEL_EPSILON
 constexpr int64_t kInnerChunk = 128;
 
+// Sums partial (m x n) into C, times alpha: C = alpha partial, or C += alpha partial when `add`.
+void add_partial(const float* partial, int64_t m, int64_t n, float alpha, bool add, float* c, int64_t ldc) {
+  for (int64_t r = 0; r < m; ++r) {
+    float* row = c + r * ldc;
+    const float* part = partial + r * n;
+    if (add) {
+      for (int64_t col = 0; col < n; ++col) row[col] += alpha * part[col];
+    } else {
+      for (int64_t col = 0; col < n; ++col) row[col] = alpha * part[col];
+    }
+  }
+}
+
+// tile_product's bf16 products: A rounded to bfloat16 in rows of an even length (a zero pad column when k is
+// odd), B rounded and pair-interleaved (cpu::product); the inner dimension chunked as for float.
+void bf16_tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
+                       const float* a, int64_t lda, const float* b, int64_t ldb, bool accumulate, float* c,
+                       int64_t ldc) {
+  thread_local std::vector<c10::BFloat16> a_rows, b_pairs;
+  thread_local std::vector<float> partial;
+  const int64_t k_even = k + k % 2;
+  a_rows.resize(m * k_even);
+  b_pairs.resize(k_even * n);
+  if (transpose_a) {
+    cpu::transpose(a, lda, k, m, 1.0f, a_rows.data(), k_even);
+  } else {
+    for (int64_t r = 0; r < m; ++r) {
+      cpu::narrow_row(a + r * lda, reinterpret_cast<uint16_t*>(a_rows.data() + r * k_even), k);
+    }
+  }
+  if (k % 2 == 1) {
+    for (int64_t r = 0; r < m; ++r) a_rows[r * k_even + k] = c10::BFloat16(0.0f);
+  }
+  if (transpose_b) {
+    cpu::pair_transposed(b, ldb, n, k, 1.0f, b_pairs.data(), n);
+  } else {
+    cpu::pair_rows(b, ldb, k, n, b_pairs.data(), n);
+  }
+  if (!accumulate && alpha == 1.0f && k <= kInnerChunk) {
+    cpu::product(m, n, k_even, a_rows.data(), k_even, b_pairs.data(), n, c, ldc, false);
+    return;
+  }
+  partial.resize(m * n);
+  for (int64_t first = 0; first < k; first += kInnerChunk) {
+    const int64_t depth = std::min(kInnerChunk, k - first);
+    cpu::product(m, n, depth + depth % 2, a_rows.data() + first, k_even, b_pairs.data() + first * n, n,
+                 partial.data(), n, false);
+    add_partial(partial.data(), m, n, alpha, accumulate || first > 0, c, ldc);
+  }
+}
+
 // Row-major C (m x n) = alpha op(A) op(B), added to C when `accumulate`. Float goes to cpu::product
 // (oneDNN's small-matrix kernels, several times faster than BLAS on these tiles) with transposed operands
 // copied into thread scratch; double (gradcheck) to BLAS. A product that is added goes through scratch
 // and is then summed into C: the kernels keep one running sum over their inner dimension, C included,
 // so adding a tile's product directly would make the sums over the sequence round like one long dot
 // product. A thread that ran float products calls release_products<T>() when its work is done.
+//
+// With `bf16` (bfloat16 inputs on a CPU with bf16 units, cpu::bf16_products), float operands are rounded to
+// bfloat16 once per tile, A in rows and B pair-interleaved, and multiplied with float32 accumulation.
 template <typename T>
-void tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+void tile_product(bool bf16, bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
                   int64_t lda, const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
   if constexpr (!std::is_same_v<T, float>) {
     gemm(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, T(accumulate ? 1 : 0), c, ldc);
+  } else if (bf16) {
+    bf16_tile_product(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, accumulate, c, ldc);
   } else {
     thread_local std::vector<float> a_t, b_t, partial;
     if (transpose_a) {
@@ -73,15 +129,7 @@ void tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int6
     for (int64_t first = 0; first < k; first += kInnerChunk) {
       const int64_t depth = std::min(kInnerChunk, k - first);
       cpu::product(m, n, depth, a + first, lda, b + first * ldb, ldb, partial.data(), n, false);
-      for (int64_t r = 0; r < m; ++r) {
-        float* row = c + r * ldc;
-        const float* add = partial.data() + r * n;
-        if (accumulate || first > 0) {
-          for (int64_t col = 0; col < n; ++col) row[col] += alpha * add[col];
-        } else {
-          for (int64_t col = 0; col < n; ++col) row[col] = alpha * add[col];
-        }
-      }
+      add_partial(partial.data(), m, n, alpha, accumulate || first > 0, c, ldc);
     }
   }
 }
@@ -116,12 +164,13 @@ struct FeatureMap {
   int64_t features, dim;
   T sqrt_scale;
   bool softmax;
+  bool bf16_products;  // tile_product's bf16 argument
 
   // x <- rows * sqrt(scale); logits <- W x (relu) or W x - |x|^2 / 2 (softmax); row_max <- max of each logit row.
   template <typename scalar_t>
   void logits(const scalar_t* src, int64_t row_stride, int64_t rows, T* x, T* logits, T* row_max) const {
     cpu::load_rows(src, row_stride, rows, dim, sqrt_scale, x);
-    tile_product(false, false, rows, features, dim, T(1), x, dim, weights_t, features, false, logits, features);
+    tile_product(bf16_products, false, false, rows, features, dim, T(1), x, dim, weights_t, features, false, logits, features);
     for (int64_t r = 0; r < rows; ++r) {
       if (!softmax) {
         row_max[r] = 0;
@@ -174,7 +223,7 @@ struct FeatureMap {
       }
     }
     // d logits / d x = W - x (softmax, from the -|x|^2/2) or W (relu); x carries sqrt(scale) once more.
-    tile_product(false, false, rows, dim, features, sqrt_scale, dphi, features, weights, dim, false, dx, dim);
+    tile_product(bf16_products, false, false, rows, dim, features, sqrt_scale, dphi, features, weights, dim, false, dx, dim);
     if (!softmax) return;
     for (int64_t r = 0; r < rows; ++r) {
       const T factor = sqrt_scale * logit_sums[r];
@@ -190,11 +239,12 @@ struct Workspace {
       dscores, dphi, dx;
   bool k_dropped[kTile];
   bool q_dropped[kTile];
-  Workspace(int64_t features, int64_t dim)
+  bool bf16;  // tile_product's bf16 argument
+  Workspace(int64_t features, int64_t dim, bool bf16_products)
       : qx(kTile * dim), q_logits(kTile * features), q_phi(kTile * features), q_max(kTile), kx(kTile * dim),
         k_logits(kTile * features), k_phi(kTile * features), k_max(kTile), k_stab(kTile), values(kTile * (dim + 1)),
         numden(kTile * (dim + 1)), grads(kTile * (dim + 1)), scores(kTile * kTile), dscores(kTile * kTile),
-        dphi(kTile * features), dx(kTile * dim) {}
+        dphi(kTile * features), dx(kTile * dim), bf16(bf16_products) {}
 };
 
 // rows of v into a (rows, D + 1) buffer whose last column is 1.
@@ -244,6 +294,7 @@ struct Problem {
   at::Tensor projection_t;
   int64_t projection_head_stride;
   const bool* mask;
+  bool bf16_products;  // bfloat16 inputs multiplied in bfloat16 (cpu::bf16_products)
 
   Problem(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& projection_,
           bool softmax_, bool causal_, const std::optional<at::Tensor>& key_padding_mask, double scale)
@@ -252,11 +303,12 @@ struct Problem {
         q(q_.data_ptr<scalar_t>()), k(k_.data_ptr<scalar_t>()), v(v_.data_ptr<scalar_t>()), qv(q_), kv(k_), vv(v_),
         projection(projection_.data_ptr<T>()), projection_t(projection_.transpose(-1, -2).contiguous()),
         projection_head_stride(projection_.dim() == 3 ? features * dim : 0),
-        mask(key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr) {}
+        mask(key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr),
+        bf16_products(std::is_same_v<scalar_t, c10::BFloat16> && cpu::bf16_products()) {}
 
   FeatureMap<T> feature_map(int64_t h) const {
     return {projection + h * projection_head_stride, projection_t.data_ptr<T>() + h * projection_head_stride,
-            features, dim, sqrt_scale, softmax};
+            features, dim, sqrt_scale, softmax, bf16_products};
   }
   bool padded(int64_t b, int64_t j) const { return mask != nullptr && mask[b * key_len + j]; }
 };
@@ -284,7 +336,7 @@ void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_
 // Scores of a causal chunk: scores[i][j] = phi_q_i . phi_k_j * exp(M_j - M_i) for j <= i, 0 above the diagonal.
 template <typename T>
 void causal_chunk_scores(const Workspace<T>& w, int64_t n, int64_t features, const T* stabiliser, T* scores) {
-  tile_product(false, true, n, n, features, T(1), w.q_phi.data(), features, w.k_phi.data(), features, false, scores,
+  tile_product(w.bf16, false, true, n, n, features, T(1), w.q_phi.data(), features, w.k_phi.data(), features, false, scores,
                n);
   for (int64_t i = 0; i < n; ++i) {
     T* row = scores + i * n;
@@ -310,7 +362,7 @@ void add_keys_to_state(Workspace<T>& w, int64_t n, int64_t features, int64_t dim
     const T factor = cpu::exp_acc(w.k_stab[r] - next);
     for (int64_t f = 0; f < features; ++f) w.k_phi[r * features + f] *= factor;
   }
-  tile_product(true, false, features, dim + 1, n, T(1), w.k_phi.data(), features, w.values.data(), dim + 1, have_state,
+  tile_product(w.bf16, true, false, features, dim + 1, n, T(1), w.k_phi.data(), features, w.values.data(), dim + 1, have_state,
                state, dim + 1);
 }
 
@@ -345,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
 
   // Keys (and, when causal, the queries of the same chunk) per (batch, head), in order.
   cpu::parallel_tasks(p.batch * p.heads, [&](const auto& claim) {
-    Workspace<T> w(m, dim);
+    Workspace<T> w(m, dim, p.bf16_products);
     std::vector<T> rows(kTile * dim);
     for (int64_t bh = claim(); bh >= 0; bh = claim()) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
@@ -376,7 +428,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
           query_features(p, map, b, h, start, n, w);
           // Earlier chunks through the state, rescaled from its stabiliser to each query's.
           if (have_state) {
-            tile_product(false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, head_state, dim + 1, false,
+            tile_product(w.bf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, head_state, dim + 1, false,
                          w.numden.data(), dim + 1);
             for (int64_t r = 0; r < n; ++r) {
               const T factor = cpu::exp_acc(std::min(current - w.k_stab[r], T(0)));
@@ -384,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
             }
           }
           causal_chunk_scores(w, n, m, w.k_stab.data(), w.scores.data());
-          tile_product(false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1, have_state,
+          tile_product(w.bf16, false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1, have_state,
                        w.numden.data(), dim + 1);
           write_outputs(w, bh, b, h, start, n, rows);
         }
@@ -403,13 +455,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
 
   const int64_t query_tiles = ceil_div(p.query_len, kTile);
   cpu::parallel_tasks(p.batch * p.heads * query_tiles, [&](const auto& claim) {
-    Workspace<T> w(m, dim);
+    Workspace<T> w(m, dim, p.bf16_products);
     std::vector<T> rows(kTile * dim);
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / query_tiles, b = bh / p.heads, h = bh % p.heads;
       const int64_t start = (task % query_tiles) * kTile, n = std::min(kTile, p.query_len - start);
       query_features(p, p.feature_map(h), b, h, start, n, w);
-      tile_product(false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state_ptr + bh * m * (dim + 1), dim + 1, false,
+      tile_product(w.bf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state_ptr + bh * m * (dim + 1), dim + 1, false,
                    w.numden.data(), dim + 1);
       write_outputs(w, bh, b, h, start, n, rows);
     }
@@ -461,7 +513,7 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
            *gv_ptr = grad_v.data_ptr<scalar_t>();
 
   cpu::parallel_tasks(bh_count * splits, [&](const auto& claim) {
-    Workspace<T> w(m, dim);
+    Workspace<T> w(m, dim, p.bf16_products);
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / splits, b = bh / p.heads, h = bh % p.heads;
       const auto map = p.feature_map(h);
@@ -475,9 +527,9 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
         query_features(p, map, b, h, start, n, w);
         output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
                      ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
-        tile_product(false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false, w.dphi.data(),
+        tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false, w.dphi.data(),
                      m);
-        tile_product(true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, true, grad_state,
+        tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, true, grad_state,
                      dim + 1);
         map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.dx.data());
         cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
@@ -491,7 +543,7 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
 
   const int64_t key_tiles = ceil_div(p.key_len, kTile);
   cpu::parallel_tasks(bh_count * key_tiles, [&](const auto& claim) {
-    Workspace<T> w(m, dim);
+    Workspace<T> w(m, dim, p.bf16_products);
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / key_tiles, b = bh / p.heads, h = bh % p.heads;
       const int64_t start = (task % key_tiles) * kTile, n = std::min(kTile, p.key_len - start);
@@ -501,9 +553,9 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
       map.phi(w.k_logits.data(), n, stab_ptr + bh * p.key_len + start, w.k_dropped, w.k_phi.data());
       load_values_with_ones(p.v + p.vv.offset(b, h) + start * p.vv.row_stride, p.vv.row_stride, n, dim,
                             w.values.data());
-      tile_product(false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, false, w.dx.data(), dim);
+      tile_product(w.bf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, false, w.dx.data(), dim);
       cpu::store_rows(w.dx.data(), n, dim, gv_ptr + gvv.offset(b, h) + start * gvv.row_stride, gvv.row_stride);
-      tile_product(false, false, n, m, dim + 1, T(1), w.values.data(), dim + 1, gs_t_ptr + bh * m * (dim + 1), m, false,
+      tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.values.data(), dim + 1, gs_t_ptr + bh * m * (dim + 1), m, false,
                    w.dphi.data(), m);
       map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, w.dx.data());
       cpu::store_rows(w.dx.data(), n, dim, gk_ptr + gkv.offset(b, h) + start * gkv.row_stride, gkv.row_stride);
@@ -535,14 +587,14 @@ void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, c
                  ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
     // dphi_q = exp(M_state - M_i) [dnum | dden] state^T + (G o E) phi_k, with G = [dnum | dden] [V | 1]^T.
     if (have_state) {
-      tile_product(false, true, n, m, dim + 1, T(1), w.grads.data(), dim + 1, state.data(), dim + 1, false,
+      tile_product(w.bf16, false, true, n, m, dim + 1, T(1), w.grads.data(), dim + 1, state.data(), dim + 1, false,
                    w.dphi.data(), m);
       for (int64_t r = 0; r < n; ++r) {
         const T factor = w.q_dropped[r] ? T(0) : cpu::exp_acc(std::min(current - w.k_stab[r], T(0)));
         for (int64_t f = 0; f < m; ++f) w.dphi[r * m + f] *= factor;
       }
     }
-    tile_product(false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, false,
+    tile_product(w.bf16, false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, false,
                  w.dscores.data(), n);
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = 0; j < n; ++j) {
@@ -550,7 +602,7 @@ void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, c
         w.dscores[i * n + j] = j <= i ? w.dscores[i * n + j] * cpu::exp_acc(gap < 0 ? gap : T(0)) : T(0);
       }
     }
-    tile_product(false, false, n, m, n, T(1), w.dscores.data(), n, w.k_phi.data(), m, have_state, w.dphi.data(), m);
+    tile_product(w.bf16, false, false, n, m, n, T(1), w.dscores.data(), n, w.k_phi.data(), m, have_state, w.dphi.data(), m);
     map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.dx.data());
     cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
     const bool tile_has_keys = std::any_of(w.k_dropped, w.k_dropped + n, [](bool d) { return !d; }) || have_state;
@@ -589,8 +641,8 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
                  ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
     // Later chunks: dv_j = exp(M_j - M_ref) phi_k_j R_num, dphi_k_j = exp(M_j - M_ref) R [v_j | 1].
     if (have_suffix) {
-      tile_product(false, false, n, dim, m, T(1), w.k_phi.data(), m, suffix.data(), dim + 1, false, dv.data(), dim);
-      tile_product(false, true, n, m, dim + 1, T(1), w.values.data(), dim + 1, suffix.data(), dim + 1, false,
+      tile_product(w.bf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, suffix.data(), dim + 1, false, dv.data(), dim);
+      tile_product(w.bf16, false, true, n, m, dim + 1, T(1), w.values.data(), dim + 1, suffix.data(), dim + 1, false,
                    w.dphi.data(), m);
       for (int64_t r = 0; r < n; ++r) {
         const T factor = w.k_dropped[r] ? T(0) : cpu::exp_acc(std::min(w.k_stab[r] - reference, T(0)));
@@ -600,9 +652,9 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
     }
     // This chunk: dv += S^T dnum and dphi_k += (G o E)^T phi_q, S the chunk's scores.
     causal_chunk_scores(w, n, m, w.k_stab.data(), w.scores.data());
-    tile_product(true, false, n, dim, n, T(1), w.scores.data(), n, w.grads.data(), dim + 1, have_suffix, dv.data(),
+    tile_product(w.bf16, true, false, n, dim, n, T(1), w.scores.data(), n, w.grads.data(), dim + 1, have_suffix, dv.data(),
                  dim);
-    tile_product(false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, false,
+    tile_product(w.bf16, false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, false,
                  w.dscores.data(), n);
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = 0; j < n; ++j) {
@@ -610,7 +662,7 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
         w.dscores[i * n + j] = j <= i ? w.dscores[i * n + j] * cpu::exp_acc(gap < 0 ? gap : T(0)) : T(0);
       }
     }
-    tile_product(true, false, n, m, n, T(1), w.dscores.data(), n, w.q_phi.data(), m, have_suffix, w.dphi.data(), m);
+    tile_product(w.bf16, true, false, n, m, n, T(1), w.dscores.data(), n, w.q_phi.data(), m, have_suffix, w.dphi.data(), m);
     for (int64_t r = 0; r < n; ++r) {
       if (w.k_dropped[r]) std::fill(dv.begin() + r * dim, dv.begin() + (r + 1) * dim, T(0));
     }
@@ -631,7 +683,7 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
       const T factor = w.q_dropped[r] ? T(0) : cpu::exp_acc(std::min(next - w.k_stab[r], T(0)));
       for (int64_t f = 0; f < m; ++f) w.q_phi[r * m + f] *= factor;
     }
-    tile_product(true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, have_suffix,
+    tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, have_suffix,
                  suffix.data(), dim + 1);
     have_suffix = true;
     reference = next;
@@ -665,7 +717,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int64_t bh_count = p.batch * p.heads;
   // Tasks [0, BH) take the forward direction (dq), [BH, 2 BH) the reverse one (dk, dv).
   cpu::parallel_tasks(2 * bh_count, [&](const auto& claim) {
-    Workspace<T> w(p.features, p.dim);
+    Workspace<T> w(p.features, p.dim, p.bf16_products);
     std::vector<T> running(p.features * (p.dim + 1));
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task % bh_count, b = bh / p.heads, h = bh % p.heads;
