@@ -53,39 +53,68 @@ void add_partial(const float* partial, int64_t m, int64_t n, float alpha, bool a
   }
 }
 
+// The rows (k x n float, leading dimension ld) of every matrix of a (..., k, n) float tensor pair-interleaved in
+// bfloat16 (cpu::pair_rows): (..., k rounded up to even, n). The B operands of bf16 tile products that stay
+// the same for many tiles (projections, states), rounded once per call.
+at::Tensor paired_operands(const at::Tensor& t) {
+  const at::Tensor src = t.contiguous();
+  const int64_t k = t.size(-2), n = t.size(-1), matrices = t.numel() / std::max<int64_t>(1, k * n);
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[sizes.size() - 2] = k + k % 2;
+  at::Tensor result = at::empty(sizes, t.options().dtype(at::kBFloat16));
+  const float* in = src.const_data_ptr<float>();
+  c10::BFloat16* out = result.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, matrices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) cpu::pair_rows(in + i * k * n, n, k, n, out + i * (k + k % 2) * n, n);
+  });
+  return result;
+}
+
 // tile_product's bf16 products: A rounded to bfloat16 in rows of an even length (a zero pad column when k is
-// odd), B rounded and pair-interleaved (cpu::product); the inner dimension chunked as for float.
+// odd), B rounded and pair-interleaved (cpu::product), or given so (b_pairs: B's rows paired at their leading
+// dimension ldb, as paired_operands does); the inner dimension chunked as for float.
 void bf16_tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
                        const float* a, int64_t lda, const float* b, int64_t ldb, bool accumulate, float* c,
-                       int64_t ldc) {
-  thread_local std::vector<c10::BFloat16> a_rows, b_pairs;
-  thread_local std::vector<float> partial;
+                       int64_t ldc, const c10::BFloat16* b_pairs) {
+  thread_local std::vector<c10::BFloat16> a_rows, b_converted;
+  thread_local std::vector<float> partial, zeros;
+  thread_local std::vector<uint32_t> column;
   const int64_t k_even = k + k % 2;
   a_rows.resize(m * k_even);
-  b_pairs.resize(k_even * n);
   if (transpose_a) {
-    cpu::transpose(a, lda, k, m, 1.0f, a_rows.data(), k_even);
+    // Rows j and j + 1 of a are column pair j / 2 of A: narrowed as pairs, then scattered as 32-bit words.
+    zeros.assign(m, 0.0f);
+    column.resize(m);
+    uint32_t* words = reinterpret_cast<uint32_t*>(a_rows.data());
+    for (int64_t j = 0; j < k; j += 2) {
+      cpu::narrow_pair_rows(a + j * lda, j + 1 < k ? a + (j + 1) * lda : zeros.data(), column.data(), m);
+      for (int64_t i = 0; i < m; ++i) words[i * (k_even / 2) + j / 2] = column[i];
+    }
   } else {
     for (int64_t r = 0; r < m; ++r) {
       cpu::narrow_row(a + r * lda, reinterpret_cast<uint16_t*>(a_rows.data() + r * k_even), k);
+      if (k % 2 == 1) a_rows[r * k_even + k] = c10::BFloat16(0.0f);
     }
   }
-  if (k % 2 == 1) {
-    for (int64_t r = 0; r < m; ++r) a_rows[r * k_even + k] = c10::BFloat16(0.0f);
-  }
-  if (transpose_b) {
-    cpu::pair_transposed(b, ldb, n, k, 1.0f, b_pairs.data(), n);
-  } else {
-    cpu::pair_rows(b, ldb, k, n, b_pairs.data(), n);
+  int64_t pairs_ld = ldb;
+  if (b_pairs == nullptr) {
+    pairs_ld = n;
+    b_converted.resize(k_even * n);
+    if (transpose_b) {
+      cpu::pair_transposed(b, ldb, n, k, 1.0f, b_converted.data(), n);
+    } else {
+      cpu::pair_rows(b, ldb, k, n, b_converted.data(), n);
+    }
+    b_pairs = b_converted.data();
   }
   if (!accumulate && alpha == 1.0f && k <= kInnerChunk) {
-    cpu::product(m, n, k_even, a_rows.data(), k_even, b_pairs.data(), n, c, ldc, false);
+    cpu::product(m, n, k_even, a_rows.data(), k_even, b_pairs, pairs_ld, c, ldc, false);
     return;
   }
   partial.resize(m * n);
   for (int64_t first = 0; first < k; first += kInnerChunk) {
     const int64_t depth = std::min(kInnerChunk, k - first);
-    cpu::product(m, n, depth + depth % 2, a_rows.data() + first, k_even, b_pairs.data() + first * n, n,
+    cpu::product(m, n, depth + depth % 2, a_rows.data() + first, k_even, b_pairs + first * pairs_ld, pairs_ld,
                  partial.data(), n, false);
     add_partial(partial.data(), m, n, alpha, accumulate || first > 0, c, ldc);
   }
@@ -100,13 +129,15 @@ void bf16_tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n,
 //
 // With `bf16` (bfloat16 inputs on a CPU with bf16 units, cpu::bf16_products), float operands are rounded to
 // bfloat16 once per tile, A in rows and B pair-interleaved, and multiplied with float32 accumulation.
+// b_pairs, where given, is B already pair-interleaved for bf16 products (paired_operands).
 template <typename T>
 void tile_product(bool bf16, bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
-                  int64_t lda, const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+                  int64_t lda, const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc,
+                  const c10::BFloat16* b_pairs = nullptr) {
   if constexpr (!std::is_same_v<T, float>) {
     gemm(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, T(accumulate ? 1 : 0), c, ldc);
   } else if (bf16) {
-    bf16_tile_product(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, accumulate, c, ldc);
+    bf16_tile_product(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, accumulate, c, ldc, b_pairs);
   } else {
     thread_local std::vector<float> a_t, b_t, partial;
     if (transpose_a) {
@@ -165,12 +196,15 @@ struct FeatureMap {
   T sqrt_scale;
   bool softmax;
   bool bf16_products;  // tile_product's bf16 argument
+  // With bf16 products, weights_t and weights pair-interleaved (paired_operands); else null.
+  const c10::BFloat16 *weights_t_pairs, *weights_pairs;
 
   // x <- rows * sqrt(scale); logits <- W x (relu) or W x - |x|^2 / 2 (softmax); row_max <- max of each logit row.
   template <typename scalar_t>
   void logits(const scalar_t* src, int64_t row_stride, int64_t rows, T* x, T* logits, T* row_max) const {
     cpu::load_rows(src, row_stride, rows, dim, sqrt_scale, x);
-    tile_product(bf16_products, false, false, rows, features, dim, T(1), x, dim, weights_t, features, false, logits, features);
+    tile_product(bf16_products, false, false, rows, features, dim, T(1), x, dim, weights_t, features, false, logits,
+                 features, weights_t_pairs);
     for (int64_t r = 0; r < rows; ++r) {
       if (!softmax) {
         row_max[r] = 0;
@@ -223,7 +257,8 @@ struct FeatureMap {
       }
     }
     // d logits / d x = W - x (softmax, from the -|x|^2/2) or W (relu); x carries sqrt(scale) once more.
-    tile_product(bf16_products, false, false, rows, dim, features, sqrt_scale, dphi, features, weights, dim, false, dx, dim);
+    tile_product(bf16_products, false, false, rows, dim, features, sqrt_scale, dphi, features, weights, dim, false, dx,
+                 dim, weights_pairs);
     if (!softmax) return;
     for (int64_t r = 0; r < rows; ++r) {
       const T factor = sqrt_scale * logit_sums[r];
@@ -295,6 +330,7 @@ struct Problem {
   int64_t projection_head_stride;
   const bool* mask;
   bool bf16_products;  // bfloat16 inputs multiplied in bfloat16 (cpu::bf16_products)
+  at::Tensor projection_t_pairs, projection_pairs;  // with bf16 products: paired_operands of the two
 
   Problem(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& projection_,
           bool softmax_, bool causal_, const std::optional<at::Tensor>& key_padding_mask, double scale)
@@ -304,11 +340,22 @@ struct Problem {
         projection(projection_.data_ptr<T>()), projection_t(projection_.transpose(-1, -2).contiguous()),
         projection_head_stride(projection_.dim() == 3 ? features * dim : 0),
         mask(key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr),
-        bf16_products(std::is_same_v<scalar_t, c10::BFloat16> && cpu::bf16_products()) {}
+        bf16_products(std::is_same_v<scalar_t, c10::BFloat16> && cpu::bf16_products()) {
+    if (bf16_products) {
+      projection_t_pairs = paired_operands(projection_t);
+      projection_pairs = paired_operands(projection_);
+    }
+  }
 
   FeatureMap<T> feature_map(int64_t h) const {
     return {projection + h * projection_head_stride, projection_t.data_ptr<T>() + h * projection_head_stride,
-            features, dim, sqrt_scale, softmax, bf16_products};
+            features, dim, sqrt_scale, softmax, bf16_products,
+            bf16_products ? projection_t_pairs.data_ptr<c10::BFloat16>() + h * paired_head_stride(dim) : nullptr,
+            bf16_products ? projection_pairs.data_ptr<c10::BFloat16>() + h * paired_head_stride(features) : nullptr};
+  }
+  // The head stride of a paired projection whose matrices have `rows` rows (0 when shared by the heads).
+  int64_t paired_head_stride(int64_t rows) const {
+    return projection_head_stride == 0 ? 0 : (rows + rows % 2) * (features * dim / rows);
   }
   bool padded(int64_t b, int64_t j) const { return mask != nullptr && mask[b * key_len + j]; }
 };
@@ -454,6 +501,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   if (causal) return {out, normaliser, key_stabiliser, state};
 
   const int64_t query_tiles = ceil_div(p.query_len, kTile);
+  const at::Tensor state_pairs = p.bf16_products ? paired_operands(state) : at::Tensor();
   cpu::parallel_tasks(p.batch * p.heads * query_tiles, [&](const auto& claim) {
     Workspace<T> w(m, dim, p.bf16_products);
     std::vector<T> rows(kTile * dim);
@@ -462,7 +510,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       const int64_t start = (task % query_tiles) * kTile, n = std::min(kTile, p.query_len - start);
       query_features(p, p.feature_map(h), b, h, start, n, w);
       tile_product(w.bf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state_ptr + bh * m * (dim + 1), dim + 1, false,
-                   w.numden.data(), dim + 1);
+                   w.numden.data(), dim + 1,
+                   p.bf16_products ? state_pairs.data_ptr<c10::BFloat16>() + bh * (m + m % 2) * (dim + 1) : nullptr);
       write_outputs(w, bh, b, h, start, n, rows);
     }
     release_products<T>();
@@ -495,11 +544,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> performer_fwd(
 
 // Non-causal backward. Queries: dphi_q = [dnum | dden] state^T and d state = sum phi_q^T [dnum | dden]
 // (split over query tiles, then added). Keys: dv = phi_k d_num_state, dphi_k = [V | 1] d state^T.
-// state_t_ptr: the saved state transposed per head ((D + 1) x m).
+// state_t: the saved state transposed per head ((D + 1) x m). With bf16 products, the state and its gradient
+// are B operands rounded once per head (paired_operands).
 template <typename scalar_t>
 void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const scalar_t* out_ptr, const HeadView& ov,
                      const HeadView& gov, const at::opmath_type<scalar_t>* norm_ptr,
-                     const at::opmath_type<scalar_t>* stab_ptr, const at::opmath_type<scalar_t>* state_t_ptr,
+                     const at::opmath_type<scalar_t>* stab_ptr, const at::Tensor& state_t,
                      at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh_count = p.batch * p.heads;
@@ -508,6 +558,13 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
   const int64_t tiles_per_split = ceil_div(query_tiles, splits);
   at::Tensor partial = at::empty({bh_count, splits, m, dim + 1}, grad_q.options().dtype(c10::CppTypeToScalarType<T>::value));
   T* partial_ptr = partial.data_ptr<T>();
+  const T* state_t_ptr = state_t.const_data_ptr<T>();
+  // (D + 1) x m per head, and (D + 1) rounded up to even x m paired.
+  const int64_t state_t_pairs_size = (dim + 1 + (dim + 1) % 2) * m, state_pairs_size = (m + m % 2) * (dim + 1);
+  const at::Tensor state_t_pairs = p.bf16_products ? paired_operands(state_t) : at::Tensor();
+  const auto pairs_of = [&](const at::Tensor& pairs, int64_t bh, int64_t size) -> const c10::BFloat16* {
+    return p.bf16_products ? pairs.const_data_ptr<c10::BFloat16>() + bh * size : nullptr;
+  };
   const HeadView gqv(grad_q), gkv(grad_k), gvv(grad_v);
   scalar_t *gq_ptr = grad_q.data_ptr<scalar_t>(), *gk_ptr = grad_k.data_ptr<scalar_t>(),
            *gv_ptr = grad_v.data_ptr<scalar_t>();
@@ -528,7 +585,7 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
         output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
                      ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
         tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false, w.dphi.data(),
-                     m);
+                     m, pairs_of(state_t_pairs, bh, state_t_pairs_size));
         tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, true, grad_state,
                      dim + 1);
         map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.dx.data());
@@ -540,6 +597,8 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
   const at::Tensor grad_state_all = partial.sum(1);
   const at::Tensor grad_state_t_all = grad_state_all.transpose(-1, -2).contiguous();
   const T *gs_ptr = grad_state_all.data_ptr<T>(), *gs_t_ptr = grad_state_t_all.data_ptr<T>();
+  const at::Tensor grad_state_pairs = p.bf16_products ? paired_operands(grad_state_all) : at::Tensor();
+  const at::Tensor grad_state_t_pairs = p.bf16_products ? paired_operands(grad_state_t_all) : at::Tensor();
 
   const int64_t key_tiles = ceil_div(p.key_len, kTile);
   cpu::parallel_tasks(bh_count * key_tiles, [&](const auto& claim) {
@@ -553,10 +612,11 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
       map.phi(w.k_logits.data(), n, stab_ptr + bh * p.key_len + start, w.k_dropped, w.k_phi.data());
       load_values_with_ones(p.v + p.vv.offset(b, h) + start * p.vv.row_stride, p.vv.row_stride, n, dim,
                             w.values.data());
-      tile_product(w.bf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, false, w.dx.data(), dim);
+      tile_product(w.bf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, false, w.dx.data(), dim,
+                   pairs_of(grad_state_pairs, bh, state_pairs_size));
       cpu::store_rows(w.dx.data(), n, dim, gv_ptr + gvv.offset(b, h) + start * gvv.row_stride, gvv.row_stride);
       tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.values.data(), dim + 1, gs_t_ptr + bh * m * (dim + 1), m, false,
-                   w.dphi.data(), m);
+                   w.dphi.data(), m, pairs_of(grad_state_t_pairs, bh, state_t_pairs_size));
       map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, w.dx.data());
       cpu::store_rows(w.dx.data(), n, dim, gk_ptr + gkv.offset(b, h) + start * gkv.row_stride, gkv.row_stride);
     }
@@ -708,7 +768,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   if (!causal) {
     // The state and its gradient transposed per head, so that every tile product is a plain one.
     const at::Tensor state_t = state_c.transpose(-1, -2).contiguous();
-    backward_global(p, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, state_t.data_ptr<T>(), grad_q, grad_k, grad_v);
+    backward_global(p, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, state_t, grad_q, grad_k, grad_v);
     return {grad_q, grad_k, grad_v};
   }
   const HeadView gqv(grad_q), gkv(grad_k), gvv(grad_v);
