@@ -51,9 +51,10 @@ struct Projection {
   const T* head(int64_t h) const { return data + h * head_stride; }
 };
 
-// BLAS reads it in place where its strides allow.
+// BLAS reads it in place where its strides allow (unit stride along its rows).
 at::Tensor projection_in(const at::Tensor& projection, at::ScalarType acc) {
-  return with_blas_strides(projection.to(acc));
+  const at::Tensor converted = projection.to(acc);
+  return with_blas_strides(converted.stride(-1) == 1 ? converted : converted.contiguous());
 }
 
 template <typename T>
@@ -328,8 +329,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const T *gpt_ptr = grad_projected_t.data_ptr<T>(), *gp_ptr = grad_projected.data_ptr<T>();
 
   // P_k^T and P_v^T ((N, kp), or (H, N, kp) per head), so that dK = P_k^T dK' is a plain product.
-  const at::Tensor pk_t = with_blas_strides(projection_in(proj_k, acc).transpose(-1, -2));
-  const at::Tensor pv_t = with_blas_strides(projection_in(proj_v, acc).transpose(-1, -2));
+  const at::Tensor pk_t = with_blas_strides(projection_in(proj_k, acc).transpose(-1, -2).contiguous());
+  const at::Tensor pv_t = with_blas_strides(projection_in(proj_v, acc).transpose(-1, -2).contiguous());
   const auto pkt = projection_view<T>(pk_t), pvt = projection_view<T>(pv_t);
 
   at::Tensor grad_k = new_output(k.sizes(), k.options());
