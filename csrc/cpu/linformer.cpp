@@ -51,9 +51,10 @@ struct Projection {
   const T* head(int64_t h) const { return data + h * head_stride; }
 };
 
-// BLAS reads it in place where its strides allow.
+// BLAS reads it in place where its strides allow (unit stride along its rows).
 at::Tensor projection_in(const at::Tensor& projection, at::ScalarType acc) {
-  return with_blas_strides(projection.to(acc));
+  const at::Tensor converted = projection.to(acc);
+  return with_blas_strides(converted.stride(-1) == 1 ? converted : converted.contiguous());
 }
 
 // A projection (or its transpose) as the A operand of products of type O: in the accumulation type, or for
@@ -455,8 +456,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const O *gpt_ptr = grad_projected_t_pairs.data_ptr<O>(), *gp_ptr = grad_projected_pairs.data_ptr<O>();
 
   // P_k^T and P_v^T ((N, kp), or (H, N, kp) per head), so that dK = P_k^T dK' is a plain product.
-  const at::Tensor pk_t = projection_operand<O>(proj_k.transpose(-1, -2), acc);
-  const at::Tensor pv_t = projection_operand<O>(proj_v.transpose(-1, -2), acc);
+  const at::Tensor pk_t = projection_operand<O>(proj_k.transpose(-1, -2).contiguous(), acc);
+  const at::Tensor pv_t = projection_operand<O>(proj_v.transpose(-1, -2).contiguous(), acc);
   const auto pkt = projection_view<O>(pk_t), pvt = projection_view<O>(pv_t);
 
   at::Tensor grad_k = new_output(k.sizes(), k.options());
