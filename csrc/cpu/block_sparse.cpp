@@ -385,7 +385,7 @@ struct TransposedHeads {
 void scores_to_operand(const float* scores, int64_t scores_ld, int64_t rows, int64_t count, c10::BFloat16* dst,
                        int64_t dst_ld) {
   for (int64_t i = 0; i < rows; ++i) {
-    cpu::narrow_row(scores + i * scores_ld, reinterpret_cast<uint16_t*>(dst + i * dst_ld), count);
+    cpu::narrow_operand_row(scores + i * scores_ld, reinterpret_cast<uint16_t*>(dst + i * dst_ld), count);
     if (count % 2 == 1) dst[i * dst_ld + count] = c10::BFloat16(0.0f);
   }
 }

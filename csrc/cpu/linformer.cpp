@@ -96,7 +96,9 @@ void zero_pad_column(c10::BFloat16* a, int64_t ld, int64_t rows, int64_t cols) {
 
 // rows x cols float32 rounded to a bfloat16 A operand of leading dimension ld (zero pad column when odd).
 void narrow_operand(const float* src, int64_t rows, int64_t cols, c10::BFloat16* dst, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) cpu::narrow_row(src + r * cols, reinterpret_cast<uint16_t*>(dst + r * ld), cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    cpu::narrow_operand_row(src + r * cols, reinterpret_cast<uint16_t*>(dst + r * ld), cols);
+  }
   zero_pad_column(dst, ld, rows, cols);
 }
 

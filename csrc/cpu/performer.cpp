@@ -93,7 +93,7 @@ void bf16_tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n,
     }
   } else {
     for (int64_t r = 0; r < m; ++r) {
-      cpu::narrow_row(a + r * lda, reinterpret_cast<uint16_t*>(a_rows.data() + r * k_even), k);
+      cpu::narrow_operand_row(a + r * lda, reinterpret_cast<uint16_t*>(a_rows.data() + r * k_even), k);
       if (k % 2 == 1) a_rows[r * k_even + k] = c10::BFloat16(0.0f);
     }
   }
