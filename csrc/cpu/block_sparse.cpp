@@ -122,13 +122,6 @@ FASTATTN_ISA_CLONES void exp_shifted(T* row, int64_t n, const T* shifts) {
   for (int64_t j = 0; j < n; ++j) row[j] = exp_accum(row[j] - shifts[j]);
 }
 
-// The larger of a and b, NaN if either is: a NaN score (from a NaN in q or in an unmasked key) must make its
-// row NaN, where a plain comparison would skip it (and a row of NaN scores would look like one with no key).
-template <typename T>
-inline T max_or_nan(T a, T b) {
-  return a < b || b != b ? b : a;
-}
-
 template <typename T>
 FASTATTN_ISA_CLONES T row_max(const T* row, int64_t n) {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
@@ -137,11 +130,11 @@ FASTATTN_ISA_CLONES T row_max(const T* row, int64_t n) {
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
 #pragma omp simd
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = max_or_nan(lanes[l], row[j + l]);
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] < row[j + l] ? row[j + l] : lanes[l];
   }
   T result = neg_inf;
-  for (; j < n; ++j) result = max_or_nan(result, row[j]);
-  for (int64_t l = 0; l < kLanes; ++l) result = max_or_nan(result, lanes[l]);
+  for (; j < n; ++j) result = result < row[j] ? row[j] : result;
+  for (int64_t l = 0; l < kLanes; ++l) result = result < lanes[l] ? lanes[l] : result;
   return result;
 }
 
@@ -439,10 +432,17 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         accum_t* row = scores + i * ld;
         // Scaled in a pass of its own, not fused into the exp: the backward rounds scale * S the same way.
         scale_row(row, cols, scale);
-        const accum_t new_max = max_or_nan(run_max[i], row_max(row, cols));
+        // row_max skips NaN scores: a NaN makes exp(s - max), and so the row's sum, NaN below. A run_max of NaN
+        // (set here) stays NaN, std::max returning its first argument when the second is not larger.
+        accum_t new_max = std::max(run_max[i], row_max(row, cols));
         if (new_max == -std::numeric_limits<accum_t>::infinity()) {
-          std::fill(row, row + cols, accum_t(0));
-          continue;
+          // No key of this run is visible, unless every visible one scored NaN (a NaN in q or k), which must
+          // reach the row's output (not make it a row that sees no key).
+          if (std::none_of(row, row + cols, [](accum_t s) { return s != s; })) {
+            std::fill(row, row + cols, accum_t(0));
+            continue;
+          }
+          new_max = std::numeric_limits<accum_t>::quiet_NaN();
         }
         const accum_t row_sum = exp_shifted_sum(row, cols, new_max);
         const accum_t correction = exp_accum(run_max[i] - new_max);

@@ -412,6 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           // from the output, which is rounded to the input dtype: near a saturated row dP - delta is a small
           // difference, and the output's rounding (bfloat16's 2^-9) would swamp it.
           double delta = 0;
+#pragma omp simd reduction(+ : delta)
           for (int64_t j = 0; j < kp; ++j) delta += static_cast<double>(p_row[j]) * d_row[j];
           // d_row becomes scale * dS, the factor that both dQ and dK' carry.
           cpu::softmax_grad_row(p_row, d_row, kp, static_cast<T>(delta), T(scale));

@@ -253,12 +253,13 @@ struct FeatureMap {
       }
       const T* pr = phi + r * features;
       const T* lr = logits + r * features;
-      const T divisor = divisors != nullptr ? divisors[r] : T(1);
+      // divisors >= the smallest normal T (the forward's normalisers are 0 or above): the inverse is finite.
+      const T inverse = divisors != nullptr ? T(1) / divisors[r] : T(1);
       if (softmax) {
-        for (int64_t f = 0; f < features; ++f) dr[f] = dr[f] * pr[f] / divisor;
+        for (int64_t f = 0; f < features; ++f) dr[f] = dr[f] * pr[f] * inverse;
         logit_sums[r] = cpu::sum_of(dr, features);
       } else {
-        for (int64_t f = 0; f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] / divisor : T(0);
+        for (int64_t f = 0; f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] * inverse : T(0);
       }
     }
     // d logits / d x = W - x (softmax, from the -|x|^2/2) or W (relu); x carries sqrt(scale) once more.
@@ -332,10 +333,10 @@ void output_grads(const scalar_t* grad_out, const scalar_t* out, int64_t row_str
       std::fill(d, d + dim + 1, T(0));
       continue;
     }
-    const T divided_by = den / divisors[r];
+    const T inverse = divisors[r] / den;  // 1 / den, or 1 where den is left to the callers
     double dot = 0;  // g . out cancels against dnum . v in the scores' gradient: summed in double
     for (int64_t c = 0; c < dim; ++c) {
-      d[c] = static_cast<T>(g[c]) / divided_by;
+      d[c] = static_cast<T>(g[c]) * inverse;
       dot += static_cast<double>(d[c]) * static_cast<double>(o[c]);
     }
     d[dim] = static_cast<T>(-dot);
@@ -353,7 +354,8 @@ void scale_query_features(T* q_phi, int64_t rows, int64_t features, const T* div
       continue;
     }
     if (divisors[r] == T(1)) continue;
-    for (int64_t f = 0; f < features; ++f) pr[f] /= divisors[r];
+    const T inverse = T(1) / divisors[r];  // finite: divisors are normal numbers
+    for (int64_t f = 0; f < features; ++f) pr[f] *= inverse;
   }
 }
 
@@ -486,10 +488,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       // A row that sees no key gives 0, and so does a row whose normaliser underflowed below the normal
       // range (its features meet the keys' only in products too small for T: in float32, num / den is then
       // a ratio of a few bits, and its gradients overflow); both save normaliser 0, which the backward drops.
-      // NaN (an input's) stays NaN. Divided, not multiplied by 1 / den, which may overflow.
+      // Other normalisers are normal numbers, whose inverse is finite. NaN (an input's) stays NaN.
       const T den = nd[dim] < std::numeric_limits<T>::min() ? T(0) : nd[dim];
       norm_ptr[bh * p.query_len + start + r] = den;
-      for (int64_t c = 0; c < dim; ++c) rows[r * dim + c] = den == 0 ? T(0) : nd[c] / den;
+      const T inverse = T(1) / den;
+      for (int64_t c = 0; c < dim; ++c) rows[r * dim + c] = den == 0 ? T(0) : nd[c] * inverse;
     }
     cpu::store_rows(rows.data(), n, dim, out_ptr + ov.offset(b, h) + start * ov.row_stride, ov.row_stride);
   };
