@@ -1,4 +1,5 @@
-"""Timing (median with 20th/80th percentiles) and peak memory of one call, on the CPU or a CUDA device.
+"""Timing (median with 20th/80th percentiles) and peak memory of one call, on the CPU or a CUDA device, and
+the machine's matmul rate per dtype (the roofline that the benchmark reports each kernel's rate against).
 
 CPU: ``torch.utils.benchmark.Timer.blocked_autorange``, topped up with single runs until there are
 enough samples; memory is the process's peak resident set (VmHWM), reset before the call by writing
@@ -150,3 +151,17 @@ def peak_memory(step: Callable[[], object], device: str) -> tuple[Memory, float]
     peak = peak_resident_set()
     del result
     return Memory(peak, max(peak - before, 0)), seconds
+
+
+# The matmul whose rate is the roofline: square, large enough for the library's best kernels on either device.
+MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
+
+
+def matmul_rate(dtype: torch.dtype, device: str, effort: Effort) -> float:
+    """FLOP/s of torch.matmul of two square matrices of MATMUL_SIZE in ``dtype``, from the median time."""
+    size = MATMUL_SIZE[device]
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    step = lambda: torch.matmul(a, b)  # noqa: E731
+    timed(step, device)
+    median_ms = time_call(step, device, effort).median_ms
+    return 2.0 * size**3 / (median_ms * 1e-3)

@@ -34,6 +34,9 @@ def _metrics(record: Record) -> list[tuple[str, float | None, float | None, floa
         ("peak_mem_mib", record.memory.peak_bytes / MIB, None, None, ""),
         ("added_mem_mib", record.memory.added_bytes / MIB, None, None, ""),
     ]
+    if record.matmul_fraction is not None:
+        rows.append(("matmul_fraction", record.matmul_fraction, None, None,
+                     f"of {record.matmul_tflops:.4g} TFLOP/s, torch.matmul in {record.case.dtype_name}"))
     if record.speedup is not None:
         rows.append(("speedup_vs_sdpa", record.speedup, None, None, ""))
     elif record.family == "fastattn" and record.correctness != "passed":
@@ -78,16 +81,21 @@ def _cells(record: Record) -> list[str]:
     timing = record.timing
     speedup = f"{record.speedup:.2f}x" if record.speedup is not None else "-"
     check = "" if record.family != "fastattn" else record.correctness[:40]
+    fraction = f"{record.matmul_fraction:.2f}" if record.matmul_fraction is not None else "-"
     return [record.provider, str(record.case.seq_len), f"{timing.median_ms:.3f}",
-            f"{timing.p20_ms:.3f}-{timing.p80_ms:.3f}", f"{record.tflops:.3f}",
+            f"{timing.p20_ms:.3f}-{timing.p80_ms:.3f}", f"{record.tflops:.3f}", fraction,
             f"{record.memory.added_bytes / MIB:.1f}", f"{record.memory.peak_bytes / MIB:.0f}", speedup, check]
 
 
 def format_table(result: RunResult) -> str:
     """One table per (mechanism, dtype, mode): a row per provider and N."""
-    header = ["provider", "N", "median ms", "p20-p80 ms", "TFLOP/s", "added MiB", "peak MiB", "vs SDPA", "check"]
+    header = ["provider", "N", "median ms", "p20-p80 ms", "TFLOP/s", "of matmul", "added MiB", "peak MiB", "vs SDPA",
+              "check"]
     blocks = [f"device: {result.metadata['device']} | torch {result.metadata['torch_version']} | "
               f"fastattn {result.metadata['git_revision']}"]
+    if "matmul_tflops" in result.metadata:
+        blocks.append(f"of matmul: TFLOP/s over torch.matmul's in the same dtype ({result.metadata['matmul_tflops']} "
+                      "TFLOP/s, measured at start-up)")
     # fastattn backends that cannot run here at all (no kernel, other device) are in the CSV, not in the table.
     hidden = [r for r in result.records if r.timing is None and r.correctness.startswith("declined")]
     shown = [r for r in result.records if r.timing is not None or not r.correctness.startswith("declined")]

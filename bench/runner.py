@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from .correctness import PASSED, Verdict, check_provider
-from .measure import Effort, Memory, Timing, peak_memory, time_call, time_slow_call, timed
+from .measure import Effort, Memory, Timing, matmul_rate, peak_memory, time_call, time_slow_call, timed
 from .providers import Declined, Prepared, Provider, all_providers
 from .workload import Case, flops, make_inputs
 
@@ -57,10 +57,18 @@ class Record:
     memory: Memory | None = None
     skipped: str | None = None
     speedup: float | None = None
+    matmul_tflops: float | None = None  # the machine's matmul rate in the case's dtype (the roofline)
 
     @property
     def tflops(self) -> float | None:
         return None if self.timing is None else flops(self.case, self.mode) / (self.timing.median_ms * 1e-3) / 1e12
+
+    @property
+    def matmul_fraction(self) -> float | None:
+        """The effective FLOP rate as a fraction of the machine's matmul rate in the same dtype."""
+        if self.timing is None or self.matmul_tflops is None:
+            return None
+        return self.tflops / self.matmul_tflops
 
 
 @dataclass
@@ -180,6 +188,11 @@ def run(config: RunConfig, *, progress: bool = True, note: Callable[[str], None]
         if reason is not None:
             note(f"skipping {provider.name}: {reason}")
     verdicts = run_gate(config, providers, note)
+    matmul_tflops = matmul_rates(config)
+    for dtype, rate in matmul_tflops.items():
+        note(f"matmul rate {str(dtype).removeprefix('torch.')}: {rate:.3f} TFLOP/s (the roofline of column 'of matmul')")
+    metadata["matmul_tflops"] = ", ".join(f"{str(dtype).removeprefix('torch.')} {rate:.3f}"
+                                          for dtype, rate in matmul_tflops.items())
     tasks = [(mechanism, dtype, n, mode, provider)
              for mechanism in config.mechanisms for dtype in config.dtypes for n in config.seq_lens
              for mode in config.modes for provider in providers if mechanism in provider.mechanisms]
@@ -195,7 +208,7 @@ def run(config: RunConfig, *, progress: bool = True, note: Callable[[str], None]
             inputs_key, inputs = (mechanism, dtype, n), make_inputs(case)
         verdict = verdicts.get((provider.name, mechanism, case.dtype_name))
         correctness = NOT_GATED if verdict is None else verdict.describe(mode)
-        record = Record(case, provider.name, provider.family, mode, correctness)
+        record = Record(case, provider.name, provider.family, mode, correctness, matmul_tflops=matmul_tflops[dtype])
         # Dense SDPA does the same work for every mechanism: measured once per (causal, dtype, N, mode).
         baseline_key = (case.causal, dtype, n, mode) if provider.name == BASELINE else None
         try:
@@ -227,6 +240,13 @@ def run(config: RunConfig, *, progress: bool = True, note: Callable[[str], None]
             on_record(record)
     inputs = None
     return RunResult(records, verdicts, metadata)
+
+
+def matmul_rates(config: RunConfig) -> dict[torch.dtype, float]:
+    """The machine's matmul rate in TFLOP/s per dtype of the run, measured once at start-up."""
+    effort = Effort(min_run_time=min(config.effort.min_run_time, 0.5), min_samples=3, max_seconds=5.0,
+                    slow_call_seconds=config.effort.slow_call_seconds)
+    return {dtype: matmul_rate(dtype, config.device, effort) / 1e12 for dtype in config.dtypes}
 
 
 def run_metadata(device: str) -> dict[str, str]:

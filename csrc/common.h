@@ -36,9 +36,10 @@ inline at::ScalarType lse_dtype(at::ScalarType dtype) {
 // dim and rows (the last-but-one dim) at least a row apart, the smallest leading dimension BLAS accepts.
 // PyTorch leaves the stride of a size-1 dim arbitrary, and such a tensor may still count as contiguous
 // (randn(B, H, D, 1).transpose(2, 3) has rows 1 element apart), so every size-1 dim gets the stride of a
-// contiguous tensor: a view, no copy. What still does not fit (rows that overlap, as in a tensor expanded
-// along N with stride 0, or a last dim with a stride) is copied. Every CPU kernel takes its tensor
-// arguments through here before reading a stride.
+// contiguous tensor: a view, no copy. Rows that overlap (a tensor expanded along N, stride 0) are copied.
+// A last dim with a stride other than 1 is left as it is: the ops' contract rejects it (check_qkv), and
+// callers that transpose a tensor make it contiguous first. Every CPU kernel takes its tensor arguments
+// through here before reading a stride.
 inline at::Tensor with_blas_strides(const at::Tensor& t) {
   if (t.dim() == 0) return t;
   std::vector<int64_t> strides = t.strides().vec();
@@ -50,7 +51,7 @@ inline at::Tensor with_blas_strides(const at::Tensor& t) {
   const at::Tensor view = t.as_strided(t.sizes(), strides);
   const int64_t last = t.dim() - 1;
   const bool rows_fit = t.dim() < 2 || t.size(last - 1) <= 1 || strides[last - 1] >= t.size(last);
-  return strides[last] == 1 && rows_fit ? view : view.contiguous();
+  return strides[last] != 1 || rows_fit ? view : view.contiguous();
 }
 
 // q (B, H, Nq, D), k and v (B, H, Nk, D) on one device, one dtype, unit stride in the last dim. With

@@ -111,6 +111,14 @@ def test_gate_fails_a_wrong_kernel_and_its_speedup_is_not_reported(monkeypatch):
     assert [record.speedup for record in records] == [1.0, None, 1.0]
 
 
+def test_matmul_fraction_is_the_flop_rate_over_the_matmul_rate():
+    case = dataclasses.replace(SMALL, dtype=torch.float32)
+    record = Record(case, "fastattn-cpu", "fastattn", "fwd", correctness.PASSED, timing=Timing(2.0, 1.9, 2.1, 10),
+                    matmul_tflops=0.5)
+    assert record.matmul_fraction == pytest.approx(record.tflops / 0.5)
+    assert Record(case, "fastattn-cpu", "fastattn", "fwd", correctness.PASSED).matmul_fraction is None
+
+
 def test_tiny_run_writes_csv_plots_and_quality(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton's interpreter would time nothing useful
     out = tmp_path / "bench"
@@ -146,5 +154,12 @@ def test_tiny_run_writes_csv_plots_and_quality(tmp_path, monkeypatch, capsys):
         quality = list(csv.DictReader(handle))
     assert {row["mechanism"] for row in quality} == {"performer", "performer-causal", "linformer", "bigbird"}
     assert all(float(row["relative_error_mean"]) >= 0 for row in quality)
+    # The roofline column: each measurement's FLOP rate over torch.matmul's in its dtype, measured at start-up.
+    fractions = {(r["mechanism"], r["provider"], r["N"]): r for r in rows if r["metric"] == "matmul_fraction"}
+    times = {(r["mechanism"], r["provider"], r["N"]): float(r["value"]) for r in rows if r["metric"] == "time_ms"}
+    assert set(fractions) == set(times)
+    bigbird = fractions[("bigbird", "fastattn-cpu", "256")]
+    assert float(bigbird["value"]) > 0 and "torch.matmul in float32" in bigbird["note"]
     assert "sdpa-dense" in capsys.readouterr().out
-    assert "sdpa-dense" in (out / "summary.txt").read_text()
+    summary = (out / "summary.txt").read_text()
+    assert "sdpa-dense" in summary and "of matmul" in summary

@@ -12,7 +12,7 @@ import fastattn
 from fastattn import reference
 from fastattn.layout import BlockLayout, bigbird_layout
 from fastattn.testing import check_against_reference
-from tests.utils import describe_case
+from tests.utils import CPU_DTYPE_IDS, CPU_DTYPES, allow_bf16_products, cpu_has_bf16_units, describe_case
 
 
 def _random_layout(heads: int, query_blocks: int, key_blocks: int, block_size: int, density: float, seed: int) -> BlockLayout:
@@ -82,6 +82,11 @@ CASES = [
     Case(1, 3, 96, 96, 64, 24, layout="random-per-head", causal=True),  # block size not a power of two
     Case(2, 2, 120, 120, 64, 32, strided=True, padding=True),
     Case(1, 2, 120, 120, 64, 32, layout="bigbird-per-head", scale=0.3),
+    # Odd lengths: bf16 products over an odd number of keys or queries read zero pads. 8 heads: the
+    # backward's split by heads (with 2 threads).
+    Case(2, 4, 201, 201, 64, 32, causal=True, padding=True),
+    Case(1, 2, 77, 77, 33, 16),  # odd head dim, odd block size: bfloat16 takes float32 products
+    Case(1, 2, 45, 45, 32, 15, padding=True),
 ]
 
 
@@ -95,10 +100,25 @@ def _reference(q, k, v, layout, causal, key_padding_mask, scale):
                                             scale=scale)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype, bf16_products", CPU_DTYPES, ids=CPU_DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_matches_reference(case: Case, dtype: torch.dtype):
+def test_matches_reference(case: Case, dtype: torch.dtype, bf16_products: bool, monkeypatch):
+    allow_bf16_products(monkeypatch, bf16_products)
     check_against_reference(_cpu_kernel, _reference, case.make_inputs(), dtype)
+
+
+@pytest.mark.skipif(not cpu_has_bf16_units(), reason="one bfloat16 path only on a CPU without bf16 units")
+def test_bf16_products_switch_changes_the_path(monkeypatch):
+    inputs = Case(1, 2, 200, 200, 64, 32).make_inputs()
+    inputs.update({name: inputs[name].bfloat16().requires_grad_() for name in ("q", "k", "v")})
+    results = []
+    for allowed in (True, False):
+        allow_bf16_products(monkeypatch, allowed)
+        out = _cpu_kernel(**inputs)
+        grads = torch.autograd.grad(out, [inputs[name] for name in ("q", "k", "v")], torch.ones_like(out))
+        results.append([out, *grads])
+    for with_bf16, with_float32 in zip(*results):
+        assert not torch.equal(with_bf16, with_float32), "bf16 products round P and dS to bfloat16"
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["non-causal", "causal"])
@@ -135,8 +155,9 @@ def _masked_rows_inputs(dtype: torch.dtype) -> dict:
     return {"q": q, "k": k, "v": v, "layout": layout, "causal": False, "key_padding_mask": padding, "scale": None}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_fully_masked_rows_give_zeros_and_zero_grads(dtype):
+@pytest.mark.parametrize("dtype, bf16_products", CPU_DTYPES, ids=CPU_DTYPE_IDS)
+def test_fully_masked_rows_give_zeros_and_zero_grads(dtype, bf16_products, monkeypatch):
+    allow_bf16_products(monkeypatch, bf16_products)
     inputs = _masked_rows_inputs(dtype)
     check_against_reference(_cpu_kernel, _reference, inputs, dtype)
     q, k, v = (inputs[name].requires_grad_() for name in ("q", "k", "v"))

@@ -89,11 +89,10 @@ def _performer_inputs(std: float, length: int = 32, dim: int = 32, features: int
 def test_performer_features_that_underflow_weigh_nothing(causal):
     # Issue 10's repro: |q|, |k| of std 16 put most features far below their stabiliser. They used to weigh
     # e^-87 each instead of 0 and, summed over the keys, swamp the true weights (0.25 off in float32).
-    def run(module):
-        return lambda q, k, v, projection: module.performer_attention(q, k, v, projection, causal=causal,
-                                                                      **({"backend": "cpu"} if module is fastattn else {}))
+    def run(cpu):
+        return lambda q, k, v, projection: _call("performer", q, k, v, projection, cpu=cpu, causal=causal)
 
-    check_against_reference(run(fastattn), run(reference), _performer_inputs(16), torch.float32)
+    check_against_reference(run(True), run(False), _performer_inputs(16), torch.float32)
 
 
 @pytest.mark.parametrize("std", [30, 60])
@@ -126,11 +125,10 @@ def _saturated_linformer_inputs(kp: int):
 def test_linformer_saturated_rows_have_exact_zero_score_gradients(kp):
     # dS = P (dP - delta) with delta taken from the output rounded to bfloat16 left a residue of its rounding
     # on rows with p == 1 (dq 1.5e-2 where it is exactly 0 with kp == 1).
-    def run(module):
-        return lambda q, k, v, proj_k: module.linformer_attention(
-            q, k, v, proj_k, **({"backend": "cpu"} if module is fastattn else {}))
+    def run(cpu):
+        return lambda q, k, v, proj_k: _call("linformer", q, k, v, proj_k, cpu=cpu)
 
-    check_against_reference(run(fastattn), run(reference), _saturated_linformer_inputs(kp), torch.bfloat16,
+    check_against_reference(run(True), run(False), _saturated_linformer_inputs(kp), torch.bfloat16,
                             ("q", "k", "v", "proj_k"))
 
 
@@ -308,3 +306,23 @@ def test_grouped_query_gradients_do_not_depend_on_thread_count(mechanism, causal
         torch.set_num_threads(threads)
     for got, expected in zip(several, single):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_grouped_query_ops_pass_opcheck(mechanism):
+    # The fake kernels give the kernels' shapes with Hkv < H (dK, dV with Hkv heads; Performer's saved key
+    # stabiliser per query head).
+    inputs = _gqa_inputs(mechanism, 2, 4, 2, 40, 16, padding=True, dtype=torch.float32)
+    q, k, v, mask = (inputs[name].requires_grad_() if name != "key_padding_mask" else inputs[name]
+                     for name in ("q", "k", "v", "key_padding_mask"))
+    if mechanism == "block_sparse":
+        layout = fastattn.bigbird_layout(40, block_size=BLOCK_SIZE, num_heads=4, num_random_blocks=1, causal=True)
+        torch.library.opcheck(torch.ops.fastattn.block_sparse_fwd.default,
+                              (q, k, v, *layout.csr("cpu"), BLOCK_SIZE, True, mask, 0.25))
+    elif mechanism == "linformer":
+        proj_k, proj_v = (inputs[name].requires_grad_() for name in ("proj_k", "proj_v"))
+        torch.library.opcheck(torch.ops.fastattn.linformer_fwd.default, (q, k, v, proj_k, proj_v, mask, 0.25))
+    else:
+        for causal in (False, True):
+            torch.library.opcheck(torch.ops.fastattn.performer_fwd.default,
+                                  (q, k, v, inputs["projection"], "softmax", causal, mask, 0.25))

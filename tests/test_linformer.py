@@ -8,7 +8,7 @@ import fastattn
 from fastattn import reference
 from fastattn.ops import linformer as linformer_ops
 from fastattn.testing import check_against_reference
-from tests.utils import describe_case
+from tests.utils import CPU_DTYPE_IDS, CPU_DTYPES, allow_bf16_products, cpu_has_bf16_units, describe_case
 
 EXTRA_LENGTH = 9  # projections are made longer than the sequence: the functional layer slices them
 
@@ -50,22 +50,39 @@ CASES = [
     (1, 1, 70, 256, 20, False, False, True),
     (1, 1, 1280, 16, 32, False, False, False),  # 5 query tiles: with 2 threads, the last backward split is empty
     (2, 2, 3000, 32, 64, True, False, True),  # sums over thousands of keys and queries keep BLAS-like rounding
+    (1, 2, 33, 24, 17, True, False, True),  # odd kp: bf16 products over it read a zero pad
+    (1, 1, 31, 33, 16, False, False, True),  # odd head dim: bfloat16 takes float32 products
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype, bf16_products", CPU_DTYPES, ids=CPU_DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES, ids=[
     describe_case(B=b, H=h, N=n, D=d, kp=kp, per_head=p, shared=s, padding=pad) for b, h, n, d, kp, p, s, pad in CASES
 ])
-def test_matches_reference(case, dtype):
+def test_matches_reference(case, dtype, bf16_products, monkeypatch):
+    allow_bf16_products(monkeypatch, bf16_products)
     batch, heads, length, dim, kp, per_head, shared, padding = case
     inputs = _inputs(batch, heads, length, dim, kp, per_head=per_head, shared=shared, padding=padding)
     differentiable = ("q", "k", "v", "proj_k") + (() if shared else ("proj_v",))
     check_against_reference(_cpu, _reference, inputs, dtype, differentiable)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_strided_inputs_match_reference(dtype):
+@pytest.mark.skipif(not cpu_has_bf16_units(), reason="one bfloat16 path only on a CPU without bf16 units")
+def test_bf16_products_switch_changes_the_path(monkeypatch):
+    inputs = {name: t.bfloat16().requires_grad_() for name, t in _inputs(1, 2, 100, 32, 24, padding=True).items()
+              if name != "key_padding_mask"}
+    results = []
+    for allowed in (True, False):
+        allow_bf16_products(monkeypatch, allowed)
+        out = _cpu(**inputs)
+        results.append([out, *torch.autograd.grad(out, list(inputs.values()), torch.ones_like(out))])
+    for with_bf16, with_float32 in zip(*results):
+        assert not torch.equal(with_bf16, with_float32), "bf16 products round K', V', P and dS to bfloat16"
+
+
+@pytest.mark.parametrize("dtype, bf16_products", CPU_DTYPES, ids=CPU_DTYPE_IDS)
+def test_strided_inputs_match_reference(dtype, bf16_products, monkeypatch):
+    allow_bf16_products(monkeypatch, bf16_products)
     # q, k, v laid out as (B, N, H, D) and viewed as (B, H, N, D): the rows of a head are H * D apart, and
     # the kernel reads float32 rows in place with that stride.
     batch, heads, length, dim = 2, 3, 300, 32

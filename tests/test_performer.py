@@ -8,7 +8,7 @@ import fastattn
 from fastattn import reference
 from fastattn.ops import performer as performer_ops
 from fastattn.testing import check_against_reference
-from tests.utils import describe_case
+from tests.utils import CPU_DTYPE_IDS, CPU_DTYPES, allow_bf16_products, cpu_has_bf16_units, describe_case
 
 
 def _inputs(batch, heads, length, dim, features, *, per_head=False, padding=False, seed=0, dtype=torch.float64):
@@ -51,17 +51,19 @@ SHAPES = [
     (1, 2, 200, 128, 32, False, False),
     (1, 1, 1000, 16, 32, True, True),
     (1, 1, 70, 256, 20, False, True),
+    (1, 2, 45, 33, 17, False, True),  # odd D and m: bf16 products over them read zero pads
 ]
 MODES = [("softmax", False), ("softmax", True), ("relu", False), ("relu", True)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype, bf16_products", CPU_DTYPES, ids=CPU_DTYPE_IDS)
 @pytest.mark.parametrize("kernel,causal", MODES, ids=[describe_case(k=k, causal=c) for k, c in MODES])
 @pytest.mark.parametrize("shape", SHAPES, ids=[
     describe_case(B=b, H=h, N=n, D=d, m=m, per_head=p, padding=pad)
     for b, h, n, d, m, p, pad in SHAPES
 ])
-def test_matches_reference(shape, kernel, causal, dtype):
+def test_matches_reference(shape, kernel, causal, dtype, bf16_products, monkeypatch):
+    allow_bf16_products(monkeypatch, bf16_products)
     batch, heads, length, dim, features, per_head, padding = shape
     inputs = _inputs(batch, heads, length, dim, features, per_head=per_head, padding=padding)
     # With one key the output is v whatever q and k are: their gradients are zero up to cancellation noise,
@@ -73,6 +75,20 @@ def test_matches_reference(shape, kernel, causal, dtype):
         inputs = {name: value.to(dtype).double() if value.is_floating_point() else value
                   for name, value in inputs.items()}
     check_against_reference(_cpu(kernel, causal), _reference(kernel, causal), inputs, dtype, differentiable)
+
+
+@pytest.mark.skipif(not cpu_has_bf16_units(), reason="one bfloat16 path only on a CPU without bf16 units")
+@pytest.mark.parametrize("causal", [False, True], ids=["non-causal", "causal"])
+def test_bf16_products_switch_changes_the_path(causal, monkeypatch):
+    inputs = _inputs(1, 2, 100, 32, 24, padding=True, dtype=torch.float32)
+    q, k, v = (inputs[name].bfloat16().requires_grad_() for name in ("q", "k", "v"))
+    results = []
+    for allowed in (True, False):
+        allow_bf16_products(monkeypatch, allowed)
+        out = _cpu("softmax", causal)(q, k, v, inputs["projection"], inputs["key_padding_mask"])
+        results.append([out, *torch.autograd.grad(out, [q, k, v], torch.ones_like(out))])
+    for with_bf16, with_float32 in zip(*results):
+        assert not torch.equal(with_bf16, with_float32), "bf16 products round the features and states to bfloat16"
 
 
 @pytest.mark.parametrize("kernel,causal", MODES, ids=[describe_case(k=k, causal=c) for k, c in MODES])

@@ -44,3 +44,20 @@ def random_padding(batch: int, key_len: int, seed: int) -> torch.Tensor:
     mask = torch.rand(batch, key_len, generator=generator) < 0.2
     mask[0, key_len // 2:] = True  # a long padded tail, whole key tiles of padding included
     return mask
+
+
+# The CPU kernels multiply bfloat16 inputs in bfloat16 where the CPU has bf16 units (AVX512-BF16, AMX), and
+# convert them to float32 first elsewhere or under FASTATTN_CPU_BF16_PRODUCTS=0: CPU tests of bfloat16 run
+# both paths. Each entry: (dtype, whether bf16 products are allowed), with its id.
+CPU_DTYPES = [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)]
+CPU_DTYPE_IDS = ["float32", "bfloat16", "bfloat16-float32-products"]
+
+
+def cpu_has_bf16_units() -> bool:
+    capabilities = torch._C._cpu._get_cpu_capability()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def allow_bf16_products(monkeypatch, allowed: bool) -> None:
+    """Lets the CPU kernels take bf16 products where the CPU can (allowed) or forces float32 products."""
+    monkeypatch.setenv("FASTATTN_CPU_BF16_PRODUCTS", "1" if allowed else "0")

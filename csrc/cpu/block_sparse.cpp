@@ -14,8 +14,11 @@
 // than BLAS calls on tiles this small); float64 (for gradcheck) with the dgemm_ that torch links. The
 // element-wise loops (masked softmax, dS) are plain loops written for the compiler to vectorise, cloned
 // per x86 ISA level so that one binary uses AVX-512 or AVX2 where it can.
+#include "cpu/dense_tiles.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
@@ -32,9 +35,6 @@
 #include "common.h"
 #include "cpu/softmax_grad.h"
 
-extern "C" void dgemm_(char* transa, char* transb, int* m, int* n, int* k, double* alpha, const double* a, int* lda,
-                       const double* b, int* ldb, double* beta, double* c, int* ldc);
-
 
 namespace fastattn {
 namespace {
@@ -47,14 +47,16 @@ void tile_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
   at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
 }
 
-// Through column-major BLAS: C^T = B^T A^T.
+// bfloat16 operands, B pair-interleaved (see cpu::product), float32 accumulation.
+void tile_gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b_pairs,
+               int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  cpu::product(m, n, k, a, lda, b_pairs, ldb, c, ldc, accumulate);
+}
+
+// Through column-major BLAS (cpu::product).
 void tile_gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb, double* c,
                int64_t ldc, bool accumulate) {
-  char no_transpose = 'N';
-  int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
-  int lda_i = static_cast<int>(ldb), ldb_i = static_cast<int>(lda), ldc_i = static_cast<int>(ldc);
-  double alpha = 1, beta = accumulate ? 1 : 0;
-  dgemm_(&no_transpose, &no_transpose, &mi, &ni, &ki, &alpha, b, &lda_i, a, &ldb_i, &beta, c, &ldc_i);
+  cpu::product(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 }
 
 // exp for float32 (Cephes' polynomial on the range-reduced argument), written without calls so that
@@ -120,13 +122,6 @@ FASTATTN_ISA_CLONES void exp_shifted(T* row, int64_t n, const T* shifts) {
   for (int64_t j = 0; j < n; ++j) row[j] = exp_accum(row[j] - shifts[j]);
 }
 
-// The larger of a and b, NaN if either is: a NaN score (from a NaN in q or in an unmasked key) must make its
-// row NaN, where a plain comparison would skip it (and a row of NaN scores would look like one with no key).
-template <typename T>
-inline T max_or_nan(T a, T b) {
-  return a < b || b != b ? b : a;
-}
-
 template <typename T>
 FASTATTN_ISA_CLONES T row_max(const T* row, int64_t n) {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
@@ -135,11 +130,11 @@ FASTATTN_ISA_CLONES T row_max(const T* row, int64_t n) {
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
 #pragma omp simd
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = max_or_nan(lanes[l], row[j + l]);
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] < row[j + l] ? row[j + l] : lanes[l];
   }
   T result = neg_inf;
-  for (; j < n; ++j) result = max_or_nan(result, row[j]);
-  for (int64_t l = 0; l < kLanes; ++l) result = max_or_nan(result, lanes[l]);
+  for (; j < n; ++j) result = result < row[j] ? row[j] : result;
+  for (int64_t l = 0; l < kLanes; ++l) result = result < lanes[l] ? lanes[l] : result;
   return result;
 }
 
@@ -151,8 +146,12 @@ FASTATTN_ISA_CLONES void scale_row(T* row, int64_t n, T factor) {
 
 template <typename scalar_t, typename accum_t>
 FASTATTN_ISA_CLONES void store_rows(const accum_t* src, scalar_t* dst, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    cpu::narrow_row(src, reinterpret_cast<uint16_t*>(dst), count);
+  } else {
 #pragma omp simd
-  for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+    for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+  }
 }
 
 // The sizes, layout and options of one call.
@@ -227,7 +226,7 @@ void for_each_item(int64_t count, int64_t scratch_size, const Body& body) {
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const std::unique_ptr<accum_t[]> scratch(new accum_t[scratch_size]);
     for (int64_t item = next++; item < count; item = next++) body(item, scratch.get());
-    if constexpr (std::is_same_v<accum_t, float>) at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+    if constexpr (std::is_same_v<accum_t, float>) cpu::release_products();
   });
 }
 
@@ -260,17 +259,40 @@ void for_each_key_run(const Problem& p, int64_t h, int64_t qb, const Visit& visi
   }
 }
 
-// A (B, H, N, X) tensor of the accumulation type, contiguous: the rows of one (batch, head).
-template <typename accum_t>
+// A (B, H, N, X) tensor of element type T, contiguous: the rows of one (batch, head).
+template <typename T>
 struct Heads {
-  const accum_t* data;
+  const T* data;
   int64_t head_size;
-  explicit Heads(const at::Tensor& t) : data(t.const_data_ptr<accum_t>()), head_size(t.size(2) * t.size(3)) {}
-  const accum_t* operator()(int64_t b, int64_t h, int64_t heads) const { return data + (b * heads + h) * head_size; }
+  explicit Heads(const at::Tensor& t) : data(t.const_data_ptr<T>()), head_size(t.size(2) * t.size(3)) {}
+  const T* operator()(int64_t b, int64_t h, int64_t heads) const { return data + (b * heads + h) * head_size; }
 };
 
 at::Tensor in_accum_type(const at::Tensor& t) {
   return t.to(lse_dtype(t.scalar_type())).contiguous();
+}
+
+// The operands of the tile products in rows (A operands, and B operands of bf16 products taken along the
+// rows): converted to the accumulation type, or kept in bfloat16 (op_t) for bf16 products.
+template <typename op_t>
+at::Tensor in_operand_type(const at::Tensor& t) {
+  return std::is_same_v<op_t, c10::BFloat16> ? t.contiguous() : in_accum_type(t);
+}
+
+// A bfloat16 (B, H, N, D) tensor as B operands of bf16 products over its rows: (B, H, N rounded up to even, D)
+// with rows 2i and 2i + 1 interleaved (cpu::pair_rows) and a zero pad row. Row r (even) starts at r * D.
+at::Tensor paired_rows(const at::Tensor& t) {
+  const at::Tensor src = t.contiguous();
+  const int64_t heads = t.size(0) * t.size(1), len = t.size(2), dim = t.size(3);
+  at::Tensor result = at::empty({t.size(0), t.size(1), len + len % 2, dim}, src.options());
+  const c10::BFloat16* src_data = src.const_data_ptr<c10::BFloat16>();
+  c10::BFloat16* dst = result.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t head = begin; head < end; ++head) {
+      cpu::pair_rows(src_data + head * len * dim, dim, len, dim, dst + head * result.size(2) * dim, dim);
+    }
+  });
+  return result;
 }
 
 // In square blocks of kTransposeBlock so that both sides stay in few cache lines.
@@ -295,12 +317,28 @@ FASTATTN_ISA_CLONES void transpose_tile(const S* src, int64_t ld_src, int64_t ro
 // in the same few cache sets, and a tile product reads D of them at once.
 inline int64_t padded_ld(int64_t len) { return (len + 15) / 16 * 16 + 16; }
 
-// A (B, H, N, D) tensor transposed to (B, H, D, N) in the accumulation type, with rows padded_ld(N) apart.
-// The padding is zero.
-template <typename accum_t>
+// Transposes src (rows x dim, leading dimension dim) into dst, columns ld apart: to (dim x rows) of type T,
+// or, when kPaired, to the pair-interleaved B operand of bf16 products over dim (cpu::pair_columns). Column c
+// of the result starts at dst + column_offset<kPaired>(c).
+template <bool kPaired>
+constexpr int64_t column_offset(int64_t c) {
+  return kPaired ? 2 * c : c;
+}
+template <bool kPaired, typename S, typename T>
+void transpose_operand(const S* src, int64_t rows, int64_t dim, T* dst, int64_t ld) {
+  if constexpr (kPaired) {
+    cpu::pair_columns(src, dim, rows, dim, dst, ld);
+  } else {
+    transpose_tile(src, dim, rows, dim, dst, ld);
+  }
+}
+
+// A (B, H, N, D) tensor transposed to (B, H, D, N) in type T (transpose_operand), with columns padded_ld(N)
+// apart. The padding is zero.
+template <typename T, bool kPaired = false>
 struct TransposedHeads {
   at::Tensor storage;
-  const accum_t* data;
+  const T* data;
   int64_t ld, head_size;
   template <typename scalar_t>
   static TransposedHeads of(const at::Tensor& t) {
@@ -309,26 +347,41 @@ struct TransposedHeads {
     const int64_t heads = t.size(0) * t.size(1), len = t.size(2), dim = t.size(3);
     result.ld = padded_ld(len);
     result.head_size = dim * result.ld;
-    result.storage = at::empty({t.size(0), t.size(1), dim, result.ld}, t.options().dtype(lse_dtype(t.scalar_type())));
-    accum_t* dst = result.storage.template data_ptr<accum_t>();
+    result.storage = at::empty({t.size(0), t.size(1), dim, result.ld}, t.options().dtype(c10::CppTypeToScalarType<T>::value));
+    T* dst = result.storage.template data_ptr<T>();
     const scalar_t* src_data = src.const_data_ptr<scalar_t>();
     const int64_t ld = result.ld, head_size = result.head_size, chunks = ceil_div(len, kTransposeChunk);
+    // Rows of the result (pairs of rows when kPaired), each of `width` elements per column.
+    constexpr int64_t width = column_offset<kPaired>(1);
     at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t head = item / chunks, r0 = item % chunks * kTransposeChunk;
         const int64_t rows = std::min(kTransposeChunk, len - r0);
-        accum_t* dst_head = dst + head * head_size;
-        transpose_tile(src_data + (head * len + r0) * dim, dim, rows, dim, dst_head + r0, ld);
+        T* dst_head = dst + head * head_size;
+        transpose_operand<kPaired>(src_data + (head * len + r0) * dim, rows, dim, dst_head + column_offset<kPaired>(r0),
+                                   ld);
         if (r0 + rows == len) {
-          for (int64_t d = 0; d < dim; ++d) std::fill(dst_head + d * ld + len, dst_head + (d + 1) * ld, accum_t(0));
+          for (int64_t d = 0; d < dim / width; ++d) {
+            std::fill(dst_head + (d * ld + len) * width, dst_head + (d + 1) * ld * width, T(0));
+          }
         }
       }
     });
     result.data = dst;
     return result;
   }
-  const accum_t* operator()(int64_t b, int64_t h, int64_t heads) const { return data + (b * heads + h) * head_size; }
+  const T* operator()(int64_t b, int64_t h, int64_t heads) const { return data + (b * heads + h) * head_size; }
 };
+
+// Rounds `count` float32 scores per row to the bfloat16 A operand of a product, zero in column `count` when
+// count is odd (the product's inner dimension is then count + 1, over a zero pad row of B).
+void scores_to_operand(const float* scores, int64_t scores_ld, int64_t rows, int64_t count, c10::BFloat16* dst,
+                       int64_t dst_ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    cpu::narrow_operand_row(scores + i * scores_ld, reinterpret_cast<uint16_t*>(dst + i * dst_ld), count);
+    if (count % 2 == 1) dst[i * dst_ld + count] = c10::BFloat16(0.0f);
+  }
+}
 
 template <typename T>
 FASTATTN_ISA_CLONES void add_rows(const T* src, T* dst, int64_t count) {
@@ -336,47 +389,60 @@ FASTATTN_ISA_CLONES void add_rows(const T* src, T* dst, int64_t count) {
   for (int64_t j = 0; j < count; ++j) dst[j] += src[j];
 }
 
-template <typename scalar_t>
+// Products take operands of type op_t: the accumulation type, or bfloat16 (with bf16 products, where
+// use_bf16_products says so): B operands then pair-interleaved, and the probabilities rounded to bfloat16
+// once per tile for the product with V, as FlashAttention does on GPUs.
+template <typename scalar_t, typename op_t>
 void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     at::Tensor& lse) {
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const at::Tensor q_c = in_accum_type(q), v_c = in_accum_type(v);
-  const Heads<accum_t> q_heads(q_c), v_heads(v_c);
-  const auto kt_heads = TransposedHeads<accum_t>::template of<scalar_t>(k);
+  constexpr bool kPaired = std::is_same_v<op_t, c10::BFloat16>;
+  const at::Tensor q_c = in_operand_type<op_t>(q), v_c = kPaired ? paired_rows(v) : in_accum_type(v);
+  const Heads<op_t> q_heads(q_c), v_heads(v_c);
+  const auto kt_heads = TransposedHeads<op_t, kPaired>::template of<scalar_t>(k);
   const accum_t scale = static_cast<accum_t>(p.scale);
   scalar_t* out_data = out.data_ptr<scalar_t>();
   accum_t* lse_data = lse.data_ptr<accum_t>();
   const int64_t bs = p.block, dim = p.dim, ld = p.run_blocks * bs;
 
-  // Scratch: scores (bs x run * bs), output accumulator, running max and sum.
-  const int64_t scratch_size = bs * ld + bs * dim + 2 * bs;
+  // Scratch: scores (bs x run * bs), output accumulator, running max and sum, and with bf16 products the
+  // probabilities in bfloat16 (bs x run * bs, ld even).
+  const int64_t scratch_size = bs * ld + bs * dim + 2 * bs + (kPaired ? bs * ld / 2 : 0);
   for_each_item<accum_t>(p.batch * p.heads * p.query_blocks, scratch_size, [&](int64_t item, accum_t* scratch) {
     accum_t* scores = scratch;
     accum_t* acc = scores + bs * ld;
     accum_t* run_max = acc + bs * dim;
     accum_t* run_sum = run_max + bs;
+    op_t* probs = kPaired ? reinterpret_cast<op_t*>(run_sum + bs) : reinterpret_cast<op_t*>(scores);
     const int64_t qb = item % p.query_blocks;
     const int64_t h = (item / p.query_blocks) % p.heads;
     const int64_t b = item / (p.query_blocks * p.heads);
     const int64_t r0 = qb * bs, rows = p.query_rows(qb);
-    const accum_t* q_tile = q_heads(b, h, p.heads) + r0 * dim;
-    const accum_t* k_t_head = kt_heads(b, p.kv_head(h), p.kv_heads);
-    const accum_t* v_head = v_heads(b, p.kv_head(h), p.kv_heads);
+    const op_t* q_tile = q_heads(b, h, p.heads) + r0 * dim;
+    const op_t* k_t_head = kt_heads(b, p.kv_head(h), p.kv_heads);
+    const op_t* v_head = v_heads(b, p.kv_head(h), p.kv_heads);
     std::fill(acc, acc + rows * dim, accum_t(0));
     std::fill(run_max, run_max + rows, -std::numeric_limits<accum_t>::infinity());
     std::fill(run_sum, run_sum + rows, accum_t(0));
 
     for_each_key_run(p, h, qb, [&](int64_t c0, int64_t cols) {
-      tile_gemm(rows, cols, dim, q_tile, dim, k_t_head + c0, kt_heads.ld, scores, ld, false);
+      tile_gemm(rows, cols, dim, q_tile, dim, k_t_head + column_offset<kPaired>(c0), kt_heads.ld, scores, ld, false);
       mask_scores(p, scores, ld, rows, cols, b, r0, c0);
       for (int64_t i = 0; i < rows; ++i) {
         accum_t* row = scores + i * ld;
         // Scaled in a pass of its own, not fused into the exp: the backward rounds scale * S the same way.
         scale_row(row, cols, scale);
-        const accum_t new_max = max_or_nan(run_max[i], row_max(row, cols));
+        // row_max skips NaN scores: a NaN makes exp(s - max), and so the row's sum, NaN below. A run_max of NaN
+        // (set here) stays NaN, std::max returning its first argument when the second is not larger.
+        accum_t new_max = std::max(run_max[i], row_max(row, cols));
         if (new_max == -std::numeric_limits<accum_t>::infinity()) {
-          std::fill(row, row + cols, accum_t(0));
-          continue;
+          // No key of this run is visible, unless every visible one scored NaN (a NaN in q or k), which must
+          // reach the row's output (not make it a row that sees no key).
+          if (std::none_of(row, row + cols, [](accum_t s) { return s != s; })) {
+            std::fill(row, row + cols, accum_t(0));
+            continue;
+          }
+          new_max = std::numeric_limits<accum_t>::quiet_NaN();
         }
         const accum_t row_sum = exp_shifted_sum(row, cols, new_max);
         const accum_t correction = exp_accum(run_max[i] - new_max);
@@ -384,7 +450,8 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         run_sum[i] = run_sum[i] * correction + row_sum;
         run_max[i] = new_max;
       }
-      tile_gemm(rows, dim, cols, scores, ld, v_head + c0 * dim, dim, acc, dim, true);
+      if constexpr (kPaired) scores_to_operand(scores, ld, rows, cols, probs, ld);
+      tile_gemm(rows, dim, cols + (kPaired ? cols % 2 : 0), probs, ld, v_head + c0 * dim, dim, acc, dim, true);
     });
 
     const int64_t out_row = (b * p.heads + h) * p.query_len + r0;
@@ -398,14 +465,22 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   });
 }
 
-template <typename scalar_t>
+// Products take operands of type op_t as in forward_kernel; with bf16 products, P^T and dS^T are rounded to
+// bfloat16 once per tile.
+template <typename scalar_t, typename op_t>
 void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q,
                      at::Tensor& grad_k, at::Tensor& grad_v) {
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const at::Tensor q_c = in_accum_type(q), k_c = in_accum_type(k), v_c = in_accum_type(v);
+  constexpr bool kPaired = std::is_same_v<op_t, c10::BFloat16>;
+  // Q and dO are B operands over their rows (dK += dS^T Q, dV += P^T dO); K and V are A operands.
+  const at::Tensor q_c = kPaired ? paired_rows(q) : in_accum_type(q);
+  const at::Tensor do_rows = kPaired ? paired_rows(grad_out) : at::Tensor();
+  const at::Tensor k_c = in_operand_type<op_t>(k), v_c = in_operand_type<op_t>(v);
   const at::Tensor do_c = in_accum_type(grad_out), out_c = in_accum_type(out), lse_c = lse.contiguous();
-  const Heads<accum_t> q_heads(q_c), k_heads(k_c), v_heads(v_c), do_heads(do_c);
+  const Heads<op_t> q_heads(q_c), k_heads(k_c), v_heads(v_c), do_heads(kPaired ? do_rows : do_c);
+  const at::Tensor q_in = q.contiguous(), do_in = grad_out.contiguous();
+  const Heads<scalar_t> q_in_rows(q_in), do_in_rows(do_in);
   const accum_t* lse_data = lse_c.const_data_ptr<accum_t>();
   const int64_t bs = p.block, dim = p.dim;
   const accum_t scale = static_cast<accum_t>(p.scale);
@@ -440,9 +515,11 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   // on one key.
   // Consecutive query blocks that list the key block are taken as one run (BigBird's window is a run of
   // 3), of up to run_rows queries: one tile product per run instead of one per pair.
-  // Scratch: P^T and dP^T (dS^T in place) (bs x run_rows each).
+  // Scratch: P^T and dP^T (dS^T in place) (bs x run_rows each), and with bf16 products P^T and dS^T in
+  // bfloat16 (bs x run_rows each) and dS^T pair-interleaved as the B operand of K^T dS^T (bs rounded up to even
+  // x run_rows).
   const int64_t run_blocks = std::max<int64_t>(1, kBackwardRunRows / bs), run_rows = run_blocks * bs;
-  const int64_t pair_scratch = 2 * bs * run_rows;
+  const int64_t pair_scratch = 2 * bs * run_rows + (kPaired ? (3 * bs + 1) * run_rows / 2 + 1 : 0);
   // Calls visit(first_position, length) for each run of the query blocks listed for key block kb (in the
   // transposed CSR of layout head lh) that may see it.
   const auto for_each_query_run = [&](int64_t lh, int64_t kb, const auto& visit) {
@@ -456,9 +533,10 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
       visit(idx, length);
     }
   };
-  // The transposed operands of one head: Q^T and dO^T (dim x ld_q), K^T (dim x ld_k).
+  // The transposed operands of one head: Q^T and dO^T (dim x ld_q; B operands of K Q^T and V dO^T,
+  // pair-interleaved with bf16 products), K^T (dim x ld_k; the A operand of K^T dS^T).
   struct TransposedOperands {
-    const accum_t *q_t, *do_t, *k_t;
+    const op_t *q_t, *do_t, *k_t;
     int64_t ld_q, ld_k;
   };
   // Query head h's share of dK and dV of key block kb is added to acc_k and acc_v (cols x D each): the
@@ -468,33 +546,50 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
                                    const auto& dq_shared) {
     accum_t* probs_t = scratch;
     accum_t* dp_t = probs_t + bs * run_rows;
+    // The operands of P^T dO, dS^T Q and K^T dS^T: P^T and dS^T themselves, or rounded to bfloat16.
+    op_t* probs_op = reinterpret_cast<op_t*>(probs_t);
+    op_t* ds_op = reinterpret_cast<op_t*>(dp_t);
+    op_t* ds_pairs = ds_op;
+    if constexpr (kPaired) {
+      probs_op = reinterpret_cast<op_t*>(dp_t + bs * run_rows);
+      ds_op = probs_op + bs * run_rows;
+      ds_pairs = ds_op + bs * run_rows;
+    }
     const int64_t c0 = kb * bs, cols = std::min(bs, p.key_len - c0);
-    const accum_t* k_tile = k_heads(b, p.kv_head(h), p.kv_heads) + c0 * dim;
-    const accum_t* k_t_tile = ops.k_t + c0;
-    const accum_t* v_tile = v_heads(b, p.kv_head(h), p.kv_heads) + c0 * dim;
-    const accum_t* q_head = q_heads(b, h, p.heads);
-    const accum_t* do_head = do_heads(b, h, p.heads);
+    const op_t* k_tile = k_heads(b, p.kv_head(h), p.kv_heads) + c0 * dim;
+    const op_t* k_t_tile = ops.k_t + c0;
+    const op_t* v_tile = v_heads(b, p.kv_head(h), p.kv_heads) + c0 * dim;
+    const op_t* q_head = q_heads(b, h, p.heads);
+    const op_t* do_head = do_heads(b, h, p.heads);
     const int64_t head_row = (b * p.heads + h) * p.query_len;
     const int64_t lh = p.layout_head(h);
     const int32_t* listing = p.row_indices + lh * p.row_indices_stride;
     for_each_query_run(lh, kb, [&](int64_t idx, int64_t length) {
       const int64_t qb = listing[idx], r0 = qb * bs, rows = std::min(length * bs, p.query_len - r0);
       const int64_t ld = rows;
-      tile_gemm(cols, rows, dim, k_tile, dim, ops.q_t + r0, ops.ld_q, probs_t, ld, false);
+      // The inner dimension of bf16 products over the queries, and its leading dimension: rounded up to even
+      // over zero pads.
+      const int64_t inner_rows = kPaired ? rows + rows % 2 : rows;
+      tile_gemm(cols, rows, dim, k_tile, dim, ops.q_t + column_offset<kPaired>(r0), ops.ld_q, probs_t, ld, false);
       mask_scores_transposed(p, probs_t, ld, rows, cols, b, r0, c0);
       for (int64_t j = 0; j < cols; ++j) {
         scale_row(probs_t + j * ld, rows, scale);
         exp_shifted(probs_t + j * ld, rows, lse_data + head_row + r0);
       }
-      tile_gemm(cols, dim, rows, probs_t, ld, do_head + r0 * dim, dim, acc_v, dim, true);
-      tile_gemm(cols, rows, dim, v_tile, dim, ops.do_t + r0, ops.ld_q, dp_t, ld, false);
+      if constexpr (kPaired) scores_to_operand(probs_t, ld, cols, rows, probs_op, inner_rows);
+      tile_gemm(cols, dim, inner_rows, probs_op, inner_rows, do_head + r0 * dim, dim, acc_v, dim, true);
+      tile_gemm(cols, rows, dim, v_tile, dim, ops.do_t + column_offset<kPaired>(r0), ops.ld_q, dp_t, ld, false);
       for (int64_t j = 0; j < cols; ++j) {
         softmax_grad_row_transposed(probs_t + j * ld, dp_t + j * ld, rows, delta_data + head_row + r0, scale);
       }
-      tile_gemm(cols, dim, rows, dp_t, ld, q_head + r0 * dim, dim, acc_k, dim, true);
+      if constexpr (kPaired) {
+        scores_to_operand(dp_t, ld, cols, rows, ds_op, inner_rows);
+        cpu::pair_rows(dp_t, ld, cols, rows, ds_pairs, rows);
+      }
+      tile_gemm(cols, dim, inner_rows, ds_op, inner_rows, q_head + r0 * dim, dim, acc_k, dim, true);
       // The run's share of dQ, transposed (dQ^T = K^T dS^T, dim x rows), so that dS^T needs no transposing.
       accum_t* share_t = dq_share(idx);
-      tile_gemm(dim, rows, cols, k_t_tile, ops.ld_k, dp_t, ld, share_t, rows, false);
+      tile_gemm(dim, rows, kPaired ? cols + cols % 2 : cols, k_t_tile, ops.ld_k, ds_pairs, ld, share_t, rows, false);
       dq_shared(qb, rows);
     });
   };
@@ -511,21 +606,29 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   const int64_t kv_len = p.key_len * dim;
   if (kv_heads_total >= 4 * static_cast<int64_t>(at::get_num_threads())) {
     const int64_t ld_q = padded_ld(p.query_len), ld_k = padded_ld(p.key_len), head_len = p.query_len * dim;
-    for_each_item<accum_t>(kv_heads_total, pair_scratch + run_rows * dim + dim * (3 * ld_q + ld_k) + 2 * kv_len,
+    // The transposed operands in op_t, counted in accum_t (ld_q and ld_k are even).
+    const int64_t operand_size = dim * (2 * ld_q + ld_k) * sizeof(op_t) / sizeof(accum_t);
+    for_each_item<accum_t>(kv_heads_total, pair_scratch + run_rows * dim + dim * ld_q + operand_size + 2 * kv_len,
                            [&](int64_t item, accum_t* scratch) {
       const int64_t kv_head = item % p.kv_heads, b = item / p.kv_heads;
       accum_t* share_t = scratch + pair_scratch;
       accum_t* dq_t = share_t + run_rows * dim;  // dQ^T of the head, dim x ld_q
-      accum_t* q_t = dq_t + dim * ld_q;
-      accum_t* do_t = q_t + dim * ld_q;
-      accum_t* k_t = do_t + dim * ld_q;
-      accum_t* acc_k = k_t + dim * ld_k;  // dK and dV of the kv head, key_len x dim each
+      op_t* q_t = reinterpret_cast<op_t*>(dq_t + dim * ld_q);
+      op_t* do_t = q_t + dim * ld_q;
+      op_t* k_t = do_t + dim * ld_q;
+      accum_t* acc_k = dq_t + dim * ld_q + operand_size;  // dK and dV of the kv head, key_len x dim each
       accum_t* acc_v = acc_k + kv_len;
       transpose_tile(k_heads(b, kv_head, p.kv_heads), dim, p.key_len, dim, k_t, ld_k);
+      // K^T dS^T reads a zero pad column of K^T when the last key block has an odd number of keys.
+      if (kPaired && p.key_len % 2 == 1) {
+        for (int64_t d = 0; d < dim; ++d) k_t[d * ld_k + p.key_len] = op_t(0);
+      }
       std::fill(acc_k, acc_k + 2 * kv_len, accum_t(0));
       for (int64_t h = kv_head * p.group(); h < (kv_head + 1) * p.group(); ++h) {
-        transpose_tile(q_heads(b, h, p.heads), dim, p.query_len, dim, q_t, ld_q);
-        transpose_tile(do_heads(b, h, p.heads), dim, p.query_len, dim, do_t, ld_q);
+        // Q^T and dO^T from the rows in the input dtype (q_heads and do_heads are pair-interleaved with bf16
+        // products).
+        transpose_operand<kPaired>(q_in_rows(b, h, p.heads), p.query_len, dim, q_t, ld_q);
+        transpose_operand<kPaired>(do_in_rows(b, h, p.heads), p.query_len, dim, do_t, ld_q);
         const TransposedOperands ops{q_t, do_t, k_t, ld_q, ld_k};
         std::fill(dq_t, dq_t + dim * ld_q, accum_t(0));
         const auto to_share = [&](int64_t) { return share_t; };
@@ -552,9 +655,9 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   const int64_t capacity = p.row_indices_stride, share_size = bs * dim;
   at::Tensor shares = at::empty({heads_total * capacity * share_size}, lse.options());
   accum_t* shares_data = shares.data_ptr<accum_t>();
-  const auto qt_heads = TransposedHeads<accum_t>::template of<scalar_t>(q);
-  const auto kt_heads = TransposedHeads<accum_t>::template of<scalar_t>(k);
-  const auto dot_heads = TransposedHeads<accum_t>::template of<scalar_t>(grad_out);
+  const auto qt_heads = TransposedHeads<op_t, kPaired>::template of<scalar_t>(q);
+  const auto kt_heads = TransposedHeads<op_t>::template of<scalar_t>(k);
+  const auto dot_heads = TransposedHeads<op_t, kPaired>::template of<scalar_t>(grad_out);
   for_each_item<accum_t>(kv_heads_total * p.key_blocks, pair_scratch + 2 * bs * dim,
                          [&](int64_t item, accum_t* scratch) {
     const int64_t kb = item % p.key_blocks, kv_head = (item / p.key_blocks) % p.kv_heads;
@@ -701,6 +804,12 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return p;
 }
 
+// bfloat16 inputs are multiplied in bfloat16 where the CPU can (cpu::bf16_products) and the pairs that its
+// products read stay within whole blocks (even block size and head dim); else they are converted to float32.
+bool use_bf16_products(const Problem& p, const at::Tensor& q) {
+  return q.scalar_type() == at::kBFloat16 && p.block % 2 == 0 && p.dim % 2 == 0 && cpu::bf16_products();
+}
+
 // k or v with the rows of padded keys zeroed. A padded key is ignored: its scores are masked to -inf, but
 // its rows still enter the tile products, where 0 * NaN (a NaN or inf in a padded position) would not be 0.
 at::Tensor without_padded_keys(const at::Tensor& t, const std::optional<at::Tensor>& key_padding_mask) {
@@ -717,10 +826,14 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_fwd_cpu(
                                  key_padding_mask, scale);
   at::Tensor out = new_output(q.sizes(), q.options());
   at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_dtype(q.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "block_sparse_fwd_cpu", [&] {
-    forward_kernel<scalar_t>(p, q, without_padded_keys(k, key_padding_mask), without_padded_keys(v, key_padding_mask),
-                             out, lse);
-  });
+  const at::Tensor keys = without_padded_keys(k, key_padding_mask), values = without_padded_keys(v, key_padding_mask);
+  if (use_bf16_products(p, q)) {
+    forward_kernel<c10::BFloat16, c10::BFloat16>(p, q, keys, values, out, lse);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "block_sparse_fwd_cpu", [&] {
+      forward_kernel<scalar_t, at::opmath_type<scalar_t>>(p, q, keys, values, out, lse);
+    });
+  }
   return {out, lse};
 }
 
@@ -746,10 +859,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_bwd_cpu(
   at::Tensor grad_q = new_output(q.sizes(), q.options());
   at::Tensor grad_k = new_output(k.sizes(), k.options());
   at::Tensor grad_v = new_output(v.sizes(), v.options());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "block_sparse_bwd_cpu", [&] {
-    backward_kernel<scalar_t>(p, grad_out, q, without_padded_keys(k, key_padding_mask),
-                              without_padded_keys(v, key_padding_mask), out, lse, grad_q, grad_k, grad_v);
-  });
+  const at::Tensor keys = without_padded_keys(k, key_padding_mask), values = without_padded_keys(v, key_padding_mask);
+  if (use_bf16_products(p, q)) {
+    backward_kernel<c10::BFloat16, c10::BFloat16>(p, grad_out, q, keys, values, out, lse, grad_q, grad_k, grad_v);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "block_sparse_bwd_cpu", [&] {
+      backward_kernel<scalar_t, at::opmath_type<scalar_t>>(p, grad_out, q, keys, values, out, lse, grad_q, grad_k,
+                                                           grad_v);
+    });
+  }
   return {grad_q, grad_k, grad_v};
 }
 

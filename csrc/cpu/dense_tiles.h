@@ -10,15 +10,21 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace fastattn::cpu {
 
@@ -63,7 +69,61 @@ inline void product(int64_t m, int64_t n, int64_t k, const double* a, int64_t ld
   gemm(false, false, m, n, k, 1.0, a, lda, b, ldb, accumulate ? 1.0 : 0.0, c, ldc);
 }
 
-inline void release_products() { at::native::cpublas::brgemm_release(/*is_vnni=*/false); }
+// Row-major C (m x n) = A (m x k) B (k x n) in bfloat16 with float32 accumulation, added to C when
+// `accumulate`: oneDNN's brgemm with AVX512-BF16 (vdpbf16ps) or AMX (tdpbf16ps) instructions. B is in the
+// pair-interleaved (VNNI) layout those instructions read, element (r, c) at b[(r / 2) * 2 * ldb + 2 * c + r % 2]
+// (see pair_rows and pair_columns); an odd k reads a zero pad row of B. Use only where bf16_products() holds.
+inline void product(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b_pairs,
+                    int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b_pairs, c, /*is_vnni=*/true);
+}
+
+inline void release_products() {
+  at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+}
+
+// Whether bfloat16 inputs are multiplied in bfloat16 (product above) rather than converted to float32
+// first: where the CPU has bfloat16 dot-product units (AVX512-BF16 or AMX) and oneDNN is enabled (torch's
+// brgemm needs it). Elsewhere bf16 products would be emulated, slower than float32 ones. The environment
+// variable FASTATTN_CPU_BF16_PRODUCTS=0 forces the float32 path (read per call, so tests can switch it).
+inline bool bf16_products() {
+  static const bool capable = [] {
+    const auto capabilities = at::cpu::get_cpu_capabilities();
+    const auto has = [&](const char* name) {
+      const auto found = capabilities.find(name);
+      return found != capabilities.end() && found->second.isBool() && found->second.toBool();
+    };
+    return has("avx512_bf16") || has("amx_bf16");
+  }();
+  const char* setting = std::getenv("FASTATTN_CPU_BF16_PRODUCTS");
+  const bool forced_off = setting != nullptr && setting[0] == '0';
+  return capable && !forced_off && at::globalContext().userEnabledMkldnn();
+}
+
+// The pair-interleaved B operand of src^T (src: rows x cols bfloat16, leading dimension src_ld, cols even):
+// dst[(c / 2) * 2 * dst_ld + 2 * r + c % 2] = src[r][c]. The pairs of src's rows are moved whole, as
+// 32-bit words, so this is a transpose of a (rows x cols / 2) matrix of words.
+inline void pair_columns(const c10::BFloat16* src, int64_t src_ld, int64_t rows, int64_t cols, c10::BFloat16* dst,
+                         int64_t dst_ld) {
+  TORCH_INTERNAL_ASSERT(cols % 2 == 0 && src_ld % 2 == 0 && dst_ld >= rows);
+  uint32_t word;
+  static_assert(sizeof(word) == 2 * sizeof(c10::BFloat16));
+  constexpr int64_t kBlock = 16;
+  const int64_t words = cols / 2;
+  for (int64_t row_block = 0; row_block < rows; row_block += kBlock) {
+    const int64_t row_end = std::min(rows, row_block + kBlock);
+    for (int64_t word_block = 0; word_block < words; word_block += kBlock) {
+      const int64_t word_end = std::min(words, word_block + kBlock);
+      for (int64_t w = word_block; w < word_end; ++w) {
+        for (int64_t r = row_block; r < row_end; ++r) {
+          std::memcpy(&word, src + r * src_ld + 2 * w, sizeof(word));
+          std::memcpy(dst + w * 2 * dst_ld + 2 * r, &word, sizeof(word));
+        }
+      }
+    }
+  }
+}
 
 // dst (cols x rows, leading dimension dst_ld) = multiplier * src^T, src (rows x cols, leading dimension
 // src_ld), converting between the input dtype and the accumulation type. Walks 16 x 16 blocks so that
@@ -170,16 +230,76 @@ namespace {
     out[i] = value * multiplier;
   }
 }
+inline uint16_t narrow(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint32_t rounding_bias = ((bits >> 16) & 1u) + 0x7FFFu;
+  const uint16_t rounded = static_cast<uint16_t>((bits + rounding_bias) >> 16);
+  return value != value ? uint16_t{0x7FC0} : rounded;
+}
 [[maybe_unused]] FASTATTN_VECTOR_CLONES void narrow_row(const float* in, uint16_t* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, &in[i], sizeof(bits));
-    const uint32_t rounding_bias = ((bits >> 16) & 1u) + 0x7FFFu;
-    const uint16_t rounded = static_cast<uint16_t>((bits + rounding_bias) >> 16);
-    out[i] = in[i] != in[i] ? uint16_t{0x7FC0} : rounded;
+  for (int64_t i = 0; i < n; ++i) out[i] = narrow(in[i]);
+}
+// narrow_row for the A operands of bf16 products, which run only where the CPU has AVX512-BF16
+// (bf16_products()): its conversion instruction rounds to nearest even as narrow does, but flushes denormal
+// inputs to zero (and keeps a NaN's payload), differences that do not matter in an operand of a product.
+#if defined(__x86_64__) && defined(__GNUC__)
+[[maybe_unused]] __attribute__((target("avx512f,avx512bf16"))) void narrow_operand_row(const float* in, uint16_t* out,
+                                                                                     int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + i + 16), _mm512_loadu_ps(in + i));
+    _mm512_storeu_si512(out + i, reinterpret_cast<const __m512i&>(pairs));
   }
+  for (; i < n; ++i) out[i] = narrow(in[i]);
+}
+#else
+[[maybe_unused]] void narrow_operand_row(const float* in, uint16_t* out, int64_t n) { narrow_row(in, out, n); }
+#endif
+// out[i] = the pair (first[i], second[i]) narrowed, first in the low half (pair_rows' layout).
+[[maybe_unused]] FASTATTN_VECTOR_CLONES void narrow_pair_rows(const float* first, const float* second, uint32_t* out,
+                                                               int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = narrow(first[i]) | static_cast<uint32_t>(narrow(second[i])) << 16;
 }
 }  // namespace
+
+// The pair-interleaved B operand of product() from a (rows x cols) matrix `src` (leading dimension src_ld,
+// bfloat16, or float rounded to nearest even): dst[(r / 2) * 2 * dst_ld + 2 * c + r % 2] = src[r][c], a zero
+// pad row when rows is odd.
+template <typename In>
+inline void pair_rows(const In* src, int64_t src_ld, int64_t rows, int64_t cols, c10::BFloat16* dst, int64_t dst_ld) {
+  for (int64_t r = 0; r < rows; r += 2) {
+    const In* first = src + r * src_ld;
+    c10::BFloat16* out = dst + r * dst_ld;
+    if constexpr (std::is_same_v<In, float>) {
+      static const float zeros[256] = {};
+      for (int64_t c0 = 0; c0 < cols; c0 += 256) {
+        const int64_t n = std::min<int64_t>(256, cols - c0);
+        const float* second = r + 1 < rows ? first + src_ld + c0 : zeros;
+        narrow_pair_rows(first + c0, second, reinterpret_cast<uint32_t*>(out + 2 * c0), n);
+      }
+    } else {
+      for (int64_t c = 0; c < cols; ++c) {
+        out[2 * c] = first[c];
+        out[2 * c + 1] = r + 1 < rows ? first[src_ld + c] : In(0);
+      }
+    }
+  }
+}
+
+// The pair-interleaved B operand of multiplier * src^T (src: rows x cols, float or bfloat16, leading dimension
+// src_ld), rounded to bfloat16: dst[(c / 2) * 2 * dst_ld + 2 * r + c % 2] = multiplier * src[r][c], zero pads
+// when cols is odd. For small matrices (per-head projections); pair_columns moves bfloat16 rows faster.
+template <typename In>
+inline void pair_transposed(const In* src, int64_t src_ld, int64_t rows, int64_t cols, float multiplier,
+                            c10::BFloat16* dst, int64_t dst_ld) {
+  for (int64_t c = 0; c < cols + cols % 2; ++c) {
+    c10::BFloat16* out = dst + (c / 2) * 2 * dst_ld + c % 2;
+    for (int64_t r = 0; r < rows; ++r) {
+      out[2 * r] = c < cols ? c10::BFloat16(static_cast<float>(src[r * src_ld + c]) * multiplier) : c10::BFloat16(0.0f);
+    }
+  }
+}
 
 // rows x cols from a strided source (unit stride along a row) into a contiguous buffer, times multiplier.
 template <typename scalar_t, typename T>

@@ -51,15 +51,55 @@ struct Projection {
   const T* head(int64_t h) const { return data + h * head_stride; }
 };
 
-// BLAS reads it in place where its strides allow.
+// BLAS reads it in place where its strides allow (unit stride along its rows).
 at::Tensor projection_in(const at::Tensor& projection, at::ScalarType acc) {
-  return with_blas_strides(projection.to(acc));
+  const at::Tensor converted = projection.to(acc);
+  return with_blas_strides(converted.stride(-1) == 1 ? converted : converted.contiguous());
+}
+
+// A projection (or its transpose) as the A operand of products of type O: in the accumulation type, or for
+// bf16 products in bfloat16 with rows of even length (a zero pad column), so that a product over all of its
+// columns has an even inner dimension.
+template <typename O>
+at::Tensor projection_operand(const at::Tensor& projection, at::ScalarType acc) {
+  if constexpr (std::is_same_v<O, c10::BFloat16>) {
+    return at::constant_pad_nd(projection, {0, projection.size(-1) % 2}).contiguous();
+  } else {
+    return projection_in(projection, acc);
+  }
 }
 
 template <typename T>
 Projection<T> projection_view(const at::Tensor& projection) {
   const bool per_head = projection.dim() == 3;
   return {projection.data_ptr<T>(), per_head ? projection.stride(0) : 0, projection.stride(-2)};
+}
+
+// bfloat16 inputs are multiplied in bfloat16 where the CPU can (cpu::bf16_products) and the head dim is even
+// (bf16 products over it read pairs); else they are converted to float32 first.
+bool use_bf16_products(const at::Tensor& q) {
+  return q.scalar_type() == at::kBFloat16 && q.size(3) % 2 == 0 && cpu::bf16_products();
+}
+
+// n rounded up to even when products of type O read pairs of rows (bf16 products): their zero pads.
+template <typename O>
+constexpr int64_t inner_size(int64_t n) {
+  return std::is_same_v<O, c10::BFloat16> ? n + n % 2 : n;
+}
+
+// Zeroes column `cols` of a (rows x cols + 1) bfloat16 A operand (leading dimension ld) when cols is odd: the
+// pad of an even inner dimension.
+void zero_pad_column(c10::BFloat16* a, int64_t ld, int64_t rows, int64_t cols) {
+  if (cols % 2 == 0) return;
+  for (int64_t r = 0; r < rows; ++r) a[r * ld + cols] = c10::BFloat16(0.0f);
+}
+
+// rows x cols float32 rounded to a bfloat16 A operand of leading dimension ld (zero pad column when odd).
+void narrow_operand(const float* src, int64_t rows, int64_t cols, c10::BFloat16* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    cpu::narrow_operand_row(src + r * cols, reinterpret_cast<uint16_t*>(dst + r * ld), cols);
+  }
+  zero_pad_column(dst, ld, rows, cols);
 }
 
 void check_projections(const at::Tensor& q, const at::Tensor& k, const at::Tensor& proj_k, const at::Tensor& proj_v) {
@@ -92,6 +132,21 @@ std::pair<const T*, int64_t> key_rows(const scalar_t* head, int64_t row_stride, 
     }
   }
   return {buffer, dim};
+}
+
+// Rows [start, start + rows) of one bfloat16 head of k or v, padded keys zeroed, as the pair-interleaved B
+// operand of a bf16 product over them (cpu::pair_rows, a zero pad row when rows is odd), in `buffer`.
+const c10::BFloat16* paired_key_rows(const c10::BFloat16* head, int64_t row_stride, const bool* padding, int64_t start,
+                                     int64_t rows, int64_t dim, c10::BFloat16* buffer) {
+  cpu::pair_rows(head + start * row_stride, row_stride, rows, dim, buffer, dim);
+  if (padding != nullptr) {
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!padding[start + r]) continue;
+      c10::BFloat16* pairs = buffer + (r / 2) * 2 * dim + r % 2;
+      for (int64_t c = 0; c < dim; ++c) pairs[2 * c] = c10::BFloat16(0.0f);
+    }
+  }
+  return buffer;
 }
 
 // The padding flags of batch b, or nullptr when none of its keys is padded (the common case reads in place).
@@ -132,8 +187,8 @@ void finish_rows(const T* rows, int64_t count, int64_t dim, scalar_t* first_row,
 }
 
 // C (m x n) += A (m x k) B (k x n) through `partial` (m x n scratch), or C = A B when `first`.
-template <typename T>
-void add_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc,
+template <typename O, typename T>
+void add_product(int64_t m, int64_t n, int64_t k, const O* a, int64_t lda, const O* b, int64_t ldb, T* c, int64_t ldc,
                  bool first, T* partial) {
   if (first) {
     cpu::product(m, n, k, a, lda, b, ldb, c, ldc, false);
@@ -145,39 +200,44 @@ void add_product(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const
   }
 }
 
-template <typename T>
-void release_products() {
-  if constexpr (std::is_same_v<T, float>) cpu::release_products();
-}
-
-template <typename scalar_t>
+// The tile products take operands of type O: the accumulation type, or bfloat16 for bf16 products
+// (use_bf16_products), whose B operands are pair-interleaved (cpu::product) and whose inner dimensions are
+// rounded up to even over zero pads (inner_size). K' and V' stay float32 sums; their bf16 operands are rounded
+// once per head, the probabilities once per tile.
+template <typename scalar_t, typename O>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& proj_k, const at::Tensor& proj_v,
     const std::optional<at::Tensor>& key_padding_mask, double scale) {
   using T = at::opmath_type<scalar_t>;
+  constexpr bool kPaired = std::is_same_v<O, c10::BFloat16>;
   const int64_t batch = q.size(0), heads = q.size(1), query_len = q.size(2), dim = q.size(3), key_len = k.size(2);
   // Grouped-query attention: query head h reads kv head h / heads_per_kv.
   const int64_t kv_heads = k.size(1), heads_per_kv = heads / kv_heads;
-  const int64_t kp = proj_k.size(-2);
+  const int64_t kp = proj_k.size(-2), kp_inner = inner_size<O>(kp);
   const auto acc = cpu::acc_dtype(q.scalar_type());
-  const at::Tensor pk_tensor = projection_in(proj_k, acc), pv_tensor = projection_in(proj_v, acc);
-  const auto pk = projection_view<T>(pk_tensor), pv = projection_view<T>(pv_tensor);
+  const at::Tensor pk_tensor = projection_operand<O>(proj_k, acc), pv_tensor = projection_operand<O>(proj_v, acc);
+  const auto pk = projection_view<O>(pk_tensor), pv = projection_view<O>(pv_tensor);
 
   at::Tensor out = new_output({batch, heads, query_len, dim}, q.options());
   at::Tensor lse = new_output({batch, heads, query_len}, q.options().dtype(lse_dtype(q.scalar_type())));
   at::Tensor k_proj = new_output({batch, heads, kp, dim}, q.options().dtype(acc));
   at::Tensor v_proj = new_output({batch, heads, kp, dim}, q.options().dtype(acc));
-  // scale * K'^T per head (D x kp), so that the scores are one plain product Q (scale K'^T).
-  at::Tensor keys_t = at::empty({batch * heads, dim, kp}, q.options().dtype(acc));
+  // scale * K'^T per head (D x kp), so that the scores are one plain product Q (scale K'^T); and the B
+  // operand of P V': V' itself, or pair-interleaved in bfloat16.
+  const auto operand_dtype = c10::CppTypeToScalarType<O>::value;
+  at::Tensor keys_t = at::empty({batch * heads, dim, kp}, q.options().dtype(operand_dtype));
+  at::Tensor values_pairs = kPaired ? at::empty({batch * heads, kp_inner, dim}, q.options()) : at::Tensor();
   const HeadView qv(q), kv(k), vv(v), ov(out);
   const scalar_t *q_ptr = q.data_ptr<scalar_t>(), *k_ptr = k.data_ptr<scalar_t>(), *v_ptr = v.data_ptr<scalar_t>();
   const bool* mask = key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr;
   T *kp_ptr = k_proj.data_ptr<T>(), *vp_ptr = v_proj.data_ptr<T>(), *lse_ptr = lse.data_ptr<T>();
-  T* kt_ptr = keys_t.data_ptr<T>();
+  O* kt_ptr = keys_t.data_ptr<O>();
+  const O* values = kPaired ? values_pairs.data_ptr<O>() : reinterpret_cast<const O*>(vp_ptr);
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
 
   cpu::parallel_tasks(batch * heads, [&](const auto& claim) {
     std::vector<T> rows(kSumChunk * dim), partial(kp * dim);
+    std::vector<O> operand_rows(kPaired ? (kSumChunk + 1) * dim : 0);
     for (int64_t bh = claim(); bh >= 0; bh = claim()) {
       const int64_t b = bh / heads, h = bh % heads;
       const bool* padding = padding_of(mask, b, key_len);
@@ -186,25 +246,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
         T* projected = dst + bh * kp * dim;
         for (int64_t start = 0; start < key_len; start += kSumChunk) {
           const int64_t n = std::min(kSumChunk, key_len - start);
-          const auto [keys, ld] = key_rows(src + view->offset(b, h / heads_per_kv), view->row_stride, padding, start,
-                                           n, dim, rows.data());
-          add_product(kp, dim, n, projection->head(h) + start, projection->row_stride, keys, ld, projected, dim,
-                      start == 0, partial.data());
+          const O* keys;
+          int64_t ld = dim;
+          if constexpr (kPaired) {
+            keys = paired_key_rows(src + view->offset(b, h / heads_per_kv), view->row_stride, padding, start, n, dim,
+                                   operand_rows.data());
+          } else {
+            std::tie(keys, ld) = key_rows(src + view->offset(b, h / heads_per_kv), view->row_stride, padding, start, n, dim,
+                                          rows.data());
+          }
+          add_product(kp, dim, inner_size<O>(n), projection->head(h) + start, projection->row_stride, keys, ld,
+                      projected, dim, start == 0, partial.data());
         }
       }
-      cpu::transpose(kp_ptr + bh * kp * dim, dim, kp, dim, T(scale), kt_ptr + bh * dim * kp, kp);
+      if constexpr (kPaired) {
+        cpu::pair_transposed(kp_ptr + bh * kp * dim, dim, kp, dim, static_cast<float>(scale), kt_ptr + bh * dim * kp,
+                             kp);
+        cpu::pair_rows(vp_ptr + bh * kp * dim, dim, kp, dim, values_pairs.data_ptr<O>() + bh * kp_inner * dim, dim);
+      } else {
+        cpu::transpose(kp_ptr + bh * kp * dim, dim, kp, dim, T(scale), kt_ptr + bh * dim * kp, kp);
+      }
     }
-    release_products<T>();
+    cpu::release_products();
   });
 
   const int64_t query_tiles = ceil_div(query_len, kQueryTile);
   cpu::parallel_tasks(batch * heads * query_tiles, [&](const auto& claim) {
     std::vector<T> queries(kQueryTile * dim), scores(kQueryTile * kp), outputs(kQueryTile * dim), row_sums(kQueryTile);
+    std::vector<O> probs(kPaired ? kQueryTile * kp_inner : 0);
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / query_tiles, b = bh / heads, h = bh % heads;
       const int64_t start = (task % query_tiles) * kQueryTile, n = std::min(kQueryTile, query_len - start);
-      const auto [query_rows, ldq] =
-          rows_in(q_ptr + qv.offset(b, h) + start * qv.row_stride, qv.row_stride, n, dim, queries.data());
+      const auto [query_rows, ldq] = rows_in<scalar_t, O>(q_ptr + qv.offset(b, h) + start * qv.row_stride,
+                                                          qv.row_stride, n, dim, reinterpret_cast<O*>(queries.data()));
       cpu::product(n, kp, dim, query_rows, ldq, kt_ptr + bh * dim * kp, kp, scores.data(), kp, false);
       for (int64_t r = 0; r < n; ++r) {
         T* row = scores.data() + r * kp;
@@ -216,7 +290,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       }
       scalar_t* out_rows = out_ptr + ov.offset(b, h) + start * ov.row_stride;
       const auto [result, ldo] = rows_out(out_rows, ov.row_stride, dim, outputs.data());
-      cpu::product(n, dim, kp, scores.data(), kp, vp_ptr + bh * kp * dim, dim, result, ldo, false);
+      const O* prob_rows = reinterpret_cast<const O*>(scores.data());
+      if constexpr (kPaired) {
+        narrow_operand(scores.data(), n, kp, probs.data(), kp_inner);
+        prob_rows = probs.data();
+      }
+      cpu::product(n, dim, kp_inner, prob_rows, kp_inner, values + bh * kp_inner * dim, dim, result, ldo, false);
       // Normalising the outputs (n x D) instead of the probabilities (n x kp) costs less when D < kp.
       for (int64_t r = 0; r < n; ++r) {
         const T inverse = T(1) / row_sums[r];
@@ -224,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       }
       finish_rows(result, n, dim, out_rows, ov.row_stride);
     }
-    release_products<T>();
+    cpu::release_products();
   });
   return {out, lse, k_proj, v_proj};
 }
@@ -239,22 +318,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linformer_fwd(
   TORCH_CHECK_VALUE(k.size(2) > 0 && q.size(2) > 0, "q, k: expected non-empty sequences, got Nq=", q.size(2),
                     " and Nk=", k.size(2));
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  if (use_bf16_products(q)) {
+    return forward_impl<c10::BFloat16, c10::BFloat16>(q, k, v, proj_k, proj_v, key_padding_mask, scale);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "linformer_fwd", [&] {
-    result = forward_impl<scalar_t>(q, k, v, proj_k, proj_v, key_padding_mask, scale);
+    result = forward_impl<scalar_t, at::opmath_type<scalar_t>>(q, k, v, proj_k, proj_v, key_padding_mask, scale);
   });
   return result;
 }
 
-template <typename scalar_t>
+// Operands of type O as in forward_impl; dS, P and the gradients of K' and V' are rounded to bfloat16 once
+// per tile (or per head) for bf16 products.
+template <typename scalar_t, typename O>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& proj_k, const at::Tensor& proj_v, const at::Tensor& lse, const at::Tensor& k_proj,
     const at::Tensor& v_proj, const std::optional<at::Tensor>& key_padding_mask, double scale) {
   using T = at::opmath_type<scalar_t>;
+  constexpr bool kPaired = std::is_same_v<O, c10::BFloat16>;
   const int64_t batch = q.size(0), heads = q.size(1), query_len = q.size(2), dim = q.size(3), key_len = k.size(2);
   // Grouped-query attention: query head h reads kv head h / heads_per_kv.
   const int64_t kv_heads = k.size(1), heads_per_kv = heads / kv_heads;
-  const int64_t kp = proj_k.size(-2);
+  const int64_t kp = proj_k.size(-2), kp_inner = inner_size<O>(kp);
   const auto acc = cpu::acc_dtype(q.scalar_type());
   const at::Tensor k_proj_c = k_proj.contiguous(), v_proj_c = v_proj.contiguous(), lse_c = lse.contiguous();
   const T *kp_ptr = k_proj_c.data_ptr<T>(), *vp_ptr = v_proj_c.data_ptr<T>(), *lse_ptr = lse_c.data_ptr<T>();
@@ -275,29 +360,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   scalar_t* gq_ptr = grad_q.data_ptr<scalar_t>();
 
   cpu::parallel_tasks(batch * heads * splits, [&](const auto& claim) {
-    std::vector<T> queries(kQueryTile * dim), grads(kQueryTile * dim);
-    std::vector<T> queries_t(dim * kQueryTile), grads_t(dim * kQueryTile), grad_rows(kQueryTile * dim);
-    std::vector<T> keys_t(dim * kp), values_t(dim * kp), partial_sum(dim * kp);
+    const int64_t tile_inner = inner_size<O>(kQueryTile);
+    std::vector<O> queries(kQueryTile * dim), grads(kQueryTile * dim);
+    std::vector<O> queries_t(dim * tile_inner), grads_t(dim * tile_inner);
+    std::vector<T> grad_rows(kQueryTile * dim), partial_sum(dim * kp);
+    // The B operands of Q (scale K'^T), dO V'^T and dS K' (K' itself, or pair-interleaved), and with bf16
+    // products P and dS as the B operands of dO^T P and Q^T dS, and dS as the A operand of dS K'.
+    std::vector<O> keys_t(dim * kp), values_t(dim * kp), keys_pairs(kPaired ? kp_inner * dim : 0);
     std::vector<T> probs(kQueryTile * kp), dprobs(kQueryTile * kp);
+    std::vector<O> probs_pairs(kPaired ? tile_inner * kp : 0), ds_pairs(kPaired ? tile_inner * kp : 0);
+    std::vector<O> ds_rows(kPaired ? kQueryTile * kp_inner : 0);
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / splits, b = bh / heads, h = bh % heads;
       const T* keys = kp_ptr + bh * kp * dim;
-      cpu::transpose(keys, dim, kp, dim, T(scale), keys_t.data(), kp);
-      cpu::transpose(vp_ptr + bh * kp * dim, dim, kp, dim, T(1), values_t.data(), kp);
+      const O* keys_operand = reinterpret_cast<const O*>(keys);
+      if constexpr (kPaired) {
+        cpu::pair_transposed(keys, dim, kp, dim, static_cast<float>(scale), keys_t.data(), kp);
+        cpu::pair_transposed(vp_ptr + bh * kp * dim, dim, kp, dim, 1.0f, values_t.data(), kp);
+        cpu::pair_rows(keys, dim, kp, dim, keys_pairs.data(), dim);
+        keys_operand = keys_pairs.data();
+      } else {
+        cpu::transpose(keys, dim, kp, dim, T(scale), keys_t.data(), kp);
+        cpu::transpose(vp_ptr + bh * kp * dim, dim, kp, dim, T(1), values_t.data(), kp);
+      }
       T* grad_keys_t = partial_ptr + task * 2 * dim * kp;
       T* grad_values_t = grad_keys_t + dim * kp;
       const int64_t first_tile = (task % splits) * tiles_per_split;
       const int64_t last_tile = std::min(query_tiles, first_tile + tiles_per_split);
       if (first_tile >= last_tile) std::fill(grad_keys_t, grad_keys_t + 2 * dim * kp, T(0));
       for (int64_t tile = first_tile; tile < last_tile; ++tile) {
-        const int64_t start = tile * kQueryTile, n = std::min(kQueryTile, query_len - start);
+        const int64_t start = tile * kQueryTile, n = std::min(kQueryTile, query_len - start), n_inner = inner_size<O>(n);
         const bool first = tile == first_tile;
         const scalar_t* q_rows = q_ptr + qv.offset(b, h) + start * qv.row_stride;
         const scalar_t* go_rows = go_ptr + gov.offset(b, h) + start * gov.row_stride;
-        const auto [query_rows, ldq] = rows_in(q_rows, qv.row_stride, n, dim, queries.data());
-        const auto [grad_out_rows, ldg] = rows_in(go_rows, gov.row_stride, n, dim, grads.data());
-        cpu::transpose(query_rows, ldq, n, dim, T(1), queries_t.data(), n);
-        cpu::transpose(grad_out_rows, ldg, n, dim, T(1), grads_t.data(), n);
+        const auto [query_rows, ldq] = rows_in<scalar_t, O>(q_rows, qv.row_stride, n, dim, queries.data());
+        const auto [grad_out_rows, ldg] = rows_in<scalar_t, O>(go_rows, gov.row_stride, n, dim, grads.data());
+        cpu::transpose(query_rows, ldq, n, dim, T(1), queries_t.data(), n_inner);
+        cpu::transpose(grad_out_rows, ldg, n, dim, T(1), grads_t.data(), n_inner);
+        if constexpr (kPaired) {
+          zero_pad_column(queries_t.data(), n_inner, dim, n);
+          zero_pad_column(grads_t.data(), n_inner, dim, n);
+        }
 
         cpu::product(n, kp, dim, query_rows, ldq, keys_t.data(), kp, probs.data(), kp, false);
         cpu::product(n, kp, dim, grad_out_rows, ldg, values_t.data(), kp, dprobs.data(), kp, false);
@@ -309,28 +412,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           // from the output, which is rounded to the input dtype: near a saturated row dP - delta is a small
           // difference, and the output's rounding (bfloat16's 2^-9) would swamp it.
           double delta = 0;
+#pragma omp simd reduction(+ : delta)
           for (int64_t j = 0; j < kp; ++j) delta += static_cast<double>(p_row[j]) * d_row[j];
           // d_row becomes scale * dS, the factor that both dQ and dK' carry.
           cpu::softmax_grad_row(p_row, d_row, kp, static_cast<T>(delta), T(scale));
         }
-        add_product(dim, kp, n, grads_t.data(), n, probs.data(), kp, grad_values_t, kp, first, partial_sum.data());
-        add_product(dim, kp, n, queries_t.data(), n, dprobs.data(), kp, grad_keys_t, kp, first, partial_sum.data());
+        const O* probs_operand = reinterpret_cast<const O*>(probs.data());
+        const O* ds_operand = reinterpret_cast<const O*>(dprobs.data());
+        const O* ds_a = ds_operand;
+        if constexpr (kPaired) {
+          cpu::pair_rows(probs.data(), kp, n, kp, probs_pairs.data(), kp);
+          cpu::pair_rows(dprobs.data(), kp, n, kp, ds_pairs.data(), kp);
+          narrow_operand(dprobs.data(), n, kp, ds_rows.data(), kp_inner);
+          probs_operand = probs_pairs.data();
+          ds_operand = ds_pairs.data();
+          ds_a = ds_rows.data();
+        }
+        add_product(dim, kp, n_inner, grads_t.data(), n_inner, probs_operand, kp, grad_values_t, kp, first,
+                    partial_sum.data());
+        add_product(dim, kp, n_inner, queries_t.data(), n_inner, ds_operand, kp, grad_keys_t, kp, first,
+                    partial_sum.data());
         scalar_t* gq_rows = gq_ptr + gqv.offset(b, h) + start * gqv.row_stride;
         const auto [grad_query_rows, ldq_out] = rows_out(gq_rows, gqv.row_stride, dim, grad_rows.data());
-        cpu::product(n, dim, kp, dprobs.data(), kp, keys, dim, grad_query_rows, ldq_out, false);
+        cpu::product(n, dim, kp_inner, ds_a, kp_inner, keys_operand, dim, grad_query_rows, ldq_out, false);
         finish_rows(grad_query_rows, n, dim, gq_rows, gqv.row_stride);
       }
     }
-    release_products<T>();
+    cpu::release_products();
   });
   const at::Tensor grad_projected_t = partial.sum(1);  // (B * H, 2, D, kp): dK'^T, dV'^T
   const at::Tensor grad_projected = grad_projected_t.transpose(-1, -2).contiguous();  // (B * H, 2, kp, D)
-  const T *gpt_ptr = grad_projected_t.data_ptr<T>(), *gp_ptr = grad_projected.data_ptr<T>();
+  // As B operands of P_k^T dK' and K dK'^T: themselves, or pair-interleaved in bfloat16 (over kp, over D).
+  at::Tensor grad_projected_pairs = grad_projected, grad_projected_t_pairs = grad_projected_t;
+  if constexpr (kPaired) {
+    grad_projected_pairs = at::empty({batch * heads, 2, kp_inner, dim}, q.options());
+    grad_projected_t_pairs = at::empty({batch * heads, 2, dim, kp}, q.options());
+    const T *gpt = grad_projected_t.data_ptr<T>(), *gp = grad_projected.data_ptr<T>();
+    O *gpt_pairs = grad_projected_t_pairs.data_ptr<O>(), *gp_pairs = grad_projected_pairs.data_ptr<O>();
+    at::parallel_for(0, batch * heads * 2, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        cpu::pair_rows(gp + i * kp * dim, dim, kp, dim, gp_pairs + i * kp_inner * dim, dim);
+        cpu::pair_rows(gpt + i * dim * kp, kp, dim, kp, gpt_pairs + i * dim * kp, kp);
+      }
+    });
+  }
+  const O *gpt_ptr = grad_projected_t_pairs.data_ptr<O>(), *gp_ptr = grad_projected_pairs.data_ptr<O>();
 
   // P_k^T and P_v^T ((N, kp), or (H, N, kp) per head), so that dK = P_k^T dK' is a plain product.
-  const at::Tensor pk_t = with_blas_strides(projection_in(proj_k, acc).transpose(-1, -2));
-  const at::Tensor pv_t = with_blas_strides(projection_in(proj_v, acc).transpose(-1, -2));
-  const auto pkt = projection_view<T>(pk_t), pvt = projection_view<T>(pv_t);
+  const at::Tensor pk_t = projection_operand<O>(proj_k.transpose(-1, -2).contiguous(), acc);
+  const at::Tensor pv_t = projection_operand<O>(proj_v.transpose(-1, -2).contiguous(), acc);
+  const auto pkt = projection_view<O>(pk_t), pvt = projection_view<O>(pv_t);
 
   at::Tensor grad_k = new_output(k.sizes(), k.options());
   at::Tensor grad_v = new_output(v.sizes(), v.options());
@@ -352,8 +483,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         scalar_t* dst = (which == 0 ? gk_ptr : gv_ptr) + view.offset(b, kv_head) + start * view.row_stride;
         const auto [result, ld] = rows_out(dst, view.row_stride, dim, rows.data());
         for (int64_t h = kv_head * heads_per_kv; h < (kv_head + 1) * heads_per_kv; ++h) {
-          cpu::product(n, dim, kp, projection_t.head(h) + start * projection_t.row_stride, projection_t.row_stride,
-                       gp_ptr + ((b * heads + h) * 2 + which) * kp * dim, dim, result, ld, h > kv_head * heads_per_kv);
+          cpu::product(n, dim, kp_inner, projection_t.head(h) + start * projection_t.row_stride,
+                       projection_t.row_stride, gp_ptr + ((b * heads + h) * 2 + which) * kp_inner * dim, dim, result,
+                       ld, h > kv_head * heads_per_kv);
         }
         if (mask) {
           for (int64_t r = 0; r < n; ++r) {
@@ -363,7 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         finish_rows(result, n, dim, dst, view.row_stride);
       }
     }
-    release_products<T>();
+    cpu::release_products();
   });
 
   // dP_k = sum of dK' K^T over the batch (and over the heads when the projection is shared), computed
@@ -379,7 +511,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     scalar_t* grad_ptr = (which == 0 ? grad_proj_k : grad_proj_v).data_ptr<scalar_t>();
     const int64_t groups = per_head ? heads : 1;
     cpu::parallel_tasks(groups * sum_tiles, [&](const auto& claim) {
-      std::vector<T> rows(kProjectionGradTile * dim), sums(kProjectionGradTile * kp);
+      std::vector<O> rows(kProjectionGradTile * dim);
+      std::vector<T> sums(kProjectionGradTile * kp);
       for (int64_t task = claim(); task >= 0; task = claim()) {
         const int64_t group = task / sum_tiles;
         const int64_t start = (task % sum_tiles) * kProjectionGradTile;
@@ -397,7 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         }
         cpu::transpose(sums.data(), kp, n, kp, T(1), grad_ptr + group * kp * key_len + start, key_len);
       }
-      release_products<T>();
+      cpu::release_products();
     });
   }
   return {grad_q, grad_k, grad_v, grad_proj_k, grad_proj_v};
@@ -428,9 +561,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linformer
   TORCH_CHECK_VALUE(lse.sizes() == q.sizes().slice(0, 3) && lse.scalar_type() == acc, "lse: expected shape ",
                     q.sizes().slice(0, 3), " and dtype ", acc, ", got ", lse.sizes(), " and ", lse.scalar_type());
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  if (use_bf16_products(q)) {
+    return backward_impl<c10::BFloat16, c10::BFloat16>(grad_out, q, k, v, proj_k, proj_v, lse, k_proj, v_proj,
+                                                       key_padding_mask, scale);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "linformer_bwd", [&] {
     // out is checked but not read: delta = dO . O comes from the recomputed probabilities (backward_impl).
-    result = backward_impl<scalar_t>(grad_out, q, k, v, proj_k, proj_v, lse, k_proj, v_proj, key_padding_mask, scale);
+    result = backward_impl<scalar_t, at::opmath_type<scalar_t>>(grad_out, q, k, v, proj_k, proj_v, lse, k_proj, v_proj,
+                                                                 key_padding_mask, scale);
   });
   return result;
 }

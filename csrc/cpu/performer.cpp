@@ -41,17 +41,104 @@ constexpr int64_t kTile = 64;
 constexpr double kReluEpsilon = 1e-3;  // fastattn.reference.RELU_KERNEL_EPSILON
 constexpr int64_t kInnerChunk = 128;
 
+// Sums partial (m x n) into C, times alpha: C = alpha partial, or C += alpha partial when `add`.
+void add_partial(const float* partial, int64_t m, int64_t n, float alpha, bool add, float* c, int64_t ldc) {
+  for (int64_t r = 0; r < m; ++r) {
+    float* row = c + r * ldc;
+    const float* part = partial + r * n;
+    if (add) {
+      for (int64_t col = 0; col < n; ++col) row[col] += alpha * part[col];
+    } else {
+      for (int64_t col = 0; col < n; ++col) row[col] = alpha * part[col];
+    }
+  }
+}
+
+// The rows (k x n float, leading dimension ld) of every matrix of a (..., k, n) float tensor pair-interleaved in
+// bfloat16 (cpu::pair_rows): (..., k rounded up to even, n). The B operands of bf16 tile products that stay
+// the same for many tiles (projections, states), rounded once per call.
+at::Tensor paired_operands(const at::Tensor& t) {
+  const at::Tensor src = t.contiguous();
+  const int64_t k = t.size(-2), n = t.size(-1), matrices = t.numel() / std::max<int64_t>(1, k * n);
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[sizes.size() - 2] = k + k % 2;
+  at::Tensor result = at::empty(sizes, t.options().dtype(at::kBFloat16));
+  const float* in = src.const_data_ptr<float>();
+  c10::BFloat16* out = result.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, matrices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) cpu::pair_rows(in + i * k * n, n, k, n, out + i * (k + k % 2) * n, n);
+  });
+  return result;
+}
+
+// tile_product's bf16 products: A rounded to bfloat16 in rows of an even length (a zero pad column when k is
+// odd), B rounded and pair-interleaved (cpu::product), or given so (b_pairs: B's rows paired at their leading
+// dimension ldb, as paired_operands does); the inner dimension chunked as for float.
+void bf16_tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
+                       const float* a, int64_t lda, const float* b, int64_t ldb, bool accumulate, float* c,
+                       int64_t ldc, const c10::BFloat16* b_pairs) {
+  thread_local std::vector<c10::BFloat16> a_rows, b_converted;
+  thread_local std::vector<float> partial, zeros;
+  thread_local std::vector<uint32_t> column;
+  const int64_t k_even = k + k % 2;
+  a_rows.resize(m * k_even);
+  if (transpose_a) {
+    // Rows j and j + 1 of a are column pair j / 2 of A: narrowed as pairs, then scattered as 32-bit words.
+    zeros.assign(m, 0.0f);
+    column.resize(m);
+    uint32_t* words = reinterpret_cast<uint32_t*>(a_rows.data());
+    for (int64_t j = 0; j < k; j += 2) {
+      cpu::narrow_pair_rows(a + j * lda, j + 1 < k ? a + (j + 1) * lda : zeros.data(), column.data(), m);
+      for (int64_t i = 0; i < m; ++i) words[i * (k_even / 2) + j / 2] = column[i];
+    }
+  } else {
+    for (int64_t r = 0; r < m; ++r) {
+      cpu::narrow_operand_row(a + r * lda, reinterpret_cast<uint16_t*>(a_rows.data() + r * k_even), k);
+      if (k % 2 == 1) a_rows[r * k_even + k] = c10::BFloat16(0.0f);
+    }
+  }
+  int64_t pairs_ld = ldb;
+  if (b_pairs == nullptr) {
+    pairs_ld = n;
+    b_converted.resize(k_even * n);
+    if (transpose_b) {
+      cpu::pair_transposed(b, ldb, n, k, 1.0f, b_converted.data(), n);
+    } else {
+      cpu::pair_rows(b, ldb, k, n, b_converted.data(), n);
+    }
+    b_pairs = b_converted.data();
+  }
+  if (!accumulate && alpha == 1.0f && k <= kInnerChunk) {
+    cpu::product(m, n, k_even, a_rows.data(), k_even, b_pairs, pairs_ld, c, ldc, false);
+    return;
+  }
+  partial.resize(m * n);
+  for (int64_t first = 0; first < k; first += kInnerChunk) {
+    const int64_t depth = std::min(kInnerChunk, k - first);
+    cpu::product(m, n, depth + depth % 2, a_rows.data() + first, k_even, b_pairs + first * pairs_ld, pairs_ld,
+                 partial.data(), n, false);
+    add_partial(partial.data(), m, n, alpha, accumulate || first > 0, c, ldc);
+  }
+}
+
 // Row-major C (m x n) = alpha op(A) op(B), added to C when `accumulate`. Float goes to cpu::product
 // (oneDNN's small-matrix kernels, several times faster than BLAS on these tiles) with transposed operands
 // copied into thread scratch; double (gradcheck) to BLAS. A product that is added goes through scratch
 // and is then summed into C: the kernels keep one running sum over their inner dimension, C included,
 // so adding a tile's product directly would make the sums over the sequence round like one long dot
 // product. A thread that ran float products calls release_products<T>() when its work is done.
+//
+// With `bf16` (bfloat16 inputs on a CPU with bf16 units, cpu::bf16_products), float operands are rounded to
+// bfloat16 once per tile, A in rows and B pair-interleaved, and multiplied with float32 accumulation.
+// b_pairs, where given, is B already pair-interleaved for bf16 products (paired_operands).
 template <typename T>
-void tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
-                  int64_t lda, const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+void tile_product(bool bf16, bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                  int64_t lda, const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc,
+                  const c10::BFloat16* b_pairs = nullptr) {
   if constexpr (!std::is_same_v<T, float>) {
     gemm(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, T(accumulate ? 1 : 0), c, ldc);
+  } else if (bf16) {
+    bf16_tile_product(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, accumulate, c, ldc, b_pairs);
   } else {
     thread_local std::vector<float> a_t, b_t, partial;
     if (transpose_a) {
@@ -74,15 +161,7 @@ void tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int6
     for (int64_t first = 0; first < k; first += kInnerChunk) {
       const int64_t depth = std::min(kInnerChunk, k - first);
       cpu::product(m, n, depth, a + first, lda, b + first * ldb, ldb, partial.data(), n, false);
-      for (int64_t r = 0; r < m; ++r) {
-        float* row = c + r * ldc;
-        const float* add = partial.data() + r * n;
-        if (accumulate || first > 0) {
-          for (int64_t col = 0; col < n; ++col) row[col] += alpha * add[col];
-        } else {
-          for (int64_t col = 0; col < n; ++col) row[col] = alpha * add[col];
-        }
-      }
+      add_partial(partial.data(), m, n, alpha, accumulate || first > 0, c, ldc);
     }
   }
 }
@@ -117,12 +196,16 @@ struct FeatureMap {
   int64_t features, dim;
   T sqrt_scale;
   bool softmax;
+  bool bf16_products;  // tile_product's bf16 argument
+  // With bf16 products, weights_t and weights pair-interleaved (paired_operands); else null.
+  const c10::BFloat16 *weights_t_pairs, *weights_pairs;
 
   // x <- rows * sqrt(scale); logits <- W x (relu) or W x - |x|^2 / 2 (softmax); row_max <- max of each logit row.
   template <typename scalar_t>
   void logits(const scalar_t* src, int64_t row_stride, int64_t rows, T* x, T* logits, T* row_max) const {
     cpu::load_rows(src, row_stride, rows, dim, sqrt_scale, x);
-    tile_product(false, false, rows, features, dim, T(1), x, dim, weights_t, features, false, logits, features);
+    tile_product(bf16_products, false, false, rows, features, dim, T(1), x, dim, weights_t, features, false, logits,
+                 features, weights_t_pairs);
     for (int64_t r = 0; r < rows; ++r) {
       if (!softmax) {
         row_max[r] = 0;
@@ -170,16 +253,18 @@ struct FeatureMap {
       }
       const T* pr = phi + r * features;
       const T* lr = logits + r * features;
-      const T divisor = divisors != nullptr ? divisors[r] : T(1);
+      // divisors >= the smallest normal T (the forward's normalisers are 0 or above): the inverse is finite.
+      const T inverse = divisors != nullptr ? T(1) / divisors[r] : T(1);
       if (softmax) {
-        for (int64_t f = 0; f < features; ++f) dr[f] = dr[f] * pr[f] / divisor;
+        for (int64_t f = 0; f < features; ++f) dr[f] = dr[f] * pr[f] * inverse;
         logit_sums[r] = cpu::sum_of(dr, features);
       } else {
-        for (int64_t f = 0; f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] / divisor : T(0);
+        for (int64_t f = 0; f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] * inverse : T(0);
       }
     }
     // d logits / d x = W - x (softmax, from the -|x|^2/2) or W (relu); x carries sqrt(scale) once more.
-    tile_product(false, false, rows, dim, features, sqrt_scale, dphi, features, weights, dim, false, dx, dim);
+    tile_product(bf16_products, false, false, rows, dim, features, sqrt_scale, dphi, features, weights, dim, false, dx,
+                 dim, weights_pairs);
     for (int64_t r = 0; r < rows; ++r) {
       if (dropped != nullptr && dropped[r]) {
         std::fill(dx + r * dim, dx + (r + 1) * dim, T(0));  // not 0 * x, which is NaN where x is
@@ -200,11 +285,12 @@ struct Workspace {
   bool k_dropped[kTile];
   bool q_dropped[kTile];
   T q_divisors[kTile];
-  Workspace(int64_t features, int64_t dim)
+  bool bf16;  // tile_product's bf16 argument
+  Workspace(int64_t features, int64_t dim, bool bf16_products)
       : qx(kTile * dim), q_logits(kTile * features), q_phi(kTile * features), q_max(kTile), kx(kTile * dim),
         k_logits(kTile * features), k_phi(kTile * features), k_max(kTile), k_stab(kTile), values(kTile * (dim + 1)),
         numden(kTile * (dim + 1)), grads(kTile * (dim + 1)), scores(kTile * kTile), dscores(kTile * kTile),
-        dphi(kTile * features), dx(kTile * dim) {}
+        dphi(kTile * features), dx(kTile * dim), bf16(bf16_products) {}
 };
 
 // rows of v into a (rows, D + 1) buffer whose last column is 1; zero rows where dropped[r] (padded keys are
@@ -247,10 +333,10 @@ void output_grads(const scalar_t* grad_out, const scalar_t* out, int64_t row_str
       std::fill(d, d + dim + 1, T(0));
       continue;
     }
-    const T divided_by = den / divisors[r];
+    const T inverse = divisors[r] / den;  // 1 / den, or 1 where den is left to the callers
     double dot = 0;  // g . out cancels against dnum . v in the scores' gradient: summed in double
     for (int64_t c = 0; c < dim; ++c) {
-      d[c] = static_cast<T>(g[c]) / divided_by;
+      d[c] = static_cast<T>(g[c]) * inverse;
       dot += static_cast<double>(d[c]) * static_cast<double>(o[c]);
     }
     d[dim] = static_cast<T>(-dot);
@@ -268,7 +354,8 @@ void scale_query_features(T* q_phi, int64_t rows, int64_t features, const T* div
       continue;
     }
     if (divisors[r] == T(1)) continue;
-    for (int64_t f = 0; f < features; ++f) pr[f] /= divisors[r];
+    const T inverse = T(1) / divisors[r];  // finite: divisors are normal numbers
+    for (int64_t f = 0; f < features; ++f) pr[f] *= inverse;
   }
 }
 
@@ -284,6 +371,8 @@ struct Problem {
   at::Tensor projection_t;
   int64_t projection_head_stride;
   const bool* mask;
+  bool bf16_products;  // bfloat16 inputs multiplied in bfloat16 (cpu::bf16_products)
+  at::Tensor projection_t_pairs, projection_pairs;  // with bf16 products: paired_operands of the two
 
   Problem(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& projection_,
           bool softmax_, bool causal_, const std::optional<at::Tensor>& key_padding_mask, double scale)
@@ -293,11 +382,23 @@ struct Problem {
         q(q_.data_ptr<scalar_t>()), k(k_.data_ptr<scalar_t>()), v(v_.data_ptr<scalar_t>()), qv(q_), kv(k_), vv(v_),
         projection(projection_.data_ptr<T>()), projection_t(projection_.transpose(-1, -2).contiguous()),
         projection_head_stride(projection_.dim() == 3 ? features * dim : 0),
-        mask(key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr) {}
+        mask(key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr),
+        bf16_products(std::is_same_v<scalar_t, c10::BFloat16> && cpu::bf16_products()) {
+    if (bf16_products) {
+      projection_t_pairs = paired_operands(projection_t);
+      projection_pairs = paired_operands(projection_);
+    }
+  }
 
   FeatureMap<T> feature_map(int64_t h) const {
     return {projection + h * projection_head_stride, projection_t.data_ptr<T>() + h * projection_head_stride,
-            features, dim, sqrt_scale, softmax};
+            features, dim, sqrt_scale, softmax, bf16_products,
+            bf16_products ? projection_t_pairs.data_ptr<c10::BFloat16>() + h * paired_head_stride(dim) : nullptr,
+            bf16_products ? projection_pairs.data_ptr<c10::BFloat16>() + h * paired_head_stride(features) : nullptr};
+  }
+  // The head stride of a paired projection whose matrices have `rows` rows (0 when shared by the heads).
+  int64_t paired_head_stride(int64_t rows) const {
+    return projection_head_stride == 0 ? 0 : (rows + rows % 2) * (features * dim / rows);
   }
   bool padded(int64_t b, int64_t j) const { return mask != nullptr && mask[b * key_len + j]; }
   // Rows of k and v from `start` that query head h reads: those of kv head h / heads_per_kv (grouped-query
@@ -333,7 +434,7 @@ void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_
 // Scores of a causal chunk: scores[i][j] = phi_q_i . phi_k_j * exp(M_j - M_i) for j <= i, 0 above the diagonal.
 template <typename T>
 void causal_chunk_scores(const Workspace<T>& w, int64_t n, int64_t features, const T* stabiliser, T* scores) {
-  tile_product(false, true, n, n, features, T(1), w.q_phi.data(), features, w.k_phi.data(), features, false, scores,
+  tile_product(w.bf16, false, true, n, n, features, T(1), w.q_phi.data(), features, w.k_phi.data(), features, false, scores,
                n);
   for (int64_t i = 0; i < n; ++i) {
     T* row = scores + i * n;
@@ -359,7 +460,7 @@ void add_keys_to_state(Workspace<T>& w, int64_t n, int64_t features, int64_t dim
     const T factor = cpu::exp_acc(w.k_stab[r] - next);
     for (int64_t f = 0; f < features; ++f) w.k_phi[r * features + f] *= factor;
   }
-  tile_product(true, false, features, dim + 1, n, T(1), w.k_phi.data(), features, w.values.data(), dim + 1, have_state,
+  tile_product(w.bf16, true, false, features, dim + 1, n, T(1), w.k_phi.data(), features, w.values.data(), dim + 1, have_state,
                state, dim + 1);
 }
 
@@ -387,17 +488,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       // A row that sees no key gives 0, and so does a row whose normaliser underflowed below the normal
       // range (its features meet the keys' only in products too small for T: in float32, num / den is then
       // a ratio of a few bits, and its gradients overflow); both save normaliser 0, which the backward drops.
-      // NaN (an input's) stays NaN. Divided, not multiplied by 1 / den, which may overflow.
+      // Other normalisers are normal numbers, whose inverse is finite. NaN (an input's) stays NaN.
       const T den = nd[dim] < std::numeric_limits<T>::min() ? T(0) : nd[dim];
       norm_ptr[bh * p.query_len + start + r] = den;
-      for (int64_t c = 0; c < dim; ++c) rows[r * dim + c] = den == 0 ? T(0) : nd[c] / den;
+      const T inverse = T(1) / den;
+      for (int64_t c = 0; c < dim; ++c) rows[r * dim + c] = den == 0 ? T(0) : nd[c] * inverse;
     }
     cpu::store_rows(rows.data(), n, dim, out_ptr + ov.offset(b, h) + start * ov.row_stride, ov.row_stride);
   };
 
   // Keys (and, when causal, the queries of the same chunk) per (batch, head), in order.
   cpu::parallel_tasks(p.batch * p.heads, [&](const auto& claim) {
-    Workspace<T> w(m, dim);
+    Workspace<T> w(m, dim, p.bf16_products);
     std::vector<T> rows(kTile * dim);
     for (int64_t bh = claim(); bh >= 0; bh = claim()) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
@@ -428,7 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
           query_features(p, map, b, h, start, n, w);
           // Earlier chunks through the state, rescaled from its stabiliser to each query's.
           if (have_state) {
-            tile_product(false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, head_state, dim + 1, false,
+            tile_product(w.bf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, head_state, dim + 1, false,
                          w.numden.data(), dim + 1);
             for (int64_t r = 0; r < n; ++r) {
               const T factor = cpu::exp_acc(std::min(current - w.k_stab[r], T(0)));
@@ -436,7 +538,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
             }
           }
           causal_chunk_scores(w, n, m, w.k_stab.data(), w.scores.data());
-          tile_product(false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1, have_state,
+          tile_product(w.bf16, false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1, have_state,
                        w.numden.data(), dim + 1);
           write_outputs(w, bh, b, h, start, n, rows);
         }
@@ -454,15 +556,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   if (causal) return {out, normaliser, key_stabiliser, state};
 
   const int64_t query_tiles = ceil_div(p.query_len, kTile);
+  const at::Tensor state_pairs = p.bf16_products ? paired_operands(state) : at::Tensor();
   cpu::parallel_tasks(p.batch * p.heads * query_tiles, [&](const auto& claim) {
-    Workspace<T> w(m, dim);
+    Workspace<T> w(m, dim, p.bf16_products);
     std::vector<T> rows(kTile * dim);
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / query_tiles, b = bh / p.heads, h = bh % p.heads;
       const int64_t start = (task % query_tiles) * kTile, n = std::min(kTile, p.query_len - start);
       query_features(p, p.feature_map(h), b, h, start, n, w);
-      tile_product(false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state_ptr + bh * m * (dim + 1), dim + 1, false,
-                   w.numden.data(), dim + 1);
+      tile_product(w.bf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state_ptr + bh * m * (dim + 1), dim + 1, false,
+                   w.numden.data(), dim + 1,
+                   p.bf16_products ? state_pairs.data_ptr<c10::BFloat16>() + bh * (m + m % 2) * (dim + 1) : nullptr);
       write_outputs(w, bh, b, h, start, n, rows);
     }
     release_products<T>();
@@ -496,11 +600,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> performer_fwd(
 
 // Non-causal backward. Queries: dphi_q = [dnum | dden] state^T and d state = sum phi_q^T [dnum | dden]
 // (split over query tiles, then added). Keys: dv = phi_k d_num_state, dphi_k = [V | 1] d state^T.
-// state_t_ptr: the saved state transposed per head ((D + 1) x m). grad_k, grad_v: per query head, of type grad_t.
+// state_t: the saved state transposed per head ((D + 1) x m). With bf16 products, the state and its gradient
+// are B operands rounded once per head (paired_operands). grad_k, grad_v: per query head, of type grad_t.
 template <typename scalar_t, typename grad_t>
 void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const scalar_t* out_ptr, const HeadView& ov,
                      const HeadView& gov, const at::opmath_type<scalar_t>* norm_ptr,
-                     const at::opmath_type<scalar_t>* stab_ptr, const at::opmath_type<scalar_t>* state_t_ptr,
+                     const at::opmath_type<scalar_t>* stab_ptr, const at::Tensor& state_t,
                      at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh_count = p.batch * p.heads;
@@ -509,12 +614,19 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
   const int64_t tiles_per_split = ceil_div(query_tiles, splits);
   at::Tensor partial = at::empty({bh_count, splits, m, dim + 1}, grad_q.options().dtype(c10::CppTypeToScalarType<T>::value));
   T* partial_ptr = partial.data_ptr<T>();
+  const T* state_t_ptr = state_t.const_data_ptr<T>();
+  // (D + 1) x m per head, and (D + 1) rounded up to even x m paired.
+  const int64_t state_t_pairs_size = (dim + 1 + (dim + 1) % 2) * m, state_pairs_size = (m + m % 2) * (dim + 1);
+  const at::Tensor state_t_pairs = p.bf16_products ? paired_operands(state_t) : at::Tensor();
+  const auto pairs_of = [&](const at::Tensor& pairs, int64_t bh, int64_t size) -> const c10::BFloat16* {
+    return p.bf16_products ? pairs.const_data_ptr<c10::BFloat16>() + bh * size : nullptr;
+  };
   const HeadView gqv(grad_q), gkv(grad_k), gvv(grad_v);
   scalar_t* gq_ptr = grad_q.data_ptr<scalar_t>();
   grad_t *gk_ptr = grad_k.data_ptr<grad_t>(), *gv_ptr = grad_v.data_ptr<grad_t>();
 
   cpu::parallel_tasks(bh_count * splits, [&](const auto& claim) {
-    Workspace<T> w(m, dim);
+    Workspace<T> w(m, dim, p.bf16_products);
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / splits, b = bh / p.heads, h = bh % p.heads;
       const auto map = p.feature_map(h);
@@ -529,13 +641,13 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
         output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
                      ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped,
                  w.q_divisors);
-        tile_product(false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false, w.dphi.data(),
-                     m);
+        tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false,
+                     w.dphi.data(), m, pairs_of(state_t_pairs, bh, state_t_pairs_size));
         map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.q_divisors,
                      w.dx.data());
         cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
         scale_query_features(w.q_phi.data(), n, m, w.q_divisors, w.q_dropped);
-        tile_product(true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, true, grad_state,
+        tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, true, grad_state,
                      dim + 1);
       }
     }
@@ -544,10 +656,12 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
   const at::Tensor grad_state_all = partial.sum(1);
   const at::Tensor grad_state_t_all = grad_state_all.transpose(-1, -2).contiguous();
   const T *gs_ptr = grad_state_all.data_ptr<T>(), *gs_t_ptr = grad_state_t_all.data_ptr<T>();
+  const at::Tensor grad_state_pairs = p.bf16_products ? paired_operands(grad_state_all) : at::Tensor();
+  const at::Tensor grad_state_t_pairs = p.bf16_products ? paired_operands(grad_state_t_all) : at::Tensor();
 
   const int64_t key_tiles = ceil_div(p.key_len, kTile);
   cpu::parallel_tasks(bh_count * key_tiles, [&](const auto& claim) {
-    Workspace<T> w(m, dim);
+    Workspace<T> w(m, dim, p.bf16_products);
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / key_tiles, b = bh / p.heads, h = bh % p.heads;
       const int64_t start = (task % key_tiles) * kTile, n = std::min(kTile, p.key_len - start);
@@ -557,10 +671,11 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
       map.phi(w.k_logits.data(), n, stab_ptr + bh * p.key_len + start, w.k_dropped, w.k_phi.data());
       load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
                             w.values.data());
-      tile_product(false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, false, w.dx.data(), dim);
+      tile_product(w.bf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, false, w.dx.data(), dim,
+                   pairs_of(grad_state_pairs, bh, state_pairs_size));
       cpu::store_rows(w.dx.data(), n, dim, gv_ptr + gvv.offset(b, h) + start * gvv.row_stride, gvv.row_stride);
-      tile_product(false, false, n, m, dim + 1, T(1), w.values.data(), dim + 1, gs_t_ptr + bh * m * (dim + 1), m, false,
-                   w.dphi.data(), m);
+      tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.values.data(), dim + 1, gs_t_ptr + bh * m * (dim + 1), m,
+                   false, w.dphi.data(), m, pairs_of(grad_state_t_pairs, bh, state_t_pairs_size));
       map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, nullptr,
                    w.dx.data());
       cpu::store_rows(w.dx.data(), n, dim, gk_ptr + gkv.offset(b, h) + start * gkv.row_stride, gkv.row_stride);
@@ -594,14 +709,14 @@ void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, c
                  w.q_divisors);
     // dphi_q = exp(M_state - M_i) [dnum | dden] state^T + (G o E) phi_k, with G = [dnum | dden] [V | 1]^T.
     if (have_state) {
-      tile_product(false, true, n, m, dim + 1, T(1), w.grads.data(), dim + 1, state.data(), dim + 1, false,
+      tile_product(w.bf16, false, true, n, m, dim + 1, T(1), w.grads.data(), dim + 1, state.data(), dim + 1, false,
                    w.dphi.data(), m);
       for (int64_t r = 0; r < n; ++r) {
         const T factor = w.q_dropped[r] ? T(0) : cpu::exp_acc(std::min(current - w.k_stab[r], T(0)));
         for (int64_t f = 0; f < m; ++f) w.dphi[r * m + f] *= factor;
       }
     }
-    tile_product(false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, false,
+    tile_product(w.bf16, false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, false,
                  w.dscores.data(), n);
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = 0; j < n; ++j) {
@@ -609,7 +724,7 @@ void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, c
         w.dscores[i * n + j] = j <= i ? w.dscores[i * n + j] * cpu::exp_acc(gap < 0 ? gap : T(0)) : T(0);
       }
     }
-    tile_product(false, false, n, m, n, T(1), w.dscores.data(), n, w.k_phi.data(), m, have_state, w.dphi.data(), m);
+    tile_product(w.bf16, false, false, n, m, n, T(1), w.dscores.data(), n, w.k_phi.data(), m, have_state, w.dphi.data(), m);
     map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.q_divisors,
                  w.dx.data());
     cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
@@ -652,8 +767,8 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
     scale_query_features(w.q_phi.data(), n, m, w.q_divisors, w.q_dropped);
     // Later chunks: dv_j = exp(M_j - M_ref) phi_k_j R_num, dphi_k_j = exp(M_j - M_ref) R [v_j | 1].
     if (have_suffix) {
-      tile_product(false, false, n, dim, m, T(1), w.k_phi.data(), m, suffix.data(), dim + 1, false, dv.data(), dim);
-      tile_product(false, true, n, m, dim + 1, T(1), w.values.data(), dim + 1, suffix.data(), dim + 1, false,
+      tile_product(w.bf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, suffix.data(), dim + 1, false, dv.data(), dim);
+      tile_product(w.bf16, false, true, n, m, dim + 1, T(1), w.values.data(), dim + 1, suffix.data(), dim + 1, false,
                    w.dphi.data(), m);
       for (int64_t r = 0; r < n; ++r) {
         const T factor = w.k_dropped[r] ? T(0) : cpu::exp_acc(std::min(w.k_stab[r] - reference, T(0)));
@@ -663,9 +778,9 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
     }
     // This chunk: dv += S^T dnum and dphi_k += (G o E)^T phi_q, S the chunk's scores.
     causal_chunk_scores(w, n, m, w.k_stab.data(), w.scores.data());
-    tile_product(true, false, n, dim, n, T(1), w.scores.data(), n, w.grads.data(), dim + 1, have_suffix, dv.data(),
+    tile_product(w.bf16, true, false, n, dim, n, T(1), w.scores.data(), n, w.grads.data(), dim + 1, have_suffix, dv.data(),
                  dim);
-    tile_product(false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, false,
+    tile_product(w.bf16, false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, false,
                  w.dscores.data(), n);
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = 0; j < n; ++j) {
@@ -673,7 +788,7 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
         w.dscores[i * n + j] = j <= i ? w.dscores[i * n + j] * cpu::exp_acc(gap < 0 ? gap : T(0)) : T(0);
       }
     }
-    tile_product(true, false, n, m, n, T(1), w.dscores.data(), n, w.q_phi.data(), m, have_suffix, w.dphi.data(), m);
+    tile_product(w.bf16, true, false, n, m, n, T(1), w.dscores.data(), n, w.q_phi.data(), m, have_suffix, w.dphi.data(), m);
     for (int64_t r = 0; r < n; ++r) {
       if (w.k_dropped[r]) std::fill(dv.begin() + r * dim, dv.begin() + (r + 1) * dim, T(0));
     }
@@ -694,7 +809,7 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
       const T factor = w.q_dropped[r] ? T(0) : cpu::exp_acc(std::min(next - w.k_stab[r], T(0)));
       for (int64_t f = 0; f < m; ++f) w.q_phi[r * m + f] *= factor;
     }
-    tile_product(true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, have_suffix,
+    tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, have_suffix,
                  suffix.data(), dim + 1);
     have_suffix = true;
     reference = next;
@@ -732,8 +847,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     if (!causal) {
       // The state and its gradient transposed per head, so that every tile product is a plain one.
       const at::Tensor state_t = state_c.transpose(-1, -2).contiguous();
-      backward_global<scalar_t, grad_t>(p, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, state_t.data_ptr<T>(),
-                                        grad_q, grad_k_heads, grad_v_heads);
+      backward_global<scalar_t, grad_t>(p, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, state_t, grad_q,
+                                        grad_k_heads, grad_v_heads);
       return;
     }
     const HeadView gqv(grad_q), gkv(grad_k_heads), gvv(grad_v_heads);
@@ -742,7 +857,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const int64_t bh_count = p.batch * p.heads;
     // Tasks [0, BH) take the forward direction (dq), [BH, 2 BH) the reverse one (dk, dv).
     cpu::parallel_tasks(2 * bh_count, [&](const auto& claim) {
-      Workspace<T> w(p.features, p.dim);
+      Workspace<T> w(p.features, p.dim, p.bf16_products);
       std::vector<T> running(p.features * (p.dim + 1));
       for (int64_t task = claim(); task >= 0; task = claim()) {
         const int64_t bh = task % bh_count, b = bh / p.heads, h = bh % p.heads;
