@@ -5,9 +5,11 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <limits>
 #include <optional>
+#include <vector>
 
 namespace fastattn {
 
@@ -30,13 +32,38 @@ inline at::ScalarType lse_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// q (B, H, Nq, D), k and v (B, H, Nk, D) on one device, one dtype, unit stride in the last dim.
-inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// t (any rank >= 1) with the strides that the CPU kernels pass to BLAS and brgemm: unit stride in the last
+// dim and rows (the last-but-one dim) at least a row apart, the smallest leading dimension BLAS accepts.
+// PyTorch leaves the stride of a size-1 dim arbitrary, and such a tensor may still count as contiguous
+// (randn(B, H, D, 1).transpose(2, 3) has rows 1 element apart), so every size-1 dim gets the stride of a
+// contiguous tensor: a view, no copy. Rows that overlap (a tensor expanded along N, stride 0) are copied.
+// A last dim with a stride other than 1 is left as it is: the ops' contract rejects it (check_qkv), and
+// callers that transpose a tensor make it contiguous first. Every CPU kernel takes its tensor arguments
+// through here before reading a stride.
+inline at::Tensor with_blas_strides(const at::Tensor& t) {
+  if (t.dim() == 0) return t;
+  std::vector<int64_t> strides = t.strides().vec();
+  int64_t contiguous_stride = 1;
+  for (int64_t d = t.dim() - 1; d >= 0; --d) {
+    if (t.size(d) == 1) strides[d] = contiguous_stride;
+    contiguous_stride *= std::max<int64_t>(t.size(d), 1);
+  }
+  const at::Tensor view = t.as_strided(t.sizes(), strides);
+  const int64_t last = t.dim() - 1;
+  const bool rows_fit = t.dim() < 2 || t.size(last - 1) <= 1 || strides[last - 1] >= t.size(last);
+  return strides[last] != 1 || rows_fit ? view : view.contiguous();
+}
+
+// q (B, H, Nq, D), k and v (B, H, Nk, D) on one device, one dtype, unit stride in the last dim. With
+// grouped_kv (a kernel that reads kv head h / (H / Hkv) for query head h), k and v may have Hkv heads, H % Hkv == 0.
+inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool grouped_kv = false) {
   TORCH_CHECK_VALUE(q.dim() == 4, "q: expected 4 dims (B, H, Nq, D), got ", q.sizes());
   TORCH_CHECK_VALUE(k.dim() == 4, "k: expected 4 dims (B, H, Nk, D), got ", k.sizes());
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v: expected the shape of k ", k.sizes(), ", got ", v.sizes());
-  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
-                    "k: expected shape (", q.size(0), ", ", q.size(1), ", Nk, ", q.size(3), ") to match q, got ",
+  const bool heads_fit =
+      k.size(1) == q.size(1) || (grouped_kv && k.size(1) > 0 && q.size(1) % k.size(1) == 0);
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && heads_fit && k.size(3) == q.size(3), "k: expected shape (", q.size(0),
+                    ", ", grouped_kv ? "Hkv dividing " : "", q.size(1), ", Nk, ", q.size(3), ") to match q, got ",
                     k.sizes());
   for (const at::Tensor* t : {&k, &v}) {
     TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), "k, v: expected dtype ", q.scalar_type(),

@@ -108,7 +108,7 @@ def _compile_spec(kernel, args, kwargs, arch):
     return signature, constexprs, attrs, options.__dict__
 
 
-def _triton_jobs() -> list[dict]:
+def _triton_jobs(selected: str | None = None) -> list[dict]:
     import triton
 
     jobs, seen = [], {}
@@ -120,6 +120,8 @@ def _triton_jobs() -> list[dict]:
         if variants is None:
             continue
         for label, launch, is_default in variants():
+            if selected and not re.search(selected, label):
+                continue
             for name, kernel, args, kwargs in _record_launches(module, launch):
                 for arch in ARCHS:
                     signature, constexprs, attrs, options = _compile_spec(kernel, args, kwargs, arch)
@@ -216,9 +218,9 @@ def _compile_triton(job: dict) -> dict:
     return result
 
 
-def _triton_section(jobs_count: int) -> list[str]:
+def _triton_section(jobs_count: int, selected: str | None) -> list[str]:
     start = time.time()
-    jobs = _triton_jobs()
+    jobs = _triton_jobs(selected)
     print(f"Triton {__import__('triton').__version__}: {len(jobs)} compiles (kernel x variant x target)", flush=True)
     # Forked workers inherit the imported modules; each job is one compile.
     with concurrent.futures.ProcessPoolExecutor(jobs_count, mp_context=multiprocessing.get_context("fork")) as pool:
@@ -495,6 +497,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--only", choices=("triton", "cuda"), help="run one section")
+    parser.add_argument("--variants", metavar="REGEX", help="Triton: only the variants whose label matches")
     args = parser.parse_args()
     start = time.time()
     os.environ.pop("TRITON_INTERPRET", None)
@@ -502,7 +505,7 @@ def main() -> int:
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpu-static-check-triton-")
     failures = []
     if args.only in (None, "triton"):
-        failures += _triton_section(args.jobs)
+        failures += _triton_section(args.jobs, args.variants)
     if args.only in (None, "cuda"):
         failures += _cuda_section(args.jobs)
     shutil.rmtree(os.environ["TRITON_CACHE_DIR"], ignore_errors=True)

@@ -85,42 +85,43 @@ def block_sparse_fwd_kernel(
     p_row = row_offsets + i_h * stride_row_h + i_qb
     i_start = tl.load(p_row)
     i_end = tl.load(p_row + 1)
-    # With causal, key tiles that start after this tile's last query are skipped (listed blocks above
-    # the diagonal give an empty range).
-    i_q_last = tl.minimum(i_m * BM + BM, Nq) - 1
-    for i_nz in range(i_start, i_end):
-        i_kb = tl.load(col_indices + i_h * stride_col_h + i_nz)
-        i_k_stop = tl.minimum(i_kb * BLOCK + BLOCK, Nk)
+    TILES = BLOCK // BN  # key tiles per layout block
+    # One flat loop over (listed key block, key tile) pairs, so that the pipeliner overlaps the loads of
+    # the next tiles (and of the next listed block) with this tile's compute. With causal, keys past
+    # this tile's last query are masked out of the loads (listed blocks above the diagonal read nothing).
+    i_k_end = Nk
+    if CAUSAL:
+        i_k_end = tl.minimum(Nk, i_m * BM + BM)
+    p_cols = col_indices + i_h * stride_col_h
+    for i_it in range(i_start * TILES, i_end * TILES):
+        i_kb = tl.load(p_cols + i_it // TILES)
+        o_k = i_kb * BLOCK + (i_it % TILES) * BN + o_n
+        m_k = o_k < i_k_end
+        if HAS_PADDING:
+            b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_k, mask=m_k, other=1)
+            m_k = m_k & (b_pad == 0)
+        o_k64 = o_k.to(tl.int64)
+        b_k = tl.load(p_k_base + o_k64[:, None] * stride_kn + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_v = tl.load(p_v_base + o_k64[:, None] * stride_vn + o_d[None, :], mask=m_k[:, None], other=0.0)
+
+        # [BM, D] @ [D, BN] -> [BM, BN]. Natural units, scaled as the backward scales: where the softmax
+        # saturates on one key, p = exp(s - max) = 1 and lse = max exactly, so that the backward
+        # recomputes p == 1 there and knows the row's gradient is 0 (see _softmax_grad).
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale
+        m_s = m_k[None, :]
         if CAUSAL:
-            i_k_stop = tl.minimum(i_k_stop, i_q_last + 1)
-        for i_k in range(i_kb * BLOCK, i_k_stop, BN):
-            o_k = i_k + o_n
-            m_k = o_k < Nk
-            if HAS_PADDING:
-                b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_k, mask=m_k, other=1)
-                m_k = m_k & (b_pad == 0)
-            o_k64 = o_k.to(tl.int64)
-            b_k = tl.load(p_k_base + o_k64[:, None] * stride_kn + o_d[None, :], mask=m_k[:, None], other=0.0)
-            b_v = tl.load(p_v_base + o_k64[:, None] * stride_vn + o_d[None, :], mask=m_k[:, None], other=0.0)
+            m_s = m_s & (o_m[:, None] >= o_k[None, :])
+        b_s = tl.where(m_s, b_s, float("-inf"))
 
-            # [BM, D] @ [D, BN] -> [BM, BN]. Natural units, scaled as the backward scales: where the softmax
-            # saturates on one key, p = exp(s - max) = 1 and lse = max exactly, so that the backward
-            # recomputes p == 1 there and knows the row's gradient is 0 (see _softmax_grad).
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale
-            m_s = m_k[None, :]
-            if CAUSAL:
-                m_s = m_s & (o_m[:, None] >= o_k[None, :])
-            b_s = tl.where(m_s, b_s, float("-inf"))
-
-            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-            # A row that has seen no key yet keeps a max of -inf; subtracting 0 keeps exp2 at 0, not NaN.
-            b_m_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-            b_p = tl.exp(b_s - b_m_shift[:, None])
-            b_alpha = tl.exp(b_m - b_m_shift)
-            b_l = b_l * b_alpha + tl.sum(b_p, 1)
-            # [BM, BN] @ [BN, D] -> [BM, D]
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-            b_m = b_m_new
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        # A row that has seen no key yet keeps a max of -inf; subtracting 0 keeps exp at 0, not NaN.
+        b_m_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_p = tl.exp(b_s - b_m_shift[:, None])
+        b_alpha = tl.exp(b_m - b_m_shift)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        # [BM, BN] @ [BN, D] -> [BM, D]
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+        b_m = b_m_new
 
     m_seen = b_l > 0
     b_o = b_acc / tl.where(m_seen, b_l, 1.0)[:, None]
@@ -203,36 +204,37 @@ def block_sparse_bwd_kernel_dkdv(
     p_col = col_offsets + i_h * stride_colo_h + i_kb
     i_start = tl.load(p_col)
     i_end = tl.load(p_col + 1)
-    for i_nz in range(i_start, i_end):
-        i_qb = tl.load(row_indices + i_h * stride_rowi_h + i_nz)
-        i_q_start = i_qb * BLOCK
-        if CAUSAL:
-            # Query tiles that end before this key tile starts see none of its keys (and listed blocks
-            # above the diagonal give an empty range).
-            i_q_start += tl.maximum(i_n * BN - i_q_start, 0) // BM * BM
-        for i_q in range(i_q_start, tl.minimum(i_qb * BLOCK + BLOCK, Nq), BM):
-            o_m = i_q + o_m_block
-            m_m = o_m < Nq
-            o_m64 = o_m.to(tl.int64)
-            b_q = tl.load(p_q_base + o_m64[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
-            b_do = tl.load(p_do_base + o_m64[:, None] * stride_don + o_d[None, :], mask=m_m[:, None], other=0.0)
-            b_lse = tl.load(p_lse_base + o_m, mask=m_m, other=float("inf"))
-            b_delta = tl.load(p_delta_base + o_m, mask=m_m, other=0.0)
+    TILES = BLOCK // BM  # query tiles per layout block
+    # One flat loop over (listed query block, query tile) pairs (see the forward). With causal, queries
+    # before this key tile's first key see none of its keys: they are masked out of the loads.
+    i_q_first = 0
+    if CAUSAL:
+        i_q_first = i_n * BN
+    p_rows = row_indices + i_h * stride_rowi_h
+    for i_it in range(i_start * TILES, i_end * TILES):
+        i_qb = tl.load(p_rows + i_it // TILES)
+        o_m = i_qb * BLOCK + (i_it % TILES) * BM + o_m_block
+        m_m = (o_m < Nq) & (o_m >= i_q_first)
+        o_m64 = o_m.to(tl.int64)
+        b_q = tl.load(p_q_base + o_m64[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
+        b_do = tl.load(p_do_base + o_m64[:, None] * stride_don + o_d[None, :], mask=m_m[:, None], other=0.0)
+        b_lse = tl.load(p_lse_base + o_m, mask=m_m, other=float("inf"))
+        b_delta = tl.load(p_delta_base + o_m, mask=m_m, other=0.0)
 
-            # [BN, D] @ [D, BM] -> [BN, BM]
-            b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * scale
-            m_sT = m_k[:, None] & m_m[None, :]
-            if CAUSAL:
-                m_sT = m_sT & (o_k[:, None] <= o_m[None, :])
-            # lse is +inf for rows that see no key: their probabilities vanish.
-            b_pT = tl.where(m_sT, tl.exp(b_sT - b_lse[None, :]), 0.0)
-            # [BN, BM] @ [BM, D] -> [BN, D]
-            b_dv += tl.dot(b_pT.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-            # [BN, D] @ [D, BM] -> [BN, BM]
-            b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
-            b_dsT = _softmax_grad(b_pT, b_dpT, b_delta[None, :])
-            # [BN, BM] @ [BM, D] -> [BN, D]
-            b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+        # [BN, D] @ [D, BM] -> [BN, BM]
+        b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * scale
+        m_sT = m_k[:, None] & m_m[None, :]
+        if CAUSAL:
+            m_sT = m_sT & (o_k[:, None] <= o_m[None, :])
+        # lse is +inf for rows that see no key: their probabilities vanish.
+        b_pT = tl.where(m_sT, tl.exp(b_sT - b_lse[None, :]), 0.0)
+        # [BN, BM] @ [BM, D] -> [BN, D]
+        b_dv += tl.dot(b_pT.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+        # [BN, D] @ [D, BM] -> [BN, BM]
+        b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+        b_dsT = _softmax_grad(b_pT, b_dpT, b_delta[None, :])
+        # [BN, BM] @ [BM, D] -> [BN, D]
+        b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
 
     p_dk = dk + i_b * stride_dkb + i_h * stride_dkh + o_k64[:, None] * stride_dkn + o_d[None, :]
     p_dv = dv + i_b * stride_dvb + i_h * stride_dvh + o_k64[:, None] * stride_dvn + o_d[None, :]
@@ -277,65 +279,68 @@ def block_sparse_bwd_kernel_dq(
     p_row = row_offsets + i_h * stride_row_h + i_qb
     i_start = tl.load(p_row)
     i_end = tl.load(p_row + 1)
-    # With causal, key tiles that start after this tile's last query are skipped (listed blocks above
-    # the diagonal give an empty range).
-    i_q_last = tl.minimum(i_m * BM + BM, Nq) - 1
-    for i_nz in range(i_start, i_end):
-        i_kb = tl.load(col_indices + i_h * stride_col_h + i_nz)
-        i_k_stop = tl.minimum(i_kb * BLOCK + BLOCK, Nk)
-        if CAUSAL:
-            i_k_stop = tl.minimum(i_k_stop, i_q_last + 1)
-        for i_k in range(i_kb * BLOCK, i_k_stop, BN):
-            o_k = i_k + o_n
-            m_k = o_k < Nk
-            if HAS_PADDING:
-                b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_k, mask=m_k, other=1)
-                m_k = m_k & (b_pad == 0)
-            o_k64 = o_k.to(tl.int64)
-            b_k = tl.load(p_k_base + o_k64[:, None] * stride_kn + o_d[None, :], mask=m_k[:, None], other=0.0)
-            b_v = tl.load(p_v_base + o_k64[:, None] * stride_vn + o_d[None, :], mask=m_k[:, None], other=0.0)
+    TILES = BLOCK // BN  # key tiles per layout block
+    # One flat loop over (listed key block, key tile) pairs, so that the pipeliner overlaps the loads of
+    # the next tiles (and of the next listed block) with this tile's compute. With causal, keys past
+    # this tile's last query are masked out of the loads (listed blocks above the diagonal read nothing).
+    i_k_end = Nk
+    if CAUSAL:
+        i_k_end = tl.minimum(Nk, i_m * BM + BM)
+    p_cols = col_indices + i_h * stride_col_h
+    for i_it in range(i_start * TILES, i_end * TILES):
+        i_kb = tl.load(p_cols + i_it // TILES)
+        o_k = i_kb * BLOCK + (i_it % TILES) * BN + o_n
+        m_k = o_k < i_k_end
+        if HAS_PADDING:
+            b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_k, mask=m_k, other=1)
+            m_k = m_k & (b_pad == 0)
+        o_k64 = o_k.to(tl.int64)
+        b_k = tl.load(p_k_base + o_k64[:, None] * stride_kn + o_d[None, :], mask=m_k[:, None], other=0.0)
+        b_v = tl.load(p_v_base + o_k64[:, None] * stride_vn + o_d[None, :], mask=m_k[:, None], other=0.0)
 
-            # [BM, D] @ [D, BN] -> [BM, BN]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale
-            m_s = m_k[None, :]
-            if CAUSAL:
-                m_s = m_s & (o_m[:, None] >= o_k[None, :])
-            b_p = tl.where(m_s, tl.exp(b_s - b_lse[:, None]), 0.0)
-            # [BM, D] @ [D, BN] -> [BM, BN]
-            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
-            b_ds = _softmax_grad(b_p, b_dp, b_delta[:, None])
-            # [BM, BN] @ [BN, D] -> [BM, D]
-            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+        # [BM, D] @ [D, BN] -> [BM, BN]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale
+        m_s = m_k[None, :]
+        if CAUSAL:
+            m_s = m_s & (o_m[:, None] >= o_k[None, :])
+        b_p = tl.where(m_s, tl.exp(b_s - b_lse[:, None]), 0.0)
+        # [BM, D] @ [D, BN] -> [BM, BN]
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION)
+        b_ds = _softmax_grad(b_p, b_dp, b_delta[:, None])
+        # [BM, BN] @ [BN, D] -> [BM, D]
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
 
     p_dq = dq + i_b * stride_dqb + i_h * stride_dqh + o_m64[:, None] * stride_dqn + o_d[None, :]
     tl.store(p_dq, (b_dq * scale).to(dq.dtype.element_ty), mask=m_m[:, None])
 
 
 def _tiles(kernel: str, block_size: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """BM x BN tiles (each dividing block_size) and launch options of one kernel, sized for an H100.
+    """BM x BN tiles (each dividing block_size) and launch options of one kernel.
 
     The forward and dQ keep a tall query tile and walk each listed key block in narrower slices; dK/dV
     keep a tall key tile and walk each query block in slices. This keeps the fp32 accumulators and the
-    score tile in registers up to block 128 and D = 128.
+    score tile in registers up to block 128 and D = 128. One warp per 16 rows of the tile that the
+    dots' M dimension runs over (the query tile; dK/dV: the key tile), as mma gives each warp 16 rows:
+    more warps would idle on small tiles, fewer would spill on tall ones (block 128, D = 64 on 4 warps
+    sat at 255 registers with spills on sm_80). Three stages: the flat loops load two tiles ahead.
+    ``make gpu-static-check`` compiles every choice for sm_80 and sm_90 and fails on spills.
     """
-    # num_warps: the warp count at which ptxas -v (sm_90a, Triton 3.9) reports no register spills for
-    # that tile and head dim; 8 warps where the resident fp32 accumulators outgrow 4 warps' registers.
+    if kernel not in ("fwd", "dq", "dkdv"):
+        raise ValueError(f"kernel: expected 'fwd', 'dq' or 'dkdv', got {kernel!r}")
     if dtype in (torch.float32, torch.float64):
-        # IEEE float32/float64 dots run on the FMA units, not the tensor cores, and need far more registers.
+        # IEEE float32/float64 dots run on the FMA units, not the tensor cores: small tiles, one warp
+        # per 256 outputs of the score tile.
         tile_m, tile_n = {"fwd": (32, 32), "dq": (16, 64), "dkdv": (32, 32)}[kernel]
-        return {"BM": min(block_size, tile_m), "BN": min(block_size, tile_n), "num_warps": 8, "num_stages": 2}
+        tile_m, tile_n = min(block_size, tile_m), min(block_size, tile_n)
+        return {"BM": tile_m, "BN": tile_n, "num_warps": max(1, tile_m * tile_n // 256), "num_stages": 3}
     if kernel == "fwd":
         tile_m, tile_n = min(block_size, 128), min(block_size, 64)
-        num_warps = 8 if tile_m * head_dim >= 128 * 128 else 4
     elif kernel == "dq":
         tile_m, tile_n = min(block_size, 128 if head_dim <= 64 else 64), min(block_size, 32)
-        num_warps = 8 if tile_m == 128 and head_dim == 64 else 4
-    elif kernel == "dkdv":
-        tile_m, tile_n = min(block_size, 32), min(block_size, 128 if head_dim <= 64 else 64)
-        num_warps = 8 if tile_n * head_dim >= 64 * 128 else 4
     else:
-        raise ValueError(f"kernel: expected 'fwd', 'dq' or 'dkdv', got {kernel!r}")
-    return {"BM": tile_m, "BN": tile_n, "num_warps": num_warps, "num_stages": 2}
+        tile_m, tile_n = min(block_size, 32), min(block_size, 128 if head_dim <= 64 else 64)
+    rows = tile_n if kernel == "dkdv" else tile_m
+    return {"BM": tile_m, "BN": tile_n, "num_warps": min(8, rows // 16), "num_stages": 3}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -30,18 +30,16 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/softmax_grad.h"
 
 extern "C" void dgemm_(char* transa, char* transb, int* m, int* n, int* k, double* alpha, const double* a, int* lda,
                        const double* b, int* ldb, double* beta, double* c, int* ldc);
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTATTN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTATTN_ISA_CLONES
-#endif
 
 namespace fastattn {
 namespace {
+
+using cpu::softmax_grad_row_transposed;
 
 // Row-major C (m x n) = A (m x k) B (k x n), added to C when `accumulate`.
 void tile_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
@@ -122,6 +120,13 @@ FASTATTN_ISA_CLONES void exp_shifted(T* row, int64_t n, const T* shifts) {
   for (int64_t j = 0; j < n; ++j) row[j] = exp_accum(row[j] - shifts[j]);
 }
 
+// The larger of a and b, NaN if either is: a NaN score (from a NaN in q or in an unmasked key) must make its
+// row NaN, where a plain comparison would skip it (and a row of NaN scores would look like one with no key).
+template <typename T>
+inline T max_or_nan(T a, T b) {
+  return a < b || b != b ? b : a;
+}
+
 template <typename T>
 FASTATTN_ISA_CLONES T row_max(const T* row, int64_t n) {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
@@ -130,11 +135,11 @@ FASTATTN_ISA_CLONES T row_max(const T* row, int64_t n) {
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
 #pragma omp simd
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] < row[j + l] ? row[j + l] : lanes[l];
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = max_or_nan(lanes[l], row[j + l]);
   }
   T result = neg_inf;
-  for (; j < n; ++j) result = result < row[j] ? row[j] : result;
-  for (int64_t l = 0; l < kLanes; ++l) result = result < lanes[l] ? lanes[l] : result;
+  for (; j < n; ++j) result = max_or_nan(result, row[j]);
+  for (int64_t l = 0; l < kLanes; ++l) result = max_or_nan(result, lanes[l]);
   return result;
 }
 
@@ -142,23 +147,6 @@ template <typename T>
 FASTATTN_ISA_CLONES void scale_row(T* row, int64_t n, T factor) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] *= factor;
-}
-
-// dS = scale * P * (dP - delta), in place in dp, for a row of one query (one delta). A probability of
-// exactly 1 is a softmax saturated on one key (the only key the row sees, or the others below half an
-// ulp in total): its exact gradient is below the rounding of dP - delta, two dot products rounded apart,
-// so it is set to 0, as the reference's softmax backward gets it by cancellation.
-template <typename T>
-FASTATTN_ISA_CLONES void softmax_grad_row(const T* p, T* dp, int64_t n, T delta, T scale) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] == T(1) ? T(0) : scale * p[j] * (dp[j] - delta);
-}
-
-// softmax_grad_row for a row of one key over queries j, whose deltas are deltas[j].
-template <typename T>
-FASTATTN_ISA_CLONES void softmax_grad_row_transposed(const T* p, T* dp, int64_t n, const T* deltas, T scale) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] == T(1) ? T(0) : scale * p[j] * (dp[j] - deltas[j]);
 }
 
 template <typename scalar_t, typename accum_t>
@@ -169,7 +157,7 @@ FASTATTN_ISA_CLONES void store_rows(const accum_t* src, scalar_t* dst, int64_t c
 
 // The sizes, layout and options of one call.
 struct Problem {
-  int64_t batch, heads, query_len, key_len, dim, block;
+  int64_t batch, heads, kv_heads, query_len, key_len, dim, block;
   int64_t query_blocks, key_blocks, layout_heads;
   const int32_t *row_offsets, *col_indices, *col_offsets, *row_indices;
   int64_t row_offsets_stride, col_indices_stride, col_offsets_stride, row_indices_stride;
@@ -179,6 +167,9 @@ struct Problem {
   int64_t run_blocks;  // the most consecutive key blocks multiplied as one tile
 
   int64_t layout_head(int64_t h) const { return layout_heads == 1 ? 0 : h; }
+  // Grouped-query attention: query head h reads kv head h / (heads / kv_heads).
+  int64_t group() const { return heads / kv_heads; }
+  int64_t kv_head(int64_t h) const { return h / group(); }
   int64_t query_rows(int64_t query_block) const { return std::min(block, query_len - query_block * block); }
   // A causal pair of blocks where every key comes after every query contributes nothing.
   bool causally_empty(int64_t query_block, int64_t key_block) const {
@@ -369,8 +360,8 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     const int64_t b = item / (p.query_blocks * p.heads);
     const int64_t r0 = qb * bs, rows = p.query_rows(qb);
     const accum_t* q_tile = q_heads(b, h, p.heads) + r0 * dim;
-    const accum_t* k_t_head = kt_heads(b, h, p.heads);
-    const accum_t* v_head = v_heads(b, h, p.heads);
+    const accum_t* k_t_head = kt_heads(b, p.kv_head(h), p.kv_heads);
+    const accum_t* v_head = v_heads(b, p.kv_head(h), p.kv_heads);
     std::fill(acc, acc + rows * dim, accum_t(0));
     std::fill(run_max, run_max + rows, -std::numeric_limits<accum_t>::infinity());
     std::fill(run_sum, run_sum + rows, accum_t(0));
@@ -382,7 +373,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         accum_t* row = scores + i * ld;
         // Scaled in a pass of its own, not fused into the exp: the backward rounds scale * S the same way.
         scale_row(row, cols, scale);
-        const accum_t new_max = std::max(run_max[i], row_max(row, cols));
+        const accum_t new_max = max_or_nan(run_max[i], row_max(row, cols));
         if (new_max == -std::numeric_limits<accum_t>::infinity()) {
           std::fill(row, row + cols, accum_t(0));
           continue;
@@ -398,7 +389,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
 
     const int64_t out_row = (b * p.heads + h) * p.query_len + r0;
     for (int64_t i = 0; i < rows; ++i) {
-      const bool sees_a_key = run_sum[i] > 0;
+      const bool sees_a_key = run_sum[i] != 0;  // NaN (an input's) gives NaN outputs and lse
       scale_row(acc + i * dim, dim, sees_a_key ? accum_t(1) / run_sum[i] : accum_t(0));
       lse_data[out_row + i] =
           sees_a_key ? run_max[i] + std::log(run_sum[i]) : std::numeric_limits<accum_t>::infinity();
@@ -449,9 +440,9 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   // on one key.
   // Consecutive query blocks that list the key block are taken as one run (BigBird's window is a run of
   // 3), of up to run_rows queries: one tile product per run instead of one per pair.
-  // Scratch: P^T and dP^T (dS^T in place) (bs x run_rows each), the dK and dV accumulators (bs x D each).
+  // Scratch: P^T and dP^T (dS^T in place) (bs x run_rows each).
   const int64_t run_blocks = std::max<int64_t>(1, kBackwardRunRows / bs), run_rows = run_blocks * bs;
-  const int64_t pair_scratch = 2 * bs * run_rows + 2 * bs * dim;
+  const int64_t pair_scratch = 2 * bs * run_rows;
   // Calls visit(first_position, length) for each run of the query blocks listed for key block kb (in the
   // transposed CSR of layout head lh) that may see it.
   const auto for_each_query_run = [&](int64_t lh, int64_t kb, const auto& visit) {
@@ -470,20 +461,20 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
     const accum_t *q_t, *do_t, *k_t;
     int64_t ld_q, ld_k;
   };
+  // Query head h's share of dK and dV of key block kb is added to acc_k and acc_v (cols x D each): the
+  // shares of the heads of a group (grouped-query attention) are summed there, in head order.
   const auto key_block_grads = [&](int64_t b, int64_t h, int64_t kb, const TransposedOperands& ops,
-                                   accum_t* scratch, const auto& dq_share, const auto& dq_shared) {
+                                   accum_t* scratch, accum_t* acc_k, accum_t* acc_v, const auto& dq_share,
+                                   const auto& dq_shared) {
     accum_t* probs_t = scratch;
     accum_t* dp_t = probs_t + bs * run_rows;
-    accum_t* acc_k = dp_t + bs * run_rows;
-    accum_t* acc_v = acc_k + bs * dim;
     const int64_t c0 = kb * bs, cols = std::min(bs, p.key_len - c0);
-    const accum_t* k_tile = k_heads(b, h, p.heads) + c0 * dim;
+    const accum_t* k_tile = k_heads(b, p.kv_head(h), p.kv_heads) + c0 * dim;
     const accum_t* k_t_tile = ops.k_t + c0;
-    const accum_t* v_tile = v_heads(b, h, p.heads) + c0 * dim;
+    const accum_t* v_tile = v_heads(b, p.kv_head(h), p.kv_heads) + c0 * dim;
     const accum_t* q_head = q_heads(b, h, p.heads);
     const accum_t* do_head = do_heads(b, h, p.heads);
     const int64_t head_row = (b * p.heads + h) * p.query_len;
-    std::fill(acc_k, acc_k + 2 * bs * dim, accum_t(0));
     const int64_t lh = p.layout_head(h);
     const int32_t* listing = p.row_indices + lh * p.row_indices_stride;
     for_each_query_run(lh, kb, [&](int64_t idx, int64_t length) {
@@ -506,44 +497,52 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
       tile_gemm(dim, rows, cols, k_t_tile, ops.ld_k, dp_t, ld, share_t, rows, false);
       dq_shared(qb, rows);
     });
-    const int64_t first_key = (b * p.heads + h) * p.key_len + c0;
-    store_rows(acc_k, grad_k_data + first_key * dim, cols * dim);
-    store_rows(acc_v, grad_v_data + first_key * dim, cols * dim);
   };
 
   // dQ of a query block is the sum of its pairs' shares taken in one fixed order, key block by key block
   // as the transposed CSR lists them, whichever way the work is split, so the result does not depend on
-  // the number of threads. With enough heads for every thread, one work item is a whole head: its key
-  // blocks in order, each share added at once to a dQ accumulator of the head, with the head's transposed
-  // operands (O(N D) scratch per thread, reused from head to head). With fewer heads than that, one work item is a key block: shares go to a buffer with a slot
-  // per listed pair (O(nnz_blocks bs D) memory, linear in N for a fixed block count), which a second pass
-  // sums per query block in the same order.
-  const int64_t heads_total = p.batch * p.heads;
-  if (heads_total >= 4 * static_cast<int64_t>(at::get_num_threads())) {
+  // the number of threads. With enough kv heads for every thread, one work item is a whole kv head: for each
+  // of its query heads in order, its key blocks in order, each share added at once to a dQ accumulator of
+  // the head, with the head's transposed operands, and dK, dV summed over the heads in accumulators of the
+  // kv head (O(N D) scratch per thread, reused from head to head). With fewer kv heads than that, one work
+  // item is a key block of a kv head: shares go to a buffer with a slot per listed pair (O(nnz_blocks bs D)
+  // memory, linear in N for a fixed block count), which a second pass sums per query block in the same order.
+  const int64_t heads_total = p.batch * p.heads, kv_heads_total = p.batch * p.kv_heads;
+  const int64_t kv_len = p.key_len * dim;
+  if (kv_heads_total >= 4 * static_cast<int64_t>(at::get_num_threads())) {
     const int64_t ld_q = padded_ld(p.query_len), ld_k = padded_ld(p.key_len), head_len = p.query_len * dim;
-    for_each_item<accum_t>(heads_total, pair_scratch + run_rows * dim + dim * (3 * ld_q + ld_k),
+    for_each_item<accum_t>(kv_heads_total, pair_scratch + run_rows * dim + dim * (3 * ld_q + ld_k) + 2 * kv_len,
                            [&](int64_t item, accum_t* scratch) {
-      const int64_t h = item % p.heads, b = item / p.heads;
+      const int64_t kv_head = item % p.kv_heads, b = item / p.kv_heads;
       accum_t* share_t = scratch + pair_scratch;
       accum_t* dq_t = share_t + run_rows * dim;  // dQ^T of the head, dim x ld_q
       accum_t* q_t = dq_t + dim * ld_q;
       accum_t* do_t = q_t + dim * ld_q;
       accum_t* k_t = do_t + dim * ld_q;
-      transpose_tile(q_heads(b, h, p.heads), dim, p.query_len, dim, q_t, ld_q);
-      transpose_tile(do_heads(b, h, p.heads), dim, p.query_len, dim, do_t, ld_q);
-      transpose_tile(k_heads(b, h, p.heads), dim, p.key_len, dim, k_t, ld_k);
-      const TransposedOperands ops{q_t, do_t, k_t, ld_q, ld_k};
-      std::fill(dq_t, dq_t + dim * ld_q, accum_t(0));
-      const auto to_share = [&](int64_t) { return share_t; };
-      const auto add_share = [&](int64_t qb, int64_t rows) {
-        for (int64_t d = 0; d < dim; ++d) add_rows(share_t + d * rows, dq_t + d * ld_q + qb * bs, rows);
-      };
-      for (int64_t kb = 0; kb < p.key_blocks; ++kb) key_block_grads(b, h, kb, ops, scratch, to_share, add_share);
-      for (int64_t qb = 0; qb < p.query_blocks; ++qb) {
-        const int64_t rows = p.query_rows(qb);
-        transpose_tile(dq_t + qb * bs, ld_q, dim, rows, share_t, dim);
-        store_rows(share_t, grad_q_data + item * head_len + qb * bs * dim, rows * dim);
+      accum_t* acc_k = k_t + dim * ld_k;  // dK and dV of the kv head, key_len x dim each
+      accum_t* acc_v = acc_k + kv_len;
+      transpose_tile(k_heads(b, kv_head, p.kv_heads), dim, p.key_len, dim, k_t, ld_k);
+      std::fill(acc_k, acc_k + 2 * kv_len, accum_t(0));
+      for (int64_t h = kv_head * p.group(); h < (kv_head + 1) * p.group(); ++h) {
+        transpose_tile(q_heads(b, h, p.heads), dim, p.query_len, dim, q_t, ld_q);
+        transpose_tile(do_heads(b, h, p.heads), dim, p.query_len, dim, do_t, ld_q);
+        const TransposedOperands ops{q_t, do_t, k_t, ld_q, ld_k};
+        std::fill(dq_t, dq_t + dim * ld_q, accum_t(0));
+        const auto to_share = [&](int64_t) { return share_t; };
+        const auto add_share = [&](int64_t qb, int64_t rows) {
+          for (int64_t d = 0; d < dim; ++d) add_rows(share_t + d * rows, dq_t + d * ld_q + qb * bs, rows);
+        };
+        for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
+          key_block_grads(b, h, kb, ops, scratch, acc_k + kb * bs * dim, acc_v + kb * bs * dim, to_share, add_share);
+        }
+        for (int64_t qb = 0; qb < p.query_blocks; ++qb) {
+          const int64_t rows = p.query_rows(qb);
+          transpose_tile(dq_t + qb * bs, ld_q, dim, rows, share_t, dim);
+          store_rows(share_t, grad_q_data + (b * p.heads + h) * head_len + qb * bs * dim, rows * dim);
+        }
       }
+      store_rows(acc_k, grad_k_data + item * kv_len, kv_len);
+      store_rows(acc_v, grad_v_data + item * kv_len, kv_len);
     });
     return;
   }
@@ -556,15 +555,25 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   const auto qt_heads = TransposedHeads<accum_t>::template of<scalar_t>(q);
   const auto kt_heads = TransposedHeads<accum_t>::template of<scalar_t>(k);
   const auto dot_heads = TransposedHeads<accum_t>::template of<scalar_t>(grad_out);
-  for_each_item<accum_t>(heads_total * p.key_blocks, pair_scratch, [&](int64_t item, accum_t* scratch) {
-    const int64_t kb = item % p.key_blocks, h = (item / p.key_blocks) % p.heads;
-    const int64_t b = item / (p.key_blocks * p.heads);
-    accum_t* head_shares = shares_data + (b * p.heads + h) * capacity * share_size;
-    const auto to_slot = [&](int64_t idx) { return head_shares + idx * share_size; };
-    const auto nothing = [](int64_t, int64_t) {};
-    const TransposedOperands ops{qt_heads(b, h, p.heads), dot_heads(b, h, p.heads), kt_heads(b, h, p.heads),
-                                 qt_heads.ld, kt_heads.ld};
-    key_block_grads(b, h, kb, ops, scratch, to_slot, nothing);
+  for_each_item<accum_t>(kv_heads_total * p.key_blocks, pair_scratch + 2 * bs * dim,
+                         [&](int64_t item, accum_t* scratch) {
+    const int64_t kb = item % p.key_blocks, kv_head = (item / p.key_blocks) % p.kv_heads;
+    const int64_t b = item / (p.key_blocks * p.kv_heads);
+    accum_t* acc_k = scratch + pair_scratch;  // dK and dV of the key block, bs x dim each
+    accum_t* acc_v = acc_k + bs * dim;
+    std::fill(acc_k, acc_k + 2 * bs * dim, accum_t(0));
+    for (int64_t h = kv_head * p.group(); h < (kv_head + 1) * p.group(); ++h) {
+      accum_t* head_shares = shares_data + (b * p.heads + h) * capacity * share_size;
+      const auto to_slot = [&](int64_t idx) { return head_shares + idx * share_size; };
+      const auto nothing = [](int64_t, int64_t) {};
+      const TransposedOperands ops{qt_heads(b, h, p.heads), dot_heads(b, h, p.heads),
+                                   kt_heads(b, kv_head, p.kv_heads), qt_heads.ld, kt_heads.ld};
+      key_block_grads(b, h, kb, ops, scratch, acc_k, acc_v, to_slot, nothing);
+    }
+    const int64_t first_key = (b * p.kv_heads + kv_head) * p.key_len + kb * bs;
+    const int64_t cols = std::min(bs, p.key_len - kb * bs);
+    store_rows(acc_k, grad_k_data + first_key * dim, cols * dim);
+    store_rows(acc_v, grad_v_data + first_key * dim, cols * dim);
   });
 
   // For each layout head: the positions of the transposed CSR grouped by query block, in position order,
@@ -643,7 +652,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const at::Tensor& col_indices, const at::Tensor& col_offsets, const at::Tensor& row_indices,
                      int64_t block_size, bool causal, const std::optional<at::Tensor>& key_padding_mask,
                      double scale) {
-  check_qkv(q, k, v);
+  check_qkv(q, k, v, /*grouped_kv=*/true);
   TORCH_CHECK_VALUE(q.device().is_cpu(), "q: expected a CPU tensor, got device ", q.device());
   TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ||
                        q.scalar_type() == at::kBFloat16,
@@ -669,6 +678,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   Problem p{};
   p.batch = q.size(0);
   p.heads = heads;
+  p.kv_heads = k.size(1);
   p.query_len = query_len;
   p.key_len = key_len;
   p.dim = q.size(3);
@@ -691,26 +701,36 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> block_sparse_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                        const at::Tensor& row_offsets, const at::Tensor& col_indices,
-                                                        const at::Tensor& col_offsets, const at::Tensor& row_indices,
-                                                        int64_t block_size, bool causal,
-                                                        const std::optional<at::Tensor>& key_padding_mask,
-                                                        double scale) {
+// k or v with the rows of padded keys zeroed. A padded key is ignored: its scores are masked to -inf, but
+// its rows still enter the tile products, where 0 * NaN (a NaN or inf in a padded position) would not be 0.
+at::Tensor without_padded_keys(const at::Tensor& t, const std::optional<at::Tensor>& key_padding_mask) {
+  if (!key_padding_mask.has_value()) return t;
+  return t.masked_fill(key_padding_mask->view({t.size(0), 1, t.size(2), 1}), 0);
+}
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_fwd_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& row_offsets,
+    const at::Tensor& col_indices, const at::Tensor& col_offsets, const at::Tensor& row_indices, int64_t block_size,
+    bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  const at::Tensor q = with_blas_strides(q_in), k = with_blas_strides(k_in), v = with_blas_strides(v_in);
   const Problem p = make_problem(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, causal,
                                  key_padding_mask, scale);
   at::Tensor out = new_output(q.sizes(), q.options());
   at::Tensor lse = new_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_dtype(q.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "block_sparse_fwd_cpu",
-                                 [&] { forward_kernel<scalar_t>(p, q, k, v, out, lse); });
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "block_sparse_fwd_cpu", [&] {
+    forward_kernel<scalar_t>(p, q, without_padded_keys(k, key_padding_mask), without_padded_keys(v, key_padding_mask),
+                             out, lse);
+  });
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& row_offsets, const at::Tensor& col_indices, const at::Tensor& col_offsets,
-    const at::Tensor& row_indices, int64_t block_size, bool causal, const std::optional<at::Tensor>& key_padding_mask,
-    double scale) {
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse, const at::Tensor& row_offsets, const at::Tensor& col_indices,
+    const at::Tensor& col_offsets, const at::Tensor& row_indices, int64_t block_size, bool causal,
+    const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  const at::Tensor grad_out = with_blas_strides(grad_out_in), out = with_blas_strides(out_in);
+  const at::Tensor q = with_blas_strides(q_in), k = with_blas_strides(k_in), v = with_blas_strides(v_in);
   const Problem p = make_problem(q, k, v, row_offsets, col_indices, col_offsets, row_indices, block_size, causal,
                                  key_padding_mask, scale);
   for (const auto& [name, t] : {std::pair{"grad_out", &grad_out}, std::pair{"out", &out}}) {
@@ -727,7 +747,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_bwd_cpu(
   at::Tensor grad_k = new_output(k.sizes(), k.options());
   at::Tensor grad_v = new_output(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "block_sparse_bwd_cpu", [&] {
-    backward_kernel<scalar_t>(p, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v);
+    backward_kernel<scalar_t>(p, grad_out, q, without_padded_keys(k, key_padding_mask),
+                              without_padded_keys(v, key_padding_mask), out, lse, grad_q, grad_k, grad_v);
   });
   return {grad_q, grad_k, grad_v};
 }

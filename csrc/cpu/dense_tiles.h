@@ -85,15 +85,18 @@ inline void transpose(const In* src, int64_t src_ld, int64_t rows, int64_t cols,
   }
 }
 
-// exp(x) within about 1 ulp for x in [-87, 88] (callers pass x <= 0), written without calls or branches so that the compiler
-// vectorises loops over it (std::exp does not vectorise without -ffast-math). Inputs below -87 give
-// about 1e-38 rather than 0: callers that need an exact zero (padding) write it themselves.
+// exp(x) within about 1 ulp for x <= 88 (callers pass x <= 0), written without calls or branches so that the
+// compiler vectorises loops over it (std::exp does not vectorise without -ffast-math). Below the smallest
+// normal result (-inf included) it is exactly 0, as std::exp underflows: a clamped tiny value instead would
+// weigh every far-below-the-maximum feature or score by it and, summed over many, swamp the true weights.
+// NaN stays NaN.
 inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  constexpr float kMin = -87.33654f;  // log of the smallest normal float
+  const float clamped = x < kMin ? kMin : x;
   // Adding 1.5 * 2^23 rounds to the nearest integer in the default rounding mode.
   const float shifter = 12582912.0f;
-  const float n = (x * 1.44269504088896341f + shifter) - shifter;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  const float n = (clamped * 1.44269504088896341f + shifter) - shifter;
+  const float r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -104,7 +107,7 @@ inline float exp_approx(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float power;
   std::memcpy(&power, &bits, sizeof(power));
-  return p * power;
+  return x < kMin ? 0.0f : p * power;
 }
 
 inline float exp_acc(float x) { return exp_approx(x); }

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/softmax_grad.h"
 
 namespace fastattn {
 namespace {
@@ -50,11 +51,10 @@ struct Projection {
   const T* head(int64_t h) const { return data + h * head_stride; }
 };
 
+// BLAS reads it in place where its strides allow (unit stride along its rows).
 at::Tensor projection_in(const at::Tensor& projection, at::ScalarType acc) {
-  // BLAS reads it in place when its rows have unit stride and do not overlap.
-  at::Tensor converted = projection.to(acc);
-  const bool blas_layout = converted.stride(-1) == 1 && converted.stride(-2) >= converted.size(-1);
-  return blas_layout ? converted : converted.contiguous();
+  const at::Tensor converted = projection.to(acc);
+  return with_blas_strides(converted.stride(-1) == 1 ? converted : converted.contiguous());
 }
 
 template <typename T>
@@ -157,6 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const std::optional<at::Tensor>& key_padding_mask, double scale) {
   using T = at::opmath_type<scalar_t>;
   const int64_t batch = q.size(0), heads = q.size(1), query_len = q.size(2), dim = q.size(3), key_len = k.size(2);
+  // Grouped-query attention: query head h reads kv head h / heads_per_kv.
+  const int64_t kv_heads = k.size(1), heads_per_kv = heads / kv_heads;
   const int64_t kp = proj_k.size(-2);
   const auto acc = cpu::acc_dtype(q.scalar_type());
   const at::Tensor pk_tensor = projection_in(proj_k, acc), pv_tensor = projection_in(proj_v, acc);
@@ -185,8 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
         T* projected = dst + bh * kp * dim;
         for (int64_t start = 0; start < key_len; start += kSumChunk) {
           const int64_t n = std::min(kSumChunk, key_len - start);
-          const auto [keys, ld] = key_rows(src + view->offset(b, h), view->row_stride, padding, start, n, dim,
-                                           rows.data());
+          const auto [keys, ld] = key_rows(src + view->offset(b, h / heads_per_kv), view->row_stride, padding, start,
+                                           n, dim, rows.data());
           add_product(kp, dim, n, projection->head(h) + start, projection->row_stride, keys, ld, projected, dim,
                       start == 0, partial.data());
         }
@@ -229,9 +231,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linformer_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& proj_k, const at::Tensor& proj_v,
-    const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  check_qkv(q, k, v);
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& proj_k,
+    const at::Tensor& proj_v, const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  const at::Tensor q = with_blas_strides(q_in), k = with_blas_strides(k_in), v = with_blas_strides(v_in);
+  check_qkv(q, k, v, /*grouped_kv=*/true);
   check_key_padding_mask(key_padding_mask, q, k.size(2));
   check_projections(q, k, proj_k, proj_v);
   TORCH_CHECK_VALUE(k.size(2) > 0 && q.size(2) > 0, "q, k: expected non-empty sequences, got Nq=", q.size(2),
@@ -246,11 +249,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linformer_fwd(
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& proj_k, const at::Tensor& proj_v, const at::Tensor& out, const at::Tensor& lse,
-    const at::Tensor& k_proj, const at::Tensor& v_proj, const std::optional<at::Tensor>& key_padding_mask,
-    double scale) {
+    const at::Tensor& proj_k, const at::Tensor& proj_v, const at::Tensor& lse, const at::Tensor& k_proj,
+    const at::Tensor& v_proj, const std::optional<at::Tensor>& key_padding_mask, double scale) {
   using T = at::opmath_type<scalar_t>;
   const int64_t batch = q.size(0), heads = q.size(1), query_len = q.size(2), dim = q.size(3), key_len = k.size(2);
+  // Grouped-query attention: query head h reads kv head h / heads_per_kv.
+  const int64_t kv_heads = k.size(1), heads_per_kv = heads / kv_heads;
   const int64_t kp = proj_k.size(-2);
   const auto acc = cpu::acc_dtype(q.scalar_type());
   const at::Tensor k_proj_c = k_proj.contiguous(), v_proj_c = v_proj.contiguous(), lse_c = lse.contiguous();
@@ -266,13 +270,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::Tensor partial = at::empty({batch * heads, splits, 2, dim, kp}, q.options().dtype(acc));
   T* partial_ptr = partial.data_ptr<T>();
   at::Tensor grad_q = new_output(q.sizes(), q.options());
-  const HeadView qv(q), kv(k), vv(v), ov(out), gov(grad_out), gqv(grad_q);
+  const HeadView qv(q), kv(k), vv(v), gov(grad_out), gqv(grad_q);
   const scalar_t *q_ptr = q.data_ptr<scalar_t>(), *k_ptr = k.data_ptr<scalar_t>(), *v_ptr = v.data_ptr<scalar_t>();
-  const scalar_t *out_ptr = out.data_ptr<scalar_t>(), *go_ptr = grad_out.data_ptr<scalar_t>();
+  const scalar_t* go_ptr = grad_out.data_ptr<scalar_t>();
   scalar_t* gq_ptr = grad_q.data_ptr<scalar_t>();
 
   cpu::parallel_tasks(batch * heads * splits, [&](const auto& claim) {
-    std::vector<T> queries(kQueryTile * dim), grads(kQueryTile * dim), outputs(kQueryTile * dim);
+    std::vector<T> queries(kQueryTile * dim), grads(kQueryTile * dim);
     std::vector<T> queries_t(dim * kQueryTile), grads_t(dim * kQueryTile), grad_rows(kQueryTile * dim);
     std::vector<T> keys_t(dim * kp), values_t(dim * kp), partial_sum(dim * kp);
     std::vector<T> probs(kQueryTile * kp), dprobs(kQueryTile * kp);
@@ -291,10 +295,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         const bool first = tile == first_tile;
         const scalar_t* q_rows = q_ptr + qv.offset(b, h) + start * qv.row_stride;
         const scalar_t* go_rows = go_ptr + gov.offset(b, h) + start * gov.row_stride;
-        const scalar_t* o_rows = out_ptr + ov.offset(b, h) + start * ov.row_stride;
         const auto [query_rows, ldq] = rows_in(q_rows, qv.row_stride, n, dim, queries.data());
         const auto [grad_out_rows, ldg] = rows_in(go_rows, gov.row_stride, n, dim, grads.data());
-        const auto [output_rows, ldo] = rows_in(o_rows, ov.row_stride, n, dim, outputs.data());
         cpu::transpose(query_rows, ldq, n, dim, T(1), queries_t.data(), n);
         cpu::transpose(grad_out_rows, ldg, n, dim, T(1), grads_t.data(), n);
 
@@ -303,11 +305,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         for (int64_t r = 0; r < n; ++r) {
           T* p_row = probs.data() + r * kp;
           cpu::exp_shifted(p_row, p_row, kp, lse_ptr[bh * query_len + start + r]);
-          T dot = 0;
-          for (int64_t c = 0; c < dim; ++c) dot += output_rows[r * ldo + c] * grad_out_rows[r * ldg + c];
           T* d_row = dprobs.data() + r * kp;
+          // delta = dO . O = P . dP, taken from the recomputed P and dP (kp terms, in double) rather than
+          // from the output, which is rounded to the input dtype: near a saturated row dP - delta is a small
+          // difference, and the output's rounding (bfloat16's 2^-9) would swamp it.
+          double delta = 0;
+          for (int64_t j = 0; j < kp; ++j) delta += static_cast<double>(p_row[j]) * d_row[j];
           // d_row becomes scale * dS, the factor that both dQ and dK' carry.
-          for (int64_t j = 0; j < kp; ++j) d_row[j] = T(scale) * p_row[j] * (d_row[j] - dot);
+          cpu::softmax_grad_row(p_row, d_row, kp, static_cast<T>(delta), T(scale));
         }
         add_product(dim, kp, n, grads_t.data(), n, probs.data(), kp, grad_values_t, kp, first, partial_sum.data());
         add_product(dim, kp, n, queries_t.data(), n, dprobs.data(), kp, grad_keys_t, kp, first, partial_sum.data());
@@ -324,8 +329,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const T *gpt_ptr = grad_projected_t.data_ptr<T>(), *gp_ptr = grad_projected.data_ptr<T>();
 
   // P_k^T and P_v^T ((N, kp), or (H, N, kp) per head), so that dK = P_k^T dK' is a plain product.
-  const at::Tensor pk_t = projection_in(proj_k, acc).transpose(-1, -2).contiguous();
-  const at::Tensor pv_t = projection_in(proj_v, acc).transpose(-1, -2).contiguous();
+  const at::Tensor pk_t = with_blas_strides(projection_in(proj_k, acc).transpose(-1, -2).contiguous());
+  const at::Tensor pv_t = with_blas_strides(projection_in(proj_v, acc).transpose(-1, -2).contiguous());
   const auto pkt = projection_view<T>(pk_t), pvt = projection_view<T>(pv_t);
 
   at::Tensor grad_k = new_output(k.sizes(), k.options());
@@ -335,19 +340,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const bool* mask = key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr;
   const int64_t key_tiles = ceil_div(key_len, kKeyTile);
 
-  // dK = P_k^T dK' and dV = P_v^T dV', zero on padded keys; written in place when the dtype allows.
-  cpu::parallel_tasks(batch * heads * key_tiles, [&](const auto& claim) {
+  // dK = P_k^T dK' and dV = P_v^T dV', zero on padded keys; written in place when the dtype allows. With
+  // grouped-query attention, a kv head's gradient is the sum over its query heads, taken in head order.
+  cpu::parallel_tasks(batch * kv_heads * key_tiles, [&](const auto& claim) {
     std::vector<T> rows(kKeyTile * dim);
     for (int64_t task = claim(); task >= 0; task = claim()) {
-      const int64_t bh = task / key_tiles, b = bh / heads, h = bh % heads;
+      const int64_t b = task / key_tiles / kv_heads, kv_head = task / key_tiles % kv_heads;
       const int64_t start = (task % key_tiles) * kKeyTile, n = std::min(kKeyTile, key_len - start);
       for (int64_t which = 0; which < 2; ++which) {
         const auto& projection_t = which == 0 ? pkt : pvt;
         const HeadView& view = which == 0 ? gkv : gvv;
-        scalar_t* dst = (which == 0 ? gk_ptr : gv_ptr) + view.offset(b, h) + start * view.row_stride;
+        scalar_t* dst = (which == 0 ? gk_ptr : gv_ptr) + view.offset(b, kv_head) + start * view.row_stride;
         const auto [result, ld] = rows_out(dst, view.row_stride, dim, rows.data());
-        cpu::product(n, dim, kp, projection_t.head(h) + start * projection_t.row_stride, projection_t.row_stride,
-                     gp_ptr + (bh * 2 + which) * kp * dim, dim, result, ld, false);
+        for (int64_t h = kv_head * heads_per_kv; h < (kv_head + 1) * heads_per_kv; ++h) {
+          cpu::product(n, dim, kp, projection_t.head(h) + start * projection_t.row_stride, projection_t.row_stride,
+                       gp_ptr + ((b * heads + h) * 2 + which) * kp * dim, dim, result, ld, h > kv_head * heads_per_kv);
+        }
         if (mask) {
           for (int64_t r = 0; r < n; ++r) {
             if (mask[b * key_len + start + r]) std::fill(result + r * ld, result + r * ld + dim, T(0));
@@ -381,8 +389,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         for (int64_t b = 0; b < batch; ++b) {
           const bool* padding = padding_of(mask, b, key_len);
           for (int64_t h = head_begin; h < head_end; ++h) {
-            const auto [keys, keys_ld] = key_rows(src + view.offset(b, h), view.row_stride, padding, start, n, dim,
-                                                  rows.data());
+            const auto [keys, keys_ld] = key_rows(src + view.offset(b, h / heads_per_kv), view.row_stride, padding,
+                                                  start, n, dim, rows.data());
             const bool first = b == 0 && h == head_begin;
             cpu::product(n, kp, dim, keys, keys_ld, gpt_ptr + ((b * heads + h) * 2 + which) * dim * kp, kp,
                          sums.data(), kp, !first);
@@ -397,11 +405,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linformer_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& proj_k, const at::Tensor& proj_v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& proj_k, const at::Tensor& proj_v, const at::Tensor& out_in, const at::Tensor& lse,
     const at::Tensor& k_proj, const at::Tensor& v_proj, const std::optional<at::Tensor>& key_padding_mask,
     double scale) {
-  check_qkv(q, k, v);
+  const at::Tensor grad_out = with_blas_strides(grad_out_in), out = with_blas_strides(out_in);
+  const at::Tensor q = with_blas_strides(q_in), k = with_blas_strides(k_in), v = with_blas_strides(v_in);
+  check_qkv(q, k, v, /*grouped_kv=*/true);
   check_key_padding_mask(key_padding_mask, q, k.size(2));
   check_projections(q, k, proj_k, proj_v);
   for (const auto& [name, t] : {std::pair{"grad_out", &grad_out}, std::pair{"out", &out}}) {
@@ -420,8 +430,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linformer
                     q.sizes().slice(0, 3), " and dtype ", acc, ", got ", lse.sizes(), " and ", lse.scalar_type());
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "linformer_bwd", [&] {
-    result = backward_impl<scalar_t>(grad_out, q, k, v, proj_k, proj_v, out, lse, k_proj, v_proj, key_padding_mask,
-                                     scale);
+    // out is checked but not read: delta = dO . O comes from the recomputed probabilities (backward_impl).
+    result = backward_impl<scalar_t>(grad_out, q, k, v, proj_k, proj_v, lse, k_proj, v_proj, key_padding_mask, scale);
   });
   return result;
 }

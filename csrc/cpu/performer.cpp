@@ -26,6 +26,7 @@
 #include <limits>
 #include <optional>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -155,8 +156,11 @@ struct FeatureMap {
     }
   }
 
-  // dx <- d(phi)/dx^T dphi for rows not dropped (dphi is overwritten with dlogits); zero for dropped rows.
-  void backward(T* dphi, const T* phi, const T* logits, const T* x, int64_t rows, const bool* dropped, T* dx) const {
+  // dx <- d(phi)/dx^T dphi / divisors[r] (1 without divisors) for rows not dropped (dphi is overwritten with
+  // dlogits); zero for dropped rows. divisors: the part of the normaliser that output_grads left to divide,
+  // divided here from phi dphi, which stays finite where dphi / den need not.
+  void backward(T* dphi, const T* phi, const T* logits, const T* x, int64_t rows, const bool* dropped,
+                const T* divisors, T* dx) const {
     std::vector<T> logit_sums(rows, T(0));
     for (int64_t r = 0; r < rows; ++r) {
       T* dr = dphi + r * features;
@@ -166,17 +170,22 @@ struct FeatureMap {
       }
       const T* pr = phi + r * features;
       const T* lr = logits + r * features;
+      const T divisor = divisors != nullptr ? divisors[r] : T(1);
       if (softmax) {
-        for (int64_t f = 0; f < features; ++f) dr[f] *= pr[f];
+        for (int64_t f = 0; f < features; ++f) dr[f] = dr[f] * pr[f] / divisor;
         logit_sums[r] = cpu::sum_of(dr, features);
       } else {
-        for (int64_t f = 0; f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] : T(0);
+        for (int64_t f = 0; f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] / divisor : T(0);
       }
     }
     // d logits / d x = W - x (softmax, from the -|x|^2/2) or W (relu); x carries sqrt(scale) once more.
     tile_product(false, false, rows, dim, features, sqrt_scale, dphi, features, weights, dim, false, dx, dim);
-    if (!softmax) return;
     for (int64_t r = 0; r < rows; ++r) {
+      if (dropped != nullptr && dropped[r]) {
+        std::fill(dx + r * dim, dx + (r + 1) * dim, T(0));  // not 0 * x, which is NaN where x is
+        continue;
+      }
+      if (!softmax) continue;
       const T factor = sqrt_scale * logit_sums[r];
       for (int64_t c = 0; c < dim; ++c) dx[r * dim + c] -= factor * x[r * dim + c];
     }
@@ -190,6 +199,7 @@ struct Workspace {
       dscores, dphi, dx;
   bool k_dropped[kTile];
   bool q_dropped[kTile];
+  T q_divisors[kTile];
   Workspace(int64_t features, int64_t dim)
       : qx(kTile * dim), q_logits(kTile * features), q_phi(kTile * features), q_max(kTile), kx(kTile * dim),
         k_logits(kTile * features), k_phi(kTile * features), k_max(kTile), k_stab(kTile), values(kTile * (dim + 1)),
@@ -197,45 +207,75 @@ struct Workspace {
         dphi(kTile * features), dx(kTile * dim) {}
 };
 
-// rows of v into a (rows, D + 1) buffer whose last column is 1.
+// rows of v into a (rows, D + 1) buffer whose last column is 1; zero rows where dropped[r] (padded keys are
+// ignored: their phi is 0, and 0 * NaN in the products would not be 0).
 template <typename scalar_t, typename T>
-void load_values_with_ones(const scalar_t* src, int64_t row_stride, int64_t rows, int64_t dim, T* dst) {
+void load_values_with_ones(const scalar_t* src, int64_t row_stride, int64_t rows, int64_t dim, const bool* dropped,
+                           T* dst) {
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* in = src + r * row_stride;
     T* out = dst + r * (dim + 1);
+    if (dropped[r]) {
+      std::fill(out, out + dim + 1, T(0));
+      continue;
+    }
     for (int64_t c = 0; c < dim; ++c) out[c] = static_cast<T>(in[c]);
     out[dim] = 1;
   }
 }
 
-// [dnum | dden] of each query row from grad_out, out and the normaliser: dnum = g / den and
-// dden = -(g . out) / den; zeros where den == 0 (the row sees no key). Marks those rows dropped.
+// Normalisers below this leave their division to the products that follow (see output_grads).
+constexpr double kSmallNormaliser = 0x1p-32;
+
+// [dnum | dden] of each query row from grad_out, out and the normaliser den: dnum = g / den and
+// dden = -(g . out) / den; zeros where den == 0 (the row sees no key), and those rows marked dropped. Where
+// den is tiny, g / den may overflow, and the sums of it over the queries in the gradients of the keys
+// would: such a row's [dnum | dden] is left multiplied by den, and divisors[r] = den says so (else 1). The
+// callers divide products that stay finite: phi_q dphi_q (FeatureMap::backward) and phi_q itself
+// (scale_query_features), as phi_q / den <= 1 / (the key features' sum at the row's largest feature).
 template <typename scalar_t, typename T>
 void output_grads(const scalar_t* grad_out, const scalar_t* out, int64_t row_stride, const T* normaliser, int64_t rows,
-                  int64_t dim, T* dst, bool* dropped) {
+                  int64_t dim, T* dst, bool* dropped, T* divisors) {
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* g = grad_out + r * row_stride;
     const scalar_t* o = out + r * row_stride;
     T* d = dst + r * (dim + 1);
-    dropped[r] = !(normaliser[r] > 0);
+    const T den = normaliser[r];
+    dropped[r] = den == 0;
+    divisors[r] = den < T(kSmallNormaliser) ? den : T(1);
     if (dropped[r]) {
       std::fill(d, d + dim + 1, T(0));
       continue;
     }
-    const T inverse = T(1) / normaliser[r];
+    const T divided_by = den / divisors[r];
     double dot = 0;  // g . out cancels against dnum . v in the scores' gradient: summed in double
     for (int64_t c = 0; c < dim; ++c) {
-      d[c] = static_cast<T>(g[c]) * inverse;
+      d[c] = static_cast<T>(g[c]) / divided_by;
       dot += static_cast<double>(d[c]) * static_cast<double>(o[c]);
     }
     d[dim] = static_cast<T>(-dot);
   }
 }
 
+// phi_q rows divided by the divisors of output_grads (zero where dropped): the query side of the products
+// that give the gradients of the keys.
+template <typename T>
+void scale_query_features(T* q_phi, int64_t rows, int64_t features, const T* divisors, const bool* dropped) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* pr = q_phi + r * features;
+    if (dropped[r]) {
+      std::fill(pr, pr + features, T(0));
+      continue;
+    }
+    if (divisors[r] == T(1)) continue;
+    for (int64_t f = 0; f < features; ++f) pr[f] /= divisors[r];
+  }
+}
+
 template <typename scalar_t>
 struct Problem {
   using T = at::opmath_type<scalar_t>;
-  int64_t batch, heads, query_len, key_len, dim, features;
+  int64_t batch, heads, heads_per_kv, query_len, key_len, dim, features;
   bool softmax, causal;
   T sqrt_scale;
   const scalar_t *q, *k, *v;
@@ -247,7 +287,8 @@ struct Problem {
 
   Problem(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& projection_,
           bool softmax_, bool causal_, const std::optional<at::Tensor>& key_padding_mask, double scale)
-      : batch(q_.size(0)), heads(q_.size(1)), query_len(q_.size(2)), key_len(k_.size(2)), dim(q_.size(3)),
+      : batch(q_.size(0)), heads(q_.size(1)), heads_per_kv(q_.size(1) / k_.size(1)), query_len(q_.size(2)),
+        key_len(k_.size(2)), dim(q_.size(3)),
         features(projection_.size(-2)), softmax(softmax_), causal(causal_), sqrt_scale(T(std::sqrt(scale))),
         q(q_.data_ptr<scalar_t>()), k(k_.data_ptr<scalar_t>()), v(v_.data_ptr<scalar_t>()), qv(q_), kv(k_), vv(v_),
         projection(projection_.data_ptr<T>()), projection_t(projection_.transpose(-1, -2).contiguous()),
@@ -259,13 +300,21 @@ struct Problem {
             features, dim, sqrt_scale, softmax};
   }
   bool padded(int64_t b, int64_t j) const { return mask != nullptr && mask[b * key_len + j]; }
+  // Rows of k and v from `start` that query head h reads: those of kv head h / heads_per_kv (grouped-query
+  // attention; heads_per_kv is 1 without it).
+  const scalar_t* keys(int64_t b, int64_t h, int64_t start) const {
+    return k + kv.offset(b, h / heads_per_kv) + start * kv.row_stride;
+  }
+  const scalar_t* values(int64_t b, int64_t h, int64_t start) const {
+    return v + vv.offset(b, h / heads_per_kv) + start * vv.row_stride;
+  }
 };
 
 // Keys [start, start + n) of head (b, h): logits, their per-row maxima (-inf when padded) and padding flags.
 template <typename scalar_t, typename T>
 void key_logits(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start, int64_t n,
                 Workspace<T>& w) {
-  map.logits(p.k + p.kv.offset(b, h) + start * p.kv.row_stride, p.kv.row_stride, n, w.kx.data(), w.k_logits.data(),
+  map.logits(p.keys(b, h, start), p.kv.row_stride, n, w.kx.data(), w.k_logits.data(),
              w.k_max.data());
   for (int64_t r = 0; r < n; ++r) {
     w.k_dropped[r] = p.padded(b, start + r);
@@ -335,10 +384,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
                            std::vector<T>& rows) {
     for (int64_t r = 0; r < n; ++r) {
       const T* nd = w.numden.data() + r * (dim + 1);
-      const T den = nd[dim];
+      // A row that sees no key gives 0, and so does a row whose normaliser underflowed below the normal
+      // range (its features meet the keys' only in products too small for T: in float32, num / den is then
+      // a ratio of a few bits, and its gradients overflow); both save normaliser 0, which the backward drops.
+      // NaN (an input's) stays NaN. Divided, not multiplied by 1 / den, which may overflow.
+      const T den = nd[dim] < std::numeric_limits<T>::min() ? T(0) : nd[dim];
       norm_ptr[bh * p.query_len + start + r] = den;
-      const T inverse = den > 0 ? T(1) / den : T(0);
-      for (int64_t c = 0; c < dim; ++c) rows[r * dim + c] = nd[c] * inverse;
+      for (int64_t c = 0; c < dim; ++c) rows[r * dim + c] = den == 0 ? T(0) : nd[c] / den;
     }
     cpu::store_rows(rows.data(), n, dim, out_ptr + ov.offset(b, h) + start * ov.row_stride, ov.row_stride);
   };
@@ -370,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
           stab_ptr[bh * p.key_len + start + r] = w.k_stab[r];
         }
         map.phi(w.k_logits.data(), n, w.k_stab.data(), w.k_dropped, w.k_phi.data());
-        load_values_with_ones(p.v + p.vv.offset(b, h) + start * p.vv.row_stride, p.vv.row_stride, n, dim,
+        load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
                               w.values.data());
         if (causal) {
           query_features(p, map, b, h, start, n, w);
@@ -424,9 +476,10 @@ at::Tensor projection_in(const at::Tensor& projection) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> performer_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& projection,
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& projection,
     std::string_view kernel, bool causal, const std::optional<at::Tensor>& key_padding_mask, double scale) {
-  check_qkv(q, k, v);
+  const at::Tensor q = with_blas_strides(q_in), k = with_blas_strides(k_in), v = with_blas_strides(v_in);
+  check_qkv(q, k, v, /*grouped_kv=*/true);
   check_key_padding_mask(key_padding_mask, q, k.size(2));
   check_projection(projection, q);
   const bool softmax = is_softmax_kernel(kernel);
@@ -443,8 +496,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> performer_fwd(
 
 // Non-causal backward. Queries: dphi_q = [dnum | dden] state^T and d state = sum phi_q^T [dnum | dden]
 // (split over query tiles, then added). Keys: dv = phi_k d_num_state, dphi_k = [V | 1] d state^T.
-// state_t_ptr: the saved state transposed per head ((D + 1) x m).
-template <typename scalar_t>
+// state_t_ptr: the saved state transposed per head ((D + 1) x m). grad_k, grad_v: per query head, of type grad_t.
+template <typename scalar_t, typename grad_t>
 void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const scalar_t* out_ptr, const HeadView& ov,
                      const HeadView& gov, const at::opmath_type<scalar_t>* norm_ptr,
                      const at::opmath_type<scalar_t>* stab_ptr, const at::opmath_type<scalar_t>* state_t_ptr,
@@ -457,8 +510,8 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
   at::Tensor partial = at::empty({bh_count, splits, m, dim + 1}, grad_q.options().dtype(c10::CppTypeToScalarType<T>::value));
   T* partial_ptr = partial.data_ptr<T>();
   const HeadView gqv(grad_q), gkv(grad_k), gvv(grad_v);
-  scalar_t *gq_ptr = grad_q.data_ptr<scalar_t>(), *gk_ptr = grad_k.data_ptr<scalar_t>(),
-           *gv_ptr = grad_v.data_ptr<scalar_t>();
+  scalar_t* gq_ptr = grad_q.data_ptr<scalar_t>();
+  grad_t *gk_ptr = grad_k.data_ptr<grad_t>(), *gv_ptr = grad_v.data_ptr<grad_t>();
 
   cpu::parallel_tasks(bh_count * splits, [&](const auto& claim) {
     Workspace<T> w(m, dim);
@@ -474,13 +527,16 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
         const int64_t start = tile * kTile, n = std::min(kTile, p.query_len - start);
         query_features(p, map, b, h, start, n, w);
         output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
-                     ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
+                     ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped,
+                 w.q_divisors);
         tile_product(false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false, w.dphi.data(),
                      m);
+        map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.q_divisors,
+                     w.dx.data());
+        cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
+        scale_query_features(w.q_phi.data(), n, m, w.q_divisors, w.q_dropped);
         tile_product(true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, true, grad_state,
                      dim + 1);
-        map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.dx.data());
-        cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
       }
     }
     release_products<T>();
@@ -499,13 +555,14 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
       const T* grad_state = gs_ptr + bh * m * (dim + 1);
       key_logits(p, map, b, h, start, n, w);
       map.phi(w.k_logits.data(), n, stab_ptr + bh * p.key_len + start, w.k_dropped, w.k_phi.data());
-      load_values_with_ones(p.v + p.vv.offset(b, h) + start * p.vv.row_stride, p.vv.row_stride, n, dim,
+      load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
                             w.values.data());
       tile_product(false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, false, w.dx.data(), dim);
       cpu::store_rows(w.dx.data(), n, dim, gv_ptr + gvv.offset(b, h) + start * gvv.row_stride, gvv.row_stride);
       tile_product(false, false, n, m, dim + 1, T(1), w.values.data(), dim + 1, gs_t_ptr + bh * m * (dim + 1), m, false,
                    w.dphi.data(), m);
-      map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, w.dx.data());
+      map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, nullptr,
+                   w.dx.data());
       cpu::store_rows(w.dx.data(), n, dim, gk_ptr + gkv.offset(b, h) + start * gkv.row_stride, gkv.row_stride);
     }
     release_products<T>();
@@ -529,10 +586,12 @@ void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, c
     key_logits(p, map, b, h, start, n, w);
     std::copy(stab_ptr + bh * p.key_len + start, stab_ptr + bh * p.key_len + start + n, w.k_stab.begin());
     map.phi(w.k_logits.data(), n, w.k_stab.data(), w.k_dropped, w.k_phi.data());
-    load_values_with_ones(p.v + p.vv.offset(b, h) + start * p.vv.row_stride, p.vv.row_stride, n, dim, w.values.data());
+    load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
+                          w.values.data());
     query_features(p, map, b, h, start, n, w);
     output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
-                 ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
+                 ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped,
+                 w.q_divisors);
     // dphi_q = exp(M_state - M_i) [dnum | dden] state^T + (G o E) phi_k, with G = [dnum | dden] [V | 1]^T.
     if (have_state) {
       tile_product(false, true, n, m, dim + 1, T(1), w.grads.data(), dim + 1, state.data(), dim + 1, false,
@@ -551,7 +610,8 @@ void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, c
       }
     }
     tile_product(false, false, n, m, n, T(1), w.dscores.data(), n, w.k_phi.data(), m, have_state, w.dphi.data(), m);
-    map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.dx.data());
+    map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.q_divisors,
+                 w.dx.data());
     cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
     const bool tile_has_keys = std::any_of(w.k_dropped, w.k_dropped + n, [](bool d) { return !d; }) || have_state;
     if (tile_has_keys) {
@@ -564,12 +624,12 @@ void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, c
 
 // Causal backward of head (b, h), reverse direction: dk, dv from the suffix state
 // R = sum over later queries of exp(M_ref - M_i) phi_q_i [dnum_i | dden_i]^T (M_ref: the smallest of their M_i)
-// and the chunk's scores.
-template <typename scalar_t>
+// and the chunk's scores. gk_ptr, gv_ptr: per query head, of type grad_t.
+template <typename scalar_t, typename grad_t>
 void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, const scalar_t* go_ptr,
                           const scalar_t* out_ptr, const HeadView& ov, const HeadView& gov,
                           const at::opmath_type<scalar_t>* norm_ptr, const at::opmath_type<scalar_t>* stab_ptr,
-                          scalar_t* gk_ptr, const HeadView& gkv, scalar_t* gv_ptr, const HeadView& gvv,
+                          grad_t* gk_ptr, const HeadView& gkv, grad_t* gv_ptr, const HeadView& gvv,
                           Workspace<at::opmath_type<scalar_t>>& w, std::vector<at::opmath_type<scalar_t>>& suffix) {
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
@@ -583,10 +643,13 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
     key_logits(p, map, b, h, start, n, w);
     std::copy(stab_ptr + bh * p.key_len + start, stab_ptr + bh * p.key_len + start + n, w.k_stab.begin());
     map.phi(w.k_logits.data(), n, w.k_stab.data(), w.k_dropped, w.k_phi.data());
-    load_values_with_ones(p.v + p.vv.offset(b, h) + start * p.vv.row_stride, p.vv.row_stride, n, dim, w.values.data());
+    load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
+                          w.values.data());
     query_features(p, map, b, h, start, n, w);
     output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
-                 ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
+                 ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped,
+                 w.q_divisors);
+    scale_query_features(w.q_phi.data(), n, m, w.q_divisors, w.q_dropped);
     // Later chunks: dv_j = exp(M_j - M_ref) phi_k_j R_num, dphi_k_j = exp(M_j - M_ref) R [v_j | 1].
     if (have_suffix) {
       tile_product(false, false, n, dim, m, T(1), w.k_phi.data(), m, suffix.data(), dim + 1, false, dv.data(), dim);
@@ -615,7 +678,7 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
       if (w.k_dropped[r]) std::fill(dv.begin() + r * dim, dv.begin() + (r + 1) * dim, T(0));
     }
     cpu::store_rows(dv.data(), n, dim, gv_ptr + gvv.offset(b, h) + start * gvv.row_stride, gvv.row_stride);
-    map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, w.dx.data());
+    map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, nullptr, w.dx.data());
     cpu::store_rows(w.dx.data(), n, dim, gk_ptr + gkv.offset(b, h) + start * gkv.row_stride, gkv.row_stride);
 
     // Add this chunk's queries to the suffix state, referred to the smallest M_i among those that see a key.
@@ -638,6 +701,15 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
   }
 }
 
+// (B, H, N, D) per query head -> (B, Hkv, N, D): the sum over each group of H / Hkv heads, added in head
+// order (element-wise additions: the same result whatever the number of threads).
+at::Tensor sum_over_groups(const at::Tensor& per_head, int64_t kv_heads) {
+  const at::Tensor grouped = per_head.unflatten(1, {kv_heads, per_head.size(1) / kv_heads});
+  at::Tensor total = grouped.select(2, 0).clone();
+  for (int64_t g = 1; g < grouped.size(2); ++g) total.add_(grouped.select(2, g));
+  return total;
+}
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -653,40 +725,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const HeadView ov(out), gov(grad_out);
   const scalar_t *go_ptr = grad_out.data_ptr<scalar_t>(), *out_ptr = out.data_ptr<scalar_t>();
   const T *norm_ptr = norm_c.data_ptr<T>(), *stab_ptr = stab_c.data_ptr<T>();
-  if (!causal) {
-    // The state and its gradient transposed per head, so that every tile product is a plain one.
-    const at::Tensor state_t = state_c.transpose(-1, -2).contiguous();
-    backward_global(p, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, state_t.data_ptr<T>(), grad_q, grad_k, grad_v);
+  // The gradients of the keys and values that each query head sees, of type grad_t: with grouped-query
+  // attention they go to (B, H, Nk, D) buffers in the accumulation type, summed over each group below.
+  const auto run = [&](auto grad_type, at::Tensor& grad_k_heads, at::Tensor& grad_v_heads) {
+    using grad_t = typename decltype(grad_type)::type;
+    if (!causal) {
+      // The state and its gradient transposed per head, so that every tile product is a plain one.
+      const at::Tensor state_t = state_c.transpose(-1, -2).contiguous();
+      backward_global<scalar_t, grad_t>(p, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, state_t.data_ptr<T>(),
+                                        grad_q, grad_k_heads, grad_v_heads);
+      return;
+    }
+    const HeadView gqv(grad_q), gkv(grad_k_heads), gvv(grad_v_heads);
+    scalar_t* gq_ptr = grad_q.data_ptr<scalar_t>();
+    grad_t *gk_ptr = grad_k_heads.data_ptr<grad_t>(), *gv_ptr = grad_v_heads.data_ptr<grad_t>();
+    const int64_t bh_count = p.batch * p.heads;
+    // Tasks [0, BH) take the forward direction (dq), [BH, 2 BH) the reverse one (dk, dv).
+    cpu::parallel_tasks(2 * bh_count, [&](const auto& claim) {
+      Workspace<T> w(p.features, p.dim);
+      std::vector<T> running(p.features * (p.dim + 1));
+      for (int64_t task = claim(); task >= 0; task = claim()) {
+        const int64_t bh = task % bh_count, b = bh / p.heads, h = bh % p.heads;
+        if (task < bh_count) {
+          backward_causal_queries(p, b, h, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, gq_ptr, gqv, w, running);
+        } else {
+          backward_causal_keys(p, b, h, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, gk_ptr, gkv, gv_ptr, gvv, w,
+                               running);
+        }
+      }
+      release_products<T>();
+    });
+  };
+  if (p.heads_per_kv == 1) {
+    run(std::type_identity<scalar_t>{}, grad_k, grad_v);
     return {grad_q, grad_k, grad_v};
   }
-  const HeadView gqv(grad_q), gkv(grad_k), gvv(grad_v);
-  scalar_t *gq_ptr = grad_q.data_ptr<scalar_t>(), *gk_ptr = grad_k.data_ptr<scalar_t>(),
-           *gv_ptr = grad_v.data_ptr<scalar_t>();
-  const int64_t bh_count = p.batch * p.heads;
-  // Tasks [0, BH) take the forward direction (dq), [BH, 2 BH) the reverse one (dk, dv).
-  cpu::parallel_tasks(2 * bh_count, [&](const auto& claim) {
-    Workspace<T> w(p.features, p.dim);
-    std::vector<T> running(p.features * (p.dim + 1));
-    for (int64_t task = claim(); task >= 0; task = claim()) {
-      const int64_t bh = task % bh_count, b = bh / p.heads, h = bh % p.heads;
-      if (task < bh_count) {
-        backward_causal_queries(p, b, h, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, gq_ptr, gqv, w, running);
-      } else {
-        backward_causal_keys(p, b, h, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, gk_ptr, gkv, gv_ptr, gvv, w,
-                             running);
-      }
-    }
-    release_products<T>();
-  });
+  const std::vector<int64_t> per_head_shape{p.batch, p.heads, p.key_len, p.dim};
+  at::Tensor grad_k_heads = at::empty(per_head_shape, grad_q.options().dtype(c10::CppTypeToScalarType<T>::value));
+  at::Tensor grad_v_heads = at::empty_like(grad_k_heads);
+  run(std::type_identity<T>{}, grad_k_heads, grad_v_heads);
+  grad_k.copy_(sum_over_groups(grad_k_heads, k.size(1)));
+  grad_v.copy_(sum_over_groups(grad_v_heads, v.size(1)));
   return {grad_q, grad_k, grad_v};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& projection, const at::Tensor& out, const at::Tensor& normaliser, const at::Tensor& key_stabiliser,
-    const at::Tensor& state, std::string_view kernel, bool causal, const std::optional<at::Tensor>& key_padding_mask,
-    double scale) {
-  check_qkv(q, k, v);
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& projection, const at::Tensor& out_in, const at::Tensor& normaliser,
+    const at::Tensor& key_stabiliser, const at::Tensor& state, std::string_view kernel, bool causal,
+    const std::optional<at::Tensor>& key_padding_mask, double scale) {
+  const at::Tensor grad_out = with_blas_strides(grad_out_in), out = with_blas_strides(out_in);
+  const at::Tensor q = with_blas_strides(q_in), k = with_blas_strides(k_in), v = with_blas_strides(v_in);
+  check_qkv(q, k, v, /*grouped_kv=*/true);
   check_key_padding_mask(key_padding_mask, q, k.size(2));
   check_projection(projection, q);
   const bool softmax = is_softmax_kernel(kernel);
@@ -702,8 +792,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_bwd(
   TORCH_CHECK_VALUE(normaliser.sizes() == q.sizes().slice(0, 3) && normaliser.scalar_type() == acc,
                     "normaliser: expected shape ", q.sizes().slice(0, 3), " and dtype ", acc, ", got ",
                     normaliser.sizes(), " and ", normaliser.scalar_type());
-  TORCH_CHECK_VALUE(key_stabiliser.sizes() == k.sizes().slice(0, 3) && key_stabiliser.scalar_type() == acc,
-                    "key_stabiliser: expected shape ", k.sizes().slice(0, 3), " and dtype ", acc, ", got ",
+  const std::vector<int64_t> stabiliser_shape{q.size(0), q.size(1), k.size(2)};
+  TORCH_CHECK_VALUE(key_stabiliser.sizes() == at::IntArrayRef(stabiliser_shape) && key_stabiliser.scalar_type() == acc,
+                    "key_stabiliser: expected shape ", stabiliser_shape, " and dtype ", acc, ", got ",
                     key_stabiliser.sizes(), " and ", key_stabiliser.scalar_type());
   TORCH_CHECK_VALUE(state.sizes() == at::IntArrayRef(state_shape) && state.scalar_type() == acc,
                     "state: expected shape ", state_shape, " and dtype ", acc, ", got ", state.sizes(), " and ",

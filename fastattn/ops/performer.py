@@ -13,7 +13,7 @@ def _performer_fwd_fake(q, k, v, projection, kernel, causal, key_padding_mask, s
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         q.new_empty(q.shape[:3], dtype=accumulation),
-        q.new_empty(k.shape[:3], dtype=accumulation),
+        q.new_empty((q.shape[0], q.shape[1], k.shape[2]), dtype=accumulation),  # per query head (GQA: k has Hkv)
         q.new_empty((q.shape[0], q.shape[1], projection.shape[-2], q.shape[3] + 1), dtype=accumulation),
     )
 
