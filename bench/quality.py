@@ -100,9 +100,10 @@ def _quality_at(config: QualityConfig, qk_std: float) -> list[dict]:
             rows.append(_row(config, qk_std, mechanism, "features", features, errors))
     for kp in config.kps:
         errors = []
-        projection = segment_means(kp, config.seq_len)
+        segments = min(kp, config.seq_len)  # kp >= N: segments of one token, and Linformer is exact attention
+        projection = segment_means(segments, config.seq_len)
         for generator, q, k, v, _, _ in samples:
-            k_kp, v_kp = rank_kp_sequence(k, kp, generator), rank_kp_sequence(v, kp, generator)
+            k_kp, v_kp = rank_kp_sequence(k, segments, generator), rank_kp_sequence(v, segments, generator)
             errors.append(relative_error(reference.linformer_attention(q, k_kp, v_kp, projection),
                                          reference.full_attention(q, k_kp, v_kp)))
         rows.append(_row(config, qk_std, "linformer", "kp", kp, errors))

@@ -28,12 +28,6 @@ EXAMPLES = settings.default.max_examples
 # the interpreter runs a Triton kernel in up to seconds: half the budget
 TRITON_EXAMPLES = max(2, EXAMPLES // 2)
 
-# Known kernel bugs of the CPU backend, being fixed on branch cpu (issue 10): the draws avoid them until
-# the fixes land, and this branch's last commit (named "property tests: failing case ...") empties these.
-KNOWN_BUG_LAYOUTS = ("expanded", "transposed")  # item 1: a size-1 dim's small stride given to BLAS as leading dim
-KNOWN_BUG_NAN_OPS = ("block_sparse",)  # item 5: the block-sparse forward turns a NaN query row into zeros
-KNOWN_BUG_LARGE_MAGNITUDE_OPS = ("performer",)  # item 2: features that underflow weigh e^-87 instead of 0
-
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 LENGTHS = st.one_of(st.sampled_from((1, 2, 3, 5, 7, 11, 13, 17, 31, 37, 61)), st.integers(1, 80))
 CPU_HEAD_DIMS = st.one_of(st.sampled_from((1, 3, 32, 48, 64, 80, 96, 128, 256)), st.integers(1, 256))
@@ -76,13 +70,13 @@ def _view(x: torch.Tensor, layout: str, shape) -> torch.Tensor:
 
 
 @st.composite
-def attention_tensors(draw, *, batch, heads, query_len, key_len, head_dim, magnitude, layouts=MEMORY_LAYOUTS):
+def attention_tensors(draw, *, batch, heads, query_len, key_len, head_dim, magnitude):
     """q, k, v in float64 with a drawn memory layout each; expanded ones are stored with size-1 dims."""
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     tensors, views, shapes = Tensors(), {}, {}
     for name, length in (("q", query_len), ("k", key_len), ("v", key_len)):
         shape = (batch, heads, length, head_dim)
-        layout = draw(st.sampled_from(layouts))
+        layout = draw(st.sampled_from(MEMORY_LAYOUTS))
         stored = shape
         if layout == "expanded":
             dims = draw(st.sets(st.sampled_from((0, 1, 2)), min_size=1))
@@ -111,19 +105,16 @@ def padding_masks(draw, batch: int, key_len: int):
 
 @st.composite
 def common(draw, *, head_dims, dtypes, max_batch=3, max_heads=3, lengths=LENGTHS, causal_allowed=True,
-           same_lengths=False, op=None):
+           same_lengths=False):
     dtype = draw(st.sampled_from(dtypes))
     batch, heads = draw(st.integers(1, max_batch)), draw(st.integers(1, max_heads))
     query_len = draw(lengths)
     causal = causal_allowed and draw(st.booleans())
     key_len = query_len if causal or same_lengths else draw(lengths)
     head_dim = draw(head_dims)
-    large = dtype != torch.float64 and op not in KNOWN_BUG_LARGE_MAGNITUDE_OPS
-    magnitude = draw(st.sampled_from((1.0, 1.0, 4.0, 16.0))) if large else 1.0
-    cpu_kernel = op not in (None, "full")
-    layouts = tuple(name for name in MEMORY_LAYOUTS if not (cpu_kernel and name in KNOWN_BUG_LAYOUTS))
+    magnitude = 1.0 if dtype == torch.float64 else draw(st.sampled_from((1.0, 1.0, 4.0, 16.0)))
     tensors, views, shapes = draw(attention_tensors(batch=batch, heads=heads, query_len=query_len, key_len=key_len,
-                                                    head_dim=head_dim, magnitude=magnitude, layouts=layouts))
+                                                    head_dim=head_dim, magnitude=magnitude))
     padding = draw(padding_masks(batch, key_len))
     return dict(dtype=dtype, batch=batch, heads=heads, query_len=query_len, key_len=key_len, head_dim=head_dim,
                 causal=causal, tensors=tensors, views=views, shapes=shapes, padding=padding, magnitude=magnitude)
@@ -201,7 +192,7 @@ def _block_sparse_property(params, layout, backend):
 @settings(max_examples=EXAMPLES)
 @given(st.data())
 def test_block_sparse_attention_cpu(data):
-    params = data.draw(common(head_dims=CPU_HEAD_DIMS, dtypes=CPU_DTYPES, op="block_sparse"))
+    params = data.draw(common(head_dims=CPU_HEAD_DIMS, dtypes=CPU_DTYPES))
     layout = data.draw(block_layouts(params["heads"], params["query_len"], params["key_len"], (1, 3, 8, 16, 32, 64)))
     _block_sparse_property(params, layout, "cpu")
 
@@ -212,7 +203,7 @@ def test_block_sparse_attention_cpu(data):
 @given(st.data())
 def test_block_sparse_attention_triton(data):
     params = data.draw(common(head_dims=st.sampled_from((32, 64)), dtypes=(torch.float32,), max_batch=2, max_heads=2,
-                              lengths=st.one_of(st.sampled_from((1, 7, 16, 17, 31)), st.integers(1, 64)), op="triton"))
+                              lengths=st.one_of(st.sampled_from((1, 7, 16, 17, 31)), st.integers(1, 64))))
     layout = data.draw(block_layouts(params["heads"], params["query_len"], params["key_len"], (16, 32)))
     _block_sparse_property(params, layout, "triton")
 
@@ -220,7 +211,7 @@ def test_block_sparse_attention_triton(data):
 @settings(max_examples=EXAMPLES)
 @given(st.data())
 def test_bigbird_attention_cpu(data):
-    params = data.draw(common(head_dims=CPU_HEAD_DIMS, dtypes=CPU_DTYPES, same_lengths=True, op="bigbird"))
+    params = data.draw(common(head_dims=CPU_HEAD_DIMS, dtypes=CPU_DTYPES, same_lengths=True))
     length = params["query_len"]
     options = dict(block_size=data.draw(st.sampled_from((1, 4, 8, 16))), num_random_blocks=data.draw(st.integers(0, 3)),
                    seed=data.draw(st.integers(0, 100)))
@@ -240,7 +231,7 @@ def test_bigbird_attention_cpu(data):
 @settings(max_examples=EXAMPLES)
 @given(st.data())
 def test_linformer_attention_cpu(data):
-    params = data.draw(common(head_dims=CPU_HEAD_DIMS, dtypes=CPU_DTYPES, causal_allowed=False, op="linformer"))
+    params = data.draw(common(head_dims=CPU_HEAD_DIMS, dtypes=CPU_DTYPES, causal_allowed=False))
     key_len, heads = params["key_len"], params["heads"]
     projected = data.draw(st.one_of(st.sampled_from((1, 2, 3)), st.integers(1, 24)))
     columns = key_len + data.draw(st.integers(0, 5))  # projections may be longer than the keys
@@ -264,7 +255,7 @@ def test_linformer_attention_cpu(data):
 @settings(max_examples=EXAMPLES)
 @given(st.data())
 def test_performer_attention_cpu(data):
-    params = data.draw(common(head_dims=CPU_HEAD_DIMS, dtypes=CPU_DTYPES, op="performer"))
+    params = data.draw(common(head_dims=CPU_HEAD_DIMS, dtypes=CPU_DTYPES))
     kernel = data.draw(st.sampled_from(PERFORMER_KERNELS))
     features = data.draw(st.one_of(st.sampled_from((1, 2, 3)), st.integers(1, 64)))
     generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
@@ -286,14 +277,14 @@ def test_performer_attention_cpu(data):
 # ------------------------------------------------------------------------------------------------
 # NaN propagation: NaN in q or in an unpadded key reaches exactly the outputs that read it
 
-OPS_FOR_NAN = tuple(op for op in ("full", "block_sparse", "linformer", "performer") if op not in KNOWN_BUG_NAN_OPS)
+OPS_FOR_NAN = ("full", "block_sparse", "linformer", "performer")
 
 
 @settings(max_examples=EXAMPLES)
 @given(st.data())
 def test_nan_reaches_exactly_the_outputs_it_touches(data):
     op = data.draw(st.sampled_from(OPS_FOR_NAN))
-    params = data.draw(common(head_dims=st.integers(1, 96), dtypes=CPU_DTYPES, causal_allowed=op != "linformer", op=op))
+    params = data.draw(common(head_dims=st.integers(1, 96), dtypes=CPU_DTYPES, causal_allowed=op != "linformer"))
     tensors = {name: value.expand(params["shapes"][name]).clone() for name, value in params["tensors"].items()}
     padding = params["padding"]
     target = data.draw(st.sampled_from(("q", "k")))
