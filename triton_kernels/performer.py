@@ -703,11 +703,10 @@ def _tiles(num_features: int, head_dim: int, dtype: torch.dtype, causal: bool) -
     low_precision = dtype in (torch.float16, torch.bfloat16)
     wide = head_dim > 64
     if causal:
-        tile_m = 16 if wide else (64 if low_precision else 32)
-        tile_f = 16 if wide else tile_m
-        num_warps = 8
+        tile_m = 32 if low_precision and not wide else 16
+        tile_f, num_warps = tile_m, 8
     elif low_precision:
-        tile_m, tile_f, num_warps = (32, 32, 8) if wide else (64, 64, 4)
+        tile_m, tile_f, num_warps = (32, 32, 8) if wide else (64, 64, 8)
     else:
         tile_m, tile_f, num_warps = (16 if wide else 32), (16 if wide else 32), 8
     tile_f = max(16, min(tile_f, triton.next_power_of_2(num_features)))
