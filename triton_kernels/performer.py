@@ -706,7 +706,7 @@ def _tiles(num_features: int, head_dim: int, dtype: torch.dtype, causal: bool) -
         tile_m = 32 if low_precision and not wide else 16
         tile_f, num_warps = tile_m, 8
     elif low_precision:
-        tile_m, tile_f, num_warps = (32, 32, 8) if wide else (64, 64, 4)
+        tile_m, tile_f, num_warps = (32, 32, 8) if wide else (32, 64, 4)
     else:
         tile_m, tile_f, num_warps = (16 if wide else 32), (16 if wide else 32), 8
     tile_f = max(16, min(tile_f, triton.next_power_of_2(num_features)))
