@@ -423,7 +423,8 @@ def _tiles(kp: int, head_dim: int, dtype: torch.dtype) -> dict:
     tile_n = max(16, min(64, triton.next_power_of_2(kp)))
     if dtype in (torch.float32, torch.float64):
         # IEEE float32/float64 dots run on the FMA units and need far more registers than tensor cores.
-        return {"BM": 32 if head_dim <= 64 else 16, "BN": min(tile_n, 32), "BK": 32, "num_warps": 8, "num_stages": 2}
+        return {"BM": 32 if head_dim <= 64 else 16, "BN": min(tile_n, 32 if head_dim <= 64 else 16), "BK": 32,
+                "num_warps": 8, "num_stages": 2}
     tile_m = 128 if head_dim <= 64 else 64
     return {"BM": tile_m, "BN": tile_n, "BK": 32, "num_warps": 8 if tile_m * head_dim >= 128 * 64 else 4,
             "num_stages": 2}

@@ -698,15 +698,16 @@ def _tiles(num_features: int, head_dim: int, dtype: torch.dtype, causal: bool) -
 
     Sized so that ptxas (Triton 3.6, sm_80 and sm_90; ``make gpu-static-check``) reports no register
     spills: the causal kernels hold a (BF, D) fp32 state and several (BM, D) tiles at once, so they take
-    8 warps and smaller tiles at D = 128; IEEE float32 dots run on the FMA units and need the most.
+    8 warps, the smallest feature tile and, past D = 32, the smallest chunk (more warps or fewer spill
+    more); IEEE float32 dots run on the FMA units and need the most.
     """
     low_precision = dtype in (torch.float16, torch.bfloat16)
     wide = head_dim > 64
     if causal:
-        tile_m = 32 if low_precision and not wide else 16
-        tile_f, num_warps = tile_m, 8
+        tile_m = 32 if low_precision and head_dim <= 32 else 16
+        tile_f, num_warps = 16, 8
     elif low_precision:
-        tile_m, tile_f, num_warps = (32, 32, 8) if wide else (32, 64, 4)
+        tile_m, tile_f, num_warps = (32, 32, 8) if wide else (32, 32, 4)
     else:
         tile_m, tile_f, num_warps = (16 if wide else 32), (16 if wide else 32), 8
     tile_f = max(16, min(tile_f, triton.next_power_of_2(num_features)))
