@@ -323,15 +323,14 @@ def test_op_rejects_bad_arguments(q_shape, k_shape, projection_shape, kernel, ca
 
 # ---- GPU: realistic shapes (run by make gpu-check) ----
 
+# Kept few (each dtype / head dim compiles its kernels once) and the causal references at N <= 2048 (the
+# reference materialises (N, N) float64 matrices): make gpu-check runs every GPU test in 150 s.
 GPU_CASES = [
     (2, 16, 16, 4096, 64, 256, False, False, "softmax", False, torch.bfloat16),
     (2, 16, 4, 4096, 128, 256, True, True, "softmax", False, torch.float16),
-    (2, 8, 8, 3000, 32, 100, True, True, "relu", False, torch.bfloat16),
-    (2, 8, 8, 1000, 64, 64, False, True, "softmax", False, torch.float32),
-    (2, 16, 16, 4096, 64, 256, False, False, "softmax", True, torch.bfloat16),
-    (2, 16, 4, 2048, 128, 256, True, True, "softmax", True, torch.float16),
-    (2, 8, 8, 3000, 32, 100, False, True, "relu", True, torch.bfloat16),
-    (2, 8, 8, 1000, 64, 64, True, True, "softmax", True, torch.float32),
+    (2, 16, 16, 2048, 64, 256, False, True, "softmax", True, torch.bfloat16),
+    (2, 8, 2, 1024, 128, 256, True, True, "softmax", True, torch.float16),
+    (2, 8, 8, 1000, 32, 100, False, True, "relu", True, torch.bfloat16),
 ]
 
 
@@ -352,9 +351,9 @@ def test_gpu_matches_reference(batch, heads, kv_heads, length, head_dim, feature
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True], ids=["non-causal", "causal"])
 def test_gpu_backward_is_deterministic(causal):
-    inputs = _inputs(2, 8, 2, 4096, 64, 256, per_head=True, padding=True, seed=12, device="cuda")
+    inputs = _inputs(2, 16, 16, 2048, 64, 256, per_head=False, padding=True, seed=12, device="cuda")
     leaves = [inputs[name].to(torch.bfloat16).requires_grad_() for name in "qkv"]
-    grad_out = torch.randn(2, 8, 4096, 64, device="cuda", dtype=torch.bfloat16)
+    grad_out = torch.randn(2, 16, 2048, 64, device="cuda", dtype=torch.bfloat16)
     grads = []
     for _ in range(2):
         out = triton_performer.performer_attention(*leaves, inputs["projection"], kernel="softmax", causal=causal,

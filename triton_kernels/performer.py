@@ -698,16 +698,16 @@ def _tiles(num_features: int, head_dim: int, dtype: torch.dtype, causal: bool) -
 
     Sized so that ptxas (Triton 3.6, sm_80 and sm_90; ``make gpu-static-check``) reports no register
     spills: the causal kernels hold a (BF, D) fp32 state and several (BM, D) tiles at once, so they take
-    8 warps and smaller tiles at D = 128; IEEE float32 dots run on the FMA units and need the most.
+    8 warps, the smallest feature tile and, past D = 32, the smallest chunk (more warps or fewer spill
+    more); IEEE float32 dots run on the FMA units and need the most.
     """
     low_precision = dtype in (torch.float16, torch.bfloat16)
     wide = head_dim > 64
     if causal:
-        tile_m = 16 if wide else (64 if low_precision else 32)
-        tile_f = (32 if low_precision else 16) if wide else tile_m
-        num_warps = 8
+        tile_m = 32 if low_precision and head_dim <= 32 else 16
+        tile_f, num_warps = 16, 8
     elif low_precision:
-        tile_m, tile_f, num_warps = (32, 32, 8) if wide else (64, 64, 4)
+        tile_m, tile_f, num_warps = (32, 32, 8) if wide else (32, 32, 4)
     else:
         tile_m, tile_f, num_warps = (16 if wide else 32), (16 if wide else 32), 8
     tile_f = max(16, min(tile_f, triton.next_power_of_2(num_features)))
@@ -978,22 +978,28 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, 
 
 
 def static_check_variants():
-    """Every launch the wrappers can make on a GPU, for ``scripts/gpu_static_check.py``.
+    """The launches ``scripts/gpu_static_check.py`` compiles for sm_80 and sm_90: (label, launch, is_default).
 
-    One (label, launch, is_default) per feature tile (m = 16 gives the smallest, m = 256 the largest;
-    ``_tiles``) x head dim x dtype x kernel x causal x padding: ``launch()`` runs the forward and
-    backward wrappers on small CPU tensors (B = H = 2, N = 256) whose sizes specialise the kernels as
-    real calls do. Every variant is one the wrappers choose, so all are default.
+    Registers grow with the head dim and the tiles, so the check compiles softmax features with the
+    largest feature tile (m >= 64; ``_tiles``), non-causal and causal, with padding: every head dim in
+    float16, D = 64 and D = 128 in float32, D = 128 in bfloat16, and D = 128 float16 without padding;
+    plus relu (the same loops, fewer live values) and the smallest feature tile (m = 16) at D = 128 in
+    float16 and float32. Each variant costs about fifteen compiles per target, and CI's time budget is
+    shared with the other mechanisms. ``launch()`` runs the forward and backward wrappers on small CPU
+    tensors (B = H = 2, N = 256) whose sizes specialise the kernels as real calls do. Every variant is
+    one the wrappers choose, so all are default.
     """
-    for features in (16, 256):
-        for head_dim in SUPPORTED_HEAD_DIMS:
-            for dtype in (torch.float16, torch.bfloat16, torch.float32):
-                for kernel in KERNELS:
-                    for causal in (False, True):
-                        for padding in (False, True):
-                            label = (f"m{features}-D{head_dim}-{str(dtype).replace('torch.', '')}-{kernel}"
-                                     f"{'-causal' if causal else ''}{'-padding' if padding else ''}")
-                            yield label, _static_check_launch(features, head_dim, dtype, kernel, causal, padding), True
+    softmax = [(head_dim, torch.float16, True) for head_dim in SUPPORTED_HEAD_DIMS]
+    softmax += [(64, torch.float32, True), (128, torch.float32, True), (128, torch.bfloat16, True),
+                (128, torch.float16, False)]
+    cases = [(256, head_dim, dtype, "softmax", causal, padding) for head_dim, dtype, padding in softmax
+             for causal in (False, True)]
+    cases += [(features, 128, dtype, kernel, causal, True) for features, kernel in ((256, "relu"), (16, "softmax"))
+              for dtype in (torch.float16, torch.float32) for causal in (False, True)]
+    for features, head_dim, dtype, kernel, causal, padding in cases:
+        label = (f"m{features}-D{head_dim}-{str(dtype).replace('torch.', '')}-{kernel}"
+                 f"{'-causal' if causal else ''}{'-padding' if padding else ''}")
+        yield label, _static_check_launch(features, head_dim, dtype, kernel, causal, padding), True
 
 
 def _static_check_launch(features: int, head_dim: int, dtype: torch.dtype, kernel: str, causal: bool, padding: bool):
