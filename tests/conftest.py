@@ -9,8 +9,15 @@ os.environ.setdefault("FASTATTN_POISON_OUTPUTS", "1")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
+
+# @triton.jit reads TRITON_INTERPRET when a kernel module is imported: import the kernels now, so a test
+# that unsets it (test_bench times no interpreted kernel) cannot make them GPU kernels for later tests.
+if importlib.util.find_spec("triton") is not None:
+    import fastattn.triton_kernels  # noqa: E402, F401
 
 # Property tests (tests/test_properties.py): a small fixed budget in `make test`, a long run on request
 settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True, print_blob=True)
