@@ -61,6 +61,22 @@ EPSILON = tl.constexpr(RELU_KERNEL_EPSILON)
 
 
 @triton.jit
+def _dot_nt(b_a, b_b, DOT_PRECISION: tl.constexpr):
+    """a @ b^T for [rows, D] a and [cols, D] b: a contraction over the head dim.
+
+    IEEE dots run on the FMA units with whole rows of both operands in each thread's registers: at
+    D = 128 that spills (ptxas, sm_80 and sm_90), so the contraction is split into two dots over the even
+    and the odd columns.
+    """
+    if DOT_PRECISION == "ieee" and b_a.shape[1] >= 128:
+        b_a_even, b_a_odd = tl.split(tl.reshape(b_a, [b_a.shape[0], b_a.shape[1] // 2, 2]))
+        b_b_even, b_b_odd = tl.split(tl.reshape(b_b, [b_b.shape[0], b_b.shape[1] // 2, 2]))
+        b_even = tl.dot(b_a_even, tl.trans(b_b_even), input_precision=DOT_PRECISION)
+        return tl.dot(b_a_odd, tl.trans(b_b_odd), acc=b_even, input_precision=DOT_PRECISION)
+    return tl.dot(b_a, tl.trans(b_b), input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _logits(b_x, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION: tl.constexpr):
     """W x for a [rows, D] tile x and the feature tile o_f: [rows, BF], x scaled by sqrt(scale)."""
     b_w = tl.load(p_w_base + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None], other=0.0)
@@ -597,7 +613,7 @@ def performer_bwd_kernel_causal_dq(
         if SOFTMAX:
             b_dlogit = (b_phi_q * b_dphi) / b_den[:, None]
         else:
-            b_dlogit = tl.where(b_wx_q > 0, b_dphi / b_den[:, None], 0.0)
+            b_dlogit = tl.where(b_wx_q > 0, b_dphi, 0.0) / b_den[:, None]
         # [BC, BF] @ [BF, D] -> [BC, D]; W reloaded per chunk (an L2 hit) rather than held across the loop.
         b_dx = tl.dot(b_dlogit, tl.load(p_w_tile, mask=m_f[:, None], other=0.0).to(ACC), input_precision=DOT_PRECISION)
         tl.store(p_part_base + o_c.to(tl.int64)[:, None] * D + o_d[None, :], b_dx, mask=m_c[:, None])
@@ -660,13 +676,13 @@ def performer_bwd_kernel_causal_dkdv(
         # [BC, BF] @ [BF, D] -> [BC, D]
         b_dv = tl.dot(b_phi_k, b_suffix_num, input_precision=DOT_PRECISION) * b_factor[:, None]
         # [BC, D] @ [D, BF] -> [BC, BF]
-        b_dphi = (tl.dot(b_v, tl.trans(b_suffix_num), input_precision=DOT_PRECISION)
+        b_dphi = (_dot_nt(b_v, b_suffix_num, DOT_PRECISION)
                   + b_suffix_den[None, :]) * b_factor[:, None]
         # This chunk: scores S (queries x keys) and G = [dnum | dden] [V | 1]^T, both masked by E.
         # [BC, BF] @ [BF, BC] -> [BC, BC]
         b_s = tl.dot(b_phi_q, tl.trans(b_phi_k), input_precision=DOT_PRECISION) * b_decay_qk
         # [BC, D] @ [D, BC] -> [BC, BC]
-        b_g = (tl.dot(b_dnum, tl.trans(b_v), input_precision=DOT_PRECISION) + b_dden[:, None]) * b_decay_qk
+        b_g = (_dot_nt(b_dnum, b_v, DOT_PRECISION) + b_dden[:, None]) * b_decay_qk
         # [BC, BC] @ [BC, D] -> [BC, D] and [BC, BC] @ [BC, BF] -> [BC, BF]
         b_dv += tl.dot(tl.trans(b_s), b_dnum, input_precision=DOT_PRECISION)
         b_dphi += tl.dot(tl.trans(b_g), b_phi_q, input_precision=DOT_PRECISION)
