@@ -425,15 +425,16 @@ def _tiles(kp: int, head_dim: int, dtype: torch.dtype) -> dict:
     if dtype in (torch.float32, torch.float64):
         # IEEE float32/float64 dots run on the FMA units and need far more registers than tensor cores.
         return {"BM": 32 if head_dim <= 64 else 16, "BN": min(tile_n, 32 if head_dim <= 64 else 16), "BK": 32,
-                "num_warps": 8, "num_stages": 2}
+                "num_warps": 8, "num_stages": 2, "dkdv_warps": 8}
     tile_m = 128 if head_dim <= 64 else 64
+    # dK/dV walks 32-key tiles: at D = 64 ptxas caps it below 128 registers and spills on 8 warps.
     return {"BM": tile_m, "BN": tile_n, "BK": 32, "num_warps": 8 if tile_m * head_dim >= 128 * 64 else 4,
-            "num_stages": 2}
+            "num_stages": 2, "dkdv_warps": 4 if head_dim <= 64 else 8}
 
 
 def _attention_tiles(tiles: dict) -> dict:
-    """The tiles and options of the kernels that walk the projected keys (all but BK)."""
-    return {name: value for name, value in tiles.items() if name != "BK"}
+    """The tiles and options of the kernels that walk the projected keys (all but BK and dK/dV's warps)."""
+    return {name: value for name, value in tiles.items() if name not in ("BK", "dkdv_warps")}
 
 
 def _in_input_dtype(k_proj: Tensor, v_proj: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
@@ -602,7 +603,7 @@ def linformer_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, proj_k: Ten
         *_projection_strides(proj_k), *_projection_strides(proj_v), *grad_k.stride()[:3], *grad_v.stride()[:3],
         stride_pad_b, kv_heads, heads // kv_heads, key_len, kp,
         HAS_PADDING=key_padding_mask is not None, BP=tiles["BN"], BN=key_tile, **flags,
-        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+        num_warps=tiles["dkdv_warps"], num_stages=tiles["num_stages"],
     )
 
     grads = []

@@ -64,11 +64,11 @@ EPSILON = tl.constexpr(RELU_KERNEL_EPSILON)
 def _dot_nt(b_a, b_b, DOT_PRECISION: tl.constexpr):
     """a @ b^T for [rows, D] a and [cols, D] b: a contraction over the head dim.
 
-    IEEE dots run on the FMA units with whole rows of both operands in each thread's registers: at
-    D = 128 that spills (ptxas, sm_80 and sm_90), so the contraction is split into two dots over the even
-    and the odd columns.
+    At D = 128 the causal dK/dV kernel spills (ptxas, sm_80 and sm_90), most in float32 whose IEEE dots
+    run on the FMA units with whole rows of both operands in each thread's registers, so the
+    contraction is split into two dots over the even and the odd columns.
     """
-    if DOT_PRECISION == "ieee" and b_a.shape[1] >= 128:
+    if b_a.shape[1] >= 128:
         b_a_even, b_a_odd = tl.split(tl.reshape(b_a, [b_a.shape[0], b_a.shape[1] // 2, 2]))
         b_b_even, b_b_odd = tl.split(tl.reshape(b_b, [b_b.shape[0], b_b.shape[1] // 2, 2]))
         b_even = tl.dot(b_a_even, tl.trans(b_b_even), input_precision=DOT_PRECISION)
@@ -726,8 +726,12 @@ def _tiles(num_features: int, head_dim: int, dtype: torch.dtype, causal: bool) -
         tile_m, tile_f, num_warps = (32, 32, 8) if wide else (32, 32, 4)
     else:
         tile_m, tile_f, num_warps = (16 if wide else 32), (16 if wide else 32), 8
+    # At float32 D = 64 the causal forward and the non-causal dK/dV spill on 8 warps (ptxas caps them
+    # below 128 registers), the other kernels on 4.
+    own_warps = 4 if dtype == torch.float32 and head_dim == 64 else num_warps
     tile_f = max(16, min(tile_f, triton.next_power_of_2(num_features)))
-    return {"BM": tile_m, "BF": tile_f, "num_warps": num_warps, "num_stages": 2}
+    return {"BM": tile_m, "BF": tile_f, "num_warps": num_warps, "num_stages": 2,
+            "kernel_warps": {"performer_fwd_kernel_causal": own_warps, "performer_bwd_kernel_dkdv": own_warps}}
 
 
 def _projection_strides(projection: Tensor) -> tuple[int, int]:
@@ -796,6 +800,10 @@ class _Problem:
         self.launch = {"num_warps": self.tiles["num_warps"], "num_stages": self.tiles["num_stages"]}
         self.flags = {"DOT_PRECISION": _dot_precision(q.dtype), "D": self.head_dim, "BF": self.tiles["BF"],
                       "ACC": _TRITON_DTYPES[self.acc]}
+
+    def launch_options(self, kernel: str) -> dict:
+        """num_warps and num_stages of a kernel whose warps ``_tiles`` sets apart from the others'."""
+        return {**self.launch, "num_warps": self.tiles["kernel_warps"][kernel]}
 
     def row_max(self, x: Tensor, is_key: bool) -> Tensor:
         """Largest logit of each row per query head (B, H, N); keys: -inf where padded (softmax only)."""
@@ -887,7 +895,7 @@ def _backward_global(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
         *k.stride()[:3], *v.stride()[:3], *p.projection_strides, *grad_k.stride()[:3], *grad_v.stride()[:3],
         p.stride_pad_b, p.kv_heads, p.group, p.key_len, p.features, p.sqrt_scale, p.scale,
         SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BN=p.tiles["BM"],
-        **p.flags, **p.launch,
+        **p.flags, **p.launch_options("performer_bwd_kernel_dkdv"),
     )
     return grad_q, grad_k, grad_v
 
@@ -900,7 +908,8 @@ def _forward_causal(p: _Problem, q: Tensor, k: Tensor, v: Tensor, key_stabiliser
     performer_fwd_kernel_causal[(p.batch * p.heads, feature_tiles)](
         q, k, v, p.projection, p.query_max(q), key_stabiliser, p.padding, numden_part, state,
         *p.causal_strides(q, k, v), p.heads, p.group, p.query_len, p.features, feature_tiles, p.sqrt_scale, p.scale,
-        SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BC=p.tiles["BM"], **p.flags, **p.launch,
+        SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BC=p.tiles["BM"], **p.flags,
+        **p.launch_options("performer_fwd_kernel_causal"),
     )
     # The feature tiles' shares added in a fixed order: deterministic.
     numden = numden_part.sum(1).view(p.batch, p.heads, p.query_len, p.head_dim + 1)
