@@ -19,7 +19,7 @@ from fastattn.layout import BlockLayout, bigbird_layout  # noqa: E402
 from fastattn.triton_kernels import IMPLEMENTATIONS  # noqa: E402
 from fastattn.triton_kernels import block_sparse as triton_block_sparse  # noqa: E402
 from fastattn.testing import check_against_reference  # noqa: E402
-from tests.utils import describe_case  # noqa: E402
+from tests.utils import RecordingLaunch, describe_case  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -374,17 +374,6 @@ def test_raw_ops_reject_csr_shapes(part, replacement, message):
         torch.ops.fastattn.triton_block_sparse_fwd(q, q, q, *csr, 16, False, None, 0.2)
 
 
-class _RecordingLaunch:
-    """Stands in for a Triton kernel: records each launch grid and writes nothing."""
-
-    def __init__(self, grids):
-        self.grids = grids
-
-    def __getitem__(self, grid):
-        self.grids.append(grid)
-        return lambda *args, **kwargs: None
-
-
 def test_launch_grids_fit_cuda_limits_for_many_batch_heads(monkeypatch):
     """B * H = 65536 programs per tile: more than grid axes 1 and 2 hold (65535), so B * H goes on axis 0.
 
@@ -394,7 +383,7 @@ def test_launch_grids_fit_cuda_limits_for_many_batch_heads(monkeypatch):
     grids = []
     for name in ("block_sparse_fwd_kernel", "block_sparse_bwd_preprocess_kernel", "block_sparse_bwd_kernel_dkdv",
                  "block_sparse_bwd_kernel_dq"):
-        monkeypatch.setattr(triton_block_sparse, name, _RecordingLaunch(grids))
+        monkeypatch.setattr(triton_block_sparse, name, RecordingLaunch(grids))
     layout = bigbird_layout(40, block_size=16, num_heads=1, num_random_blocks=0)
     q = torch.zeros(1024, 64, 40, 32).expand(1024, 64, 40, 32)
     out, lse = triton_block_sparse.block_sparse_fwd(q, q, q, *layout.csr("cpu"), 16, False, None, 0.2)

@@ -20,7 +20,7 @@ from fastattn.backends import BACKENDS  # noqa: E402
 from fastattn.testing import check_against_reference  # noqa: E402
 from fastattn.triton_kernels import IMPLEMENTATIONS  # noqa: E402
 from fastattn.triton_kernels import linformer as triton_linformer  # noqa: E402
-from tests.utils import describe_case  # noqa: E402
+from tests.utils import RecordingLaunch, describe_case  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -252,6 +252,27 @@ def test_op_rejects_bad_shapes(shapes, match):
     projection = torch.zeros(projection_shape)
     with pytest.raises(ValueError, match=match):
         triton_linformer.linformer_fwd(q, k, k, projection, projection, None, 1.0)
+
+
+
+def test_launch_grids_fit_cuda_limits_for_many_batch_heads(monkeypatch):
+    """B * H = 65536: more than grid axes 1 and 2 hold (65535), so B * H goes on axis 0.
+
+    The launches are recorded, not run: 65536 interpreted programs per kernel take many minutes. The
+    decoding of a program id into (tile, batch * head) is exercised by every other test.
+    """
+    grids = []
+    for name in ("linformer_fwd_kernel_project", "linformer_fwd_kernel", "linformer_bwd_preprocess_kernel",
+                 "linformer_bwd_kernel_dkvp", "linformer_bwd_kernel_dq", "linformer_bwd_kernel_dkdv",
+                 "linformer_bwd_kernel_dproj"):
+        monkeypatch.setattr(triton_linformer, name, RecordingLaunch(grids))
+    q = torch.zeros(1, 1, 5, 32).expand(1024, 64, 5, 32)
+    projection = torch.zeros(4, 5)
+    out, lse, k_proj, v_proj = triton_linformer.linformer_fwd(q, q, q, projection, projection, None, 0.2)
+    triton_linformer.linformer_bwd(out, q, q, q, projection, projection, out, lse, k_proj, v_proj, None, 0.2)
+    assert len(grids) == 8
+    for grid in grids:
+        assert grid[0] <= 2**31 - 1 and all(extent <= 65535 for extent in grid[1:]), grid
 
 
 # ---- GPU: realistic shapes (run by make gpu-check) ----

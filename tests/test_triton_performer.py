@@ -20,7 +20,7 @@ from fastattn.backends import BACKENDS  # noqa: E402
 from fastattn.testing import check_against_reference  # noqa: E402
 from fastattn.triton_kernels import IMPLEMENTATIONS  # noqa: E402
 from fastattn.triton_kernels import performer as triton_performer  # noqa: E402
-from tests.utils import describe_case  # noqa: E402
+from tests.utils import RecordingLaunch, describe_case  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -319,6 +319,31 @@ def test_op_rejects_bad_arguments(q_shape, k_shape, projection_shape, kernel, ca
     q, k = torch.zeros(q_shape), torch.zeros(k_shape)
     with pytest.raises(ValueError, match=match):
         triton_performer.performer_fwd(q, k, k, torch.zeros(projection_shape), kernel, causal, None, 1.0)
+
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["global", "causal"])
+def test_launch_grids_fit_cuda_limits_for_many_batch_heads(monkeypatch, causal):
+    """B * H = 65536: more than grid axes 1 and 2 hold (65535), so B * H goes on axis 0.
+
+    The launches are recorded, not run: 65536 interpreted programs per kernel take many minutes. The
+    decoding of a program id into (tile, batch * head) is exercised by every other test.
+    """
+    grids = []
+    for name in ("performer_fwd_kernel_row_max", "performer_fwd_kernel_state", "performer_fwd_kernel",
+                 "performer_bwd_kernel_dq", "performer_bwd_kernel_dstate", "performer_bwd_kernel_dkdv",
+                 "performer_fwd_kernel_causal", "performer_bwd_kernel_causal_dq", "performer_bwd_kernel_causal_dkdv"):
+        monkeypatch.setattr(triton_performer, name, RecordingLaunch(grids))
+    q = torch.zeros(1, 1, 5, 32).expand(1024, 64, 5, 32)
+    projection = torch.zeros(16, 32)
+    out, normaliser, key_stabiliser, state = triton_performer.performer_fwd(q, q, q, projection, "softmax", causal,
+                                                                            None, 0.2)
+    triton_performer.performer_bwd(out, q, q, q, projection, out, normaliser, key_stabiliser, state, "softmax",
+                                   causal, None, 0.2)
+    # Softmax: the row maxima of q (each pass) and of k (the forward) are kernels too.
+    assert len(grids) == (6 if causal else 8)
+    for grid in grids:
+        assert grid[0] <= 2**31 - 1 and all(extent <= 65535 for extent in grid[1:]), grid
 
 
 # ---- GPU: realistic shapes (run by make gpu-check) ----

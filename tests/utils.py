@@ -61,3 +61,15 @@ def cpu_has_bf16_units() -> bool:
 def allow_bf16_products(monkeypatch, allowed: bool) -> None:
     """Lets the CPU kernels take bf16 products where the CPU can (allowed) or forces float32 products."""
     monkeypatch.setenv("FASTATTN_CPU_BF16_PRODUCTS", "1" if allowed else "0")
+
+
+class RecordingLaunch:
+    """Stands in for a Triton kernel: records each launch grid and writes nothing (tests of grid limits,
+    whose launches would take many minutes in the interpreter)."""
+
+    def __init__(self, grids):
+        self.grids = grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return lambda *args, **kwargs: None

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..ops.common import accumulation_dtype, new_output
 from ..ops.linformer import backward_through, linformer_bwd_fake, linformer_fwd_fake, setup_context
-from .block_sparse import _TRITON_DTYPES, _dot_precision, _padding_arguments
+from .block_sparse import _TRITON_DTYPES, _dot_precision, _grid, _padding_arguments, _tile_and_batch_head
 
 __all__ = ["linformer_attention", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
 
@@ -49,6 +49,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 LOG2E = math.log2(math.e)
 LN2 = tl.constexpr(math.log(2.0))
+# Grid axes 1 and 2 (B * H is on axis 0, or numbered with the tiles on it: block_sparse._grid).
 MAX_GRID_AXIS = 65535
 # Programs aimed at by the split sums over the sequence: enough to fill a large GPU, few enough that
 # the partial sums stay small next to K and V.
@@ -67,7 +68,7 @@ def linformer_fwd_kernel_project(
     HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BP: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    i_p, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, i_p, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_hkv = i_h // GROUP
 
@@ -116,7 +117,7 @@ def linformer_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = _tile_and_batch_head(Nq, BM)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
 
     o_m = i_m * BM + tl.arange(0, BM)
@@ -172,7 +173,7 @@ def linformer_bwd_preprocess_kernel(
     largest score, and that rounding would scale a whole row of P (and so of dS) by a relative error far
     above the float32 reference's when the scores are large.
     """
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = _tile_and_batch_head(Nq, BM)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
 
     o_m = i_m * BM + tl.arange(0, BM)
@@ -229,7 +230,7 @@ def linformer_bwd_kernel_dkvp(
     DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    i_p, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, i_p, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
 
     o_p = i_p * BN + tl.arange(0, BN)
@@ -277,7 +278,7 @@ def linformer_bwd_kernel_dq(
     DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = _tile_and_batch_head(Nq, BM)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
 
     o_m = i_m * BM + tl.arange(0, BM)
@@ -324,7 +325,7 @@ def linformer_bwd_kernel_dkdv(
     HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BP: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, i_bh = _tile_and_batch_head(Nk, BN)
     i_b, i_hkv = (i_bh // HKV).to(tl.int64), (i_bh % HKV).to(tl.int64)
 
     o_k = i_n * BN + tl.arange(0, BN)
@@ -424,15 +425,16 @@ def _tiles(kp: int, head_dim: int, dtype: torch.dtype) -> dict:
     if dtype in (torch.float32, torch.float64):
         # IEEE float32/float64 dots run on the FMA units and need far more registers than tensor cores.
         return {"BM": 32 if head_dim <= 64 else 16, "BN": min(tile_n, 32 if head_dim <= 64 else 16), "BK": 32,
-                "num_warps": 8, "num_stages": 2}
+                "num_warps": 8, "num_stages": 2, "dkdv_warps": 8}
     tile_m = 128 if head_dim <= 64 else 64
+    # dK/dV walks 32-key tiles: at D = 64 ptxas caps it below 128 registers and spills on 8 warps.
     return {"BM": tile_m, "BN": tile_n, "BK": 32, "num_warps": 8 if tile_m * head_dim >= 128 * 64 else 4,
-            "num_stages": 2}
+            "num_stages": 2, "dkdv_warps": 4 if head_dim <= 64 else 8}
 
 
 def _attention_tiles(tiles: dict) -> dict:
-    """The tiles and options of the kernels that walk the projected keys (all but BK)."""
-    return {name: value for name, value in tiles.items() if name != "BK"}
+    """The tiles and options of the kernels that walk the projected keys (all but BK and dK/dV's warps)."""
+    return {name: value for name, value in tiles.items() if name not in ("BK", "dkdv_warps")}
 
 
 def _in_input_dtype(k_proj: Tensor, v_proj: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
@@ -485,8 +487,6 @@ def _check_arguments(q: Tensor, k: Tensor, v: Tensor, proj_k: Tensor, proj_v: Te
                              f"got {tuple(projection.shape)}")
     if proj_v.shape[-2] != proj_k.shape[-2]:
         raise ValueError(f"proj_v: expected kp = {proj_k.shape[-2]} (that of proj_k), got shape {tuple(proj_v.shape)}")
-    if batch * heads > MAX_GRID_AXIS:
-        raise ValueError(f"q: expected B * H <= {MAX_GRID_AXIS} (a grid axis), got {batch} * {heads}")
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale: expected a positive finite float, got {scale}")
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.device != q.device
@@ -522,7 +522,7 @@ def linformer_fwd(q: Tensor, k: Tensor, v: Tensor, proj_k: Tensor, proj_v: Tenso
         raise ValueError(f"k: Nk={key_len} needs {splits} splits, more than a grid axis holds ({MAX_GRID_AXIS})")
     k_part = torch.empty((batch * heads, splits, kp, head_dim), dtype=acc, device=q.device)
     v_part = torch.empty_like(k_part)
-    linformer_fwd_kernel_project[(kp_tiles, splits, batch * heads)](
+    linformer_fwd_kernel_project[(batch * heads, kp_tiles, splits)](
         k, v, proj_k, proj_v, k_part, v_part, padding,
         *k.stride()[:3], *v.stride()[:3], *_projection_strides(proj_k), *_projection_strides(proj_v), stride_pad_b,
         heads, heads // k.shape[1], key_len, kp, chunk, splits,
@@ -535,7 +535,7 @@ def linformer_fwd(q: Tensor, k: Tensor, v: Tensor, proj_k: Tensor, proj_v: Tenso
 
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((batch, heads, query_len), acc, q.device)
-    linformer_fwd_kernel[(triton.cdiv(query_len, tiles["BM"]), batch * heads)](
+    linformer_fwd_kernel[_grid(query_len, tiles["BM"], batch, heads)](
         q, *_in_input_dtype(k_proj, v_proj, q), out, lse, *q.stride()[:3], *out.stride()[:3],
         heads, query_len, kp, scale * LOG2E, **flags, **attention_tiles,
     )
@@ -573,7 +573,7 @@ def linformer_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, proj_k: Ten
     row_max, row_sum, delta = torch.empty((3, batch, heads, query_len), dtype=acc, device=q.device)
     attention_tiles = _attention_tiles(tiles)
     keys, values = _in_input_dtype(k_proj, v_proj, q)
-    linformer_bwd_preprocess_kernel[(triton.cdiv(query_len, tiles["BM"]), batch * heads)](
+    linformer_bwd_preprocess_kernel[_grid(query_len, tiles["BM"], batch, heads)](
         q, keys, out, grad_out, row_max, row_sum, delta, *q.stride()[:3], *out.stride()[:3],
         *grad_out.stride()[:3], heads, query_len, kp, scale * LOG2E, **flags, **attention_tiles,
     )
@@ -583,14 +583,14 @@ def linformer_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, proj_k: Ten
         raise ValueError(f"q: Nq={query_len} needs {splits} splits, more than a grid axis holds ({MAX_GRID_AXIS})")
     dk_part = torch.empty((batch * heads, splits, kp, head_dim), dtype=acc, device=q.device)
     dv_part = torch.empty_like(dk_part)
-    linformer_bwd_kernel_dkvp[(kp_tiles, splits, batch * heads)](
+    linformer_bwd_kernel_dkvp[(batch * heads, kp_tiles, splits)](
         q, grad_out, keys, values, row_max, row_sum, delta, dk_part, dv_part, *q.stride()[:3], *grad_out.stride()[:3],
         heads, query_len, kp, chunk, splits, scale, scale * LOG2E, **flags, **attention_tiles,
     )
     dk_proj, dv_proj = dk_part.sum(1), dv_part.sum(1)
 
     grad_q = new_output(q.shape, q.dtype, q.device)
-    linformer_bwd_kernel_dq[(triton.cdiv(query_len, tiles["BM"]), batch * heads)](
+    linformer_bwd_kernel_dq[_grid(query_len, tiles["BM"], batch, heads)](
         q, grad_out, keys, values, row_max, row_sum, delta, grad_q, *q.stride()[:3], *grad_out.stride()[:3],
         *grad_q.stride()[:3], heads, query_len, kp, scale, scale * LOG2E, **flags, **attention_tiles,
     )
@@ -598,12 +598,12 @@ def linformer_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, proj_k: Ten
     grad_k = new_output(k.shape, k.dtype, k.device)
     grad_v = new_output(v.shape, v.dtype, v.device)
     key_tile = tiles["BK"]
-    linformer_bwd_kernel_dkdv[(triton.cdiv(key_len, key_tile), batch * kv_heads)](
+    linformer_bwd_kernel_dkdv[_grid(key_len, key_tile, batch, kv_heads)](
         dk_proj, dv_proj, proj_k, proj_v, grad_k, grad_v, padding,
         *_projection_strides(proj_k), *_projection_strides(proj_v), *grad_k.stride()[:3], *grad_v.stride()[:3],
         stride_pad_b, kv_heads, heads // kv_heads, key_len, kp,
         HAS_PADDING=key_padding_mask is not None, BP=tiles["BN"], BN=key_tile, **flags,
-        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+        num_warps=tiles["dkdv_warps"], num_stages=tiles["num_stages"],
     )
 
     grads = []

@@ -48,7 +48,7 @@ from torch import Tensor
 from ..ops.common import accumulation_dtype, new_output
 from ..ops.performer import backward_through, performer_bwd_fake, performer_fwd_fake, setup_context
 from ..reference import RELU_KERNEL_EPSILON
-from .block_sparse import _TRITON_DTYPES, _dot_precision, _padding_arguments
+from .block_sparse import _TRITON_DTYPES, _dot_precision, _grid, _padding_arguments, _tile_and_batch_head
 from .linformer import MAX_GRID_AXIS, _split
 
 __all__ = ["performer_attention", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES", "KERNELS"]
@@ -58,6 +58,22 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNELS = ("softmax", "relu")
 EPSILON = tl.constexpr(RELU_KERNEL_EPSILON)
+
+
+@triton.jit
+def _dot_nt(b_a, b_b, DOT_PRECISION: tl.constexpr):
+    """a @ b^T for [rows, D] a and [cols, D] b: a contraction over the head dim.
+
+    At D = 128 the causal dK/dV kernel spills (ptxas, sm_80 and sm_90), most in float32 whose IEEE dots
+    run on the FMA units with whole rows of both operands in each thread's registers, so the
+    contraction is split into two dots over the even and the odd columns.
+    """
+    if b_a.shape[1] >= 128:
+        b_a_even, b_a_odd = tl.split(tl.reshape(b_a, [b_a.shape[0], b_a.shape[1] // 2, 2]))
+        b_b_even, b_b_odd = tl.split(tl.reshape(b_b, [b_b.shape[0], b_b.shape[1] // 2, 2]))
+        b_even = tl.dot(b_a_even, tl.trans(b_b_even), input_precision=DOT_PRECISION)
+        return tl.dot(b_a_odd, tl.trans(b_b_odd), acc=b_even, input_precision=DOT_PRECISION)
+    return tl.dot(b_a, tl.trans(b_b), input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -108,7 +124,7 @@ def performer_fwd_kernel_row_max(
     BN: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
     """Largest logit of each row of head h (x head h // GROUP); keys subtract |x|^2 / 2 and padded keys give -inf."""
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, i_bh = _tile_and_batch_head(N, BN)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     o_d = tl.arange(0, D)
@@ -142,7 +158,7 @@ def performer_fwd_kernel_state(
     SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BN: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, i_f, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_hkv = i_h // GROUP
 
@@ -192,7 +208,7 @@ def performer_fwd_kernel(
     SOFTMAX: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BM: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = _tile_and_batch_head(Nq, BM)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_m = i_m * BM + tl.arange(0, BM)
     o_d = tl.arange(0, D)
@@ -278,7 +294,7 @@ def performer_bwd_kernel_dq(
     query's -|x|^2 / 2 is a per-row constant of the logits: its gradient term, sqrt(scale) x sum(dlogits),
     is 0 in exact arithmetic (sum(dphi * phi) = dnum . num + dden den = 0), so it is left out.
     """
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = _tile_and_batch_head(Nq, BM)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_m = i_m * BM + tl.arange(0, BM)
     o_d = tl.arange(0, D)
@@ -328,7 +344,7 @@ def performer_bwd_kernel_dstate(
     BM: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
     """state_den * d state = sum of a [dO | -(dO . O)] over one split of the queries, for one feature tile."""
-    i_f, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, i_f, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_f = i_f * BF + tl.arange(0, BF)
     o_m_tile = tl.arange(0, BM)
@@ -378,7 +394,7 @@ def performer_bwd_kernel_dkdv(
 
     ``dstate`` is state_den * d state, so the keys take phi_k / state_den.
     """
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, i_bh = _tile_and_batch_head(Nk, BN)
     i_b, i_hkv = (i_bh // HKV).to(tl.int64), (i_bh % HKV).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
     o_d = tl.arange(0, D)
@@ -502,7 +518,7 @@ def performer_fwd_kernel_causal(
     last summed key's M; query i takes it rescaled by exp(M_state - M_i) <= 1, plus its own chunk
     quadratically. A key only ever reaches queries at or after it.
     """
-    i_f, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_f = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_hkv = i_h // GROUP
     o_f = i_f * BF + tl.arange(0, BF)
@@ -562,7 +578,7 @@ def performer_bwd_kernel_causal_dq(
     dphi_q_i = exp(M_state - M_i) [dnum_i | dden_i] state^T + sum over the chunk's keys j <= i of
     E_ij (dnum_i . v_j + dden_i) phi_k_j. As in the non-causal dq, the query's -|x|^2 / 2 term is 0.
     """
-    i_f, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_f = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_hkv = i_h // GROUP
     o_f = i_f * BF + tl.arange(0, BF)
@@ -597,7 +613,7 @@ def performer_bwd_kernel_causal_dq(
         if SOFTMAX:
             b_dlogit = (b_phi_q * b_dphi) / b_den[:, None]
         else:
-            b_dlogit = tl.where(b_wx_q > 0, b_dphi / b_den[:, None], 0.0)
+            b_dlogit = tl.where(b_wx_q > 0, b_dphi, 0.0) / b_den[:, None]
         # [BC, BF] @ [BF, D] -> [BC, D]; W reloaded per chunk (an L2 hit) rather than held across the loop.
         b_dx = tl.dot(b_dlogit, tl.load(p_w_tile, mask=m_f[:, None], other=0.0).to(ACC), input_precision=DOT_PRECISION)
         tl.store(p_part_base + o_c.to(tl.int64)[:, None] * D + o_d[None, :], b_dx, mask=m_c[:, None])
@@ -630,7 +646,7 @@ def performer_bwd_kernel_causal_dkdv(
     referred to M_ref, the smallest M_i among them that see a key; key j takes it rescaled by
     exp(M_j - M_ref) <= 1, plus its own chunk quadratically.
     """
-    i_f, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_f = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     i_hkv = i_h // GROUP
     o_f = i_f * BF + tl.arange(0, BF)
@@ -660,13 +676,13 @@ def performer_bwd_kernel_causal_dkdv(
         # [BC, BF] @ [BF, D] -> [BC, D]
         b_dv = tl.dot(b_phi_k, b_suffix_num, input_precision=DOT_PRECISION) * b_factor[:, None]
         # [BC, D] @ [D, BF] -> [BC, BF]
-        b_dphi = (tl.dot(b_v, tl.trans(b_suffix_num), input_precision=DOT_PRECISION)
+        b_dphi = (_dot_nt(b_v, b_suffix_num, DOT_PRECISION)
                   + b_suffix_den[None, :]) * b_factor[:, None]
         # This chunk: scores S (queries x keys) and G = [dnum | dden] [V | 1]^T, both masked by E.
         # [BC, BF] @ [BF, BC] -> [BC, BC]
         b_s = tl.dot(b_phi_q, tl.trans(b_phi_k), input_precision=DOT_PRECISION) * b_decay_qk
         # [BC, D] @ [D, BC] -> [BC, BC]
-        b_g = (tl.dot(b_dnum, tl.trans(b_v), input_precision=DOT_PRECISION) + b_dden[:, None]) * b_decay_qk
+        b_g = (_dot_nt(b_dnum, b_v, DOT_PRECISION) + b_dden[:, None]) * b_decay_qk
         # [BC, BC] @ [BC, D] -> [BC, D] and [BC, BC] @ [BC, BF] -> [BC, BF]
         b_dv += tl.dot(tl.trans(b_s), b_dnum, input_precision=DOT_PRECISION)
         b_dphi += tl.dot(tl.trans(b_g), b_phi_q, input_precision=DOT_PRECISION)
@@ -710,8 +726,12 @@ def _tiles(num_features: int, head_dim: int, dtype: torch.dtype, causal: bool) -
         tile_m, tile_f, num_warps = (32, 32, 8) if wide else (32, 32, 4)
     else:
         tile_m, tile_f, num_warps = (16 if wide else 32), (16 if wide else 32), 8
+    # At float32 D = 64 the causal forward and the non-causal dK/dV spill on 8 warps (ptxas caps them
+    # below 128 registers), the other kernels on 4.
+    own_warps = 4 if dtype == torch.float32 and head_dim == 64 else num_warps
     tile_f = max(16, min(tile_f, triton.next_power_of_2(num_features)))
-    return {"BM": tile_m, "BF": tile_f, "num_warps": num_warps, "num_stages": 2}
+    return {"BM": tile_m, "BF": tile_f, "num_warps": num_warps, "num_stages": 2,
+            "kernel_warps": {"performer_fwd_kernel_causal": own_warps, "performer_bwd_kernel_dkdv": own_warps}}
 
 
 def _projection_strides(projection: Tensor) -> tuple[int, int]:
@@ -750,8 +770,6 @@ def _check_arguments(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, kernel
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     if causal and query_len != k.shape[2]:
         raise ValueError(f"causal: expected Nq == Nk, got Nq={query_len} and Nk={k.shape[2]}")
-    if batch * heads > MAX_GRID_AXIS:
-        raise ValueError(f"q: expected B * H <= {MAX_GRID_AXIS} (a grid axis), got {batch} * {heads}")
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale: expected a positive finite float, got {scale}")
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.device != q.device
@@ -783,11 +801,15 @@ class _Problem:
         self.flags = {"DOT_PRECISION": _dot_precision(q.dtype), "D": self.head_dim, "BF": self.tiles["BF"],
                       "ACC": _TRITON_DTYPES[self.acc]}
 
+    def launch_options(self, kernel: str) -> dict:
+        """num_warps and num_stages of a kernel whose warps ``_tiles`` sets apart from the others'."""
+        return {**self.launch, "num_warps": self.tiles["kernel_warps"][kernel]}
+
     def row_max(self, x: Tensor, is_key: bool) -> Tensor:
         """Largest logit of each row per query head (B, H, N); keys: -inf where padded (softmax only)."""
         length = x.shape[2]
         result = torch.empty((self.batch, self.heads, length), dtype=self.acc, device=x.device)
-        performer_fwd_kernel_row_max[(triton.cdiv(length, self.tiles["BM"]), self.batch * self.heads)](
+        performer_fwd_kernel_row_max[_grid(length, self.tiles["BM"], self.batch, self.heads)](
             x, self.projection, result, self.padding, *x.stride()[:3], *self.projection_strides, self.stride_pad_b,
             self.heads, self.group if is_key else 1, length, self.features, self.sqrt_scale, self.scale,
             IS_KEY=is_key, HAS_PADDING=self.has_padding, BN=self.tiles["BM"], **self.flags, **self.launch,
@@ -826,7 +848,7 @@ def _forward_global(p: _Problem, q: Tensor, k: Tensor, v: Tensor, key_stabiliser
     chunk, splits = p.split(p.key_len)
     feature_tiles = triton.cdiv(p.features, p.tiles["BF"])
     state_part = torch.empty((p.batch * p.heads, splits, p.features, p.head_dim + 1), dtype=p.acc, device=q.device)
-    performer_fwd_kernel_state[(feature_tiles, splits, p.batch * p.heads)](
+    performer_fwd_kernel_state[(p.batch * p.heads, feature_tiles, splits)](
         k, v, p.projection, key_stabiliser, p.padding, state_part,
         *k.stride()[:3], *v.stride()[:3], *p.projection_strides, p.stride_pad_b,
         p.heads, p.group, p.key_len, p.features, chunk, splits, p.sqrt_scale, p.scale,
@@ -837,7 +859,7 @@ def _forward_global(p: _Problem, q: Tensor, k: Tensor, v: Tensor, key_stabiliser
     state = state_part.sum(1).view(p.batch, p.heads, p.features, p.head_dim + 1)
     out = new_output(q.shape, q.dtype, q.device)
     normaliser = new_output((p.batch, p.heads, p.query_len), p.acc, q.device)
-    performer_fwd_kernel[(triton.cdiv(p.query_len, p.tiles["BM"]), p.batch * p.heads)](
+    performer_fwd_kernel[_grid(p.query_len, p.tiles["BM"], p.batch, p.heads)](
         q, p.projection, p.query_max(q), state, out, normaliser,
         *q.stride()[:3], *p.projection_strides, *out.stride()[:3],
         p.heads, p.query_len, p.features, p.sqrt_scale,
@@ -850,7 +872,7 @@ def _backward_global(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
                      normaliser: Tensor, key_stabiliser: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     query_max = p.query_max(q)
     grad_q = new_output(q.shape, q.dtype, q.device)
-    performer_bwd_kernel_dq[(triton.cdiv(p.query_len, p.tiles["BM"]), p.batch * p.heads)](
+    performer_bwd_kernel_dq[_grid(p.query_len, p.tiles["BM"], p.batch, p.heads)](
         q, p.projection, query_max, state, grad_out, out, normaliser, grad_q,
         *q.stride()[:3], *p.projection_strides, *out.stride()[:3], *grad_q.stride()[:3],
         p.heads, p.query_len, p.features, p.sqrt_scale,
@@ -859,7 +881,7 @@ def _backward_global(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
     chunk, splits = p.split(p.query_len)
     feature_tiles = triton.cdiv(p.features, p.tiles["BF"])
     dstate_part = torch.empty((p.batch * p.heads, splits, p.features, p.head_dim + 1), dtype=p.acc, device=q.device)
-    performer_bwd_kernel_dstate[(feature_tiles, splits, p.batch * p.heads)](
+    performer_bwd_kernel_dstate[(p.batch * p.heads, feature_tiles, splits)](
         q, p.projection, query_max, state, grad_out, out, normaliser, dstate_part,
         *q.stride()[:3], *p.projection_strides, *out.stride()[:3],
         p.heads, p.query_len, p.features, chunk, splits, p.sqrt_scale,
@@ -868,12 +890,12 @@ def _backward_global(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
     dstate = dstate_part.sum(1)
     grad_k = new_output(k.shape, k.dtype, k.device)
     grad_v = new_output(v.shape, v.dtype, v.device)
-    performer_bwd_kernel_dkdv[(triton.cdiv(p.key_len, p.tiles["BM"]), p.batch * p.kv_heads)](
+    performer_bwd_kernel_dkdv[_grid(p.key_len, p.tiles["BM"], p.batch, p.kv_heads)](
         k, v, p.projection, key_stabiliser, state, dstate, grad_k, grad_v, p.padding,
         *k.stride()[:3], *v.stride()[:3], *p.projection_strides, *grad_k.stride()[:3], *grad_v.stride()[:3],
         p.stride_pad_b, p.kv_heads, p.group, p.key_len, p.features, p.sqrt_scale, p.scale,
         SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BN=p.tiles["BM"],
-        **p.flags, **p.launch,
+        **p.flags, **p.launch_options("performer_bwd_kernel_dkdv"),
     )
     return grad_q, grad_k, grad_v
 
@@ -883,10 +905,11 @@ def _forward_causal(p: _Problem, q: Tensor, k: Tensor, v: Tensor, key_stabiliser
     numden_part = torch.empty((p.batch * p.heads, feature_tiles, p.query_len, p.head_dim + 1), dtype=p.acc,
                               device=q.device)
     state = new_output((p.batch, p.heads, p.features, p.head_dim + 1), p.acc, q.device)
-    performer_fwd_kernel_causal[(feature_tiles, p.batch * p.heads)](
+    performer_fwd_kernel_causal[(p.batch * p.heads, feature_tiles)](
         q, k, v, p.projection, p.query_max(q), key_stabiliser, p.padding, numden_part, state,
         *p.causal_strides(q, k, v), p.heads, p.group, p.query_len, p.features, feature_tiles, p.sqrt_scale, p.scale,
-        SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BC=p.tiles["BM"], **p.flags, **p.launch,
+        SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BC=p.tiles["BM"], **p.flags,
+        **p.launch_options("performer_fwd_kernel_causal"),
     )
     # The feature tiles' shares added in a fixed order: deterministic.
     numden = numden_part.sum(1).view(p.batch, p.heads, p.query_len, p.head_dim + 1)
@@ -905,10 +928,10 @@ def _backward_causal(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
     sizes = (p.heads, p.group, p.query_len, p.features, feature_tiles, p.sqrt_scale, p.scale)
     options = dict(SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BC=p.tiles["BM"], **p.flags, **p.launch)
     dq_part = torch.empty((p.batch * p.heads, feature_tiles, p.query_len, p.head_dim), dtype=p.acc, device=q.device)
-    performer_bwd_kernel_causal_dq[(feature_tiles, p.batch * p.heads)](*arguments, dq_part, *strides, *sizes, **options)
+    performer_bwd_kernel_causal_dq[(p.batch * p.heads, feature_tiles)](*arguments, dq_part, *strides, *sizes, **options)
     dkv_part = torch.empty((p.batch * p.heads, feature_tiles, p.key_len, 2 * p.head_dim + 1), dtype=p.acc,
                            device=q.device)
-    performer_bwd_kernel_causal_dkdv[(feature_tiles, p.batch * p.heads)](*arguments, dkv_part, *strides, *sizes,
+    performer_bwd_kernel_causal_dkdv[(p.batch * p.heads, feature_tiles)](*arguments, dkv_part, *strides, *sizes,
                                                                          **options)
     # Feature tiles and the query heads of each group added in a fixed order: deterministic.
     grad_q = (dq_part.sum(1) * p.sqrt_scale).view(q.shape).to(q.dtype)
