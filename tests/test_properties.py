@@ -347,3 +347,15 @@ def test_full_attention_keeps_the_nan_of_a_query_row(padded):
     padding = torch.tensor([[False, False, True, False]]) if padded else None
     out = fastattn.full_attention(q, k, v, key_padding_mask=padding)
     assert torch.isnan(out[0, 0, 1]).all() and not torch.isnan(out[0, 0, [0, 2, 3]]).any()
+
+
+def test_full_attention_keeps_the_nan_of_the_only_key_a_row_reads():
+    """Causal row 0 reads key 0 only: NaN there makes all its scores NaN, which torch's CPU kernel turns into 0."""
+    q, k, v = (torch.randn(1, 1, 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    k[0, 0, 0, 5] = float("nan")
+    out = fastattn.full_attention(q, k, v, causal=True)
+    assert torch.isnan(out).all()
+    query_nan = q.clone()
+    query_nan[0, 0, 2, 0] = float("nan")
+    out = fastattn.full_attention(query_nan, k.nan_to_num(), v, causal=True)
+    assert torch.isnan(out[0, 0, 2]).all() and not torch.isnan(out[0, 0, [0, 1, 3]]).any()
