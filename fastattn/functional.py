@@ -101,16 +101,28 @@ def full_attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None) 
     """
     q, k, v, scale = _check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     grouped = k.shape[1] != q.shape[1]
-    # torch's CPU kernel gives zeros for a query row holding NaN; NaN must reach the outputs it touches
-    nan_of_q = q.sum(dim=-1, keepdim=True) * 0
+    nan = _nan_rows(q, k, causal, key_padding_mask)
     if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=grouped) + nan_of_q
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=grouped) + nan
     allowed = ~key_padding_mask[:, None, None, :]
     if causal:
         allowed = allowed & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     sees_a_key = allowed.any(dim=-1, keepdim=True)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~sees_a_key, scale=scale, enable_gqa=grouped)
-    return torch.where(sees_a_key, out + nan_of_q, 0.0)
+    return torch.where(sees_a_key, out + nan, 0.0)
+
+
+def _nan_rows(q: Tensor, k: Tensor, causal: bool, key_padding_mask: Tensor | None) -> Tensor:
+    """NaN (B, H, Nq, 1) for the query rows that hold a NaN or read a key that does, else 0.
+
+    torch's CPU scaled_dot_product_attention gives zeros for a row whose scores are all NaN (a NaN
+    query, or NaN in every key the row reads); NaN must reach the outputs it touches. O(N * D).
+    """
+    nan_key = torch.isnan(k).any(dim=-1).repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, Nk)
+    if key_padding_mask is not None:
+        nan_key = nan_key & ~key_padding_mask[:, None, :]
+    reads_nan = nan_key.cumsum(dim=-1) > 0 if causal else nan_key.any(dim=-1, keepdim=True)
+    return q.sum(dim=-1, keepdim=True) * 0 + torch.where(reads_nan, float("nan"), 0.0).unsqueeze(-1).to(q.dtype)
 
 
 def block_sparse_attention(q, k, v, layout, *, causal=False, key_padding_mask=None, scale=None, backend=None) -> Tensor:

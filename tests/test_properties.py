@@ -347,3 +347,40 @@ def test_full_attention_keeps_the_nan_of_a_query_row(padded):
     padding = torch.tensor([[False, False, True, False]]) if padded else None
     out = fastattn.full_attention(q, k, v, key_padding_mask=padding)
     assert torch.isnan(out[0, 0, 1]).all() and not torch.isnan(out[0, 0, [0, 2, 3]]).any()
+
+
+def test_full_attention_keeps_the_nan_of_the_only_key_a_row_reads():
+    """Causal row 0 reads key 0 only: NaN there makes all its scores NaN, which torch's CPU kernel turns into 0."""
+    q, k, v = (torch.randn(1, 1, 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    k[0, 0, 0, 5] = float("nan")
+    out = fastattn.full_attention(q, k, v, causal=True)
+    assert torch.isnan(out).all()
+    query_nan = q.clone()
+    query_nan[0, 0, 2, 0] = float("nan")
+    out = fastattn.full_attention(query_nan, k.nan_to_num(), v, causal=True)
+    assert torch.isnan(out[0, 0, 2]).all() and not torch.isnan(out[0, 0, [0, 1, 3]]).any()
+
+
+@pytest.mark.parametrize("op", ("block_sparse", "linformer"))
+def test_cpu_softmax_forward_in_float32_at_logits_of_std_16(op):
+    """Found by test_block_sparse_attention_cpu / test_linformer_attention_cpu (FASTATTN_HYPOTHESIS_PROFILE=long).
+
+    q, k of std 4 and D = 105 give logits of std 16. On the same 20 problems torch's
+    scaled_dot_product_attention stays within 0.5x the rule's bound; the CPU kernels reach 7x.
+    """
+    for seed in range(20):
+        generator = torch.Generator().manual_seed(seed)
+        inputs = {"q": torch.randn(1, 2, 3, 105, generator=generator, dtype=torch.float64) * 4,
+                  "k": torch.randn(1, 2, 2, 105, generator=generator, dtype=torch.float64) * 4,
+                  "v": torch.randn(1, 2, 2, 105, generator=generator, dtype=torch.float64)}
+        check_against_reference(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), reference.full_attention,
+                                inputs, torch.float32, backward=False)
+        if op == "block_sparse":
+            layout = fastattn.BlockLayout.from_dense(torch.ones(1, 3, 2, dtype=torch.bool), 1)
+            kernel = lambda q, k, v: fastattn.block_sparse_attention(q, k, v, layout, backend="cpu")  # noqa: E731
+            check_against_reference(kernel, reference.full_attention, inputs, torch.float32, backward=False)
+        else:  # the identity projection: Linformer is exact softmax attention
+            identity = torch.eye(2, dtype=torch.float64)
+            check_against_reference(lambda q, k, v, proj_k: fastattn.linformer_attention(q, k, v, proj_k, backend="cpu"),
+                                    lambda q, k, v, proj_k: reference.full_attention(q, k, v),
+                                    {**inputs, "proj_k": identity}, torch.float32, backward=False)
