@@ -104,6 +104,11 @@ def gradient_rule_exclusion(*, key_len: int, kernel: str | None = None, num_feat
       q, k of std 16, and 1.6x on a bfloat16 one (1 query, 5 keys, D=30, std 4).
 
     The outputs of these problems are still checked; tests skip only their gradients, by calling this.
+    Outputs have one brittle corner too, left in the property tests' long profile only: float32 softmax
+    over at most 3 keys with q, k of std 4-16 (logits of std 16). There the reference's own float32
+    error is a sample of a handful of elements, and an equally valid float32 evaluation fails the rule:
+    the reference with its logits summed in the reverse order of the head dim reaches 2.05x the bound on
+    the 20 problems (1, 2, 3, 105) x (1, 2, 2, 105) of seeds 0-19, the CPU block-sparse kernel 1.94x.
     Exact zeros (a row that sees one key, or a saturated row, has dq == 0) are asserted by dedicated
     regression tests.
     """
