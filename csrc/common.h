@@ -107,6 +107,31 @@ inline void check_csr(const char* offsets_name, const at::Tensor& offsets, const
                     " heads (as ", offsets_name, "), got ", indices.size(0));
 }
 
+// Offsets start at 0, never decrease and stay within the indices; listed indices lie in [0, index_bound).
+// offsets and indices are host tensors (the CUDA host API copies them first).
+inline void check_csr_values(const char* offsets_name, const at::Tensor& offsets, const char* indices_name,
+                             const at::Tensor& indices, int64_t index_bound) {
+  const int32_t* off = offsets.const_data_ptr<int32_t>();
+  const int32_t* idx = indices.const_data_ptr<int32_t>();
+  const int64_t heads = offsets.size(0), blocks = offsets.size(1) - 1, capacity = indices.size(1);
+  for (int64_t h = 0; h < heads; ++h) {
+    const int32_t* o = off + h * (blocks + 1);
+    TORCH_CHECK_VALUE(o[0] == 0, offsets_name, ": expected each head's offsets to start at 0, got ", o[0],
+                      " for head ", h);
+    for (int64_t i = 0; i < blocks; ++i) {
+      TORCH_CHECK_VALUE(o[i] <= o[i + 1], offsets_name, ": expected non-decreasing offsets, got ", o[i], " then ",
+                        o[i + 1], " for head ", h);
+    }
+    TORCH_CHECK_VALUE(o[blocks] <= capacity, offsets_name, ": last offset ", o[blocks], " of head ", h,
+                      " exceeds the ", capacity, " entries of ", indices_name);
+    for (int64_t i = 0; i < o[blocks]; ++i) {
+      const int32_t value = idx[h * capacity + i];
+      TORCH_CHECK_VALUE(value >= 0 && value < index_bound, indices_name, ": expected block indices in [0, ",
+                        index_bound, "), got ", value, " for head ", h);
+    }
+  }
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Linformer: proj_k and proj_v (kp, Nk) or (H, kp, Nk) with the same kp > 0, dtype and device of q.

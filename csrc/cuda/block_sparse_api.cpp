@@ -28,31 +28,6 @@ using cuda_api::for_dtype_and_head_dim;
 using cuda_api::kMaxGridDim;
 using cuda_api::with_aligned_rows;
 
-// Offsets start at 0, never decrease and stay within the indices; listed indices lie in [0, index_bound).
-// offsets and indices are host copies.
-void check_csr_values(const char* offsets_name, const at::Tensor& offsets, const char* indices_name,
-                      const at::Tensor& indices, int64_t index_bound) {
-  const int32_t* off = offsets.const_data_ptr<int32_t>();
-  const int32_t* idx = indices.const_data_ptr<int32_t>();
-  const int64_t heads = offsets.size(0), blocks = offsets.size(1) - 1, capacity = indices.size(1);
-  for (int64_t h = 0; h < heads; ++h) {
-    const int32_t* o = off + h * (blocks + 1);
-    TORCH_CHECK_VALUE(o[0] == 0, offsets_name, ": expected each head's offsets to start at 0, got ", o[0],
-                      " for head ", h);
-    for (int64_t i = 0; i < blocks; ++i) {
-      TORCH_CHECK_VALUE(o[i] <= o[i + 1], offsets_name, ": expected non-decreasing offsets, got ", o[i], " then ",
-                        o[i + 1], " for head ", h);
-    }
-    TORCH_CHECK_VALUE(o[blocks] <= capacity, offsets_name, ": last offset ", o[blocks], " of head ", h,
-                      " exceeds the ", capacity, " entries of ", indices_name);
-    for (int64_t i = 0; i < o[blocks]; ++i) {
-      const int32_t value = idx[h * capacity + i];
-      TORCH_CHECK_VALUE(value >= 0 && value < index_bound, indices_name, ": expected block indices in [0, ",
-                        index_bound, "), got ", value, " for head ", h);
-    }
-  }
-}
-
 // The kernels read block indices from the CSR on the device without bounds checks, so the values are
 // checked on the host first. That copy syncs the stream, so it is done once per set of CSR tensors and
 // their versions (an in-place change bumps the version); inference tensors keep no version and are
