@@ -39,12 +39,14 @@ def _random_layout(num_heads: int, query_blocks: int, key_blocks: int, block_siz
     return BlockLayout.from_dense(mask, block_size)
 
 
-def _inputs(batch, heads, query_len, key_len, head_dim, *, padding, seed, device="cpu"):
+def _inputs(batch, heads, query_len, key_len, head_dim, *, padding, seed, device="cpu", kv_heads=None):
+    """q with ``heads`` heads; k and v with ``kv_heads`` (grouped-query attention), ``heads`` by default."""
+    kv_heads = heads if kv_heads is None else kv_heads
     generator = torch.Generator().manual_seed(seed)
     inputs = {
         "q": torch.randn(batch, heads, query_len, head_dim, generator=generator, dtype=torch.float64),
-        "k": torch.randn(batch, heads, key_len, head_dim, generator=generator, dtype=torch.float64),
-        "v": torch.randn(batch, heads, key_len, head_dim, generator=generator, dtype=torch.float64),
+        "k": torch.randn(batch, kv_heads, key_len, head_dim, generator=generator, dtype=torch.float64),
+        "v": torch.randn(batch, kv_heads, key_len, head_dim, generator=generator, dtype=torch.float64),
     }
     inputs = {name: value.to(device) for name, value in inputs.items()}
     if padding:
@@ -105,6 +107,55 @@ def test_matches_reference(batch, heads, query_len, key_len, head_dim, block_siz
     _check(inputs, layout, causal=causal, dtype=dtype)
 
 
+# Grouped-query attention, (H, Hkv, layout, causal, padding): k and v keep Hkv heads into the kernels,
+# dK/dV sum each group's query heads (each with its own layout head when the layout is per head).
+GQA_CASES = [
+    (4, 2, "random", False, False),
+    (4, 2, "bigbird", True, True),
+    (4, 1, "shared", False, True),
+    (4, 1, "random", True, True),
+]
+
+
+@needs_triton_device
+@pytest.mark.parametrize(
+    "heads, kv_heads, kind, causal, padding", GQA_CASES,
+    ids=[describe_case(B=2, H=h, Hkv=hkv, N=50, D=32, block=16, **{kind: True}, causal=c, padding=p)
+         for h, hkv, kind, c, p in GQA_CASES],
+)
+def test_grouped_query_attention_matches_reference(heads, kv_heads, kind, causal, padding):
+    layout = _layout(kind, heads, 50, 50, 16, causal, seed=50)
+    inputs = _inputs(2, heads, 50, 50, 32, padding=padding, seed=3, device=DEVICE, kv_heads=kv_heads)
+    _check(inputs, layout, causal=causal, dtype=torch.float32)
+
+
+@needs_triton_device
+def test_triton_backend_passes_grouped_heads_to_the_kernels(monkeypatch):
+    """The public op hands k and v over with their Hkv heads (not repeated to H)."""
+    seen = []
+    original = triton_block_sparse.block_sparse_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(k.shape[1])
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "block_sparse", spy)
+    layout = _layout("shared", 4, 32, 32, 16, False, seed=0)
+    inputs = _inputs(1, 4, 32, 32, 32, padding=False, seed=0, kv_heads=2)
+    fastattn.block_sparse_attention(*(inputs[n].float() for n in "qkv"), layout, backend="triton")
+    assert seen == [2]
+
+
+@needs_triton_device
+@pytest.mark.parametrize("kv_heads", [3, 8])
+def test_raw_ops_reject_kv_heads_that_do_not_divide_the_query_heads(kv_heads):
+    layout = _layout("shared", 4, 32, 32, 16, False, seed=0)
+    q = torch.zeros(1, 4, 32, 32, device=DEVICE)
+    k = torch.zeros(1, kv_heads, 32, 32, device=DEVICE)
+    with pytest.raises(ValueError, match=rf"k: expected Hkv heads dividing H=4 .*got Hkv={kv_heads}"):
+        triton_block_sparse.block_sparse_fwd(q, k, k, *layout.csr(DEVICE), 16, False, None, 1.0)
+
+
 # Tiles smaller than the block: each program covers part of a block and walks blocks in slices.
 SUBTILE_CASES = [
     (1, 2, 150, 150, 32, 64, "bigbird", True, True, torch.float32),
@@ -148,17 +199,18 @@ def test_custom_scale_and_strided_inputs():
     _check(inputs, layout, causal=False, dtype=torch.float32, scale=0.3)
 
 
-FINITE_DIFFERENCE_CASES = [(1, "bigbird", False, False), (2, "random", True, True)]
+# (B, Hkv, layout, causal, padding), H = 2: Hkv = 1 is grouped-query attention.
+FINITE_DIFFERENCE_CASES = [(1, 2, "bigbird", False, False), (2, 2, "random", True, True), (1, 1, "bigbird", True, True)]
 
 
 @needs_triton_device
 @pytest.mark.parametrize(
-    "batch, kind, causal, padding",
+    "batch, kv_heads, kind, causal, padding",
     FINITE_DIFFERENCE_CASES,
-    ids=[describe_case(B=b, H=2, N=40, D=32, block=16, **{kind: True}, causal=c, padding=p)
-         for b, kind, c, p in FINITE_DIFFERENCE_CASES],
+    ids=[describe_case(B=b, H=2, Hkv=hkv, N=40, D=32, block=16, **{kind: True}, causal=c, padding=p)
+         for b, hkv, kind, c, p in FINITE_DIFFERENCE_CASES],
 )
-def test_float64_gradients_match_finite_differences(batch, kind, causal, padding):
+def test_float64_gradients_match_finite_differences(batch, kv_heads, kind, causal, padding):
     """<grad, u> against central differences of the forward along random signed directions u.
 
     Not torch.autograd.gradcheck: its full mode is far too slow in the interpreter, and its fast mode
@@ -166,7 +218,7 @@ def test_float64_gradients_match_finite_differences(batch, kind, causal, padding
     the keys shifts each row of scores by a constant), so it misses even a 5% error in grad k.
     """
     layout = _layout(kind, 2, 40, 40, 16, causal, seed=40)
-    inputs = _inputs(batch, 2, 40, 40, 32, padding=padding, seed=6, device=DEVICE)
+    inputs = _inputs(batch, 2, 40, 40, 32, padding=padding, seed=6, device=DEVICE, kv_heads=kv_heads)
     key_padding_mask = inputs.get("key_padding_mask")
 
     def attention(q, k, v):
