@@ -582,6 +582,9 @@ def static_check_variants():
     spills are reported, not failed: Triton's IEEE float32 dots (FMA units) keep a head-dim row of
     each operand per thread, and at every tile and warp count tried ptxas spills some of them on
     sm_90 (8 to 600 bytes, most at D = 128). Known gap: split the QK^T product over D to fix it.
+    Grouped-query attention (k, v with one head for two query heads: GROUP = 2, not specialised away as
+    GROUP = 1 is) nests dK/dV's loop in a loop over the group: one "-gqa" variant per block size x head
+    dim x low-precision dtype, with causal and padding (the most registers).
     """
     for block_size in SUPPORTED_BLOCK_SIZES:
         layout = BlockLayout.from_dense(torch.ones(2, 2, 2, dtype=torch.bool), block_size)
@@ -591,16 +594,21 @@ def static_check_variants():
                     for padding in (False, True):
                         label = (f"block{block_size}-D{head_dim}-{str(dtype).replace('torch.', '')}"
                                  f"{'-causal' if causal else ''}{'-padding' if padding else ''}")
-                        yield (label, _static_check_launch(layout, head_dim, dtype, causal, padding),
+                        yield (label, _static_check_launch(layout, head_dim, dtype, causal, padding, 2),
                                dtype != torch.float32)
+                if dtype != torch.float32:
+                    label = f"block{block_size}-D{head_dim}-{str(dtype).replace('torch.', '')}-causal-padding-gqa"
+                    yield label, _static_check_launch(layout, head_dim, dtype, True, True, 1), True
 
 
-def _static_check_launch(layout: BlockLayout, head_dim: int, dtype: torch.dtype, causal: bool, padding: bool):
+def _static_check_launch(layout: BlockLayout, head_dim: int, dtype: torch.dtype, causal: bool, padding: bool,
+                         kv_heads: int):
     def launch():
         length = 2 * layout.block_size
         q = torch.zeros(2, 2, length, head_dim, dtype=dtype)
+        kv = torch.zeros(2, kv_heads, length, head_dim, dtype=dtype)
         mask = torch.zeros(2, length, dtype=torch.bool) if padding else None
         csr = layout.csr("cpu")
-        out, lse = block_sparse_fwd(q, q, q, *csr, layout.block_size, causal, mask, head_dim ** -0.5)
-        block_sparse_bwd(q, q, q, q, q, lse, *csr, layout.block_size, causal, mask, head_dim ** -0.5)
+        out, lse = block_sparse_fwd(q, kv, kv, *csr, layout.block_size, causal, mask, head_dim ** -0.5)
+        block_sparse_bwd(q, q, kv, kv, q, lse, *csr, layout.block_size, causal, mask, head_dim ** -0.5)
     return launch
