@@ -107,26 +107,27 @@ def test_matches_reference(batch, heads, query_len, key_len, head_dim, block_siz
     _check(inputs, layout, causal=causal, dtype=dtype)
 
 
-# Grouped-query attention, (H, Hkv, layout, causal, padding): k and v keep Hkv heads into the kernels,
-# dK/dV sum each group's query heads (each with its own layout head when the layout is per head).
+# Grouped-query attention, (H, Hkv, block, layout, causal, padding, dtype): k and v keep Hkv heads into
+# the kernels, dK/dV sum each group's query heads (each with its own layout head when the layout is per head).
 GQA_CASES = [
-    (4, 2, "random", False, False),
-    (4, 2, "bigbird", True, True),
-    (4, 1, "shared", False, True),
-    (4, 1, "random", True, True),
+    (4, 2, 16, "random", False, False, torch.float32),
+    (4, 2, 16, "bigbird", True, True, torch.float32),
+    (4, 1, 16, "shared", False, True, torch.float32),
+    (4, 1, 16, "random", True, True, torch.float32),
+    (4, 2, 32, "bigbird", True, True, torch.float16),
 ]
 
 
 @needs_triton_device
 @pytest.mark.parametrize(
-    "heads, kv_heads, kind, causal, padding", GQA_CASES,
-    ids=[describe_case(B=2, H=h, Hkv=hkv, N=50, D=32, block=16, **{kind: True}, causal=c, padding=p)
-         for h, hkv, kind, c, p in GQA_CASES],
+    "heads, kv_heads, block_size, kind, causal, padding, dtype", GQA_CASES,
+    ids=[describe_case(B=2, H=h, Hkv=hkv, N=50, D=32, block=bs, **{kind: True}, causal=c, padding=p, dtype=t)
+         for h, hkv, bs, kind, c, p, t in GQA_CASES],
 )
-def test_grouped_query_attention_matches_reference(heads, kv_heads, kind, causal, padding):
-    layout = _layout(kind, heads, 50, 50, 16, causal, seed=50)
+def test_grouped_query_attention_matches_reference(heads, kv_heads, block_size, kind, causal, padding, dtype):
+    layout = _layout(kind, heads, 50, 50, block_size, causal, seed=50)
     inputs = _inputs(2, heads, 50, 50, 32, padding=padding, seed=3, device=DEVICE, kv_heads=kv_heads)
-    _check(inputs, layout, causal=causal, dtype=torch.float32)
+    _check(inputs, layout, causal=causal, dtype=dtype)
 
 
 @needs_triton_device
