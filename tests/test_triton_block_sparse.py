@@ -460,24 +460,29 @@ def test_launch_grids_fit_cuda_limits_for_many_batch_heads(monkeypatch):
 
 # ---- GPU: realistic shapes (run by make gpu-check) ----
 
+# (B, H, Hkv, N, D, causal, padding, dtype)
 GPU_CASES = [
-    (2, 16, 4096, 64, False, False, torch.bfloat16),
-    (2, 16, 4096, 128, True, False, torch.float16),
-    (2, 16, 4096, 64, True, True, torch.float16),
-    (2, 16, 4096, 128, False, True, torch.bfloat16),
-    (2, 16, 1000, 64, True, True, torch.float32),
+    (2, 16, 16, 4096, 64, False, False, torch.bfloat16),
+    (2, 16, 16, 4096, 128, True, False, torch.float16),
+    (2, 16, 16, 4096, 64, True, True, torch.float16),
+    (2, 16, 16, 4096, 128, False, True, torch.bfloat16),
+    (2, 16, 16, 1000, 64, True, True, torch.float32),
+    (2, 16, 4, 4096, 128, True, True, torch.bfloat16),
+    (2, 16, 1, 2048, 64, False, True, torch.float16),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "batch, heads, seq_len, head_dim, causal, padding, dtype",
+    "batch, heads, kv_heads, seq_len, head_dim, causal, padding, dtype",
     GPU_CASES,
-    ids=[describe_case(B=b, H=h, N=n, D=d, causal=c, padding=p, dtype=t) for b, h, n, d, c, p, t in GPU_CASES],
+    ids=[describe_case(B=b, H=h, Hkv=hkv, N=n, D=d, causal=c, padding=p, dtype=t)
+         for b, h, hkv, n, d, c, p, t in GPU_CASES],
 )
-def test_gpu_bigbird_matches_reference(batch, heads, seq_len, head_dim, causal, padding, dtype):
+def test_gpu_bigbird_matches_reference(batch, heads, kv_heads, seq_len, head_dim, causal, padding, dtype):
     layout = bigbird_layout(seq_len, block_size=64, num_heads=heads, num_random_blocks=3, causal=causal)
-    inputs = _inputs(batch, heads, seq_len, seq_len, head_dim, padding=padding, seed=7, device="cuda")
+    inputs = _inputs(batch, heads, seq_len, seq_len, head_dim, padding=padding, seed=7, device="cuda",
+                     kv_heads=kv_heads)
     _check(inputs, layout, causal=causal, dtype=dtype)
 
 
@@ -490,9 +495,12 @@ def test_gpu_block_sizes_match_reference(block_size):
 
 
 @pytest.mark.gpu
-def test_gpu_backward_is_deterministic():
+@pytest.mark.parametrize("kv_heads", [8, 2], ids=["Hkv8", "Hkv2"])
+def test_gpu_backward_is_deterministic(kv_heads):
     layout = bigbird_layout(2048, block_size=64, num_heads=8, num_random_blocks=3)
-    q, k, v = (torch.randn(2, 8, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q = torch.randn(2, 8, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
     grad_out = torch.randn_like(q)
     grads = []
     for _ in range(2):
