@@ -165,7 +165,7 @@ BACKENDS: dict[str, Backend] = {
         (32, 64, 128), 128, _triton_implementation, _triton_unavailable, _triton_reasons,
         auto_device_types=("cuda",),
         manual_reason='runs CPU tensors only when asked (backend="triton"): Triton\'s interpreter is for debugging',
-        gqa_mechanisms=("linformer", "performer"),
+        gqa_mechanisms=MECHANISMS,
     ),
     "cpu": Backend(
         "cpu", "fused C++ CPU kernels (fastattn._C, at::parallel_for + at::vec)", ("cpu",),

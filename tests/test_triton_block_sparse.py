@@ -39,12 +39,14 @@ def _random_layout(num_heads: int, query_blocks: int, key_blocks: int, block_siz
     return BlockLayout.from_dense(mask, block_size)
 
 
-def _inputs(batch, heads, query_len, key_len, head_dim, *, padding, seed, device="cpu"):
+def _inputs(batch, heads, query_len, key_len, head_dim, *, padding, seed, device="cpu", kv_heads=None):
+    """q with ``heads`` heads; k and v with ``kv_heads`` (grouped-query attention), ``heads`` by default."""
+    kv_heads = heads if kv_heads is None else kv_heads
     generator = torch.Generator().manual_seed(seed)
     inputs = {
         "q": torch.randn(batch, heads, query_len, head_dim, generator=generator, dtype=torch.float64),
-        "k": torch.randn(batch, heads, key_len, head_dim, generator=generator, dtype=torch.float64),
-        "v": torch.randn(batch, heads, key_len, head_dim, generator=generator, dtype=torch.float64),
+        "k": torch.randn(batch, kv_heads, key_len, head_dim, generator=generator, dtype=torch.float64),
+        "v": torch.randn(batch, kv_heads, key_len, head_dim, generator=generator, dtype=torch.float64),
     }
     inputs = {name: value.to(device) for name, value in inputs.items()}
     if padding:
@@ -105,6 +107,56 @@ def test_matches_reference(batch, heads, query_len, key_len, head_dim, block_siz
     _check(inputs, layout, causal=causal, dtype=dtype)
 
 
+# Grouped-query attention, (H, Hkv, block, layout, causal, padding, dtype): k and v keep Hkv heads into
+# the kernels, dK/dV sum each group's query heads (each with its own layout head when the layout is per head).
+GQA_CASES = [
+    (4, 2, 16, "random", False, False, torch.float32),
+    (4, 2, 16, "bigbird", True, True, torch.float32),
+    (4, 1, 16, "shared", False, True, torch.float32),
+    (4, 1, 16, "random", True, True, torch.float32),
+    (4, 2, 32, "bigbird", True, True, torch.float16),
+]
+
+
+@needs_triton_device
+@pytest.mark.parametrize(
+    "heads, kv_heads, block_size, kind, causal, padding, dtype", GQA_CASES,
+    ids=[describe_case(B=2, H=h, Hkv=hkv, N=50, D=32, block=bs, **{kind: True}, causal=c, padding=p, dtype=t)
+         for h, hkv, bs, kind, c, p, t in GQA_CASES],
+)
+def test_grouped_query_attention_matches_reference(heads, kv_heads, block_size, kind, causal, padding, dtype):
+    layout = _layout(kind, heads, 50, 50, block_size, causal, seed=50)
+    inputs = _inputs(2, heads, 50, 50, 32, padding=padding, seed=3, device=DEVICE, kv_heads=kv_heads)
+    _check(inputs, layout, causal=causal, dtype=dtype)
+
+
+@needs_triton_device
+def test_triton_backend_passes_grouped_heads_to_the_kernels(monkeypatch):
+    """The public op hands k and v over with their Hkv heads (not repeated to H)."""
+    seen = []
+    original = triton_block_sparse.block_sparse_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(k.shape[1])
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "block_sparse", spy)
+    layout = _layout("shared", 4, 32, 32, 16, False, seed=0)
+    inputs = _inputs(1, 4, 32, 32, 32, padding=False, seed=0, kv_heads=2)
+    fastattn.block_sparse_attention(*(inputs[n].float() for n in "qkv"), layout, backend="triton")
+    assert seen == [2]
+
+
+@needs_triton_device
+@pytest.mark.parametrize("kv_heads", [3, 8])
+def test_raw_ops_reject_kv_heads_that_do_not_divide_the_query_heads(kv_heads):
+    layout = _layout("shared", 4, 32, 32, 16, False, seed=0)
+    q = torch.zeros(1, 4, 32, 32, device=DEVICE)
+    k = torch.zeros(1, kv_heads, 32, 32, device=DEVICE)
+    with pytest.raises(ValueError, match=rf"k: expected Hkv heads dividing H=4 .*got Hkv={kv_heads}"):
+        triton_block_sparse.block_sparse_fwd(q, k, k, *layout.csr(DEVICE), 16, False, None, 1.0)
+
+
 # Tiles smaller than the block: each program covers part of a block and walks blocks in slices.
 SUBTILE_CASES = [
     (1, 2, 150, 150, 32, 64, "bigbird", True, True, torch.float32),
@@ -148,17 +200,18 @@ def test_custom_scale_and_strided_inputs():
     _check(inputs, layout, causal=False, dtype=torch.float32, scale=0.3)
 
 
-FINITE_DIFFERENCE_CASES = [(1, "bigbird", False, False), (2, "random", True, True)]
+# (B, Hkv, layout, causal, padding), H = 2: Hkv = 1 is grouped-query attention.
+FINITE_DIFFERENCE_CASES = [(1, 2, "bigbird", False, False), (2, 2, "random", True, True), (1, 1, "bigbird", True, True)]
 
 
 @needs_triton_device
 @pytest.mark.parametrize(
-    "batch, kind, causal, padding",
+    "batch, kv_heads, kind, causal, padding",
     FINITE_DIFFERENCE_CASES,
-    ids=[describe_case(B=b, H=2, N=40, D=32, block=16, **{kind: True}, causal=c, padding=p)
-         for b, kind, c, p in FINITE_DIFFERENCE_CASES],
+    ids=[describe_case(B=b, H=2, Hkv=hkv, N=40, D=32, block=16, **{kind: True}, causal=c, padding=p)
+         for b, hkv, kind, c, p in FINITE_DIFFERENCE_CASES],
 )
-def test_float64_gradients_match_finite_differences(batch, kind, causal, padding):
+def test_float64_gradients_match_finite_differences(batch, kv_heads, kind, causal, padding):
     """<grad, u> against central differences of the forward along random signed directions u.
 
     Not torch.autograd.gradcheck: its full mode is far too slow in the interpreter, and its fast mode
@@ -166,7 +219,7 @@ def test_float64_gradients_match_finite_differences(batch, kind, causal, padding
     the keys shifts each row of scores by a constant), so it misses even a 5% error in grad k.
     """
     layout = _layout(kind, 2, 40, 40, 16, causal, seed=40)
-    inputs = _inputs(batch, 2, 40, 40, 32, padding=padding, seed=6, device=DEVICE)
+    inputs = _inputs(batch, 2, 40, 40, 32, padding=padding, seed=6, device=DEVICE, kv_heads=kv_heads)
     key_padding_mask = inputs.get("key_padding_mask")
 
     def attention(q, k, v):
@@ -396,24 +449,29 @@ def test_launch_grids_fit_cuda_limits_for_many_batch_heads(monkeypatch):
 
 # ---- GPU: realistic shapes (run by make gpu-check) ----
 
+# (B, H, Hkv, N, D, causal, padding, dtype)
 GPU_CASES = [
-    (2, 16, 4096, 64, False, False, torch.bfloat16),
-    (2, 16, 4096, 128, True, False, torch.float16),
-    (2, 16, 4096, 64, True, True, torch.float16),
-    (2, 16, 4096, 128, False, True, torch.bfloat16),
-    (2, 16, 1000, 64, True, True, torch.float32),
+    (2, 16, 16, 4096, 64, False, False, torch.bfloat16),
+    (2, 16, 16, 4096, 128, True, False, torch.float16),
+    (2, 16, 16, 4096, 64, True, True, torch.float16),
+    (2, 16, 16, 4096, 128, False, True, torch.bfloat16),
+    (2, 16, 16, 1000, 64, True, True, torch.float32),
+    (2, 16, 4, 4096, 128, True, True, torch.bfloat16),
+    (2, 16, 1, 2048, 64, False, True, torch.float16),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "batch, heads, seq_len, head_dim, causal, padding, dtype",
+    "batch, heads, kv_heads, seq_len, head_dim, causal, padding, dtype",
     GPU_CASES,
-    ids=[describe_case(B=b, H=h, N=n, D=d, causal=c, padding=p, dtype=t) for b, h, n, d, c, p, t in GPU_CASES],
+    ids=[describe_case(B=b, H=h, Hkv=hkv, N=n, D=d, causal=c, padding=p, dtype=t)
+         for b, h, hkv, n, d, c, p, t in GPU_CASES],
 )
-def test_gpu_bigbird_matches_reference(batch, heads, seq_len, head_dim, causal, padding, dtype):
+def test_gpu_bigbird_matches_reference(batch, heads, kv_heads, seq_len, head_dim, causal, padding, dtype):
     layout = bigbird_layout(seq_len, block_size=64, num_heads=heads, num_random_blocks=3, causal=causal)
-    inputs = _inputs(batch, heads, seq_len, seq_len, head_dim, padding=padding, seed=7, device="cuda")
+    inputs = _inputs(batch, heads, seq_len, seq_len, head_dim, padding=padding, seed=7, device="cuda",
+                     kv_heads=kv_heads)
     _check(inputs, layout, causal=causal, dtype=dtype)
 
 
@@ -426,9 +484,12 @@ def test_gpu_block_sizes_match_reference(block_size):
 
 
 @pytest.mark.gpu
-def test_gpu_backward_is_deterministic():
+@pytest.mark.parametrize("kv_heads", [8, 2], ids=["Hkv8", "Hkv2"])
+def test_gpu_backward_is_deterministic(kv_heads):
     layout = bigbird_layout(2048, block_size=64, num_heads=8, num_random_blocks=3)
-    q, k, v = (torch.randn(2, 8, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q = torch.randn(2, 8, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
     grad_out = torch.randn_like(q)
     grads = []
     for _ in range(2):

@@ -7,14 +7,17 @@ dividing the block size; see ``_tiles``):
 - forward: one program per (query tile, batch * head) loops over its block's row of ``col_indices``
   with an online softmax in registers and saves the output and the natural log-sum-exp per row (+inf
   for a row that sees no key, whose output is 0);
-- backward: a preprocess computes D = rowsum(dO * O); one program per (key tile, batch * head) loops
+- backward: a preprocess computes D = rowsum(dO * O); one program per (key tile, batch * kv head) loops
   over the transposed CSR (``col_offsets``/``row_indices``) for dK and dV, one program per (query
   tile, batch * head) loops over the CSR for dQ. Each gradient tile is written by exactly one
   program, so the backward is deterministic and needs no atomics.
 
 With ``causal`` key tiles past a query tile's last row are skipped (so are listed blocks above the
 diagonal) and the diagonal is masked element-wise; lengths need not be multiples of the block size
-(every load is masked). Layouts are shared by all heads (CSR head stride 0) or given per head. The launches are wrapped
+(every load is masked). Layouts are shared by all heads (CSR head stride 0) or given per query head.
+k and v may have fewer heads than q (grouped-query attention: query head h reads key/value head
+h // (H / Hkv)): the forward and dQ read the shared head, and each dK/dV program owns a key tile of one
+key/value head and sums its group's query heads in order (still one writer per tile). The launches are wrapped
 in ``torch.library`` custom ops (``fastattn::triton_block_sparse_fwd`` / ``_bwd``) with fake kernels and
 an autograd formula, so ``torch.compile(fullgraph=True)`` keeps them in the graph.
 """
@@ -60,7 +63,7 @@ def block_sparse_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_row_h, stride_col_h, stride_pad_b,
-    H, Nq, Nk, scale,
+    H, GROUP, Nq, Nk, scale,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -75,8 +78,9 @@ def block_sparse_fwd_kernel(
 
     p_q = q + i_b * stride_qb + i_h * stride_qh + o_m.to(tl.int64)[:, None] * stride_qn + o_d[None, :]
     b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)
-    p_k_base = k + i_b * stride_kb + i_h * stride_kh
-    p_v_base = v + i_b * stride_vb + i_h * stride_vh
+    i_hk = i_h // GROUP  # grouped-query attention: GROUP query heads read one key/value head
+    p_k_base = k + i_b * stride_kb + i_hk * stride_kh
+    p_v_base = v + i_b * stride_vb + i_hk * stride_vh
 
     b_m = tl.full([BM], float("-inf"), dtype=ACC)
     b_l = tl.zeros([BM], dtype=ACC)
@@ -172,12 +176,16 @@ def block_sparse_bwd_kernel_dkdv(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_colo_h, stride_rowi_h, stride_pad_b,
-    H, Nq, Nk, scale,
+    H, GROUP, Nq, Nk, scale,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    i_n, i_bh = _tile_and_batch_head(Nk, BN)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    # One program per (key tile, batch * key/value head): with grouped-query attention it sums the
+    # GROUP query heads that read this key/value head, in head order, so dK/dV stay deterministic
+    # without atomics (each query head walks its own layout head's transposed CSR).
+    H_KV = H // GROUP
+    i_n, i_bhk = _tile_and_batch_head(Nk, BN)
+    i_b, i_hk = (i_bhk // H_KV).to(tl.int64), (i_bhk % H_KV).to(tl.int64)
     i_kb = i_n * BN // BLOCK
 
     o_k = i_n * BN + tl.arange(0, BN)
@@ -189,55 +197,58 @@ def block_sparse_bwd_kernel_dkdv(
         b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_k, mask=m_k_in, other=1)
         m_k = m_k & (b_pad == 0)
     o_k64 = o_k.to(tl.int64)
-    b_k = tl.load(k + i_b * stride_kb + i_h * stride_kh + o_k64[:, None] * stride_kn + o_d[None, :],
+    b_k = tl.load(k + i_b * stride_kb + i_hk * stride_kh + o_k64[:, None] * stride_kn + o_d[None, :],
                   mask=m_k_in[:, None], other=0.0)
-    b_v = tl.load(v + i_b * stride_vb + i_h * stride_vh + o_k64[:, None] * stride_vn + o_d[None, :],
+    b_v = tl.load(v + i_b * stride_vb + i_hk * stride_vh + o_k64[:, None] * stride_vn + o_d[None, :],
                   mask=m_k_in[:, None], other=0.0)
-    p_q_base = q + i_b * stride_qb + i_h * stride_qh
-    p_do_base = do + i_b * stride_dob + i_h * stride_doh
-    p_lse_base = lse + i_bh.to(tl.int64) * Nq
-    p_delta_base = delta + i_bh.to(tl.int64) * Nq
 
     b_dk = tl.zeros([BN, D], dtype=ACC)
     b_dv = tl.zeros([BN, D], dtype=ACC)
 
-    p_col = col_offsets + i_h * stride_colo_h + i_kb
-    i_start = tl.load(p_col)
-    i_end = tl.load(p_col + 1)
     TILES = BLOCK // BM  # query tiles per layout block
-    # One flat loop over (listed query block, query tile) pairs (see the forward). With causal, queries
-    # before this key tile's first key see none of its keys: they are masked out of the loads.
+    # With causal, queries before this key tile's first key see none of its keys: they are masked out
+    # of the loads.
     i_q_first = 0
     if CAUSAL:
         i_q_first = i_n * BN
-    p_rows = row_indices + i_h * stride_rowi_h
-    for i_it in range(i_start * TILES, i_end * TILES):
-        i_qb = tl.load(p_rows + i_it // TILES)
-        o_m = i_qb * BLOCK + (i_it % TILES) * BM + o_m_block
-        m_m = (o_m < Nq) & (o_m >= i_q_first)
-        o_m64 = o_m.to(tl.int64)
-        b_q = tl.load(p_q_base + o_m64[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
-        b_do = tl.load(p_do_base + o_m64[:, None] * stride_don + o_d[None, :], mask=m_m[:, None], other=0.0)
-        b_lse = tl.load(p_lse_base + o_m, mask=m_m, other=float("inf"))
-        b_delta = tl.load(p_delta_base + o_m, mask=m_m, other=0.0)
+    for i_g in range(0, GROUP):
+        i_h = i_hk * GROUP + i_g
+        p_q_base = q + i_b * stride_qb + i_h * stride_qh
+        p_do_base = do + i_b * stride_dob + i_h * stride_doh
+        p_lse_base = lse + (i_b * H + i_h) * Nq
+        p_delta_base = delta + (i_b * H + i_h) * Nq
+        p_col = col_offsets + i_h * stride_colo_h + i_kb
+        i_start = tl.load(p_col)
+        i_end = tl.load(p_col + 1)
+        p_rows = row_indices + i_h * stride_rowi_h
+        # One flat loop over (listed query block, query tile) pairs (see the forward).
+        for i_it in range(i_start * TILES, i_end * TILES):
+            i_qb = tl.load(p_rows + i_it // TILES)
+            o_m = i_qb * BLOCK + (i_it % TILES) * BM + o_m_block
+            m_m = (o_m < Nq) & (o_m >= i_q_first)
+            o_m64 = o_m.to(tl.int64)
+            b_q = tl.load(p_q_base + o_m64[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
+            b_do = tl.load(p_do_base + o_m64[:, None] * stride_don + o_d[None, :], mask=m_m[:, None], other=0.0)
+            b_lse = tl.load(p_lse_base + o_m, mask=m_m, other=float("inf"))
+            b_delta = tl.load(p_delta_base + o_m, mask=m_m, other=0.0)
 
-        # [BN, D] @ [D, BM] -> [BN, BM]
-        b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * scale
-        m_sT = m_k[:, None] & m_m[None, :]
-        if CAUSAL:
-            m_sT = m_sT & (o_k[:, None] <= o_m[None, :])
-        # lse is +inf for rows that see no key: their probabilities vanish.
-        b_pT = tl.where(m_sT, tl.exp(b_sT - b_lse[None, :]), 0.0)
-        # [BN, BM] @ [BM, D] -> [BN, D]
-        b_dv += tl.dot(b_pT.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-        # [BN, D] @ [D, BM] -> [BN, BM]
-        b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
-        b_dsT = _softmax_grad(b_pT, b_dpT, b_delta[None, :])
-        # [BN, BM] @ [BM, D] -> [BN, D]
-        b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+            # [BN, D] @ [D, BM] -> [BN, BM]
+            b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * scale
+            m_sT = m_k[:, None] & m_m[None, :]
+            if CAUSAL:
+                m_sT = m_sT & (o_k[:, None] <= o_m[None, :])
+            # lse is +inf for rows that see no key: their probabilities vanish.
+            b_pT = tl.where(m_sT, tl.exp(b_sT - b_lse[None, :]), 0.0)
+            # [BN, BM] @ [BM, D] -> [BN, D]
+            b_dv += tl.dot(b_pT.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+            # [BN, D] @ [D, BM] -> [BN, BM]
+            b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)
+            b_dsT = _softmax_grad(b_pT, b_dpT, b_delta[None, :])
+            # [BN, BM] @ [BM, D] -> [BN, D]
+            b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
 
-    p_dk = dk + i_b * stride_dkb + i_h * stride_dkh + o_k64[:, None] * stride_dkn + o_d[None, :]
-    p_dv = dv + i_b * stride_dvb + i_h * stride_dvh + o_k64[:, None] * stride_dvn + o_d[None, :]
+    p_dk = dk + i_b * stride_dkb + i_hk * stride_dkh + o_k64[:, None] * stride_dkn + o_d[None, :]
+    p_dv = dv + i_b * stride_dvb + i_hk * stride_dvh + o_k64[:, None] * stride_dvn + o_d[None, :]
     tl.store(p_dk, (b_dk * scale).to(dk.dtype.element_ty), mask=m_k_in[:, None])
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_k_in[:, None])
 
@@ -251,7 +262,7 @@ def block_sparse_bwd_kernel_dq(
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
     stride_row_h, stride_col_h, stride_pad_b,
-    H, Nq, Nk, scale,
+    H, GROUP, Nq, Nk, scale,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -271,8 +282,9 @@ def block_sparse_bwd_kernel_dq(
                    mask=m_m[:, None], other=0.0)
     b_lse = tl.load(lse + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=float("inf"))
     b_delta = tl.load(delta + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
-    p_k_base = k + i_b * stride_kb + i_h * stride_kh
-    p_v_base = v + i_b * stride_vb + i_h * stride_vh
+    i_hk = i_h // GROUP  # grouped-query attention: GROUP query heads read one key/value head
+    p_k_base = k + i_b * stride_kb + i_hk * stride_kh
+    p_v_base = v + i_b * stride_vb + i_hk * stride_vh
 
     b_dq = tl.zeros([BM, D], dtype=ACC)
 
@@ -448,9 +460,12 @@ def _check_arguments(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"q, k, v: expected (B, H, N, D) with v shaped like k, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"k: expected shape ({q.shape[0]}, {q.shape[1]}, Nk, {q.shape[3]}) to match q, "
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k: expected shape ({q.shape[0]}, Hkv, Nk, {q.shape[3]}) to match q, "
                          f"got {tuple(k.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"k: expected Hkv heads dividing H={q.shape[1]} (the heads of q; grouped-query "
+                         f"attention), got Hkv={k.shape[1]}")
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v: expected one dtype of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -493,7 +508,7 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
         q, k, v, out, lse, row_offsets, col_indices, padding,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         _csr_head_stride(row_offsets), _csr_head_stride(col_indices), stride_pad_b,
-        heads, query_len, k.shape[2], scale,
+        heads, heads // k.shape[1], query_len, k.shape[2], scale,
         CAUSAL=causal, HAS_PADDING=key_padding_mask is not None, DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK=block_size, D=head_dim, ACC=_TRITON_DTYPES[accumulation_dtype(q.dtype)], **tiles,
     )
@@ -514,7 +529,7 @@ def block_sparse_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     out = out if out.stride(-1) == 1 else out.contiguous()
     batch, heads, query_len, head_dim = q.shape
-    key_len = k.shape[2]
+    key_len, group = k.shape[2], heads // k.shape[1]
     grad_q = new_output(q.shape, q.dtype, q.device)
     grad_k = new_output(k.shape, k.dtype, k.device)
     grad_v = new_output(v.shape, v.dtype, v.device)
@@ -529,18 +544,18 @@ def block_sparse_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, query_len,
         BM=dq_tiles["BM"], D=head_dim, ACC=flags["ACC"],
     )
-    block_sparse_bwd_kernel_dkdv[_grid(key_len, dkdv_tiles["BN"], batch, heads)](
+    block_sparse_bwd_kernel_dkdv[_grid(key_len, dkdv_tiles["BN"], batch, k.shape[1])](
         q, k, v, grad_out, lse, delta, grad_k, grad_v, col_offsets, row_indices, padding,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
         *grad_k.stride()[:3], *grad_v.stride()[:3],
         _csr_head_stride(col_offsets), _csr_head_stride(row_indices), stride_pad_b,
-        heads, query_len, key_len, scale, **flags, **dkdv_tiles,
+        heads, group, query_len, key_len, scale, **flags, **dkdv_tiles,
     )
     block_sparse_bwd_kernel_dq[_grid(query_len, dq_tiles["BM"], batch, heads)](
         q, k, v, grad_out, lse, delta, grad_q, row_offsets, col_indices, padding,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *grad_q.stride()[:3],
         _csr_head_stride(row_offsets), _csr_head_stride(col_indices), stride_pad_b,
-        heads, query_len, key_len, scale, **flags, **dq_tiles,
+        heads, group, query_len, key_len, scale, **flags, **dq_tiles,
     )
     return grad_q, grad_k, grad_v
 
@@ -567,6 +582,9 @@ def static_check_variants():
     spills are reported, not failed: Triton's IEEE float32 dots (FMA units) keep a head-dim row of
     each operand per thread, and at every tile and warp count tried ptxas spills some of them on
     sm_90 (8 to 600 bytes, most at D = 128). Known gap: split the QK^T product over D to fix it.
+    Grouped-query attention (k, v with one head for two query heads: GROUP = 2, not specialised away as
+    GROUP = 1 is) nests dK/dV's loop in a loop over the group: one "-gqa" variant per block size x head
+    dim x low-precision dtype, with causal and padding (the most registers).
     """
     for block_size in SUPPORTED_BLOCK_SIZES:
         layout = BlockLayout.from_dense(torch.ones(2, 2, 2, dtype=torch.bool), block_size)
@@ -576,16 +594,21 @@ def static_check_variants():
                     for padding in (False, True):
                         label = (f"block{block_size}-D{head_dim}-{str(dtype).replace('torch.', '')}"
                                  f"{'-causal' if causal else ''}{'-padding' if padding else ''}")
-                        yield (label, _static_check_launch(layout, head_dim, dtype, causal, padding),
+                        yield (label, _static_check_launch(layout, head_dim, dtype, causal, padding, 2),
                                dtype != torch.float32)
+                if dtype != torch.float32:
+                    label = f"block{block_size}-D{head_dim}-{str(dtype).replace('torch.', '')}-causal-padding-gqa"
+                    yield label, _static_check_launch(layout, head_dim, dtype, True, True, 1), True
 
 
-def _static_check_launch(layout: BlockLayout, head_dim: int, dtype: torch.dtype, causal: bool, padding: bool):
+def _static_check_launch(layout: BlockLayout, head_dim: int, dtype: torch.dtype, causal: bool, padding: bool,
+                         kv_heads: int):
     def launch():
         length = 2 * layout.block_size
         q = torch.zeros(2, 2, length, head_dim, dtype=dtype)
+        kv = torch.zeros(2, kv_heads, length, head_dim, dtype=dtype)
         mask = torch.zeros(2, length, dtype=torch.bool) if padding else None
         csr = layout.csr("cpu")
-        out, lse = block_sparse_fwd(q, q, q, *csr, layout.block_size, causal, mask, head_dim ** -0.5)
-        block_sparse_bwd(q, q, q, q, q, lse, *csr, layout.block_size, causal, mask, head_dim ** -0.5)
+        out, lse = block_sparse_fwd(q, kv, kv, *csr, layout.block_size, causal, mask, head_dim ** -0.5)
+        block_sparse_bwd(q, q, kv, kv, q, lse, *csr, layout.block_size, causal, mask, head_dim ** -0.5)
     return launch
