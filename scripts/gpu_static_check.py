@@ -380,9 +380,11 @@ cudaError_t __cudaLaunchKernel(cudaKernel_t kernel, dim3 grid, dim3 block, void*
 }
 cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
 cudaError_t cudaGetLastError() { return cudaSuccess; }
+cudaError_t cudaGetDevice(int* device) { *device = 0; return cudaSuccess; }
 }
 
 #include "block_sparse_launch.h"
+#include "linformer_launch.h"
 
 namespace fc = fastattn::cuda;
 
@@ -397,7 +399,20 @@ void record(int block_size) {
   fc::run_block_sparse_bwd<Element, HeadDim>(params, nullptr);
 }
 
+// The Linformer projection (two key splits, so the fixed-order reduce launches too); block_size=0 in its lines.
+template <typename Element, int HeadDim>
+void record_projection() {
+  current_block_size = 0;
+  fc::LinformerProjectionParams params{};
+  params.batch = 2, params.heads = 2, params.key_len = 256, params.head_dim = HeadDim, params.projected_len = 256;
+  params.splits = 2, params.keys_per_split = 128;
+  fc::run_linformer_projection<Element, HeadDim>(params, nullptr);
+}
+
 int main() {
+  record_projection<__half, 32>(), record_projection<__half, 64>(), record_projection<__half, 128>();
+  record_projection<__nv_bfloat16, 32>(), record_projection<__nv_bfloat16, 64>(), record_projection<__nv_bfloat16, 128>();
+  record_projection<float, 32>(), record_projection<float, 64>(), record_projection<float, 128>();
   for (int block_size : {32, 64, 128}) {
     record<__half, 32>(block_size), record<__half, 64>(block_size), record<__half, 128>(block_size);
     record<__nv_bfloat16, 32>(block_size), record<__nv_bfloat16, 64>(block_size), record<__nv_bfloat16, 128>(block_size);
