@@ -19,7 +19,7 @@ from fastattn.layout import BlockLayout, bigbird_layout  # noqa: E402
 from fastattn.triton_kernels import IMPLEMENTATIONS  # noqa: E402
 from fastattn.triton_kernels import block_sparse as triton_block_sparse  # noqa: E402
 from fastattn.testing import check_against_reference  # noqa: E402
-from tests.utils import RecordingLaunch, describe_case  # noqa: E402
+from tests.utils import RecordingLaunch, assert_gradients_match_finite_differences, describe_case  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -227,20 +227,7 @@ def test_float64_gradients_match_finite_differences(batch, kv_heads, kind, causa
                                                           key_padding_mask=key_padding_mask, scale=0.3)
 
     leaves = [inputs[name].requires_grad_() for name in "qkv"]
-    generator = torch.Generator().manual_seed(9)
-    grad_out = torch.randn(leaves[0].shape, generator=generator, dtype=torch.float64).to(DEVICE)
-    grads = torch.autograd.grad(attention(*leaves), leaves, grad_out)
-    step = 1e-6
-    with torch.no_grad():
-        for index, name in enumerate("qkv"):
-            direction = torch.randn(leaves[index].shape, generator=generator, dtype=torch.float64).to(DEVICE)
-            shifted = [[t + sign * step * direction if i == index else t for i, t in enumerate(leaves)]
-                       for sign in (1, -1)]
-            numerical = ((attention(*shifted[0]) - attention(*shifted[1])) * grad_out).sum().item() / (2 * step)
-            analytical = (grads[index] * direction).sum().item()
-            assert abs(numerical - analytical) <= 1e-6 * max(1.0, abs(analytical)), (
-                f"grad of {name}: <grad, u> = {analytical:.9f}, finite differences give {numerical:.9f}"
-            )
+    assert_gradients_match_finite_differences(attention, leaves, "qkv")
 
 
 @needs_triton_device
