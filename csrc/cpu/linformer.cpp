@@ -102,20 +102,6 @@ void narrow_operand(const float* src, int64_t rows, int64_t cols, c10::BFloat16*
   zero_pad_column(dst, ld, rows, cols);
 }
 
-void check_projections(const at::Tensor& q, const at::Tensor& k, const at::Tensor& proj_k, const at::Tensor& proj_v) {
-  for (const auto& [name, p] : {std::pair{"proj_k", &proj_k}, std::pair{"proj_v", &proj_v}}) {
-    TORCH_CHECK_TYPE(p->scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(),
-                     " (that of q), got ", p->scalar_type());
-    TORCH_CHECK_VALUE(p->device() == q.device(), name, ": expected device ", q.device(), ", got ", p->device());
-    TORCH_CHECK_VALUE((p->dim() == 2 || (p->dim() == 3 && p->size(0) == q.size(1))) && p->size(-1) == k.size(2) &&
-                          p->size(-2) > 0,
-                      name, ": expected shape (kp, ", k.size(2), ") or (", q.size(1), ", kp, ", k.size(2), "), got ",
-                      p->sizes());
-  }
-  TORCH_CHECK_VALUE(proj_v.size(-2) == proj_k.size(-2), "proj_v: expected kp = ", proj_k.size(-2),
-                    " (that of proj_k), got shape ", proj_v.sizes());
-}
-
 // Rows [start, start + rows) of one head of k or v as a matrix for BLAS, with padded keys zeroed: read in
 // place when the input already has the accumulation type and no key of the head is padded, else
 // converted into `buffer`. Returns the rows and their leading dimension.
@@ -314,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linformer_fwd(
   const at::Tensor q = with_blas_strides(q_in), k = with_blas_strides(k_in), v = with_blas_strides(v_in);
   check_qkv(q, k, v, /*grouped_kv=*/true);
   check_key_padding_mask(key_padding_mask, q, k.size(2));
-  check_projections(q, k, proj_k, proj_v);
+  check_linformer_projections(q, k, proj_k, proj_v);
   TORCH_CHECK_VALUE(k.size(2) > 0 && q.size(2) > 0, "q, k: expected non-empty sequences, got Nq=", q.size(2),
                     " and Nk=", k.size(2));
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
@@ -545,21 +531,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linformer
   const at::Tensor q = with_blas_strides(q_in), k = with_blas_strides(k_in), v = with_blas_strides(v_in);
   check_qkv(q, k, v, /*grouped_kv=*/true);
   check_key_padding_mask(key_padding_mask, q, k.size(2));
-  check_projections(q, k, proj_k, proj_v);
-  for (const auto& [name, t] : {std::pair{"grad_out", &grad_out}, std::pair{"out", &out}}) {
-    TORCH_CHECK_VALUE(t->sizes() == q.sizes() && t->stride(3) == 1 && t->scalar_type() == q.scalar_type(), name,
-                      ": expected shape ", q.sizes(), ", dtype ", q.scalar_type(), " and unit last stride, got ",
-                      t->sizes(), ", ", t->scalar_type(), ", strides ", t->strides());
-  }
-  const auto acc = cpu::acc_dtype(q.scalar_type());
-  const std::vector<int64_t> projected_shape{q.size(0), q.size(1), proj_k.size(-2), q.size(3)};
-  for (const auto& [name, t] : {std::pair{"k_proj", &k_proj}, std::pair{"v_proj", &v_proj}}) {
-    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(projected_shape) && t->scalar_type() == acc, name,
-                      ": expected shape ", projected_shape, " and dtype ", acc, ", got ", t->sizes(), " and ",
-                      t->scalar_type());
-  }
-  TORCH_CHECK_VALUE(lse.sizes() == q.sizes().slice(0, 3) && lse.scalar_type() == acc, "lse: expected shape ",
-                    q.sizes().slice(0, 3), " and dtype ", acc, ", got ", lse.sizes(), " and ", lse.scalar_type());
+  check_linformer_projections(q, k, proj_k, proj_v);
+  check_linformer_saved(grad_out, q, out, lse, k_proj, v_proj, proj_k);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   if (use_bf16_products(q)) {
     return backward_impl<c10::BFloat16, c10::BFloat16>(grad_out, q, k, v, proj_k, proj_v, lse, k_proj, v_proj,
