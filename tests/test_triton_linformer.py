@@ -227,7 +227,8 @@ def test_backend_serves_linformer_on_cpu_only_in_the_interpreter(monkeypatch):
     "shapes, match",
     [
         (((1, 2, 8, 48), (1, 2, 8, 48), (4, 8)), r"q: expected head dim in \(32, 64, 128\), got 48"),
-        (((1, 3, 8, 32), (1, 2, 8, 32), (4, 8)), r"k: expected shape \(1, Hkv, Nk, 32\) with 3 % Hkv == 0"),
+        (((1, 3, 8, 32), (1, 2, 8, 32), (4, 8)),
+         r"k: expected Hkv heads dividing H=3 \(the heads of q; grouped-query attention\), got Hkv=2"),
         (((1, 2, 8, 32), (1, 2, 8, 32), (4, 9)), r"proj_k: expected shape \(kp, 8\) or \(2, kp, 8\), got \(4, 9\)"),
         (((1, 2, 8, 32), (1, 2, 8, 32), (3, 4, 8)), r"proj_k: expected shape \(kp, 8\) or \(2, kp, 8\)"),
     ],

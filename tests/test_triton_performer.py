@@ -295,7 +295,7 @@ def test_backend_serves_performer_on_cpu_only_in_the_interpreter(monkeypatch):
     [
         ((1, 2, 8, 48), (1, 2, 8, 48), (4, 48), "softmax", False, r"q: expected head dim in \(32, 64, 128\), got 48"),
         ((1, 3, 8, 32), (1, 2, 8, 32), (4, 32), "softmax", False,
-         r"k: expected shape \(1, Hkv, Nk, 32\) with 3 % Hkv == 0"),
+         r"k: expected Hkv heads dividing H=3 \(the heads of q; grouped-query attention\), got Hkv=2"),
         ((1, 2, 8, 32), (1, 2, 8, 32), (4, 16), "softmax", False, r"projection: expected shape \(m, 32\)"),
         ((1, 2, 8, 32), (1, 2, 8, 32), (4, 32), "gelu", False, r"kernel: expected one of \('softmax', 'relu'\)"),
         ((1, 2, 8, 32), (1, 2, 9, 32), (4, 32), "softmax", True, r"causal: expected Nq == Nk, got Nq=8 and Nk=9"),

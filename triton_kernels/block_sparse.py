@@ -455,8 +455,9 @@ def _check_layout(row_offsets: Tensor, col_indices: Tensor, col_offsets: Tensor,
         _VALIDATED_CSR[key] = (tuple(weakref.ref(t, forget) for t in csr), versions)
 
 
-def _check_arguments(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_indices: Tensor, col_offsets: Tensor,
-                     row_indices: Tensor, block_size: int, causal: bool, key_padding_mask: Tensor | None) -> None:
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """The checks of q, k, v that every Triton op shares: shapes (k, v with Hkv heads dividing H), one dtype
+    and device, unit last stride, a supported head dim."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"q, k, v: expected (B, H, N, D) with v shaped like k, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -475,6 +476,11 @@ def _check_arguments(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_i
                          f"{k.stride()}, {v.stride()}")
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"q: expected head dim in {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
+
+
+def _check_arguments(q: Tensor, k: Tensor, v: Tensor, row_offsets: Tensor, col_indices: Tensor, col_offsets: Tensor,
+                     row_indices: Tensor, block_size: int, causal: bool, key_padding_mask: Tensor | None) -> None:
+    _check_qkv(q, k, v)
     if block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size: expected one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
     if causal and q.shape[2] != k.shape[2]:

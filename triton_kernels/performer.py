@@ -48,14 +48,12 @@ from torch import Tensor
 from ..ops.common import accumulation_dtype, new_output
 from ..ops.performer import backward_through, performer_bwd_fake, performer_fwd_fake, setup_context
 from ..reference import RELU_KERNEL_EPSILON
-from .block_sparse import _TRITON_DTYPES, _dot_precision, _grid, _padding_arguments, _tile_and_batch_head
+from .block_sparse import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, _TRITON_DTYPES, _check_qkv, _dot_precision, _grid,
+                           _padding_arguments, _tile_and_batch_head)
 from .linformer import MAX_GRID_AXIS, _split
 
 __all__ = ["performer_attention", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES", "KERNELS"]
 
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
-# float64 is for gradcheck (in the interpreter): it accumulates and saves its statistics in float64.
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNELS = ("softmax", "relu")
 EPSILON = tl.constexpr(RELU_KERNEL_EPSILON)
 
@@ -741,25 +739,12 @@ def _projection_strides(projection: Tensor) -> tuple[int, int]:
 
 def _check_arguments(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, kernel: str, causal: bool,
                      key_padding_mask: Tensor | None, scale: float) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"q, k, v: expected (B, H, N, D) with v shaped like k, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    _check_qkv(q, k, v)
     batch, heads, query_len, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[3] != head_dim or k.shape[1] == 0 or heads % k.shape[1] != 0:
-        raise ValueError(f"k: expected shape ({batch}, Hkv, Nk, {head_dim}) with {heads} % Hkv == 0, "
-                         f"got {tuple(k.shape)}")
     if query_len == 0 or k.shape[2] == 0:
         raise ValueError(f"q, k: expected non-empty sequences, got Nq={query_len} and Nk={k.shape[2]}")
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v: expected one dtype of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.device == k.device == v.device == projection.device:
-        raise ValueError(f"q, k, v, projection: expected one device, got {q.device}, {k.device}, {v.device}, "
-                         f"{projection.device}")
-    if any(t.stride(-1) != 1 for t in (q, k, v)):
-        raise ValueError(f"q, k, v: expected unit stride in the last dim, got strides {q.stride()}, "
-                         f"{k.stride()}, {v.stride()}")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q: expected head dim in {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    if projection.device != q.device:
+        raise ValueError(f"projection: expected device {q.device} (that of q), got {projection.device}")
     if not projection.is_floating_point():
         raise TypeError(f"projection: expected a floating-point tensor, got dtype {projection.dtype}")
     if (projection.dim() not in (2, 3) or (projection.dim() == 3 and projection.shape[0] != heads)
