@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import torch
 
@@ -8,6 +9,9 @@ import torch
 os.environ.setdefault("FASTATTN_POISON_OUTPUTS", "1")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh inductor cache per test run: its key leaves out the fake kernels of custom ops, so code compiled
+# before an op's saved tensors changed shape would be reused (and fail its own shape asserts).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastattn-inductor-"))
 
 import importlib.util  # noqa: E402
 

@@ -3,11 +3,16 @@
 // and never stored beyond the tile. The running state is phi(K)^T [V | 1] (m x (D + 1)): its last column
 // is the normaliser, so one GEMM gives numerator and denominator.
 //
-// Softmax keys are stabilised by a constant M subtracted from their logits; the state carries the
-// constant of the last key it summed, and is rescaled by exp(M_old - M_new) <= 1 when M grows.
-// Non-causal: M is the maximum over all unpadded keys, reached online tile by tile. Causal: key j uses
-// the prefix maximum M_j, and its contribution to query i >= j is rescaled by exp(M_j - M_i) <= 1, so a
-// later key never changes an earlier output. relu uses M = 0 throughout.
+// Softmax stabilisers. Non-causal: one per feature, s_f = the maximum of feature f's logit over the
+// unpadded keys (reached online tile by tile; state row f is rescaled by exp(s_old - s_new) <= 1 when s_f
+// grows). Keys weigh exp(l_f - s_f) and queries exp(a_f - max a) with a_f = (l_f - max l) + (s_f - max s),
+// so that some feature of every query meets the keys at weight 1 on both sides: the normaliser is >= 1
+// and never underflows, however far apart |q| and |k| put the logits (with one constant for all features,
+// a query's best feature can meet keys far below it, and its normaliser falls out of float32's range).
+// Causal: key j subtracts a scalar M_j, the prefix maximum over its and earlier keys' features, and its
+// contribution to query i >= j is rescaled by exp(M_j - M_i) <= 1, so a later key never changes an
+// earlier output; the state carries the constant of the last key it summed, rescaled when M grows.
+// relu uses 0 throughout.
 //
 // Causal runs in chunks: the previous chunks through the state, the current one quadratically
 // (phi(Q) phi(K)^T masked to j <= i). The backward recomputes the features; causal takes a forward pass
@@ -239,6 +244,36 @@ struct FeatureMap {
     }
   }
 
+  // Non-causal softmax key features exp(logits - feature_max) (zero rows where dropped[r]); relu as phi().
+  // The logits are overwritten.
+  void key_phi(T* logits, int64_t rows, const T* feature_max, const bool* dropped, T* phi_out) const {
+    if (softmax) {
+      for (int64_t r = 0; r < rows; ++r) {
+        T* lr = logits + r * features;
+        for (int64_t f = 0; f < features; ++f) lr[f] -= feature_max[f];
+      }
+    }
+    const std::vector<T> no_shift(rows, T(0));
+    phi(logits, rows, no_shift.data(), dropped, phi_out);
+  }
+
+  // Non-causal softmax query features against the keys' per-feature maxima: a_f = (logits_f - row_max) +
+  // (feature_max_f - max feature_max), then exp(a_f - max a). Each difference is of two large numbers (both
+  // about |x|^2 / 2) that are close for the features that matter, so nearly exact; logits_f + feature_max_f
+  // would round at twice their magnitude. relu as phi(). The logits are overwritten.
+  void query_phi(T* logits, int64_t rows, const T* row_max, const T* feature_max, T* phi_out) const {
+    std::vector<T> shift(rows, T(0));
+    if (softmax) {
+      const T peak = cpu::max_of(feature_max, features);
+      for (int64_t r = 0; r < rows; ++r) {
+        T* lr = logits + r * features;
+        for (int64_t f = 0; f < features; ++f) lr[f] = (lr[f] - row_max[r]) + (feature_max[f] - peak);
+        shift[r] = cpu::max_of(lr, features);
+      }
+    }
+    phi(logits, rows, shift.data(), nullptr, phi_out);
+  }
+
   // dx <- d(phi)/dx^T dphi / divisors[r] (1 without divisors) for rows not dropped (dphi is overwritten with
   // dlogits); zero for dropped rows. divisors: the part of the normaliser that output_grads left to divide,
   // divided here from phi dphi, which stays finite where dphi / den need not.
@@ -423,12 +458,18 @@ void key_logits(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b,
   }
 }
 
+// Query features of rows [start, start + n): against the keys' per-feature maxima key_feature_max
+// (non-causal), or stabilised by each row's own maximum (causal: key_feature_max null).
 template <typename scalar_t, typename T>
 void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start,
-                    int64_t n, Workspace<T>& w) {
+                    int64_t n, Workspace<T>& w, const T* key_feature_max) {
   map.logits(p.q + p.qv.offset(b, h) + start * p.qv.row_stride, p.qv.row_stride, n, w.qx.data(), w.q_logits.data(),
              w.q_max.data());
-  map.phi(w.q_logits.data(), n, w.q_max.data(), nullptr, w.q_phi.data());
+  if (key_feature_max != nullptr) {
+    map.query_phi(w.q_logits.data(), n, w.q_max.data(), key_feature_max, w.q_phi.data());
+  } else {
+    map.phi(w.q_logits.data(), n, w.q_max.data(), nullptr, w.q_phi.data());
+  }
 }
 
 // Scores of a causal chunk: scores[i][j] = phi_q_i . phi_k_j * exp(M_j - M_i) for j <= i, 0 above the diagonal.
@@ -473,7 +514,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = new_output(q.sizes(), q.options());
   at::Tensor normaliser = new_output({p.batch, p.heads, p.query_len}, q.options().dtype(acc));
-  at::Tensor key_stabiliser = new_output({p.batch, p.heads, p.key_len}, q.options().dtype(acc));
+  at::Tensor key_stabiliser =
+      new_output({p.batch, p.heads, causal ? p.key_len : p.features}, q.options().dtype(acc));
   at::Tensor state = new_output({p.batch, p.heads, p.features, p.dim + 1}, q.options().dtype(acc));
   const HeadView ov(out);
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
@@ -497,12 +539,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     cpu::store_rows(rows.data(), n, dim, out_ptr + ov.offset(b, h) + start * ov.row_stride, ov.row_stride);
   };
 
+  // Non-causal keys of head (b, h) into its state, against the per-feature maxima of their logits
+  // (running over the tiles; the state's rows are rescaled when theirs grows); the final maxima are saved.
+  auto sum_keys = [&](Workspace<T>& w, std::vector<T>& feature_max, int64_t bh, int64_t b, int64_t h) {
+    const auto map = p.feature_map(h);
+    T* head_state = state_ptr + bh * m * (dim + 1);
+    std::fill(head_state, head_state + m * (dim + 1), T(0));
+    std::fill(feature_max.begin(), feature_max.end(), -std::numeric_limits<T>::infinity());
+    bool have_state = false;
+    for (int64_t start = 0; start < p.key_len; start += kTile) {
+      const int64_t n = std::min(kTile, p.key_len - start);
+      key_logits(p, map, b, h, start, n, w);
+      if (std::all_of(w.k_dropped, w.k_dropped + n, [](bool dropped) { return dropped; })) continue;
+      if (softmax) {
+        std::vector<T> tile_max(feature_max);
+        for (int64_t r = 0; r < n; ++r) {
+          if (w.k_dropped[r]) continue;
+          const T* lr = w.k_logits.data() + r * m;
+          for (int64_t f = 0; f < m; ++f) tile_max[f] = std::max(tile_max[f], lr[f]);
+        }
+        for (int64_t f = 0; have_state && f < m; ++f) {
+          if (tile_max[f] == feature_max[f]) continue;
+          const T decay = cpu::exp_acc(feature_max[f] - tile_max[f]);
+          for (int64_t c = 0; c <= dim; ++c) head_state[f * (dim + 1) + c] *= decay;
+        }
+        feature_max.swap(tile_max);
+      }
+      map.key_phi(w.k_logits.data(), n, feature_max.data(), w.k_dropped, w.k_phi.data());
+      load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped, w.values.data());
+      tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.k_phi.data(), m, w.values.data(), dim + 1, have_state,
+                   head_state, dim + 1);
+      have_state = true;
+    }
+    for (int64_t f = 0; f < m; ++f) {
+      stab_ptr[bh * m + f] = softmax && feature_max[f] > -std::numeric_limits<T>::infinity() ? feature_max[f] : T(0);
+    }
+  };
+
   // Keys (and, when causal, the queries of the same chunk) per (batch, head), in order.
   cpu::parallel_tasks(p.batch * p.heads, [&](const auto& claim) {
     Workspace<T> w(m, dim, p.bf16_products);
-    std::vector<T> rows(kTile * dim);
+    std::vector<T> rows(kTile * dim), feature_max(m);
     for (int64_t bh = claim(); bh >= 0; bh = claim()) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
+      if (!causal) {
+        sum_keys(w, feature_max, bh, b, h);
+        continue;
+      }
       const auto map = p.feature_map(h);
       T* head_state = state_ptr + bh * m * (dim + 1);
       std::fill(head_state, head_state + m * (dim + 1), T(0));
@@ -511,14 +594,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       for (int64_t start = 0; start < p.key_len; start += kTile) {
         const int64_t n = std::min(kTile, p.key_len - start);
         key_logits(p, map, b, h, start, n, w);
-        // Stabiliser of each key: running maximum (causal) or the maximum so far, applied to the whole tile.
+        // Stabiliser of each key: the running maximum.
         T running = have_state ? current : -std::numeric_limits<T>::infinity();
         for (int64_t r = 0; r < n; ++r) {
           running = std::max(running, w.k_max[r]);
           w.k_stab[r] = running;
         }
         const bool tile_has_keys = running > -std::numeric_limits<T>::infinity();
-        if (!causal) std::fill(w.k_stab.begin(), w.k_stab.begin() + n, running);
         for (int64_t r = 0; r < n; ++r) {
           if (!(w.k_stab[r] > -std::numeric_limits<T>::infinity())) w.k_stab[r] = 0;
           stab_ptr[bh * p.key_len + start + r] = w.k_stab[r];
@@ -526,30 +608,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
         map.phi(w.k_logits.data(), n, w.k_stab.data(), w.k_dropped, w.k_phi.data());
         load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
                               w.values.data());
-        if (causal) {
-          query_features(p, map, b, h, start, n, w);
-          // Earlier chunks through the state, rescaled from its stabiliser to each query's.
-          if (have_state) {
-            tile_product(w.bf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, head_state, dim + 1, false,
-                         w.numden.data(), dim + 1);
-            for (int64_t r = 0; r < n; ++r) {
-              const T factor = cpu::exp_acc(std::min(current - w.k_stab[r], T(0)));
-              for (int64_t c = 0; c <= dim; ++c) w.numden[r * (dim + 1) + c] *= factor;
-            }
-          }
-          causal_chunk_scores(w, n, m, w.k_stab.data(), w.scores.data());
-          tile_product(w.bf16, false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1, have_state,
+        query_features(p, map, b, h, start, n, w, static_cast<const T*>(nullptr));
+        // Earlier chunks through the state, rescaled from its stabiliser to each query's.
+        if (have_state) {
+          tile_product(w.bf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, head_state, dim + 1, false,
                        w.numden.data(), dim + 1);
-          write_outputs(w, bh, b, h, start, n, rows);
+          for (int64_t r = 0; r < n; ++r) {
+            const T factor = cpu::exp_acc(std::min(current - w.k_stab[r], T(0)));
+            for (int64_t c = 0; c <= dim; ++c) w.numden[r * (dim + 1) + c] *= factor;
+          }
         }
+        causal_chunk_scores(w, n, m, w.k_stab.data(), w.scores.data());
+        tile_product(w.bf16, false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1, have_state,
+                     w.numden.data(), dim + 1);
+        write_outputs(w, bh, b, h, start, n, rows);
         if (tile_has_keys) {
           add_keys_to_state(w, n, m, dim, have_state, current, w.k_stab[n - 1], head_state);
           have_state = true;
           current = w.k_stab[n - 1];
         }
       }
-      // Non-causal keys all use the final maximum, the constant the state now carries.
-      if (!causal) std::fill(stab_ptr + bh * p.key_len, stab_ptr + (bh + 1) * p.key_len, current);
     }
     release_products<T>();
   });
@@ -563,7 +641,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / query_tiles, b = bh / p.heads, h = bh % p.heads;
       const int64_t start = (task % query_tiles) * kTile, n = std::min(kTile, p.query_len - start);
-      query_features(p, p.feature_map(h), b, h, start, n, w);
+      query_features(p, p.feature_map(h), b, h, start, n, w, stab_ptr + bh * m);
       tile_product(w.bf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state_ptr + bh * m * (dim + 1), dim + 1, false,
                    w.numden.data(), dim + 1,
                    p.bf16_products ? state_pairs.data_ptr<c10::BFloat16>() + bh * (m + m % 2) * (dim + 1) : nullptr);
@@ -637,7 +715,7 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
       const int64_t last_tile = std::min(query_tiles, first_tile + tiles_per_split);
       for (int64_t tile = first_tile; tile < last_tile; ++tile) {
         const int64_t start = tile * kTile, n = std::min(kTile, p.query_len - start);
-        query_features(p, map, b, h, start, n, w);
+        query_features(p, map, b, h, start, n, w, stab_ptr + bh * m);
         output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
                      ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped,
                  w.q_divisors);
@@ -668,7 +746,7 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
       const auto map = p.feature_map(h);
       const T* grad_state = gs_ptr + bh * m * (dim + 1);
       key_logits(p, map, b, h, start, n, w);
-      map.phi(w.k_logits.data(), n, stab_ptr + bh * p.key_len + start, w.k_dropped, w.k_phi.data());
+      map.key_phi(w.k_logits.data(), n, stab_ptr + bh * m, w.k_dropped, w.k_phi.data());
       load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
                             w.values.data());
       tile_product(w.bf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, false, w.dx.data(), dim,
@@ -703,7 +781,7 @@ void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, c
     map.phi(w.k_logits.data(), n, w.k_stab.data(), w.k_dropped, w.k_phi.data());
     load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
                           w.values.data());
-    query_features(p, map, b, h, start, n, w);
+    query_features(p, map, b, h, start, n, w, static_cast<const T*>(nullptr));
     output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
                  ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped,
                  w.q_divisors);
@@ -760,7 +838,7 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
     map.phi(w.k_logits.data(), n, w.k_stab.data(), w.k_dropped, w.k_phi.data());
     load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
                           w.values.data());
-    query_features(p, map, b, h, start, n, w);
+    query_features(p, map, b, h, start, n, w, static_cast<const T*>(nullptr));
     output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
                  ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped,
                  w.q_divisors);
@@ -907,7 +985,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_bwd(
   TORCH_CHECK_VALUE(normaliser.sizes() == q.sizes().slice(0, 3) && normaliser.scalar_type() == acc,
                     "normaliser: expected shape ", q.sizes().slice(0, 3), " and dtype ", acc, ", got ",
                     normaliser.sizes(), " and ", normaliser.scalar_type());
-  const std::vector<int64_t> stabiliser_shape{q.size(0), q.size(1), k.size(2)};
+  const std::vector<int64_t> stabiliser_shape{q.size(0), q.size(1), causal ? k.size(2) : projection.size(-2)};
   TORCH_CHECK_VALUE(key_stabiliser.sizes() == at::IntArrayRef(stabiliser_shape) && key_stabiliser.scalar_type() == acc,
                     "key_stabiliser: expected shape ", stabiliser_shape, " and dtype ", acc, ", got ",
                     key_stabiliser.sizes(), " and ", key_stabiliser.scalar_type());
