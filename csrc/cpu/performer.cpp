@@ -9,15 +9,13 @@
 // so that some feature of every query meets the keys at weight 1 on both sides: the normaliser is >= 1
 // and never underflows, however far apart |q| and |k| put the logits (with one constant for all features,
 // a query's best feature can meet keys far below it, and its normaliser falls out of float32's range).
-// Causal: key j subtracts a scalar M_j, the prefix maximum over its and earlier keys' features, and its
-// contribution to query i >= j is rescaled by exp(M_j - M_i) <= 1, so a later key never changes an
-// earlier output; the state carries the constant of the last key it summed, rescaled when M grows.
-// relu uses 0 throughout.
+// Causal: per feature and position, the running maximum over the keys so far (see kSubBlock), so that a
+// later key never changes an earlier output and, again, every normaliser is >= 1. relu uses 0 throughout.
 //
-// Causal runs in chunks: the previous chunks through the state, the current one quadratically
-// (phi(Q) phi(K)^T masked to j <= i). The backward recomputes the features; causal takes a forward pass
-// over the chunks for dq (prefix state) and a reverse pass for dk, dv (a suffix state of
-// phi(Q)^T [dnum | dden]), both per (batch, head).
+// Causal runs in sub-blocks: the earlier ones through the state, the current one pair by pair. The
+// backward recomputes the features; causal takes a forward pass over the sub-blocks for dq (prefix state)
+// and a reverse pass for dk, dv (a suffix state of the queries' weights times [dnum | dden]), both per
+// (batch, head).
 #include "cpu/dense_tiles.h"
 
 #include <ATen/ATen.h>
@@ -47,7 +45,7 @@ constexpr double kReluEpsilon = 1e-3;  // fastattn.reference.RELU_KERNEL_EPSILON
 constexpr int64_t kInnerChunk = 128;
 
 // Sums partial (m x n) into C, times alpha: C = alpha partial, or C += alpha partial when `add`.
-void add_partial(const float* partial, int64_t m, int64_t n, float alpha, bool add, float* c, int64_t ldc) {
+FASTATTN_VECTOR_CLONES void add_partial(const float* partial, int64_t m, int64_t n, float alpha, bool add, float* c, int64_t ldc) {
   for (int64_t r = 0; r < m; ++r) {
     float* row = c + r * ldc;
     const float* part = partial + r * n;
@@ -274,32 +272,49 @@ struct FeatureMap {
     phi(logits, rows, shift.data(), nullptr, phi_out);
   }
 
-  // dx <- d(phi)/dx^T dphi / divisors[r] (1 without divisors) for rows not dropped (dphi is overwritten with
-  // dlogits); zero for dropped rows. divisors: the part of the normaliser that output_grads left to divide,
-  // divided here from phi dphi, which stays finite where dphi / den need not.
-  void backward(T* dphi, const T* phi, const T* logits, const T* x, int64_t rows, const bool* dropped,
-                const T* divisors, T* dx) const {
-    std::vector<T> logit_sums(rows, T(0));
+  // dx <- d(phi)/dx^T dphi for rows not dropped, zero for dropped rows (dphi is overwritten).
+  void backward(T* dphi, const T* phi, const T* logits, const T* x, int64_t rows, const bool* dropped, T* dx) const {
     for (int64_t r = 0; r < rows; ++r) {
       T* dr = dphi + r * features;
-      if (dropped != nullptr && dropped[r]) {
-        std::fill(dr, dr + features, T(0));
-        continue;
-      }
       const T* pr = phi + r * features;
       const T* lr = logits + r * features;
-      // divisors >= the smallest normal T (the forward's normalisers are 0 or above): the inverse is finite.
-      const T inverse = divisors != nullptr ? T(1) / divisors[r] : T(1);
       if (softmax) {
-        for (int64_t f = 0; f < features; ++f) dr[f] = dr[f] * pr[f] * inverse;
-        logit_sums[r] = cpu::sum_of(dr, features);
+        for (int64_t f = 0; f < features; ++f) dr[f] *= pr[f];
       } else {
-        for (int64_t f = 0; f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] * inverse : T(0);
+        for (int64_t f = 0; f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] : T(0);
+      }
+    }
+    logits_backward(dphi, x, rows, dropped, dx);
+  }
+
+  // backward() from products = phi o dphi (overwritten), which are the logits' gradients for softmax; relu
+  // divides phi (>= its epsilon) back out where the logit is positive.
+  void backward_from_products(T* products, const T* phi, const T* logits, const T* x, int64_t rows,
+                              const bool* dropped, T* dx) const {
+    for (int64_t r = 0; !softmax && r < rows; ++r) {
+      T* dr = products + r * features;
+      const T* pr = phi + r * features;
+      const T* lr = logits + r * features;
+      for (int64_t f = 0; f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] / pr[f] : T(0);
+    }
+    logits_backward(products, x, rows, dropped, dx);
+  }
+
+ private:
+  // dx <- d(logits)/dx^T dlogits for rows not dropped, zero for dropped rows (dlogits of those are zeroed).
+  void logits_backward(T* dlogits, const T* x, int64_t rows, const bool* dropped, T* dx) const {
+    std::vector<T> logit_sums(rows, T(0));
+    for (int64_t r = 0; r < rows; ++r) {
+      T* dr = dlogits + r * features;
+      if (dropped != nullptr && dropped[r]) {
+        std::fill(dr, dr + features, T(0));
+      } else if (softmax) {
+        logit_sums[r] = cpu::sum_of(dr, features);
       }
     }
     // d logits / d x = W - x (softmax, from the -|x|^2/2) or W (relu); x carries sqrt(scale) once more.
-    tile_product(bf16_products, false, false, rows, dim, features, sqrt_scale, dphi, features, weights, dim, false, dx,
-                 dim, weights_pairs);
+    tile_product(bf16_products, false, false, rows, dim, features, sqrt_scale, dlogits, features, weights, dim, false,
+                 dx, dim, weights_pairs);
     for (int64_t r = 0; r < rows; ++r) {
       if (dropped != nullptr && dropped[r]) {
         std::fill(dx + r * dim, dx + (r + 1) * dim, T(0));  // not 0 * x, which is NaN where x is
@@ -315,17 +330,16 @@ struct FeatureMap {
 // Buffers of one task: a tile of queries and one of keys with their features, and the per-chunk products.
 template <typename T>
 struct Workspace {
-  std::vector<T> qx, q_logits, q_phi, q_max, kx, k_logits, k_phi, k_max, k_stab, values, numden, grads, scores,
-      dscores, dphi, dx;
+  std::vector<T> qx, q_logits, q_phi, q_base, q_max, kx, k_logits, k_phi, k_prefix, k_max, k_stab, values, numden, grads,
+      scores, dphi, dx;
   bool k_dropped[kTile];
   bool q_dropped[kTile];
-  T q_divisors[kTile];
   bool bf16;  // tile_product's bf16 argument
   Workspace(int64_t features, int64_t dim, bool bf16_products)
-      : qx(kTile * dim), q_logits(kTile * features), q_phi(kTile * features), q_max(kTile), kx(kTile * dim),
-        k_logits(kTile * features), k_phi(kTile * features), k_max(kTile), k_stab(kTile), values(kTile * (dim + 1)),
-        numden(kTile * (dim + 1)), grads(kTile * (dim + 1)), scores(kTile * kTile), dscores(kTile * kTile),
-        dphi(kTile * features), dx(kTile * dim), bf16(bf16_products) {}
+      : qx(kTile * dim), q_logits(kTile * features), q_phi(kTile * features), q_base(kTile * features), q_max(kTile),
+        kx(kTile * dim), k_logits(kTile * features), k_phi(kTile * features), k_prefix(kTile * features), k_max(kTile),
+        k_stab(kTile), values(kTile * (dim + 1)), numden(kTile * (dim + 1)), grads(kTile * (dim + 1)),
+        scores(kTile * kTile), dphi(kTile * features), dx(kTile * dim), bf16(bf16_products) {}
 };
 
 // rows of v into a (rows, D + 1) buffer whose last column is 1; zero rows where dropped[r] (padded keys are
@@ -345,30 +359,23 @@ void load_values_with_ones(const scalar_t* src, int64_t row_stride, int64_t rows
   }
 }
 
-// Normalisers below this leave their division to the products that follow (see output_grads).
-constexpr double kSmallNormaliser = 0x1p-32;
-
 // [dnum | dden] of each query row from grad_out, out and the normaliser den: dnum = g / den and
-// dden = -(g . out) / den; zeros where den == 0 (the row sees no key), and those rows marked dropped. Where
-// den is tiny, g / den may overflow, and the sums of it over the queries in the gradients of the keys
-// would: such a row's [dnum | dden] is left multiplied by den, and divisors[r] = den says so (else 1). The
-// callers divide products that stay finite: phi_q dphi_q (FeatureMap::backward) and phi_q itself
-// (scale_query_features), as phi_q / den <= 1 / (the key features' sum at the row's largest feature).
+// dden = -(g . out) / den; zeros where den == 0 (the row sees no key), and those rows marked dropped.
+// Every other normaliser is >= 1 (softmax; see the stabilisers above) or >= m eps^2 (relu).
 template <typename scalar_t, typename T>
 void output_grads(const scalar_t* grad_out, const scalar_t* out, int64_t row_stride, const T* normaliser, int64_t rows,
-                  int64_t dim, T* dst, bool* dropped, T* divisors) {
+                  int64_t dim, T* dst, bool* dropped) {
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* g = grad_out + r * row_stride;
     const scalar_t* o = out + r * row_stride;
     T* d = dst + r * (dim + 1);
     const T den = normaliser[r];
     dropped[r] = den == 0;
-    divisors[r] = den < T(kSmallNormaliser) ? den : T(1);
     if (dropped[r]) {
       std::fill(d, d + dim + 1, T(0));
       continue;
     }
-    const T inverse = divisors[r] / den;  // 1 / den, or 1 where den is left to the callers
+    const T inverse = T(1) / den;
     double dot = 0;  // g . out cancels against dnum . v in the scores' gradient: summed in double
     for (int64_t c = 0; c < dim; ++c) {
       d[c] = static_cast<T>(g[c]) * inverse;
@@ -378,19 +385,12 @@ void output_grads(const scalar_t* grad_out, const scalar_t* out, int64_t row_str
   }
 }
 
-// phi_q rows divided by the divisors of output_grads (zero where dropped): the query side of the products
-// that give the gradients of the keys.
+// Zero rows of `rows` x `features` where dropped[r]: the queries that see no key, whose features (NaN where
+// q is) must not reach the gradients of the keys.
 template <typename T>
-void scale_query_features(T* q_phi, int64_t rows, int64_t features, const T* divisors, const bool* dropped) {
+void zero_dropped_rows(T* values, int64_t rows, int64_t features, const bool* dropped) {
   for (int64_t r = 0; r < rows; ++r) {
-    T* pr = q_phi + r * features;
-    if (dropped[r]) {
-      std::fill(pr, pr + features, T(0));
-      continue;
-    }
-    if (divisors[r] == T(1)) continue;
-    const T inverse = T(1) / divisors[r];  // finite: divisors are normal numbers
-    for (int64_t f = 0; f < features; ++f) pr[f] *= inverse;
+    if (dropped[r]) std::fill(values + r * features, values + (r + 1) * features, T(0));
   }
 }
 
@@ -472,37 +472,373 @@ void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_
   }
 }
 
-// Scores of a causal chunk: scores[i][j] = phi_q_i . phi_k_j * exp(M_j - M_i) for j <= i, 0 above the diagonal.
-template <typename T>
-void causal_chunk_scores(const Workspace<T>& w, int64_t n, int64_t features, const T* stabiliser, T* scores) {
-  tile_product(w.bf16, false, true, n, n, features, T(1), w.q_phi.data(), features, w.k_phi.data(), features, false, scores,
-               n);
-  for (int64_t i = 0; i < n; ++i) {
-    T* row = scores + i * n;
-    for (int64_t j = 0; j <= i; ++j) {
-      const T gap = stabiliser[j] - stabiliser[i];
-      row[j] *= cpu::exp_acc(gap < 0 ? gap : T(0));
+// Causal sweeps run over sub-blocks of kSubBlock rows, as keys and as queries at once.
+//
+// Softmax stabilisers: one per feature and key position, s_f(j) = the maximum of feature f's logit over
+// the unpadded keys up to j (a running maximum), and M_j = max_f s_f(j). Query i's weight on key j is
+// exp(A_if + (l_f(k_j) - M_i)) with A_if = (l_f(q_i) - max l(q_i)) - c_i, where
+// c_i = max_f ((l_f(q_i) - max l(q_i)) + (s_f(i) - M_i)) makes every weight <= 1 and the one of query i's
+// best feature on the key that set s_f(i) exactly 1: the normaliser is >= 1, and only keys up to i enter.
+// (Each difference is of two large logits that are close where it matters, so it is nearly exact.)
+//
+// Weights factor through any per-feature constant sigma_f: exp(A_if + (sigma_f - M_i)) exp(l_f(k_j) -
+// sigma_f), both factors <= 1 when sigma_f lies between key j's logit and s_f(i). Earlier sub-blocks
+// reach a query through the state sum_j exp(l_f(k_j) - sigma_f) [v_j | 1], sigma the running maxima at
+// the end of the previous sub-block; within the sub-block the same factoring holds for every feature whose
+// maximum the sub-block does not raise (a masked product, j <= i). A feature whose maximum it raises (a
+// "record" feature: all of them in the first sub-block, few later) is summed pair by pair, weight by
+// weight: factoring it through the sub-block's new maximum would let a later key change an earlier row's
+// weights (and underflow them). relu: the features relu(l) + eps, plain products, no records.
+constexpr int64_t kSubBlock = 16;
+
+// The products of the causal sweeps with a state run in float32 even for bfloat16 inputs: the state changes
+// every sub-block, and rounding and pair-interleaving it for bf16 products each time costs more than the
+// float32 product of a sub-block.
+constexpr bool kStateInBf16 = false;
+
+// Keys [start, start + n) of head (b, h): logits and padding flags; softmax: the running maxima of each
+// feature (k_prefix, n x m, continuing from `before`) and M_j (k_stab: -inf before any unpadded key);
+// relu: the features (k_phi).
+template <typename scalar_t, typename T>
+void causal_keys(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start, int64_t n,
+                 const T* before, Workspace<T>& w) {
+  const int64_t m = p.features;
+  key_logits(p, map, b, h, start, n, w);
+  if (!p.softmax) {
+    const std::vector<T> no_shift(n, T(0));
+    map.phi(w.k_logits.data(), n, no_shift.data(), w.k_dropped, w.k_phi.data());
+    return;
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    const T* previous = r == 0 ? before : w.k_prefix.data() + (r - 1) * m;
+    T* prefix = w.k_prefix.data() + r * m;
+    const T* lr = w.k_logits.data() + r * m;
+    if (w.k_dropped[r]) {
+      std::copy(previous, previous + m, prefix);
+    } else {
+      for (int64_t f = 0; f < m; ++f) prefix[f] = std::max(previous[f], lr[f]);
     }
-    std::fill(row + i + 1, row + n, T(0));
+    w.k_stab[r] = cpu::max_of(prefix, m);
   }
 }
 
-// state <- state * exp(old - new) + phi_k^T [V | 1] with phi_k rescaled from each key's own stabiliser
-// to `next` (the last key's). k_phi is scaled in place.
+// The features whose running maximum the sub-block raises from `before` (softmax; none for relu).
 template <typename T>
-void add_keys_to_state(Workspace<T>& w, int64_t n, int64_t features, int64_t dim, bool have_state, T current, T next,
-                       T* state) {
-  if (have_state && next != current) {
-    const T decay = cpu::exp_acc(current - next);
-    for (int64_t i = 0; i < features * (dim + 1); ++i) state[i] *= decay;
+std::vector<int64_t> record_features(const Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* before) {
+  std::vector<int64_t> records;
+  const T* after = w.k_prefix.data() + (n - 1) * m;
+  for (int64_t f = 0; softmax && f < m; ++f) {
+    if (after[f] != before[f]) records.push_back(f);
   }
+  return records;
+}
+
+// Queries [start, start + n) after causal_keys on the same rows: logits, and the base of their weights
+// (q_base): softmax A_if (see kSubBlock), relu the features.
+template <typename scalar_t, typename T>
+void causal_queries(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start,
+                    int64_t n, Workspace<T>& w) {
+  const int64_t m = p.features;
+  map.logits(p.q + p.qv.offset(b, h) + start * p.qv.row_stride, p.qv.row_stride, n, w.qx.data(), w.q_logits.data(),
+             w.q_max.data());
+  if (!p.softmax) {
+    map.phi(w.q_logits.data(), n, w.q_max.data(), nullptr, w.q_base.data());
+    return;
+  }
+  std::vector<T> gaps(m);
   for (int64_t r = 0; r < n; ++r) {
-    if (w.k_dropped[r] || w.k_stab[r] == next) continue;
-    const T factor = cpu::exp_acc(w.k_stab[r] - next);
-    for (int64_t f = 0; f < features; ++f) w.k_phi[r * features + f] *= factor;
+    const T* lr = w.q_logits.data() + r * m;
+    const T* prefix = w.k_prefix.data() + r * m;
+    T* base = w.q_base.data() + r * m;
+    for (int64_t f = 0; f < m; ++f) {
+      base[f] = lr[f] - w.q_max[r];
+      gaps[f] = base[f] + (prefix[f] - w.k_stab[r]);
+    }
+    // A row before any unpadded key sees none: its weights are never used (c_i would be NaN).
+    const T peak = w.k_stab[r] > -std::numeric_limits<T>::infinity() ? cpu::max_of(gaps.data(), m) : T(0);
+    for (int64_t f = 0; f < m; ++f) base[f] -= peak;
   }
-  tile_product(w.bf16, true, false, features, dim + 1, n, T(1), w.k_phi.data(), features, w.values.data(), dim + 1, have_state,
-               state, dim + 1);
+}
+
+// Query weights in w.q_phi on keys stabilised by `sigma` (per feature): softmax exp(A_if + (sigma_f - M_i)),
+// relu the features; zero rows where dropped[r] (dropped may be null), and zero columns `records`.
+template <typename T>
+void query_weights(Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* sigma, const bool* dropped,
+                   const std::vector<int64_t>& records = {}) {
+  for (int64_t r = 0; r < n; ++r) {
+    T* out = w.q_phi.data() + r * m;
+    const T* base = w.q_base.data() + r * m;
+    if (dropped != nullptr && dropped[r]) {
+      std::fill(out, out + m, T(0));
+      continue;
+    }
+    if (softmax) {
+      for (int64_t f = 0; f < m; ++f) out[f] = base[f] + (sigma[f] - w.k_stab[r]);
+      cpu::exp_shifted(out, out, m, T(0));
+    } else {
+      std::copy(base, base + m, out);
+    }
+    for (int64_t f : records) out[f] = 0;
+  }
+}
+
+// Key weights in w.k_phi against per-feature stabilisers `sigma` (softmax: exp(l - sigma), zero for padded
+// keys; relu: the features, as they are).
+template <typename T>
+void key_weights(Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* sigma) {
+  if (!softmax) return;
+  for (int64_t r = 0; r < n; ++r) {
+    T* out = w.k_phi.data() + r * m;
+    if (w.k_dropped[r]) {
+      std::fill(out, out + m, T(0));
+      continue;
+    }
+    const T* lr = w.k_logits.data() + r * m;
+    for (int64_t f = 0; f < m; ++f) out[f] = lr[f] - sigma[f];
+    cpu::exp_shifted(out, out, m, T(0));
+  }
+}
+
+// The weights of query i on key j of the same sub-block through the record features, one per record.
+template <typename T>
+void record_weights(const Workspace<T>& w, int64_t m, const std::vector<int64_t>& records, int64_t i, int64_t j,
+                    T* weights) {
+  const T* base = w.q_base.data() + i * m;
+  const T* lk = w.k_logits.data() + j * m;
+  const int64_t count = static_cast<int64_t>(records.size());
+  for (int64_t r = 0; r < count; ++r) weights[r] = base[records[r]] + (lk[records[r]] - w.k_stab[i]);
+  cpu::exp_shifted(weights, weights, count, T(0));
+}
+
+// Rows f of a state (m x (D + 1)) times exp(low_f - high_f) <= 1 (low <= high): a state of keys moving to a
+// larger stabiliser (exp(l - s)), or one of queries moving to a smaller one (exp(... + s)).
+template <typename T>
+void decay_rows(T* state, int64_t m, int64_t dim, const T* low, const T* high) {
+  for (int64_t f = 0; f < m; ++f) {
+    if (low[f] == high[f]) continue;
+    const T decay = cpu::exp_acc(low[f] - high[f]);
+    for (int64_t c = 0; c <= dim; ++c) state[f * (dim + 1) + c] *= decay;
+  }
+}
+
+// scores (n x n) = a b^T, zero above the diagonal (j > i): the sub-block's pairs that may enter.
+template <typename T>
+void causal_products(int64_t n, int64_t k, const T* a, const T* b, T* scores) {
+  tile_product(kStateInBf16, false, true, n, n, k, T(1), a, k, b, k, false, scores, n);
+  for (int64_t i = 0; i < n; ++i) std::fill(scores + i * n + i + 1, scores + (i + 1) * n, T(0));
+}
+
+// out (n x m) += transposed^T o weights, transposed (m x n): the products of a state with the sub-block's
+// rows come out transposed (state x rows^T), which is cheaper than transposing the state for each sub-block.
+template <typename T>
+void add_transposed_times(const T* transposed, const T* weights, int64_t n, int64_t m, T* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t f = 0; f < m; ++f) out[i * m + f] += transposed[f * n + i] * weights[i * m + f];
+  }
+}
+
+// Causal forward of head (b, h): outputs (write_outputs(start, n) turns the first n rows of w.numden into
+// them), the stabilisers M_j and the final state.
+template <typename scalar_t, typename WriteOutputs>
+void forward_causal(const Problem<scalar_t>& p, int64_t b, int64_t h, Workspace<at::opmath_type<scalar_t>>& w,
+                    at::opmath_type<scalar_t>* stab_ptr, at::opmath_type<scalar_t>* state,
+                    const WriteOutputs& write_outputs) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
+  const auto map = p.feature_map(h);
+  std::vector<T> sigma(m, -std::numeric_limits<T>::infinity()), weights(m);
+  bool have_state = false;
+  std::fill(state, state + m * (dim + 1), T(0));
+  for (int64_t start = 0; start < p.key_len; start += kSubBlock) {
+    const int64_t n = std::min(kSubBlock, p.key_len - start);
+    causal_keys(p, map, b, h, start, n, sigma.data(), w);
+    for (int64_t r = 0; r < n; ++r) {
+      const bool finite = w.k_stab[r] > -std::numeric_limits<T>::infinity();
+      stab_ptr[bh * p.key_len + start + r] = p.softmax && finite ? w.k_stab[r] : T(0);
+    }
+    load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped, w.values.data());
+    causal_queries(p, map, b, h, start, n, w);
+    const std::vector<int64_t> records = record_features(w, n, m, p.softmax, sigma.data());
+    const T* after = p.softmax ? w.k_prefix.data() + (n - 1) * m : sigma.data();
+    key_weights(w, n, m, p.softmax, after);
+    std::fill(w.numden.begin(), w.numden.begin() + n * (dim + 1), T(0));
+    if (have_state) {
+      query_weights(w, n, m, p.softmax, sigma.data(), nullptr);
+      tile_product(kStateInBf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state, dim + 1, false,
+                   w.numden.data(), dim + 1);
+    }
+    // The sub-block's own pairs: the features it leaves alone as a masked product, the records one by one.
+    if (have_state || !p.softmax) {
+      query_weights(w, n, m, p.softmax, sigma.data(), nullptr, records);
+      causal_products(n, m, w.q_phi.data(), w.k_phi.data(), w.scores.data());
+      tile_product(kStateInBf16, false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1,
+                   true, w.numden.data(), dim + 1);
+    }
+    for (int64_t i = 0; i < n && !records.empty(); ++i) {
+      T* numden = w.numden.data() + i * (dim + 1);
+      for (int64_t j = 0; j <= i; ++j) {
+        if (w.k_dropped[j]) continue;
+        record_weights(w, m, records, i, j, weights.data());
+        const T weight = cpu::sum_of(weights.data(), static_cast<int64_t>(records.size()));
+        const T* value = w.values.data() + j * (dim + 1);
+        for (int64_t c = 0; c <= dim; ++c) numden[c] += weight * value[c];
+      }
+    }
+    write_outputs(start, n);
+    if (std::all_of(w.k_dropped, w.k_dropped + n, [](bool dropped) { return dropped; })) continue;
+    if (have_state) decay_rows(state, m, dim, sigma.data(), after);
+    std::copy(after, after + m, sigma.begin());
+    tile_product(kStateInBf16, true, false, m, dim + 1, n, T(1), w.k_phi.data(), m, w.values.data(), dim + 1,
+                 have_state, state, dim + 1);
+    have_state = true;
+  }
+}
+
+// Causal backward of head (b, h), forward direction: dq from d(weights) o weights: the state's part is
+// ([dnum | dden] state^T) o (its query weights), the sub-block's pairs as in the forward, with
+// g_ij = [dnum_i | dden_i] . [v_j | 1].
+template <typename scalar_t>
+void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, const scalar_t* go_ptr,
+                             const scalar_t* out_ptr, const HeadView& ov, const HeadView& gov,
+                             const at::opmath_type<scalar_t>* norm_ptr, scalar_t* gq_ptr, const HeadView& gqv,
+                             Workspace<at::opmath_type<scalar_t>>& w, std::vector<at::opmath_type<scalar_t>>& state) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
+  const auto map = p.feature_map(h);
+  std::vector<T> sigma(m, -std::numeric_limits<T>::infinity()), weights(m), pair_grads(kSubBlock * m);
+  bool have_state = false;
+  for (int64_t start = 0; start < p.key_len; start += kSubBlock) {
+    const int64_t n = std::min(kSubBlock, p.key_len - start);
+    causal_keys(p, map, b, h, start, n, sigma.data(), w);
+    load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped, w.values.data());
+    causal_queries(p, map, b, h, start, n, w);
+    output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
+                 ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
+    const std::vector<int64_t> records = record_features(w, n, m, p.softmax, sigma.data());
+    const T* after = p.softmax ? w.k_prefix.data() + (n - 1) * m : sigma.data();
+    key_weights(w, n, m, p.softmax, after);
+    causal_products(n, dim + 1, w.grads.data(), w.values.data(), w.scores.data());  // g_ij, j <= i
+    std::fill(w.dphi.begin(), w.dphi.begin() + n * m, T(0));
+    if (have_state) {
+      query_weights(w, n, m, p.softmax, sigma.data(), w.q_dropped);
+      tile_product(kStateInBf16, false, true, m, n, dim + 1, T(1), state.data(), dim + 1, w.grads.data(), dim + 1,
+                   false, pair_grads.data(), n);
+      add_transposed_times(pair_grads.data(), w.q_phi.data(), n, m, w.dphi.data());
+    }
+    if (have_state || !p.softmax) {
+      query_weights(w, n, m, p.softmax, sigma.data(), w.q_dropped, records);
+      tile_product(kStateInBf16, false, false, n, m, n, T(1), w.scores.data(), n, w.k_phi.data(), m, false,
+                   pair_grads.data(), m);
+      for (int64_t i = 0; i < n * m; ++i) w.dphi[i] += w.q_phi[i] * pair_grads[i];
+    }
+    for (int64_t i = 0; i < n && !records.empty(); ++i) {
+      if (w.q_dropped[i]) continue;
+      T* products = w.dphi.data() + i * m;
+      for (int64_t j = 0; j <= i; ++j) {
+        if (w.k_dropped[j]) continue;
+        const T grad = w.scores[i * n + j];
+        record_weights(w, m, records, i, j, weights.data());
+        for (size_t r = 0; r < records.size(); ++r) products[records[r]] += grad * weights[r];
+      }
+    }
+    map.backward_from_products(w.dphi.data(), w.q_base.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped,
+                               w.dx.data());
+    cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
+    if (std::all_of(w.k_dropped, w.k_dropped + n, [](bool dropped) { return dropped; })) continue;
+    if (have_state) decay_rows(state.data(), m, dim, sigma.data(), after);
+    std::copy(after, after + m, sigma.begin());
+    tile_product(kStateInBf16, true, false, m, dim + 1, n, T(1), w.k_phi.data(), m, w.values.data(), dim + 1,
+                 have_state, state.data(), dim + 1);
+    have_state = true;
+  }
+}
+
+// Causal backward of head (b, h), reverse direction: dk, dv. Later sub-blocks reach a key through the
+// suffix state R = sum over their queries of exp(A_if + (rho_f - M_i)) [dnum_i | dden_i], rho the running
+// maxima at the end of the key's sub-block (so that both factors stay <= 1), read with exp(l - rho);
+// the sub-block's own pairs as in the forward. The running maxima at each sub-block's end come from a
+// first pass over the keys. gk_ptr, gv_ptr: per query head, of type grad_t.
+template <typename scalar_t, typename grad_t>
+void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, const scalar_t* go_ptr,
+                          const scalar_t* out_ptr, const HeadView& ov, const HeadView& gov,
+                          const at::opmath_type<scalar_t>* norm_ptr, grad_t* gk_ptr, const HeadView& gkv,
+                          grad_t* gv_ptr, const HeadView& gvv, Workspace<at::opmath_type<scalar_t>>& w,
+                          std::vector<at::opmath_type<scalar_t>>& suffix) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
+  const auto map = p.feature_map(h);
+  const int64_t blocks = ceil_div(p.key_len, kSubBlock);
+  // maxima[J + 1]: the running maxima after sub-block J (maxima[0]: -inf, before any key). relu: unused.
+  std::vector<T> maxima(p.softmax ? (blocks + 1) * m : m, -std::numeric_limits<T>::infinity());
+  for (int64_t block = 0; p.softmax && block < blocks; ++block) {
+    const int64_t start = block * kSubBlock, n = std::min(kSubBlock, p.key_len - start);
+    causal_keys(p, map, b, h, start, n, maxima.data() + block * m, w);
+    std::copy(w.k_prefix.data() + (n - 1) * m, w.k_prefix.data() + n * m, maxima.data() + (block + 1) * m);
+  }
+  const auto maxima_after = [&](int64_t block) { return maxima.data() + (p.softmax ? (block + 1) * m : 0); };
+  std::vector<T> weights(m), dv(kSubBlock * dim), pair_grads(kSubBlock * m), pair_weights(kSubBlock * kSubBlock);
+  bool have_suffix = false;
+  for (int64_t block = blocks - 1; block >= 0; --block) {
+    const int64_t start = block * kSubBlock, n = std::min(kSubBlock, p.key_len - start);
+    const T *before = maxima_after(block - 1), *after = maxima_after(block);
+    causal_keys(p, map, b, h, start, n, before, w);
+    load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped, w.values.data());
+    causal_queries(p, map, b, h, start, n, w);
+    output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
+                 ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
+    const std::vector<int64_t> records = record_features(w, n, m, p.softmax, before);
+    key_weights(w, n, m, p.softmax, after);
+    std::fill(dv.begin(), dv.begin() + n * dim, T(0));
+    std::fill(w.dphi.begin(), w.dphi.begin() + n * m, T(0));
+    // Later sub-blocks: dv_j = exp(l_j - rho) R_num, d(weights)_j = exp(l_j - rho) o (R [v_j | 1]).
+    if (have_suffix) {
+      tile_product(kStateInBf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, suffix.data(), dim + 1, false,
+                   dv.data(), dim);
+      tile_product(kStateInBf16, false, true, m, n, dim + 1, T(1), suffix.data(), dim + 1, w.values.data(), dim + 1,
+                   false, pair_grads.data(), n);
+      add_transposed_times(pair_grads.data(), w.k_phi.data(), n, m, w.dphi.data());
+    }
+    causal_products(n, dim + 1, w.grads.data(), w.values.data(), w.scores.data());  // g_ij, j <= i
+    // The sub-block's pairs through the features it leaves alone: weights e = Q K^T (j <= i), dv += e^T dnum,
+    // d(weights)_k += K o (g^T Q).
+    if (block > 0 || !p.softmax) {
+      query_weights(w, n, m, p.softmax, before, w.q_dropped, records);
+      causal_products(n, m, w.q_phi.data(), w.k_phi.data(), pair_weights.data());
+      tile_product(kStateInBf16, true, false, n, dim, n, T(1), pair_weights.data(), n, w.grads.data(), dim + 1, true,
+                   dv.data(), dim);
+      tile_product(kStateInBf16, true, false, n, m, n, T(1), w.scores.data(), n, w.q_phi.data(), m, false,
+                   pair_grads.data(), m);
+      for (int64_t i = 0; i < n * m; ++i) w.dphi[i] += w.k_phi[i] * pair_grads[i];
+    }
+    for (int64_t j = 0; j < n && !records.empty(); ++j) {
+      if (w.k_dropped[j]) continue;
+      T* products = w.dphi.data() + j * m;
+      T* dv_row = dv.data() + j * dim;
+      for (int64_t i = j; i < n; ++i) {
+        if (w.q_dropped[i]) continue;
+        const T* grads = w.grads.data() + i * (dim + 1);
+        const T grad = w.scores[i * n + j];
+        record_weights(w, m, records, i, j, weights.data());
+        for (size_t r = 0; r < records.size(); ++r) products[records[r]] += grad * weights[r];
+        const T weight = cpu::sum_of(weights.data(), static_cast<int64_t>(records.size()));
+        for (int64_t c = 0; c < dim; ++c) dv_row[c] += weight * grads[c];
+      }
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      if (w.k_dropped[r]) std::fill(dv.begin() + r * dim, dv.begin() + (r + 1) * dim, T(0));
+    }
+    cpu::store_rows(dv.data(), n, dim, gv_ptr + gvv.offset(b, h) + start * gvv.row_stride, gvv.row_stride);
+    map.backward_from_products(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped,
+                               w.dx.data());
+    cpu::store_rows(w.dx.data(), n, dim, gk_ptr + gkv.offset(b, h) + start * gkv.row_stride, gkv.row_stride);
+    if (block == 0) break;
+    // This sub-block's queries join the suffix state, which moves to the maxima before the sub-block.
+    if (have_suffix && p.softmax) decay_rows(suffix.data(), m, dim, before, after);
+    query_weights(w, n, m, p.softmax, before, w.q_dropped);
+    tile_product(kStateInBf16, true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1,
+                 have_suffix, suffix.data(), dim + 1);
+    have_suffix = true;
+  }
 }
 
 template <typename scalar_t>
@@ -527,11 +863,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
                            std::vector<T>& rows) {
     for (int64_t r = 0; r < n; ++r) {
       const T* nd = w.numden.data() + r * (dim + 1);
-      // A row that sees no key gives 0, and so does a row whose normaliser underflowed below the normal
-      // range (its features meet the keys' only in products too small for T: in float32, num / den is then
-      // a ratio of a few bits, and its gradients overflow); both save normaliser 0, which the backward drops.
-      // Other normalisers are normal numbers, whose inverse is finite. NaN (an input's) stays NaN.
-      const T den = nd[dim] < std::numeric_limits<T>::min() ? T(0) : nd[dim];
+      // A row that sees no key gives 0 (and saves normaliser 0, which the backward drops); any other
+      // normaliser is >= 1 (softmax) or >= m eps^2 (relu). NaN (an input's) stays NaN.
+      const T den = nd[dim];
       norm_ptr[bh * p.query_len + start + r] = den;
       const T inverse = T(1) / den;
       for (int64_t c = 0; c < dim; ++c) rows[r * dim + c] = den == 0 ? T(0) : nd[c] * inverse;
@@ -558,11 +892,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
           const T* lr = w.k_logits.data() + r * m;
           for (int64_t f = 0; f < m; ++f) tile_max[f] = std::max(tile_max[f], lr[f]);
         }
-        for (int64_t f = 0; have_state && f < m; ++f) {
-          if (tile_max[f] == feature_max[f]) continue;
-          const T decay = cpu::exp_acc(feature_max[f] - tile_max[f]);
-          for (int64_t c = 0; c <= dim; ++c) head_state[f * (dim + 1) + c] *= decay;
-        }
+        if (have_state) decay_rows(head_state, m, dim, feature_max.data(), tile_max.data());
         feature_max.swap(tile_max);
       }
       map.key_phi(w.k_logits.data(), n, feature_max.data(), w.k_dropped, w.k_phi.data());
@@ -576,7 +906,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     }
   };
 
-  // Keys (and, when causal, the queries of the same chunk) per (batch, head), in order.
+  // Keys (and, when causal, the queries of the same sub-block) per (batch, head), in order.
   cpu::parallel_tasks(p.batch * p.heads, [&](const auto& claim) {
     Workspace<T> w(m, dim, p.bf16_products);
     std::vector<T> rows(kTile * dim), feature_max(m);
@@ -586,48 +916,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
         sum_keys(w, feature_max, bh, b, h);
         continue;
       }
-      const auto map = p.feature_map(h);
-      T* head_state = state_ptr + bh * m * (dim + 1);
-      std::fill(head_state, head_state + m * (dim + 1), T(0));
-      bool have_state = false;  // an unpadded key has been summed; `current` is then the state's stabiliser
-      T current = 0;
-      for (int64_t start = 0; start < p.key_len; start += kTile) {
-        const int64_t n = std::min(kTile, p.key_len - start);
-        key_logits(p, map, b, h, start, n, w);
-        // Stabiliser of each key: the running maximum.
-        T running = have_state ? current : -std::numeric_limits<T>::infinity();
-        for (int64_t r = 0; r < n; ++r) {
-          running = std::max(running, w.k_max[r]);
-          w.k_stab[r] = running;
-        }
-        const bool tile_has_keys = running > -std::numeric_limits<T>::infinity();
-        for (int64_t r = 0; r < n; ++r) {
-          if (!(w.k_stab[r] > -std::numeric_limits<T>::infinity())) w.k_stab[r] = 0;
-          stab_ptr[bh * p.key_len + start + r] = w.k_stab[r];
-        }
-        map.phi(w.k_logits.data(), n, w.k_stab.data(), w.k_dropped, w.k_phi.data());
-        load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
-                              w.values.data());
-        query_features(p, map, b, h, start, n, w, static_cast<const T*>(nullptr));
-        // Earlier chunks through the state, rescaled from its stabiliser to each query's.
-        if (have_state) {
-          tile_product(w.bf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, head_state, dim + 1, false,
-                       w.numden.data(), dim + 1);
-          for (int64_t r = 0; r < n; ++r) {
-            const T factor = cpu::exp_acc(std::min(current - w.k_stab[r], T(0)));
-            for (int64_t c = 0; c <= dim; ++c) w.numden[r * (dim + 1) + c] *= factor;
-          }
-        }
-        causal_chunk_scores(w, n, m, w.k_stab.data(), w.scores.data());
-        tile_product(w.bf16, false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1, have_state,
-                     w.numden.data(), dim + 1);
-        write_outputs(w, bh, b, h, start, n, rows);
-        if (tile_has_keys) {
-          add_keys_to_state(w, n, m, dim, have_state, current, w.k_stab[n - 1], head_state);
-          have_state = true;
-          current = w.k_stab[n - 1];
-        }
-      }
+      forward_causal(p, b, h, w, stab_ptr, state_ptr + bh * m * (dim + 1),
+                     [&](int64_t start, int64_t n) { write_outputs(w, bh, b, h, start, n, rows); });
     }
     release_products<T>();
   });
@@ -717,14 +1007,12 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
         const int64_t start = tile * kTile, n = std::min(kTile, p.query_len - start);
         query_features(p, map, b, h, start, n, w, stab_ptr + bh * m);
         output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
-                     ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped,
-                 w.q_divisors);
+                     ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
         tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false,
                      w.dphi.data(), m, pairs_of(state_t_pairs, bh, state_t_pairs_size));
-        map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.q_divisors,
-                     w.dx.data());
+        map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.dx.data());
         cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
-        scale_query_features(w.q_phi.data(), n, m, w.q_divisors, w.q_dropped);
+        zero_dropped_rows(w.q_phi.data(), n, m, w.q_dropped);
         tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, true, grad_state,
                      dim + 1);
       }
@@ -754,144 +1042,11 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
       cpu::store_rows(w.dx.data(), n, dim, gv_ptr + gvv.offset(b, h) + start * gvv.row_stride, gvv.row_stride);
       tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.values.data(), dim + 1, gs_t_ptr + bh * m * (dim + 1), m,
                    false, w.dphi.data(), m, pairs_of(grad_state_t_pairs, bh, state_t_pairs_size));
-      map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, nullptr,
-                   w.dx.data());
+      map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, w.dx.data());
       cpu::store_rows(w.dx.data(), n, dim, gk_ptr + gkv.offset(b, h) + start * gkv.row_stride, gkv.row_stride);
     }
     release_products<T>();
   });
-}
-
-// Causal backward of head (b, h), forward direction: dq from the prefix state and the chunk's scores.
-template <typename scalar_t>
-void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, const scalar_t* go_ptr,
-                             const scalar_t* out_ptr, const HeadView& ov, const HeadView& gov,
-                             const at::opmath_type<scalar_t>* norm_ptr, const at::opmath_type<scalar_t>* stab_ptr,
-                             scalar_t* gq_ptr, const HeadView& gqv, Workspace<at::opmath_type<scalar_t>>& w,
-                             std::vector<at::opmath_type<scalar_t>>& state) {
-  using T = at::opmath_type<scalar_t>;
-  const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
-  const auto map = p.feature_map(h);
-  bool have_state = false;
-  T current = 0;
-  for (int64_t start = 0; start < p.key_len; start += kTile) {
-    const int64_t n = std::min(kTile, p.key_len - start);
-    key_logits(p, map, b, h, start, n, w);
-    std::copy(stab_ptr + bh * p.key_len + start, stab_ptr + bh * p.key_len + start + n, w.k_stab.begin());
-    map.phi(w.k_logits.data(), n, w.k_stab.data(), w.k_dropped, w.k_phi.data());
-    load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
-                          w.values.data());
-    query_features(p, map, b, h, start, n, w, static_cast<const T*>(nullptr));
-    output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
-                 ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped,
-                 w.q_divisors);
-    // dphi_q = exp(M_state - M_i) [dnum | dden] state^T + (G o E) phi_k, with G = [dnum | dden] [V | 1]^T.
-    if (have_state) {
-      tile_product(w.bf16, false, true, n, m, dim + 1, T(1), w.grads.data(), dim + 1, state.data(), dim + 1, false,
-                   w.dphi.data(), m);
-      for (int64_t r = 0; r < n; ++r) {
-        const T factor = w.q_dropped[r] ? T(0) : cpu::exp_acc(std::min(current - w.k_stab[r], T(0)));
-        for (int64_t f = 0; f < m; ++f) w.dphi[r * m + f] *= factor;
-      }
-    }
-    tile_product(w.bf16, false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, false,
-                 w.dscores.data(), n);
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = 0; j < n; ++j) {
-        const T gap = w.k_stab[j] - w.k_stab[i];
-        w.dscores[i * n + j] = j <= i ? w.dscores[i * n + j] * cpu::exp_acc(gap < 0 ? gap : T(0)) : T(0);
-      }
-    }
-    tile_product(w.bf16, false, false, n, m, n, T(1), w.dscores.data(), n, w.k_phi.data(), m, have_state, w.dphi.data(), m);
-    map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.q_divisors,
-                 w.dx.data());
-    cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
-    const bool tile_has_keys = std::any_of(w.k_dropped, w.k_dropped + n, [](bool d) { return !d; }) || have_state;
-    if (tile_has_keys) {
-      add_keys_to_state(w, n, m, dim, have_state, current, w.k_stab[n - 1], state.data());
-      have_state = true;
-      current = w.k_stab[n - 1];
-    }
-  }
-}
-
-// Causal backward of head (b, h), reverse direction: dk, dv from the suffix state
-// R = sum over later queries of exp(M_ref - M_i) phi_q_i [dnum_i | dden_i]^T (M_ref: the smallest of their M_i)
-// and the chunk's scores. gk_ptr, gv_ptr: per query head, of type grad_t.
-template <typename scalar_t, typename grad_t>
-void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, const scalar_t* go_ptr,
-                          const scalar_t* out_ptr, const HeadView& ov, const HeadView& gov,
-                          const at::opmath_type<scalar_t>* norm_ptr, const at::opmath_type<scalar_t>* stab_ptr,
-                          grad_t* gk_ptr, const HeadView& gkv, grad_t* gv_ptr, const HeadView& gvv,
-                          Workspace<at::opmath_type<scalar_t>>& w, std::vector<at::opmath_type<scalar_t>>& suffix) {
-  using T = at::opmath_type<scalar_t>;
-  const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
-  const auto map = p.feature_map(h);
-  bool have_suffix = false;
-  T reference = 0;
-  const int64_t chunks = ceil_div(p.key_len, kTile);
-  std::vector<T> dv(kTile * dim);
-  for (int64_t chunk = chunks - 1; chunk >= 0; --chunk) {
-    const int64_t start = chunk * kTile, n = std::min(kTile, p.key_len - start);
-    key_logits(p, map, b, h, start, n, w);
-    std::copy(stab_ptr + bh * p.key_len + start, stab_ptr + bh * p.key_len + start + n, w.k_stab.begin());
-    map.phi(w.k_logits.data(), n, w.k_stab.data(), w.k_dropped, w.k_phi.data());
-    load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
-                          w.values.data());
-    query_features(p, map, b, h, start, n, w, static_cast<const T*>(nullptr));
-    output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
-                 ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped,
-                 w.q_divisors);
-    scale_query_features(w.q_phi.data(), n, m, w.q_divisors, w.q_dropped);
-    // Later chunks: dv_j = exp(M_j - M_ref) phi_k_j R_num, dphi_k_j = exp(M_j - M_ref) R [v_j | 1].
-    if (have_suffix) {
-      tile_product(w.bf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, suffix.data(), dim + 1, false, dv.data(), dim);
-      tile_product(w.bf16, false, true, n, m, dim + 1, T(1), w.values.data(), dim + 1, suffix.data(), dim + 1, false,
-                   w.dphi.data(), m);
-      for (int64_t r = 0; r < n; ++r) {
-        const T factor = w.k_dropped[r] ? T(0) : cpu::exp_acc(std::min(w.k_stab[r] - reference, T(0)));
-        for (int64_t c = 0; c < dim; ++c) dv[r * dim + c] *= factor;
-        for (int64_t f = 0; f < m; ++f) w.dphi[r * m + f] *= factor;
-      }
-    }
-    // This chunk: dv += S^T dnum and dphi_k += (G o E)^T phi_q, S the chunk's scores.
-    causal_chunk_scores(w, n, m, w.k_stab.data(), w.scores.data());
-    tile_product(w.bf16, true, false, n, dim, n, T(1), w.scores.data(), n, w.grads.data(), dim + 1, have_suffix, dv.data(),
-                 dim);
-    tile_product(w.bf16, false, true, n, n, dim + 1, T(1), w.grads.data(), dim + 1, w.values.data(), dim + 1, false,
-                 w.dscores.data(), n);
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = 0; j < n; ++j) {
-        const T gap = w.k_stab[j] - w.k_stab[i];
-        w.dscores[i * n + j] = j <= i ? w.dscores[i * n + j] * cpu::exp_acc(gap < 0 ? gap : T(0)) : T(0);
-      }
-    }
-    tile_product(w.bf16, true, false, n, m, n, T(1), w.dscores.data(), n, w.q_phi.data(), m, have_suffix, w.dphi.data(), m);
-    for (int64_t r = 0; r < n; ++r) {
-      if (w.k_dropped[r]) std::fill(dv.begin() + r * dim, dv.begin() + (r + 1) * dim, T(0));
-    }
-    cpu::store_rows(dv.data(), n, dim, gv_ptr + gvv.offset(b, h) + start * gvv.row_stride, gvv.row_stride);
-    map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, nullptr, w.dx.data());
-    cpu::store_rows(w.dx.data(), n, dim, gk_ptr + gkv.offset(b, h) + start * gkv.row_stride, gkv.row_stride);
-
-    // Add this chunk's queries to the suffix state, referred to the smallest M_i among those that see a key.
-    int64_t first = 0;
-    while (first < n && w.q_dropped[first]) ++first;
-    if (first == n) continue;
-    const T next = w.k_stab[first];
-    if (have_suffix && next != reference) {
-      const T decay = cpu::exp_acc(std::min(next - reference, T(0)));
-      for (int64_t i = 0; i < m * (dim + 1); ++i) suffix[i] *= decay;
-    }
-    for (int64_t r = 0; r < n; ++r) {
-      const T factor = w.q_dropped[r] ? T(0) : cpu::exp_acc(std::min(next - w.k_stab[r], T(0)));
-      for (int64_t f = 0; f < m; ++f) w.q_phi[r * m + f] *= factor;
-    }
-    tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, have_suffix,
-                 suffix.data(), dim + 1);
-    have_suffix = true;
-    reference = next;
-  }
 }
 
 // (B, H, N, D) per query head -> (B, Hkv, N, D): the sum over each group of H / Hkv heads, added in head
@@ -940,10 +1095,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       for (int64_t task = claim(); task >= 0; task = claim()) {
         const int64_t bh = task % bh_count, b = bh / p.heads, h = bh % p.heads;
         if (task < bh_count) {
-          backward_causal_queries(p, b, h, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, gq_ptr, gqv, w, running);
+          backward_causal_queries(p, b, h, go_ptr, out_ptr, ov, gov, norm_ptr, gq_ptr, gqv, w, running);
         } else {
-          backward_causal_keys(p, b, h, go_ptr, out_ptr, ov, gov, norm_ptr, stab_ptr, gk_ptr, gkv, gv_ptr, gvv, w,
-                               running);
+          backward_causal_keys(p, b, h, go_ptr, out_ptr, ov, gov, norm_ptr, gk_ptr, gkv, gv_ptr, gvv, w, running);
         }
       }
       release_products<T>();
