@@ -1,23 +1,35 @@
 """Performer attention in Triton: FAVOR+ ("softmax") or relu random features computed inside the kernels.
 
-Features of a row x (scaled by sqrt(scale)) are logits = W x - |x|^2 / 2 (softmax) turned into
+Features of a row x (scaled by sqrt(scale)) are logits l(x) = W x - |x|^2 / 2 (softmax) turned into
 exp(logits - stabiliser), or relu(W x) + eps (relu), computed per (rows, feature tile) from the
 projection W and never stored: no (N, m) feature matrix and no (N, m, D) prefix tensor exist. The
-stabilisers are those of ``fastattn.reference.performer_attention``: each query its own largest logit
-(a per-query constant that cancels, so |x|^2 / 2 is left out of query logits), each key the largest key
-logit over all unpadded keys (non-causal) or the running prefix maximum M_j (causal); a key's
-contribution to query i is rescaled by exp(M_j - M_i) <= 1. Exponentials that underflow give 0.
+stabilisers are constants that cancel in the outputs (and are constants for autograd); a query's
+|x|^2 / 2 cancels too, so it is left out of query logits. Exponentials that underflow give 0.
+
+- Non-causal: each feature f has its own key stabiliser s_f, its largest logit over the unpadded keys,
+  and query i the features exp(a_f - c_i) with a_f = (l_f(q_i) - max_g l_g(q_i)) + (s_f - max_g s_g)
+  and c_i = max_f a_f (``_query_logits``). Features are at most 1; every key feature is 1 at some key
+  and every query has a feature 1, so a normaliser is 0 (no unpadded key) or >= 1. One scalar key stabiliser
+  (the max over keys and features) underflowed the normalisers at large |q|, |k|: a query's best
+  features met keys far below that max (issue 10).
+- Causal: those of ``fastattn.reference.performer_attention``: each query its own largest logit, each
+  key the running prefix maximum M_j of the keys' largest logits; a key's contribution to query i is
+  rescaled by exp(M_j - M_i) <= 1. (Per-feature stabilisers would need elementwise work per (i, j, f)
+  inside a chunk.)
 
 Non-causal forward (``fastattn::triton_performer_fwd``):
 
-- ``performer_fwd_kernel_row_max``: the largest logit of every query and key row (softmax only);
-  the key stabilisers follow from it (a max over keys, or a running max);
+- ``performer_fwd_kernel_key_max``: the key stabilisers s, one program per (feature tile, split of the
+  keys, batch * head), each split writing its own maxima, then reduced (softmax only);
+- ``performer_fwd_kernel_query_stabiliser``: max_g l_g(q) and c of every query (softmax only; the
+  backward recomputes them);
 - ``performer_fwd_kernel_state``: the (m, D + 1) state phi(K)^T [V | 1], one program per (feature tile,
   split of the keys, batch * head), each split writing its own partial sums, then added in a fixed order;
 - ``performer_fwd_kernel``: outputs phi(Q) state[:, :D] / phi(Q) state[:, D], one program per query tile,
   walking the feature tiles; saves the normaliser (0 where a query sees no key; its output is 0).
 
-Causal (``performer_fwd_kernel_causal``, ``performer_bwd_kernel_causal_dq`` / ``_dkdv``): one program per
+Causal (``performer_fwd_kernel_row_max``: the largest logit of every query and key row, softmax only;
+``performer_fwd_kernel_causal``, ``performer_bwd_kernel_causal_dq`` / ``_dkdv``): one program per
 (feature tile, batch * head) walks the sequence in chunks of BM positions: the earlier chunks through a
 running fp32 state (m tile, D + 1) held in registers, the current chunk quadratically (phi(Q) phi(K)^T
 masked to j <= i and rescaled by exp(M_j - M_i)). Each program writes its feature tile's share of
@@ -84,11 +96,14 @@ def _logits(b_x, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION: 
 
 @triton.jit
 def _features(b_wx, b_shift, m_rows, m_f, SOFTMAX: tl.constexpr):
-    """phi = exp(logits - shift) (softmax; logits already hold any -|x|^2 / 2) or relu(W x) + eps; 0 off the mask."""
+    """phi = exp(logits - shift) (softmax; logits already hold any -|x|^2 / 2) or relu(W x) + eps; 0 off the mask.
+
+    The shift broadcasts against the [rows, BF] logits: [rows, 1] (a stabiliser per row) or [1, BF] (per feature).
+    """
     m_rf = m_rows[:, None] & m_f[None, :]
     if SOFTMAX:
         # A masked row may have shift -inf or +inf: its exponent is replaced before exp, never NaN.
-        b_phi = tl.exp(tl.where(m_rf, b_wx - b_shift[:, None], float("-inf")))
+        b_phi = tl.exp(tl.where(m_rf, b_wx - b_shift, float("-inf")))
     else:
         b_phi = tl.where(m_rf, tl.maximum(b_wx, 0.0) + EPSILON, 0.0)
     return b_phi
@@ -112,6 +127,33 @@ def _half_norm(b_x, scale, ACC: tl.constexpr):
 
 
 @triton.jit
+def _largest_logit(b_x, p_w_base, M, stride_wm, o_d, sqrt_scale,
+                   DOT_PRECISION: tl.constexpr, BN: tl.constexpr, BF: tl.constexpr, ACC: tl.constexpr):
+    """max over the features of W x, for each row of a [BN, D] tile x (without -|x|^2 / 2)."""
+    b_max = tl.full([BN], float("-inf"), dtype=ACC)
+    for i_f in range(0, M, BF):
+        o_f = i_f + tl.arange(0, BF)
+        m_f = o_f < M
+        b_wx = _logits(b_x, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+        b_max = tl.maximum(b_max, tl.max(tl.where(m_f[None, :], b_wx, float("-inf")), 1))
+    return b_max
+
+
+@triton.jit
+def _query_logits(b_wx, b_query_max, b_key_shift, SOFTMAX: tl.constexpr):
+    """Non-causal softmax: a = (W q - max W q) + (s - max s), the query features' exponents before their
+    stabiliser c = max a; W q itself for relu. b_key_shift is s - max s of the feature tile.
+
+    Each difference is of two close large numbers (|x|^2 / 2 is hundreds at std 16), so it is nearly
+    exact; W q + s added first would round at their magnitude and fail the tolerance rule. The query's
+    -|q|^2 / 2 cancels in the first difference, so W q is used.
+    """
+    if SOFTMAX:
+        return (b_wx - b_query_max[:, None]) + b_key_shift[None, :]
+    return b_wx
+
+
+@triton.jit
 def performer_fwd_kernel_row_max(
     x, w, row_max, key_padding_mask,
     stride_xb, stride_xh, stride_xn,
@@ -121,7 +163,7 @@ def performer_fwd_kernel_row_max(
     IS_KEY: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BN: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Largest logit of each row of head h (x head h // GROUP); keys subtract |x|^2 / 2 and padded keys give -inf."""
+    """Causal: largest logit of each row of head h (x head h // GROUP); keys less |x|^2 / 2, padded keys -inf."""
     i_n, i_bh = _tile_and_batch_head(N, BN)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -129,20 +171,86 @@ def performer_fwd_kernel_row_max(
     m_n = o_n < N
     p_x = x + i_b * stride_xb + (i_h // GROUP) * stride_xh + o_n.to(tl.int64)[:, None] * stride_xn + o_d[None, :]
     b_x = tl.load(p_x, mask=m_n[:, None], other=0.0)
-    p_w_base = w + i_h * stride_wh
-
-    b_max = tl.full([BN], float("-inf"), dtype=ACC)
-    for i_f in range(0, M, BF):
-        o_f = i_f + tl.arange(0, BF)
-        m_f = o_f < M
-        b_wx = _logits(b_x, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
-        b_max = tl.maximum(b_max, tl.max(tl.where(m_f[None, :], b_wx, float("-inf")), 1))
+    b_max = _largest_logit(b_x, w + i_h * stride_wh, M, stride_wm, o_d, sqrt_scale, DOT_PRECISION, BN, BF, ACC)
     if IS_KEY:
         b_max = b_max - _half_norm(b_x, scale, ACC)
         if HAS_PADDING:
             b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_n, mask=m_n, other=1)
             b_max = tl.where(b_pad == 0, b_max, float("-inf"))
     tl.store(row_max + i_bh.to(tl.int64) * N + o_n, b_max, mask=m_n)
+
+
+@triton.jit
+def performer_fwd_kernel_key_max(
+    k, w, key_padding_mask, key_max_part,
+    stride_kb, stride_kh, stride_kn,
+    stride_wh, stride_wm,
+    stride_pad_b,
+    H, GROUP, Nk, M, CHUNK, SPLITS, sqrt_scale, scale,
+    HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BN: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Non-causal softmax: the largest logit W k - |k|^2 / 2 of each feature over one split of the unpadded keys.
+
+    The logits are computed as ``performer_fwd_kernel_state`` computes them (same tiles), so that the key
+    reaching a feature's maximum has the feature exp(0) = 1 there.
+    """
+    i_bh, i_f, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_f = i_f * BF + tl.arange(0, BF)
+    o_n_tile = tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+    m_f = o_f < M
+    p_k_base = k + i_b * stride_kb + (i_h // GROUP) * stride_kh
+    p_w_base = w + i_h * stride_wh
+
+    b_max = tl.full([BF], float("-inf"), dtype=ACC)
+    i_first = i_s * CHUNK
+    for i_n in range(i_first, tl.minimum(i_first + CHUNK, Nk), BN):
+        o_n = i_n + o_n_tile
+        m_n = o_n < Nk
+        if HAS_PADDING:
+            b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_n, mask=m_n, other=1)
+            m_n = m_n & (b_pad == 0)
+        b_k = tl.load(p_k_base + o_n.to(tl.int64)[:, None] * stride_kn + o_d[None, :], mask=m_n[:, None], other=0.0)
+        b_logits = _logits(b_k, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+        b_logits = b_logits - _half_norm(b_k, scale, ACC)[:, None]
+        b_max = tl.maximum(b_max, tl.max(tl.where(m_n[:, None], b_logits, float("-inf")), 0))
+    tl.store(key_max_part + (i_bh.to(tl.int64) * SPLITS + i_s) * M + o_f, b_max, mask=m_f)
+
+
+@triton.jit
+def performer_fwd_kernel_query_stabiliser(
+    q, w, key_shift, query_max, query_stabiliser,
+    stride_qb, stride_qh, stride_qn,
+    stride_wh, stride_wm,
+    H, Nq, M, sqrt_scale,
+    DOT_PRECISION: tl.constexpr, BN: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Non-causal softmax: max W q and the stabiliser c = max a (``_query_logits``) of each query.
+
+    a needs max W q over every feature first, so the feature tiles are walked twice.
+    """
+    i_n, i_bh = _tile_and_batch_head(Nq, BN)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+    m_n = o_n < Nq
+    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_n.to(tl.int64)[:, None] * stride_qn + o_d[None, :],
+                  mask=m_n[:, None], other=0.0)
+    p_w_base = w + i_h * stride_wh
+    b_query_max = _largest_logit(b_q, p_w_base, M, stride_wm, o_d, sqrt_scale, DOT_PRECISION, BN, BF, ACC)
+
+    b_c = tl.full([BN], float("-inf"), dtype=ACC)
+    for i_f in range(0, M, BF):
+        o_f = i_f + tl.arange(0, BF)
+        m_f = o_f < M
+        b_key_shift = tl.load(key_shift + i_bh.to(tl.int64) * M + o_f, mask=m_f, other=0.0)
+        b_a = _query_logits(_logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION), b_query_max,
+                            b_key_shift, True)
+        b_c = tl.maximum(b_c, tl.max(tl.where(m_f[None, :], b_a, float("-inf")), 1))
+    tl.store(query_max + i_bh.to(tl.int64) * Nq + o_n, b_query_max, mask=m_n)
+    tl.store(query_stabiliser + i_bh.to(tl.int64) * Nq + o_n, b_c, mask=m_n)
 
 
 @triton.jit
@@ -167,6 +275,7 @@ def performer_fwd_kernel_state(
     p_k_base = k + i_b * stride_kb + i_hkv * stride_kh
     p_v_base = v + i_b * stride_vb + i_hkv * stride_vh
     p_w_base = w + i_h * stride_wh
+    b_stab = tl.load(key_stabiliser + i_bh.to(tl.int64) * M + o_f, mask=m_f, other=0.0)
 
     b_num = tl.zeros([BF, D], dtype=ACC)
     b_den = tl.zeros([BF], dtype=ACC)
@@ -182,11 +291,8 @@ def performer_fwd_kernel_state(
         b_v = tl.load(p_v_base + o_n64[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None], other=0.0)
         b_wx = _logits(b_k, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
         if SOFTMAX:
-            b_stab = tl.load(key_stabiliser + i_bh.to(tl.int64) * Nk + o_n, mask=m_n, other=0.0)
             b_wx = b_wx - _half_norm(b_k, scale, ACC)[:, None]
-        else:
-            b_stab = tl.zeros([BN], dtype=ACC)
-        b_phi = _features(b_wx, b_stab, m_n, m_f, SOFTMAX)
+        b_phi = _features(b_wx, b_stab[None, :], m_n, m_f, SOFTMAX)
         # [BF, BN] @ [BN, D] -> [BF, D]
         b_num += tl.dot(tl.trans(b_phi), b_v.to(ACC), input_precision=DOT_PRECISION)
         b_den += tl.sum(b_phi, 0)
@@ -198,7 +304,7 @@ def performer_fwd_kernel_state(
 
 @triton.jit
 def performer_fwd_kernel(
-    q, w, query_max, state, o, normaliser,
+    q, w, query_max, query_stabiliser, key_shift, state, o, normaliser,
     stride_qb, stride_qh, stride_qn,
     stride_wh, stride_wm,
     stride_ob, stride_oh, stride_on,
@@ -214,7 +320,8 @@ def performer_fwd_kernel(
     o_m64 = o_m.to(tl.int64)
     b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_m64[:, None] * stride_qn + o_d[None, :],
                   mask=m_m[:, None], other=0.0)
-    b_c = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
+    b_query_max = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
+    b_c = tl.load(query_stabiliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
     p_w_base = w + i_h * stride_wh
     p_state_base = state + i_bh.to(tl.int64) * M * (D + 1)
 
@@ -223,8 +330,10 @@ def performer_fwd_kernel(
     for i_f in range(0, M, BF):
         o_f = i_f + tl.arange(0, BF)
         m_f = o_f < M
-        b_phi = _features(_logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION), b_c, m_m, m_f,
-                          SOFTMAX)
+        b_key_shift = tl.load(key_shift + i_bh.to(tl.int64) * M + o_f, mask=m_f, other=0.0)
+        b_logits = _query_logits(_logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION),
+                                 b_query_max, b_key_shift, SOFTMAX)
+        b_phi = _features(b_logits, b_c[:, None], m_m, m_f, SOFTMAX)
         p_state = p_state_base + o_f.to(tl.int64) * (D + 1)
         b_s_num = tl.load(p_state[:, None] + o_d[None, :], mask=m_f[:, None], other=0.0)
         b_s_den = tl.load(p_state + D, mask=m_f, other=0.0)
@@ -251,17 +360,17 @@ def _output_grads(p_do, p_o, b_den, m_m):
 
 
 @triton.jit
-def _query_shares(b_wx, b_c, b_den, b_s_den, m_m, m_f, SOFTMAX: tl.constexpr):
+def _query_shares(b_logits, b_c, b_den, b_s_den, m_m, m_f, SOFTMAX: tl.constexpr):
     """a[i, f] = phi_q[i, f] state_den[f] / den[i]: the share of feature f in query i's normaliser, in [0, 1].
 
-    The non-causal backward is written in these shares (and in states scaled by state_den) so that no
-    intermediate exceeds the gradients themselves: phi_q / den and d state alone overflow float32 when a
-    normaliser is subnormal (large inputs), though their products stay finite. (phi_q state_den) / den
-    never overflows: den >= phi_q state_den. 0 for rows that see no key and for features no key reaches.
+    b_logits and b_c are those of ``_query_logits`` and ``performer_fwd_kernel_query_stabiliser``. The
+    non-causal backward is written in these shares (and in states scaled by state_den) so that no
+    intermediate exceeds the gradients themselves: (phi_q state_den) / den never overflows, den >=
+    phi_q state_den. 0 for rows that see no key and for features no key reaches.
     """
     m_seen = m_m & (b_den > 0)
     m_share = m_seen[:, None] & (m_f & (b_s_den > 0))[None, :]
-    b_phi = _features(b_wx, b_c, m_seen, m_f, SOFTMAX)
+    b_phi = _features(b_logits, b_c[:, None], m_seen, m_f, SOFTMAX)
     return tl.where(m_share, (b_phi * b_s_den[None, :]) / tl.where(m_seen, b_den, 1.0)[:, None], 0.0)
 
 
@@ -276,7 +385,7 @@ def _query_grads(p_do, p_o, b_den, m_m):
 
 @triton.jit
 def performer_bwd_kernel_dq(
-    q, w, query_max, state, do, o, normaliser, dq,
+    q, w, query_max, query_stabiliser, key_shift, state, do, o, normaliser, dq,
     stride_qb, stride_qh, stride_qn,
     stride_wh, stride_wm,
     stride_ob, stride_oh, stride_on,
@@ -290,7 +399,8 @@ def performer_bwd_kernel_dq(
     With the shares a = phi_q state_den / den and the state's mean values Vbar = state_num / state_den,
     dphi * phi = a (dO . Vbar - dO . O) (softmax); relu takes dphi = a / phi_q (...) where W x > 0. The
     query's -|x|^2 / 2 is a per-row constant of the logits: its gradient term, sqrt(scale) x sum(dlogits),
-    is 0 in exact arithmetic (sum(dphi * phi) = dnum . num + dden den = 0), so it is left out.
+    is 0 in exact arithmetic (sum(dphi * phi) = dnum . num + dden den = 0), so it is left out. The
+    stabilisers are constants.
     """
     i_m, i_bh = _tile_and_batch_head(Nq, BM)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -300,7 +410,8 @@ def performer_bwd_kernel_dq(
     o_m64 = o_m.to(tl.int64)
     b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_m64[:, None] * stride_qn + o_d[None, :],
                   mask=m_m[:, None], other=0.0)
-    b_c = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
+    b_query_max = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
+    b_c = tl.load(query_stabiliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
     b_den = tl.load(normaliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
     o_row = i_b * stride_ob + i_h * stride_oh + o_m64[:, None] * stride_on + o_d[None, :]
     b_g, b_go = _query_grads(do + o_row, o + o_row, b_den, m_m)
@@ -311,18 +422,20 @@ def performer_bwd_kernel_dq(
     for i_f in range(0, M, BF):
         o_f = i_f + tl.arange(0, BF)
         m_f = o_f < M
-        b_wx = _logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+        b_key_shift = tl.load(key_shift + i_bh.to(tl.int64) * M + o_f, mask=m_f, other=0.0)
+        b_logits = _query_logits(_logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION),
+                                 b_query_max, b_key_shift, SOFTMAX)
         p_state = p_state_base + o_f.to(tl.int64) * (D + 1)
         b_s_num = tl.load(p_state[:, None] + o_d[None, :], mask=m_f[:, None], other=0.0)
         b_s_den = tl.load(p_state + D, mask=m_f, other=0.0)
-        b_share = _query_shares(b_wx, b_c, b_den, b_s_den, m_m, m_f, SOFTMAX)
+        b_share = _query_shares(b_logits, b_c, b_den, b_s_den, m_m, m_f, SOFTMAX)
         b_vbar = b_s_num / tl.where(b_s_den > 0, b_s_den, 1.0)[:, None]
         # [BM, D] @ [D, BF] -> [BM, BF]
         b_diff = tl.dot(b_g, tl.trans(b_vbar), input_precision=DOT_PRECISION) - b_go[:, None]
         if SOFTMAX:
             b_dlogit = b_share * b_diff
         else:
-            b_dlogit = tl.where(b_wx > 0, b_share / (tl.maximum(b_wx, 0.0) + EPSILON) * b_diff, 0.0)
+            b_dlogit = tl.where(b_logits > 0, b_share / (tl.maximum(b_logits, 0.0) + EPSILON) * b_diff, 0.0)
         b_w = tl.load(p_w_base + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None], other=0.0)
         # [BM, BF] @ [BF, D] -> [BM, D]
         b_dx += tl.dot(b_dlogit, b_w.to(ACC), input_precision=DOT_PRECISION)
@@ -333,7 +446,7 @@ def performer_bwd_kernel_dq(
 
 @triton.jit
 def performer_bwd_kernel_dstate(
-    q, w, query_max, state, do, o, normaliser, dstate_part,
+    q, w, query_max, query_stabiliser, key_shift, state, do, o, normaliser, dstate_part,
     stride_qb, stride_qh, stride_qn,
     stride_wh, stride_wm,
     stride_ob, stride_oh, stride_on,
@@ -351,6 +464,7 @@ def performer_bwd_kernel_dstate(
     p_w_base = w + i_h * stride_wh
     p_q_base = q + i_b * stride_qb + i_h * stride_qh
     b_s_den = tl.load(state + (i_bh.to(tl.int64) * M + o_f.to(tl.int64)) * (D + 1) + D, mask=m_f, other=0.0)
+    b_key_shift = tl.load(key_shift + i_bh.to(tl.int64) * M + o_f, mask=m_f, other=0.0)
 
     b_dnum_state = tl.zeros([BF, D], dtype=ACC)
     b_dden_state = tl.zeros([BF], dtype=ACC)
@@ -360,12 +474,14 @@ def performer_bwd_kernel_dstate(
         m_m = o_m < Nq
         o_m64 = o_m.to(tl.int64)
         b_q = tl.load(p_q_base + o_m64[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
-        b_c = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
+        b_query_max = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
+        b_c = tl.load(query_stabiliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
         b_den = tl.load(normaliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
         o_row = i_b * stride_ob + i_h * stride_oh + o_m64[:, None] * stride_on + o_d[None, :]
         b_g, b_go = _query_grads(do + o_row, o + o_row, b_den, m_m)
-        b_share = _query_shares(_logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION), b_c,
-                                b_den, b_s_den, m_m, m_f, SOFTMAX)
+        b_logits = _query_logits(_logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION),
+                                 b_query_max, b_key_shift, SOFTMAX)
+        b_share = _query_shares(b_logits, b_c, b_den, b_s_den, m_m, m_f, SOFTMAX)
         # [BF, BM] @ [BM, D] -> [BF, D]
         b_dnum_state += tl.dot(tl.trans(b_share), b_g, input_precision=DOT_PRECISION)
         b_dden_state -= tl.sum(b_share * b_go[:, None], 0)
@@ -415,10 +531,10 @@ def performer_bwd_kernel_dkdv(
         i_h = i_hkv * GROUP + i_g
         i_bh_q = i_b * HKV * GROUP + i_h
         p_w_base = w + i_h * stride_wh
-        b_stab = tl.load(key_stabiliser + i_bh_q * Nk + o_n, mask=m_kv, other=0.0)
         for i_f in range(0, M, BF):
             o_f = i_f + tl.arange(0, BF)
             m_f = o_f < M
+            b_stab = tl.load(key_stabiliser + i_bh_q * M + o_f, mask=m_f, other=0.0)
             o_state = (i_bh_q * M + o_f.to(tl.int64)) * (D + 1)
             b_s_den = tl.load(state + o_state + D, mask=m_f, other=0.0)
             b_ds_num = tl.load(dstate + o_state[:, None] + o_d[None, :], mask=m_f[:, None], other=0.0)
@@ -429,7 +545,7 @@ def performer_bwd_kernel_dkdv(
             if SOFTMAX:
                 b_wx = b_wx - b_half_norm[:, None]
             # phi_k / state_den <= 1: state_den sums phi_k over the keys.
-            b_phi = _features(b_wx, b_stab, m_kv, m_s, SOFTMAX) / b_s_den[None, :]
+            b_phi = _features(b_wx, b_stab[None, :], m_kv, m_s, SOFTMAX) / b_s_den[None, :]
             # [BN, BF] @ [BF, D] -> [BN, D]
             b_dv += tl.dot(b_phi, b_ds_num, input_precision=DOT_PRECISION)
             # [BN, D] @ [D, BF] -> [BN, BF]
@@ -489,12 +605,12 @@ def _causal_chunk(q, k, v, w, query_max, key_stabiliser, key_padding_mask, i_c, 
     b_mk = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
     p_w_base = w + i_h * stride_wh
     b_wx_q = _logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
-    b_phi_q = _features(b_wx_q, b_cq, m_c, m_f, SOFTMAX)
+    b_phi_q = _features(b_wx_q, b_cq[:, None], m_c, m_f, SOFTMAX)
     b_wx_k = _logits(b_k, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
     if SOFTMAX:
-        b_phi_k = _features(b_wx_k - _half_norm(b_k, scale, ACC)[:, None], b_mk, m_kv, m_f, SOFTMAX)
+        b_phi_k = _features(b_wx_k - _half_norm(b_k, scale, ACC)[:, None], b_mk[:, None], m_kv, m_f, SOFTMAX)
     else:
-        b_phi_k = _features(b_wx_k, b_mk, m_kv, m_f, SOFTMAX)
+        b_phi_k = _features(b_wx_k, b_mk[:, None], m_kv, m_f, SOFTMAX)
     return o_c, m_c, m_kv, b_k, b_v, b_mk, b_wx_q, b_phi_q, b_wx_k, b_phi_k
 
 
@@ -791,7 +907,7 @@ class _Problem:
         return {**self.launch, "num_warps": self.tiles["kernel_warps"][kernel]}
 
     def row_max(self, x: Tensor, is_key: bool) -> Tensor:
-        """Largest logit of each row per query head (B, H, N); keys: -inf where padded (softmax only)."""
+        """Causal: largest logit of each row per query head (B, H, N); keys: -inf where padded (softmax only)."""
         length = x.shape[2]
         result = torch.empty((self.batch, self.heads, length), dtype=self.acc, device=x.device)
         performer_fwd_kernel_row_max[_grid(length, self.tiles["BM"], self.batch, self.heads)](
@@ -802,20 +918,52 @@ class _Problem:
         return result
 
     def query_max(self, q: Tensor) -> Tensor:
+        """Causal: each query's stabiliser, its largest logit (B, H, Nq); zeros for relu."""
         if not self.softmax:
             return torch.zeros((self.batch, self.heads, self.query_len), dtype=self.acc, device=q.device)
         return self.row_max(q, is_key=False)
 
     def key_stabiliser(self, k: Tensor) -> Tensor:
-        """Per (query head, key): the max key logit over unpadded keys, or its running max (causal); 0 if none."""
+        """Softmax: per (query head, feature) the largest key logit over the unpadded keys, (B, H, m)
+        (non-causal), or per (query head, key) the running max of the keys' largest logits, (B, H, Nk)
+        (causal); 0 where no key is unpadded. relu: zeros of that shape."""
         if not self.softmax:
-            return torch.zeros((self.batch, self.heads, self.key_len), dtype=self.acc, device=k.device)
-        key_max = self.row_max(k, is_key=True)
+            length = self.key_len if self.causal else self.features
+            return torch.zeros((self.batch, self.heads, length), dtype=self.acc, device=k.device)
         if self.causal:
-            stabiliser = key_max.cummax(-1).values
+            stabiliser = self.row_max(k, is_key=True).cummax(-1).values
         else:
-            stabiliser = key_max.amax(-1, keepdim=True).expand_as(key_max)
+            stabiliser = self.key_feature_max(k)
         return torch.where(torch.isfinite(stabiliser), stabiliser, torch.zeros_like(stabiliser)).contiguous()
+
+    def key_feature_max(self, k: Tensor) -> Tensor:
+        """Non-causal softmax: the largest logit of each feature over the unpadded keys (B, H, m); -inf if none."""
+        chunk, splits = self.split(self.key_len)
+        feature_tiles = triton.cdiv(self.features, self.tiles["BF"])
+        key_max_part = torch.empty((self.batch * self.heads, splits, self.features), dtype=self.acc, device=k.device)
+        performer_fwd_kernel_key_max[(self.batch * self.heads, feature_tiles, splits)](
+            k, self.projection, self.padding, key_max_part, *k.stride()[:3], *self.projection_strides,
+            self.stride_pad_b, self.heads, self.group, self.key_len, self.features, chunk, splits, self.sqrt_scale,
+            self.scale, HAS_PADDING=self.has_padding, BN=self.tiles["BM"], **self.flags, **self.launch,
+        )
+        # A max does not depend on the order of the splits: deterministic.
+        return key_max_part.amax(1).view(self.batch, self.heads, self.features)
+
+    def query_stabilisers(self, q: Tensor, key_stabiliser: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Non-causal: max W q and c of each query (B, H, Nq) and the key shift s - max s (B, H, m) of
+        ``_query_logits``, from the saved key stabiliser s; zeros for relu."""
+        key_shift = (key_stabiliser - key_stabiliser.amax(-1, keepdim=True)).contiguous()
+        if not self.softmax:
+            zeros = torch.zeros((self.batch, self.heads, self.query_len), dtype=self.acc, device=q.device)
+            return zeros, zeros, key_shift
+        query_max = torch.empty((self.batch, self.heads, self.query_len), dtype=self.acc, device=q.device)
+        query_stabiliser = torch.empty_like(query_max)
+        performer_fwd_kernel_query_stabiliser[_grid(self.query_len, self.tiles["BM"], self.batch, self.heads)](
+            q, self.projection, key_shift, query_max, query_stabiliser, *q.stride()[:3], *self.projection_strides,
+            self.heads, self.query_len, self.features, self.sqrt_scale, BN=self.tiles["BM"], **self.flags,
+            **self.launch,
+        )
+        return query_max, query_stabiliser, key_shift
 
     def causal_strides(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
         """Strides of q, k, v, the projection and the padding mask, in the causal kernels' order."""
@@ -845,7 +993,7 @@ def _forward_global(p: _Problem, q: Tensor, k: Tensor, v: Tensor, key_stabiliser
     out = new_output(q.shape, q.dtype, q.device)
     normaliser = new_output((p.batch, p.heads, p.query_len), p.acc, q.device)
     performer_fwd_kernel[_grid(p.query_len, p.tiles["BM"], p.batch, p.heads)](
-        q, p.projection, p.query_max(q), state, out, normaliser,
+        q, p.projection, *p.query_stabilisers(q, key_stabiliser), state, out, normaliser,
         *q.stride()[:3], *p.projection_strides, *out.stride()[:3],
         p.heads, p.query_len, p.features, p.sqrt_scale,
         SOFTMAX=p.softmax, BM=p.tiles["BM"], **p.flags, **p.launch,
@@ -855,10 +1003,10 @@ def _forward_global(p: _Problem, q: Tensor, k: Tensor, v: Tensor, key_stabiliser
 
 def _backward_global(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                      normaliser: Tensor, key_stabiliser: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    query_max = p.query_max(q)
+    query_stabilisers = p.query_stabilisers(q, key_stabiliser)
     grad_q = new_output(q.shape, q.dtype, q.device)
     performer_bwd_kernel_dq[_grid(p.query_len, p.tiles["BM"], p.batch, p.heads)](
-        q, p.projection, query_max, state, grad_out, out, normaliser, grad_q,
+        q, p.projection, *query_stabilisers, state, grad_out, out, normaliser, grad_q,
         *q.stride()[:3], *p.projection_strides, *out.stride()[:3], *grad_q.stride()[:3],
         p.heads, p.query_len, p.features, p.sqrt_scale,
         SOFTMAX=p.softmax, BM=p.tiles["BM"], **p.flags, **p.launch,
@@ -867,7 +1015,7 @@ def _backward_global(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
     feature_tiles = triton.cdiv(p.features, p.tiles["BF"])
     dstate_part = torch.empty((p.batch * p.heads, splits, p.features, p.head_dim + 1), dtype=p.acc, device=q.device)
     performer_bwd_kernel_dstate[(p.batch * p.heads, feature_tiles, splits)](
-        q, p.projection, query_max, state, grad_out, out, normaliser, dstate_part,
+        q, p.projection, *query_stabilisers, state, grad_out, out, normaliser, dstate_part,
         *q.stride()[:3], *p.projection_strides, *out.stride()[:3],
         p.heads, p.query_len, p.features, chunk, splits, p.sqrt_scale,
         SOFTMAX=p.softmax, BM=p.tiles["BM"], **p.flags, **p.launch,
@@ -932,10 +1080,11 @@ def _backward_causal(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
 @torch.library.custom_op("fastattn::triton_performer_fwd", mutates_args=())
 def performer_fwd(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, kernel: str, causal: bool,
                   key_padding_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Output (B, H, Nq, D), normaliser (B, H, Nq), key stabiliser (B, H, Nk) and state (B, H, m, D + 1).
+    """Output (B, H, Nq, D), normaliser (B, H, Nq), key stabiliser and state (B, H, m, D + 1).
 
-    The statistics are float32 (float64 for float64 inputs); the state is phi(K)^T [V | 1] with the keys
-    stabilised by the last key's stabiliser.
+    The key stabiliser is (B, H, m) non-causal (one per feature) and (B, H, Nk) causal (one per key). The
+    statistics are float32 (float64 for float64 inputs); the state is phi(K)^T [V | 1], with the keys
+    stabilised by the last key's stabiliser when causal.
     """
     _check_arguments(q, k, v, projection, kernel, causal, key_padding_mask, scale)
     p = _Problem(q, k, projection, kernel, causal, key_padding_mask, scale)
@@ -957,7 +1106,7 @@ def performer_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, projection:
     p = _Problem(q, k, projection, kernel, causal, key_padding_mask, scale)
     for name, tensor, shape in (
         ("normaliser", normaliser, (p.batch, p.heads, p.query_len)),
-        ("key_stabiliser", key_stabiliser, (p.batch, p.heads, p.key_len)),
+        ("key_stabiliser", key_stabiliser, (p.batch, p.heads, p.key_len if causal else p.features)),
         ("state", state, (p.batch, p.heads, p.features, p.head_dim + 1)),
     ):
         if tuple(tensor.shape) != shape or tensor.dtype != p.acc:
