@@ -561,10 +561,9 @@ void causal_queries(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_
 }
 
 // Query weights in w.q_phi on keys stabilised by `sigma` (per feature): softmax exp(A_if + (sigma_f - M_i)),
-// relu the features; zero rows where dropped[r] (dropped may be null), and zero columns `records`.
+// relu the features; zero rows where dropped[r] (dropped may be null).
 template <typename T>
-void query_weights(Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* sigma, const bool* dropped,
-                   const std::vector<int64_t>& records = {}) {
+void query_weights(Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* sigma, const bool* dropped) {
   for (int64_t r = 0; r < n; ++r) {
     T* out = w.q_phi.data() + r * m;
     const T* base = w.q_base.data() + r * m;
@@ -578,7 +577,14 @@ void query_weights(Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T*
     } else {
       std::copy(base, base + m, out);
     }
-    for (int64_t f : records) out[f] = 0;
+  }
+}
+
+// Columns `columns` of rows (n x m) set to 0: the record features, left out of a sub-block's masked products.
+template <typename T>
+void zero_columns(T* rows, int64_t n, int64_t m, const std::vector<int64_t>& columns) {
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t f : columns) rows[r * m + f] = 0;
   }
 }
 
@@ -662,14 +668,15 @@ void forward_causal(const Problem<scalar_t>& p, int64_t b, int64_t h, Workspace<
     const T* after = p.softmax ? w.k_prefix.data() + (n - 1) * m : sigma.data();
     key_weights(w, n, m, p.softmax, after);
     std::fill(w.numden.begin(), w.numden.begin() + n * (dim + 1), T(0));
+    // Earlier sub-blocks through the state; the sub-block's own pairs through the features it leaves alone
+    // as a masked product (there are none before the state has a key), the records one by one.
+    if (have_state || !p.softmax) query_weights(w, n, m, p.softmax, sigma.data(), nullptr);
     if (have_state) {
-      query_weights(w, n, m, p.softmax, sigma.data(), nullptr);
       tile_product(kStateInBf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state, dim + 1, false,
                    w.numden.data(), dim + 1);
     }
-    // The sub-block's own pairs: the features it leaves alone as a masked product, the records one by one.
     if (have_state || !p.softmax) {
-      query_weights(w, n, m, p.softmax, sigma.data(), nullptr, records);
+      zero_columns(w.q_phi.data(), n, m, records);
       causal_products(n, m, w.q_phi.data(), w.k_phi.data(), w.scores.data());
       tile_product(kStateInBf16, false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1,
                    true, w.numden.data(), dim + 1);
@@ -719,14 +726,14 @@ void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, c
     key_weights(w, n, m, p.softmax, after);
     causal_products(n, dim + 1, w.grads.data(), w.values.data(), w.scores.data());  // g_ij, j <= i
     std::fill(w.dphi.begin(), w.dphi.begin() + n * m, T(0));
+    if (have_state || !p.softmax) query_weights(w, n, m, p.softmax, sigma.data(), w.q_dropped);
     if (have_state) {
-      query_weights(w, n, m, p.softmax, sigma.data(), w.q_dropped);
       tile_product(kStateInBf16, false, true, m, n, dim + 1, T(1), state.data(), dim + 1, w.grads.data(), dim + 1,
                    false, pair_grads.data(), n);
       add_transposed_times(pair_grads.data(), w.q_phi.data(), n, m, w.dphi.data());
     }
     if (have_state || !p.softmax) {
-      query_weights(w, n, m, p.softmax, sigma.data(), w.q_dropped, records);
+      zero_columns(w.q_phi.data(), n, m, records);
       tile_product(kStateInBf16, false, false, n, m, n, T(1), w.scores.data(), n, w.k_phi.data(), m, false,
                    pair_grads.data(), m);
       for (int64_t i = 0; i < n * m; ++i) w.dphi[i] += w.q_phi[i] * pair_grads[i];
@@ -799,10 +806,11 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
       add_transposed_times(pair_grads.data(), w.k_phi.data(), n, m, w.dphi.data());
     }
     causal_products(n, dim + 1, w.grads.data(), w.values.data(), w.scores.data());  // g_ij, j <= i
-    // The sub-block's pairs through the features it leaves alone: weights e = Q K^T (j <= i), dv += e^T dnum,
-    // d(weights)_k += K o (g^T Q).
+    // The sub-block's pairs through the features it leaves alone (the key weights of the records zeroed):
+    // weights e = Q K^T (j <= i), dv += e^T dnum, d(weights)_k += K o (g^T Q).
+    query_weights(w, n, m, p.softmax, before, w.q_dropped);
     if (block > 0 || !p.softmax) {
-      query_weights(w, n, m, p.softmax, before, w.q_dropped, records);
+      zero_columns(w.k_phi.data(), n, m, records);
       causal_products(n, m, w.q_phi.data(), w.k_phi.data(), pair_weights.data());
       tile_product(kStateInBf16, true, false, n, dim, n, T(1), pair_weights.data(), n, w.grads.data(), dim + 1, true,
                    dv.data(), dim);
@@ -834,7 +842,6 @@ void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, cons
     if (block == 0) break;
     // This sub-block's queries join the suffix state, which moves to the maxima before the sub-block.
     if (have_suffix && p.softmax) decay_rows(suffix.data(), m, dim, before, after);
-    query_weights(w, n, m, p.softmax, before, w.q_dropped);
     tile_product(kStateInBf16, true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1,
                  have_suffix, suffix.data(), dim + 1);
     have_suffix = true;
