@@ -19,7 +19,7 @@ from . import functional
 from .decoding import bigbird_attention_over_cache
 from .features import random_features
 from .layout import bigbird_layout
-from .reference import performer_features
+from .reference import RELU_KERNEL_EPSILON, performer_features, performer_logits
 
 __all__ = ["MultiheadAttention", "replace_attention", "MECHANISM_OPTIONS"]
 
@@ -598,9 +598,9 @@ class MultiheadAttention(nn.Module):
         tokens after the prompt must not be padding. Full attention and BigBird keep a key-value cache
         (BigBird: a new token attends to its row's blocks only; the prefix-stable causal layout makes
         this the causal forward's output); causal Performer keeps its running sums (fp32
-        ``sum_j phi(k_j) v_j^T`` and ``sum_j phi(k_j)`` relative to the running key stabiliser), so each
-        new token costs the same whatever the length, and the outputs equal the causal forward's (same
-        features and stabilisers as ``fastattn.reference.performer_attention``). Linformer has no
+        ``sum_j phi(k_j) v_j^T`` and ``sum_j phi(k_j)`` relative to the running per-feature key maxima, the
+        causal ops' stabilisers), so each new token costs the same whatever the length, and the outputs
+        equal the causal forward's. Linformer has no
         incremental form. The first call (the prompt) runs the causal op.
         """
         if self.attention not in ("full", "bigbird", "performer"):
@@ -653,40 +653,53 @@ class MultiheadAttention(nn.Module):
             raise ValueError("key_padding_mask: only the prompt may hold padding; the new tokens must not")
 
     def _performer_decode(self, q, k, v, state, key_padding_mask):
+        # The causal ops' stabilisers: per feature, the running maximum s_f of the key logits; keys weigh
+        # exp(l_f - s_f), a query exp(a_f - max a) with a_f = (l_f - max l) + (s_f - max s), so that no
+        # normaliser underflows. relu: plain features (s = 0).
         projection = self.projection.to(q.dtype)
         kernel = self.attention_options["kernel"]
         scale = self.head_dim**-0.5
         accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
-        phi_q, _ = performer_features(q, projection, kernel=kernel, scale=scale)
-        phi_k, key_max = performer_features(k, projection, kernel=kernel, scale=scale)
-        phi_k, key_max, values = phi_k.to(accumulate), key_max.to(accumulate), v.to(accumulate)
+        key_logits = performer_logits(k, projection, kernel=kernel, scale=scale).to(accumulate)
+        values = v.to(accumulate)
+        if kernel == "relu":
+            key_logits = F.relu(key_logits) + RELU_KERNEL_EPSILON
+
+        def key_weights(logits, stabiliser):
+            return logits if kernel == "relu" else torch.exp(logits - stabiliser)
+
         if state is None:
-            # the prompt: outputs from the causal op, the state in closed form (sums relative to the largest
-            # unpadded key logit; padded keys weigh 0)
+            # the prompt: outputs from the causal op, the state in closed form (padded keys weigh 0)
             out = functional.performer_attention(q, k, v, projection, kernel=kernel, causal=True,
                                                  key_padding_mask=key_padding_mask,
                                                  backend=self.attention_options["backend"])
-            keep = torch.ones_like(key_max, dtype=torch.bool) if key_padding_mask is None \
-                else (~key_padding_mask)[:, None, :].expand_as(key_max)
-            stabiliser = key_max.masked_fill(~keep, float("-inf")).amax(-1)
+            keep = torch.ones(key_logits.shape[:-1], dtype=torch.bool, device=q.device) if key_padding_mask is None \
+                else (~key_padding_mask)[:, None, :].expand(key_logits.shape[:-1])
+            stabiliser = key_logits.masked_fill(~keep.unsqueeze(-1), float("-inf")).amax(-2)
             stabiliser = torch.where(torch.isfinite(stabiliser), stabiliser, torch.zeros_like(stabiliser))
-            weight = torch.exp(torch.clamp(key_max - stabiliser.unsqueeze(-1), max=0.0)).masked_fill(~keep, 0.0)
-            key_features = phi_k * weight.unsqueeze(-1)
-            return out, {"kv": torch.einsum("bhnm,bhnd->bhmd", key_features, values),
-                         "normaliser": key_features.sum(-2), "stabiliser": stabiliser}
-        phi_q, v = phi_q.to(accumulate), values
+            if kernel == "relu":
+                stabiliser = torch.zeros_like(stabiliser)
+            weights = key_weights(key_logits, stabiliser.unsqueeze(-2)).masked_fill(~keep.unsqueeze(-1), 0.0)
+            return out, {"kv": torch.einsum("bhnm,bhnd->bhmd", weights, values), "normaliser": weights.sum(-2),
+                         "stabiliser": stabiliser}
+        query_logits = performer_logits(q, projection, kernel=kernel, scale=scale).to(accumulate)
         kv, normaliser, stabiliser = state["kv"], state["normaliser"], state["stabiliser"]
         outputs = []
         for t in range(q.shape[2]):
-            new_stabiliser = torch.maximum(stabiliser, key_max[:, :, t])
-            decay = torch.exp(stabiliser - new_stabiliser)
-            weight = torch.exp(key_max[:, :, t] - new_stabiliser)
-            key_features = phi_k[:, :, t] * weight.unsqueeze(-1)
-            kv = kv * decay[..., None, None] + key_features.unsqueeze(-1) * v[:, :, t].unsqueeze(-2)
-            normaliser = normaliser * decay.unsqueeze(-1) + key_features
-            stabiliser = new_stabiliser
-            numerator = torch.einsum("bhm,bhmd->bhd", phi_q[:, :, t], kv)
-            denominator = (phi_q[:, :, t] * normaliser).sum(-1, keepdim=True)
+            if kernel == "relu":
+                weights, query_weights = key_logits[:, :, t], F.relu(query_logits[:, :, t]) + RELU_KERNEL_EPSILON
+            else:
+                new_stabiliser = torch.maximum(stabiliser, key_logits[:, :, t])
+                decay = torch.exp(stabiliser - new_stabiliser)
+                kv, normaliser, stabiliser = kv * decay.unsqueeze(-1), normaliser * decay, new_stabiliser
+                weights = key_weights(key_logits[:, :, t], stabiliser)
+                shifted = query_logits[:, :, t] - query_logits[:, :, t].amax(-1, keepdim=True)
+                shifted = shifted + (stabiliser - stabiliser.amax(-1, keepdim=True))
+                query_weights = torch.exp(shifted - shifted.amax(-1, keepdim=True))
+            kv = kv + weights.unsqueeze(-1) * values[:, :, t].unsqueeze(-2)
+            normaliser = normaliser + weights
+            numerator = torch.einsum("bhm,bhmd->bhd", query_weights, kv)
+            denominator = (query_weights * normaliser).sum(-1, keepdim=True)
             outputs.append(torch.where(denominator > 0, numerator / torch.where(denominator > 0, denominator, 1.0), 0.0))
         out = torch.stack(outputs, dim=2).to(q.dtype)
         return out, {"kv": kv, "normaliser": normaliser, "stabiliser": stabiliser}

@@ -111,22 +111,28 @@ def linformer_attention(q, k, v, proj_k, proj_v=None, *, key_padding_mask=None, 
     return _masked_attention(q, k_projected, v_projected, None, _scale(q, scale))
 
 
-def performer_features(x: Tensor, projection: Tensor, *, kernel: str, scale: float) -> tuple[Tensor, Tensor]:
-    """Random-feature logits of FAVOR+ and their per-row maxima, or the ReLU features.
-
-    Returns ``(features, row_max)``. For ``kernel="softmax"``: ``features = exp(logits - row_max)``
-    with ``logits = w.x - |x|^2 / 2`` (x scaled by ``scale ** 0.5``) and ``row_max`` the largest logit
-    of each row (B, H, N); the 1/sqrt(m) of the paper cancels in the ratio and is left out. For
-    ``kernel="relu"``: ``relu(w.x) + RELU_KERNEL_EPSILON`` and ``row_max`` zeros.
-    """
+def performer_logits(x: Tensor, projection: Tensor, *, kernel: str, scale: float) -> Tensor:
+    """The random-feature logits (B, H, N, m): ``w.x - |x|^2 / 2`` (``kernel="softmax"``) or ``w.x``
+    (``kernel="relu"``), x scaled by ``scale ** 0.5``."""
     x = x * scale**0.5
     if projection.dim() == 2:
         wx = torch.einsum("md,bhnd->bhnm", projection.to(x.dtype), x)
     else:
         wx = torch.einsum("hmd,bhnd->bhnm", projection.to(x.dtype), x)
+    return wx if kernel == "relu" else wx - 0.5 * (x * x).sum(-1, keepdim=True)
+
+
+def performer_features(x: Tensor, projection: Tensor, *, kernel: str, scale: float) -> tuple[Tensor, Tensor]:
+    """Random-feature logits of FAVOR+ and their per-row maxima, or the ReLU features.
+
+    Returns ``(features, row_max)``. For ``kernel="softmax"``: ``features = exp(logits - row_max)``
+    with ``logits`` those of :func:`performer_logits` and ``row_max`` the largest logit of each row
+    (B, H, N); the 1/sqrt(m) of the paper cancels in the ratio and is left out. For ``kernel="relu"``:
+    ``relu(w.x) + RELU_KERNEL_EPSILON`` and ``row_max`` zeros.
+    """
+    logits = performer_logits(x, projection, kernel=kernel, scale=scale)
     if kernel == "relu":
-        return F.relu(wx) + RELU_KERNEL_EPSILON, wx.new_zeros(wx.shape[:-1])
-    logits = wx - 0.5 * (x * x).sum(-1, keepdim=True)
+        return F.relu(logits) + RELU_KERNEL_EPSILON, logits.new_zeros(logits.shape[:-1])
     row_max = logits.amax(-1).detach()
     return torch.exp(logits - row_max.unsqueeze(-1)), row_max
 

@@ -506,6 +506,24 @@ def test_decode_reproduces_causal_forward(name):
     torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+def test_performer_decode_matches_causal_forward_at_large_magnitudes(kernel):
+    """q, k of std 24 put a query's best feature far below the keys' largest logit: the recurrent state
+    takes the causal ops' per-feature stabilisers, so no step's normaliser underflows where the op's does not."""
+    torch.manual_seed(3)
+    module = MultiheadAttention(32, 1, batch_first=True, attention="performer", num_features=64, kernel=kernel).eval()
+    with torch.no_grad():
+        module.in_proj_weight[:64] *= 24 / 32**0.5 / module.in_proj_weight[:64].std()  # q, k of std 24
+    x = torch.randn(1, 40, 32)
+    expected, _ = module(x, x, x, is_causal=True, need_weights=False)
+    outputs, state = module.decode(x[:, :3])
+    pieces = [outputs]
+    for position in range(3, 40):
+        outputs, state = module.decode(x[:, position:position + 1], state)
+        pieces.append(outputs)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=1e-4, rtol=1e-3)
+
+
 def test_decode_rejects_mechanisms_without_incremental_form():
     module = MultiheadAttention(16, 2, batch_first=True, attention="linformer", **mechanism("linformer")[1])
     with pytest.raises(ValueError, match="incremental decoding supports 'full', 'bigbird' and 'performer', not 'linformer'"):
