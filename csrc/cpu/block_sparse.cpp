@@ -93,23 +93,35 @@ constexpr int64_t kBackwardRunRows = 256;
 // Reductions keep kLanes partial results so that they vectorise without reassociating by -ffast-math.
 constexpr int64_t kLanes = 16;
 
-// row[j] = exp(row[j] - shift) for j < n; returns the sum of the new values.
-template <typename T>
-FASTATTN_ISA_CLONES T exp_shifted_sum(T* row, int64_t n, T shift) {
+// The probabilities of a row of scores relative to its maximum: exp(scale * (row[j] - max)) for j < n, into
+// probs[j] (probs may be row) or, as bfloat16 operands of products (Prob = uint16_t), rounded to nearest even;
+// returns their sum. Scaling after the subtraction fuses the scaling into this pass without letting the
+// compiler contract scale * row[j] - max into one fused multiply-add, whose unrounded product would make
+// the maximum's own probability differ from exactly 1 (the backward's test of a saturated row).
+template <typename T, typename Prob>
+FASTATTN_ISA_CLONES T exp_scaled_sum(const T* row, int64_t n, T scale, T max, Prob* probs) {
+  const auto store = [probs](int64_t j, T e) {
+    if constexpr (std::is_same_v<Prob, T>) {
+      probs[j] = e;
+    } else {
+      probs[j] = cpu::narrow(e);
+    }
+  };
   T lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
 #pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) {
-      const T e = exp_accum(row[j + l] - shift);
-      row[j + l] = e;
+      const T e = exp_accum(scale * (row[j + l] - max));
+      store(j + l, e);
       lanes[l] += e;
     }
   }
   T sum = 0;
   for (; j < n; ++j) {
-    row[j] = exp_accum(row[j] - shift);
-    sum += row[j];
+    const T e = exp_accum(scale * (row[j] - max));
+    store(j, e);
+    sum += e;
   }
   for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
   return sum;
@@ -120,6 +132,15 @@ template <typename T>
 FASTATTN_ISA_CLONES void exp_shifted(T* row, int64_t n, const T* shifts) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] = exp_accum(row[j] - shifts[j]);
+}
+
+// exp_shifted, the results also rounded to bfloat16 into probs[j] (operands of bf16 products).
+FASTATTN_ISA_CLONES void exp_shifted(float* row, int64_t n, const float* shifts, uint16_t* probs) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] = exp_accum(row[j] - shifts[j]);
+    probs[j] = cpu::narrow(row[j]);
+  }
 }
 
 template <typename T>
@@ -373,16 +394,6 @@ struct TransposedHeads {
   const T* operator()(int64_t b, int64_t h, int64_t heads) const { return data + (b * heads + h) * head_size; }
 };
 
-// Rounds `count` float32 scores per row to the bfloat16 A operand of a product, zero in column `count` when
-// count is odd (the product's inner dimension is then count + 1, over a zero pad row of B).
-void scores_to_operand(const float* scores, int64_t scores_ld, int64_t rows, int64_t count, c10::BFloat16* dst,
-                       int64_t dst_ld) {
-  for (int64_t i = 0; i < rows; ++i) {
-    cpu::narrow_operand_row(scores + i * scores_ld, reinterpret_cast<uint16_t*>(dst + i * dst_ld), count);
-    if (count % 2 == 1) dst[i * dst_ld + count] = c10::BFloat16(0.0f);
-  }
-}
-
 template <typename T>
 FASTATTN_ISA_CLONES void add_rows(const T* src, T* dst, int64_t count) {
 #pragma omp simd
@@ -397,6 +408,8 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
                     at::Tensor& lse) {
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   constexpr bool kPaired = std::is_same_v<op_t, c10::BFloat16>;
+  // The probabilities' elements: in place of the scores, or the bits of bfloat16 operands.
+  using prob_t = std::conditional_t<kPaired, uint16_t, accum_t>;
   const at::Tensor q_c = in_operand_type<op_t>(q), v_c = kPaired ? paired_rows(v) : in_accum_type(v);
   const Heads<op_t> q_heads(q_c), v_heads(v_c);
   const auto kt_heads = TransposedHeads<op_t, kPaired>::template of<scalar_t>(k);
@@ -429,9 +442,10 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
       tile_gemm(rows, cols, dim, q_tile, dim, k_t_head + column_offset<kPaired>(c0), kt_heads.ld, scores, ld, false);
       mask_scores(p, scores, ld, rows, cols, b, r0, c0);
       for (int64_t i = 0; i < rows; ++i) {
-        accum_t* row = scores + i * ld;
-        // Scaled in a pass of its own, not fused into the exp: the backward rounds scale * S the same way.
-        scale_row(row, cols, scale);
+        const accum_t* row = scores + i * ld;
+        prob_t* prob_row = reinterpret_cast<prob_t*>(probs + i * ld);
+        // An odd run of keys meets a zero pad row of V (pair_rows) in the bf16 product: its column is zero too.
+        if (kPaired && cols % 2 == 1) prob_row[cols] = 0;
         // row_max skips NaN scores: a NaN makes exp(s - max), and so the row's sum, NaN below. A run_max of NaN
         // (set here) stays NaN, std::max returning its first argument when the second is not larger.
         accum_t new_max = std::max(run_max[i], row_max(row, cols));
@@ -439,18 +453,17 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
           // No key of this run is visible, unless every visible one scored NaN (a NaN in q or k), which must
           // reach the row's output (not make it a row that sees no key).
           if (std::none_of(row, row + cols, [](accum_t s) { return s != s; })) {
-            std::fill(row, row + cols, accum_t(0));
+            std::fill(prob_row, prob_row + cols, prob_t(0));
             continue;
           }
           new_max = std::numeric_limits<accum_t>::quiet_NaN();
         }
-        const accum_t row_sum = exp_shifted_sum(row, cols, new_max);
-        const accum_t correction = exp_accum(run_max[i] - new_max);
+        const accum_t row_sum = exp_scaled_sum(row, cols, scale, new_max, prob_row);
+        const accum_t correction = exp_accum(scale * (run_max[i] - new_max));
         if (correction != accum_t(1)) scale_row(acc + i * dim, dim, correction);
         run_sum[i] = run_sum[i] * correction + row_sum;
         run_max[i] = new_max;
       }
-      if constexpr (kPaired) scores_to_operand(scores, ld, rows, cols, probs, ld);
       tile_gemm(rows, dim, cols + (kPaired ? cols % 2 : 0), probs, ld, v_head + c0 * dim, dim, acc, dim, true);
     });
 
@@ -458,8 +471,9 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     for (int64_t i = 0; i < rows; ++i) {
       const bool sees_a_key = run_sum[i] != 0;  // NaN (an input's) gives NaN outputs and lse
       scale_row(acc + i * dim, dim, sees_a_key ? accum_t(1) / run_sum[i] : accum_t(0));
+      // The backward rounds scale * S before subtracting the log-sum-exp: so does scale * run_max here.
       lse_data[out_row + i] =
-          sees_a_key ? run_max[i] + std::log(run_sum[i]) : std::numeric_limits<accum_t>::infinity();
+          sees_a_key ? scale * run_max[i] + std::log(run_sum[i]) : std::numeric_limits<accum_t>::infinity();
     }
     store_rows(acc, out_data + out_row * dim, rows * dim);
   });
@@ -572,19 +586,42 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
       const int64_t inner_rows = kPaired ? rows + rows % 2 : rows;
       tile_gemm(cols, rows, dim, k_tile, dim, ops.q_t + column_offset<kPaired>(r0), ops.ld_q, probs_t, ld, false);
       mask_scores_transposed(p, probs_t, ld, rows, cols, b, r0, c0);
+      const accum_t* lse_run = lse_data + head_row + r0;
+      const accum_t* delta_run = delta_data + head_row + r0;
       for (int64_t j = 0; j < cols; ++j) {
+        // Scaled in a pass of its own: fused into the exp, scale * S - lse would be contracted to a fused
+        // multiply-add, unlike the forward's rounded scale * max (see exp_scaled_sum).
         scale_row(probs_t + j * ld, rows, scale);
-        exp_shifted(probs_t + j * ld, rows, lse_data + head_row + r0);
+        if constexpr (kPaired) {
+          uint16_t* prob_row = reinterpret_cast<uint16_t*>(probs_op + j * inner_rows);
+          exp_shifted(probs_t + j * ld, rows, lse_run, prob_row);
+          if (rows % 2 == 1) prob_row[rows] = 0;
+        } else {
+          exp_shifted(probs_t + j * ld, rows, lse_run);
+        }
       }
-      if constexpr (kPaired) scores_to_operand(probs_t, ld, cols, rows, probs_op, inner_rows);
       tile_gemm(cols, dim, inner_rows, probs_op, inner_rows, do_head + r0 * dim, dim, acc_v, dim, true);
       tile_gemm(cols, rows, dim, v_tile, dim, ops.do_t + column_offset<kPaired>(r0), ops.ld_q, dp_t, ld, false);
-      for (int64_t j = 0; j < cols; ++j) {
-        softmax_grad_row_transposed(probs_t + j * ld, dp_t + j * ld, rows, delta_data + head_row + r0, scale);
-      }
       if constexpr (kPaired) {
-        scores_to_operand(dp_t, ld, cols, rows, ds_op, inner_rows);
-        cpu::pair_rows(dp_t, ld, cols, rows, ds_pairs, rows);
+        // dS^T as the A operand of dS^T Q (rows of inner_rows) and, pair-interleaved over its key rows, as the
+        // B operand of K^T dS^T (pairs of rows of `rows`).
+        uint16_t* ds_bits = reinterpret_cast<uint16_t*>(ds_op);
+        for (int64_t j = 0; j < cols; j += 2) {
+          const bool has_second = j + 1 < cols;
+          const int64_t second = has_second ? j + 1 : j;
+          cpu::softmax_grad_pair<cpu::Deltas::kPerColumn>(
+              probs_t + j * ld, probs_t + second * ld, dp_t + j * ld, dp_t + second * ld, delta_run, rows, scale,
+              has_second, ds_bits + j * inner_rows, ds_bits + second * inner_rows,
+              reinterpret_cast<uint32_t*>(ds_pairs + j * rows));
+          if (rows % 2 == 1) {
+            ds_bits[j * inner_rows + rows] = 0;
+            ds_bits[second * inner_rows + rows] = 0;
+          }
+        }
+      } else {
+        for (int64_t j = 0; j < cols; ++j) {
+          softmax_grad_row_transposed(probs_t + j * ld, dp_t + j * ld, rows, delta_run, scale);
+        }
       }
       tile_gemm(cols, dim, inner_rows, ds_op, inner_rows, q_head + r0 * dim, dim, acc_k, dim, true);
       // The run's share of dQ, transposed (dQ^T = K^T dS^T, dim x rows), so that dS^T needs no transposing.

@@ -131,18 +131,24 @@ inline void pair_columns(const c10::BFloat16* src, int64_t src_ld, int64_t rows,
 template <typename In, typename Out, typename T>
 inline void transpose(const In* src, int64_t src_ld, int64_t rows, int64_t cols, T multiplier, Out* dst,
                       int64_t dst_ld) {
-  constexpr int64_t kBlock = 16;
-  for (int64_t row_block = 0; row_block < rows; row_block += kBlock) {
-    const int64_t row_end = std::min(rows, row_block + kBlock);
-    for (int64_t col_block = 0; col_block < cols; col_block += kBlock) {
-      const int64_t col_end = std::min(cols, col_block + kBlock);
-      for (int64_t c = col_block; c < col_end; ++c) {
-        for (int64_t r = row_block; r < row_end; ++r) {
-          dst[c * dst_ld + r] = static_cast<Out>(static_cast<T>(src[r * src_ld + c]) * multiplier);
+  const auto transpose_as = [&](const auto& convert) {
+    constexpr int64_t kBlock = 16;
+    for (int64_t row_block = 0; row_block < rows; row_block += kBlock) {
+      const int64_t row_end = std::min(rows, row_block + kBlock);
+      for (int64_t col_block = 0; col_block < cols; col_block += kBlock) {
+        const int64_t col_end = std::min(cols, col_block + kBlock);
+        for (int64_t c = col_block; c < col_end; ++c) {
+          for (int64_t r = row_block; r < row_end; ++r) dst[c * dst_ld + r] = convert(src[r * src_ld + c]);
         }
       }
     }
+  };
+  // Without a multiplier, elements of the same type move as they are (bfloat16 ones without a round trip
+  // through float, which costs several times the move).
+  if constexpr (std::is_same_v<In, Out>) {
+    if (multiplier == T(1)) return transpose_as([](In x) { return x; });
   }
+  transpose_as([multiplier](In x) { return static_cast<Out>(static_cast<T>(x) * multiplier); });
 }
 
 // exp(x) within about 1 ulp for x <= 88 (callers pass x <= 0), written without calls or branches so that the
@@ -260,6 +266,44 @@ inline uint16_t narrow(float value) {
 [[maybe_unused]] FASTATTN_VECTOR_CLONES void narrow_pair_rows(const float* first, const float* second, uint32_t* out,
                                                                int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = narrow(first[i]) | static_cast<uint32_t>(narrow(second[i])) << 16;
+}
+}  // namespace
+
+// out[i] = exp(in[i] - shift) for a row (in may be out), or those values rounded to bfloat16 (Out = uint16_t:
+// the A operand of a bf16 product); returns their sum, added in sum_of's order (so the same float). One pass
+// instead of three (exp, sum, rounding).
+namespace {
+template <typename Out>
+FASTATTN_VECTOR_CLONES float exp_shifted_sum(const float* in, Out* out, int64_t n, float shift) {
+  const auto exp_stored = [&](int64_t i) {
+    const float e = exp_approx(in[i] - shift);
+    if constexpr (std::is_same_v<Out, float>) {
+      out[i] = e;
+    } else {
+      out[i] = narrow(e);
+    }
+    return e;
+  };
+  float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  // Sixteen at a time, the widest vectors, each half added to the eight partial sums in turn.
+  for (; i + 16 <= n; i += 16) {
+    float e[16];
+    for (int l = 0; l < 16; ++l) e[l] = exp_stored(i + l);
+    for (int l = 0; l < 8; ++l) partial[l] += e[l];
+    for (int l = 0; l < 8; ++l) partial[l] += e[8 + l];
+  }
+  for (; i + 8 <= n; i += 8) {
+    for (int l = 0; l < 8; ++l) partial[l] += exp_stored(i + l);
+  }
+  float total = 0;
+  for (; i < n; ++i) total += exp_stored(i);
+  for (int l = 0; l < 8; ++l) total += partial[l];
+  return total;
+}
+[[maybe_unused]] double exp_shifted_sum(const double* in, double* out, int64_t n, double shift) {
+  exp_shifted(in, out, n, shift);
+  return sum_of(out, n);
 }
 }  // namespace
 

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "cpu/dense_tiles.h"
+
 // Loops marked so are compiled for AVX-512, AVX2 and the baseline, and the loader picks the widest the CPU
 // has (the extension is built without -mavx).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -25,11 +27,56 @@ FASTATTN_ISA_CLONES void softmax_grad_row(const T* p, T* dp, int64_t n, T delta,
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] == T(1) ? T(0) : scale * p[j] * (dp[j] - delta);
 }
 
+// The sum of p[j] * dp[j] in double, where the products of floats are exact: the delta of softmax_grad_row
+// then adds no rounding of its own to dP - delta.
+template <typename T>
+FASTATTN_ISA_CLONES double dot_in_double(const T* p, const T* dp, int64_t n) {
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += static_cast<double>(p[j]) * static_cast<double>(dp[j]);
+  return sum;
+}
+
 // softmax_grad_row for a row of one key over queries j, whose deltas are deltas[j].
 template <typename T>
 FASTATTN_ISA_CLONES void softmax_grad_row_transposed(const T* p, T* dp, int64_t n, const T* deltas, T scale) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] == T(1) ? T(0) : scale * p[j] * (dp[j] - deltas[j]);
+}
+
+// Where the deltas of softmax_grad_pair come from: one per row (a query's row), or one per column (a key's
+// row over queries, as softmax_grad_row_transposed).
+enum class Deltas { kPerRow, kPerColumn };
+
+// The rows `first` and `second` of dS (softmax_grad_row of P and dP, the deltas per row: deltas[0] and
+// deltas[1], or per column: deltas[j]) rounded to bfloat16, the operands of bf16 products, in one pass
+// instead of three: rows first and second of an A operand (a_first, a_second), and the pair
+// (first[j], second[j]) of the pair-interleaved B operand (pairs[j], cpu::pair_rows' layout). Without a
+// second row (an odd count, has_second false) the second rows are zero and a_second is not written.
+template <Deltas kDeltas>
+FASTATTN_ISA_CLONES void softmax_grad_pair(const float* p_first, const float* p_second, const float* dp_first,
+                                            const float* dp_second, const float* deltas, int64_t n, float scale,
+                                            bool has_second, uint16_t* a_first, uint16_t* a_second, uint32_t* pairs) {
+  const auto grad = [scale](float p, float dp, float delta) { return p == 1.0f ? 0.0f : scale * p * (dp - delta); };
+  if (!has_second) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t ds = narrow(grad(p_first[j], dp_first[j], kDeltas == Deltas::kPerRow ? deltas[0] : deltas[j]));
+      a_first[j] = ds;
+      pairs[j] = ds;
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float delta_first = kDeltas == Deltas::kPerRow ? deltas[0] : deltas[j];
+    const float delta_second = kDeltas == Deltas::kPerRow ? deltas[1] : deltas[j];
+    const uint16_t ds_first = narrow(grad(p_first[j], dp_first[j], delta_first));
+    const uint16_t ds_second = narrow(grad(p_second[j], dp_second[j], delta_second));
+    a_first[j] = ds_first;
+    a_second[j] = ds_second;
+    pairs[j] = ds_first | static_cast<uint32_t>(ds_second) << 16;
+  }
 }
 
 }  // namespace
