@@ -93,35 +93,27 @@ constexpr int64_t kBackwardRunRows = 256;
 // Reductions keep kLanes partial results so that they vectorise without reassociating by -ffast-math.
 constexpr int64_t kLanes = 16;
 
-// The probabilities of a row of scores relative to its maximum: exp(scale * (row[j] - max)) for j < n, into
-// probs[j] (probs may be row) or, as bfloat16 operands of products (Prob = uint16_t), rounded to nearest even;
-// returns their sum. Scaling after the subtraction fuses the scaling into this pass without letting the
-// compiler contract scale * row[j] - max into one fused multiply-add, whose unrounded product would make
-// the maximum's own probability differ from exactly 1 (the backward's test of a saturated row).
-template <typename T, typename Prob>
-FASTATTN_ISA_CLONES T exp_scaled_sum(const T* row, int64_t n, T scale, T max, Prob* probs) {
-  const auto store = [probs](int64_t j, T e) {
-    if constexpr (std::is_same_v<Prob, T>) {
-      probs[j] = e;
-    } else {
-      probs[j] = cpu::narrow(e);
-    }
-  };
+// The probabilities of a row of scores relative to its maximum: probs[j] = exp(scale * (row[j] - max)) for
+// j < n (probs may be row); returns their sum. Scaling after the subtraction fuses the scaling into this pass
+// without letting the compiler contract scale * row[j] - max into one fused multiply-add, whose unrounded
+// product would make the maximum's own probability differ from exactly 1 (the backward's test of a
+// saturated row).
+template <typename T>
+FASTATTN_ISA_CLONES T exp_scaled_sum(const T* row, int64_t n, T scale, T max, T* probs) {
   T lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
 #pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) {
       const T e = exp_accum(scale * (row[j + l] - max));
-      store(j + l, e);
+      probs[j + l] = e;
       lanes[l] += e;
     }
   }
   T sum = 0;
   for (; j < n; ++j) {
-    const T e = exp_accum(scale * (row[j] - max));
-    store(j, e);
-    sum += e;
+    probs[j] = exp_accum(scale * (row[j] - max));
+    sum += probs[j];
   }
   for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
   return sum;
@@ -132,15 +124,6 @@ template <typename T>
 FASTATTN_ISA_CLONES void exp_shifted(T* row, int64_t n, const T* shifts) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] = exp_accum(row[j] - shifts[j]);
-}
-
-// exp_shifted, the results also rounded to bfloat16 into probs[j] (operands of bf16 products).
-FASTATTN_ISA_CLONES void exp_shifted(float* row, int64_t n, const float* shifts, uint16_t* probs) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    row[j] = exp_accum(row[j] - shifts[j]);
-    probs[j] = cpu::narrow(row[j]);
-  }
 }
 
 template <typename T>
@@ -458,7 +441,12 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
           }
           new_max = std::numeric_limits<accum_t>::quiet_NaN();
         }
-        const accum_t row_sum = exp_scaled_sum(row, cols, scale, new_max, prob_row);
+        accum_t row_sum;
+        if constexpr (kPaired) {
+          row_sum = cpu::exp_scaled_sum_bf16(row, cols, scale, new_max, prob_row);
+        } else {
+          row_sum = exp_scaled_sum(row, cols, scale, new_max, prob_row);
+        }
         const accum_t correction = exp_accum(scale * (run_max[i] - new_max));
         if (correction != accum_t(1)) scale_row(acc + i * dim, dim, correction);
         run_sum[i] = run_sum[i] * correction + row_sum;
@@ -489,30 +477,33 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   constexpr bool kPaired = std::is_same_v<op_t, c10::BFloat16>;
   // Q and dO are B operands over their rows (dK += dS^T Q, dV += P^T dO); K and V are A operands.
   const at::Tensor q_c = kPaired ? paired_rows(q) : in_accum_type(q);
-  const at::Tensor do_rows = kPaired ? paired_rows(grad_out) : at::Tensor();
-  const at::Tensor k_c = in_operand_type<op_t>(k), v_c = in_operand_type<op_t>(v);
-  const at::Tensor do_c = in_accum_type(grad_out), out_c = in_accum_type(out), lse_c = lse.contiguous();
-  const Heads<op_t> q_heads(q_c), k_heads(k_c), v_heads(v_c), do_heads(kPaired ? do_rows : do_c);
-  const at::Tensor q_in = q.contiguous(), do_in = grad_out.contiguous();
+  const at::Tensor do_c = kPaired ? paired_rows(grad_out) : in_accum_type(grad_out);
+  const at::Tensor k_c = in_operand_type<op_t>(k), v_c = in_operand_type<op_t>(v), lse_c = lse.contiguous();
+  const Heads<op_t> q_heads(q_c), k_heads(k_c), v_heads(v_c), do_heads(do_c);
+  const at::Tensor q_in = q.contiguous(), do_in = grad_out.contiguous(), out_in = out.contiguous();
   const Heads<scalar_t> q_in_rows(q_in), do_in_rows(do_in);
   const accum_t* lse_data = lse_c.const_data_ptr<accum_t>();
   const int64_t bs = p.block, dim = p.dim;
   const accum_t scale = static_cast<accum_t>(p.scale);
   const int64_t rows_total = p.batch * p.heads * p.query_len;
 
-  // delta_i = rowsum(dO_i * O_i), in double: products of floats are exact there, so delta adds no rounding
-  // of its own to dP - delta.
+  // delta_i = rowsum(dO_i * O_i), in double (cpu::dot_in_double), from the rows in the input dtype (bfloat16
+  // ones widened a row at a time).
   at::Tensor delta = at::empty({rows_total}, lse.options());
   accum_t* delta_data = delta.data_ptr<accum_t>();
-  const accum_t* do_data = do_c.const_data_ptr<accum_t>();
-  const accum_t* out_data = out_c.const_data_ptr<accum_t>();
+  const scalar_t* do_data = do_in.const_data_ptr<scalar_t>();
+  const scalar_t* out_data = out_in.const_data_ptr<scalar_t>();
   at::parallel_for(0, rows_total, 64, [&](int64_t begin, int64_t end) {
+    std::vector<accum_t> widened(std::is_same_v<scalar_t, accum_t> ? 0 : 2 * dim);
     for (int64_t row = begin; row < end; ++row) {
-      double sum = 0;
-      for (int64_t d = 0; d < dim; ++d) {
-        sum += static_cast<double>(do_data[row * dim + d]) * static_cast<double>(out_data[row * dim + d]);
+      const scalar_t *do_row = do_data + row * dim, *out_row = out_data + row * dim;
+      if constexpr (std::is_same_v<scalar_t, accum_t>) {
+        delta_data[row] = static_cast<accum_t>(cpu::dot_in_double(do_row, out_row, dim));
+      } else {
+        cpu::widen_row(reinterpret_cast<const uint16_t*>(do_row), widened.data(), dim, 1.0f);
+        cpu::widen_row(reinterpret_cast<const uint16_t*>(out_row), widened.data() + dim, dim, 1.0f);
+        delta_data[row] = static_cast<accum_t>(cpu::dot_in_double(widened.data(), widened.data() + dim, dim));
       }
-      delta_data[row] = static_cast<accum_t>(sum);
     }
   });
 
@@ -594,7 +585,7 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
         scale_row(probs_t + j * ld, rows, scale);
         if constexpr (kPaired) {
           uint16_t* prob_row = reinterpret_cast<uint16_t*>(probs_op + j * inner_rows);
-          exp_shifted(probs_t + j * ld, rows, lse_run, prob_row);
+          cpu::exp_shifted_bf16(probs_t + j * ld, rows, lse_run, /*shift_per_element=*/true, prob_row);
           if (rows % 2 == 1) prob_row[rows] = 0;
         } else {
           exp_shifted(probs_t + j * ld, rows, lse_run);

@@ -186,6 +186,14 @@ inline double exp_acc(double x) { return std::exp(x); }
 #else
 #define FASTATTN_VECTOR_CLONES
 #endif
+// The element-wise loops of bf16 products, which run only where the CPU has AVX512-BF16 (bf16_products()):
+// compiled for AVX-512 with 512-bit vectors (GCC's AVX-512 tuning would split them into 256-bit halves, and
+// bfloat16 outputs into masked quarters).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTATTN_BF16_PRODUCT_LOOP __attribute__((target("arch=x86-64-v4,avx512bf16,prefer-vector-width=512")))
+#else
+#define FASTATTN_BF16_PRODUCT_LOOP
+#endif
 namespace {
 [[maybe_unused]] FASTATTN_VECTOR_CLONES void exp_shifted(const float* in, float* out, int64_t n, float shift) {
   for (int64_t i = 0; i < n; ++i) out[i] = exp_approx(in[i] - shift);
@@ -269,42 +277,103 @@ inline uint16_t narrow(float value) {
 }
 }  // namespace
 
-// out[i] = exp(in[i] - shift) for a row (in may be out), or those values rounded to bfloat16 (Out = uint16_t:
-// the A operand of a bf16 product); returns their sum, added in sum_of's order (so the same float). One pass
-// instead of three (exp, sum, rounding).
 namespace {
-template <typename Out>
-FASTATTN_VECTOR_CLONES float exp_shifted_sum(const float* in, Out* out, int64_t n, float shift) {
-  const auto exp_stored = [&](int64_t i) {
-    const float e = exp_approx(in[i] - shift);
-    if constexpr (std::is_same_v<Out, float>) {
-      out[i] = e;
-    } else {
-      out[i] = narrow(e);
-    }
-    return e;
-  };
-  float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  // Sixteen at a time, the widest vectors, each half added to the eight partial sums in turn.
-  for (; i + 16 <= n; i += 16) {
-    float e[16];
-    for (int l = 0; l < 16; ++l) e[l] = exp_stored(i + l);
-    for (int l = 0; l < 8; ++l) partial[l] += e[l];
-    for (int l = 0; l < 8; ++l) partial[l] += e[8 + l];
-  }
-  for (; i + 8 <= n; i += 8) {
-    for (int l = 0; l < 8; ++l) partial[l] += exp_stored(i + l);
-  }
-  float total = 0;
-  for (; i < n; ++i) total += exp_stored(i);
-  for (int l = 0; l < 8; ++l) total += partial[l];
-  return total;
-}
-[[maybe_unused]] double exp_shifted_sum(const double* in, double* out, int64_t n, double shift) {
+// out[i] = exp(in[i] - shift) for a row (in may be out); returns their sum, as sum_of would add them.
+template <typename T>
+T exp_shifted_sum(const T* in, T* out, int64_t n, T shift) {
   exp_shifted(in, out, n, shift);
   return sum_of(out, n);
 }
+}  // namespace
+
+// The probabilities of softmax rows for bf16 products. These run only where the CPU has AVX512-BF16
+// (bf16_products()), so on x86 they are written with its intrinsics: compilers vectorise neither the
+// rounding instruction nor a row's sum well, and rows are short (a block of 64 keys). Their exp is within
+// 7e-6 relative error (a degree-5 Taylor polynomial after a one-step range reduction), about a third
+// cheaper than exp_approx and far below the 2^-9 to which the products round the probabilities; it is
+// exactly 1 at 0 (a saturated softmax's probability) and exactly 0 below the smallest normal result, and
+// NaN stays NaN. Rounding to bfloat16 flushes denormal results to zero (see narrow_operand_row).
+namespace {
+#if defined(__x86_64__) && defined(__GNUC__)
+// GCC 12's AVX-512 intrinsics leave the pass-through operand of their unmasked forms uninitialised on
+// purpose, which -Wall reports once they are inlined here (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define FASTATTN_BF16_PRODUCTS_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+FASTATTN_BF16_PRODUCTS_TARGET inline __m512 exp_coarse(__m512 x) {
+  // max and min return their second operand when one is NaN: x, so that NaN goes through.
+  const __m512 clamped = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.33654f), x));
+  // Adding 1.5 * 2^23 rounds to the nearest integer n, which the low bits of `shifted` then hold.
+  const __m512 shifter = _mm512_set1_ps(12582912.0f);
+  const __m512 shifted = _mm512_fmadd_ps(clamped, _mm512_set1_ps(1.44269504088896341f), shifter);
+  const __m512 n = _mm512_sub_ps(shifted, shifter);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945f), clamped);
+  __m512 p = _mm512_set1_ps(1.0f / 120);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i exponent = _mm512_add_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(127 - 0x4B400000));
+  const __m512 power = _mm512_castsi512_ps(_mm512_slli_epi32(exponent, 23));
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ);
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~underflow), p, power);
+}
+
+FASTATTN_BF16_PRODUCTS_TARGET inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+// probs[j] = exp(scale * (row[j] - max)) rounded to bfloat16, for j < n; returns the sum of the unrounded
+// values. Scaling after the subtraction cannot be contracted into one fused multiply-add with it, whose
+// unrounded product would make the maximum's own probability differ from exactly 1.
+[[maybe_unused]] FASTATTN_BF16_PRODUCTS_TARGET float exp_scaled_sum_bf16(const float* row, int64_t n, float scale,
+                                                                         float max, uint16_t* probs) {
+  const __m512 scales = _mm512_set1_ps(scale), maxima = _mm512_set1_ps(max);
+  __m512 sums = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    const __m512 e = exp_coarse(_mm512_mul_ps(scales, _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, row + j), maxima)));
+    sums = _mm512_mask_add_ps(sums, lanes, sums, e);
+    _mm256_mask_storeu_epi16(probs + j, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+  }
+  return _mm512_reduce_add_ps(sums);
+}
+
+// row[j] = exp(row[j] - shift_j) for j < n, with shift_j = shifts[j] (shift_per_element) or shifts[0], and the
+// results rounded to bfloat16 into probs[j] where probs is not null.
+[[maybe_unused]] FASTATTN_BF16_PRODUCTS_TARGET void exp_shifted_bf16(float* row, int64_t n, const float* shifts,
+                                                                     bool shift_per_element, uint16_t* probs) {
+  const __m512 shift = _mm512_set1_ps(shifts[0]);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    const __m512 shift_j = shift_per_element ? _mm512_maskz_loadu_ps(lanes, shifts + j) : shift;
+    const __m512 e = exp_coarse(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, row + j), shift_j));
+    _mm512_mask_storeu_ps(row + j, lanes, e);
+    if (probs != nullptr) _mm256_mask_storeu_epi16(probs + j, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+  }
+}
+#pragma GCC diagnostic pop
+#else
+// Elsewhere bf16 products do not run (bf16_products()); these keep the kernels compiling.
+[[maybe_unused]] float exp_scaled_sum_bf16(const float* row, int64_t n, float scale, float max, uint16_t* probs) {
+  float sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = exp_approx(scale * (row[j] - max));
+    probs[j] = narrow(e);
+    sum += e;
+  }
+  return sum;
+}
+[[maybe_unused]] void exp_shifted_bf16(float* row, int64_t n, const float* shifts, bool shift_per_element,
+                                       uint16_t* probs) {
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] = exp_approx(row[j] - shifts[shift_per_element ? j : 0]);
+    if (probs != nullptr) probs[j] = narrow(row[j]);
+  }
+}
+#endif
 }  // namespace
 
 // The pair-interleaved B operand of product() from a (rows x cols) matrix `src` (leading dimension src_ld,

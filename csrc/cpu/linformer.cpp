@@ -266,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
         T sum;
         if constexpr (kPaired) {
           uint16_t* prob_row = reinterpret_cast<uint16_t*>(probs.data() + r * kp_inner);
-          sum = cpu::exp_shifted_sum(row, prob_row, kp, row_max);
+          sum = cpu::exp_scaled_sum_bf16(row, kp, 1.0f, row_max, prob_row);
           if (kp % 2 == 1) prob_row[kp] = 0;
         } else {
           sum = cpu::exp_shifted_sum(row, row, kp, row_max);
@@ -390,7 +390,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         // difference, and the output's rounding (bfloat16's 2^-9) would swamp it.
         const auto probabilities_and_delta = [&](int64_t r) {
           T* p_row = probs.data() + r * kp;
-          cpu::exp_shifted(p_row, p_row, kp, lse_ptr[bh * query_len + start + r]);
+          if constexpr (kPaired) {
+            cpu::exp_shifted_bf16(p_row, kp, lse_ptr + bh * query_len + start + r, /*shift_per_element=*/false,
+                                  nullptr);
+          } else {
+            cpu::exp_shifted(p_row, p_row, kp, lse_ptr[bh * query_len + start + r]);
+          }
           return static_cast<T>(cpu::dot_in_double(p_row, dprobs.data() + r * kp, kp));
         };
         // dS becomes scale * dS, the factor that both dQ and dK' carry: in place of dP, or with bf16 products

@@ -54,7 +54,7 @@ enum class Deltas { kPerRow, kPerColumn };
 // (first[j], second[j]) of the pair-interleaved B operand (pairs[j], cpu::pair_rows' layout). Without a
 // second row (an odd count, has_second false) the second rows are zero and a_second is not written.
 template <Deltas kDeltas>
-FASTATTN_ISA_CLONES void softmax_grad_pair(const float* p_first, const float* p_second, const float* dp_first,
+FASTATTN_BF16_PRODUCT_LOOP void softmax_grad_pair(const float* p_first, const float* p_second, const float* dp_first,
                                             const float* dp_second, const float* deltas, int64_t n, float scale,
                                             bool has_second, uint16_t* a_first, uint16_t* a_second, uint32_t* pairs) {
   const auto grad = [scale](float p, float dp, float delta) { return p == 1.0f ? 0.0f : scale * p * (dp - delta); };
