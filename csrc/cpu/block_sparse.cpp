@@ -127,22 +127,6 @@ FASTATTN_ISA_CLONES void exp_shifted(T* row, int64_t n, const T* shifts) {
 }
 
 template <typename T>
-FASTATTN_ISA_CLONES T row_max(const T* row, int64_t n) {
-  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
-  T lanes[kLanes];
-  std::fill(lanes, lanes + kLanes, neg_inf);
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-#pragma omp simd
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] < row[j + l] ? row[j + l] : lanes[l];
-  }
-  T result = neg_inf;
-  for (; j < n; ++j) result = result < row[j] ? row[j] : result;
-  for (int64_t l = 0; l < kLanes; ++l) result = result < lanes[l] ? lanes[l] : result;
-  return result;
-}
-
-template <typename T>
 FASTATTN_ISA_CLONES void scale_row(T* row, int64_t n, T factor) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] *= factor;
@@ -429,9 +413,9 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         prob_t* prob_row = reinterpret_cast<prob_t*>(probs + i * ld);
         // An odd run of keys meets a zero pad row of V (pair_rows) in the bf16 product: its column is zero too.
         if (kPaired && cols % 2 == 1) prob_row[cols] = 0;
-        // row_max skips NaN scores: a NaN makes exp(s - max), and so the row's sum, NaN below. A run_max of NaN
+        // max_of skips NaN scores: a NaN makes exp(s - max), and so the row's sum, NaN below. A run_max of NaN
         // (set here) stays NaN, std::max returning its first argument when the second is not larger.
-        accum_t new_max = std::max(run_max[i], row_max(row, cols));
+        accum_t new_max = std::max(run_max[i], cpu::max_of(row, cols));
         if (new_max == -std::numeric_limits<accum_t>::infinity()) {
           // No key of this run is visible, unless every visible one scored NaN (a NaN in q or k), which must
           // reach the row's output (not make it a row that sees no key).

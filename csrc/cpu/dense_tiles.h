@@ -218,6 +218,7 @@ inline T sum_of(const T* x, int64_t n) {
   return total;
 }
 
+namespace {
 template <typename T>
 inline T max_of(const T* x, int64_t n) {
   T partial[8];
@@ -231,6 +232,23 @@ inline T max_of(const T* x, int64_t n) {
   for (int l = 0; l < 8; ++l) result = partial[l] > result ? partial[l] : result;
   return result;
 }
+// max_of for float rows, with sixteen partial results compiled per ISA level (GCC leaves the template's
+// loop scalar). NaN is skipped as there.
+[[maybe_unused]] FASTATTN_VECTOR_CLONES float max_of(const float* x, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  float partial[kLanes];
+  std::fill(partial, partial + kLanes, -std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) partial[l] = x[i + l] > partial[l] ? x[i + l] : partial[l];
+  }
+  float result = -std::numeric_limits<float>::infinity();
+  for (; i < n; ++i) result = x[i] > result ? x[i] : result;
+  for (int64_t l = 0; l < kLanes; ++l) result = partial[l] > result ? partial[l] : result;
+  return result;
+}
+}  // namespace
 
 // bfloat16 <-> float rows as integer operations the compiler vectorises (c10's conversions are scalar
 // calls here), bit for bit the same as c10: widening shifts the bits up, narrowing rounds to nearest even
@@ -274,6 +292,11 @@ inline uint16_t narrow(float value) {
 [[maybe_unused]] FASTATTN_VECTOR_CLONES void narrow_pair_rows(const float* first, const float* second, uint32_t* out,
                                                                int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = narrow(first[i]) | static_cast<uint32_t>(narrow(second[i])) << 16;
+}
+// narrow_pair_rows for rows that are bfloat16 already (their bits).
+[[maybe_unused]] FASTATTN_VECTOR_CLONES void interleave_pair_rows(const uint16_t* first, const uint16_t* second,
+                                                                   uint32_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = first[i] | static_cast<uint32_t>(second[i]) << 16;
 }
 }  // namespace
 
@@ -392,9 +415,13 @@ inline void pair_rows(const In* src, int64_t src_ld, int64_t rows, int64_t cols,
         narrow_pair_rows(first + c0, second, reinterpret_cast<uint32_t*>(out + 2 * c0), n);
       }
     } else {
-      for (int64_t c = 0; c < cols; ++c) {
-        out[2 * c] = first[c];
-        out[2 * c + 1] = r + 1 < rows ? first[src_ld + c] : In(0);
+      static_assert(std::is_same_v<In, c10::BFloat16>, "pair_rows: float or bfloat16 rows");
+      static const uint16_t zeros[256] = {};
+      const auto* first_bits = reinterpret_cast<const uint16_t*>(first);
+      for (int64_t c0 = 0; c0 < cols; c0 += 256) {
+        const int64_t n = std::min<int64_t>(256, cols - c0);
+        const uint16_t* second = r + 1 < rows ? first_bits + src_ld + c0 : zeros;
+        interleave_pair_rows(first_bits + c0, second, reinterpret_cast<uint32_t*>(out + 2 * c0), n);
       }
     }
   }
