@@ -564,14 +564,14 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
       const accum_t* lse_run = lse_data + head_row + r0;
       const accum_t* delta_run = delta_data + head_row + r0;
       for (int64_t j = 0; j < cols; ++j) {
-        // Scaled in a pass of its own: fused into the exp, scale * S - lse would be contracted to a fused
-        // multiply-add, unlike the forward's rounded scale * max (see exp_scaled_sum).
-        scale_row(probs_t + j * ld, rows, scale);
         if constexpr (kPaired) {
           uint16_t* prob_row = reinterpret_cast<uint16_t*>(probs_op + j * inner_rows);
-          cpu::exp_shifted_bf16(probs_t + j * ld, rows, lse_run, /*shift_per_element=*/true, prob_row);
+          cpu::exp_shifted_bf16(probs_t + j * ld, rows, scale, lse_run, /*shift_per_element=*/true, prob_row);
           if (rows % 2 == 1) prob_row[rows] = 0;
         } else {
+          // Scaled in a pass of its own: fused into the exp, scale * S - lse would be contracted to a fused
+          // multiply-add, unlike the forward's rounded scale * max (see exp_scaled_sum).
+          scale_row(probs_t + j * ld, rows, scale);
           exp_shifted(probs_t + j * ld, rows, lse_run);
         }
       }

@@ -186,14 +186,6 @@ inline double exp_acc(double x) { return std::exp(x); }
 #else
 #define FASTATTN_VECTOR_CLONES
 #endif
-// The element-wise loops of bf16 products, which run only where the CPU has AVX512-BF16 (bf16_products()):
-// compiled for AVX-512 with 512-bit vectors (GCC's AVX-512 tuning would split them into 256-bit halves, and
-// bfloat16 outputs into masked quarters).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FASTATTN_BF16_PRODUCT_LOOP __attribute__((target("arch=x86-64-v4,avx512bf16,prefer-vector-width=512")))
-#else
-#define FASTATTN_BF16_PRODUCT_LOOP
-#endif
 namespace {
 [[maybe_unused]] FASTATTN_VECTOR_CLONES void exp_shifted(const float* in, float* out, int64_t n, float shift) {
   for (int64_t i = 0; i < n; ++i) out[i] = exp_approx(in[i] - shift);
@@ -364,15 +356,19 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __mmask16 first_lanes(int64_t count) {
   return _mm512_reduce_add_ps(sums);
 }
 
-// row[j] = exp(row[j] - shift_j) for j < n, with shift_j = shifts[j] (shift_per_element) or shifts[0], and the
-// results rounded to bfloat16 into probs[j] where probs is not null.
-[[maybe_unused]] FASTATTN_BF16_PRODUCTS_TARGET void exp_shifted_bf16(float* row, int64_t n, const float* shifts,
-                                                                     bool shift_per_element, uint16_t* probs) {
-  const __m512 shift = _mm512_set1_ps(shifts[0]);
+// row[j] = exp(scale * row[j] - shift_j) for j < n, with shift_j = shifts[j] (shift_per_element) or shifts[0],
+// and the results rounded to bfloat16 into probs[j] where probs is not null. scale * row[j] is rounded before
+// the subtraction (an intrinsic with a rounding mode, which the compiler does not contract into a fused
+// multiply-add), as the forward rounds scale * max: a saturated softmax's probability is then exactly 1.
+[[maybe_unused]] FASTATTN_BF16_PRODUCTS_TARGET void exp_shifted_bf16(float* row, int64_t n, float scale,
+                                                                     const float* shifts, bool shift_per_element,
+                                                                     uint16_t* probs) {
+  const __m512 scales = _mm512_set1_ps(scale), shift = _mm512_set1_ps(shifts[0]);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 lanes = first_lanes(n - j);
     const __m512 shift_j = shift_per_element ? _mm512_maskz_loadu_ps(lanes, shifts + j) : shift;
-    const __m512 e = exp_coarse(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, row + j), shift_j));
+    const __m512 scaled = _mm512_mul_round_ps(scales, _mm512_maskz_loadu_ps(lanes, row + j), _MM_FROUND_CUR_DIRECTION);
+    const __m512 e = exp_coarse(_mm512_sub_ps(scaled, shift_j));
     _mm512_mask_storeu_ps(row + j, lanes, e);
     if (probs != nullptr) _mm256_mask_storeu_epi16(probs + j, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
   }
@@ -389,10 +385,11 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __mmask16 first_lanes(int64_t count) {
   }
   return sum;
 }
-[[maybe_unused]] void exp_shifted_bf16(float* row, int64_t n, const float* shifts, bool shift_per_element,
+[[maybe_unused]] void exp_shifted_bf16(float* row, int64_t n, float scale, const float* shifts, bool shift_per_element,
                                        uint16_t* probs) {
   for (int64_t j = 0; j < n; ++j) {
-    row[j] = exp_approx(row[j] - shifts[shift_per_element ? j : 0]);
+    const float scaled = scale * row[j];
+    row[j] = exp_approx(scaled - shifts[shift_per_element ? j : 0]);
     if (probs != nullptr) probs[j] = narrow(row[j]);
   }
 }

@@ -391,8 +391,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         const auto probabilities_and_delta = [&](int64_t r) {
           T* p_row = probs.data() + r * kp;
           if constexpr (kPaired) {
-            cpu::exp_shifted_bf16(p_row, kp, lse_ptr + bh * query_len + start + r, /*shift_per_element=*/false,
-                                  nullptr);
+            cpu::exp_shifted_bf16(p_row, kp, 1.0f, lse_ptr + bh * query_len + start + r,
+                                  /*shift_per_element=*/false, nullptr);
           } else {
             cpu::exp_shifted(p_row, p_row, kp, lse_ptr[bh * query_len + start + r]);
           }

@@ -52,32 +52,61 @@ enum class Deltas { kPerRow, kPerColumn };
 // deltas[1], or per column: deltas[j]) rounded to bfloat16, the operands of bf16 products, in one pass
 // instead of three: rows first and second of an A operand (a_first, a_second), and the pair
 // (first[j], second[j]) of the pair-interleaved B operand (pairs[j], cpu::pair_rows' layout). Without a
-// second row (an odd count, has_second false) the second rows are zero and a_second is not written.
+// second row (an odd count, has_second false) the second rows are zero and a_second is not written. As the
+// probabilities of bf16 products (dense_tiles.h), written with AVX-512 intrinsics on x86.
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC diagnostic push  // GCC bug 105593, as in dense_tiles.h
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 template <Deltas kDeltas>
-FASTATTN_BF16_PRODUCT_LOOP void softmax_grad_pair(const float* p_first, const float* p_second, const float* dp_first,
-                                            const float* dp_second, const float* deltas, int64_t n, float scale,
-                                            bool has_second, uint16_t* a_first, uint16_t* a_second, uint32_t* pairs) {
-  const auto grad = [scale](float p, float dp, float delta) { return p == 1.0f ? 0.0f : scale * p * (dp - delta); };
-  if (!has_second) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const uint16_t ds = narrow(grad(p_first[j], dp_first[j], kDeltas == Deltas::kPerRow ? deltas[0] : deltas[j]));
-      a_first[j] = ds;
-      pairs[j] = ds;
-    }
-    return;
+FASTATTN_BF16_PRODUCTS_TARGET void softmax_grad_pair(const float* p_first, const float* p_second,
+                                                     const float* dp_first, const float* dp_second,
+                                                     const float* deltas, int64_t n, float scale, bool has_second,
+                                                     uint16_t* a_first, uint16_t* a_second, uint32_t* pairs) {
+  // Lane 2i of the pairs takes element i of the first row (lanes 0-15 of the rounded rows), lane 2i + 1
+  // element i of the second (lanes 16-31).
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                           8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const __m512 scales = _mm512_set1_ps(scale), ones = _mm512_set1_ps(1.0f);
+  const auto grad = [&](__mmask16 lanes, const float* p, const float* dp, __m512 delta) {
+    const __m512 p_j = _mm512_maskz_loadu_ps(lanes, p);
+    const __mmask16 saturated = _mm512_cmp_ps_mask(p_j, ones, _CMP_EQ_OQ);
+    const __m512 difference = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, dp), delta);
+    return _mm512_maskz_mul_ps(static_cast<__mmask16>(~saturated), _mm512_mul_ps(scales, p_j), difference);
+  };
+  const __m512 delta_first = _mm512_set1_ps(deltas[0]);
+  const __m512 delta_second = _mm512_set1_ps(kDeltas == Deltas::kPerRow && has_second ? deltas[1] : 0.0f);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    const __m512 column_deltas = kDeltas == Deltas::kPerColumn ? _mm512_maskz_loadu_ps(lanes, deltas + j) : delta_first;
+    const __m512 ds_first = grad(lanes, p_first + j, dp_first + j, column_deltas);
+    const __m512 ds_second = has_second ? grad(lanes, p_second + j, dp_second + j,
+                                               kDeltas == Deltas::kPerColumn ? column_deltas : delta_second)
+                                        : _mm512_setzero_ps();
+    const __m512i rounded = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ds_second, ds_first));
+    _mm256_mask_storeu_epi16(a_first + j, lanes, _mm512_castsi512_si256(rounded));
+    if (has_second) _mm256_mask_storeu_epi16(a_second + j, lanes, _mm512_extracti64x4_epi64(rounded, 1));
+    _mm512_mask_storeu_epi32(pairs + j, lanes, _mm512_permutexvar_epi16(interleave, rounded));
   }
-#pragma omp simd
+}
+#pragma GCC diagnostic pop
+#else
+template <Deltas kDeltas>
+void softmax_grad_pair(const float* p_first, const float* p_second, const float* dp_first, const float* dp_second,
+                       const float* deltas, int64_t n, float scale, bool has_second, uint16_t* a_first,
+                       uint16_t* a_second, uint32_t* pairs) {
+  const auto grad = [scale](float p, float dp, float delta) { return p == 1.0f ? 0.0f : scale * p * (dp - delta); };
   for (int64_t j = 0; j < n; ++j) {
-    const float delta_first = kDeltas == Deltas::kPerRow ? deltas[0] : deltas[j];
-    const float delta_second = kDeltas == Deltas::kPerRow ? deltas[1] : deltas[j];
-    const uint16_t ds_first = narrow(grad(p_first[j], dp_first[j], delta_first));
-    const uint16_t ds_second = narrow(grad(p_second[j], dp_second[j], delta_second));
+    const uint16_t ds_first = narrow(grad(p_first[j], dp_first[j], kDeltas == Deltas::kPerRow ? deltas[0] : deltas[j]));
+    const uint16_t ds_second =
+        has_second ? narrow(grad(p_second[j], dp_second[j], kDeltas == Deltas::kPerRow ? deltas[1] : deltas[j])) : 0;
     a_first[j] = ds_first;
-    a_second[j] = ds_second;
+    if (has_second) a_second[j] = ds_second;
     pairs[j] = ds_first | static_cast<uint32_t>(ds_second) << 16;
   }
 }
+#endif
 
 }  // namespace
 }  // namespace fastattn::cpu
