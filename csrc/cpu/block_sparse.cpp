@@ -9,11 +9,14 @@
 // deterministic results whatever the number of threads.
 //
 // The operands are first laid out for those products (O(N D) memory: the transposes K^T, Q^T, dO^T,
-// bfloat16 converted to float32). Float32 tiles are multiplied with oneDNN's batch-reduce GEMM
+// bfloat16 converted to float32 or, with bf16 products, pair-interleaved). Float32 tiles are multiplied with oneDNN's batch-reduce GEMM
 // micro-kernels through at::native::cpublas::brgemm (AVX-512 where the CPU has it, several times faster
 // than BLAS calls on tiles this small); float64 (for gradcheck) with the dgemm_ that torch links. The
 // element-wise loops (masked softmax, dS) are plain loops written for the compiler to vectorise, cloned
-// per x86 ISA level so that one binary uses AVX-512 or AVX2 where it can.
+// per x86 ISA level so that one binary uses AVX-512 or AVX2 where it can; with bf16 products, which run
+// only on AVX512-BF16 CPUs, the probabilities and dS are computed and rounded to their bfloat16 operands
+// in one pass each (AVX-512 intrinsics, cpu::exp_scaled_sum_bf16, cpu::exp_shifted_bf16,
+// cpu::softmax_grad_pair).
 #include "cpu/dense_tiles.h"
 
 #include <ATen/ATen.h>

@@ -290,9 +290,7 @@ inline uint16_t narrow(float value) {
                                                                    uint32_t* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = first[i] | static_cast<uint32_t>(second[i]) << 16;
 }
-}  // namespace
 
-namespace {
 // out[i] = exp(in[i] - shift) for a row (in may be out); returns their sum, as sum_of would add them.
 template <typename T>
 T exp_shifted_sum(const T* in, T* out, int64_t n, T shift) {
@@ -304,8 +302,8 @@ T exp_shifted_sum(const T* in, T* out, int64_t n, T shift) {
 // The probabilities of softmax rows for bf16 products. These run only where the CPU has AVX512-BF16
 // (bf16_products()), so on x86 they are written with its intrinsics: compilers vectorise neither the
 // rounding instruction nor a row's sum well, and rows are short (a block of 64 keys). Their exp is within
-// 7e-6 relative error (a degree-5 Taylor polynomial after a one-step range reduction), about a third
-// cheaper than exp_approx and far below the 2^-9 to which the products round the probabilities; it is
+// 7e-6 relative error (a degree-5 Taylor polynomial after a one-step range reduction), cheaper than
+// exp_approx and far below the 2^-9 to which the products round the probabilities; it is
 // exactly 1 at 0 (a saturated softmax's probability) and exactly 0 below the smallest normal result, and
 // NaN stays NaN. Rounding to bfloat16 flushes denormal results to zero (see narrow_operand_row).
 namespace {
