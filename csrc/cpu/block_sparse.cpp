@@ -434,7 +434,8 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
         } else {
           row_sum = exp_scaled_sum(row, cols, scale, new_max, prob_row);
         }
-        const accum_t correction = exp_accum(scale * (run_max[i] - new_max));
+        // Most runs leave a row's maximum as it was, and exp(0) is 1: the scalar exp is skipped then.
+        const accum_t correction = new_max == run_max[i] ? accum_t(1) : exp_accum(scale * (run_max[i] - new_max));
         if (correction != accum_t(1)) scale_row(acc + i * dim, dim, correction);
         run_sum[i] = run_sum[i] * correction + row_sum;
         run_max[i] = new_max;
