@@ -9,11 +9,14 @@
 // deterministic results whatever the number of threads.
 //
 // The operands are first laid out for those products (O(N D) memory: the transposes K^T, Q^T, dO^T,
-// bfloat16 converted to float32). Float32 tiles are multiplied with oneDNN's batch-reduce GEMM
+// bfloat16 converted to float32 or, with bf16 products, pair-interleaved). Float32 tiles are multiplied with oneDNN's batch-reduce GEMM
 // micro-kernels through at::native::cpublas::brgemm (AVX-512 where the CPU has it, several times faster
 // than BLAS calls on tiles this small); float64 (for gradcheck) with the dgemm_ that torch links. The
 // element-wise loops (masked softmax, dS) are plain loops written for the compiler to vectorise, cloned
-// per x86 ISA level so that one binary uses AVX-512 or AVX2 where it can.
+// per x86 ISA level so that one binary uses AVX-512 or AVX2 where it can; with bf16 products, which run
+// only on AVX512-BF16 CPUs, the probabilities and dS are computed and rounded to their bfloat16 operands
+// in one pass each (AVX-512 intrinsics, cpu::exp_scaled_sum_bf16, cpu::exp_shifted_bf16,
+// cpu::softmax_grad_pair).
 #include "cpu/dense_tiles.h"
 
 #include <ATen/ATen.h>
@@ -93,23 +96,27 @@ constexpr int64_t kBackwardRunRows = 256;
 // Reductions keep kLanes partial results so that they vectorise without reassociating by -ffast-math.
 constexpr int64_t kLanes = 16;
 
-// row[j] = exp(row[j] - shift) for j < n; returns the sum of the new values.
+// The probabilities of a row of scores relative to its maximum: probs[j] = exp(scale * (row[j] - max)) for
+// j < n (probs may be row); returns their sum. Scaling after the subtraction fuses the scaling into this pass
+// without letting the compiler contract scale * row[j] - max into one fused multiply-add, whose unrounded
+// product would make the maximum's own probability differ from exactly 1 (the backward's test of a
+// saturated row).
 template <typename T>
-FASTATTN_ISA_CLONES T exp_shifted_sum(T* row, int64_t n, T shift) {
+FASTATTN_ISA_CLONES T exp_scaled_sum(const T* row, int64_t n, T scale, T max, T* probs) {
   T lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
 #pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) {
-      const T e = exp_accum(row[j + l] - shift);
-      row[j + l] = e;
+      const T e = exp_accum(scale * (row[j + l] - max));
+      probs[j + l] = e;
       lanes[l] += e;
     }
   }
   T sum = 0;
   for (; j < n; ++j) {
-    row[j] = exp_accum(row[j] - shift);
-    sum += row[j];
+    probs[j] = exp_accum(scale * (row[j] - max));
+    sum += probs[j];
   }
   for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
   return sum;
@@ -120,22 +127,6 @@ template <typename T>
 FASTATTN_ISA_CLONES void exp_shifted(T* row, int64_t n, const T* shifts) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) row[j] = exp_accum(row[j] - shifts[j]);
-}
-
-template <typename T>
-FASTATTN_ISA_CLONES T row_max(const T* row, int64_t n) {
-  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
-  T lanes[kLanes];
-  std::fill(lanes, lanes + kLanes, neg_inf);
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-#pragma omp simd
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] < row[j + l] ? row[j + l] : lanes[l];
-  }
-  T result = neg_inf;
-  for (; j < n; ++j) result = result < row[j] ? row[j] : result;
-  for (int64_t l = 0; l < kLanes; ++l) result = result < lanes[l] ? lanes[l] : result;
-  return result;
 }
 
 template <typename T>
@@ -373,16 +364,6 @@ struct TransposedHeads {
   const T* operator()(int64_t b, int64_t h, int64_t heads) const { return data + (b * heads + h) * head_size; }
 };
 
-// Rounds `count` float32 scores per row to the bfloat16 A operand of a product, zero in column `count` when
-// count is odd (the product's inner dimension is then count + 1, over a zero pad row of B).
-void scores_to_operand(const float* scores, int64_t scores_ld, int64_t rows, int64_t count, c10::BFloat16* dst,
-                       int64_t dst_ld) {
-  for (int64_t i = 0; i < rows; ++i) {
-    cpu::narrow_operand_row(scores + i * scores_ld, reinterpret_cast<uint16_t*>(dst + i * dst_ld), count);
-    if (count % 2 == 1) dst[i * dst_ld + count] = c10::BFloat16(0.0f);
-  }
-}
-
 template <typename T>
 FASTATTN_ISA_CLONES void add_rows(const T* src, T* dst, int64_t count) {
 #pragma omp simd
@@ -397,6 +378,8 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
                     at::Tensor& lse) {
   using accum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   constexpr bool kPaired = std::is_same_v<op_t, c10::BFloat16>;
+  // The probabilities' elements: in place of the scores, or the bits of bfloat16 operands.
+  using prob_t = std::conditional_t<kPaired, uint16_t, accum_t>;
   const at::Tensor q_c = in_operand_type<op_t>(q), v_c = kPaired ? paired_rows(v) : in_accum_type(v);
   const Heads<op_t> q_heads(q_c), v_heads(v_c);
   const auto kt_heads = TransposedHeads<op_t, kPaired>::template of<scalar_t>(k);
@@ -429,28 +412,34 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
       tile_gemm(rows, cols, dim, q_tile, dim, k_t_head + column_offset<kPaired>(c0), kt_heads.ld, scores, ld, false);
       mask_scores(p, scores, ld, rows, cols, b, r0, c0);
       for (int64_t i = 0; i < rows; ++i) {
-        accum_t* row = scores + i * ld;
-        // Scaled in a pass of its own, not fused into the exp: the backward rounds scale * S the same way.
-        scale_row(row, cols, scale);
-        // row_max skips NaN scores: a NaN makes exp(s - max), and so the row's sum, NaN below. A run_max of NaN
+        const accum_t* row = scores + i * ld;
+        prob_t* prob_row = reinterpret_cast<prob_t*>(probs + i * ld);
+        // An odd run of keys meets a zero pad row of V (pair_rows) in the bf16 product: its column is zero too.
+        if (kPaired && cols % 2 == 1) prob_row[cols] = 0;
+        // max_of skips NaN scores: a NaN makes exp(s - max), and so the row's sum, NaN below. A run_max of NaN
         // (set here) stays NaN, std::max returning its first argument when the second is not larger.
-        accum_t new_max = std::max(run_max[i], row_max(row, cols));
+        accum_t new_max = std::max(run_max[i], cpu::max_of(row, cols));
         if (new_max == -std::numeric_limits<accum_t>::infinity()) {
           // No key of this run is visible, unless every visible one scored NaN (a NaN in q or k), which must
           // reach the row's output (not make it a row that sees no key).
           if (std::none_of(row, row + cols, [](accum_t s) { return s != s; })) {
-            std::fill(row, row + cols, accum_t(0));
+            std::fill(prob_row, prob_row + cols, prob_t(0));
             continue;
           }
           new_max = std::numeric_limits<accum_t>::quiet_NaN();
         }
-        const accum_t row_sum = exp_shifted_sum(row, cols, new_max);
-        const accum_t correction = exp_accum(run_max[i] - new_max);
+        accum_t row_sum;
+        if constexpr (kPaired) {
+          row_sum = cpu::exp_scaled_sum_bf16(row, cols, scale, new_max, prob_row);
+        } else {
+          row_sum = exp_scaled_sum(row, cols, scale, new_max, prob_row);
+        }
+        // Most runs leave a row's maximum as it was, and exp(0) is 1: the scalar exp is skipped then.
+        const accum_t correction = new_max == run_max[i] ? accum_t(1) : exp_accum(scale * (run_max[i] - new_max));
         if (correction != accum_t(1)) scale_row(acc + i * dim, dim, correction);
         run_sum[i] = run_sum[i] * correction + row_sum;
         run_max[i] = new_max;
       }
-      if constexpr (kPaired) scores_to_operand(scores, ld, rows, cols, probs, ld);
       tile_gemm(rows, dim, cols + (kPaired ? cols % 2 : 0), probs, ld, v_head + c0 * dim, dim, acc, dim, true);
     });
 
@@ -458,8 +447,9 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     for (int64_t i = 0; i < rows; ++i) {
       const bool sees_a_key = run_sum[i] != 0;  // NaN (an input's) gives NaN outputs and lse
       scale_row(acc + i * dim, dim, sees_a_key ? accum_t(1) / run_sum[i] : accum_t(0));
+      // The backward rounds scale * S before subtracting the log-sum-exp: so does scale * run_max here.
       lse_data[out_row + i] =
-          sees_a_key ? run_max[i] + std::log(run_sum[i]) : std::numeric_limits<accum_t>::infinity();
+          sees_a_key ? scale * run_max[i] + std::log(run_sum[i]) : std::numeric_limits<accum_t>::infinity();
     }
     store_rows(acc, out_data + out_row * dim, rows * dim);
   });
@@ -475,30 +465,33 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   constexpr bool kPaired = std::is_same_v<op_t, c10::BFloat16>;
   // Q and dO are B operands over their rows (dK += dS^T Q, dV += P^T dO); K and V are A operands.
   const at::Tensor q_c = kPaired ? paired_rows(q) : in_accum_type(q);
-  const at::Tensor do_rows = kPaired ? paired_rows(grad_out) : at::Tensor();
-  const at::Tensor k_c = in_operand_type<op_t>(k), v_c = in_operand_type<op_t>(v);
-  const at::Tensor do_c = in_accum_type(grad_out), out_c = in_accum_type(out), lse_c = lse.contiguous();
-  const Heads<op_t> q_heads(q_c), k_heads(k_c), v_heads(v_c), do_heads(kPaired ? do_rows : do_c);
-  const at::Tensor q_in = q.contiguous(), do_in = grad_out.contiguous();
+  const at::Tensor do_c = kPaired ? paired_rows(grad_out) : in_accum_type(grad_out);
+  const at::Tensor k_c = in_operand_type<op_t>(k), v_c = in_operand_type<op_t>(v), lse_c = lse.contiguous();
+  const Heads<op_t> q_heads(q_c), k_heads(k_c), v_heads(v_c), do_heads(do_c);
+  const at::Tensor q_in = q.contiguous(), do_in = grad_out.contiguous(), out_in = out.contiguous();
   const Heads<scalar_t> q_in_rows(q_in), do_in_rows(do_in);
   const accum_t* lse_data = lse_c.const_data_ptr<accum_t>();
   const int64_t bs = p.block, dim = p.dim;
   const accum_t scale = static_cast<accum_t>(p.scale);
   const int64_t rows_total = p.batch * p.heads * p.query_len;
 
-  // delta_i = rowsum(dO_i * O_i), in double: products of floats are exact there, so delta adds no rounding
-  // of its own to dP - delta.
+  // delta_i = rowsum(dO_i * O_i), in double (cpu::dot_in_double), from the rows in the input dtype (bfloat16
+  // ones widened a row at a time).
   at::Tensor delta = at::empty({rows_total}, lse.options());
   accum_t* delta_data = delta.data_ptr<accum_t>();
-  const accum_t* do_data = do_c.const_data_ptr<accum_t>();
-  const accum_t* out_data = out_c.const_data_ptr<accum_t>();
+  const scalar_t* do_data = do_in.const_data_ptr<scalar_t>();
+  const scalar_t* out_data = out_in.const_data_ptr<scalar_t>();
   at::parallel_for(0, rows_total, 64, [&](int64_t begin, int64_t end) {
+    std::vector<accum_t> widened(std::is_same_v<scalar_t, accum_t> ? 0 : 2 * dim);
     for (int64_t row = begin; row < end; ++row) {
-      double sum = 0;
-      for (int64_t d = 0; d < dim; ++d) {
-        sum += static_cast<double>(do_data[row * dim + d]) * static_cast<double>(out_data[row * dim + d]);
+      const scalar_t *do_row = do_data + row * dim, *out_row = out_data + row * dim;
+      if constexpr (std::is_same_v<scalar_t, accum_t>) {
+        delta_data[row] = static_cast<accum_t>(cpu::dot_in_double(do_row, out_row, dim));
+      } else {
+        cpu::widen_row(reinterpret_cast<const uint16_t*>(do_row), widened.data(), dim, 1.0f);
+        cpu::widen_row(reinterpret_cast<const uint16_t*>(out_row), widened.data() + dim, dim, 1.0f);
+        delta_data[row] = static_cast<accum_t>(cpu::dot_in_double(widened.data(), widened.data() + dim, dim));
       }
-      delta_data[row] = static_cast<accum_t>(sum);
     }
   });
 
@@ -572,19 +565,42 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
       const int64_t inner_rows = kPaired ? rows + rows % 2 : rows;
       tile_gemm(cols, rows, dim, k_tile, dim, ops.q_t + column_offset<kPaired>(r0), ops.ld_q, probs_t, ld, false);
       mask_scores_transposed(p, probs_t, ld, rows, cols, b, r0, c0);
+      const accum_t* lse_run = lse_data + head_row + r0;
+      const accum_t* delta_run = delta_data + head_row + r0;
       for (int64_t j = 0; j < cols; ++j) {
-        scale_row(probs_t + j * ld, rows, scale);
-        exp_shifted(probs_t + j * ld, rows, lse_data + head_row + r0);
+        if constexpr (kPaired) {
+          uint16_t* prob_row = reinterpret_cast<uint16_t*>(probs_op + j * inner_rows);
+          cpu::exp_shifted_bf16(probs_t + j * ld, rows, scale, lse_run, /*shift_per_element=*/true, prob_row);
+          if (rows % 2 == 1) prob_row[rows] = 0;
+        } else {
+          // Scaled in a pass of its own: fused into the exp, scale * S - lse would be contracted to a fused
+          // multiply-add, unlike the forward's rounded scale * max (see exp_scaled_sum).
+          scale_row(probs_t + j * ld, rows, scale);
+          exp_shifted(probs_t + j * ld, rows, lse_run);
+        }
       }
-      if constexpr (kPaired) scores_to_operand(probs_t, ld, cols, rows, probs_op, inner_rows);
       tile_gemm(cols, dim, inner_rows, probs_op, inner_rows, do_head + r0 * dim, dim, acc_v, dim, true);
       tile_gemm(cols, rows, dim, v_tile, dim, ops.do_t + column_offset<kPaired>(r0), ops.ld_q, dp_t, ld, false);
-      for (int64_t j = 0; j < cols; ++j) {
-        softmax_grad_row_transposed(probs_t + j * ld, dp_t + j * ld, rows, delta_data + head_row + r0, scale);
-      }
       if constexpr (kPaired) {
-        scores_to_operand(dp_t, ld, cols, rows, ds_op, inner_rows);
-        cpu::pair_rows(dp_t, ld, cols, rows, ds_pairs, rows);
+        // dS^T as the A operand of dS^T Q (rows of inner_rows) and, pair-interleaved over its key rows, as the
+        // B operand of K^T dS^T (pairs of rows of `rows`).
+        uint16_t* ds_bits = reinterpret_cast<uint16_t*>(ds_op);
+        for (int64_t j = 0; j < cols; j += 2) {
+          const bool has_second = j + 1 < cols;
+          const int64_t second = has_second ? j + 1 : j;
+          cpu::softmax_grad_pair<cpu::Deltas::kPerColumn>(
+              probs_t + j * ld, probs_t + second * ld, dp_t + j * ld, dp_t + second * ld, delta_run, rows, scale,
+              has_second, ds_bits + j * inner_rows, ds_bits + second * inner_rows,
+              reinterpret_cast<uint32_t*>(ds_pairs + j * rows));
+          if (rows % 2 == 1) {
+            ds_bits[j * inner_rows + rows] = 0;
+            ds_bits[second * inner_rows + rows] = 0;
+          }
+        }
+      } else {
+        for (int64_t j = 0; j < cols; ++j) {
+          softmax_grad_row_transposed(probs_t + j * ld, dp_t + j * ld, rows, delta_run, scale);
+        }
       }
       tile_gemm(cols, dim, inner_rows, ds_op, inner_rows, q_head + r0 * dim, dim, acc_k, dim, true);
       // The run's share of dQ, transposed (dQ^T = K^T dS^T, dim x rows), so that dS^T needs no transposing.

@@ -131,18 +131,24 @@ inline void pair_columns(const c10::BFloat16* src, int64_t src_ld, int64_t rows,
 template <typename In, typename Out, typename T>
 inline void transpose(const In* src, int64_t src_ld, int64_t rows, int64_t cols, T multiplier, Out* dst,
                       int64_t dst_ld) {
-  constexpr int64_t kBlock = 16;
-  for (int64_t row_block = 0; row_block < rows; row_block += kBlock) {
-    const int64_t row_end = std::min(rows, row_block + kBlock);
-    for (int64_t col_block = 0; col_block < cols; col_block += kBlock) {
-      const int64_t col_end = std::min(cols, col_block + kBlock);
-      for (int64_t c = col_block; c < col_end; ++c) {
-        for (int64_t r = row_block; r < row_end; ++r) {
-          dst[c * dst_ld + r] = static_cast<Out>(static_cast<T>(src[r * src_ld + c]) * multiplier);
+  const auto transpose_as = [&](const auto& convert) {
+    constexpr int64_t kBlock = 16;
+    for (int64_t row_block = 0; row_block < rows; row_block += kBlock) {
+      const int64_t row_end = std::min(rows, row_block + kBlock);
+      for (int64_t col_block = 0; col_block < cols; col_block += kBlock) {
+        const int64_t col_end = std::min(cols, col_block + kBlock);
+        for (int64_t c = col_block; c < col_end; ++c) {
+          for (int64_t r = row_block; r < row_end; ++r) dst[c * dst_ld + r] = convert(src[r * src_ld + c]);
         }
       }
     }
+  };
+  // Without a multiplier, elements of the same type move as they are (bfloat16 ones without a round trip
+  // through float, which costs several times the move).
+  if constexpr (std::is_same_v<In, Out>) {
+    if (multiplier == T(1)) return transpose_as([](In x) { return x; });
   }
+  transpose_as([multiplier](In x) { return static_cast<Out>(static_cast<T>(x) * multiplier); });
 }
 
 // exp(x) within about 1 ulp for x <= 88 (callers pass x <= 0), written without calls or branches so that the
@@ -204,6 +210,7 @@ inline T sum_of(const T* x, int64_t n) {
   return total;
 }
 
+namespace {
 template <typename T>
 inline T max_of(const T* x, int64_t n) {
   T partial[8];
@@ -217,6 +224,23 @@ inline T max_of(const T* x, int64_t n) {
   for (int l = 0; l < 8; ++l) result = partial[l] > result ? partial[l] : result;
   return result;
 }
+// max_of for float rows, with sixteen partial results compiled per ISA level (GCC leaves the template's
+// loop scalar). NaN is skipped as there.
+[[maybe_unused]] FASTATTN_VECTOR_CLONES float max_of(const float* x, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  float partial[kLanes];
+  std::fill(partial, partial + kLanes, -std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) partial[l] = x[i + l] > partial[l] ? x[i + l] : partial[l];
+  }
+  float result = -std::numeric_limits<float>::infinity();
+  for (; i < n; ++i) result = x[i] > result ? x[i] : result;
+  for (int64_t l = 0; l < kLanes; ++l) result = partial[l] > result ? partial[l] : result;
+  return result;
+}
+}  // namespace
 
 // bfloat16 <-> float rows as integer operations the compiler vectorises (c10's conversions are scalar
 // calls here), bit for bit the same as c10: widening shifts the bits up, narrowing rounds to nearest even
@@ -261,6 +285,113 @@ inline uint16_t narrow(float value) {
                                                                int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = narrow(first[i]) | static_cast<uint32_t>(narrow(second[i])) << 16;
 }
+// narrow_pair_rows for rows that are bfloat16 already (their bits).
+[[maybe_unused]] FASTATTN_VECTOR_CLONES void interleave_pair_rows(const uint16_t* first, const uint16_t* second,
+                                                                   uint32_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = first[i] | static_cast<uint32_t>(second[i]) << 16;
+}
+
+// out[i] = exp(in[i] - shift) for a row (in may be out); returns their sum, as sum_of would add them.
+template <typename T>
+T exp_shifted_sum(const T* in, T* out, int64_t n, T shift) {
+  exp_shifted(in, out, n, shift);
+  return sum_of(out, n);
+}
+}  // namespace
+
+// The probabilities of softmax rows for bf16 products. These run only where the CPU has AVX512-BF16
+// (bf16_products()), so on x86 they are written with its intrinsics: compilers vectorise neither the
+// rounding instruction nor a row's sum well, and rows are short (a block of 64 keys). Their exp is within
+// 7e-6 relative error (a degree-5 Taylor polynomial after a one-step range reduction), cheaper than
+// exp_approx and far below the 2^-9 to which the products round the probabilities; it is
+// exactly 1 at 0 (a saturated softmax's probability) and exactly 0 below the smallest normal result, and
+// NaN stays NaN. Rounding to bfloat16 flushes denormal results to zero (see narrow_operand_row).
+namespace {
+#if defined(__x86_64__) && defined(__GNUC__)
+// GCC 12's AVX-512 intrinsics leave the pass-through operand of their unmasked forms uninitialised on
+// purpose, which -Wall reports once they are inlined here (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define FASTATTN_BF16_PRODUCTS_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+FASTATTN_BF16_PRODUCTS_TARGET inline __m512 exp_coarse(__m512 x) {
+  // max and min return their second operand when one is NaN: x, so that NaN goes through.
+  const __m512 clamped = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.33654f), x));
+  // Adding 1.5 * 2^23 rounds to the nearest integer n, which the low bits of `shifted` then hold.
+  const __m512 shifter = _mm512_set1_ps(12582912.0f);
+  const __m512 shifted = _mm512_fmadd_ps(clamped, _mm512_set1_ps(1.44269504088896341f), shifter);
+  const __m512 n = _mm512_sub_ps(shifted, shifter);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945f), clamped);
+  __m512 p = _mm512_set1_ps(1.0f / 120);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i exponent = _mm512_add_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(127 - 0x4B400000));
+  const __m512 power = _mm512_castsi512_ps(_mm512_slli_epi32(exponent, 23));
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ);
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~underflow), p, power);
+}
+
+FASTATTN_BF16_PRODUCTS_TARGET inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+// probs[j] = exp(scale * (row[j] - max)) rounded to bfloat16, for j < n; returns the sum of the unrounded
+// values. Scaling after the subtraction cannot be contracted into one fused multiply-add with it, whose
+// unrounded product would make the maximum's own probability differ from exactly 1.
+[[maybe_unused]] FASTATTN_BF16_PRODUCTS_TARGET float exp_scaled_sum_bf16(const float* row, int64_t n, float scale,
+                                                                         float max, uint16_t* probs) {
+  const __m512 scales = _mm512_set1_ps(scale), maxima = _mm512_set1_ps(max);
+  __m512 sums = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    const __m512 e = exp_coarse(_mm512_mul_ps(scales, _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, row + j), maxima)));
+    sums = _mm512_mask_add_ps(sums, lanes, sums, e);
+    _mm256_mask_storeu_epi16(probs + j, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+  }
+  return _mm512_reduce_add_ps(sums);
+}
+
+// row[j] = exp(scale * row[j] - shift_j) for j < n, with shift_j = shifts[j] (shift_per_element) or shifts[0],
+// and the results rounded to bfloat16 into probs[j] where probs is not null. scale * row[j] is rounded before
+// the subtraction (an intrinsic with a rounding mode, which the compiler does not contract into a fused
+// multiply-add), as the forward rounds scale * max: a saturated softmax's probability is then exactly 1.
+[[maybe_unused]] FASTATTN_BF16_PRODUCTS_TARGET void exp_shifted_bf16(float* row, int64_t n, float scale,
+                                                                     const float* shifts, bool shift_per_element,
+                                                                     uint16_t* probs) {
+  const __m512 scales = _mm512_set1_ps(scale), shift = _mm512_set1_ps(shifts[0]);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    const __m512 shift_j = shift_per_element ? _mm512_maskz_loadu_ps(lanes, shifts + j) : shift;
+    const __m512 scaled = _mm512_mul_round_ps(scales, _mm512_maskz_loadu_ps(lanes, row + j), _MM_FROUND_CUR_DIRECTION);
+    const __m512 e = exp_coarse(_mm512_sub_ps(scaled, shift_j));
+    _mm512_mask_storeu_ps(row + j, lanes, e);
+    if (probs != nullptr) _mm256_mask_storeu_epi16(probs + j, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+  }
+}
+#pragma GCC diagnostic pop
+#else
+// Elsewhere bf16 products do not run (bf16_products()); these keep the kernels compiling.
+[[maybe_unused]] float exp_scaled_sum_bf16(const float* row, int64_t n, float scale, float max, uint16_t* probs) {
+  float sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = exp_approx(scale * (row[j] - max));
+    probs[j] = narrow(e);
+    sum += e;
+  }
+  return sum;
+}
+[[maybe_unused]] void exp_shifted_bf16(float* row, int64_t n, float scale, const float* shifts, bool shift_per_element,
+                                       uint16_t* probs) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float scaled = scale * row[j];
+    row[j] = exp_approx(scaled - shifts[shift_per_element ? j : 0]);
+    if (probs != nullptr) probs[j] = narrow(row[j]);
+  }
+}
+#endif
 }  // namespace
 
 // The pair-interleaved B operand of product() from a (rows x cols) matrix `src` (leading dimension src_ld,
@@ -279,9 +410,13 @@ inline void pair_rows(const In* src, int64_t src_ld, int64_t rows, int64_t cols,
         narrow_pair_rows(first + c0, second, reinterpret_cast<uint32_t*>(out + 2 * c0), n);
       }
     } else {
-      for (int64_t c = 0; c < cols; ++c) {
-        out[2 * c] = first[c];
-        out[2 * c + 1] = r + 1 < rows ? first[src_ld + c] : In(0);
+      static_assert(std::is_same_v<In, c10::BFloat16>, "pair_rows: float or bfloat16 rows");
+      static const uint16_t zeros[256] = {};
+      const auto* first_bits = reinterpret_cast<const uint16_t*>(first);
+      for (int64_t c0 = 0; c0 < cols; c0 += 256) {
+        const int64_t n = std::min<int64_t>(256, cols - c0);
+        const uint16_t* second = r + 1 < rows ? first_bits + src_ld + c0 : zeros;
+        interleave_pair_rows(first_bits + c0, second, reinterpret_cast<uint32_t*>(out + 2 * c0), n);
       }
     }
   }

@@ -94,14 +94,6 @@ void zero_pad_column(c10::BFloat16* a, int64_t ld, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) a[r * ld + cols] = c10::BFloat16(0.0f);
 }
 
-// rows x cols float32 rounded to a bfloat16 A operand of leading dimension ld (zero pad column when odd).
-void narrow_operand(const float* src, int64_t rows, int64_t cols, c10::BFloat16* dst, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    cpu::narrow_operand_row(src + r * cols, reinterpret_cast<uint16_t*>(dst + r * ld), cols);
-  }
-  zero_pad_column(dst, ld, rows, cols);
-}
-
 // Rows [start, start + rows) of one head of k or v as a matrix for BLAS, with padded keys zeroed: read in
 // place when the input already has the accumulation type and no key of the head is padded, else
 // converted into `buffer`. Returns the rows and their leading dimension.
@@ -266,21 +258,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       const auto [query_rows, ldq] = rows_in<scalar_t, O>(q_ptr + qv.offset(b, h) + start * qv.row_stride,
                                                           qv.row_stride, n, dim, reinterpret_cast<O*>(queries.data()));
       cpu::product(n, kp, dim, query_rows, ldq, kt_ptr + bh * dim * kp, kp, scores.data(), kp, false);
+      // The probabilities in place of the scores, or with bf16 products rounded into their operand.
+      const O* prob_rows = kPaired ? probs.data() : reinterpret_cast<const O*>(scores.data());
       for (int64_t r = 0; r < n; ++r) {
         T* row = scores.data() + r * kp;
         const T row_max = cpu::max_of(row, kp);
-        cpu::exp_shifted(row, row, kp, row_max);
-        const T sum = cpu::sum_of(row, kp);
+        T sum;
+        if constexpr (kPaired) {
+          uint16_t* prob_row = reinterpret_cast<uint16_t*>(probs.data() + r * kp_inner);
+          sum = cpu::exp_scaled_sum_bf16(row, kp, 1.0f, row_max, prob_row);
+          if (kp % 2 == 1) prob_row[kp] = 0;
+        } else {
+          sum = cpu::exp_shifted_sum(row, row, kp, row_max);
+        }
         row_sums[r] = sum;
         lse_ptr[bh * query_len + start + r] = row_max + std::log(sum);
       }
       scalar_t* out_rows = out_ptr + ov.offset(b, h) + start * ov.row_stride;
       const auto [result, ldo] = rows_out(out_rows, ov.row_stride, dim, outputs.data());
-      const O* prob_rows = reinterpret_cast<const O*>(scores.data());
-      if constexpr (kPaired) {
-        narrow_operand(scores.data(), n, kp, probs.data(), kp_inner);
-        prob_rows = probs.data();
-      }
       cpu::product(n, dim, kp_inner, prob_rows, kp_inner, values + bh * kp_inner * dim, dim, result, ldo, false);
       // Normalising the outputs (n x D) instead of the probabilities (n x kp) costs less when D < kp.
       for (int64_t r = 0; r < n; ++r) {
@@ -390,29 +385,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 
         cpu::product(n, kp, dim, query_rows, ldq, keys_t.data(), kp, probs.data(), kp, false);
         cpu::product(n, kp, dim, grad_out_rows, ldg, values_t.data(), kp, dprobs.data(), kp, false);
-        for (int64_t r = 0; r < n; ++r) {
+        // Row r of P, and delta = dO . O = P . dP, taken from the recomputed P and dP (kp terms) rather than
+        // from the output, which is rounded to the input dtype: near a saturated row dP - delta is a small
+        // difference, and the output's rounding (bfloat16's 2^-9) would swamp it.
+        const auto probabilities_and_delta = [&](int64_t r) {
           T* p_row = probs.data() + r * kp;
-          cpu::exp_shifted(p_row, p_row, kp, lse_ptr[bh * query_len + start + r]);
-          T* d_row = dprobs.data() + r * kp;
-          // delta = dO . O = P . dP, taken from the recomputed P and dP (kp terms, in double) rather than
-          // from the output, which is rounded to the input dtype: near a saturated row dP - delta is a small
-          // difference, and the output's rounding (bfloat16's 2^-9) would swamp it.
-          double delta = 0;
-#pragma omp simd reduction(+ : delta)
-          for (int64_t j = 0; j < kp; ++j) delta += static_cast<double>(p_row[j]) * d_row[j];
-          // d_row becomes scale * dS, the factor that both dQ and dK' carry.
-          cpu::softmax_grad_row(p_row, d_row, kp, static_cast<T>(delta), T(scale));
-        }
+          if constexpr (kPaired) {
+            cpu::exp_shifted_bf16(p_row, kp, 1.0f, lse_ptr + bh * query_len + start + r,
+                                  /*shift_per_element=*/false, nullptr);
+          } else {
+            cpu::exp_shifted(p_row, p_row, kp, lse_ptr[bh * query_len + start + r]);
+          }
+          return static_cast<T>(cpu::dot_in_double(p_row, dprobs.data() + r * kp, kp));
+        };
+        // dS becomes scale * dS, the factor that both dQ and dK' carry: in place of dP, or with bf16 products
+        // rounded into its operands (a pair of rows at a time), with P pair-interleaved.
         const O* probs_operand = reinterpret_cast<const O*>(probs.data());
         const O* ds_operand = reinterpret_cast<const O*>(dprobs.data());
         const O* ds_a = ds_operand;
         if constexpr (kPaired) {
-          cpu::pair_rows(probs.data(), kp, n, kp, probs_pairs.data(), kp);
-          cpu::pair_rows(dprobs.data(), kp, n, kp, ds_pairs.data(), kp);
-          narrow_operand(dprobs.data(), n, kp, ds_rows.data(), kp_inner);
+          uint16_t* ds_bits = reinterpret_cast<uint16_t*>(ds_rows.data());
+          for (int64_t r = 0; r < n; r += 2) {
+            const bool has_second = r + 1 < n;
+            const int64_t second = has_second ? r + 1 : r;
+            const float deltas[2] = {probabilities_and_delta(r), has_second ? probabilities_and_delta(second) : 0.0f};
+            cpu::softmax_grad_pair<cpu::Deltas::kPerRow>(
+                probs.data() + r * kp, probs.data() + second * kp, dprobs.data() + r * kp, dprobs.data() + second * kp,
+                deltas, kp, static_cast<float>(scale), has_second, ds_bits + r * kp_inner, ds_bits + second * kp_inner,
+                reinterpret_cast<uint32_t*>(ds_pairs.data() + r * kp));
+            cpu::pair_rows(probs.data() + r * kp, kp, has_second ? 2 : 1, kp, probs_pairs.data() + r * kp, kp);
+          }
+          zero_pad_column(ds_rows.data(), kp_inner, n, kp);
           probs_operand = probs_pairs.data();
           ds_operand = ds_pairs.data();
           ds_a = ds_rows.data();
+        } else {
+          for (int64_t r = 0; r < n; ++r) {
+            cpu::softmax_grad_row(probs.data() + r * kp, dprobs.data() + r * kp, kp, probabilities_and_delta(r), T(scale));
+          }
         }
         add_product(dim, kp, n_inner, grads_t.data(), n_inner, probs_operand, kp, grad_values_t, kp, first,
                     partial_sum.data());
