@@ -16,9 +16,9 @@ def performer_fwd_fake(q, k, v, projection, kernel, causal, key_padding_mask, sc
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         q.new_empty(q.shape[:3], dtype=accumulation),
-        # One stabiliser per query head and key: with grouped-query attention (k with fewer heads than q)
-        # a per-head projection gives each query head its own key features.
-        q.new_empty((q.shape[0], q.shape[1], k.shape[2]), dtype=accumulation),
+        # Per query head (with grouped-query attention and a per-head projection, each query head has its own key
+        # features): one per key (the running prefix maximum) when causal, else one per feature (notes/performer_spec.md).
+        q.new_empty((q.shape[0], q.shape[1], k.shape[2] if causal else projection.shape[-2]), dtype=accumulation),
         q.new_empty((q.shape[0], q.shape[1], projection.shape[-2], q.shape[3] + 1), dtype=accumulation),
     )
 

@@ -10,6 +10,7 @@
 #include "block_sparse_fwd_kernel.cuh"
 #include "block_sparse_simt_kernel.cuh"
 #include "linformer_projection_kernel.cuh"
+#include "performer_kernel.cuh"
 
 namespace fastattn::cuda {
 alignas(16) unsigned char shared_memory[160 * 1024];
@@ -197,6 +198,92 @@ extern "C" void emulated_linformer_projection(int dtype, const void* k, const vo
     case 0: return linformer_projection_head_dim<__half>(p);
     case 1: return linformer_projection_head_dim<__nv_bfloat16>(p);
     default: return linformer_projection_head_dim<float>(p);
+  }
+}
+
+namespace {
+
+void performer_sum_splits(const float* partial, float* out, int64_t count, int splits) {
+  constexpr int kThreads = kPerformerSumThreads;
+  run_grid(performer_sum_splits_kernel<kThreads>, dim3(tiles(int(count), kThreads)), kThreads, 0,
+           PerformerSplitSum{partial, out, count, splits});
+}
+
+// The kernel sequence of csrc/cuda/performer_launch.cuh.
+template <typename Element, int HeadDim>
+void performer(const PerformerParams& p, bool backward) {
+  using Traits = PerformerTraits<Element, HeadDim>;
+  const unsigned heads = unsigned(p.batch * p.heads);
+  const int64_t state_count = int64_t(heads) * p.features * (HeadDim + 1);
+  const dim3 query_grid(tiles(p.query_len, Traits::kRows), 1, heads);
+  if (!backward) {
+    const dim3 key_grid(tiles(p.features, Traits::kFeatures), p.key_splits, heads);
+    if (p.softmax) {
+      run_grid(performer_key_max_kernel<Traits>, key_grid, Traits::kThreads, Traits::bytes(Traits::kKeyMaxFloats), p);
+    }
+    run_grid(performer_state_kernel<Traits>, key_grid, Traits::kThreads, Traits::bytes(Traits::kStateFloats), p);
+    if (p.key_splits > 1) performer_sum_splits(p.state_partial, p.state, state_count, p.key_splits);
+    run_grid(performer_output_kernel<Traits>, query_grid, Traits::kThreads,
+             Traits::bytes(Traits::output_floats(p.features)), p);
+    return;
+  }
+  run_grid(performer_bwd_query_kernel<Traits>, query_grid, Traits::kThreads,
+           Traits::bytes(Traits::bwd_query_floats(p.features)), p);
+  const dim3 state_grid(tiles(p.features, Traits::kFeatures), p.query_splits, heads);
+  run_grid(performer_bwd_state_kernel<Traits>, state_grid, Traits::kThreads, Traits::bytes(Traits::kBwdStateFloats), p);
+  if (p.query_splits > 1) performer_sum_splits(p.grad_state_partial, p.grad_state, state_count, p.query_splits);
+  run_grid(performer_bwd_key_kernel<Traits>, dim3(tiles(p.key_len, Traits::kRows), 1, heads), Traits::kThreads,
+           Traits::bytes(Traits::kBwdKeyFloats), p);
+}
+
+template <typename Element>
+void performer_head_dim(const PerformerParams& p, bool backward) {
+  switch (p.head_dim) {
+    case 32: return performer<Element, 32>(p, backward);
+    case 64: return performer<Element, 64>(p, backward);
+    default: return performer<Element, 128>(p, backward);
+  }
+}
+
+}  // namespace
+
+// Performer, non-causal. q (B, H, Nq, D), k, v (B, H, Nk, D) contiguous; projection float32 (proj_heads, m, D)
+// with proj_heads 1 (shared) or H. Forward (grad_out null): out, normaliser (B, H, Nq), key_stabiliser
+// (B, H, m), state (B, H, m, D + 1); workspaces key_max_partial (key splits, B, H, m) and state_partial
+// (key splits, B, H, m, D + 1). Backward: the forward's saved tensors are inputs, and grad_q, grad_k, grad_v
+// outputs; workspaces query_rows (B, H, Nq, 3), grad_state (B, H, m, D + 1) and grad_state_partial
+// (query splits, B, H, m, D + 1).
+extern "C" void emulated_performer(int dtype, const void* q, const void* k, const void* v, const float* projection,
+                                   int proj_heads, const bool* key_padding_mask, int batch, int heads, int query_len,
+                                   int key_len, int head_dim, int features, int keys_per_split,
+                                   int queries_per_split, float sqrt_scale, bool softmax, void* out,
+                                   float* normaliser, float* key_stabiliser, float* state, float* key_max_partial,
+                                   float* state_partial, const void* grad_out, void* grad_q, void* grad_k,
+                                   void* grad_v, float* query_rows, float* grad_state, float* grad_state_partial) {
+  PerformerParams p{};
+  p.q = q, p.k = k, p.v = v, p.projection = projection;
+  p.projection_head_stride = proj_heads == 1 ? 0 : int64_t(features) * head_dim;
+  p.out = out, p.normaliser = normaliser, p.key_stabiliser = key_stabiliser, p.state = state;
+  p.key_max_partial = key_max_partial, p.state_partial = state_partial;
+  p.q_row_stride = head_dim, p.q_head_stride = int64_t(query_len) * head_dim;
+  p.q_batch_stride = int64_t(heads) * query_len * head_dim;
+  p.k_row_stride = p.v_row_stride = head_dim;
+  p.k_head_stride = p.v_head_stride = int64_t(key_len) * head_dim;
+  p.k_batch_stride = p.v_batch_stride = int64_t(heads) * key_len * head_dim;
+  p.key_padding_mask = key_padding_mask;
+  p.batch = batch, p.heads = heads, p.query_len = query_len, p.key_len = key_len, p.head_dim = head_dim;
+  p.features = features;
+  p.keys_per_split = keys_per_split, p.key_splits = (key_len + keys_per_split - 1) / keys_per_split;
+  p.queries_per_split = queries_per_split;
+  p.query_splits = (query_len + queries_per_split - 1) / queries_per_split;
+  p.sqrt_scale = sqrt_scale, p.softmax = softmax, p.causal = false;
+  p.grad_out = grad_out, p.grad_q = grad_q, p.grad_k = grad_k, p.grad_v = grad_v;
+  p.query_rows = query_rows, p.grad_state = grad_state, p.grad_state_partial = grad_state_partial;
+  const bool backward = grad_out != nullptr;
+  switch (dtype) {
+    case 0: return performer_head_dim<__half>(p, backward);
+    case 1: return performer_head_dim<__nv_bfloat16>(p, backward);
+    default: return performer_head_dim<float>(p, backward);
   }
 }
 
