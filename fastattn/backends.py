@@ -117,8 +117,6 @@ def _cuda_performer_reasons(options: dict) -> list[str]:
     """What the CUDA Performer kernels decline. Grouped-query attention is served by repeating k and v to the
     heads of q (the CUDA backend lists no mechanism in gqa_mechanisms)."""
     reasons = []
-    if options.get("causal"):
-        reasons.append("causal Performer is not implemented on CUDA yet (non-causal only)")
     features = options.get("features")  # m, where the caller passes it
     if features is not None and (features % 16 or not 0 < features <= CUDA_PERFORMER_MAX_FEATURES):
         reasons.append(f"Performer needs m (features) a multiple of 16 up to {CUDA_PERFORMER_MAX_FEATURES}, "

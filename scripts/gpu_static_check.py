@@ -410,8 +410,9 @@ void record_projection() {
   fc::run_linformer_projection<Element, HeadDim>(params, nullptr);
 }
 
-// Performer, non-causal softmax (the kernel "relu" launches a subset): the largest m (the query kernels' shared
-// memory grows with it) and two splits of the keys and queries, so the fixed-order sums launch too; block_size=0.
+// Performer softmax (the kernel "relu" launches a subset), non-causal and causal: the largest m (the query kernels'
+// shared memory grows with it) and two splits of the keys and queries, so the fixed-order sums launch too;
+// block_size=0.
 template <typename Element, int HeadDim>
 void record_performer() {
   current_block_size = 0;
@@ -419,6 +420,10 @@ void record_performer() {
   params.batch = 2, params.heads = 2, params.query_len = params.key_len = 256, params.head_dim = HeadDim;
   params.features = fc::kPerformerMaxFeatures, params.softmax = true;
   params.key_splits = params.query_splits = 2, params.keys_per_split = params.queries_per_split = 128;
+  fc::run_performer_fwd<Element, HeadDim>(params, nullptr);
+  fc::run_performer_bwd<Element, HeadDim>(params, nullptr);
+  params.causal = true;
+  fc::run_performer_row_max<Element, HeadDim>(params, true, nullptr);
   fc::run_performer_fwd<Element, HeadDim>(params, nullptr);
   fc::run_performer_bwd<Element, HeadDim>(params, nullptr);
 }

@@ -62,7 +62,7 @@ def library(tmp_path_factory):
         [integer] + [pointer] * 4 + [integer] * 2 + [pointer] + [integer] * 6 + [pointer] * 4)
     lib.emulated_linformer_projection.restype = None
     lib.emulated_performer.argtypes = (
-        [integer] + [pointer] * 4 + [integer, pointer] + [integer] * 8 + [ctypes.c_float, ctypes.c_bool]
+        [integer] + [pointer] * 4 + [integer, pointer] + [integer] * 8 + [ctypes.c_float, ctypes.c_bool, ctypes.c_bool]
         + [pointer] * 13)
     lib.emulated_performer.restype = None
     lib.emulated_shared_memory_overruns.restype = integer
@@ -258,9 +258,9 @@ def test_emulated_linformer_projection_matches_reference(library, case):
 
 
 def _emulated_performer(lib, projection, kernel: str, padding, scale: float, keys_per_split: int,
-                        queries_per_split: int):
-    """The non-causal Performer kernels as an autograd function of (q, k, v); projection: float32 as the host
-    code of csrc/cuda/performer_api.cpp passes it. The saved tensors and workspaces are poisoned with NaN."""
+                        queries_per_split: int, causal: bool = False):
+    """The Performer kernels as an autograd function of (q, k, v); projection: float32 as the host code of
+    csrc/cuda/performer_api.cpp passes it. The saved tensors and workspaces are poisoned with NaN."""
     weights = projection.to(torch.float32).contiguous()
     proj_heads = 1 if weights.dim() == 2 else weights.shape[0]
     features = weights.shape[-2]
@@ -277,7 +277,7 @@ def _emulated_performer(lib, projection, kernel: str, padding, scale: float, key
         lib.emulated_performer(
             DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), weights.data_ptr(), proj_heads,
             padding_pointer, batch, heads, query_len, key_len, head_dim, features, keys_per_split, queries_per_split,
-            scale**0.5, kernel == "softmax", out.data_ptr(), *(t.data_ptr() for t in saved),
+            scale**0.5, kernel == "softmax", causal, out.data_ptr(), *(t.data_ptr() for t in saved),
             *(t.data_ptr() for t in key_workspaces),
             *(None if t is None else t.data_ptr() for t in (grad_out, *grads, *workspaces)))
 
@@ -287,7 +287,9 @@ def _emulated_performer(lib, projection, kernel: str, padding, scale: float, key
             q, k, v = (t.contiguous() for t in (q, k, v))
             batch, heads, query_len, head_dim = q.shape
             out = torch.full_like(q, float("nan"))
-            saved = (nan(batch, heads, query_len), nan(batch, heads, features), nan(batch, heads, features, head_dim + 1))
+            stabilisers = k.shape[2] if causal else features
+            saved = (nan(batch, heads, query_len), nan(batch, heads, stabilisers),
+                     nan(batch, heads, features, head_dim + 1))
             call(q, k, v, out, saved)
             ctx.save_for_backward(q, k, v, out, *saved)
             return out
@@ -378,3 +380,50 @@ def test_emulated_performer_rows_that_see_no_key_give_zeros_and_zero_gradients(l
     assert torch.isfinite(out[0]).all()
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         assert torch.equal(tensor.grad[1], torch.zeros_like(tensor.grad[1])), f"grad of {name}[1] is not zero"
+
+
+# (B, H, N, D, m, dtype, kernel, padded, per_head): causal; N within one 32-row chunk and across several, ragged;
+# m below, at and above the 64-feature tile (several tiles' shares). relu in float32 here: its gradient jumps where
+# a logit crosses 0, and rounding q to 16 bits moves some logits across it (B1-H1-N50-D128-m16 in float16: the
+# kernel is 3.6e-4 from the float64 reference of the rounded inputs, 7.7e-2 from that of the unrounded ones).
+# dden = -(dnum . out) uses the saved out (as the CPU kernel and FlashAttention's delta do): for the first query,
+# which sees one key, dnum . v_0 + dden cancels to rounding of out, relative to 1 / den; with relu and m = 16 (a
+# small den) that was 5.8x the float32 reference's error on dq (D = 128), so relu runs with m >= 32 here.
+PERFORMER_CAUSAL_CASES = [
+    (1, 2, 70, 32, 16, torch.float16, "softmax", True, False),
+    (2, 1, 45, 64, 80, torch.bfloat16, "softmax", False, True),
+    (1, 2, 100, 128, 64, torch.float32, "softmax", True, True),
+    (1, 1, 20, 64, 32, torch.float32, "softmax", False, False),
+    (1, 2, 66, 32, 144, torch.float32, "relu", True, False),
+    (1, 1, 50, 128, 32, torch.float32, "relu", False, True),
+]
+
+
+@pytest.mark.parametrize("case", PERFORMER_CAUSAL_CASES, ids=[
+    describe_case(B=b, H=h, N=n, D=d, m=m, dtype=t, kernel=kern, padded=pad, per_head=ph)
+    for b, h, n, d, m, t, kern, pad, ph in PERFORMER_CAUSAL_CASES])
+def test_emulated_causal_performer_matches_reference(library, case):
+    batch, heads, length, head_dim, features, dtype, kernel, padded, per_head = case
+    inputs, projection = _performer_inputs(batch, heads, length, length, head_dim, features, per_head, seed=8)
+    padding = random_padding(batch, length, seed=8) if padded else None
+    scale = head_dim**-0.5
+    emulated = _emulated_performer(library, projection, kernel, padding, scale, 32, 32, causal=True)
+
+    def reference(q, k, v):
+        return reference_performer(q, k, v, projection.to(q.dtype), kernel=kernel, causal=True,
+                                   key_padding_mask=padding, scale=scale)
+
+    check_against_reference(emulated, reference, inputs, dtype, seed=8)
+
+
+def test_emulated_causal_performer_later_keys_leave_earlier_outputs_unchanged(library):
+    inputs, projection = _performer_inputs(1, 2, 70, 70, 32, 32, False, seed=9)
+    emulated = _emulated_performer(library, projection, "softmax", None, 32**-0.5, 32, 32, causal=True)
+    q, k, v = (inputs[name].float() for name in ("q", "k", "v"))
+    first = emulated(q, k, v)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 40:] = 10 * torch.randn_like(k2[:, :, 40:])  # larger logits: the running maximum grows after key 40
+    v2[:, :, 40:] = torch.randn_like(v2[:, :, 40:])
+    second = emulated(q, k2, v2)
+    torch.testing.assert_close(second[:, :, :40], first[:, :, :40], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(second[:, :, 40:], first[:, :, 40:])

@@ -1,4 +1,4 @@
-// Performer attention kernels (non-causal), FAVOR+ ("softmax") or relu features, with the stabilisers of
+// Performer attention kernels (non-causal; causal in performer_causal_kernel.cuh), FAVOR+ ("softmax") or relu features, with the stabilisers of
 // notes/performer_spec.md. Features are computed from the projection W (float32) in shared memory, tile by
 // tile, and never stored in global memory: no (N, m) feature matrix and no (N, m, D) prefix tensor exist.
 //
@@ -55,6 +55,7 @@ struct PerformerTraits {
 
   // Shared memory of each kernel, in floats (see the kernels for the layouts).
   static constexpr int kKeyMaxFloats = kRowFloats + kFeatureRowFloats + kRows + kLanes * kFeatures;
+  static constexpr int kRowMaxFloats = kRowFloats + kFeatureRowFloats + kRows + kRows * kLanes;
   static constexpr int kStateFloats = 2 * kRowFloats + kFeatureRowFloats + kRowFeatureFloats + kRows + kFeatures;
   static constexpr int kBwdStateFloats = 2 * kRowFloats + kFeatureRowFloats + kRowFeatureFloats + 3 * kRows +
                                          kFeatures + 1;
@@ -677,8 +678,10 @@ __global__ void __launch_bounds__(Traits::kThreads) performer_bwd_state_kernel(c
 // dk and dv of a tile of kRows keys from d state: dv = phi_k d state[:, :D], dphi_k = [v | 1] d state^T,
 // dlogits = dphi_k phi_k (softmax) or dphi_k where w.k > 0 (relu), dk = sqrt(scale) (dlogits W - sum(dlogits) k)
 // (softmax: the -|k|^2 / 2). Padded keys get zeros. grid (key tiles, 1, B * H).
+// One CTA per SM at D = 128 (its shared memory), so registers need not fit more: at the default target ptxas
+// spilled 8 bytes (float32, D = 128, sm_80).
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) performer_bwd_key_kernel(const PerformerParams p) {
+__global__ void __launch_bounds__(Traits::kThreads, 1) performer_bwd_key_kernel(const PerformerParams p) {
   using T = typename Traits::Element;
   constexpr int kRows = Traits::kRows, kF = Traits::kFeatures, kLanes = Traits::kLanes, kD = Traits::kHeadDim;
   constexpr int kLd = Traits::kLd, kFLd = Traits::kFeatureLd;

@@ -3,7 +3,10 @@
 // that allows it is set once per kernel and device for the largest m the kernels take.
 #pragma once
 
+#include <algorithm>
+
 #include "launch_common.cuh"
+#include "performer_causal_kernel.cuh"
 #include "performer_kernel.cuh"
 #include "performer_launch.h"
 
@@ -27,8 +30,40 @@ void launch_with_features(dim3 grid, int threads, int max_shared_bytes, int shar
 }
 
 template <typename Element, int HeadDim>
+void run_performer_row_max(const PerformerParams& p, bool keys, cudaStream_t stream) {
+  using Traits = PerformerTraits<Element, HeadDim>;
+  const dim3 grid(tile_count(std::max(p.query_len, p.key_len), Traits::kRows), keys ? 2 : 1,
+                  static_cast<unsigned>(p.batch * p.heads));
+  launch<performer_row_max_kernel<Traits>>(grid, Traits::kThreads, Traits::bytes(Traits::kRowMaxFloats), p, stream);
+}
+
+template <typename Element, int HeadDim>
+void run_performer_causal_fwd(const PerformerParams& p, cudaStream_t stream) {
+  using Traits = PerformerTraits<Element, HeadDim>;
+  const unsigned heads = static_cast<unsigned>(p.batch * p.heads);
+  const dim3 tile_grid(tile_count(p.features, Traits::kFeatures), 1, heads);
+  launch<performer_causal_fwd_kernel<Traits>>(tile_grid, Traits::kThreads,
+                                              Traits::bytes(PerformerCausalTraits<Traits>::kFwdFloats), p, stream);
+  launch<performer_causal_output_kernel<Traits>>(dim3(tile_count(p.query_len, Traits::kRows), 1, heads),
+                                                 Traits::kThreads, 0, p, stream);
+}
+
+template <typename Element, int HeadDim>
+void run_performer_causal_bwd(const PerformerParams& p, cudaStream_t stream) {
+  using Traits = PerformerTraits<Element, HeadDim>;
+  const unsigned heads = static_cast<unsigned>(p.batch * p.heads);
+  const dim3 tile_grid(tile_count(p.features, Traits::kFeatures), 1, heads);
+  constexpr int kBytes = Traits::bytes(PerformerCausalTraits<Traits>::kBwdFloats);
+  launch<performer_causal_bwd_query_kernel<Traits>>(tile_grid, Traits::kThreads, kBytes, p, stream);
+  launch<performer_causal_bwd_key_kernel<Traits>>(tile_grid, Traits::kThreads, kBytes, p, stream);
+  launch<performer_causal_grads_kernel<Traits>>(dim3(tile_count(p.query_len, Traits::kRows), 2, heads),
+                                                Traits::kThreads, 0, p, stream);
+}
+
+template <typename Element, int HeadDim>
 void run_performer_fwd(const PerformerParams& p, cudaStream_t stream) {
   using Traits = PerformerTraits<Element, HeadDim>;
+  if (p.causal) return run_performer_causal_fwd<Element, HeadDim>(p, stream);
   const unsigned heads = static_cast<unsigned>(p.batch * p.heads);
   const dim3 key_grid(tile_count(p.features, Traits::kFeatures), p.key_splits, heads);
   if (p.softmax) {
@@ -49,6 +84,7 @@ void run_performer_fwd(const PerformerParams& p, cudaStream_t stream) {
 template <typename Element, int HeadDim>
 void run_performer_bwd(const PerformerParams& p, cudaStream_t stream) {
   using Traits = PerformerTraits<Element, HeadDim>;
+  if (p.causal) return run_performer_causal_bwd<Element, HeadDim>(p, stream);
   const unsigned heads = static_cast<unsigned>(p.batch * p.heads);
   const dim3 query_grid(tile_count(p.query_len, Traits::kRows), 1, heads);
   launch_with_features<performer_bwd_query_kernel<Traits>>(

@@ -11,11 +11,18 @@
 
 namespace fastattn::cuda {
 
-// Fills params.out, normaliser, key_stabiliser and state (workspaces: key_max_partial, state_partial).
+// Causal softmax, before either direction: the largest logit of every query (params.query_max) and, with
+// `keys`, of every key (params.key_max; the host turns them into the running maxima, params.key_stabiliser).
+template <typename Element, int HeadDim>
+void run_performer_row_max(const PerformerParams& params, bool keys, cudaStream_t stream);
+
+// Fills params.out, normaliser, key_stabiliser and state (workspaces: key_max_partial, state_partial); causal:
+// out, normaliser and state from key_stabiliser and query_max (workspace: shares).
 template <typename Element, int HeadDim>
 void run_performer_fwd(const PerformerParams& params, cudaStream_t stream);
 
-// Fills params.grad_q, grad_k and grad_v (workspaces: query_rows, grad_state, grad_state_partial).
+// Fills params.grad_q, grad_k and grad_v (workspaces: query_rows, grad_state, grad_state_partial; causal: query_max
+// and grad_den filled, the shares).
 template <typename Element, int HeadDim>
 void run_performer_bwd(const PerformerParams& params, cudaStream_t stream);
 

@@ -65,6 +65,23 @@ struct PerformerParams {
   // partial sums at grad_state_partial + s * (B * H * m * (D + 1)) (unused with one split).
   float* grad_state;
   float* grad_state_partial;
+
+  // Causal (the scalar running prefix maximum M_j of notes/performer_spec.md; key_stabiliser is (B, H, Nk)).
+  // query_max (B, H, Nq): the largest logit of each query; key_max (B, H, Nk): that of each key (-inf where
+  // padded), from performer_row_max_kernel; the host turns key_max into M (its running maximum, 0 before the
+  // first unpadded key). relu: both zero and unused.
+  float* query_max;
+  float* key_max;
+  // Causal kernels run one CTA per (feature tile, batch x head) along the sequence and write their feature tile's
+  // share of each result, float32, summed over the tiles in tile order by the finishing kernels: forward, shares
+  // of [num | den] (tiles, B, H, N, D + 1); backward, of dq (shares), dk, dv (tiles, B, H, N, D) and of the row
+  // sums of the query and key dlogits (tiles, B, H, N).
+  float* shares;
+  float* grad_k_shares;
+  float* grad_v_shares;
+  float* row_sum_shares;
+  float* key_row_sum_shares;
+  const float* grad_den;  // causal backward: dden = -(grad_out . out) / den per query (B, H, Nq), 0 where den == 0
 };
 
 // The fixed-order sum over splits of partial sums: out[i] = sum over s of partial[s * count + i].
