@@ -41,7 +41,7 @@ struct PerformerCausalTraits {
 // Largest logit of every query (blockIdx.y == 0; the -|q|^2 / 2 cancels and is left out) or key (blockIdx.y == 1;
 // w.k - |k|^2 / 2, -inf where padded) of a tile of kRows rows. grid (row tiles, 1 or 2, B * H). Softmax only.
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) performer_row_max_kernel(const PerformerParams p) {
+__global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) performer_row_max_kernel(const PerformerParams p) {
   using T = typename Traits::Element;
   constexpr int kRows = Traits::kRows, kF = Traits::kFeatures, kLanes = Traits::kLanes;
   extern __shared__ __align__(16) unsigned char shared_memory[];
@@ -285,7 +285,7 @@ __device__ __forceinline__ bool performer_causal_add_keys(const PerformerParams&
 
 // Feature tile blockIdx.x's shares of [num | den] for every query, along the sequence. grid (feature tiles, 1, B * H).
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) performer_causal_fwd_kernel(const PerformerParams p) {
+__global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) performer_causal_fwd_kernel(const PerformerParams p) {
   constexpr int kRows = Traits::kRows, kLanes = Traits::kLanes, kD = Traits::kHeadDim, kF = Traits::kFeatures;
   constexpr int kLd = Traits::kLd, kFLd = Traits::kFeatureLd, kSLd = PerformerCausalTraits<Traits>::kScoreLd;
   extern __shared__ __align__(16) unsigned char shared_memory[];
@@ -358,7 +358,7 @@ __global__ void __launch_bounds__(Traits::kThreads) performer_causal_fwd_kernel(
 
 // out and normaliser from the feature tiles' shares of [num | den], added in tile order. grid (row tiles, 1, B * H).
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) performer_causal_output_kernel(const PerformerParams p) {
+__global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) performer_causal_output_kernel(const PerformerParams p) {
   using T = typename Traits::Element;
   constexpr int kRows = Traits::kRows, kD = Traits::kHeadDim;
   const PerformerHead hd(p);
@@ -384,7 +384,7 @@ __global__ void __launch_bounds__(Traits::kThreads) performer_causal_output_kern
 // Feature tile blockIdx.x's shares of dq (before the -|q|^2 / 2 term and sqrt(scale)) and of the row sums of the
 // query dlogits, along the sequence with the prefix state. grid (feature tiles, 1, B * H).
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) performer_causal_bwd_query_kernel(const PerformerParams p) {
+__global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) performer_causal_bwd_query_kernel(const PerformerParams p) {
   constexpr int kRows = Traits::kRows, kLanes = Traits::kLanes, kD = Traits::kHeadDim, kF = Traits::kFeatures;
   constexpr int kLd = Traits::kLd, kFLd = Traits::kFeatureLd, kSLd = PerformerCausalTraits<Traits>::kScoreLd;
   extern __shared__ __align__(16) unsigned char shared_memory[];
@@ -451,7 +451,7 @@ __global__ void __launch_bounds__(Traits::kThreads) performer_causal_bwd_query_k
 // key dlogits, backward along the sequence with the suffix state R = sum over later queries i of
 // exp(M_ref - M_i) phq_i^T [dnum_i | dden_i] (M_ref: the smallest M_i it holds). grid (feature tiles, 1, B * H).
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) performer_causal_bwd_key_kernel(const PerformerParams p) {
+__global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) performer_causal_bwd_key_kernel(const PerformerParams p) {
   constexpr int kRows = Traits::kRows, kLanes = Traits::kLanes, kD = Traits::kHeadDim, kF = Traits::kFeatures;
   constexpr int kLd = Traits::kLd, kFLd = Traits::kFeatureLd, kSLd = PerformerCausalTraits<Traits>::kScoreLd;
   extern __shared__ __align__(16) unsigned char shared_memory[];
@@ -573,7 +573,7 @@ __global__ void __launch_bounds__(Traits::kThreads) performer_causal_bwd_key_ker
 // tile order: sqrt(scale) (sum of shares - sum of row sums x) (softmax; relu without the second term); zero
 // for queries without a gradient and for padded keys. grid (row tiles, 2, B * H).
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) performer_causal_grads_kernel(const PerformerParams p) {
+__global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) performer_causal_grads_kernel(const PerformerParams p) {
   using T = typename Traits::Element;
   constexpr int kRows = Traits::kRows, kD = Traits::kHeadDim;
   const PerformerHead hd(p);

@@ -33,6 +33,10 @@ namespace fastattn::cuda {
 
 constexpr float kPerformerReluEpsilon = 1e-3f;  // fastattn.reference.RELU_KERNEL_EPSILON
 constexpr int kPerformerSumThreads = 256;
+// __launch_bounds__'s minimum CTAs per SM: 1, so that ptxas need not cap registers for more. Left to its own
+// register target, it capped several kernels at 64 or 80 registers and spilled in their main loops (sm_80 and
+// sm_90); their shared memory allows one or two CTAs per SM at D = 128 anyway.
+constexpr int kPerformerMinBlocks = 1;
 
 template <typename Element_, int HeadDim>
 struct PerformerTraits {
@@ -224,7 +228,7 @@ __device__ __forceinline__ void performer_all_logits(float* logits, int ld, cons
 // Partial maxima of the key logits l_f(k) = w_f . k - |k|^2 / 2 over the unpadded keys of one split, per
 // feature: key_max_partial[split][bh][f]. grid (feature tiles, key splits, B * H). Softmax only.
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) performer_key_max_kernel(const PerformerParams p) {
+__global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) performer_key_max_kernel(const PerformerParams p) {
   using T = typename Traits::Element;
   constexpr int kRows = Traits::kRows, kF = Traits::kFeatures, kLanes = Traits::kLanes;
   extern __shared__ __align__(16) unsigned char shared_memory[];
@@ -274,7 +278,7 @@ __global__ void __launch_bounds__(Traits::kThreads) performer_key_max_kernel(con
 // into the split's partial state. The split-0 CTA writes the key stabilisers s_f of its features (0 for relu,
 // and where every key of the batch row is padded). grid (feature tiles, key splits, B * H).
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) performer_state_kernel(const PerformerParams p) {
+__global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) performer_state_kernel(const PerformerParams p) {
   using T = typename Traits::Element;
   constexpr int kRows = Traits::kRows, kF = Traits::kFeatures, kLanes = Traits::kLanes, kD = Traits::kHeadDim;
   constexpr int kLd = Traits::kLd, kFLd = Traits::kFeatureLd;
@@ -373,7 +377,7 @@ __global__ void __launch_bounds__(Threads) performer_sum_splits_kernel(const Per
 // the normaliser; saves the normaliser (0, and a zero output, where the query sees no key). grid (query
 // tiles, 1, B * H); shared memory output_floats(m).
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) performer_output_kernel(const PerformerParams p) {
+__global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) performer_output_kernel(const PerformerParams p) {
   using T = typename Traits::Element;
   constexpr int kRows = Traits::kRows, kF = Traits::kFeatures, kLanes = Traits::kLanes, kD = Traits::kHeadDim;
   constexpr int kLd = Traits::kLd;
@@ -477,7 +481,7 @@ __device__ __forceinline__ void performer_output_grads(const PerformerParams& p,
 // query's largest logit, constant and dden to p.query_rows for performer_bwd_state_kernel. grid (query tiles,
 // 1, B * H); shared memory bwd_query_floats(m).
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) performer_bwd_query_kernel(const PerformerParams p) {
+__global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) performer_bwd_query_kernel(const PerformerParams p) {
   using T = typename Traits::Element;
   constexpr int kRows = Traits::kRows, kF = Traits::kFeatures, kLanes = Traits::kLanes, kD = Traits::kHeadDim;
   constexpr int kLd = Traits::kLd, kFLd = Traits::kFeatureLd;
@@ -574,7 +578,7 @@ __global__ void __launch_bounds__(Traits::kThreads) performer_bwd_query_kernel(c
 // (the query features recomputed from the constants that performer_bwd_query_kernel saved), into p.grad_state
 // with one split, else into the split's partial sums. grid (feature tiles, query splits, B * H).
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) performer_bwd_state_kernel(const PerformerParams p) {
+__global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) performer_bwd_state_kernel(const PerformerParams p) {
   using T = typename Traits::Element;
   constexpr int kRows = Traits::kRows, kF = Traits::kFeatures, kLanes = Traits::kLanes, kD = Traits::kHeadDim;
   constexpr int kLd = Traits::kLd, kFLd = Traits::kFeatureLd;
@@ -678,10 +682,8 @@ __global__ void __launch_bounds__(Traits::kThreads) performer_bwd_state_kernel(c
 // dk and dv of a tile of kRows keys from d state: dv = phi_k d state[:, :D], dphi_k = [v | 1] d state^T,
 // dlogits = dphi_k phi_k (softmax) or dphi_k where w.k > 0 (relu), dk = sqrt(scale) (dlogits W - sum(dlogits) k)
 // (softmax: the -|k|^2 / 2). Padded keys get zeros. grid (key tiles, 1, B * H).
-// One CTA per SM at D = 128 (its shared memory), so registers need not fit more: at the default target ptxas
-// spilled 8 bytes (float32, D = 128, sm_80).
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads, 1) performer_bwd_key_kernel(const PerformerParams p) {
+__global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) performer_bwd_key_kernel(const PerformerParams p) {
   using T = typename Traits::Element;
   constexpr int kRows = Traits::kRows, kF = Traits::kFeatures, kLanes = Traits::kLanes, kD = Traits::kHeadDim;
   constexpr int kLd = Traits::kLd, kFLd = Traits::kFeatureLd;
