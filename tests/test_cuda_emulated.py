@@ -427,3 +427,21 @@ def test_emulated_causal_performer_later_keys_leave_earlier_outputs_unchanged(li
     second = emulated(q, k2, v2)
     torch.testing.assert_close(second[:, :, :40], first[:, :, :40], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(second[:, :, 40:], first[:, :, 40:])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_emulated_performer_nan_key_reaches_the_outputs_that_see_it(library, causal):
+    """NaN in an unpadded key reaches every output that sees the key (all, or those from it on when causal);
+    NaN in a padded key reaches none."""
+    inputs, projection = _performer_inputs(1, 1, 70, 70, 32, 32, False, seed=10)
+    q, k, v = (inputs[name].float() for name in ("q", "k", "v"))
+    k[0, 0, 40, 3] = float("nan")
+    padding = torch.zeros(1, 70, dtype=torch.bool)
+    out = _emulated_performer(library, projection, "softmax", padding, 32**-0.5, 32, 32, causal=causal)(q, k, v)
+    if causal:
+        assert torch.isfinite(out[0, 0, :40]).all() and torch.isnan(out[0, 0, 40:]).all(dim=-1).all()
+    else:
+        assert torch.isnan(out).all(dim=-1).all()
+    padding[0, 40] = True
+    out = _emulated_performer(library, projection, "softmax", padding, 32**-0.5, 32, 32, causal=causal)(q, k, v)
+    assert torch.isfinite(out).all()
