@@ -93,6 +93,8 @@ def _cuda_reasons(mechanism: str, q: Tensor, options: dict) -> list[str]:
     reasons = []
     if "cuda" not in importlib.import_module("fastattn._C").compiled_backends:
         reasons.append("fastattn._C was built without its CUDA kernels (torch without CUDA, or no nvcc, at build time)")
+    if mechanism == "performer":
+        return reasons + _cuda_performer_reasons(options)
     if mechanism != "block_sparse":
         return reasons
     block_size = options.get("block_size")
@@ -103,6 +105,22 @@ def _cuda_reasons(mechanism: str, q: Tensor, options: dict) -> list[str]:
         if capability < (8, 0):
             reasons.append(f"float16/bfloat16 need tensor cores of compute capability 8.0+ (mma.sync m16n8k16), "
                            f"got {capability[0]}.{capability[1]}")
+    return reasons
+
+
+# The largest number of Performer features the CUDA kernels take (csrc/cuda/performer_params.h,
+# kPerformerMaxFeatures): their query kernels hold every feature of a tile of queries in shared memory.
+CUDA_PERFORMER_MAX_FEATURES = 512
+
+
+def _cuda_performer_reasons(options: dict) -> list[str]:
+    """What the CUDA Performer kernels decline. Grouped-query attention is served by repeating k and v to the
+    heads of q (the CUDA backend lists no mechanism in gqa_mechanisms)."""
+    reasons = []
+    features = options.get("features")  # m, where the caller passes it
+    if features is not None and (features % 16 or not 0 < features <= CUDA_PERFORMER_MAX_FEATURES):
+        reasons.append(f"Performer needs m (features) a multiple of 16 up to {CUDA_PERFORMER_MAX_FEATURES}, "
+                       f"got {features}")
     return reasons
 
 

@@ -31,7 +31,7 @@ import fastattn._C as built
 assert "cuda" in built.compiled_backends, built.compiled_backends
 print("fastattn._C (CUDA build) loads; backends:", built.compiled_backends, "archs:", built.cuda_archs)
 missing = []
-for op in ("block_sparse_fwd", "block_sparse_bwd", "linformer_fwd", "linformer_bwd"):
+for op in ("block_sparse_fwd", "block_sparse_bwd", "linformer_fwd", "linformer_bwd", "performer_fwd", "performer_bwd"):
     has = torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", "CUDA")
     print(f"fastattn::{op} CUDA kernel registered: {has}")
     if not has:

@@ -385,6 +385,7 @@ cudaError_t cudaGetDevice(int* device) { *device = 0; return cudaSuccess; }
 
 #include "block_sparse_launch.h"
 #include "linformer_launch.h"
+#include "performer_launch.h"
 
 namespace fc = fastattn::cuda;
 
@@ -409,7 +410,28 @@ void record_projection() {
   fc::run_linformer_projection<Element, HeadDim>(params, nullptr);
 }
 
+// Performer softmax (the kernel "relu" launches a subset), non-causal and causal: the largest m (the query kernels'
+// shared memory grows with it) and two splits of the keys and queries, so the fixed-order sums launch too;
+// block_size=0.
+template <typename Element, int HeadDim>
+void record_performer() {
+  current_block_size = 0;
+  fc::PerformerParams params{};
+  params.batch = 2, params.heads = 2, params.query_len = params.key_len = 256, params.head_dim = HeadDim;
+  params.features = fc::kPerformerMaxFeatures, params.softmax = true;
+  params.key_splits = params.query_splits = 2, params.keys_per_split = params.queries_per_split = 128;
+  fc::run_performer_fwd<Element, HeadDim>(params, nullptr);
+  fc::run_performer_bwd<Element, HeadDim>(params, nullptr);
+  params.causal = true;
+  fc::run_performer_row_max<Element, HeadDim>(params, true, nullptr);
+  fc::run_performer_fwd<Element, HeadDim>(params, nullptr);
+  fc::run_performer_bwd<Element, HeadDim>(params, nullptr);
+}
+
 int main() {
+  record_performer<__half, 32>(), record_performer<__half, 64>(), record_performer<__half, 128>();
+  record_performer<__nv_bfloat16, 32>(), record_performer<__nv_bfloat16, 64>(), record_performer<__nv_bfloat16, 128>();
+  record_performer<float, 32>(), record_performer<float, 64>(), record_performer<float, 128>();
   record_projection<__half, 32>(), record_projection<__half, 64>(), record_projection<__half, 128>();
   record_projection<__nv_bfloat16, 32>(), record_projection<__nv_bfloat16, 64>(), record_projection<__nv_bfloat16, 128>();
   record_projection<float, 32>(), record_projection<float, 64>(), record_projection<float, 128>();

@@ -20,6 +20,7 @@ import torch
 import fastattn
 from fastattn.reference import block_sparse_attention as reference_block_sparse
 from fastattn.reference import full_attention as reference_full
+from fastattn.reference import performer_attention as reference_performer
 from fastattn.testing import assert_within_tolerance, check_against_reference
 from tests.utils import block_sparse_case_id, describe_case, random_block_layout, random_padding
 
@@ -60,6 +61,10 @@ def library(tmp_path_factory):
     lib.emulated_linformer_projection.argtypes = (
         [integer] + [pointer] * 4 + [integer] * 2 + [pointer] + [integer] * 6 + [pointer] * 4)
     lib.emulated_linformer_projection.restype = None
+    lib.emulated_performer.argtypes = (
+        [integer] + [pointer] * 4 + [integer, pointer] + [integer] * 8 + [ctypes.c_float, ctypes.c_bool, ctypes.c_bool]
+        + [pointer] * 13)
+    lib.emulated_performer.restype = None
     lib.emulated_shared_memory_overruns.restype = integer
     return lib
 
@@ -250,3 +255,193 @@ def test_emulated_linformer_projection_matches_reference(library, case):
                                             key_len, padding, keys_per_split)
     for name, result, exact, low in zip(("k_proj", "v_proj"), actual, reference(torch.float64), reference(dtype)):
         assert_within_tolerance(name, result, exact, low, dtype)
+
+
+def _emulated_performer(lib, projection, kernel: str, padding, scale: float, keys_per_split: int,
+                        queries_per_split: int, causal: bool = False):
+    """The Performer kernels as an autograd function of (q, k, v); projection: float32 as the host code of
+    csrc/cuda/performer_api.cpp passes it. The saved tensors and workspaces are poisoned with NaN."""
+    weights = projection.to(torch.float32).contiguous()
+    proj_heads = 1 if weights.dim() == 2 else weights.shape[0]
+    features = weights.shape[-2]
+    padding_pointer = None if padding is None else padding.contiguous().data_ptr()
+
+    def nan(*shape):
+        return torch.full(shape, float("nan"), dtype=torch.float32)
+
+    def call(q, k, v, out, saved, grad_out=None, grads=(None,) * 3, workspaces=(None,) * 3):
+        batch, heads, query_len, head_dim = q.shape
+        key_len = k.shape[2]
+        key_splits = -(-key_len // keys_per_split)
+        key_workspaces = (nan(key_splits, batch, heads, features), nan(key_splits, batch, heads, features, head_dim + 1))
+        lib.emulated_performer(
+            DTYPE_CODES[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), weights.data_ptr(), proj_heads,
+            padding_pointer, batch, heads, query_len, key_len, head_dim, features, keys_per_split, queries_per_split,
+            scale**0.5, kernel == "softmax", causal, out.data_ptr(), *(t.data_ptr() for t in saved),
+            *(t.data_ptr() for t in key_workspaces),
+            *(None if t is None else t.data_ptr() for t in (grad_out, *grads, *workspaces)))
+
+    class Emulated(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            q, k, v = (t.contiguous() for t in (q, k, v))
+            batch, heads, query_len, head_dim = q.shape
+            out = torch.full_like(q, float("nan"))
+            stabilisers = k.shape[2] if causal else features
+            saved = (nan(batch, heads, query_len), nan(batch, heads, stabilisers),
+                     nan(batch, heads, features, head_dim + 1))
+            call(q, k, v, out, saved)
+            ctx.save_for_backward(q, k, v, out, *saved)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            q, k, v, out, *saved = ctx.saved_tensors
+            batch, heads, query_len, head_dim = q.shape
+            grads = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+            query_splits = -(-query_len // queries_per_split)
+            workspaces = (nan(batch, heads, query_len, 3), nan(batch, heads, features, head_dim + 1),
+                          nan(query_splits, batch, heads, features, head_dim + 1))
+            call(q, k, v, out, saved, grad_out.to(q.dtype).contiguous(), grads, workspaces)
+            return tuple(grads)
+
+    return Emulated.apply
+
+
+# (B, H, Nq, Nk, D, m, dtype, kernel, padded, per_head, split): every head dim and dtype; m below, at, above
+# and not a multiple of the 64-feature tile; lengths that end inside a 32-row tile; Nq != Nk; one split of the
+# keys (and queries) and several (the fixed-order sums).
+PERFORMER_CASES = [
+    (1, 2, 70, 70, 32, 16, torch.float16, "softmax", True, False, 32),
+    (2, 1, 40, 90, 64, 64, torch.bfloat16, "softmax", False, True, 1024),
+    (1, 2, 50, 45, 128, 80, torch.float32, "softmax", True, True, 32),
+    (1, 1, 33, 64, 64, 144, torch.float32, "relu", True, False, 64),
+    (1, 2, 20, 20, 128, 32, torch.float16, "relu", False, True, 1024),
+    (1, 1, 65, 65, 32, 64, torch.bfloat16, "relu", True, False, 32),
+]
+
+
+def _performer_id(case) -> str:
+    batch, heads, query_len, key_len, head_dim, features, dtype, kernel, padded, per_head, split = case
+    return describe_case(B=batch, H=heads, Nq=query_len, Nk=key_len, D=head_dim, m=features, dtype=dtype,
+                         kernel=kernel, padded=padded, per_head=per_head, split=split)
+
+
+def _performer_inputs(batch, heads, query_len, key_len, head_dim, features, per_head, seed, std=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {
+        "q": std * torch.randn(batch, heads, query_len, head_dim, generator=generator, dtype=torch.float64),
+        "k": std * torch.randn(batch, heads, key_len, head_dim, generator=generator, dtype=torch.float64),
+        "v": torch.randn(batch, heads, key_len, head_dim, generator=generator, dtype=torch.float64),
+    }
+    draw = lambda: fastattn.random_features(features, head_dim, generator=generator, dtype=torch.float64)
+    projection = torch.stack([draw() for _ in range(heads)]) if per_head else draw()
+    return inputs, projection
+
+
+@pytest.mark.parametrize("case", PERFORMER_CASES, ids=[_performer_id(case) for case in PERFORMER_CASES])
+def test_emulated_performer_matches_reference(library, case):
+    batch, heads, query_len, key_len, head_dim, features, dtype, kernel, padded, per_head, split = case
+    inputs, projection = _performer_inputs(batch, heads, query_len, key_len, head_dim, features, per_head, seed=5)
+    padding = random_padding(batch, key_len, seed=5) if padded else None
+    scale = head_dim**-0.5
+    # The kernels read the projection in float32; the reference multiplies it in the dtype it runs in.
+    emulated = _emulated_performer(library, projection, kernel, padding, scale, split, split)
+
+    def reference(q, k, v):
+        return reference_performer(q, k, v, projection.to(q.dtype), kernel=kernel, key_padding_mask=padding,
+                                   scale=scale)
+
+    check_against_reference(emulated, reference, inputs, dtype, seed=5)
+
+
+def test_emulated_performer_large_logits_keep_their_normalisers(library):
+    """At std 16 a scalar key stabiliser lets the normalisers underflow (notes/performer_spec.md); per-feature
+    stabilisers keep every normaliser >= 1, so every output matches the float64 reference."""
+    inputs, projection = _performer_inputs(1, 2, 100, 100, 32, 64, False, seed=7, std=16.0)
+    scale = 32**-0.5
+    emulated = _emulated_performer(library, projection, "softmax", None, scale, 32, 64)
+    out = emulated(*(inputs[name].float() for name in ("q", "k", "v")))
+    expected = reference_performer(*(inputs[name] for name in ("q", "k", "v")), projection, scale=scale)
+    assert torch.isfinite(out).all()
+    assert (out.double() - expected).abs().max().item() < 1e-3 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+def test_emulated_performer_rows_that_see_no_key_give_zeros_and_zero_gradients(library, kernel):
+    batch, heads, length, head_dim, features = 2, 1, 40, 32, 16
+    padding = torch.zeros(batch, length, dtype=torch.bool)
+    padding[1] = True
+    inputs, projection = _performer_inputs(batch, heads, length, length, head_dim, features, False, seed=6)
+    q, k, v = (inputs[name].float().requires_grad_() for name in ("q", "k", "v"))
+    out = _emulated_performer(library, projection, kernel, padding, head_dim**-0.5, 32, 32)(q, k, v)
+    out.backward(torch.randn_like(out))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isfinite(out[0]).all()
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        assert torch.equal(tensor.grad[1], torch.zeros_like(tensor.grad[1])), f"grad of {name}[1] is not zero"
+
+
+# (B, H, N, D, m, dtype, kernel, padded, per_head): causal; N within one 32-row chunk and across several, ragged;
+# m below, at and above the 64-feature tile (several tiles' shares). relu in float32 here: its gradient jumps where
+# a logit crosses 0, and rounding q to 16 bits moves some logits across it (B1-H1-N50-D128-m16 in float16: the
+# kernel is 3.6e-4 from the float64 reference of the rounded inputs, 7.7e-2 from that of the unrounded ones).
+# dden = -(dnum . out) uses the saved out (as the CPU kernel and FlashAttention's delta do): for the first query,
+# which sees one key, dnum . v_0 + dden cancels to rounding of out, relative to 1 / den; with relu and m = 16 (a
+# small den) that was 5.8x the float32 reference's error on dq (D = 128), so relu runs with m >= 32 here.
+PERFORMER_CAUSAL_CASES = [
+    (1, 2, 70, 32, 16, torch.float16, "softmax", True, False),
+    (2, 1, 45, 64, 80, torch.bfloat16, "softmax", False, True),
+    (1, 2, 100, 128, 64, torch.float32, "softmax", True, True),
+    (1, 1, 20, 64, 32, torch.float32, "softmax", False, False),
+    (1, 2, 66, 32, 144, torch.float32, "relu", True, False),
+    (1, 1, 50, 128, 32, torch.float32, "relu", False, True),
+]
+
+
+@pytest.mark.parametrize("case", PERFORMER_CAUSAL_CASES, ids=[
+    describe_case(B=b, H=h, N=n, D=d, m=m, dtype=t, kernel=kern, padded=pad, per_head=ph)
+    for b, h, n, d, m, t, kern, pad, ph in PERFORMER_CAUSAL_CASES])
+def test_emulated_causal_performer_matches_reference(library, case):
+    batch, heads, length, head_dim, features, dtype, kernel, padded, per_head = case
+    inputs, projection = _performer_inputs(batch, heads, length, length, head_dim, features, per_head, seed=8)
+    padding = random_padding(batch, length, seed=8) if padded else None
+    scale = head_dim**-0.5
+    emulated = _emulated_performer(library, projection, kernel, padding, scale, 32, 32, causal=True)
+
+    def reference(q, k, v):
+        return reference_performer(q, k, v, projection.to(q.dtype), kernel=kernel, causal=True,
+                                   key_padding_mask=padding, scale=scale)
+
+    check_against_reference(emulated, reference, inputs, dtype, seed=8)
+
+
+def test_emulated_causal_performer_later_keys_leave_earlier_outputs_unchanged(library):
+    inputs, projection = _performer_inputs(1, 2, 70, 70, 32, 32, False, seed=9)
+    emulated = _emulated_performer(library, projection, "softmax", None, 32**-0.5, 32, 32, causal=True)
+    q, k, v = (inputs[name].float() for name in ("q", "k", "v"))
+    first = emulated(q, k, v)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 40:] = 10 * torch.randn_like(k2[:, :, 40:])  # larger logits: the running maximum grows after key 40
+    v2[:, :, 40:] = torch.randn_like(v2[:, :, 40:])
+    second = emulated(q, k2, v2)
+    torch.testing.assert_close(second[:, :, :40], first[:, :, :40], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(second[:, :, 40:], first[:, :, 40:])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_emulated_performer_nan_key_reaches_the_outputs_that_see_it(library, causal):
+    """NaN in an unpadded key reaches every output that sees the key (all, or those from it on when causal);
+    NaN in a padded key reaches none."""
+    inputs, projection = _performer_inputs(1, 1, 70, 70, 32, 32, False, seed=10)
+    q, k, v = (inputs[name].float() for name in ("q", "k", "v"))
+    k[0, 0, 40, 3] = float("nan")
+    padding = torch.zeros(1, 70, dtype=torch.bool)
+    out = _emulated_performer(library, projection, "softmax", padding, 32**-0.5, 32, 32, causal=causal)(q, k, v)
+    if causal:
+        assert torch.isfinite(out[0, 0, :40]).all() and torch.isnan(out[0, 0, 40:]).all(dim=-1).all()
+    else:
+        assert torch.isnan(out).all(dim=-1).all()
+    padding[0, 40] = True
+    out = _emulated_performer(library, projection, "softmax", padding, 32**-0.5, 32, 32, causal=causal)(q, k, v)
+    assert torch.isfinite(out).all()

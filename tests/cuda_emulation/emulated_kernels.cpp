@@ -2,7 +2,9 @@
 // call fills the same params struct as the host code of csrc/cuda/*_api.cpp (contiguous tensors) and
 // runs the grid one CTA at a time, with the kernel choice of csrc/cuda/*_launch.cuh.
 #include <algorithm>
+#include <cmath>
 #include <iterator>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -10,6 +12,8 @@
 #include "block_sparse_fwd_kernel.cuh"
 #include "block_sparse_simt_kernel.cuh"
 #include "linformer_projection_kernel.cuh"
+#include "performer_causal_kernel.cuh"
+#include "performer_kernel.cuh"
 
 namespace fastattn::cuda {
 alignas(16) unsigned char shared_memory[160 * 1024];
@@ -46,6 +50,7 @@ void run_grid(void (*kernel)(Params), dim3 grid, int threads, int shared_bytes, 
 }
 
 int tiles(int length, int tile) { return (length + tile - 1) / tile; }
+unsigned tiles_of(int length, int tile) { return unsigned(tiles(length, tile)); }
 
 template <typename Traits>
 void fwd(const BlockSparseFwdParams& p) {
@@ -197,6 +202,143 @@ extern "C" void emulated_linformer_projection(int dtype, const void* k, const vo
     case 0: return linformer_projection_head_dim<__half>(p);
     case 1: return linformer_projection_head_dim<__nv_bfloat16>(p);
     default: return linformer_projection_head_dim<float>(p);
+  }
+}
+
+namespace {
+
+void performer_sum_splits(const float* partial, float* out, int64_t count, int splits) {
+  constexpr int kThreads = kPerformerSumThreads;
+  run_grid(performer_sum_splits_kernel<kThreads>, dim3(tiles(int(count), kThreads)), kThreads, 0,
+           PerformerSplitSum{partial, out, count, splits});
+}
+
+// The kernel sequence of csrc/cuda/performer_launch.cuh.
+// Causal: the host steps of csrc/cuda/performer_api.cpp (the running maxima of the key logits, dden) done here
+// in place of ATen, with the kernel sequence of performer_launch.cuh; the workspaces are poisoned with NaN.
+template <typename Element, int HeadDim>
+void performer_causal(PerformerParams p, bool backward) {
+  using Traits = PerformerTraits<Element, HeadDim>;
+  const unsigned heads = unsigned(p.batch * p.heads);
+  const int64_t rows = int64_t(heads) * p.query_len, tiles = (p.features + Traits::kFeatures - 1) / Traits::kFeatures;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> query_max(rows, p.softmax ? nan : 0.f), key_max(rows, nan), dden(rows, nan);
+  std::vector<float> shares(tiles * rows * (HeadDim + 1), nan), grad_k_shares(tiles * rows * HeadDim, nan);
+  std::vector<float> grad_v_shares(tiles * rows * HeadDim, nan), row_sums(tiles * rows, nan);
+  std::vector<float> key_row_sums(tiles * rows, nan);
+  p.query_max = query_max.data(), p.key_max = key_max.data(), p.grad_den = dden.data();
+  p.shares = shares.data(), p.grad_k_shares = grad_k_shares.data(), p.grad_v_shares = grad_v_shares.data();
+  p.row_sum_shares = row_sums.data(), p.key_row_sum_shares = key_row_sums.data();
+  const dim3 row_grid(tiles_of(p.query_len, Traits::kRows), backward ? 1 : 2, heads);
+  if (p.softmax) run_grid(performer_row_max_kernel<Traits>, row_grid, Traits::kThreads, Traits::bytes(Traits::kRowMaxFloats), p);
+  const dim3 tile_grid(unsigned(tiles), 1, heads);
+  if (!backward) {
+    for (int64_t bh = 0; bh < heads; ++bh) {  // key_stabiliser: the running maximum, 0 before the first unpadded key
+      float running = -std::numeric_limits<float>::infinity();
+      for (int j = 0; j < p.key_len; ++j) {
+        const int64_t index = bh * p.key_len + j;
+        if (p.softmax) running = std::isnan(running) || std::isnan(key_max[index]) ? nan : std::max(running, key_max[index]);
+        p.key_stabiliser[index] = !p.softmax || running == -std::numeric_limits<float>::infinity() ? 0.f : running;
+      }
+    }
+    run_grid(performer_causal_fwd_kernel<Traits>, tile_grid, Traits::kThreads,
+             Traits::bytes(PerformerCausalTraits<Traits>::kFwdFloats), p);
+    run_grid(performer_causal_output_kernel<Traits>, dim3(tiles_of(p.query_len, Traits::kRows), 1, heads),
+             Traits::kThreads, 0, p);
+    return;
+  }
+  const Element* grad_out = static_cast<const Element*>(p.grad_out);
+  const Element* out = static_cast<const Element*>(p.out);
+  for (int64_t row = 0; row < rows; ++row) {  // dden = -(dnum . out), dnum = grad_out / den in float32
+    const float den = p.normaliser[row];
+    double dot = 0;
+    for (int c = 0; c < HeadDim; ++c) {
+      dot += double(static_cast<float>(grad_out[row * HeadDim + c]) / den) * double(static_cast<float>(out[row * HeadDim + c]));
+    }
+    dden[row] = den == 0.f ? 0.f : float(-dot);
+  }
+  constexpr int kBytes = Traits::bytes(PerformerCausalTraits<Traits>::kBwdFloats);
+  run_grid(performer_causal_bwd_query_kernel<Traits>, tile_grid, Traits::kThreads, kBytes, p);
+  run_grid(performer_causal_bwd_key_kernel<Traits>, tile_grid, Traits::kThreads, kBytes, p);
+  run_grid(performer_causal_grads_kernel<Traits>, dim3(tiles_of(p.query_len, Traits::kRows), 2, heads),
+           Traits::kThreads, 0, p);
+}
+
+template <typename Element, int HeadDim>
+void performer(const PerformerParams& p, bool backward) {
+  using Traits = PerformerTraits<Element, HeadDim>;
+  if (p.causal) return performer_causal<Element, HeadDim>(p, backward);
+  const unsigned heads = unsigned(p.batch * p.heads);
+  const int64_t state_count = int64_t(heads) * p.features * (HeadDim + 1);
+  const dim3 query_grid(tiles(p.query_len, Traits::kRows), 1, heads);
+  if (!backward) {
+    const dim3 key_grid(tiles(p.features, Traits::kFeatures), p.key_splits, heads);
+    if (p.softmax) {
+      run_grid(performer_key_max_kernel<Traits>, key_grid, Traits::kThreads, Traits::bytes(Traits::kKeyMaxFloats), p);
+    }
+    run_grid(performer_state_kernel<Traits>, key_grid, Traits::kThreads, Traits::bytes(Traits::kStateFloats), p);
+    if (p.key_splits > 1) performer_sum_splits(p.state_partial, p.state, state_count, p.key_splits);
+    run_grid(performer_output_kernel<Traits>, query_grid, Traits::kThreads,
+             Traits::bytes(Traits::output_floats(p.features)), p);
+    return;
+  }
+  run_grid(performer_bwd_query_kernel<Traits>, query_grid, Traits::kThreads,
+           Traits::bytes(Traits::bwd_query_floats(p.features)), p);
+  const dim3 state_grid(tiles(p.features, Traits::kFeatures), p.query_splits, heads);
+  run_grid(performer_bwd_state_kernel<Traits>, state_grid, Traits::kThreads, Traits::bytes(Traits::kBwdStateFloats), p);
+  if (p.query_splits > 1) performer_sum_splits(p.grad_state_partial, p.grad_state, state_count, p.query_splits);
+  run_grid(performer_bwd_key_kernel<Traits>, dim3(tiles(p.key_len, Traits::kRows), 1, heads), Traits::kThreads,
+           Traits::bytes(Traits::kBwdKeyFloats), p);
+}
+
+template <typename Element>
+void performer_head_dim(const PerformerParams& p, bool backward) {
+  switch (p.head_dim) {
+    case 32: return performer<Element, 32>(p, backward);
+    case 64: return performer<Element, 64>(p, backward);
+    default: return performer<Element, 128>(p, backward);
+  }
+}
+
+}  // namespace
+
+// Performer. q (B, H, Nq, D), k, v (B, H, Nk, D) contiguous; projection float32 (proj_heads, m, D)
+// with proj_heads 1 (shared) or H. Forward (grad_out null): out, normaliser (B, H, Nq), key_stabiliser
+// (B, H, m; causal: (B, H, Nk)), state (B, H, m, D + 1); workspaces key_max_partial (key splits, B, H, m) and state_partial
+// (key splits, B, H, m, D + 1). Backward: the forward's saved tensors are inputs, and grad_q, grad_k, grad_v
+// outputs; workspaces query_rows (B, H, Nq, 3), grad_state (B, H, m, D + 1) and grad_state_partial
+// (query splits, B, H, m, D + 1).
+extern "C" void emulated_performer(int dtype, const void* q, const void* k, const void* v, const float* projection,
+                                   int proj_heads, const bool* key_padding_mask, int batch, int heads, int query_len,
+                                   int key_len, int head_dim, int features, int keys_per_split,
+                                   int queries_per_split, float sqrt_scale, bool softmax, bool causal, void* out,
+                                   float* normaliser, float* key_stabiliser, float* state, float* key_max_partial,
+                                   float* state_partial, const void* grad_out, void* grad_q, void* grad_k,
+                                   void* grad_v, float* query_rows, float* grad_state, float* grad_state_partial) {
+  PerformerParams p{};
+  p.q = q, p.k = k, p.v = v, p.projection = projection;
+  p.projection_head_stride = proj_heads == 1 ? 0 : int64_t(features) * head_dim;
+  p.out = out, p.normaliser = normaliser, p.key_stabiliser = key_stabiliser, p.state = state;
+  p.key_max_partial = key_max_partial, p.state_partial = state_partial;
+  p.q_row_stride = head_dim, p.q_head_stride = int64_t(query_len) * head_dim;
+  p.q_batch_stride = int64_t(heads) * query_len * head_dim;
+  p.k_row_stride = p.v_row_stride = head_dim;
+  p.k_head_stride = p.v_head_stride = int64_t(key_len) * head_dim;
+  p.k_batch_stride = p.v_batch_stride = int64_t(heads) * key_len * head_dim;
+  p.key_padding_mask = key_padding_mask;
+  p.batch = batch, p.heads = heads, p.query_len = query_len, p.key_len = key_len, p.head_dim = head_dim;
+  p.features = features;
+  p.keys_per_split = keys_per_split, p.key_splits = (key_len + keys_per_split - 1) / keys_per_split;
+  p.queries_per_split = queries_per_split;
+  p.query_splits = (query_len + queries_per_split - 1) / queries_per_split;
+  p.sqrt_scale = sqrt_scale, p.softmax = softmax, p.causal = causal;
+  p.grad_out = grad_out, p.grad_q = grad_q, p.grad_k = grad_k, p.grad_v = grad_v;
+  p.query_rows = query_rows, p.grad_state = grad_state, p.grad_state_partial = grad_state_partial;
+  const bool backward = grad_out != nullptr;
+  switch (dtype) {
+    case 0: return performer_head_dim<__half>(p, backward);
+    case 1: return performer_head_dim<__nv_bfloat16>(p, backward);
+    default: return performer_head_dim<float>(p, backward);
   }
 }
 

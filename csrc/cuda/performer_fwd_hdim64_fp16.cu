@@ -1,0 +1,7 @@
+// One instantiation per file keeps each nvcc job small and lets the build run them in parallel.
+#include "performer_launch.cuh"
+
+namespace fastattn::cuda {
+template void run_performer_fwd<__half, 64>(const PerformerParams&, cudaStream_t);
+template void run_performer_row_max<__half, 64>(const PerformerParams&, bool, cudaStream_t);
+}  // namespace fastattn::cuda
