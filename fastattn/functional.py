@@ -233,7 +233,7 @@ def performer_attention(q, k, v, projection, *, kernel="softmax", causal=False, 
         raise ValueError(f"projection: expected D = {q.shape[-1]} (head dim of q), got shape {tuple(projection.shape)}")
     if kernel not in PERFORMER_KERNELS:
         raise ValueError(f"kernel: expected one of {PERFORMER_KERNELS}, got {kernel!r}")
-    chosen = backends.select("performer", q, backend, kernel=kernel, causal=causal)
+    chosen = backends.select("performer", q, backend, kernel=kernel, causal=causal, features=projection.shape[-2])
     k, v = _kv_for(chosen, "performer", q, k, v)
     return chosen.implementation("performer")(
         q, k, v, projection.detach(), kernel=kernel, causal=causal, key_padding_mask=_padding_mask(key_padding_mask),

@@ -478,7 +478,8 @@ void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_
 // the unpadded keys up to j (a running maximum), and M_j = max_f s_f(j). Query i's weight on key j is
 // exp(A_if + (l_f(k_j) - M_i)) with A_if = (l_f(q_i) - max l(q_i)) - c_i, where
 // c_i = max_f ((l_f(q_i) - max l(q_i)) + (s_f(i) - M_i)) makes every weight <= 1 and the one of query i's
-// best feature on the key that set s_f(i) exactly 1: the normaliser is >= 1, and only keys up to i enter.
+// best feature on the key that set s_f(i) 1 (to rounding): the normaliser is >= 1 (to rounding), and only
+// keys up to i enter.
 // (Each difference is of two large logits that are close where it matters, so it is nearly exact.)
 //
 // Weights factor through any per-feature constant sigma_f: exp(A_if + (sigma_f - M_i)) exp(l_f(k_j) -
