@@ -446,30 +446,21 @@ struct Problem {
   }
 };
 
-// Keys [start, start + n) of head (b, h): logits, their per-row maxima (-inf when padded) and padding flags.
+// Keys [start, start + n) of head (b, h): logits (k_max takes their per-row maxima, unused) and padding flags.
 template <typename scalar_t, typename T>
 void key_logits(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start, int64_t n,
                 Workspace<T>& w) {
-  map.logits(p.keys(b, h, start), p.kv.row_stride, n, w.kx.data(), w.k_logits.data(),
-             w.k_max.data());
-  for (int64_t r = 0; r < n; ++r) {
-    w.k_dropped[r] = p.padded(b, start + r);
-    if (w.k_dropped[r]) w.k_max[r] = -std::numeric_limits<T>::infinity();
-  }
+  map.logits(p.keys(b, h, start), p.kv.row_stride, n, w.kx.data(), w.k_logits.data(), w.k_max.data());
+  for (int64_t r = 0; r < n; ++r) w.k_dropped[r] = p.padded(b, start + r);
 }
 
-// Query features of rows [start, start + n): against the keys' per-feature maxima key_feature_max
-// (non-causal), or stabilised by each row's own maximum (causal: key_feature_max null).
+// Non-causal query features of rows [start, start + n), against the keys' per-feature maxima.
 template <typename scalar_t, typename T>
 void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start,
                     int64_t n, Workspace<T>& w, const T* key_feature_max) {
   map.logits(p.q + p.qv.offset(b, h) + start * p.qv.row_stride, p.qv.row_stride, n, w.qx.data(), w.q_logits.data(),
              w.q_max.data());
-  if (key_feature_max != nullptr) {
-    map.query_phi(w.q_logits.data(), n, w.q_max.data(), key_feature_max, w.q_phi.data());
-  } else {
-    map.phi(w.q_logits.data(), n, w.q_max.data(), nullptr, w.q_phi.data());
-  }
+  map.query_phi(w.q_logits.data(), n, w.q_max.data(), key_feature_max, w.q_phi.data());
 }
 
 // Causal sweeps run over sub-blocks of kSubBlock rows, as keys and as queries at once.
