@@ -303,6 +303,16 @@ def performer_fwd_kernel_state(
 
 
 @triton.jit
+def _query_rows(p_q_base, query_max, query_stabiliser, i_bh, o_m, o_d, stride_qn, Nq):
+    """Rows o_m of one head's q (zeros past Nq), with each row's largest logit and stabiliser c."""
+    m_m = o_m < Nq
+    b_q = tl.load(p_q_base + o_m.to(tl.int64)[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
+    p_rows = i_bh.to(tl.int64) * Nq + o_m
+    b_query_max = tl.load(query_max + p_rows, mask=m_m, other=0.0)
+    return b_q, b_query_max, tl.load(query_stabiliser + p_rows, mask=m_m, other=0.0)
+
+
+@triton.jit
 def performer_fwd_kernel(
     q, w, query_max, query_stabiliser, key_shift, state, o, normaliser,
     stride_qb, stride_qh, stride_qn,
@@ -318,10 +328,8 @@ def performer_fwd_kernel(
     o_d = tl.arange(0, D)
     m_m = o_m < Nq
     o_m64 = o_m.to(tl.int64)
-    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_m64[:, None] * stride_qn + o_d[None, :],
-                  mask=m_m[:, None], other=0.0)
-    b_query_max = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
-    b_c = tl.load(query_stabiliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
+    b_q, b_query_max, b_c = _query_rows(q + i_b * stride_qb + i_h * stride_qh, query_max, query_stabiliser, i_bh,
+                                        o_m, o_d, stride_qn, Nq)
     p_w_base = w + i_h * stride_wh
     p_state_base = state + i_bh.to(tl.int64) * M * (D + 1)
 
@@ -408,10 +416,8 @@ def performer_bwd_kernel_dq(
     o_d = tl.arange(0, D)
     m_m = o_m < Nq
     o_m64 = o_m.to(tl.int64)
-    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_m64[:, None] * stride_qn + o_d[None, :],
-                  mask=m_m[:, None], other=0.0)
-    b_query_max = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
-    b_c = tl.load(query_stabiliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
+    b_q, b_query_max, b_c = _query_rows(q + i_b * stride_qb + i_h * stride_qh, query_max, query_stabiliser, i_bh,
+                                        o_m, o_d, stride_qn, Nq)
     b_den = tl.load(normaliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
     o_row = i_b * stride_ob + i_h * stride_oh + o_m64[:, None] * stride_on + o_d[None, :]
     b_g, b_go = _query_grads(do + o_row, o + o_row, b_den, m_m)
@@ -473,9 +479,7 @@ def performer_bwd_kernel_dstate(
         o_m = i_m + o_m_tile
         m_m = o_m < Nq
         o_m64 = o_m.to(tl.int64)
-        b_q = tl.load(p_q_base + o_m64[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
-        b_query_max = tl.load(query_max + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
-        b_c = tl.load(query_stabiliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
+        b_q, b_query_max, b_c = _query_rows(p_q_base, query_max, query_stabiliser, i_bh, o_m, o_d, stride_qn, Nq)
         b_den = tl.load(normaliser + i_bh.to(tl.int64) * Nq + o_m, mask=m_m, other=0.0)
         o_row = i_b * stride_ob + i_h * stride_oh + o_m64[:, None] * stride_on + o_d[None, :]
         b_g, b_go = _query_grads(do + o_row, o + o_row, b_den, m_m)
