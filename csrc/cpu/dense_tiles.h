@@ -371,6 +371,55 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __mmask16 first_lanes(int64_t count) {
     if (probs != nullptr) _mm256_mask_storeu_epi16(probs + j, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
   }
 }
+
+// The A operand of a bf16 product from a transposed float matrix: dst (cols x rows rounded up to even,
+// leading dimension dst_ld) = src^T (src: rows x cols, leading dimension src_ld) rounded to bfloat16 as
+// narrow_operand_row does, with a zero pad column when rows is odd. Blocks of 16 x 16 are transposed in
+// registers (pairs of 32-bit lanes, then 64-bit ones, then 128-bit quarters); element-wise moves cost more
+// than the products they feed.
+[[maybe_unused]] FASTATTN_BF16_PRODUCTS_TARGET void narrow_transposed_operand(const float* src, int64_t src_ld,
+                                                                              int64_t rows, int64_t cols,
+                                                                              uint16_t* dst, int64_t dst_ld) {
+  const int64_t rows_even = rows + rows % 2;
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const __mmask16 out_lanes = first_lanes(rows_even - r0);
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const __mmask16 in_lanes = first_lanes(cols - c0);
+      __m512 block[16], half[16];
+      for (int64_t r = 0; r < 16; ++r) {
+        block[r] = r0 + r < rows ? _mm512_maskz_loadu_ps(in_lanes, src + (r0 + r) * src_ld + c0) : _mm512_setzero_ps();
+      }
+      for (int i = 0; i < 8; ++i) {
+        half[2 * i] = _mm512_unpacklo_ps(block[2 * i], block[2 * i + 1]);
+        half[2 * i + 1] = _mm512_unpackhi_ps(block[2 * i], block[2 * i + 1]);
+      }
+      // block[4 i + c], quarter q: column 4 q + c of rows 4 i .. 4 i + 3.
+      for (int i = 0; i < 4; ++i) {
+        const __m512d a0 = _mm512_castps_pd(half[4 * i]), a1 = _mm512_castps_pd(half[4 * i + 1]);
+        const __m512d a2 = _mm512_castps_pd(half[4 * i + 2]), a3 = _mm512_castps_pd(half[4 * i + 3]);
+        block[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+        block[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+        block[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+        block[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+      }
+      for (int c = 0; c < 4; ++c) {
+        const __m512 low01 = _mm512_shuffle_f32x4(block[c], block[4 + c], 0x44);
+        const __m512 high01 = _mm512_shuffle_f32x4(block[c], block[4 + c], 0xEE);
+        const __m512 low23 = _mm512_shuffle_f32x4(block[8 + c], block[12 + c], 0x44);
+        const __m512 high23 = _mm512_shuffle_f32x4(block[8 + c], block[12 + c], 0xEE);
+        const __m512 columns[4] = {_mm512_shuffle_f32x4(low01, low23, 0x88), _mm512_shuffle_f32x4(low01, low23, 0xDD),
+                                   _mm512_shuffle_f32x4(high01, high23, 0x88),
+                                   _mm512_shuffle_f32x4(high01, high23, 0xDD)};
+        for (int q = 0; q < 4; ++q) {
+          const int64_t column = c0 + 4 * q + c;
+          if (column >= cols) continue;
+          _mm256_mask_storeu_epi16(dst + column * dst_ld + r0, out_lanes,
+                                   reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(columns[q])));
+        }
+      }
+    }
+  }
+}
 #pragma GCC diagnostic pop
 #else
 // Elsewhere bf16 products do not run (bf16_products()); these keep the kernels compiling.
@@ -382,6 +431,12 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __mmask16 first_lanes(int64_t count) {
     sum += e;
   }
   return sum;
+}
+[[maybe_unused]] void narrow_transposed_operand(const float* src, int64_t src_ld, int64_t rows, int64_t cols,
+                                                uint16_t* dst, int64_t dst_ld) {
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r = 0; r < rows + rows % 2; ++r) dst[c * dst_ld + r] = r < rows ? narrow(src[r * src_ld + c]) : 0;
+  }
 }
 [[maybe_unused]] void exp_shifted_bf16(float* row, int64_t n, float scale, const float* shifts, bool shift_per_element,
                                        uint16_t* probs) {

@@ -57,6 +57,105 @@ FASTATTN_VECTOR_CLONES void add_partial(const float* partial, int64_t m, int64_t
   }
 }
 
+// Passes over a row of m features. Each has one body (a template, which double, for gradcheck, uses as it is)
+// and a float overload compiled per ISA level: the extension's baseline is SSE2, and at that width these
+// passes took longer than the bf16 tile products. Maxima keep sixteen partial results (max_of's order,
+// which skips NaN).
+constexpr int64_t kMaxLanes = 16;
+
+template <typename T>
+inline T max_of_partials(const T* partial) {
+  T result = -std::numeric_limits<T>::infinity();
+  for (int64_t l = 0; l < kMaxLanes; ++l) result = partial[l] > result ? partial[l] : result;
+  return result;
+}
+
+// row[f] = transform(f) for f < n; returns the maximum of the new row.
+template <typename T, typename Transform>
+inline T transform_and_max(T* row, int64_t n, const Transform& transform) {
+  T partial[kMaxLanes];
+  std::fill(partial, partial + kMaxLanes, -std::numeric_limits<T>::infinity());
+  int64_t f = 0;
+  for (; f + kMaxLanes <= n; f += kMaxLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kMaxLanes; ++l) {
+      row[f + l] = transform(f + l);
+      partial[l] = row[f + l] > partial[l] ? row[f + l] : partial[l];
+    }
+  }
+  for (int64_t l = 0; f < n; ++f, ++l) {
+    row[f] = transform(f);
+    partial[l] = row[f] > partial[l] ? row[f] : partial[l];
+  }
+  return max_of_partials(partial);
+}
+
+// row -= value; returns the row's maximum.
+template <typename T>
+inline T subtract_and_max(T* row, int64_t n, T value) {
+  return transform_and_max(row, n, [&](int64_t f) { return row[f] - value; });
+}
+FASTATTN_VECTOR_CLONES float subtract_and_max(float* row, int64_t n, float value) {
+  return subtract_and_max<float>(row, n, value);
+}
+
+// row = (row - row_max) + (feature_max - peak) (see FeatureMap::query_phi); returns the row's maximum.
+template <typename T>
+inline T gaps_and_max(T* row, const T* feature_max, int64_t n, T row_max, T peak) {
+  return transform_and_max(row, n, [&](int64_t f) { return (row[f] - row_max) + (feature_max[f] - peak); });
+}
+FASTATTN_VECTOR_CLONES float gaps_and_max(float* row, const float* feature_max, int64_t n, float row_max, float peak) {
+  return gaps_and_max<float>(row, feature_max, n, row_max, peak);
+}
+
+// out = exp(in - shift), shift per element.
+template <typename T>
+inline void exp_of_difference(const T* in, const T* shift, T* out, int64_t n) {
+  for (int64_t f = 0; f < n; ++f) out[f] = cpu::exp_acc(in[f] - shift[f]);
+}
+FASTATTN_VECTOR_CLONES void exp_of_difference(const float* in, const float* shift, float* out, int64_t n) {
+  exp_of_difference<float>(in, shift, out, n);
+}
+
+// running = max(running, row) element by element (a NaN in row is skipped).
+template <typename T>
+inline void max_into(T* running, const T* row, int64_t n) {
+  for (int64_t f = 0; f < n; ++f) running[f] = row[f] > running[f] ? row[f] : running[f];
+}
+FASTATTN_VECTOR_CLONES void max_into(float* running, const float* row, int64_t n) { max_into<float>(running, row, n); }
+
+// row *= factors element by element.
+template <typename T>
+inline void multiply_into(T* row, const T* factors, int64_t n) {
+  for (int64_t f = 0; f < n; ++f) row[f] *= factors[f];
+}
+FASTATTN_VECTOR_CLONES void multiply_into(float* row, const float* factors, int64_t n) {
+  multiply_into<float>(row, factors, n);
+}
+
+// |x|^2, summed in double (see FeatureMap::logits) in eight partial sums.
+template <typename T>
+inline double squared_norm(const T* x, int64_t n) {
+  double partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    for (int l = 0; l < 8; ++l) partial[l] += static_cast<double>(x[c + l]) * x[c + l];
+  }
+  double total = 0;
+  for (; c < n; ++c) total += static_cast<double>(x[c]) * x[c];
+  for (int l = 0; l < 8; ++l) total += partial[l];
+  return total;
+}
+FASTATTN_VECTOR_CLONES double squared_norm(const float* x, int64_t n) { return squared_norm<float>(x, n); }
+
+// Thread scratch of at least n elements. Grows only: products of alternating shapes would otherwise
+// re-initialise their buffers at every call (a tenth of the bf16 time did so).
+template <typename T>
+T* scratch(std::vector<T>& buffer, int64_t n) {
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // The rows (k x n float, leading dimension ld) of every matrix of a (..., k, n) float tensor pair-interleaved in
 // bfloat16 (cpu::pair_rows): (..., k rounded up to even, n). The B operands of bf16 tile products that stay
 // the same for many tiles (projections, states), rounded once per call.
@@ -80,47 +179,39 @@ at::Tensor paired_operands(const at::Tensor& t) {
 void bf16_tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
                        const float* a, int64_t lda, const float* b, int64_t ldb, bool accumulate, float* c,
                        int64_t ldc, const c10::BFloat16* b_pairs) {
-  thread_local std::vector<c10::BFloat16> a_rows, b_converted;
-  thread_local std::vector<float> partial, zeros;
-  thread_local std::vector<uint32_t> column;
+  thread_local std::vector<c10::BFloat16> a_rows_buffer, b_converted_buffer;
+  thread_local std::vector<float> partial_buffer;
   const int64_t k_even = k + k % 2;
-  a_rows.resize(m * k_even);
+  c10::BFloat16* a_rows = scratch(a_rows_buffer, m * k_even);
   if (transpose_a) {
-    // Rows j and j + 1 of a are column pair j / 2 of A: narrowed as pairs, then scattered as 32-bit words.
-    zeros.assign(m, 0.0f);
-    column.resize(m);
-    uint32_t* words = reinterpret_cast<uint32_t*>(a_rows.data());
-    for (int64_t j = 0; j < k; j += 2) {
-      cpu::narrow_pair_rows(a + j * lda, j + 1 < k ? a + (j + 1) * lda : zeros.data(), column.data(), m);
-      for (int64_t i = 0; i < m; ++i) words[i * (k_even / 2) + j / 2] = column[i];
-    }
+    cpu::narrow_transposed_operand(a, lda, k, m, reinterpret_cast<uint16_t*>(a_rows), k_even);
   } else {
     for (int64_t r = 0; r < m; ++r) {
-      cpu::narrow_operand_row(a + r * lda, reinterpret_cast<uint16_t*>(a_rows.data() + r * k_even), k);
+      cpu::narrow_operand_row(a + r * lda, reinterpret_cast<uint16_t*>(a_rows + r * k_even), k);
       if (k % 2 == 1) a_rows[r * k_even + k] = c10::BFloat16(0.0f);
     }
   }
   int64_t pairs_ld = ldb;
   if (b_pairs == nullptr) {
     pairs_ld = n;
-    b_converted.resize(k_even * n);
+    c10::BFloat16* b_converted = scratch(b_converted_buffer, k_even * n);
     if (transpose_b) {
-      cpu::pair_transposed(b, ldb, n, k, 1.0f, b_converted.data(), n);
+      cpu::pair_transposed(b, ldb, n, k, 1.0f, b_converted, n);
     } else {
-      cpu::pair_rows(b, ldb, k, n, b_converted.data(), n);
+      cpu::pair_rows(b, ldb, k, n, b_converted, n);
     }
-    b_pairs = b_converted.data();
+    b_pairs = b_converted;
   }
   if (!accumulate && alpha == 1.0f && k <= kInnerChunk) {
-    cpu::product(m, n, k_even, a_rows.data(), k_even, b_pairs, pairs_ld, c, ldc, false);
+    cpu::product(m, n, k_even, a_rows, k_even, b_pairs, pairs_ld, c, ldc, false);
     return;
   }
-  partial.resize(m * n);
+  float* partial = scratch(partial_buffer, m * n);
   for (int64_t first = 0; first < k; first += kInnerChunk) {
     const int64_t depth = std::min(kInnerChunk, k - first);
-    cpu::product(m, n, depth + depth % 2, a_rows.data() + first, k_even, b_pairs + first * pairs_ld, pairs_ld,
-                 partial.data(), n, false);
-    add_partial(partial.data(), m, n, alpha, accumulate || first > 0, c, ldc);
+    cpu::product(m, n, depth + depth % 2, a_rows + first, k_even, b_pairs + first * pairs_ld, pairs_ld, partial, n,
+                 false);
+    add_partial(partial, m, n, alpha, accumulate || first > 0, c, ldc);
   }
 }
 
@@ -143,28 +234,28 @@ void tile_product(bool bf16, bool transpose_a, bool transpose_b, int64_t m, int6
   } else if (bf16) {
     bf16_tile_product(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, accumulate, c, ldc, b_pairs);
   } else {
-    thread_local std::vector<float> a_t, b_t, partial;
+    thread_local std::vector<float> a_t_buffer, b_t_buffer, partial_buffer;
     if (transpose_a) {
-      a_t.resize(m * k);
-      cpu::transpose(a, lda, k, m, 1.0f, a_t.data(), k);
-      a = a_t.data();
+      float* a_t = scratch(a_t_buffer, m * k);
+      cpu::transpose(a, lda, k, m, 1.0f, a_t, k);
+      a = a_t;
       lda = k;
     }
     if (transpose_b) {
-      b_t.resize(k * n);
-      cpu::transpose(b, ldb, n, k, 1.0f, b_t.data(), n);
-      b = b_t.data();
+      float* b_t = scratch(b_t_buffer, k * n);
+      cpu::transpose(b, ldb, n, k, 1.0f, b_t, n);
+      b = b_t;
       ldb = n;
     }
     if (!accumulate && alpha == 1.0f && k <= kInnerChunk) {
       cpu::product(m, n, k, a, lda, b, ldb, c, ldc, false);
       return;
     }
-    partial.resize(m * n);
+    float* partial = scratch(partial_buffer, m * n);
     for (int64_t first = 0; first < k; first += kInnerChunk) {
       const int64_t depth = std::min(kInnerChunk, k - first);
-      cpu::product(m, n, depth, a + first, lda, b + first * ldb, ldb, partial.data(), n, false);
-      add_partial(partial.data(), m, n, alpha, accumulate || first > 0, c, ldc);
+      cpu::product(m, n, depth, a + first, lda, b + first * ldb, ldb, partial, n, false);
+      add_partial(partial, m, n, alpha, accumulate || first > 0, c, ldc);
     }
   }
 }
@@ -214,15 +305,10 @@ struct FeatureMap {
         row_max[r] = 0;
         continue;
       }
-      const T* xr = x + r * dim;
       // Summed in double: |x|^2 / 2 is large next to the logits' spread, and its rounding error becomes a
       // relative error of every feature of the row.
-      double norm = 0;
-      for (int64_t c = 0; c < dim; ++c) norm += static_cast<double>(xr[c]) * xr[c];
-      const T half_norm = static_cast<T>(0.5 * norm);
-      T* lr = logits + r * features;
-      for (int64_t f = 0; f < features; ++f) lr[f] -= half_norm;
-      row_max[r] = cpu::max_of(lr, features);
+      const T half_norm = static_cast<T>(0.5 * squared_norm(x + r * dim, dim));
+      row_max[r] = subtract_and_max(logits + r * features, features, half_norm);
     }
   }
 
@@ -243,16 +329,20 @@ struct FeatureMap {
   }
 
   // Non-causal softmax key features exp(logits - feature_max) (zero rows where dropped[r]); relu as phi().
-  // The logits are overwritten.
-  void key_phi(T* logits, int64_t rows, const T* feature_max, const bool* dropped, T* phi_out) const {
-    if (softmax) {
-      for (int64_t r = 0; r < rows; ++r) {
-        T* lr = logits + r * features;
-        for (int64_t f = 0; f < features; ++f) lr[f] -= feature_max[f];
+  void key_phi(const T* logits, int64_t rows, const T* feature_max, const bool* dropped, T* phi_out) const {
+    if (!softmax) {
+      const std::vector<T> no_shift(rows, T(0));
+      phi(logits, rows, no_shift.data(), dropped, phi_out);
+      return;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      T* pr = phi_out + r * features;
+      if (dropped != nullptr && dropped[r]) {
+        std::fill(pr, pr + features, T(0));
+      } else {
+        exp_of_difference(logits + r * features, feature_max, pr, features);
       }
     }
-    const std::vector<T> no_shift(rows, T(0));
-    phi(logits, rows, no_shift.data(), dropped, phi_out);
   }
 
   // Non-causal softmax query features against the keys' per-feature maxima: a_f = (logits_f - row_max) +
@@ -264,9 +354,7 @@ struct FeatureMap {
     if (softmax) {
       const T peak = cpu::max_of(feature_max, features);
       for (int64_t r = 0; r < rows; ++r) {
-        T* lr = logits + r * features;
-        for (int64_t f = 0; f < features; ++f) lr[f] = (lr[f] - row_max[r]) + (feature_max[f] - peak);
-        shift[r] = cpu::max_of(lr, features);
+        shift[r] = gaps_and_max(logits + r * features, feature_max, features, row_max[r], peak);
       }
     }
     phi(logits, rows, shift.data(), nullptr, phi_out);
@@ -279,7 +367,7 @@ struct FeatureMap {
       const T* pr = phi + r * features;
       const T* lr = logits + r * features;
       if (softmax) {
-        for (int64_t f = 0; f < features; ++f) dr[f] *= pr[f];
+        multiply_into(dr, pr, features);
       } else {
         for (int64_t f = 0; f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] : T(0);
       }
@@ -505,11 +593,8 @@ void causal_keys(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b
     const T* previous = r == 0 ? before : w.k_prefix.data() + (r - 1) * m;
     T* prefix = w.k_prefix.data() + r * m;
     const T* lr = w.k_logits.data() + r * m;
-    if (w.k_dropped[r]) {
-      std::copy(previous, previous + m, prefix);
-    } else {
-      for (int64_t f = 0; f < m; ++f) prefix[f] = std::max(previous[f], lr[f]);
-    }
+    std::copy(previous, previous + m, prefix);
+    if (!w.k_dropped[r]) max_into(prefix, lr, m);
     w.k_stab[r] = cpu::max_of(prefix, m);
   }
 }
@@ -591,9 +676,7 @@ void key_weights(Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* s
       std::fill(out, out + m, T(0));
       continue;
     }
-    const T* lr = w.k_logits.data() + r * m;
-    for (int64_t f = 0; f < m; ++f) out[f] = lr[f] - sigma[f];
-    cpu::exp_shifted(out, out, m, T(0));
+    exp_of_difference(w.k_logits.data() + r * m, sigma, out, m);
   }
 }
 
@@ -890,9 +973,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       if (softmax) {
         std::vector<T> tile_max(feature_max);
         for (int64_t r = 0; r < n; ++r) {
-          if (w.k_dropped[r]) continue;
-          const T* lr = w.k_logits.data() + r * m;
-          for (int64_t f = 0; f < m; ++f) tile_max[f] = std::max(tile_max[f], lr[f]);
+          if (!w.k_dropped[r]) max_into(tile_max.data(), w.k_logits.data() + r * m, m);
         }
         if (have_state) decay_rows(head_state, m, dim, feature_max.data(), tile_max.data());
         feature_max.swap(tile_max);
