@@ -17,6 +17,7 @@
 // and a reverse pass for dk, dv (a suffix state of the queries' weights times [dnum | dden]), both per
 // (batch, head).
 #include "cpu/dense_tiles.h"
+#include "cpu/softmax_grad.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -57,17 +58,18 @@ FASTATTN_VECTOR_CLONES void add_partial(const float* partial, int64_t m, int64_t
   }
 }
 
-// Passes over a row of m features. Each has one body (a template, which double, for gradcheck, uses as it is)
-// and a float overload compiled per ISA level: the extension's baseline is SSE2, and at that width these
-// passes took longer than the bf16 tile products. Maxima keep sixteen partial results (max_of's order,
-// which skips NaN).
+// Passes over a row of m features, compiled per ISA level: the extension's baseline is SSE2, and at that
+// width these passes took longer than the bf16 tile products. Maxima keep sixteen partial results (max_of's
+// order, which skips NaN).
 constexpr int64_t kMaxLanes = 16;
 
+// Halving the partials, so that the first steps are vector operations too.
 template <typename T>
-inline T max_of_partials(const T* partial) {
-  T result = -std::numeric_limits<T>::infinity();
-  for (int64_t l = 0; l < kMaxLanes; ++l) result = partial[l] > result ? partial[l] : result;
-  return result;
+inline T max_of_partials(T* partial) {
+  for (int64_t width = kMaxLanes / 2; width > 0; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) partial[l] = partial[l + width] > partial[l] ? partial[l + width] : partial[l];
+  }
+  return partial[0];
 }
 
 // row[f] = transform(f) for f < n; returns the maximum of the new row.
@@ -92,50 +94,37 @@ inline T transform_and_max(T* row, int64_t n, const Transform& transform) {
 
 // row -= value; returns the row's maximum.
 template <typename T>
-inline T subtract_and_max(T* row, int64_t n, T value) {
+FASTATTN_VECTOR_CLONES T subtract_and_max(T* row, int64_t n, T value) {
   return transform_and_max(row, n, [&](int64_t f) { return row[f] - value; });
-}
-FASTATTN_VECTOR_CLONES float subtract_and_max(float* row, int64_t n, float value) {
-  return subtract_and_max<float>(row, n, value);
 }
 
 // row = (row - row_max) + (feature_max - peak) (see FeatureMap::query_phi); returns the row's maximum.
 template <typename T>
-inline T gaps_and_max(T* row, const T* feature_max, int64_t n, T row_max, T peak) {
+FASTATTN_VECTOR_CLONES T gaps_and_max(T* row, const T* feature_max, int64_t n, T row_max, T peak) {
   return transform_and_max(row, n, [&](int64_t f) { return (row[f] - row_max) + (feature_max[f] - peak); });
-}
-FASTATTN_VECTOR_CLONES float gaps_and_max(float* row, const float* feature_max, int64_t n, float row_max, float peak) {
-  return gaps_and_max<float>(row, feature_max, n, row_max, peak);
 }
 
 // out = exp(in - shift), shift per element.
 template <typename T>
-inline void exp_of_difference(const T* in, const T* shift, T* out, int64_t n) {
+FASTATTN_VECTOR_CLONES void exp_of_difference(const T* in, const T* shift, T* out, int64_t n) {
   for (int64_t f = 0; f < n; ++f) out[f] = cpu::exp_acc(in[f] - shift[f]);
-}
-FASTATTN_VECTOR_CLONES void exp_of_difference(const float* in, const float* shift, float* out, int64_t n) {
-  exp_of_difference<float>(in, shift, out, n);
 }
 
 // running = max(running, row) element by element (a NaN in row is skipped).
 template <typename T>
-inline void max_into(T* running, const T* row, int64_t n) {
+FASTATTN_VECTOR_CLONES void max_into(T* running, const T* row, int64_t n) {
   for (int64_t f = 0; f < n; ++f) running[f] = row[f] > running[f] ? row[f] : running[f];
 }
-FASTATTN_VECTOR_CLONES void max_into(float* running, const float* row, int64_t n) { max_into<float>(running, row, n); }
 
 // row *= factors element by element.
 template <typename T>
-inline void multiply_into(T* row, const T* factors, int64_t n) {
+FASTATTN_VECTOR_CLONES void multiply_into(T* row, const T* factors, int64_t n) {
   for (int64_t f = 0; f < n; ++f) row[f] *= factors[f];
-}
-FASTATTN_VECTOR_CLONES void multiply_into(float* row, const float* factors, int64_t n) {
-  multiply_into<float>(row, factors, n);
 }
 
 // |x|^2, summed in double (see FeatureMap::logits) in eight partial sums.
 template <typename T>
-inline double squared_norm(const T* x, int64_t n) {
+FASTATTN_VECTOR_CLONES double squared_norm(const T* x, int64_t n) {
   double partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
@@ -146,7 +135,6 @@ inline double squared_norm(const T* x, int64_t n) {
   for (int l = 0; l < 8; ++l) total += partial[l];
   return total;
 }
-FASTATTN_VECTOR_CLONES double squared_norm(const float* x, int64_t n) { return squared_norm<float>(x, n); }
 
 // Thread scratch of at least n elements. Grows only: products of alternating shapes would otherwise
 // re-initialise their buffers at every call (a tenth of the bf16 time did so).
@@ -175,7 +163,8 @@ at::Tensor paired_operands(const at::Tensor& t) {
 
 // tile_product's bf16 products: A rounded to bfloat16 in rows of an even length (a zero pad column when k is
 // odd), B rounded and pair-interleaved (cpu::product), or given so (b_pairs: B's rows paired at their leading
-// dimension ldb, as paired_operands does); the inner dimension chunked as for float.
+// dimension ldb, as paired_operands does). One product over the whole inner dimension: float's chunks bound
+// the rounding of long float32 sums, far below that of operands rounded to bfloat16.
 void bf16_tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
                        const float* a, int64_t lda, const float* b, int64_t ldb, bool accumulate, float* c,
                        int64_t ldc, const c10::BFloat16* b_pairs) {
@@ -202,17 +191,13 @@ void bf16_tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n,
     }
     b_pairs = b_converted;
   }
-  if (!accumulate && alpha == 1.0f && k <= kInnerChunk) {
+  if (!accumulate && alpha == 1.0f) {
     cpu::product(m, n, k_even, a_rows, k_even, b_pairs, pairs_ld, c, ldc, false);
     return;
   }
   float* partial = scratch(partial_buffer, m * n);
-  for (int64_t first = 0; first < k; first += kInnerChunk) {
-    const int64_t depth = std::min(kInnerChunk, k - first);
-    cpu::product(m, n, depth + depth % 2, a_rows + first, k_even, b_pairs + first * pairs_ld, pairs_ld, partial, n,
-                 false);
-    add_partial(partial, m, n, alpha, accumulate || first > 0, c, ldc);
-  }
+  cpu::product(m, n, k_even, a_rows, k_even, b_pairs, pairs_ld, partial, n, false);
+  add_partial(partial, m, n, alpha, accumulate, c, ldc);
 }
 
 // Row-major C (m x n) = alpha op(A) op(B), added to C when `accumulate`. Float goes to cpu::product
@@ -436,13 +421,12 @@ template <typename scalar_t, typename T>
 void load_values_with_ones(const scalar_t* src, int64_t row_stride, int64_t rows, int64_t dim, const bool* dropped,
                            T* dst) {
   for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* in = src + r * row_stride;
     T* out = dst + r * (dim + 1);
     if (dropped[r]) {
       std::fill(out, out + dim + 1, T(0));
       continue;
     }
-    for (int64_t c = 0; c < dim; ++c) out[c] = static_cast<T>(in[c]);
+    cpu::load_rows(src + r * row_stride, row_stride, 1, dim, T(1), out);
     out[dim] = 1;
   }
 }
@@ -453,6 +437,8 @@ void load_values_with_ones(const scalar_t* src, int64_t row_stride, int64_t rows
 template <typename scalar_t, typename T>
 void output_grads(const scalar_t* grad_out, const scalar_t* out, int64_t row_stride, const T* normaliser, int64_t rows,
                   int64_t dim, T* dst, bool* dropped) {
+  thread_local std::vector<T> out_row_buffer;
+  T* out_row = scratch(out_row_buffer, dim);
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* g = grad_out + r * row_stride;
     const scalar_t* o = out + r * row_stride;
@@ -463,13 +449,10 @@ void output_grads(const scalar_t* grad_out, const scalar_t* out, int64_t row_str
       std::fill(d, d + dim + 1, T(0));
       continue;
     }
-    const T inverse = T(1) / den;
-    double dot = 0;  // g . out cancels against dnum . v in the scores' gradient: summed in double
-    for (int64_t c = 0; c < dim; ++c) {
-      d[c] = static_cast<T>(g[c]) * inverse;
-      dot += static_cast<double>(d[c]) * static_cast<double>(o[c]);
-    }
-    d[dim] = static_cast<T>(-dot);
+    cpu::load_rows(g, row_stride, 1, dim, T(1) / den, d);
+    cpu::load_rows(o, row_stride, 1, dim, T(1), out_row);
+    // g . out cancels against dnum . v in the scores' gradient: summed in double
+    d[dim] = static_cast<T>(-cpu::dot_in_double(d, out_row, dim));
   }
 }
 
