@@ -125,6 +125,76 @@ inline void pair_columns(const c10::BFloat16* src, int64_t src_ld, int64_t rows,
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// See FASTATTN_BF16_PRODUCTS_TARGET's section (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define FASTATTN_AVX512_TARGET __attribute__((target("avx512f")))
+
+// 16 x 16 floats transposed in registers: block[r] holds row r on entry and column r on return (pairs of
+// 32-bit lanes, then 64-bit ones, then 128-bit quarters).
+FASTATTN_AVX512_TARGET inline void transpose_16x16(__m512* block) {
+  __m512 half[16];
+  for (int i = 0; i < 8; ++i) {
+    half[2 * i] = _mm512_unpacklo_ps(block[2 * i], block[2 * i + 1]);
+    half[2 * i + 1] = _mm512_unpackhi_ps(block[2 * i], block[2 * i + 1]);
+  }
+  // quarters[4 i + c], quarter q: column 4 q + c of rows 4 i .. 4 i + 3.
+  __m512 quarters[16];
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a0 = _mm512_castps_pd(half[4 * i]), a1 = _mm512_castps_pd(half[4 * i + 1]);
+    const __m512d a2 = _mm512_castps_pd(half[4 * i + 2]), a3 = _mm512_castps_pd(half[4 * i + 3]);
+    quarters[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+    quarters[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+    quarters[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+    quarters[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 low01 = _mm512_shuffle_f32x4(quarters[c], quarters[4 + c], 0x44);
+    const __m512 high01 = _mm512_shuffle_f32x4(quarters[c], quarters[4 + c], 0xEE);
+    const __m512 low23 = _mm512_shuffle_f32x4(quarters[8 + c], quarters[12 + c], 0x44);
+    const __m512 high23 = _mm512_shuffle_f32x4(quarters[8 + c], quarters[12 + c], 0xEE);
+    block[c] = _mm512_shuffle_f32x4(low01, low23, 0x88);
+    block[4 + c] = _mm512_shuffle_f32x4(low01, low23, 0xDD);
+    block[8 + c] = _mm512_shuffle_f32x4(high01, high23, 0x88);
+    block[12 + c] = _mm512_shuffle_f32x4(high01, high23, 0xDD);
+  }
+}
+
+// Loads rows r0 .. r0 + 15 (those below `rows`; zeros after) of columns c0 .. c0 + 15 (those below `cols`)
+// into block, times multiplier, and transposes them.
+FASTATTN_AVX512_TARGET inline void load_transposed_16x16(const float* src, int64_t src_ld, int64_t rows, int64_t cols,
+                                                         int64_t r0, int64_t c0, float multiplier, __m512* block) {
+  const __mmask16 columns = cols - c0 >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                            : static_cast<__mmask16>((1u << (cols - c0)) - 1);
+  const __m512 scale = _mm512_set1_ps(multiplier);
+  for (int64_t r = 0; r < 16; ++r) {
+    block[r] = r0 + r < rows ? _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(columns, src + (r0 + r) * src_ld + c0))
+                             : _mm512_setzero_ps();
+  }
+  transpose_16x16(block);
+}
+
+// transpose() of float to float, in blocks of 16 x 16 moved through registers; multiplier * x rounds once,
+// as there. Selected at load time where the CPU has AVX-512.
+FASTATTN_AVX512_TARGET inline void transpose_floats(const float* src, int64_t src_ld, int64_t rows, int64_t cols,
+                                                    float multiplier, float* dst, int64_t dst_ld) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const __mmask16 out_lanes = rows - r0 >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                                : static_cast<__mmask16>((1u << (rows - r0)) - 1);
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      __m512 block[16];
+      load_transposed_16x16(src, src_ld, rows, cols, r0, c0, multiplier, block);
+      for (int64_t c = 0; c < 16 && c0 + c < cols; ++c) {
+        _mm512_mask_storeu_ps(dst + (c0 + c) * dst_ld + r0, out_lanes, block[c]);
+      }
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 // dst (cols x rows, leading dimension dst_ld) = multiplier * src^T, src (rows x cols, leading dimension
 // src_ld), converting between the input dtype and the accumulation type. Walks 16 x 16 blocks so that
 // both sides stay in cache lines already loaded.
@@ -143,6 +213,12 @@ inline void transpose(const In* src, int64_t src_ld, int64_t rows, int64_t cols,
       }
     }
   };
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<In, float> && std::is_same_v<Out, float> && std::is_same_v<T, float>) {
+    static const bool has_avx512 = __builtin_cpu_supports("avx512f");
+    if (has_avx512) return transpose_floats(src, src_ld, rows, cols, multiplier, dst, dst_ld);
+  }
+#endif
   // Without a multiplier, elements of the same type move as they are (bfloat16 ones without a round trip
   // through float, which costs several times the move).
   if constexpr (std::is_same_v<In, Out>) {
@@ -375,8 +451,7 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __mmask16 first_lanes(int64_t count) {
 // The A operand of a bf16 product from a transposed float matrix: dst (cols x rows rounded up to even,
 // leading dimension dst_ld) = src^T (src: rows x cols, leading dimension src_ld) rounded to bfloat16 as
 // narrow_operand_row does, with a zero pad column when rows is odd. Blocks of 16 x 16 are transposed in
-// registers (pairs of 32-bit lanes, then 64-bit ones, then 128-bit quarters); element-wise moves cost more
-// than the products they feed.
+// registers (transpose_16x16): element-wise moves cost more than the products they feed.
 [[maybe_unused]] FASTATTN_BF16_PRODUCTS_TARGET void narrow_transposed_operand(const float* src, int64_t src_ld,
                                                                               int64_t rows, int64_t cols,
                                                                               uint16_t* dst, int64_t dst_ld) {
@@ -384,38 +459,11 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __mmask16 first_lanes(int64_t count) {
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     const __mmask16 out_lanes = first_lanes(rows_even - r0);
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-      const __mmask16 in_lanes = first_lanes(cols - c0);
-      __m512 block[16], half[16];
-      for (int64_t r = 0; r < 16; ++r) {
-        block[r] = r0 + r < rows ? _mm512_maskz_loadu_ps(in_lanes, src + (r0 + r) * src_ld + c0) : _mm512_setzero_ps();
-      }
-      for (int i = 0; i < 8; ++i) {
-        half[2 * i] = _mm512_unpacklo_ps(block[2 * i], block[2 * i + 1]);
-        half[2 * i + 1] = _mm512_unpackhi_ps(block[2 * i], block[2 * i + 1]);
-      }
-      // block[4 i + c], quarter q: column 4 q + c of rows 4 i .. 4 i + 3.
-      for (int i = 0; i < 4; ++i) {
-        const __m512d a0 = _mm512_castps_pd(half[4 * i]), a1 = _mm512_castps_pd(half[4 * i + 1]);
-        const __m512d a2 = _mm512_castps_pd(half[4 * i + 2]), a3 = _mm512_castps_pd(half[4 * i + 3]);
-        block[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
-        block[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
-        block[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
-        block[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
-      }
-      for (int c = 0; c < 4; ++c) {
-        const __m512 low01 = _mm512_shuffle_f32x4(block[c], block[4 + c], 0x44);
-        const __m512 high01 = _mm512_shuffle_f32x4(block[c], block[4 + c], 0xEE);
-        const __m512 low23 = _mm512_shuffle_f32x4(block[8 + c], block[12 + c], 0x44);
-        const __m512 high23 = _mm512_shuffle_f32x4(block[8 + c], block[12 + c], 0xEE);
-        const __m512 columns[4] = {_mm512_shuffle_f32x4(low01, low23, 0x88), _mm512_shuffle_f32x4(low01, low23, 0xDD),
-                                   _mm512_shuffle_f32x4(high01, high23, 0x88),
-                                   _mm512_shuffle_f32x4(high01, high23, 0xDD)};
-        for (int q = 0; q < 4; ++q) {
-          const int64_t column = c0 + 4 * q + c;
-          if (column >= cols) continue;
-          _mm256_mask_storeu_epi16(dst + column * dst_ld + r0, out_lanes,
-                                   reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(columns[q])));
-        }
+      __m512 block[16];
+      load_transposed_16x16(src, src_ld, rows, cols, r0, c0, 1.0f, block);
+      for (int64_t c = 0; c < 16 && c0 + c < cols; ++c) {
+        _mm256_mask_storeu_epi16(dst + (c0 + c) * dst_ld + r0, out_lanes,
+                                 reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(block[c])));
       }
     }
   }
