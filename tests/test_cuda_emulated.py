@@ -175,7 +175,8 @@ def test_emulated_cuda_kernels_match_reference(library, case):
 NO_KEY_CASES = [(torch.float16, 32, 32), (torch.bfloat16, 64, 64), (torch.float16, 128, 128), (torch.float32, 32, 32)]
 
 
-@pytest.mark.parametrize("case", NO_KEY_CASES, ids=[describe_case(dtype=c[0], D=c[1], block=c[2]) for c in NO_KEY_CASES])
+@pytest.mark.parametrize("case", NO_KEY_CASES,
+                         ids=[describe_case(dtype=c[0], D=c[1], block=c[2]) for c in NO_KEY_CASES])
 def test_emulated_rows_that_see_no_key_give_zeros_and_zero_gradients(library, case):
     dtype, head_dim, block_size = case
     batch, heads, length = 2, 1, 100
@@ -245,7 +246,8 @@ def test_emulated_cases_cover_every_tensor_core_shape(library):
                                         ("causal", any(run["causal"] for run in covering)),
                                         ("padding", any(run["padded"] for run in covering))):
                         if not found:
-                            missing.append(f"{name} D{head_dim} {shape} (block {block_size}, {dtype}): no case with {need}")
+                            missing.append(f"{name} D{head_dim} {shape} (block {block_size}, {dtype}): "
+                                           f"no case with {need}")
     assert not missing, "\n".join(sorted(set(missing)))
 
 

@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dq_kernel(c
       for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + (lane % 4) * 2 + (e % 2);
+          const int col = fragment_column(n, e, lane);
           const int row = fragment_row(row0, i, e / 2, lane);
           const bool masked = masked_tile && (!visible[col] || (p.causal && key0 + col > query0 + row));
           probs[i][n][e] = masked ? 0.f : exp2f(probs[i][n][e] * p.scale_log2 - lse_log2[i][e / 2]);
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dq_kernel(c
       T* grad_q_row = grad_q + int64_t(query0 + row) * kD;
 #pragma unroll
       for (int n = 0; n < kD / 8; ++n) {
-        *reinterpret_cast<uint32_t*>(grad_q_row + n * 8 + (lane % 4) * 2) =
+        *reinterpret_cast<uint32_t*>(grad_q_row + fragment_column(n, 0, lane)) =
             MmaType<T>::pack(grad_q_acc[i][n][2 * r] * p.scale, grad_q_acc[i][n][2 * r + 1] * p.scale);
       }
     }
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dkdv_kernel
       for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + (lane % 4) * 2 + (e % 2);
+          const int col = fragment_column(n, e, lane);
           const int row = fragment_row(row0, i, e / 2, lane);
           const bool masked = masked_tile && (!key_visible[row] || (p.causal && key0 + row > query0 + col));
           probs[i][n][e] = masked ? 0.f : exp2f(probs[i][n][e] * p.scale_log2 - lse_log2[col]);
@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dkdv_kernel
       for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + (lane % 4) * 2 + (e % 2);
+          const int col = fragment_column(n, e, lane);
           grad_scores[i][n][e] = probs[i][n][e] * (grad_scores[i][n][e] - delta[col]);
         }
       }
@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dkdv_kernel
       const int64_t offset = int64_t(key0 + row) * kD;
 #pragma unroll
       for (int n = 0; n < kD / 8; ++n) {
-        const int col = n * 8 + (lane % 4) * 2;
+        const int col = fragment_column(n, 0, lane);
         *reinterpret_cast<uint32_t*>(grad_k + offset + col) =
             MmaType<T>::pack(grad_k_acc[i][n][2 * r] * p.scale, grad_k_acc[i][n][2 * r + 1] * p.scale);
         *reinterpret_cast<uint32_t*>(grad_v + offset + col) =

@@ -13,6 +13,8 @@ namespace fastattn::cuda {
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads) block_sparse_fwd_kernel(const BlockSparseFwdParams p) {
   using T = typename Traits::Element;
+  using RowTile = typename Traits::RowTile;
+  using ColumnTile = typename Traits::ColumnTile;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kRowTiles = Traits::kRowTilesPerWarp;
@@ -20,10 +22,10 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_fwd_kernel(cons
   constexpr int kThreads = Traits::kThreads;
 
   extern __shared__ __align__(16) unsigned char shared_memory[];
-  const typename Traits::RowTile q_tile{reinterpret_cast<T*>(shared_memory)};
-  const typename Traits::ColumnTile k_tile{q_tile.data + Traits::RowTile::kElements};
-  const typename Traits::ColumnTile v_tile{k_tile.data + Traits::ColumnTile::kElements};
-  bool* const key_visible = reinterpret_cast<bool*>(v_tile.data + Traits::ColumnTile::kElements);  // 2 x kBlockN
+  const RowTile q_tile{reinterpret_cast<T*>(shared_memory)};
+  const ColumnTile k_tile{q_tile.data + RowTile::kElements};
+  const ColumnTile v_tile{k_tile.data + ColumnTile::kElements};
+  bool* const key_visible = reinterpret_cast<bool*>(v_tile.data + ColumnTile::kElements);  // 2 x kBlockN
 
   const int thread = threadIdx.x, warp = thread / 32, lane = thread % 32;
   const int head = blockIdx.y, batch = blockIdx.z;
@@ -47,7 +49,7 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_fwd_kernel(cons
     cp_async_commit();
   };
 
-  // This warp's rows start at row0 of the tile; fragment_row(row0, i, r, lane) is the row of out_acc[i][..][2r..].
+  // This warp's rows start at row0 of the tile (fragment_row gives each fragment's).
   const int row0 = warp * Traits::kRowsPerWarp;
   float out_acc[kRowTiles][kD / 8][4] = {};
   float row_max[kRowTiles][2], row_sum[kRowTiles][2];
@@ -84,7 +86,7 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_fwd_kernel(cons
       for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = n * 8 + (lane % 4) * 2 + (e % 2);
+          const int col = fragment_column(n, e, lane);
           const int row = fragment_row(row0, i, e / 2, lane);
           float s = scores[i][n][e] * p.scale_log2;
           if (masked_tile && (!visible[col] || (p.causal && key0 + col > query0 + row))) s = -kInfinity;
@@ -141,7 +143,7 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_fwd_kernel(cons
       T* out_row = out + int64_t(row) * p.out_row_stride;
 #pragma unroll
       for (int n = 0; n < kD / 8; ++n) {
-        const int col = n * 8 + (lane % 4) * 2;
+        const int col = fragment_column(n, 0, lane);
         *reinterpret_cast<uint32_t*>(out_row + col) =
             MmaType<T>::pack(out_acc[i][n][2 * r] * inverse, out_acc[i][n][2 * r + 1] * inverse);
       }

@@ -23,23 +23,17 @@ void launch_fwd(const BlockSparseFwdParams& p, cudaStream_t stream) {
   }
 }
 
-template <typename Traits>
-void launch_bwd_dkdv(const BlockSparseBwdParams& p, cudaStream_t stream) {
-  const dim3 grid(tile_count(p.key_len, Traits::kBlockM), p.heads, p.batch);
-  if constexpr (std::is_same_v<typename Traits::Element, float>) {
-    launch<block_sparse_bwd_dkdv_simt_kernel<Traits>>(grid, Traits::kThreads, Traits::kBwdSharedBytes, p, stream);
+// Dkdv and Dq: the traits of the dK/dV and of the dQ kernel.
+template <typename Dkdv, typename Dq>
+void launch_bwd(const BlockSparseBwdParams& p, cudaStream_t stream) {
+  const dim3 key_grid(tile_count(p.key_len, Dkdv::kBlockM), p.heads, p.batch);
+  const dim3 query_grid(tile_count(p.query_len, Dq::kBlockM), p.heads, p.batch);
+  if constexpr (std::is_same_v<typename Dkdv::Element, float>) {
+    launch<block_sparse_bwd_dkdv_simt_kernel<Dkdv>>(key_grid, Dkdv::kThreads, Dkdv::kBwdSharedBytes, p, stream);
+    launch<block_sparse_bwd_dq_simt_kernel<Dq>>(query_grid, Dq::kThreads, Dq::kBwdSharedBytes, p, stream);
   } else {
-    launch<block_sparse_bwd_dkdv_kernel<Traits>>(grid, Traits::kThreads, Traits::kBwdDkdvSharedBytes, p, stream);
-  }
-}
-
-template <typename Traits>
-void launch_bwd_dq(const BlockSparseBwdParams& p, cudaStream_t stream) {
-  const dim3 grid(tile_count(p.query_len, Traits::kBlockM), p.heads, p.batch);
-  if constexpr (std::is_same_v<typename Traits::Element, float>) {
-    launch<block_sparse_bwd_dq_simt_kernel<Traits>>(grid, Traits::kThreads, Traits::kBwdSharedBytes, p, stream);
-  } else {
-    launch<block_sparse_bwd_dq_kernel<Traits>>(grid, Traits::kThreads, Traits::kBwdDqSharedBytes, p, stream);
+    launch<block_sparse_bwd_dkdv_kernel<Dkdv>>(key_grid, Dkdv::kThreads, Dkdv::kBwdDkdvSharedBytes, p, stream);
+    launch<block_sparse_bwd_dq_kernel<Dq>>(query_grid, Dq::kThreads, Dq::kBwdDqSharedBytes, p, stream);
   }
 }
 
@@ -60,11 +54,8 @@ void run_block_sparse_fwd(const BlockSparseFwdParams& params, cudaStream_t strea
 template <typename Element, int HeadDim>
 void run_block_sparse_bwd(const BlockSparseBwdParams& params, cudaStream_t stream) {
   launch_bwd_preprocess<Element>(params, stream);
-  with_bwd_dkdv_traits<Element, HeadDim>(params.block_size, [&](auto traits) {
-    launch_bwd_dkdv<typename decltype(traits)::type>(params, stream);
-  });
-  with_bwd_dq_traits<Element, HeadDim>(params.block_size, [&](auto traits) {
-    launch_bwd_dq<typename decltype(traits)::type>(params, stream);
+  with_bwd_traits<Element, HeadDim>(params.block_size, [&](auto dkdv, auto dq) {
+    launch_bwd<typename decltype(dkdv)::type, typename decltype(dq)::type>(params, stream);
   });
 }
 

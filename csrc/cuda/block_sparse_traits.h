@@ -72,37 +72,43 @@ struct SimtTraits {
 // (2 warps). Blocks of 32 keep 2 warps of one m16 tile: a one-warp CTA of 32 rows still holds whole tiles of
 // the other side, so shared memory allows no more CTAs per SM, and the SM would hold half the warps.
 
+// Rows per CTA, columns per step and m16 tiles per warp of a tensor-core kernel.
+template <int BlockM, int BlockN, int RowTilesPerWarp>
+struct TileShape {
+  template <typename Element, int HeadDim>
+  using Traits = TensorCoreTraits<Element, HeadDim, BlockM, BlockN, RowTilesPerWarp>;
+};
+
+// The SIMT traits for float32; for 16-bit types shape At128 at block sizes that are multiples of 128, At64 at
+// multiples of 64, and 2 warps of one m16 tile at blocks of 32.
+template <typename Element, int HeadDim, typename At128, typename At64, typename Run>
+void with_traits(int block_size, Run run) {
+  if constexpr (std::is_same_v<Element, float>) {
+    run(std::type_identity<SimtTraits<HeadDim>>{});
+  } else if (block_size % 128 == 0) {
+    run(std::type_identity<typename At128::template Traits<Element, HeadDim>>{});
+  } else if (block_size % 64 == 0) {
+    run(std::type_identity<typename At64::template Traits<Element, HeadDim>>{});
+  } else {
+    run(std::type_identity<TensorCoreTraits<Element, HeadDim, 32, 32, 1>>{});
+  }
+}
+
 // Forward: the key tile narrows to 32 at HeadDim 128, where the output accumulator alone takes 128 registers
 // per thread (64 keys spill on sm_80).
 template <typename Element, int HeadDim, typename Run>
 void with_fwd_traits(int block_size, Run run) {
   constexpr int kKeyTile = HeadDim == 128 ? 32 : 64;
-  if constexpr (std::is_same_v<Element, float>) {
-    run(std::type_identity<SimtTraits<HeadDim>>{});
-  } else if (block_size % 128 == 0) {
-    run(std::type_identity<TensorCoreTraits<Element, HeadDim, 128, kKeyTile, 2>>{});
-  } else if (block_size % 64 == 0) {
-    run(std::type_identity<TensorCoreTraits<Element, HeadDim, 64, kKeyTile, 2>>{});
-  } else {
-    run(std::type_identity<TensorCoreTraits<Element, HeadDim, 32, 32, 1>>{});
-  }
+  with_traits<Element, HeadDim, TileShape<128, kKeyTile, 2>, TileShape<64, kKeyTile, 2>>(block_size, run);
 }
 
 // dQ holds its gradient and the P and dP tiles: 32 keys a step, 16 at HeadDim 128, where 128 rows would leave
 // one CTA per sm_80 SM (shared memory: q and dO tiles of 128 x 128).
 template <typename Element, int HeadDim, typename Run>
 void with_bwd_dq_traits(int block_size, Run run) {
-  if constexpr (std::is_same_v<Element, float>) {
-    run(std::type_identity<SimtTraits<HeadDim>>{});
-  } else if (block_size % 64 != 0) {
-    run(std::type_identity<TensorCoreTraits<Element, HeadDim, 32, 32, 1>>{});
-  } else if constexpr (HeadDim == 128) {
-    run(std::type_identity<TensorCoreTraits<Element, HeadDim, 64, 16, 2>>{});
-  } else if (block_size % 128 == 0) {
-    run(std::type_identity<TensorCoreTraits<Element, HeadDim, 128, 32, 2>>{});
-  } else {
-    run(std::type_identity<TensorCoreTraits<Element, HeadDim, 64, 32, 2>>{});
-  }
+  using At64 = std::conditional_t<HeadDim == 128, TileShape<64, 16, 2>, TileShape<64, 32, 2>>;
+  using At128 = std::conditional_t<HeadDim == 128, At64, TileShape<128, 32, 2>>;
+  with_traits<Element, HeadDim, At128, At64>(block_size, run);
 }
 
 // dK/dV holds two gradients: at HeadDim 128 they alone would take 256 registers per thread for two m16 tiles,
@@ -110,19 +116,18 @@ void with_bwd_dq_traits(int block_size, Run run) {
 // give two).
 template <typename Element, int HeadDim, typename Run>
 void with_bwd_dkdv_traits(int block_size, Run run) {
-  if constexpr (std::is_same_v<Element, float>) {
-    run(std::type_identity<SimtTraits<HeadDim>>{});
-  } else if constexpr (HeadDim == 128) {
-    run(std::type_identity<TensorCoreTraits<Element, HeadDim, 32, 32, 1>>{});
-  } else if (block_size % 64 != 0) {
-    run(std::type_identity<TensorCoreTraits<Element, HeadDim, 32, 32, 1>>{});
-  } else if constexpr (HeadDim == 64) {
-    run(std::type_identity<TensorCoreTraits<Element, HeadDim, 64, 16, 2>>{});
-  } else if (block_size % 128 == 0) {
-    run(std::type_identity<TensorCoreTraits<Element, HeadDim, 128, 32, 2>>{});
-  } else {
-    run(std::type_identity<TensorCoreTraits<Element, HeadDim, 64, 32, 2>>{});
-  }
+  using At64 = std::conditional_t<HeadDim == 128, TileShape<32, 32, 1>,
+                                  std::conditional_t<HeadDim == 64, TileShape<64, 16, 2>, TileShape<64, 32, 2>>>;
+  using At128 = std::conditional_t<HeadDim == 32, TileShape<128, 32, 2>, At64>;
+  with_traits<Element, HeadDim, At128, At64>(block_size, run);
+}
+
+// Both: `run` is called with std::type_identity of the dK/dV kernel's traits and of the dQ kernel's.
+template <typename Element, int HeadDim, typename Run>
+void with_bwd_traits(int block_size, Run run) {
+  with_bwd_dkdv_traits<Element, HeadDim>(block_size, [&](auto dkdv) {
+    with_bwd_dq_traits<Element, HeadDim>(block_size, [&](auto dq) { run(dkdv, dq); });
+  });
 }
 
 }  // namespace fastattn::cuda

@@ -133,9 +133,13 @@ struct SharedTile {
 // latter read transposed. Each B fragment is read from shared memory once for all RowTiles tiles: a warp
 // that owns more rows reads B fewer times per row.
 
-// The row of tile `row_tile`, fragment half `half` (C fragment c[2 * half..]) that `lane` holds: m0 + 16 i + g (+ 8).
+// Where the C fragment elements that `lane` holds lie in a warp's accumulator: c[e] of m16 tile i, n8 tile n
+// is at row fragment_row(m0, i, e / 2, lane) = m0 + 16 i + g (+ 8) and column fragment_column(n, e, lane).
 __device__ __forceinline__ int fragment_row(int m0, int row_tile, int half, int lane) {
   return m0 + 16 * row_tile + 8 * half + lane / 4;
+}
+__device__ __forceinline__ int fragment_column(int n8_tile, int element, int lane) {
+  return 8 * n8_tile + 2 * (lane % 4) + element % 2;
 }
 
 // acc (RowTiles x 16 x N) += A[m0.., k] (RowTiles x 16 x K) * B^T where B is stored [n][k]: for S = Q K^T.

@@ -62,36 +62,32 @@ void fwd(const BlockSparseFwdParams& p) {
   }
 }
 
-template <typename Traits>
-void bwd_dkdv(const BlockSparseBwdParams& p) {
-  const dim3 grid(tiles(p.key_len, Traits::kBlockM), p.heads, p.batch);
-  if constexpr (std::is_same_v<typename Traits::Element, float>) {
-    run_grid(block_sparse_bwd_dkdv_simt_kernel<Traits>, grid, Traits::kThreads, Traits::kBwdSharedBytes, p);
+// Dkdv and Dq: the traits of the dK/dV and of the dQ kernel.
+template <typename Dkdv, typename Dq>
+void bwd(const BlockSparseBwdParams& p) {
+  run_grid(block_sparse_bwd_preprocess_kernel<typename Dq::Element>, dim3(tiles(p.query_len, 8), p.heads, p.batch), 256,
+           0, p);
+  const dim3 key_grid(tiles(p.key_len, Dkdv::kBlockM), p.heads, p.batch);
+  const dim3 query_grid(tiles(p.query_len, Dq::kBlockM), p.heads, p.batch);
+  if constexpr (std::is_same_v<typename Dkdv::Element, float>) {
+    run_grid(block_sparse_bwd_dkdv_simt_kernel<Dkdv>, key_grid, Dkdv::kThreads, Dkdv::kBwdSharedBytes, p);
+    run_grid(block_sparse_bwd_dq_simt_kernel<Dq>, query_grid, Dq::kThreads, Dq::kBwdSharedBytes, p);
   } else {
-    run_grid(block_sparse_bwd_dkdv_kernel<Traits>, grid, Traits::kThreads, Traits::kBwdDkdvSharedBytes, p);
-  }
-}
-
-template <typename Traits>
-void bwd_dq(const BlockSparseBwdParams& p) {
-  const dim3 grid(tiles(p.query_len, Traits::kBlockM), p.heads, p.batch);
-  if constexpr (std::is_same_v<typename Traits::Element, float>) {
-    run_grid(block_sparse_bwd_dq_simt_kernel<Traits>, grid, Traits::kThreads, Traits::kBwdSharedBytes, p);
-  } else {
-    run_grid(block_sparse_bwd_dq_kernel<Traits>, grid, Traits::kThreads, Traits::kBwdDqSharedBytes, p);
+    run_grid(block_sparse_bwd_dkdv_kernel<Dkdv>, key_grid, Dkdv::kThreads, Dkdv::kBwdDkdvSharedBytes, p);
+    run_grid(block_sparse_bwd_dq_kernel<Dq>, query_grid, Dq::kThreads, Dq::kBwdDqSharedBytes, p);
   }
 }
 
 // The kernel sequence of csrc/cuda/block_sparse_launch.cuh, with its shapes (block_sparse_traits.h).
 template <typename Element, int HeadDim>
 void run(const BlockSparseBwdParams& p, bool backward) {
-  if (!backward) {
-    return with_fwd_traits<Element, HeadDim>(p.block_size, [&](auto traits) { fwd<typename decltype(traits)::type>(p); });
+  if (backward) {
+    with_bwd_traits<Element, HeadDim>(p.block_size, [&](auto dkdv, auto dq) {
+      bwd<typename decltype(dkdv)::type, typename decltype(dq)::type>(p);
+    });
+  } else {
+    with_fwd_traits<Element, HeadDim>(p.block_size, [&](auto traits) { fwd<typename decltype(traits)::type>(p); });
   }
-  run_grid(block_sparse_bwd_preprocess_kernel<Element>, dim3(tiles(p.query_len, 8), p.heads, p.batch), 256, 0, p);
-  with_bwd_dkdv_traits<Element, HeadDim>(p.block_size,
-                                         [&](auto traits) { bwd_dkdv<typename decltype(traits)::type>(p); });
-  with_bwd_dq_traits<Element, HeadDim>(p.block_size, [&](auto traits) { bwd_dq<typename decltype(traits)::type>(p); });
 }
 
 template <typename Element>
