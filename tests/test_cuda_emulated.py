@@ -66,6 +66,8 @@ def library(tmp_path_factory):
         + [pointer] * 13)
     lib.emulated_performer.restype = None
     lib.emulated_shared_memory_overruns.restype = integer
+    lib.emulated_block_sparse_shape.argtypes = [integer] * 4 + [pointer]
+    lib.emulated_block_sparse_shape.restype = None
     return lib
 
 
@@ -120,8 +122,10 @@ def _emulated_attention(lib, layout: fastattn.BlockLayout | None, causal: bool, 
     return Emulated.apply
 
 
-# (B, H, Nq, Nk, D, block_size, dtype, causal, padded, per_head): each tile variant of the launch
-# templates, ragged lengths, Nq != Nk, blocks larger than a tile, shared and per-head layouts.
+# (B, H, Nq, Nk, D, block_size, dtype, causal, padded, per_head): every (dtype, head dim, block size) of the
+# tensor cores, so every shape the launch templates choose runs in each dtype (test_emulated_cases_cover_...);
+# ragged lengths, Nq != Nk, blocks larger than a tile, shared and per-head layouts. Lengths that end inside a
+# CTA leave warps with one m16 tile of rows or none (N200 at block 128: 72 rows in the second CTA).
 CASES = [
     (1, 2, 100, 100, 32, 32, torch.float16, True, True, True),
     (2, 2, 70, 70, 64, 64, torch.bfloat16, False, False, False),
@@ -131,6 +135,18 @@ CASES = [
     (1, 2, 20, 20, 32, 64, torch.bfloat16, True, True, False),
     (1, 2, 100, 100, 32, 64, torch.float32, True, True, True),
     (1, 1, 50, 70, 128, 32, torch.float32, False, False, False),
+    (1, 2, 90, 90, 32, 64, torch.float16, False, True, True),
+    (1, 1, 200, 200, 32, 128, torch.float16, True, True, False),
+    (1, 2, 80, 80, 64, 32, torch.float16, True, False, True),
+    (1, 2, 120, 120, 64, 64, torch.float16, True, True, True),
+    (1, 1, 100, 100, 128, 32, torch.float16, True, True, False),
+    (1, 2, 144, 144, 128, 128, torch.float16, True, True, True),
+    (1, 2, 50, 50, 32, 32, torch.bfloat16, False, True, True),
+    (1, 1, 160, 130, 32, 128, torch.bfloat16, False, False, True),
+    (1, 2, 70, 70, 64, 32, torch.bfloat16, True, True, False),
+    (1, 2, 260, 260, 64, 128, torch.bfloat16, True, True, True),
+    (2, 1, 100, 100, 128, 64, torch.bfloat16, True, True, True),
+    (1, 1, 136, 200, 128, 128, torch.bfloat16, False, True, False),
 ]
 
 
@@ -154,9 +170,16 @@ def test_emulated_cuda_kernels_match_reference(library, case):
     check_against_reference(kernel, reference, inputs, dtype, seed=1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
-def test_emulated_rows_that_see_no_key_give_zeros_and_zero_gradients(library, dtype):
-    batch, heads, length, head_dim, block_size = 2, 1, 64, 32, 32
+# (dtype, D, block_size): one m16 tile per warp, and two in CTAs of 64 and of 128 rows (at D 128 dQ runs 64-row
+# CTAs and dK/dV one tile per warp); float32 (SIMT).
+NO_KEY_CASES = [(torch.float16, 32, 32), (torch.bfloat16, 64, 64), (torch.float16, 128, 128), (torch.float32, 32, 32)]
+
+
+@pytest.mark.parametrize("case", NO_KEY_CASES,
+                         ids=[describe_case(dtype=c[0], D=c[1], block=c[2]) for c in NO_KEY_CASES])
+def test_emulated_rows_that_see_no_key_give_zeros_and_zero_gradients(library, case):
+    dtype, head_dim, block_size = case
+    batch, heads, length = 2, 1, 100
     layout = random_block_layout(heads, length, length, block_size, True, seed=2)
     padding = torch.zeros(batch, length, dtype=torch.bool)
     padding[1] = True
@@ -166,6 +189,7 @@ def test_emulated_rows_that_see_no_key_give_zeros_and_zero_gradients(library, dt
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert torch.isfinite(out[0]).all()
     for name, tensor in (("q", q), ("k", k), ("v", v)):
+        assert torch.isfinite(tensor.grad[0]).all(), f"grad of {name}[0] is not finite"
         assert torch.equal(tensor.grad[1], torch.zeros_like(tensor.grad[1])), f"grad of {name}[1] is not zero"
 
 
@@ -192,6 +216,53 @@ def test_emulated_dense_layout_matches_reference(library, case):
     kernel = _emulated_attention(library, None, False, None, scale, block_size)
     check_against_reference(kernel, lambda q, k, v: reference_full(q, k, v, scale=scale), inputs,
                             dtype, seed=4)
+
+
+BLOCK_SIZES = (32, 64, 128)
+KERNELS = {0: "forward", 1: "dQ", 2: "dK/dV"}
+
+
+def _shape(lib, dtype, head_dim, block_size, kernel) -> tuple[int, int, int]:
+    shape = (ctypes.c_int * 3)()
+    lib.emulated_block_sparse_shape(DTYPE_CODES[dtype], head_dim, block_size, kernel, shape)
+    return tuple(shape)
+
+
+def test_emulated_cases_cover_every_tensor_core_shape(library):
+    """Every shape the launch templates choose (rows per CTA, columns per step, m16 tiles per warp), for every
+    kernel, head dim and 16-bit dtype, runs in a case of that dtype, a causal case and a padded case."""
+    runs = [dict(dtype=c[6], head_dim=c[4], block=c[5], causal=c[7], padded=c[8]) for c in CASES]
+    runs += [dict(dtype=c[6], head_dim=c[4], block=c[5], causal=False, padded=False) for c in DENSE_CASES]
+    runs = [run for run in runs if run["dtype"] != torch.float32]
+    missing = []
+    for kernel, name in KERNELS.items():
+        for head_dim in (32, 64, 128):
+            for dtype in (torch.float16, torch.bfloat16):
+                for block_size in BLOCK_SIZES:
+                    shape = _shape(library, dtype, head_dim, block_size, kernel)
+                    covering = [run for run in runs if run["head_dim"] == head_dim
+                                and _shape(library, run["dtype"], head_dim, run["block"], kernel) == shape]
+                    for need, found in (("its dtype", any(run["dtype"] == dtype for run in covering)),
+                                        ("causal", any(run["causal"] for run in covering)),
+                                        ("padding", any(run["padded"] for run in covering))):
+                        if not found:
+                            missing.append(f"{name} D{head_dim} {shape} (block {block_size}, {dtype}): "
+                                           f"no case with {need}")
+    assert not missing, "\n".join(sorted(set(missing)))
+
+
+def test_emulated_shapes_give_warps_more_rows_where_the_block_allows(library):
+    """Blocks of 64 and 128 run two m16 tiles per warp (CTAs of 128 rows at block 128 in the forward), except
+    dK/dV at D 128 (two tiles' accumulators do not fit in registers); blocks of 32 one tile in 2 warps."""
+    for dtype in (torch.float16, torch.bfloat16):
+        for head_dim in (32, 64, 128):
+            assert _shape(library, dtype, head_dim, 128, 0)[::2] == (128, 2)
+            for kernel in KERNELS:
+                assert _shape(library, dtype, head_dim, 32, kernel) == (32, 32, 1)
+                for block_size in (64, 128):
+                    rows, columns, row_tiles = _shape(library, dtype, head_dim, block_size, kernel)
+                    assert block_size % rows == 0 and block_size % columns == 0
+                    assert row_tiles == (1 if (kernel, head_dim) == (2, 128) else 2)
 
 
 def _emulated_linformer_projection(lib, k, v, proj_k, proj_v, key_len, padding, keys_per_split):

@@ -128,41 +128,69 @@ struct SharedTile {
   __device__ __forceinline__ T* at(int row, int col) const { return data + row * kStride + col; }
 };
 
-// Warp-level products on shared tiles. A is 16 rows of a row-major [m][k] tile; B comes either
-// stored [n][k] ("nk": K for q.k^T) or stored [k][n] ("kn": V for p.v), the latter read transposed.
+// Warp-level products on shared tiles. A is RowTiles m16 tiles of a row-major [m][k] tile (rows m0 + 16 i..
+// for tile i); B comes either stored [n][k] ("nk": K for q.k^T) or stored [k][n] ("kn": V for p.v), the
+// latter read transposed. Each B fragment is read from shared memory once for all RowTiles tiles: a warp
+// that owns more rows reads B fewer times per row.
 
-// acc (16 x N) += A[m0.., k] (16 x K) * B^T where B is stored [n][k]: for S = Q K^T.
-template <typename T, int N, int K, typename TileA, typename TileB>
-__device__ __forceinline__ void warp_gemm_a_smem_b_nk(float (&acc)[N / 8][4], const TileA& a, int m0, const TileB& b,
-                                                      int n0, int lane) {
+// Where the C fragment elements that `lane` holds lie in a warp's accumulator: c[e] of m16 tile i, n8 tile n
+// is at row fragment_row(m0, i, e / 2, lane) = m0 + 16 i + g (+ 8) and column fragment_column(n, e, lane).
+__device__ __forceinline__ int fragment_row(int m0, int row_tile, int half, int lane) {
+  return m0 + 16 * row_tile + 8 * half + lane / 4;
+}
+__device__ __forceinline__ int fragment_column(int n8_tile, int element, int lane) {
+  return 8 * n8_tile + 2 * (lane % 4) + element % 2;
+}
+
+// acc (RowTiles x 16 x N) += A[m0.., k] (RowTiles x 16 x K) * B^T where B is stored [n][k]: for S = Q K^T.
+template <typename T, int N, int K, int RowTiles, typename TileA, typename TileB>
+__device__ __forceinline__ void warp_gemm_a_smem_b_nk(float (&acc)[RowTiles][N / 8][4], const TileA& a, int m0,
+                                                      const TileB& b, int n0, int lane) {
 #pragma unroll
   for (int k = 0; k < K; k += 16) {
-    uint32_t a_frag[4];
-    ldmatrix_x4(a_frag, a.at(m0 + (lane % 16), k + (lane / 16) * 8));
+    uint32_t a_frags[RowTiles][4];
+#pragma unroll
+    for (int i = 0; i < RowTiles; ++i) ldmatrix_x4(a_frags[i], a.at(m0 + 16 * i + (lane % 16), k + (lane / 16) * 8));
 #pragma unroll
     for (int n = 0; n < N; n += 16) {
       uint32_t b_frag[4];
       ldmatrix_x4(b_frag, b.at(n0 + n + (lane / 16) * 8 + (lane % 8), k + ((lane / 8) % 2) * 8));
-      mma_16816<T>(acc[n / 8], a_frag, b_frag[0], b_frag[1]);
-      mma_16816<T>(acc[n / 8 + 1], a_frag, b_frag[2], b_frag[3]);
+#pragma unroll
+      for (int i = 0; i < RowTiles; ++i) {
+        mma_16816<T>(acc[i][n / 8], a_frags[i], b_frag[0], b_frag[1]);
+        mma_16816<T>(acc[i][n / 8 + 1], a_frags[i], b_frag[2], b_frag[3]);
+      }
     }
   }
 }
 
-// acc (16 x N) += A (16 x K, register fragments, k16 slice i in a_frags[i]) * B where B is stored [k][n].
-template <typename T, int N, int K, typename TileB>
-__device__ __forceinline__ void warp_gemm_a_regs_b_kn(float (&acc)[N / 8][4], const uint32_t (&a_frags)[K / 16][4],
-                                                      const TileB& b, int k0, int lane) {
+// acc (RowTiles x 16 x N) += A (RowTiles x 16 x K, register fragments: k16 slice j of tile i in a_frags[i][j])
+// * B where B is stored [k][n].
+template <typename T, int N, int K, int RowTiles, typename TileB>
+__device__ __forceinline__ void warp_gemm_a_regs_b_kn(float (&acc)[RowTiles][N / 8][4],
+                                                      const uint32_t (&a_frags)[RowTiles][K / 16][4], const TileB& b,
+                                                      int k0, int lane) {
 #pragma unroll
   for (int k = 0; k < K; k += 16) {
 #pragma unroll
     for (int n = 0; n < N; n += 16) {
       uint32_t b_frag[4];
       ldmatrix_x4_trans(b_frag, b.at(k0 + k + ((lane / 8) % 2) * 8 + (lane % 8), n + (lane / 16) * 8));
-      mma_16816<T>(acc[n / 8], a_frags[k / 16], b_frag[0], b_frag[1]);
-      mma_16816<T>(acc[n / 8 + 1], a_frags[k / 16], b_frag[2], b_frag[3]);
+#pragma unroll
+      for (int i = 0; i < RowTiles; ++i) {
+        mma_16816<T>(acc[i][n / 8], a_frags[i][k / 16], b_frag[0], b_frag[1]);
+        mma_16816<T>(acc[i][n / 8 + 1], a_frags[i][k / 16], b_frag[2], b_frag[3]);
+      }
     }
   }
+}
+
+// The same for one m16 tile (acc 16 x N, A fragments a_frags[K / 16]).
+template <typename T, int N, int K, typename TileB>
+__device__ __forceinline__ void warp_gemm_a_regs_b_kn(float (&acc)[N / 8][4], const uint32_t (&a_frags)[K / 16][4],
+                                                      const TileB& b, int k0, int lane) {
+  warp_gemm_a_regs_b_kn<T, N, K>(reinterpret_cast<float(&)[1][N / 8][4]>(acc),
+                                 reinterpret_cast<const uint32_t(&)[1][K / 16][4]>(a_frags), b, k0, lane);
 }
 
 // Packs a float accumulator (16 x N, as C fragments) into A fragments (N / 16 slices of k16).

@@ -54,7 +54,7 @@ unsigned tiles_of(int length, int tile) { return unsigned(tiles(length, tile)); 
 
 template <typename Traits>
 void fwd(const BlockSparseFwdParams& p) {
-  const dim3 grid(tiles(p.query_len, Traits::kTile), p.heads, p.batch);
+  const dim3 grid(tiles(p.query_len, Traits::kBlockM), p.heads, p.batch);
   if constexpr (std::is_same_v<typename Traits::Element, float>) {
     run_grid(block_sparse_fwd_simt_kernel<Traits>, grid, Traits::kThreads, Traits::kFwdSharedBytes, p);
   } else {
@@ -62,35 +62,31 @@ void fwd(const BlockSparseFwdParams& p) {
   }
 }
 
-template <typename Traits>
+// Dkdv and Dq: the traits of the dK/dV and of the dQ kernel.
+template <typename Dkdv, typename Dq>
 void bwd(const BlockSparseBwdParams& p) {
-  run_grid(block_sparse_bwd_preprocess_kernel<typename Traits::Element>, dim3(tiles(p.query_len, 8), p.heads, p.batch),
-           256, 0, p);
-  const dim3 query_grid(tiles(p.query_len, Traits::kTile), p.heads, p.batch);
-  const dim3 key_grid(tiles(p.key_len, Traits::kTile), p.heads, p.batch);
-  if constexpr (std::is_same_v<typename Traits::Element, float>) {
-    run_grid(block_sparse_bwd_dkdv_simt_kernel<Traits>, key_grid, Traits::kThreads, Traits::kBwdSharedBytes, p);
-    run_grid(block_sparse_bwd_dq_simt_kernel<Traits>, query_grid, Traits::kThreads, Traits::kBwdSharedBytes, p);
+  run_grid(block_sparse_bwd_preprocess_kernel<typename Dq::Element>, dim3(tiles(p.query_len, 8), p.heads, p.batch), 256,
+           0, p);
+  const dim3 key_grid(tiles(p.key_len, Dkdv::kBlockM), p.heads, p.batch);
+  const dim3 query_grid(tiles(p.query_len, Dq::kBlockM), p.heads, p.batch);
+  if constexpr (std::is_same_v<typename Dkdv::Element, float>) {
+    run_grid(block_sparse_bwd_dkdv_simt_kernel<Dkdv>, key_grid, Dkdv::kThreads, Dkdv::kBwdSharedBytes, p);
+    run_grid(block_sparse_bwd_dq_simt_kernel<Dq>, query_grid, Dq::kThreads, Dq::kBwdSharedBytes, p);
   } else {
-    run_grid(block_sparse_bwd_dkdv_kernel<Traits>, key_grid, Traits::kThreads, Traits::kBwdDkdvSharedBytes, p);
-    run_grid(block_sparse_bwd_dq_kernel<Traits>, query_grid, Traits::kThreads, Traits::kBwdDqSharedBytes, p);
+    run_grid(block_sparse_bwd_dkdv_kernel<Dkdv>, key_grid, Dkdv::kThreads, Dkdv::kBwdDkdvSharedBytes, p);
+    run_grid(block_sparse_bwd_dq_kernel<Dq>, query_grid, Dq::kThreads, Dq::kBwdDqSharedBytes, p);
   }
 }
 
+// The kernel sequence of csrc/cuda/block_sparse_launch.cuh, with its shapes (block_sparse_traits.h).
 template <typename Element, int HeadDim>
 void run(const BlockSparseBwdParams& p, bool backward) {
-  if constexpr (std::is_same_v<Element, float>) {
-    backward ? bwd<SimtTraits<HeadDim>>(p) : fwd<SimtTraits<HeadDim>>(p);
-  } else if (backward) {
-    if (HeadDim == 128 || p.block_size == 32) {
-      bwd<TensorCoreTraits<Element, HeadDim, 32>>(p);
-    } else {
-      bwd<TensorCoreTraits<Element, HeadDim, 64>>(p);
-    }
-  } else if (p.block_size == 32) {
-    fwd<TensorCoreTraits<Element, HeadDim, 32>>(p);
+  if (backward) {
+    with_bwd_traits<Element, HeadDim>(p.block_size, [&](auto dkdv, auto dq) {
+      bwd<typename decltype(dkdv)::type, typename decltype(dq)::type>(p);
+    });
   } else {
-    fwd<TensorCoreTraits<Element, HeadDim, 64>>(p);
+    with_fwd_traits<Element, HeadDim>(p.block_size, [&](auto traits) { fwd<typename decltype(traits)::type>(p); });
   }
 }
 
@@ -103,7 +99,39 @@ void run_head_dim(const BlockSparseBwdParams& p, bool backward) {
   }
 }
 
+// The shape of one tensor-core kernel's traits: rows per CTA, columns per step, m16 tiles per warp.
+template <typename Traits>
+void write_shape(std::type_identity<Traits>, int* shape) {
+  shape[0] = Traits::kBlockM, shape[1] = Traits::kBlockN, shape[2] = Traits::kRowTilesPerWarp;
+}
+
+template <typename Element, int HeadDim>
+void shape_of(int kernel, int block_size, int* shape) {
+  const auto write = [shape](auto traits) { write_shape(traits, shape); };
+  switch (kernel) {
+    case 0: return with_fwd_traits<Element, HeadDim>(block_size, write);
+    case 1: return with_bwd_dq_traits<Element, HeadDim>(block_size, write);
+    default: return with_bwd_dkdv_traits<Element, HeadDim>(block_size, write);
+  }
+}
+
+template <typename Element>
+void shape_of_head_dim(int head_dim, int kernel, int block_size, int* shape) {
+  switch (head_dim) {
+    case 32: return shape_of<Element, 32>(kernel, block_size, shape);
+    case 64: return shape_of<Element, 64>(kernel, block_size, shape);
+    default: return shape_of<Element, 128>(kernel, block_size, shape);
+  }
+}
+
 }  // namespace
+
+// The shape the launch templates choose for a tensor-core kernel (dtype 0 float16, 1 bfloat16; kernel 0 the
+// forward, 1 dQ, 2 dK/dV): shape = {rows per CTA, columns per step, m16 tiles per warp}.
+extern "C" void emulated_block_sparse_shape(int dtype, int head_dim, int block_size, int kernel, int* shape) {
+  if (dtype == 0) return shape_of_head_dim<__half>(head_dim, kernel, block_size, shape);
+  shape_of_head_dim<__nv_bfloat16>(head_dim, kernel, block_size, shape);
+}
 
 // dtype: 0 float16, 1 bfloat16, 2 float32. Tensors contiguous: q, out, grad_out, grad_q (B, H, Nq, D);
 // k, v, grad_k, grad_v (B, H, Nk, D); lse, delta (B, H, Nq); CSR as in csrc/fastattn.cpp with
