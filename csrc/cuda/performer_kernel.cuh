@@ -23,7 +23,6 @@
 // order. Shared rows are padded to an odd number of floats, so the 16 rows one warp reads fall in distinct banks.
 #pragma once
 
-#include <cfloat>
 #include <cstdint>
 
 #include "block_sparse_common.cuh"
@@ -59,7 +58,6 @@ struct PerformerTraits {
 
   // Shared memory of each kernel, in floats (see the kernels for the layouts).
   static constexpr int kKeyMaxFloats = kRowFloats + kFeatureRowFloats + kRows + kLanes * kFeatures;
-  static constexpr int kRowMaxFloats = kRowFloats + kFeatureRowFloats + kRows + kRows * kLanes;
   static constexpr int kStateFloats = 2 * kRowFloats + kFeatureRowFloats + kRowFeatureFloats + kRows + kFeatures;
   static constexpr int kBwdStateFloats = 2 * kRowFloats + kFeatureRowFloats + kRowFeatureFloats + 3 * kRows +
                                          kFeatures + 1;
@@ -125,8 +123,9 @@ __device__ __forceinline__ void performer_half_norms(float* half_norms, const fl
   half_norms[thread] = static_cast<float>(0.5 * sum);
 }
 
-// acc[i][j] = w_f . x_r for the rows r = ty + 16 i of x and the features f = tx + 16 j of a feature tile w.
-template <typename Traits>
+// acc[i][j] = w_f . x_r over the first Columns columns, for the rows r = ty + 16 i of x and the features
+// f = tx + 16 j of a feature tile w (rows of both kLd apart).
+template <typename Traits, int Columns = Traits::kHeadDim>
 __device__ __forceinline__ void performer_tile_logits(float (&acc)[Traits::kRowsPerThread][Traits::kFeaturesPerThread],
                                                       const float* x, const float* w, int ty, int tx) {
 #pragma unroll
@@ -135,7 +134,7 @@ __device__ __forceinline__ void performer_tile_logits(float (&acc)[Traits::kRows
     for (int j = 0; j < Traits::kFeaturesPerThread; ++j) acc[i][j] = 0.f;
   }
 #pragma unroll 4
-  for (int c = 0; c < Traits::kHeadDim; ++c) {
+  for (int c = 0; c < Columns; ++c) {
     float xs[Traits::kRowsPerThread], ws[Traits::kFeaturesPerThread];
 #pragma unroll
     for (int i = 0; i < Traits::kRowsPerThread; ++i) xs[i] = x[(ty + Traits::kLanes * i) * Traits::kLd + c];
@@ -149,9 +148,68 @@ __device__ __forceinline__ void performer_tile_logits(float (&acc)[Traits::kRows
   }
 }
 
+// acc[a][b] += sum over k < count of lhs(r, k) rhs[k * rhs_ld + c] for the thread's rows r = ty + 16 a and columns
+// c = tx + 16 b of D, with lhs(r, k) = lhs[r * lhs_row_stride + k * lhs_k_stride] (a transposed lhs swaps the
+// strides). Each sum runs in one thread, in k order.
+template <typename Traits, int Rows>
+__device__ __forceinline__ void performer_add_product(float (&acc)[Rows][Traits::kColumnsPerThread], const float* lhs,
+                                                      int lhs_row_stride, int lhs_k_stride, const float* rhs,
+                                                      int rhs_ld, int count, int ty, int tx) {
+  for (int k = 0; k < count; ++k) {
+    float columns[Traits::kColumnsPerThread];
+#pragma unroll
+    for (int b = 0; b < Traits::kColumnsPerThread; ++b) columns[b] = rhs[k * rhs_ld + tx + Traits::kLanes * b];
+#pragma unroll
+    for (int a = 0; a < Rows; ++a) {
+      const float left = lhs[(ty + Traits::kLanes * a) * lhs_row_stride + k * lhs_k_stride];
+#pragma unroll
+      for (int b = 0; b < Traits::kColumnsPerThread; ++b) acc[a][b] += left * columns[b];
+    }
+  }
+}
+
+// dst[r * ld + c] = acc[a][b] for the thread's rows r = ty + 16 a below `rows` and columns c = tx + 16 b of D.
+template <typename Traits>
+__device__ __forceinline__ void performer_store_rows(float* dst, int64_t ld,
+                                                     const float (&acc)[Traits::kRowsPerThread][Traits::kColumnsPerThread],
+                                                     int rows, int ty, int tx) {
+#pragma unroll
+  for (int a = 0; a < Traits::kRowsPerThread; ++a) {
+    const int r = ty + Traits::kLanes * a;
+    if (r >= rows) continue;
+#pragma unroll
+    for (int b = 0; b < Traits::kColumnsPerThread; ++b) dst[r * ld + tx + Traits::kLanes * b] = acc[a][b];
+  }
+}
+
+// The dlogits of a feature tile (kRows x kFeatures, rows kFeatureLd apart) into the gradient of the rows' x:
+// row_sum (thread < kRows: row `thread`'s; the factor of the -|x|^2 / 2 term) += the sum over the features, and
+// acc (the thread's rows and columns of D) += dlogits W, W the tile's rows of the projection (w).
+template <typename Traits>
+__device__ __forceinline__ void performer_add_dlogit_products(
+    float (&acc)[Traits::kRowsPerThread][Traits::kColumnsPerThread], float& row_sum, const float* dlogits,
+    const float* w, int thread) {
+  if (thread < Traits::kRows) {
+    for (int f = 0; f < Traits::kFeatures; ++f) row_sum += dlogits[thread * Traits::kFeatureLd + f];
+  }
+  performer_add_product<Traits>(acc, dlogits, Traits::kFeatureLd, 1, w, Traits::kLd, Traits::kFeatures,
+                                thread / Traits::kLanes, thread % Traits::kLanes);
+}
+
+// relu features and the gradient through them: relu(l) + eps, and dL/dl = dL/dphi where l > 0 (phi > eps).
+__device__ __forceinline__ float performer_relu_feature(float logit) { return fmaxf(logit, 0.f) + kPerformerReluEpsilon; }
+__device__ __forceinline__ float performer_relu_dlogit(float grad, float feature) {
+  return feature > kPerformerReluEpsilon ? grad : 0.f;
+}
+
+// dL/dl of a feature phi from dL/dphi: softmax (phi an exponential of l) dphi phi, relu performer_relu_dlogit.
+__device__ __forceinline__ float performer_dlogit(bool softmax, float grad, float feature) {
+  return softmax ? grad * feature : performer_relu_dlogit(grad, feature);
+}
+
 // A key's feature from its logit l = w . k (k scaled): exp(l - |k|^2 / 2 - s_f) (softmax) or relu(l) + eps.
 __device__ __forceinline__ float performer_key_feature(bool softmax, float logit, float half_norm, float stabiliser) {
-  return softmax ? expf((logit - half_norm) - stabiliser) : fmaxf(logit, 0.f) + kPerformerReluEpsilon;
+  return softmax ? expf((logit - half_norm) - stabiliser) : performer_relu_feature(logit);
 }
 
 // A query's feature from its logit, its largest logit, its constant c and the key stabilisers:
@@ -179,7 +237,7 @@ __device__ __forceinline__ void performer_query_features(float* logits, int ld, 
   for (int r = warp; r < Traits::kRows; r += Traits::kThreads / 32) {
     float* row = logits + r * ld;
     if (!softmax) {
-      for (int f = lane; f < features; f += 32) row[f] = fmaxf(row[f], 0.f) + kPerformerReluEpsilon;
+      for (int f = lane; f < features; f += 32) row[f] = performer_relu_feature(row[f]);
       continue;
     }
     float logit_max = -kInfinity;
@@ -336,17 +394,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
       }
     }
     __syncthreads();
-    for (int r = 0; r < kRows; ++r) {
-      float vs[Traits::kColumnsPerThread];
-#pragma unroll
-      for (int j = 0; j < Traits::kColumnsPerThread; ++j) vs[j] = values[r * kLd + tx + kLanes * j];
-#pragma unroll
-      for (int i = 0; i < Traits::kFeaturesPerThread; ++i) {
-        const float feature = phi[r * kFLd + ty + kLanes * i];
-#pragma unroll
-        for (int j = 0; j < Traits::kColumnsPerThread; ++j) acc[i][j] += feature * vs[j];
-      }
-    }
+    performer_add_product<Traits>(acc, phi, 1, kFLd, values, kLd, kRows, ty, tx);  // phi^T V
     if (thread < kF) {
       for (int r = 0; r < kRows; ++r) normaliser += phi[r * kFLd + thread];
     }
@@ -365,7 +413,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
 
 // out[i] = sum over s of partial[s][i], added in split order; one element per thread.
 template <int Threads>
-__global__ void __launch_bounds__(Threads) performer_sum_splits_kernel(const PerformerSplitSum s) {
+__global__ void __launch_bounds__(Threads) performer_sum_splits_kernel(const PerformerSplits s) {
   const int64_t index = int64_t(blockIdx.x) * Threads + threadIdx.x;
   if (index >= s.count) return;
   float sum = 0.f;
@@ -408,27 +456,16 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
     performer_load_feature_rows<Traits>(tile, state, kD + 1, kD + 1, f0, m, thread);
     __syncthreads();
     const int count = min(kF, m - f0);
-    for (int f = 0; f < count; ++f) {
-      float ss[Traits::kColumnsPerThread];
-#pragma unroll
-      for (int j = 0; j < Traits::kColumnsPerThread; ++j) ss[j] = tile[f * kLd + tx + kLanes * j];
-#pragma unroll
-      for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-        const float feature = features[(ty + kLanes * i) * ld + f0 + f];
-#pragma unroll
-        for (int j = 0; j < Traits::kColumnsPerThread; ++j) acc[i][j] += feature * ss[j];
-      }
-    }
+    performer_add_product<Traits>(acc, features + f0, ld, 1, tile, kLd, count, ty, tx);
     if (thread < kRows) {
       for (int f = 0; f < count; ++f) normaliser += features[thread * ld + f0 + f] * tile[f * kLd + kD];
     }
   }
   if (thread < kRows) {
-    // A normaliser below the normal range (none for non-causal softmax, where it is >= 1 for a query that sees
-    // a key) counts as none: the output is 0. NaN (an input's) stays NaN.
-    const float den = normaliser < FLT_MIN ? 0.f : normaliser;
-    normalisers[thread] = den;
-    if (thread < rows) p.normaliser[int64_t(hd.bh) * p.query_len + q0 + thread] = den;
+    // A query that sees a key has a normaliser >= 1 (softmax) or >= m eps^2 (relu), one that sees none exactly
+    // 0 (its output is 0). NaN (an input's) stays NaN.
+    normalisers[thread] = normaliser;
+    if (thread < rows) p.normaliser[int64_t(hd.bh) * p.query_len + q0 + thread] = normaliser;
   }
   __syncthreads();
   T* out = static_cast<T*>(p.out) + (int64_t(hd.bh) * p.query_len + q0) * kD;
@@ -446,6 +483,23 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
 
 // ------------------------------------------------------------------------------------------- backward
 
+// dnum = grad_out / den of kRows query rows from row_base (a row of (B * H * Nq)) into grads (rows kLd apart,
+// the first D columns); zero where den == 0 (the query sees no key) or the row does not exist (r >= rows).
+template <typename Traits>
+__device__ __forceinline__ void performer_load_output_grads(const PerformerParams& p, int64_t row_base, int rows,
+                                                            float* grads, int thread) {
+  using T = typename Traits::Element;
+  constexpr int kD = Traits::kHeadDim;
+  const float* normaliser = p.normaliser + row_base;
+  const T* grad_out = static_cast<const T*>(p.grad_out) + row_base * kD;
+  for (int index = thread; index < Traits::kRows * kD; index += Traits::kThreads) {
+    const int r = index / kD, c = index % kD;
+    const float den = r < rows ? normaliser[r] : 0.f;
+    grads[r * Traits::kLd + c] =
+        r < rows && !(den == 0.f) ? static_cast<float>(grad_out[int64_t(r) * kD + c]) / den : 0.f;
+  }
+}
+
 // Per query row: G = [dnum | dden] with dnum = grad_out / den and dden = -(dnum . out), zero where den == 0
 // (the row sees no key) or the row does not exist; keep[r] says which rows have a gradient. The tile
 // buffer (at least kRows x kLd floats) holds the rows of out for the dot product, summed in double
@@ -456,14 +510,13 @@ __device__ __forceinline__ void performer_output_grads(const PerformerParams& p,
                                                        float* keep, int thread) {
   using T = typename Traits::Element;
   constexpr int kD = Traits::kHeadDim, kLd = Traits::kLd;
-  const float* normaliser = p.normaliser + int64_t(hd.bh) * p.query_len + q0;
-  const T* grad_out = static_cast<const T*>(p.grad_out) + (int64_t(hd.bh) * p.query_len + q0) * kD;
-  const T* out = static_cast<const T*>(p.out) + (int64_t(hd.bh) * p.query_len + q0) * kD;
+  const int64_t row_base = int64_t(hd.bh) * p.query_len + q0;
+  const float* normaliser = p.normaliser + row_base;
+  const T* out = static_cast<const T*>(p.out) + row_base * kD;
+  performer_load_output_grads<Traits>(p, row_base, rows, grads, thread);
   for (int index = thread; index < Traits::kRows * kD; index += Traits::kThreads) {
     const int r = index / kD, c = index % kD;
-    const float den = r < rows ? normaliser[r] : 0.f;
-    const bool has_grad = r < rows && !(den == 0.f);
-    grads[r * kLd + c] = has_grad ? static_cast<float>(grad_out[int64_t(r) * kD + c]) / den : 0.f;
+    const bool has_grad = r < rows && !(normaliser[r] == 0.f);
     scratch[r * kLd + c] = has_grad ? static_cast<float>(out[int64_t(r) * kD + c]) : 0.f;
   }
   __syncthreads();
@@ -535,26 +588,13 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
         const int f = tx + kLanes * j;
         const float feature = f0 + f < m ? features[r * ld + f0 + f] : 0.f;
         const float grad = dphi[i][j] + dden[r] * tile[f * kLd + kD];
-        dlogits[r * kFLd + f] = p.softmax ? grad * feature : (feature > kPerformerReluEpsilon ? grad : 0.f);
+        dlogits[r * kFLd + f] = performer_dlogit(p.softmax, grad, feature);
       }
     }
     __syncthreads();
-    if (thread < kRows) {
-      for (int f = 0; f < kF; ++f) row_sum += dlogits[thread * kFLd + f];
-    }
     performer_load_feature_rows<Traits>(tile, projection, kD, kD, f0, m, thread);
     __syncthreads();
-    for (int f = 0; f < kF; ++f) {
-      float ws[Traits::kColumnsPerThread];
-#pragma unroll
-      for (int j = 0; j < Traits::kColumnsPerThread; ++j) ws[j] = tile[f * kLd + tx + kLanes * j];
-#pragma unroll
-      for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-        const float grad = dlogits[(ty + kLanes * i) * kFLd + f];
-#pragma unroll
-        for (int j = 0; j < Traits::kColumnsPerThread; ++j) acc[i][j] += grad * ws[j];
-      }
-    }
+    performer_add_dlogit_products<Traits>(acc, row_sum, dlogits, tile, thread);
   }
   __syncthreads();
   if (thread < kRows) row_sums[thread] = row_sum;
@@ -616,13 +656,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
     __syncthreads();  // every thread is done with the previous chunk
     performer_load_rows<Traits>(x, q + int64_t(q0) * p.q_row_stride, p.q_row_stride, p.sqrt_scale, exists, thread);
     const float* normaliser = p.normaliser + int64_t(hd.bh) * p.query_len + q0;
-    const T* grad_out = static_cast<const T*>(p.grad_out) + (int64_t(hd.bh) * p.query_len + q0) * kD;
-    for (int index = thread; index < kRows * kD; index += Traits::kThreads) {
-      const int r = index / kD, c = index % kD;
-      const float den = r < rows ? normaliser[r] : 0.f;
-      grads[r * kLd + c] =
-          r < rows && !(den == 0.f) ? static_cast<float>(grad_out[int64_t(r) * kD + c]) / den : 0.f;
-    }
+    performer_load_output_grads<Traits>(p, int64_t(hd.bh) * p.query_len + q0, rows, grads, thread);
     if (thread < kRows) {
       const bool has_grad = thread < rows && !(normaliser[thread] == 0.f);
       const float* row = p.query_rows + (int64_t(hd.bh) * p.query_len + q0 + thread) * 3;
@@ -645,23 +679,13 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
         if (has_grad && f0 + f < m) {
           feature = p.softmax ? expf(performer_query_exponent(logits[i][j], logit_max[r], stabilisers[f],
                                                               *stabiliser_max) - constant[r])
-                              : fmaxf(logits[i][j], 0.f) + kPerformerReluEpsilon;
+                              : performer_relu_feature(logits[i][j]);
         }
         phi[r * kFLd + f] = feature;
       }
     }
     __syncthreads();
-    for (int r = 0; r < kRows; ++r) {
-      float gs[Traits::kColumnsPerThread];
-#pragma unroll
-      for (int j = 0; j < Traits::kColumnsPerThread; ++j) gs[j] = grads[r * kLd + tx + kLanes * j];
-#pragma unroll
-      for (int i = 0; i < Traits::kFeaturesPerThread; ++i) {
-        const float feature = phi[r * kFLd + ty + kLanes * i];
-#pragma unroll
-        for (int j = 0; j < Traits::kColumnsPerThread; ++j) acc[i][j] += feature * gs[j];
-      }
-    }
+    performer_add_product<Traits>(acc, phi, 1, kFLd, grads, kLd, kRows, ty, tx);  // phi^T dnum
     if (thread < kF) {
       for (int r = 0; r < kRows; ++r) last_column += phi[r * kFLd + thread] * dden[r];
     }
@@ -748,35 +772,12 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
         const int f = tx + kLanes * j;
         const float feature = phi[r * kFLd + f];
         const float grad = acc[i][j] + grad_state_tile[f * kLd + kD];
-        dlogits[r * kFLd + f] = p.softmax ? grad * feature : (feature > kPerformerReluEpsilon ? grad : 0.f);
+        dlogits[r * kFLd + f] = performer_dlogit(p.softmax, grad, feature);
       }
     }
-    for (int f = 0; f < kF; ++f) {
-      float gs[Traits::kColumnsPerThread];
-#pragma unroll
-      for (int j = 0; j < Traits::kColumnsPerThread; ++j) gs[j] = grad_state_tile[f * kLd + tx + kLanes * j];
-#pragma unroll
-      for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-        const float feature = phi[(ty + kLanes * i) * kFLd + f];
-#pragma unroll
-        for (int j = 0; j < Traits::kColumnsPerThread; ++j) dv[i][j] += feature * gs[j];
-      }
-    }
+    performer_add_product<Traits>(dv, phi, kFLd, 1, grad_state_tile, kLd, kF, ty, tx);  // phi d state[:, :D]
     __syncthreads();
-    if (thread < kRows) {
-      for (int f = 0; f < kF; ++f) row_sum += dlogits[thread * kFLd + f];
-    }
-    for (int f = 0; f < kF; ++f) {
-      float ws[Traits::kColumnsPerThread];
-#pragma unroll
-      for (int j = 0; j < Traits::kColumnsPerThread; ++j) ws[j] = w[f * kLd + tx + kLanes * j];
-#pragma unroll
-      for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-        const float grad = dlogits[(ty + kLanes * i) * kFLd + f];
-#pragma unroll
-        for (int j = 0; j < Traits::kColumnsPerThread; ++j) dk[i][j] += grad * ws[j];
-      }
-    }
+    performer_add_dlogit_products<Traits>(dk, row_sum, dlogits, w, thread);
   }
   __syncthreads();
   if (thread < kRows) row_sums[thread] = row_sum;
