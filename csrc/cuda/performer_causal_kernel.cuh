@@ -70,6 +70,22 @@ __global__ void __launch_bounds__(Threads) performer_running_max_kernel(const Pe
   }
 }
 
+// logits[r][f] = the logits of keys x (rows kLd apart) for the feature tile w from f0 (the same operations as
+// performer_key_max_kernel's, so that a running maximum is the logit of some key to the bit): softmax
+// l = w_f . k - |k|^2 / 2, -inf where padded or past m; relu the features, 0 there.
+template <typename Traits, typename Visible>
+__device__ __forceinline__ void performer_causal_key_logits(float* logits, const float* x, const float* w,
+                                                            const float* half_norms, bool softmax, int f0,
+                                                            int features, Visible visible, int ty, int tx) {
+  float acc[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
+  performer_tile_logits<Traits>(acc, x, w, ty, tx);
+  performer_for_each_entry<Traits>(ty, tx, [&](int i, int j, int r, int f) {
+    float logit = softmax ? -kInfinity : 0.f;
+    if (visible(r) && f0 + f < features) logit = softmax ? acc[i][j] - half_norms[r] : performer_relu_feature(acc[i][j]);
+    logits[r * Traits::kFeatureLd + f] = logit;
+  });
+}
+
 // running[r][f] = s_{f0 + f}(pos0 + r): the running maxima of the logits of keys (x, half_norms, visible) of a
 // chunk for the feature tile from f0, continuing from those after the previous chunk (before); -inf past m.
 // Loads the tile of W into w. Begins and ends with a __syncthreads.
@@ -83,17 +99,7 @@ __device__ __forceinline__ void performer_causal_running_maxima(float* running, 
   __syncthreads();  // every thread is done with the previous tile
   performer_load_feature_rows<Traits>(w, projection, Traits::kHeadDim, Traits::kHeadDim, f0, features, thread);
   __syncthreads();
-  float acc[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
-  performer_tile_logits<Traits>(acc, x, w, ty, tx);
-#pragma unroll
-  for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-    const int r = ty + kLanes * i;
-#pragma unroll
-    for (int j = 0; j < Traits::kFeaturesPerThread; ++j) {
-      const int f = tx + kLanes * j;
-      running[r * kFLd + f] = visible(r) && f0 + f < features ? acc[i][j] - half_norms[r] : -kInfinity;
-    }
-  }
+  performer_causal_key_logits<Traits>(running, x, w, half_norms, true, f0, features, visible, ty, tx);
   __syncthreads();
   if (thread < Traits::kFeatures) {
     float best = f0 + thread < features ? before[f0 + thread] : -kInfinity;
@@ -215,17 +221,19 @@ struct PerformerCausalChunk {
 
 // Loads chunk `chunk` of head hd and the logits (softmax) or features (relu) of its queries and keys for the
 // feature tile from f0. A query counts (keep) where it exists and sees a key, and with `backward` where its
-// normaliser is not 0; then also [dnum | dden] (grads). Ends with a __syncthreads.
-template <typename Traits, typename Visible>
+// normaliser is not 0; then also [dnum | dden] (grads). Begins and ends with a __syncthreads.
+template <typename Traits>
 __device__ __forceinline__ void performer_causal_load_chunk(const PerformerParams& p, const PerformerHead& hd,
                                                             const PerformerCausalChunk<Traits>& c, int chunk, int f0,
-                                                            bool backward, Visible key_visible, int thread) {
+                                                            bool backward, int thread) {
   using T = typename Traits::Element;
   constexpr int kRows = Traits::kRows, kLanes = Traits::kLanes, kD = Traits::kHeadDim, kLd = Traits::kLd;
   constexpr int kFLd = Traits::kFeatureLd;
   const int ty = thread / kLanes, tx = thread % kLanes, m = p.features, n = p.query_len;
   const int pos0 = chunk * kRows, rows = min(kRows, n - pos0);
   const auto exists = [rows](int r) { return r < rows; };
+  const auto key_visible = [&](int r) { return performer_key_visible(p, hd.batch, pos0 + r, pos0 + rows); };
+  __syncthreads();  // every thread is done with the previous chunk
   const T* q = head_pointer<T>(p.q, p.q_batch_stride, p.q_head_stride, hd.batch, hd.head);
   const T* k = head_pointer<T>(p.k, p.k_batch_stride, p.k_head_stride, hd.batch, hd.head);
   const T* v = head_pointer<T>(p.v, p.v_batch_stride, p.v_head_stride, hd.batch, hd.head);
@@ -265,32 +273,12 @@ __device__ __forceinline__ void performer_causal_load_chunk(const PerformerParam
   __syncthreads();
   float acc[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
   performer_tile_logits<Traits>(acc, c.xq, c.w, ty, tx);
-#pragma unroll
-  for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-    const int r = ty + kLanes * i;
-    const bool kept = c.keep[r] != 0.f;
-#pragma unroll
-    for (int j = 0; j < Traits::kFeaturesPerThread; ++j) {
-      const int f = tx + kLanes * j;
-      const float logit = acc[i][j];
-      c.query_features[r * kFLd + f] =
-          kept && f0 + f < m ? (p.softmax ? logit - c.query_max[r] : performer_relu_feature(logit)) : 0.f;
-    }
-  }
-  performer_tile_logits<Traits>(acc, c.xk, c.w, ty, tx);
-#pragma unroll
-  for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-    const int r = ty + kLanes * i;
-    const bool row_visible = key_visible(r);
-#pragma unroll
-    for (int j = 0; j < Traits::kFeaturesPerThread; ++j) {
-      const int f = tx + kLanes * j;
-      const float logit = acc[i][j];
-      c.key_features[r * kFLd + f] =
-          row_visible && f0 + f < m ? (p.softmax ? logit - c.half_norms[r] : performer_relu_feature(logit))
-                                    : (p.softmax ? -kInfinity : 0.f);
-    }
-  }
+  performer_for_each_entry<Traits>(ty, tx, [&](int i, int j, int r, int f) {
+    float feature = 0.f;
+    if (c.keep[r] != 0.f && f0 + f < m) feature = p.softmax ? acc[i][j] - c.query_max[r] : performer_relu_feature(acc[i][j]);
+    c.query_features[r * kFLd + f] = feature;
+  });
+  performer_causal_key_logits<Traits>(c.key_features, c.xk, c.w, c.half_norms, p.softmax, f0, m, key_visible, ty, tx);
   __syncthreads();
 }
 
@@ -305,47 +293,51 @@ __device__ __forceinline__ float performer_causal_pair_weight(const PerformerCau
               c.query_constant[i]);
 }
 
-// scores[i][j] = the tile's share of query i's weight on key j: the sum of the pair's weights over the tile's
-// features (softmax) or phi_q_i . phi_k_j (relu), for j <= i and a query that counts; 0 elsewhere.
-template <typename Traits>
-__device__ __forceinline__ void performer_causal_pair_scores(const PerformerParams& p,
-                                                             const PerformerCausalChunk<Traits>& c, int ty, int tx) {
-  constexpr int kLanes = Traits::kLanes, kFLd = Traits::kFeatureLd, kSLd = PerformerCausalTraits<Traits>::kScoreLd;
+// scores[i][j] = pair(i, j) for the pairs of the chunk that the thread owns (queries i = ty + 16 a, keys
+// j = tx + 16 b) with j <= i; 0 above the diagonal.
+template <typename Traits, typename Pair>
+__device__ __forceinline__ void performer_causal_scores(const PerformerCausalChunk<Traits>& c, int ty, int tx,
+                                                        Pair pair) {
+  constexpr int kLanes = Traits::kLanes, kSLd = PerformerCausalTraits<Traits>::kScoreLd;
 #pragma unroll
   for (int a = 0; a < Traits::kRowsPerThread; ++a) {
     const int i = ty + kLanes * a;
 #pragma unroll
     for (int b = 0; b < Traits::kRowsPerThread; ++b) {
       const int j = tx + kLanes * b;
-      float sum = 0.f;
-      if (j <= i && c.keep[i] != 0.f) {
-        if (p.softmax) {
-          for (int f = 0; f < Traits::kFeatures; ++f) sum += performer_causal_pair_weight(c, i, j, f);
-        } else {
-          for (int f = 0; f < Traits::kFeatures; ++f) sum += c.query_features[i * kFLd + f] * c.key_features[j * kFLd + f];
-        }
-      }
-      c.scores[i * kSLd + j] = sum;
+      c.scores[i * kSLd + j] = j <= i ? pair(i, j) : 0.f;
     }
   }
 }
 
-// scores[i][j] = g_ij = [dnum_i | dden_i] . [v_j | 1] for j <= i, 0 above the diagonal (zero rows for the queries
-// that do not count, zero columns for padded keys).
+// scores[i][j] = the tile's share of query i's weight on key j <= i: the sum of the pair's weights over the tile's
+// features (softmax) or phi_q_i . phi_k_j (relu); 0 for a query that does not count.
+template <typename Traits>
+__device__ __forceinline__ void performer_causal_pair_scores(const PerformerParams& p,
+                                                             const PerformerCausalChunk<Traits>& c, int ty, int tx) {
+  constexpr int kFLd = Traits::kFeatureLd;
+  performer_causal_scores<Traits>(c, ty, tx, [&](int i, int j) {
+    float sum = 0.f;
+    if (c.keep[i] == 0.f) return sum;
+    if (p.softmax) {
+      for (int f = 0; f < Traits::kFeatures; ++f) sum += performer_causal_pair_weight(c, i, j, f);
+    } else {
+      for (int f = 0; f < Traits::kFeatures; ++f) sum += c.query_features[i * kFLd + f] * c.key_features[j * kFLd + f];
+    }
+    return sum;
+  });
+}
+
+// scores[i][j] = g_ij = [dnum_i | dden_i] . [v_j | 1] for j <= i (zero rows for the queries that do not count, zero
+// columns for padded keys).
 template <typename Traits>
 __device__ __forceinline__ void performer_causal_grad_scores(const PerformerCausalChunk<Traits>& c, int ty, int tx) {
-  constexpr int kLanes = Traits::kLanes, kLd = Traits::kLd, kSLd = PerformerCausalTraits<Traits>::kScoreLd;
-#pragma unroll
-  for (int a = 0; a < Traits::kRowsPerThread; ++a) {
-    const int i = ty + kLanes * a;
-#pragma unroll
-    for (int b = 0; b < Traits::kRowsPerThread; ++b) {
-      const int j = tx + kLanes * b;
-      float sum = 0.f;
-      for (int col = 0; col <= Traits::kHeadDim && j <= i; ++col) sum += c.grads[i * kLd + col] * c.values[j * kLd + col];
-      c.scores[i * kSLd + j] = sum;
-    }
-  }
+  constexpr int kLd = Traits::kLd;
+  performer_causal_scores<Traits>(c, ty, tx, [&](int i, int j) {
+    float sum = 0.f;
+    for (int col = 0; col <= Traits::kHeadDim; ++col) sum += c.grads[i * kLd + col] * c.values[j * kLd + col];
+    return sum;
+  });
 }
 
 // The chunk's own pairs' share of the dlogits of the thread's rows r (ty + 16 a) and features (tx + 16 b):
@@ -355,25 +347,18 @@ template <typename Traits, bool Keys>
 __device__ __forceinline__ void performer_causal_pair_grads(
     const PerformerParams& p, const PerformerCausalChunk<Traits>& c,
     float (&grad)[Traits::kRowsPerThread][Traits::kFeaturesPerThread], int ty, int tx) {
-  constexpr int kRows = Traits::kRows, kLanes = Traits::kLanes, kFLd = Traits::kFeatureLd;
-  constexpr int kSLd = PerformerCausalTraits<Traits>::kScoreLd;
+  constexpr int kRows = Traits::kRows, kFLd = Traits::kFeatureLd, kSLd = PerformerCausalTraits<Traits>::kScoreLd;
   const float* other = Keys ? c.query_features : c.key_features;
-#pragma unroll
-  for (int a = 0; a < Traits::kRowsPerThread; ++a) {
-    const int r = ty + kLanes * a;
-#pragma unroll
-    for (int b = 0; b < Traits::kFeaturesPerThread; ++b) {
-      const int f = tx + kLanes * b;
-      float sum = 0.f;
-      for (int partner = Keys ? r : 0; partner < (Keys ? kRows : r + 1); ++partner) {
-        const int i = Keys ? partner : r, j = Keys ? r : partner;
-        if (c.keep[i] == 0.f) continue;
-        const float weight = p.softmax ? performer_causal_pair_weight(c, i, j, f) : other[partner * kFLd + f];
-        sum += c.scores[i * kSLd + j] * weight;
-      }
-      grad[a][b] = sum;
+  performer_for_each_entry<Traits>(ty, tx, [&](int a, int b, int r, int f) {
+    float sum = 0.f;
+    for (int partner = Keys ? r : 0; partner < (Keys ? kRows : r + 1); ++partner) {
+      const int i = Keys ? partner : r, j = Keys ? r : partner;
+      if (c.keep[i] == 0.f) continue;
+      const float weight = p.softmax ? performer_causal_pair_weight(c, i, j, f) : other[partner * kFLd + f];
+      sum += c.scores[i * kSLd + j] * weight;
     }
-  }
+    grad[a][b] = sum;
+  });
 }
 
 // Softmax: the logits of the tile turn into the weights on the states, in place: queries
@@ -414,17 +399,11 @@ template <typename Traits>
 __device__ __forceinline__ void performer_causal_add_state_grads(
     const PerformerParams& p, float (&grad)[Traits::kRowsPerThread][Traits::kFeaturesPerThread], const float* rows,
     const float* state, const float* weights, int ty, int tx) {
-  constexpr int kLanes = Traits::kLanes, kFLd = Traits::kFeatureLd;
   float products[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
   performer_tile_logits<Traits, Traits::kHeadDim + 1>(products, rows, state, ty, tx);
-#pragma unroll
-  for (int a = 0; a < Traits::kRowsPerThread; ++a) {
-#pragma unroll
-    for (int b = 0; b < Traits::kFeaturesPerThread; ++b) {
-      const float weight = p.softmax ? weights[(ty + kLanes * a) * kFLd + tx + kLanes * b] : 1.f;
-      grad[a][b] += weight * products[a][b];
-    }
-  }
+  performer_for_each_entry<Traits>(ty, tx, [&](int a, int b, int r, int f) {
+    grad[a][b] += (p.softmax ? weights[r * Traits::kFeatureLd + f] : 1.f) * products[a][b];
+  });
 }
 
 // The dlogits of the thread's rows and features into shared memory: softmax the gradients as they are (the
@@ -433,15 +412,10 @@ template <typename Traits>
 __device__ __forceinline__ void performer_causal_store_dlogits(
     const PerformerParams& p, float* dlogits, const float* features,
     const float (&grad)[Traits::kRowsPerThread][Traits::kFeaturesPerThread], int ty, int tx) {
-  constexpr int kLanes = Traits::kLanes, kFLd = Traits::kFeatureLd;
-#pragma unroll
-  for (int a = 0; a < Traits::kRowsPerThread; ++a) {
-#pragma unroll
-    for (int b = 0; b < Traits::kFeaturesPerThread; ++b) {
-      const int index = (ty + kLanes * a) * kFLd + tx + kLanes * b;
-      dlogits[index] = p.softmax ? grad[a][b] : performer_relu_dlogit(grad[a][b], features[index]);
-    }
-  }
+  performer_for_each_entry<Traits>(ty, tx, [&](int a, int b, int r, int f) {
+    const int index = r * Traits::kFeatureLd + f;
+    dlogits[index] = p.softmax ? grad[a][b] : performer_relu_dlogit(grad[a][b], features[index]);
+  });
 }
 
 // The shares of a chunk's rows from its dlogits: the row sums (the -|x|^2 / 2 term's factor) and dlogits W.
@@ -458,6 +432,16 @@ __device__ __forceinline__ void performer_causal_store_dlogit_shares(const Perfo
   performer_store_rows<Traits>(shares + int64_t(pos0) * kD, kD, acc, rows, ty, tx);
 }
 
+// The start of a walk along the sequence: the CTA's tile of W (from f0) and a zero state.
+template <typename Traits>
+__device__ __forceinline__ void performer_causal_begin(const PerformerParams& p, const PerformerHead& hd,
+                                                       const PerformerCausalChunk<Traits>& c, int f0, int thread) {
+  constexpr int kD = Traits::kHeadDim;
+  performer_load_feature_rows<Traits>(c.w, p.projection + hd.head * p.projection_head_stride, kD, kD, f0, p.features,
+                                      thread);
+  for (int index = thread; index < Traits::kFeatureRowFloats; index += Traits::kThreads) c.state[index] = 0.f;
+}
+
 // Feature tile blockIdx.x's shares of [num | den] for every query, along the sequence. grid (feature tiles, 1, B * H).
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) performer_causal_fwd_kernel(const PerformerParams p) {
@@ -468,14 +452,11 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
   const int thread = threadIdx.x, ty = thread / kLanes, tx = thread % kLanes;
   const PerformerHead hd(p);
   const int f0 = blockIdx.x * kF, m = p.features, n = p.query_len, chunks = (n + kRows - 1) / kRows;
-  performer_load_feature_rows<Traits>(c.w, p.projection + hd.head * p.projection_head_stride, kD, kD, f0, m, thread);
-  for (int index = thread; index < Traits::kFeatureRowFloats; index += Traits::kThreads) c.state[index] = 0.f;
+  performer_causal_begin<Traits>(p, hd, c, f0, thread);
   float* shares = p.shares + (int64_t(blockIdx.x) * p.batch * p.heads + hd.bh) * n * (kD + 1);
   for (int chunk = 0; chunk < chunks; ++chunk) {
     const int pos0 = chunk * kRows, rows = min(kRows, n - pos0);
-    const auto key_visible = [&](int r) { return performer_key_visible(p, hd.batch, pos0 + r, pos0 + rows); };
-    __syncthreads();  // every thread is done with the previous chunk
-    performer_causal_load_chunk<Traits>(p, hd, c, chunk, f0, false, key_visible, thread);
+    performer_causal_load_chunk<Traits>(p, hd, c, chunk, f0, false, thread);
     performer_causal_pair_scores<Traits>(p, c, ty, tx);
     __syncthreads();
     performer_causal_state_weights<Traits>(p, c, thread);
@@ -535,17 +516,14 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
   const PerformerCausalChunk<Traits> c(shared_memory, true);
   const int thread = threadIdx.x, ty = thread / kLanes, tx = thread % kLanes;
   const PerformerHead hd(p);
-  const int f0 = blockIdx.x * kF, m = p.features, n = p.query_len, chunks = (n + kRows - 1) / kRows;
-  performer_load_feature_rows<Traits>(c.w, p.projection + hd.head * p.projection_head_stride, kD, kD, f0, m, thread);
-  for (int index = thread; index < Traits::kFeatureRowFloats; index += Traits::kThreads) c.state[index] = 0.f;
+  const int f0 = blockIdx.x * kF, n = p.query_len, chunks = (n + kRows - 1) / kRows;
+  performer_causal_begin<Traits>(p, hd, c, f0, thread);
   const int64_t tile_head = int64_t(blockIdx.x) * p.batch * p.heads + hd.bh;
   float* shares = p.shares + tile_head * n * kD;
   float* row_sums = p.row_sum_shares + tile_head * n;
   for (int chunk = 0; chunk < chunks; ++chunk) {
     const int pos0 = chunk * kRows, rows = min(kRows, n - pos0);
-    const auto key_visible = [&](int r) { return performer_key_visible(p, hd.batch, pos0 + r, pos0 + rows); };
-    __syncthreads();  // every thread is done with the previous chunk
-    performer_causal_load_chunk<Traits>(p, hd, c, chunk, f0, true, key_visible, thread);
+    performer_causal_load_chunk<Traits>(p, hd, c, chunk, f0, true, thread);
     performer_causal_grad_scores<Traits>(c, ty, tx);
     __syncthreads();
     float grad[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
@@ -572,18 +550,15 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
   const PerformerCausalChunk<Traits> c(shared_memory, true);
   const int thread = threadIdx.x, ty = thread / kLanes, tx = thread % kLanes;
   const PerformerHead hd(p);
-  const int f0 = blockIdx.x * kF, m = p.features, n = p.query_len, chunks = (n + kRows - 1) / kRows;
-  performer_load_feature_rows<Traits>(c.w, p.projection + hd.head * p.projection_head_stride, kD, kD, f0, m, thread);
-  for (int index = thread; index < Traits::kFeatureRowFloats; index += Traits::kThreads) c.state[index] = 0.f;
+  const int f0 = blockIdx.x * kF, n = p.query_len, chunks = (n + kRows - 1) / kRows;
+  performer_causal_begin<Traits>(p, hd, c, f0, thread);
   const int64_t tile_head = int64_t(blockIdx.x) * p.batch * p.heads + hd.bh;
   float* grad_k = p.grad_k_shares + tile_head * n * kD;
   float* grad_v = p.grad_v_shares + tile_head * n * kD;
   float* row_sums = p.key_row_sum_shares + tile_head * n;
   for (int chunk = chunks - 1; chunk >= 0; --chunk) {
     const int pos0 = chunk * kRows, rows = min(kRows, n - pos0);
-    const auto key_visible = [&](int r) { return performer_key_visible(p, hd.batch, pos0 + r, pos0 + rows); };
-    __syncthreads();  // every thread is done with the previous chunk
-    performer_causal_load_chunk<Traits>(p, hd, c, chunk, f0, true, key_visible, thread);
+    performer_causal_load_chunk<Traits>(p, hd, c, chunk, f0, true, thread);
     performer_causal_pair_scores<Traits>(p, c, ty, tx);
     __syncthreads();
     // dv_j of the chunk's pairs: sum_i scores[i][j] dnum_i.
@@ -638,8 +613,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
       if (keys) value_grad += p.grad_v_shares[(t * heads_total * n + row) * kD + col];
     }
     const float scaled_x = static_cast<float>(x[int64_t(i) * row_stride + col]) * p.sqrt_scale;
-    const float result = p.sqrt_scale * (p.softmax ? sum - row_sum * scaled_x : sum);
-    grad[row * kD + col] = static_cast<T>(has_grad ? result : 0.f);
+    grad[row * kD + col] = static_cast<T>(has_grad ? performer_input_grad(p, sum, row_sum, scaled_x) : 0.f);
     if (keys) static_cast<T*>(p.grad_v)[row * kD + col] = static_cast<T>(has_grad ? value_grad : 0.f);
   }
 }

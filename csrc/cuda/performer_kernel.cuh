@@ -148,6 +148,17 @@ __device__ __forceinline__ void performer_tile_logits(float (&acc)[Traits::kRows
   }
 }
 
+// Calls visit(i, j, r, f) for the rows r = ty + 16 i and features f = tx + 16 j that the thread owns in a rows x
+// feature tile product such as performer_tile_logits's.
+template <typename Traits, typename Visit>
+__device__ __forceinline__ void performer_for_each_entry(int ty, int tx, Visit visit) {
+#pragma unroll
+  for (int i = 0; i < Traits::kRowsPerThread; ++i) {
+#pragma unroll
+    for (int j = 0; j < Traits::kFeaturesPerThread; ++j) visit(i, j, ty + Traits::kLanes * i, tx + Traits::kLanes * j);
+  }
+}
+
 // acc[a][b] += sum over k < count of lhs(r, k) rhs[k * rhs_ld + c] for the thread's rows r = ty + 16 a and columns
 // c = tx + 16 b of D, with lhs(r, k) = lhs[r * lhs_row_stride + k * lhs_k_stride] (a transposed lhs swaps the
 // strides). Each sum runs in one thread, in k order.
@@ -196,6 +207,14 @@ __device__ __forceinline__ void performer_add_dlogit_products(
                                 thread / Traits::kLanes, thread % Traits::kLanes);
 }
 
+// The gradient of a row's x (before the sqrt(scale) of its scaling) from product = (dlogits W) of the element and
+// row_sum, the sum of the row's dlogits: sqrt(scale) (product - row_sum x) (softmax: the -|x|^2 / 2 term; x
+// scaled) or sqrt(scale) product (relu).
+__device__ __forceinline__ float performer_input_grad(const PerformerParams& p, float product, float row_sum,
+                                                      float x) {
+  return p.sqrt_scale * (p.softmax ? product - row_sum * x : product);
+}
+
 // relu features and the gradient through them: relu(l) + eps, and dL/dl = dL/dphi where l > 0 (phi > eps).
 __device__ __forceinline__ float performer_relu_feature(float logit) { return fmaxf(logit, 0.f) + kPerformerReluEpsilon; }
 __device__ __forceinline__ float performer_relu_dlogit(float grad, float feature) {
@@ -207,9 +226,21 @@ __device__ __forceinline__ float performer_dlogit(bool softmax, float grad, floa
   return softmax ? grad * feature : performer_relu_dlogit(grad, feature);
 }
 
-// A key's feature from its logit l = w . k (k scaled): exp(l - |k|^2 / 2 - s_f) (softmax) or relu(l) + eps.
-__device__ __forceinline__ float performer_key_feature(bool softmax, float logit, float half_norm, float stabiliser) {
-  return softmax ? expf((logit - half_norm) - stabiliser) : performer_relu_feature(logit);
+// phi[r][f] = the features of keys x (rows kLd apart) for the feature tile w from f0: exp(l - |k|^2 / 2 - s_f)
+// (softmax, stabilisers: s_f of the tile) or relu(l) + eps, l = w_f . k; 0 for padded keys and features past m.
+template <typename Traits, typename Visible>
+__device__ __forceinline__ void performer_key_features(float* phi, const float* x, const float* w,
+                                                       const float* half_norms, const float* stabilisers, bool softmax,
+                                                       int f0, int features, Visible visible, int ty, int tx) {
+  float logits[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
+  performer_tile_logits<Traits>(logits, x, w, ty, tx);
+  performer_for_each_entry<Traits>(ty, tx, [&](int i, int j, int r, int f) {
+    float feature = 0.f;
+    if (visible(r) && f0 + f < features) {
+      feature = softmax ? expf((logits[i][j] - half_norms[r]) - stabilisers[f]) : performer_relu_feature(logits[i][j]);
+    }
+    phi[r * Traits::kFeatureLd + f] = feature;
+  });
 }
 
 // A query's feature from its logit, its largest logit, its constant c and the key stabilisers:
@@ -269,16 +300,29 @@ __device__ __forceinline__ void performer_all_logits(float* logits, int ld, cons
     __syncthreads();
     float acc[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
     performer_tile_logits<Traits>(acc, x, w, ty, tx);
-#pragma unroll
-    for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-#pragma unroll
-      for (int j = 0; j < Traits::kFeaturesPerThread; ++j) {
-        const int f = f0 + tx + Traits::kLanes * j;
-        if (f < features) logits[(ty + Traits::kLanes * i) * ld + f] = acc[i][j];
-      }
-    }
+    performer_for_each_entry<Traits>(ty, tx, [&](int i, int j, int r, int f) {
+      if (f0 + f < features) logits[r * ld + f0 + f] = acc[i][j];
+    });
     __syncthreads();  // w is refilled by the next tile
   }
+}
+
+// Rows f0.. of a state (m x (D + 1), contiguous) from a feature tile's sums: acc (the thread's features
+// f0 + ty + 16 a and columns tx + 16 b of D) and last_column (thread < kF: feature f0 + thread's column D).
+template <typename Traits>
+__device__ __forceinline__ void performer_store_state_tile(
+    float* state, const float (&acc)[Traits::kFeaturesPerThread][Traits::kColumnsPerThread], float last_column, int f0,
+    int features, int thread) {
+  constexpr int kLanes = Traits::kLanes, kLd = Traits::kHeadDim + 1;
+  const int ty = thread / kLanes, tx = thread % kLanes;
+#pragma unroll
+  for (int a = 0; a < Traits::kFeaturesPerThread; ++a) {
+    const int f = f0 + ty + kLanes * a;
+    if (f >= features) continue;
+#pragma unroll
+    for (int b = 0; b < Traits::kColumnsPerThread; ++b) state[int64_t(f) * kLd + tx + kLanes * b] = acc[a][b];
+  }
+  if (thread < Traits::kFeatures && f0 + thread < features) state[int64_t(f0 + thread) * kLd + Traits::kHeadDim] = last_column;
 }
 
 // ------------------------------------------------------------------------------------------- forward
@@ -314,13 +358,9 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
     __syncthreads();
     float acc[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
     performer_tile_logits<Traits>(acc, x, w, ty, tx);
-#pragma unroll
-    for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-      const int r = ty + kLanes * i;
-      if (!visible(r)) continue;
-#pragma unroll
-      for (int j = 0; j < Traits::kFeaturesPerThread; ++j) best[j] = fmaxf(best[j], acc[i][j] - half_norms[r]);
-    }
+    performer_for_each_entry<Traits>(ty, tx, [&](int i, int j, int r, int) {
+      if (visible(r)) best[j] = fmaxf(best[j], acc[i][j] - half_norms[r]);
+    });
   }
 #pragma unroll
   for (int j = 0; j < Traits::kFeaturesPerThread; ++j) partial[ty * kF + tx + kLanes * j] = best[j];
@@ -378,21 +418,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
     __syncthreads();
     if (p.softmax) performer_half_norms<Traits>(half_norms, x, thread);
     __syncthreads();
-    float logits[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
-    performer_tile_logits<Traits>(logits, x, w, ty, tx);
-#pragma unroll
-    for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-      const int r = ty + kLanes * i;
-      const bool row_visible = visible(r);
-#pragma unroll
-      for (int j = 0; j < Traits::kFeaturesPerThread; ++j) {
-        const int f = tx + kLanes * j;
-        phi[r * kFLd + f] =
-            row_visible && f0 + f < m
-                ? performer_key_feature(p.softmax, logits[i][j], p.softmax ? half_norms[r] : 0.f, stabilisers[f])
-                : 0.f;
-      }
-    }
+    performer_key_features<Traits>(phi, x, w, half_norms, stabilisers, p.softmax, f0, m, visible, ty, tx);
     __syncthreads();
     performer_add_product<Traits>(acc, phi, 1, kFLd, values, kLd, kRows, ty, tx);  // phi^T V
     if (thread < kF) {
@@ -401,14 +427,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
   }
   float* state = (p.key_splits == 1 ? p.state : p.state_partial + blockIdx.y * heads_total * m * (kD + 1)) +
                  int64_t(hd.bh) * m * (kD + 1);
-#pragma unroll
-  for (int i = 0; i < Traits::kFeaturesPerThread; ++i) {
-    const int f = f0 + ty + kLanes * i;
-    if (f >= m) continue;
-#pragma unroll
-    for (int j = 0; j < Traits::kColumnsPerThread; ++j) state[int64_t(f) * (kD + 1) + tx + kLanes * j] = acc[i][j];
-  }
-  if (thread < kF && f0 + thread < m) state[int64_t(f0 + thread) * (kD + 1) + kD] = normaliser;
+  performer_store_state_tile<Traits>(state, acc, normaliser, f0, m, thread);
 }
 
 // out[i] = sum over s of partial[s][i], added in split order; one element per thread.
@@ -580,17 +599,10 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
     // dphi[r][f] = dnum_r . state[f, :D] + dden_r state[f, D]
     float dphi[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
     performer_tile_logits<Traits>(dphi, grads, tile, ty, tx);
-#pragma unroll
-    for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-      const int r = ty + kLanes * i;
-#pragma unroll
-      for (int j = 0; j < Traits::kFeaturesPerThread; ++j) {
-        const int f = tx + kLanes * j;
-        const float feature = f0 + f < m ? features[r * ld + f0 + f] : 0.f;
-        const float grad = dphi[i][j] + dden[r] * tile[f * kLd + kD];
-        dlogits[r * kFLd + f] = performer_dlogit(p.softmax, grad, feature);
-      }
-    }
+    performer_for_each_entry<Traits>(ty, tx, [&](int i, int j, int r, int f) {
+      const float feature = f0 + f < m ? features[r * ld + f0 + f] : 0.f;
+      dlogits[r * kFLd + f] = performer_dlogit(p.softmax, dphi[i][j] + dden[r] * tile[f * kLd + kD], feature);
+    });
     __syncthreads();
     performer_load_feature_rows<Traits>(tile, projection, kD, kD, f0, m, thread);
     __syncthreads();
@@ -607,9 +619,9 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
 #pragma unroll
     for (int j = 0; j < Traits::kColumnsPerThread; ++j) {
       const int c = tx + kLanes * j;
-      const float grad = p.softmax ? acc[i][j] - row_sums[r] * x[r * kLd + c] : acc[i][j];
+      const float grad = performer_input_grad(p, acc[i][j], row_sums[r], x[r * kLd + c]);
       // A row without a gradient is 0, not 0 * q (NaN where q is).
-      grad_q[int64_t(r) * kD + c] = static_cast<T>(keep[r] != 0.f ? p.sqrt_scale * grad : 0.f);
+      grad_q[int64_t(r) * kD + c] = static_cast<T>(keep[r] != 0.f ? grad : 0.f);
     }
   }
 }
@@ -668,22 +680,15 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
     __syncthreads();
     float logits[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
     performer_tile_logits<Traits>(logits, x, w, ty, tx);
-#pragma unroll
-    for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-      const int r = ty + kLanes * i;
-      const bool has_grad = constant[r] != kInfinity;
-#pragma unroll
-      for (int j = 0; j < Traits::kFeaturesPerThread; ++j) {
-        const int f = tx + kLanes * j;
-        float feature = 0.f;
-        if (has_grad && f0 + f < m) {
-          feature = p.softmax ? expf(performer_query_exponent(logits[i][j], logit_max[r], stabilisers[f],
-                                                              *stabiliser_max) - constant[r])
-                              : performer_relu_feature(logits[i][j]);
-        }
-        phi[r * kFLd + f] = feature;
+    performer_for_each_entry<Traits>(ty, tx, [&](int i, int j, int r, int f) {
+      float feature = 0.f;
+      if (constant[r] != kInfinity && f0 + f < m) {
+        feature = p.softmax ? expf(performer_query_exponent(logits[i][j], logit_max[r], stabilisers[f],
+                                                            *stabiliser_max) - constant[r])
+                            : performer_relu_feature(logits[i][j]);
       }
-    }
+      phi[r * kFLd + f] = feature;
+    });
     __syncthreads();
     performer_add_product<Traits>(acc, phi, 1, kFLd, grads, kLd, kRows, ty, tx);  // phi^T dnum
     if (thread < kF) {
@@ -693,14 +698,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
   float* grad_state =
       (p.query_splits == 1 ? p.grad_state : p.grad_state_partial + blockIdx.y * heads_total * m * (kD + 1)) +
       int64_t(hd.bh) * m * (kD + 1);
-#pragma unroll
-  for (int i = 0; i < Traits::kFeaturesPerThread; ++i) {
-    const int f = f0 + ty + kLanes * i;
-    if (f >= m) continue;
-#pragma unroll
-    for (int j = 0; j < Traits::kColumnsPerThread; ++j) grad_state[int64_t(f) * (kD + 1) + tx + kLanes * j] = acc[i][j];
-  }
-  if (thread < kF && f0 + thread < m) grad_state[int64_t(f0 + thread) * (kD + 1) + kD] = last_column;
+  performer_store_state_tile<Traits>(grad_state, acc, last_column, f0, m, thread);
 }
 
 // dk and dv of a tile of kRows keys from d state: dv = phi_k d state[:, :D], dphi_k = [v | 1] d state^T,
@@ -746,35 +744,15 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
     performer_load_feature_rows<Traits>(w, projection, kD, kD, f0, m, thread);
     performer_load_feature_rows<Traits>(grad_state_tile, grad_state, kD + 1, kD + 1, f0, m, thread);
     __syncthreads();
-    float acc[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
-    performer_tile_logits<Traits>(acc, x, w, ty, tx);
-#pragma unroll
-    for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-      const int r = ty + kLanes * i;
-      const bool row_visible = visible(r);
-#pragma unroll
-      for (int j = 0; j < Traits::kFeaturesPerThread; ++j) {
-        const int f = tx + kLanes * j;
-        phi[r * kFLd + f] =
-            row_visible && f0 + f < m
-                ? performer_key_feature(p.softmax, acc[i][j], p.softmax ? half_norms[r] : 0.f, stabilisers[f])
-                : 0.f;
-      }
-    }
+    performer_key_features<Traits>(phi, x, w, half_norms, stabilisers, p.softmax, f0, m, visible, ty, tx);
     // dphi[r][f] = v_r . d state[f, :D] + d state[f, D]
-    performer_tile_logits<Traits>(acc, values, grad_state_tile, ty, tx);
+    float dphi[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
+    performer_tile_logits<Traits>(dphi, values, grad_state_tile, ty, tx);
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-      const int r = ty + kLanes * i;
-#pragma unroll
-      for (int j = 0; j < Traits::kFeaturesPerThread; ++j) {
-        const int f = tx + kLanes * j;
-        const float feature = phi[r * kFLd + f];
-        const float grad = acc[i][j] + grad_state_tile[f * kLd + kD];
-        dlogits[r * kFLd + f] = performer_dlogit(p.softmax, grad, feature);
-      }
-    }
+    performer_for_each_entry<Traits>(ty, tx, [&](int i, int j, int r, int f) {
+      const float grad = dphi[i][j] + grad_state_tile[f * kLd + kD];
+      dlogits[r * kFLd + f] = performer_dlogit(p.softmax, grad, phi[r * kFLd + f]);
+    });
     performer_add_product<Traits>(dv, phi, kFLd, 1, grad_state_tile, kLd, kF, ty, tx);  // phi d state[:, :D]
     __syncthreads();
     performer_add_dlogit_products<Traits>(dk, row_sum, dlogits, w, thread);
@@ -792,8 +770,8 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
 #pragma unroll
     for (int j = 0; j < Traits::kColumnsPerThread; ++j) {
       const int c = tx + kLanes * j;
-      const float grad = p.softmax ? dk[i][j] - row_sums[r] * x[r * kLd + c] : dk[i][j];
-      grad_k[int64_t(r) * kD + c] = static_cast<T>(row_visible ? p.sqrt_scale * grad : 0.f);
+      const float grad = performer_input_grad(p, dk[i][j], row_sums[r], x[r * kLd + c]);
+      grad_k[int64_t(r) * kD + c] = static_cast<T>(row_visible ? grad : 0.f);
       grad_v[int64_t(r) * kD + c] = static_cast<T>(row_visible ? dv[i][j] : 0.f);
     }
   }
