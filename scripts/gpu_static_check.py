@@ -423,7 +423,6 @@ void record_performer() {
   fc::run_performer_fwd<Element, HeadDim>(params, nullptr);
   fc::run_performer_bwd<Element, HeadDim>(params, nullptr);
   params.causal = true;
-  fc::run_performer_row_max<Element, HeadDim>(params, true, nullptr);
   fc::run_performer_fwd<Element, HeadDim>(params, nullptr);
   fc::run_performer_bwd<Element, HeadDim>(params, nullptr);
 }

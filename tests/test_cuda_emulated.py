@@ -329,9 +329,10 @@ def test_emulated_linformer_projection_matches_reference(library, case):
 
 
 def _emulated_performer(lib, projection, kernel: str, padding, scale: float, keys_per_split: int,
-                        queries_per_split: int, causal: bool = False):
+                        queries_per_split: int, causal: bool = False, saved_by_forward: dict | None = None):
     """The Performer kernels as an autograd function of (q, k, v); projection: float32 as the host code of
-    csrc/cuda/performer_api.cpp passes it. The saved tensors and workspaces are poisoned with NaN."""
+    csrc/cuda/performer_api.cpp passes it. The saved tensors and workspaces are poisoned with NaN.
+    ``saved_by_forward``, when given, receives the forward's saved normaliser, key_stabiliser and state."""
     weights = projection.to(torch.float32).contiguous()
     proj_heads = 1 if weights.dim() == 2 else weights.shape[0]
     features = weights.shape[-2]
@@ -362,6 +363,8 @@ def _emulated_performer(lib, projection, kernel: str, padding, scale: float, key
             saved = (nan(batch, heads, query_len), nan(batch, heads, stabilisers),
                      nan(batch, heads, features, head_dim + 1))
             call(q, k, v, out, saved)
+            if saved_by_forward is not None:
+                saved_by_forward.update(zip(("normaliser", "key_stabiliser", "state"), saved))
             ctx.save_for_backward(q, k, v, out, *saved)
             return out
 
@@ -498,6 +501,39 @@ def test_emulated_causal_performer_later_keys_leave_earlier_outputs_unchanged(li
     second = emulated(q, k2, v2)
     torch.testing.assert_close(second[:, :, :40], first[:, :, :40], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(second[:, :, 40:], first[:, :, 40:])
+
+
+CAUSAL_LARGE_MAGNITUDE_CASES = [(seed, padded) for padded in (False, True) for seed in range(3)]
+
+
+@pytest.mark.parametrize("seed, padded", CAUSAL_LARGE_MAGNITUDE_CASES,
+                         ids=[describe_case(seed=seed, padded=padded) for seed, padded in CAUSAL_LARGE_MAGNITUDE_CASES])
+def test_emulated_causal_performer_normalisers_never_underflow_at_large_magnitudes(library, seed, padded):
+    """Causal, q and k of std 16 (issue 13): with one running maximum over all features as the keys' stabiliser,
+    a query's best features met its keys far below it and its float32 normaliser underflowed (rows came out
+    zero). The per-feature running maxima keep every normaliser of a row that sees a key >= 1 (to rounding), so
+    the outputs pass the tolerance rule. The gradients are only checked to be finite: at std 16 the rule cannot
+    judge them (fastattn.testing.gradient_rule_exclusion)."""
+    inputs, projection = _performer_inputs(1, 2, 100, 100, 32, 64, False, seed=seed, std=16.0)
+    padding = random_padding(1, 100, seed=seed) if padded else None
+    scale = 32**-0.5
+    saved = {}
+    emulated = _emulated_performer(library, projection, "softmax", padding, scale, 32, 32, causal=True,
+                                   saved_by_forward=saved)
+
+    def reference(q, k, v):
+        return reference_performer(q, k, v, projection.to(q.dtype), causal=True, key_padding_mask=padding,
+                                   scale=scale)
+
+    check_against_reference(emulated, reference, inputs, torch.float32, backward=False)
+    q, k, v = (inputs[name].float().requires_grad_() for name in ("q", "k", "v"))
+    out = emulated(q, k, v)
+    out.backward(torch.randn_like(out))
+    normaliser = saved["normaliser"]
+    seen = normaliser > 0
+    assert seen.any() and normaliser[seen].min() >= 1 - 1e-6, f"smallest normaliser {normaliser[seen].min():.3e}"
+    for name, leaf in (("q", q), ("k", k), ("v", v)):
+        assert torch.isfinite(leaf.grad).all(), f"grad of {name} has non-finite values"
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])

@@ -103,6 +103,34 @@ def test_cuda_performer_large_logits_keep_their_normalisers():
     assert (out.double() - expected).abs().max().item() < 1e-3 * expected.abs().max().item()
 
 
+CAUSAL_LARGE_MAGNITUDE_CASES = [(seed, padding) for padding in (False, True) for seed in range(3)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed, padding", CAUSAL_LARGE_MAGNITUDE_CASES,
+                         ids=[describe_case(seed=seed, padding=padding) for seed, padding in CAUSAL_LARGE_MAGNITUDE_CASES])
+def test_cuda_causal_performer_normalisers_never_underflow_at_large_magnitudes(seed, padding):
+    """Causal, q and k of std 16 (issue 13): one running maximum over all features let the float32 normalisers
+    underflow; the per-feature running maxima keep every normaliser of a query that sees a key >= 1 (to
+    rounding), on the GPU too, where subnormals flush to zero. Gradients: only finite (the rule cannot judge
+    them at std 16, fastattn.testing.gradient_rule_exclusion)."""
+    inputs = _inputs(1, 2, 100, 32, 64, padding=padding, seed=seed)
+    inputs["q"], inputs["k"] = inputs["q"] * 16, inputs["k"] * 16
+    check_against_reference(_cuda("softmax", True), _reference("softmax", True), inputs, torch.float32, backward=False)
+    q, k, v = (inputs[name].float().cuda().requires_grad_() for name in ("q", "k", "v"))
+    mask = inputs.get("key_padding_mask")
+    mask = None if mask is None else mask.cuda()
+    projection = inputs["projection"].float().cuda()
+    _, normaliser, _, _ = torch.ops.fastattn.performer_fwd(q.detach(), k.detach(), v.detach(), projection, "softmax",
+                                                           True, mask, 32**-0.5)
+    seen = normaliser > 0
+    assert seen.any() and normaliser[seen].min().item() >= 1 - 1e-6
+    out = fastattn.performer_attention(q, k, v, projection, causal=True, key_padding_mask=mask, backend="cuda")
+    out.backward(torch.randn_like(out))
+    for name, leaf in (("q", q), ("k", k), ("v", v)):
+        assert torch.isfinite(leaf.grad).all(), f"grad of {name} has non-finite values"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

@@ -2,10 +2,10 @@
 // with messages that name the argument, the params of csrc/cuda/performer_params.h, workspaces, and the launches
 // of csrc/cuda/performer_launch.h on the current stream.
 //
-// Saved tensors (notes/performer_spec.md): normaliser (B, H, Nq), key_stabiliser (non-causal: (B, H, m), the
-// per-feature key maxima s_f; causal: (B, H, Nk), the running maxima M_j; zeros for relu) and state
-// (B, H, m, D + 1), all float32. Causal: the running maximum of the key logits (at::cummax) and dden of the
-// backward (an O(N D) reduction) go through ATen between the kernels.
+// Saved tensors (notes/performer_spec.md, notes/causal_spec.md): normaliser (B, H, Nq), key_stabiliser
+// (non-causal: (B, H, m), the per-feature key maxima s_f; causal: (B, H, Nk), M_j, the largest of the per-feature
+// running maxima; zeros for relu) and state (B, H, m, D + 1), all float32. Causal: dden of the backward (an
+// O(N D) reduction) goes through ATen before the kernels, which recompute the stabilisers.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -111,14 +111,21 @@ void dispatch(const at::Tensor& q, const cuda::PerformerParams& p, Run&& run) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Causal softmax: the largest logit of every query (and with `keys` of every key) into query_max (key_max).
-void row_maxima(const at::Tensor& q, cuda::PerformerParams& p, at::Tensor& query_max, at::Tensor* key_max, bool keys) {
-  p.query_max = query_max.data_ptr<float>();
-  p.key_max = keys ? key_max->data_ptr<float>() : nullptr;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch(q, p, [stream, keys]<typename Element, int HeadDim>(const auto& params) {
-    cuda::run_performer_row_max<Element, HeadDim>(params, keys, stream);
-  });
+// Causal softmax: the stabilisers' workspaces (performer_params.h), which each direction fills anew; the returned
+// tensors own them until the kernels are enqueued.
+std::vector<at::Tensor> causal_stabiliser_workspaces(const at::Tensor& q, cuda::PerformerParams& p) {
+  const int64_t chunks = ceil_div(q.size(2), cuda::kPerformerRows);
+  // performer_key_max_kernel takes one chunk per blockIdx.y.
+  TORCH_CHECK_VALUE(chunks <= 65535, "q: expected Nq <= ", 65535 * cuda::kPerformerRows,
+                    " for causal softmax Performer on CUDA, got Nq=", q.size(2));
+  const auto float_options = q.options().dtype(at::kFloat);
+  at::Tensor chunk_max = at::empty({chunks + 1, q.size(0), q.size(1), p.features}, float_options);
+  at::Tensor per_query = at::empty({3, q.size(0), q.size(1), q.size(2)}, float_options);
+  p.chunk_max = chunk_max.data_ptr<float>();
+  p.running_max = per_query[0].data_ptr<float>();
+  p.query_max = per_query[1].data_ptr<float>();
+  p.query_constant = per_query[2].data_ptr<float>();
+  return {chunk_max, per_query};
 }
 
 // The projection as the kernels read it: float32 with contiguous (m, D) rows.
@@ -146,18 +153,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> performer_fwd_cuda(
     p.normaliser = normaliser.data_ptr<float>();
     p.key_stabiliser = key_stabiliser.data_ptr<float>();
     p.state = state.data_ptr<float>();
-    at::Tensor query_max = at::zeros({batch, heads, q.size(2)}, float_options);
+    std::vector<at::Tensor> stabilisers;
     if (softmax) {
-      at::Tensor key_max = at::empty({batch, heads, k.size(2)}, float_options);
-      row_maxima(q, p, query_max, &key_max, true);
-      // M_j: the running maximum over the unpadded keys <= j (padded ones are -inf), 0 before the first one.
-      // at::cummax keeps NaN (an input's) from its position on.
-      const at::Tensor running = std::get<0>(at::cummax(key_max, -1));
-      key_stabiliser.copy_(running.masked_fill(running == -std::numeric_limits<float>::infinity(), 0));
+      stabilisers = causal_stabiliser_workspaces(q, p);
     } else {
       key_stabiliser.zero_();
     }
-    p.query_max = query_max.data_ptr<float>();
     at::Tensor shares = at::empty({feature_tiles(features), batch, heads, q.size(2), dim + 1}, float_options);
     p.shares = shares.data_ptr<float>();
     dispatch(q, p, [stream]<typename Element, int HeadDim>(const auto& params) {
@@ -216,22 +217,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> performer_bwd_cuda(
   const at::Tensor state = state_in.contiguous();
   cuda::PerformerParams p = make_params(q, k, v, projection, softmax, causal, key_padding_mask, scale);
   const auto float_options = q.options().dtype(at::kFloat);
-    at::Tensor grad_q = new_output(q.sizes(), q.options());
+  at::Tensor grad_q = new_output(q.sizes(), q.options());
   at::Tensor grad_k = new_output(k.sizes(), q.options());
   at::Tensor grad_v = new_output(v.sizes(), q.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (causal) {
     p.out = out.data_ptr();
     p.normaliser = normaliser.data_ptr<float>();
-    p.key_stabiliser = key_stabiliser.data_ptr<float>();
+    p.key_stabiliser = nullptr;  // recomputed with the other stabilisers
     p.state = state.data_ptr<float>();
     p.grad_out = grad_out.data_ptr();
     p.grad_q = grad_q.data_ptr();
     p.grad_k = grad_k.data_ptr();
     p.grad_v = grad_v.data_ptr();
-    at::Tensor query_max = at::zeros({batch, heads, q.size(2)}, float_options);
-    if (softmax) row_maxima(q, p, query_max, nullptr, false);
-    p.query_max = query_max.data_ptr<float>();
+    std::vector<at::Tensor> stabilisers;
+    if (softmax) stabilisers = causal_stabiliser_workspaces(q, p);
     // dden = -(dnum . out) with dnum = grad_out / den in float32, summed in double (it cancels against dnum . v
     // in the gradients); 0 where den == 0 (the query sees no key).
     const at::Tensor den = normaliser.unsqueeze(-1);

@@ -3,5 +3,4 @@
 
 namespace fastattn::cuda {
 template void run_performer_fwd<__nv_bfloat16, 64>(const PerformerParams&, cudaStream_t);
-template void run_performer_row_max<__nv_bfloat16, 64>(const PerformerParams&, bool, cudaStream_t);
 }  // namespace fastattn::cuda

@@ -23,7 +23,6 @@
 // order. Shared rows are padded to an odd number of floats, so the 16 rows one warp reads fall in distinct banks.
 #pragma once
 
-#include <cfloat>
 #include <cstdint>
 
 #include "block_sparse_common.cuh"
@@ -59,7 +58,6 @@ struct PerformerTraits {
 
   // Shared memory of each kernel, in floats (see the kernels for the layouts).
   static constexpr int kKeyMaxFloats = kRowFloats + kFeatureRowFloats + kRows + kLanes * kFeatures;
-  static constexpr int kRowMaxFloats = kRowFloats + kFeatureRowFloats + kRows + kRows * kLanes;
   static constexpr int kStateFloats = 2 * kRowFloats + kFeatureRowFloats + kRowFeatureFloats + kRows + kFeatures;
   static constexpr int kBwdStateFloats = 2 * kRowFloats + kFeatureRowFloats + kRowFeatureFloats + 3 * kRows +
                                          kFeatures + 1;
@@ -125,8 +123,9 @@ __device__ __forceinline__ void performer_half_norms(float* half_norms, const fl
   half_norms[thread] = static_cast<float>(0.5 * sum);
 }
 
-// acc[i][j] = w_f . x_r for the rows r = ty + 16 i of x and the features f = tx + 16 j of a feature tile w.
-template <typename Traits>
+// acc[i][j] = w_f . x_r over the first Columns columns, for the rows r = ty + 16 i of x and the features
+// f = tx + 16 j of a feature tile w (rows of both kLd apart).
+template <typename Traits, int Columns = Traits::kHeadDim>
 __device__ __forceinline__ void performer_tile_logits(float (&acc)[Traits::kRowsPerThread][Traits::kFeaturesPerThread],
                                                       const float* x, const float* w, int ty, int tx) {
 #pragma unroll
@@ -135,7 +134,7 @@ __device__ __forceinline__ void performer_tile_logits(float (&acc)[Traits::kRows
     for (int j = 0; j < Traits::kFeaturesPerThread; ++j) acc[i][j] = 0.f;
   }
 #pragma unroll 4
-  for (int c = 0; c < Traits::kHeadDim; ++c) {
+  for (int c = 0; c < Columns; ++c) {
     float xs[Traits::kRowsPerThread], ws[Traits::kFeaturesPerThread];
 #pragma unroll
     for (int i = 0; i < Traits::kRowsPerThread; ++i) xs[i] = x[(ty + Traits::kLanes * i) * Traits::kLd + c];
@@ -149,9 +148,99 @@ __device__ __forceinline__ void performer_tile_logits(float (&acc)[Traits::kRows
   }
 }
 
-// A key's feature from its logit l = w . k (k scaled): exp(l - |k|^2 / 2 - s_f) (softmax) or relu(l) + eps.
-__device__ __forceinline__ float performer_key_feature(bool softmax, float logit, float half_norm, float stabiliser) {
-  return softmax ? expf((logit - half_norm) - stabiliser) : fmaxf(logit, 0.f) + kPerformerReluEpsilon;
+// Calls visit(i, j, r, f) for the rows r = ty + 16 i and features f = tx + 16 j that the thread owns in a rows x
+// feature tile product such as performer_tile_logits's.
+template <typename Traits, typename Visit>
+__device__ __forceinline__ void performer_for_each_entry(int ty, int tx, Visit visit) {
+#pragma unroll
+  for (int i = 0; i < Traits::kRowsPerThread; ++i) {
+#pragma unroll
+    for (int j = 0; j < Traits::kFeaturesPerThread; ++j) visit(i, j, ty + Traits::kLanes * i, tx + Traits::kLanes * j);
+  }
+}
+
+// acc[a][b] += sum over k < count of lhs(r, k) rhs[k * rhs_ld + c] for the thread's rows r = ty + 16 a and columns
+// c = tx + 16 b of D, with lhs(r, k) = lhs[r * lhs_row_stride + k * lhs_k_stride] (a transposed lhs swaps the
+// strides). Each sum runs in one thread, in k order.
+template <typename Traits, int Rows>
+__device__ __forceinline__ void performer_add_product(float (&acc)[Rows][Traits::kColumnsPerThread], const float* lhs,
+                                                      int lhs_row_stride, int lhs_k_stride, const float* rhs,
+                                                      int rhs_ld, int count, int ty, int tx) {
+  for (int k = 0; k < count; ++k) {
+    float columns[Traits::kColumnsPerThread];
+#pragma unroll
+    for (int b = 0; b < Traits::kColumnsPerThread; ++b) columns[b] = rhs[k * rhs_ld + tx + Traits::kLanes * b];
+#pragma unroll
+    for (int a = 0; a < Rows; ++a) {
+      const float left = lhs[(ty + Traits::kLanes * a) * lhs_row_stride + k * lhs_k_stride];
+#pragma unroll
+      for (int b = 0; b < Traits::kColumnsPerThread; ++b) acc[a][b] += left * columns[b];
+    }
+  }
+}
+
+// dst[r * ld + c] = acc[a][b] for the thread's rows r = ty + 16 a below `rows` and columns c = tx + 16 b of D.
+template <typename Traits>
+__device__ __forceinline__ void performer_store_rows(float* dst, int64_t ld,
+                                                     const float (&acc)[Traits::kRowsPerThread][Traits::kColumnsPerThread],
+                                                     int rows, int ty, int tx) {
+#pragma unroll
+  for (int a = 0; a < Traits::kRowsPerThread; ++a) {
+    const int r = ty + Traits::kLanes * a;
+    if (r >= rows) continue;
+#pragma unroll
+    for (int b = 0; b < Traits::kColumnsPerThread; ++b) dst[r * ld + tx + Traits::kLanes * b] = acc[a][b];
+  }
+}
+
+// The dlogits of a feature tile (kRows x kFeatures, rows kFeatureLd apart) into the gradient of the rows' x:
+// row_sum (thread < kRows: row `thread`'s; the factor of the -|x|^2 / 2 term) += the sum over the features, and
+// acc (the thread's rows and columns of D) += dlogits W, W the tile's rows of the projection (w).
+template <typename Traits>
+__device__ __forceinline__ void performer_add_dlogit_products(
+    float (&acc)[Traits::kRowsPerThread][Traits::kColumnsPerThread], float& row_sum, const float* dlogits,
+    const float* w, int thread) {
+  if (thread < Traits::kRows) {
+    for (int f = 0; f < Traits::kFeatures; ++f) row_sum += dlogits[thread * Traits::kFeatureLd + f];
+  }
+  performer_add_product<Traits>(acc, dlogits, Traits::kFeatureLd, 1, w, Traits::kLd, Traits::kFeatures,
+                                thread / Traits::kLanes, thread % Traits::kLanes);
+}
+
+// The gradient of a row's x (before the sqrt(scale) of its scaling) from product = (dlogits W) of the element and
+// row_sum, the sum of the row's dlogits: sqrt(scale) (product - row_sum x) (softmax: the -|x|^2 / 2 term; x
+// scaled) or sqrt(scale) product (relu).
+__device__ __forceinline__ float performer_input_grad(const PerformerParams& p, float product, float row_sum,
+                                                      float x) {
+  return p.sqrt_scale * (p.softmax ? product - row_sum * x : product);
+}
+
+// relu features and the gradient through them: relu(l) + eps, and dL/dl = dL/dphi where l > 0 (phi > eps).
+__device__ __forceinline__ float performer_relu_feature(float logit) { return fmaxf(logit, 0.f) + kPerformerReluEpsilon; }
+__device__ __forceinline__ float performer_relu_dlogit(float grad, float feature) {
+  return feature > kPerformerReluEpsilon ? grad : 0.f;
+}
+
+// dL/dl of a feature phi from dL/dphi: softmax (phi an exponential of l) dphi phi, relu performer_relu_dlogit.
+__device__ __forceinline__ float performer_dlogit(bool softmax, float grad, float feature) {
+  return softmax ? grad * feature : performer_relu_dlogit(grad, feature);
+}
+
+// phi[r][f] = the features of keys x (rows kLd apart) for the feature tile w from f0: exp(l - |k|^2 / 2 - s_f)
+// (softmax, stabilisers: s_f of the tile) or relu(l) + eps, l = w_f . k; 0 for padded keys and features past m.
+template <typename Traits, typename Visible>
+__device__ __forceinline__ void performer_key_features(float* phi, const float* x, const float* w,
+                                                       const float* half_norms, const float* stabilisers, bool softmax,
+                                                       int f0, int features, Visible visible, int ty, int tx) {
+  float logits[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
+  performer_tile_logits<Traits>(logits, x, w, ty, tx);
+  performer_for_each_entry<Traits>(ty, tx, [&](int i, int j, int r, int f) {
+    float feature = 0.f;
+    if (visible(r) && f0 + f < features) {
+      feature = softmax ? expf((logits[i][j] - half_norms[r]) - stabilisers[f]) : performer_relu_feature(logits[i][j]);
+    }
+    phi[r * Traits::kFeatureLd + f] = feature;
+  });
 }
 
 // A query's feature from its logit, its largest logit, its constant c and the key stabilisers:
@@ -179,7 +268,7 @@ __device__ __forceinline__ void performer_query_features(float* logits, int ld, 
   for (int r = warp; r < Traits::kRows; r += Traits::kThreads / 32) {
     float* row = logits + r * ld;
     if (!softmax) {
-      for (int f = lane; f < features; f += 32) row[f] = fmaxf(row[f], 0.f) + kPerformerReluEpsilon;
+      for (int f = lane; f < features; f += 32) row[f] = performer_relu_feature(row[f]);
       continue;
     }
     float logit_max = -kInfinity;
@@ -211,16 +300,29 @@ __device__ __forceinline__ void performer_all_logits(float* logits, int ld, cons
     __syncthreads();
     float acc[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
     performer_tile_logits<Traits>(acc, x, w, ty, tx);
-#pragma unroll
-    for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-#pragma unroll
-      for (int j = 0; j < Traits::kFeaturesPerThread; ++j) {
-        const int f = f0 + tx + Traits::kLanes * j;
-        if (f < features) logits[(ty + Traits::kLanes * i) * ld + f] = acc[i][j];
-      }
-    }
+    performer_for_each_entry<Traits>(ty, tx, [&](int i, int j, int r, int f) {
+      if (f0 + f < features) logits[r * ld + f0 + f] = acc[i][j];
+    });
     __syncthreads();  // w is refilled by the next tile
   }
+}
+
+// Rows f0.. of a state (m x (D + 1), contiguous) from a feature tile's sums: acc (the thread's features
+// f0 + ty + 16 a and columns tx + 16 b of D) and last_column (thread < kF: feature f0 + thread's column D).
+template <typename Traits>
+__device__ __forceinline__ void performer_store_state_tile(
+    float* state, const float (&acc)[Traits::kFeaturesPerThread][Traits::kColumnsPerThread], float last_column, int f0,
+    int features, int thread) {
+  constexpr int kLanes = Traits::kLanes, kLd = Traits::kHeadDim + 1;
+  const int ty = thread / kLanes, tx = thread % kLanes;
+#pragma unroll
+  for (int a = 0; a < Traits::kFeaturesPerThread; ++a) {
+    const int f = f0 + ty + kLanes * a;
+    if (f >= features) continue;
+#pragma unroll
+    for (int b = 0; b < Traits::kColumnsPerThread; ++b) state[int64_t(f) * kLd + tx + kLanes * b] = acc[a][b];
+  }
+  if (thread < Traits::kFeatures && f0 + thread < features) state[int64_t(f0 + thread) * kLd + Traits::kHeadDim] = last_column;
 }
 
 // ------------------------------------------------------------------------------------------- forward
@@ -256,13 +358,9 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
     __syncthreads();
     float acc[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
     performer_tile_logits<Traits>(acc, x, w, ty, tx);
-#pragma unroll
-    for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-      const int r = ty + kLanes * i;
-      if (!visible(r)) continue;
-#pragma unroll
-      for (int j = 0; j < Traits::kFeaturesPerThread; ++j) best[j] = fmaxf(best[j], acc[i][j] - half_norms[r]);
-    }
+    performer_for_each_entry<Traits>(ty, tx, [&](int i, int j, int r, int) {
+      if (visible(r)) best[j] = fmaxf(best[j], acc[i][j] - half_norms[r]);
+    });
   }
 #pragma unroll
   for (int j = 0; j < Traits::kFeaturesPerThread; ++j) partial[ty * kF + tx + kLanes * j] = best[j];
@@ -320,52 +418,21 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
     __syncthreads();
     if (p.softmax) performer_half_norms<Traits>(half_norms, x, thread);
     __syncthreads();
-    float logits[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
-    performer_tile_logits<Traits>(logits, x, w, ty, tx);
-#pragma unroll
-    for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-      const int r = ty + kLanes * i;
-      const bool row_visible = visible(r);
-#pragma unroll
-      for (int j = 0; j < Traits::kFeaturesPerThread; ++j) {
-        const int f = tx + kLanes * j;
-        phi[r * kFLd + f] =
-            row_visible && f0 + f < m
-                ? performer_key_feature(p.softmax, logits[i][j], p.softmax ? half_norms[r] : 0.f, stabilisers[f])
-                : 0.f;
-      }
-    }
+    performer_key_features<Traits>(phi, x, w, half_norms, stabilisers, p.softmax, f0, m, visible, ty, tx);
     __syncthreads();
-    for (int r = 0; r < kRows; ++r) {
-      float vs[Traits::kColumnsPerThread];
-#pragma unroll
-      for (int j = 0; j < Traits::kColumnsPerThread; ++j) vs[j] = values[r * kLd + tx + kLanes * j];
-#pragma unroll
-      for (int i = 0; i < Traits::kFeaturesPerThread; ++i) {
-        const float feature = phi[r * kFLd + ty + kLanes * i];
-#pragma unroll
-        for (int j = 0; j < Traits::kColumnsPerThread; ++j) acc[i][j] += feature * vs[j];
-      }
-    }
+    performer_add_product<Traits>(acc, phi, 1, kFLd, values, kLd, kRows, ty, tx);  // phi^T V
     if (thread < kF) {
       for (int r = 0; r < kRows; ++r) normaliser += phi[r * kFLd + thread];
     }
   }
   float* state = (p.key_splits == 1 ? p.state : p.state_partial + blockIdx.y * heads_total * m * (kD + 1)) +
                  int64_t(hd.bh) * m * (kD + 1);
-#pragma unroll
-  for (int i = 0; i < Traits::kFeaturesPerThread; ++i) {
-    const int f = f0 + ty + kLanes * i;
-    if (f >= m) continue;
-#pragma unroll
-    for (int j = 0; j < Traits::kColumnsPerThread; ++j) state[int64_t(f) * (kD + 1) + tx + kLanes * j] = acc[i][j];
-  }
-  if (thread < kF && f0 + thread < m) state[int64_t(f0 + thread) * (kD + 1) + kD] = normaliser;
+  performer_store_state_tile<Traits>(state, acc, normaliser, f0, m, thread);
 }
 
 // out[i] = sum over s of partial[s][i], added in split order; one element per thread.
 template <int Threads>
-__global__ void __launch_bounds__(Threads) performer_sum_splits_kernel(const PerformerSplitSum s) {
+__global__ void __launch_bounds__(Threads) performer_sum_splits_kernel(const PerformerSplits s) {
   const int64_t index = int64_t(blockIdx.x) * Threads + threadIdx.x;
   if (index >= s.count) return;
   float sum = 0.f;
@@ -408,27 +475,16 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
     performer_load_feature_rows<Traits>(tile, state, kD + 1, kD + 1, f0, m, thread);
     __syncthreads();
     const int count = min(kF, m - f0);
-    for (int f = 0; f < count; ++f) {
-      float ss[Traits::kColumnsPerThread];
-#pragma unroll
-      for (int j = 0; j < Traits::kColumnsPerThread; ++j) ss[j] = tile[f * kLd + tx + kLanes * j];
-#pragma unroll
-      for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-        const float feature = features[(ty + kLanes * i) * ld + f0 + f];
-#pragma unroll
-        for (int j = 0; j < Traits::kColumnsPerThread; ++j) acc[i][j] += feature * ss[j];
-      }
-    }
+    performer_add_product<Traits>(acc, features + f0, ld, 1, tile, kLd, count, ty, tx);
     if (thread < kRows) {
       for (int f = 0; f < count; ++f) normaliser += features[thread * ld + f0 + f] * tile[f * kLd + kD];
     }
   }
   if (thread < kRows) {
-    // A normaliser below the normal range (none for non-causal softmax, where it is >= 1 for a query that sees
-    // a key) counts as none: the output is 0. NaN (an input's) stays NaN.
-    const float den = normaliser < FLT_MIN ? 0.f : normaliser;
-    normalisers[thread] = den;
-    if (thread < rows) p.normaliser[int64_t(hd.bh) * p.query_len + q0 + thread] = den;
+    // A query that sees a key has a normaliser >= 1 (softmax) or >= m eps^2 (relu), one that sees none exactly
+    // 0 (its output is 0). NaN (an input's) stays NaN.
+    normalisers[thread] = normaliser;
+    if (thread < rows) p.normaliser[int64_t(hd.bh) * p.query_len + q0 + thread] = normaliser;
   }
   __syncthreads();
   T* out = static_cast<T*>(p.out) + (int64_t(hd.bh) * p.query_len + q0) * kD;
@@ -446,6 +502,23 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
 
 // ------------------------------------------------------------------------------------------- backward
 
+// dnum = grad_out / den of kRows query rows from row_base (a row of (B * H * Nq)) into grads (rows kLd apart,
+// the first D columns); zero where den == 0 (the query sees no key) or the row does not exist (r >= rows).
+template <typename Traits>
+__device__ __forceinline__ void performer_load_output_grads(const PerformerParams& p, int64_t row_base, int rows,
+                                                            float* grads, int thread) {
+  using T = typename Traits::Element;
+  constexpr int kD = Traits::kHeadDim;
+  const float* normaliser = p.normaliser + row_base;
+  const T* grad_out = static_cast<const T*>(p.grad_out) + row_base * kD;
+  for (int index = thread; index < Traits::kRows * kD; index += Traits::kThreads) {
+    const int r = index / kD, c = index % kD;
+    const float den = r < rows ? normaliser[r] : 0.f;
+    grads[r * Traits::kLd + c] =
+        r < rows && !(den == 0.f) ? static_cast<float>(grad_out[int64_t(r) * kD + c]) / den : 0.f;
+  }
+}
+
 // Per query row: G = [dnum | dden] with dnum = grad_out / den and dden = -(dnum . out), zero where den == 0
 // (the row sees no key) or the row does not exist; keep[r] says which rows have a gradient. The tile
 // buffer (at least kRows x kLd floats) holds the rows of out for the dot product, summed in double
@@ -456,14 +529,13 @@ __device__ __forceinline__ void performer_output_grads(const PerformerParams& p,
                                                        float* keep, int thread) {
   using T = typename Traits::Element;
   constexpr int kD = Traits::kHeadDim, kLd = Traits::kLd;
-  const float* normaliser = p.normaliser + int64_t(hd.bh) * p.query_len + q0;
-  const T* grad_out = static_cast<const T*>(p.grad_out) + (int64_t(hd.bh) * p.query_len + q0) * kD;
-  const T* out = static_cast<const T*>(p.out) + (int64_t(hd.bh) * p.query_len + q0) * kD;
+  const int64_t row_base = int64_t(hd.bh) * p.query_len + q0;
+  const float* normaliser = p.normaliser + row_base;
+  const T* out = static_cast<const T*>(p.out) + row_base * kD;
+  performer_load_output_grads<Traits>(p, row_base, rows, grads, thread);
   for (int index = thread; index < Traits::kRows * kD; index += Traits::kThreads) {
     const int r = index / kD, c = index % kD;
-    const float den = r < rows ? normaliser[r] : 0.f;
-    const bool has_grad = r < rows && !(den == 0.f);
-    grads[r * kLd + c] = has_grad ? static_cast<float>(grad_out[int64_t(r) * kD + c]) / den : 0.f;
+    const bool has_grad = r < rows && !(normaliser[r] == 0.f);
     scratch[r * kLd + c] = has_grad ? static_cast<float>(out[int64_t(r) * kD + c]) : 0.f;
   }
   __syncthreads();
@@ -527,34 +599,14 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
     // dphi[r][f] = dnum_r . state[f, :D] + dden_r state[f, D]
     float dphi[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
     performer_tile_logits<Traits>(dphi, grads, tile, ty, tx);
-#pragma unroll
-    for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-      const int r = ty + kLanes * i;
-#pragma unroll
-      for (int j = 0; j < Traits::kFeaturesPerThread; ++j) {
-        const int f = tx + kLanes * j;
-        const float feature = f0 + f < m ? features[r * ld + f0 + f] : 0.f;
-        const float grad = dphi[i][j] + dden[r] * tile[f * kLd + kD];
-        dlogits[r * kFLd + f] = p.softmax ? grad * feature : (feature > kPerformerReluEpsilon ? grad : 0.f);
-      }
-    }
+    performer_for_each_entry<Traits>(ty, tx, [&](int i, int j, int r, int f) {
+      const float feature = f0 + f < m ? features[r * ld + f0 + f] : 0.f;
+      dlogits[r * kFLd + f] = performer_dlogit(p.softmax, dphi[i][j] + dden[r] * tile[f * kLd + kD], feature);
+    });
     __syncthreads();
-    if (thread < kRows) {
-      for (int f = 0; f < kF; ++f) row_sum += dlogits[thread * kFLd + f];
-    }
     performer_load_feature_rows<Traits>(tile, projection, kD, kD, f0, m, thread);
     __syncthreads();
-    for (int f = 0; f < kF; ++f) {
-      float ws[Traits::kColumnsPerThread];
-#pragma unroll
-      for (int j = 0; j < Traits::kColumnsPerThread; ++j) ws[j] = tile[f * kLd + tx + kLanes * j];
-#pragma unroll
-      for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-        const float grad = dlogits[(ty + kLanes * i) * kFLd + f];
-#pragma unroll
-        for (int j = 0; j < Traits::kColumnsPerThread; ++j) acc[i][j] += grad * ws[j];
-      }
-    }
+    performer_add_dlogit_products<Traits>(acc, row_sum, dlogits, tile, thread);
   }
   __syncthreads();
   if (thread < kRows) row_sums[thread] = row_sum;
@@ -567,9 +619,9 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
 #pragma unroll
     for (int j = 0; j < Traits::kColumnsPerThread; ++j) {
       const int c = tx + kLanes * j;
-      const float grad = p.softmax ? acc[i][j] - row_sums[r] * x[r * kLd + c] : acc[i][j];
+      const float grad = performer_input_grad(p, acc[i][j], row_sums[r], x[r * kLd + c]);
       // A row without a gradient is 0, not 0 * q (NaN where q is).
-      grad_q[int64_t(r) * kD + c] = static_cast<T>(keep[r] != 0.f ? p.sqrt_scale * grad : 0.f);
+      grad_q[int64_t(r) * kD + c] = static_cast<T>(keep[r] != 0.f ? grad : 0.f);
     }
   }
 }
@@ -616,13 +668,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
     __syncthreads();  // every thread is done with the previous chunk
     performer_load_rows<Traits>(x, q + int64_t(q0) * p.q_row_stride, p.q_row_stride, p.sqrt_scale, exists, thread);
     const float* normaliser = p.normaliser + int64_t(hd.bh) * p.query_len + q0;
-    const T* grad_out = static_cast<const T*>(p.grad_out) + (int64_t(hd.bh) * p.query_len + q0) * kD;
-    for (int index = thread; index < kRows * kD; index += Traits::kThreads) {
-      const int r = index / kD, c = index % kD;
-      const float den = r < rows ? normaliser[r] : 0.f;
-      grads[r * kLd + c] =
-          r < rows && !(den == 0.f) ? static_cast<float>(grad_out[int64_t(r) * kD + c]) / den : 0.f;
-    }
+    performer_load_output_grads<Traits>(p, int64_t(hd.bh) * p.query_len + q0, rows, grads, thread);
     if (thread < kRows) {
       const bool has_grad = thread < rows && !(normaliser[thread] == 0.f);
       const float* row = p.query_rows + (int64_t(hd.bh) * p.query_len + q0 + thread) * 3;
@@ -634,34 +680,17 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
     __syncthreads();
     float logits[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
     performer_tile_logits<Traits>(logits, x, w, ty, tx);
-#pragma unroll
-    for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-      const int r = ty + kLanes * i;
-      const bool has_grad = constant[r] != kInfinity;
-#pragma unroll
-      for (int j = 0; j < Traits::kFeaturesPerThread; ++j) {
-        const int f = tx + kLanes * j;
-        float feature = 0.f;
-        if (has_grad && f0 + f < m) {
-          feature = p.softmax ? expf(performer_query_exponent(logits[i][j], logit_max[r], stabilisers[f],
-                                                              *stabiliser_max) - constant[r])
-                              : fmaxf(logits[i][j], 0.f) + kPerformerReluEpsilon;
-        }
-        phi[r * kFLd + f] = feature;
+    performer_for_each_entry<Traits>(ty, tx, [&](int i, int j, int r, int f) {
+      float feature = 0.f;
+      if (constant[r] != kInfinity && f0 + f < m) {
+        feature = p.softmax ? expf(performer_query_exponent(logits[i][j], logit_max[r], stabilisers[f],
+                                                            *stabiliser_max) - constant[r])
+                            : performer_relu_feature(logits[i][j]);
       }
-    }
+      phi[r * kFLd + f] = feature;
+    });
     __syncthreads();
-    for (int r = 0; r < kRows; ++r) {
-      float gs[Traits::kColumnsPerThread];
-#pragma unroll
-      for (int j = 0; j < Traits::kColumnsPerThread; ++j) gs[j] = grads[r * kLd + tx + kLanes * j];
-#pragma unroll
-      for (int i = 0; i < Traits::kFeaturesPerThread; ++i) {
-        const float feature = phi[r * kFLd + ty + kLanes * i];
-#pragma unroll
-        for (int j = 0; j < Traits::kColumnsPerThread; ++j) acc[i][j] += feature * gs[j];
-      }
-    }
+    performer_add_product<Traits>(acc, phi, 1, kFLd, grads, kLd, kRows, ty, tx);  // phi^T dnum
     if (thread < kF) {
       for (int r = 0; r < kRows; ++r) last_column += phi[r * kFLd + thread] * dden[r];
     }
@@ -669,14 +698,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
   float* grad_state =
       (p.query_splits == 1 ? p.grad_state : p.grad_state_partial + blockIdx.y * heads_total * m * (kD + 1)) +
       int64_t(hd.bh) * m * (kD + 1);
-#pragma unroll
-  for (int i = 0; i < Traits::kFeaturesPerThread; ++i) {
-    const int f = f0 + ty + kLanes * i;
-    if (f >= m) continue;
-#pragma unroll
-    for (int j = 0; j < Traits::kColumnsPerThread; ++j) grad_state[int64_t(f) * (kD + 1) + tx + kLanes * j] = acc[i][j];
-  }
-  if (thread < kF && f0 + thread < m) grad_state[int64_t(f0 + thread) * (kD + 1) + kD] = last_column;
+  performer_store_state_tile<Traits>(grad_state, acc, last_column, f0, m, thread);
 }
 
 // dk and dv of a tile of kRows keys from d state: dv = phi_k d state[:, :D], dphi_k = [v | 1] d state^T,
@@ -722,61 +744,18 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
     performer_load_feature_rows<Traits>(w, projection, kD, kD, f0, m, thread);
     performer_load_feature_rows<Traits>(grad_state_tile, grad_state, kD + 1, kD + 1, f0, m, thread);
     __syncthreads();
-    float acc[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
-    performer_tile_logits<Traits>(acc, x, w, ty, tx);
-#pragma unroll
-    for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-      const int r = ty + kLanes * i;
-      const bool row_visible = visible(r);
-#pragma unroll
-      for (int j = 0; j < Traits::kFeaturesPerThread; ++j) {
-        const int f = tx + kLanes * j;
-        phi[r * kFLd + f] =
-            row_visible && f0 + f < m
-                ? performer_key_feature(p.softmax, acc[i][j], p.softmax ? half_norms[r] : 0.f, stabilisers[f])
-                : 0.f;
-      }
-    }
+    performer_key_features<Traits>(phi, x, w, half_norms, stabilisers, p.softmax, f0, m, visible, ty, tx);
     // dphi[r][f] = v_r . d state[f, :D] + d state[f, D]
-    performer_tile_logits<Traits>(acc, values, grad_state_tile, ty, tx);
+    float dphi[Traits::kRowsPerThread][Traits::kFeaturesPerThread];
+    performer_tile_logits<Traits>(dphi, values, grad_state_tile, ty, tx);
     __syncthreads();
-#pragma unroll
-    for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-      const int r = ty + kLanes * i;
-#pragma unroll
-      for (int j = 0; j < Traits::kFeaturesPerThread; ++j) {
-        const int f = tx + kLanes * j;
-        const float feature = phi[r * kFLd + f];
-        const float grad = acc[i][j] + grad_state_tile[f * kLd + kD];
-        dlogits[r * kFLd + f] = p.softmax ? grad * feature : (feature > kPerformerReluEpsilon ? grad : 0.f);
-      }
-    }
-    for (int f = 0; f < kF; ++f) {
-      float gs[Traits::kColumnsPerThread];
-#pragma unroll
-      for (int j = 0; j < Traits::kColumnsPerThread; ++j) gs[j] = grad_state_tile[f * kLd + tx + kLanes * j];
-#pragma unroll
-      for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-        const float feature = phi[(ty + kLanes * i) * kFLd + f];
-#pragma unroll
-        for (int j = 0; j < Traits::kColumnsPerThread; ++j) dv[i][j] += feature * gs[j];
-      }
-    }
+    performer_for_each_entry<Traits>(ty, tx, [&](int i, int j, int r, int f) {
+      const float grad = dphi[i][j] + grad_state_tile[f * kLd + kD];
+      dlogits[r * kFLd + f] = performer_dlogit(p.softmax, grad, phi[r * kFLd + f]);
+    });
+    performer_add_product<Traits>(dv, phi, kFLd, 1, grad_state_tile, kLd, kF, ty, tx);  // phi d state[:, :D]
     __syncthreads();
-    if (thread < kRows) {
-      for (int f = 0; f < kF; ++f) row_sum += dlogits[thread * kFLd + f];
-    }
-    for (int f = 0; f < kF; ++f) {
-      float ws[Traits::kColumnsPerThread];
-#pragma unroll
-      for (int j = 0; j < Traits::kColumnsPerThread; ++j) ws[j] = w[f * kLd + tx + kLanes * j];
-#pragma unroll
-      for (int i = 0; i < Traits::kRowsPerThread; ++i) {
-        const float grad = dlogits[(ty + kLanes * i) * kFLd + f];
-#pragma unroll
-        for (int j = 0; j < Traits::kColumnsPerThread; ++j) dk[i][j] += grad * ws[j];
-      }
-    }
+    performer_add_dlogit_products<Traits>(dk, row_sum, dlogits, w, thread);
   }
   __syncthreads();
   if (thread < kRows) row_sums[thread] = row_sum;
@@ -791,8 +770,8 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
 #pragma unroll
     for (int j = 0; j < Traits::kColumnsPerThread; ++j) {
       const int c = tx + kLanes * j;
-      const float grad = p.softmax ? dk[i][j] - row_sums[r] * x[r * kLd + c] : dk[i][j];
-      grad_k[int64_t(r) * kD + c] = static_cast<T>(row_visible ? p.sqrt_scale * grad : 0.f);
+      const float grad = performer_input_grad(p, dk[i][j], row_sums[r], x[r * kLd + c]);
+      grad_k[int64_t(r) * kD + c] = static_cast<T>(row_visible ? grad : 0.f);
       grad_v[int64_t(r) * kD + c] = static_cast<T>(row_visible ? dv[i][j] : 0.f);
     }
   }

@@ -11,18 +11,14 @@
 
 namespace fastattn::cuda {
 
-// Causal softmax, before either direction: the largest logit of every query (params.query_max) and, with
-// `keys`, of every key (params.key_max; the host turns them into the running maxima, params.key_stabiliser).
-template <typename Element, int HeadDim>
-void run_performer_row_max(const PerformerParams& params, bool keys, cudaStream_t stream);
-
-// Fills params.out, normaliser, key_stabiliser and state (workspaces: key_max_partial, state_partial); causal:
-// out, normaliser and state from key_stabiliser and query_max (workspace: shares).
+// Fills params.out, normaliser, key_stabiliser and state (workspaces: key_max_partial, state_partial; causal:
+// chunk_max, running_max, query_max, query_constant, and relu's key_stabiliser filled with zeros by the caller,
+// the shares).
 template <typename Element, int HeadDim>
 void run_performer_fwd(const PerformerParams& params, cudaStream_t stream);
 
-// Fills params.grad_q, grad_k and grad_v (workspaces: query_rows, grad_state, grad_state_partial; causal: query_max
-// and grad_den filled, the shares).
+// Fills params.grad_q, grad_k and grad_v (workspaces: query_rows, grad_state, grad_state_partial; causal: grad_den
+// filled, chunk_max, running_max, query_max, query_constant, the shares; key_stabiliser unused).
 template <typename Element, int HeadDim>
 void run_performer_bwd(const PerformerParams& params, cudaStream_t stream);
 

@@ -3,7 +3,8 @@
 //
 // Non-causal, kernel "softmax" (notes/performer_spec.md): per-feature key stabilisers s_f (the maximum of
 // feature f's logit over the unpadded keys), query features exp(a_f(i) - c_i) with
-// a_f(i) = (l_f(q_i) - max_g l_g(q_i)) + (s_f - max_g s_g) and c_i = max_f a_f(i).
+// a_f(i) = (l_f(q_i) - max_g l_g(q_i)) + (s_f - max_g s_g) and c_i = max_f a_f(i). Causal: per-feature running
+// maxima (notes/causal_spec.md, performer_causal_kernel.cuh).
 #pragma once
 
 #include <cstdint>
@@ -66,12 +67,15 @@ struct PerformerParams {
   float* grad_state;
   float* grad_state_partial;
 
-  // Causal (the scalar running prefix maximum M_j of notes/performer_spec.md; key_stabiliser is (B, H, Nk)).
-  // query_max (B, H, Nq): the largest logit of each query; key_max (B, H, Nk): that of each key (-inf where
-  // padded), from performer_row_max_kernel; the host turns key_max into M (its running maximum, 0 before the
-  // first unpadded key). relu: both zero and unused.
+  // Causal softmax (notes/causal_spec.md; key_stabiliser is (B, H, Nk): M_j, 0 before the first unpadded key,
+  // written by the forward only, nullptr in the backward, which recomputes every stabiliser). chunk_max
+  // (chunks + 1, B, H, m), chunks of kPerformerRows positions: the running maxima s_f of the key logits after each
+  // chunk (row 0: -inf, before any key). Per query (B, H, Nq): running_max M_i (-inf before the first unpadded
+  // key), query_max max_g l_g(q_i) and query_constant c_i. relu: unused.
+  float* chunk_max;
+  float* running_max;
   float* query_max;
-  float* key_max;
+  float* query_constant;
   // Causal kernels run one CTA per (feature tile, batch x head) along the sequence and write their feature tile's
   // share of each result, float32, summed over the tiles in tile order by the finishing kernels: forward, shares
   // of [num | den] (tiles, B, H, N, D + 1); backward, of dq (shares), dk, dv (tiles, B, H, N, D) and of the row
@@ -84,8 +88,10 @@ struct PerformerParams {
   const float* grad_den;  // causal backward: dden = -(grad_out . out) / den per query (B, H, Nq), 0 where den == 0
 };
 
-// The fixed-order sum over splits of partial sums: out[i] = sum over s of partial[s * count + i].
-struct PerformerSplitSum {
+// Per-split partial results of `count` floats each, at partial + s * count: performer_sum_splits_kernel adds
+// them in split order (out[i] = sum over s of partial[s * count + i]); performer_running_max_kernel turns
+// per-chunk maxima into running maxima in place (partial unused).
+struct PerformerSplits {
   const float* partial;
   float* out;
   int64_t count;

@@ -238,39 +238,49 @@ namespace {
 void performer_sum_splits(const float* partial, float* out, int64_t count, int splits) {
   constexpr int kThreads = kPerformerSumThreads;
   run_grid(performer_sum_splits_kernel<kThreads>, dim3(tiles(int(count), kThreads)), kThreads, 0,
-           PerformerSplitSum{partial, out, count, splits});
+           PerformerSplits{partial, out, count, splits});
 }
 
-// The kernel sequence of csrc/cuda/performer_launch.cuh.
-// Causal: the host steps of csrc/cuda/performer_api.cpp (the running maxima of the key logits, dden) done here
-// in place of ATen, with the kernel sequence of performer_launch.cuh; the workspaces are poisoned with NaN.
+// Causal: the kernel sequence of csrc/cuda/performer_launch.cuh with the workspaces of csrc/cuda/performer_api.cpp
+// (poisoned with NaN) and its host steps (dden, relu's zero key_stabiliser) done here in place of ATen.
 template <typename Element, int HeadDim>
 void performer_causal(PerformerParams p, bool backward) {
   using Traits = PerformerTraits<Element, HeadDim>;
+  using Causal = PerformerCausalTraits<Traits>;
   const unsigned heads = unsigned(p.batch * p.heads);
-  const int64_t rows = int64_t(heads) * p.query_len, tiles = (p.features + Traits::kFeatures - 1) / Traits::kFeatures;
+  const int chunks = tiles(p.query_len, Traits::kRows);
+  const int64_t rows = int64_t(heads) * p.query_len, columns = int64_t(heads) * p.features;
+  const int64_t feature_tiles = tiles(p.features, Traits::kFeatures);
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  std::vector<float> query_max(rows, p.softmax ? nan : 0.f), key_max(rows, nan), dden(rows, nan);
-  std::vector<float> shares(tiles * rows * (HeadDim + 1), nan), grad_k_shares(tiles * rows * HeadDim, nan);
-  std::vector<float> grad_v_shares(tiles * rows * HeadDim, nan), row_sums(tiles * rows, nan);
-  std::vector<float> key_row_sums(tiles * rows, nan);
-  p.query_max = query_max.data(), p.key_max = key_max.data(), p.grad_den = dden.data();
+  std::vector<float> chunk_max((chunks + 1) * columns, nan), running_max(rows, nan), query_max(rows, nan);
+  std::vector<float> query_constant(rows, nan), dden(rows, nan);
+  std::vector<float> shares(feature_tiles * rows * (HeadDim + 1), nan), grad_k_shares(feature_tiles * rows * HeadDim, nan);
+  std::vector<float> grad_v_shares(feature_tiles * rows * HeadDim, nan), row_sums(feature_tiles * rows, nan);
+  std::vector<float> key_row_sums(feature_tiles * rows, nan);
+  p.chunk_max = chunk_max.data(), p.running_max = running_max.data(), p.query_max = query_max.data();
+  p.query_constant = query_constant.data(), p.grad_den = dden.data();
   p.shares = shares.data(), p.grad_k_shares = grad_k_shares.data(), p.grad_v_shares = grad_v_shares.data();
   p.row_sum_shares = row_sums.data(), p.key_row_sum_shares = key_row_sums.data();
-  const dim3 row_grid(tiles_of(p.query_len, Traits::kRows), backward ? 1 : 2, heads);
-  if (p.softmax) run_grid(performer_row_max_kernel<Traits>, row_grid, Traits::kThreads, Traits::bytes(Traits::kRowMaxFloats), p);
-  const dim3 tile_grid(unsigned(tiles), 1, heads);
+  if (backward) {
+    p.key_stabiliser = nullptr;
+  } else if (!p.softmax) {
+    std::fill(p.key_stabiliser, p.key_stabiliser + rows, 0.f);
+  }
+  if (p.softmax) {
+    PerformerParams chunk_maxima = p;
+    chunk_maxima.key_max_partial = p.chunk_max + columns;
+    chunk_maxima.keys_per_split = Traits::kRows, chunk_maxima.key_splits = chunks;
+    run_grid(performer_key_max_kernel<Traits>, dim3(unsigned(feature_tiles), chunks, heads), Traits::kThreads,
+             Traits::bytes(Traits::kKeyMaxFloats), chunk_maxima);
+    constexpr int kThreads = kPerformerSumThreads;
+    run_grid(performer_running_max_kernel<kThreads>, dim3(tiles(int(columns), kThreads)), kThreads, 0,
+             PerformerSplits{nullptr, p.chunk_max, columns, chunks});
+    run_grid(performer_causal_query_stabiliser_kernel<Traits>, dim3(chunks, 1, heads), Traits::kThreads,
+             Traits::bytes(Causal::query_stabiliser_floats(p.features)), p);
+  }
+  const dim3 tile_grid(unsigned(feature_tiles), 1, heads);
   if (!backward) {
-    for (int64_t bh = 0; bh < heads; ++bh) {  // key_stabiliser: the running maximum, 0 before the first unpadded key
-      float running = -std::numeric_limits<float>::infinity();
-      for (int j = 0; j < p.key_len; ++j) {
-        const int64_t index = bh * p.key_len + j;
-        if (p.softmax) running = std::isnan(running) || std::isnan(key_max[index]) ? nan : std::max(running, key_max[index]);
-        p.key_stabiliser[index] = !p.softmax || running == -std::numeric_limits<float>::infinity() ? 0.f : running;
-      }
-    }
-    run_grid(performer_causal_fwd_kernel<Traits>, tile_grid, Traits::kThreads,
-             Traits::bytes(PerformerCausalTraits<Traits>::kFwdFloats), p);
+    run_grid(performer_causal_fwd_kernel<Traits>, tile_grid, Traits::kThreads, Traits::bytes(Causal::kFwdFloats), p);
     run_grid(performer_causal_output_kernel<Traits>, dim3(tiles_of(p.query_len, Traits::kRows), 1, heads),
              Traits::kThreads, 0, p);
     return;
@@ -285,13 +295,13 @@ void performer_causal(PerformerParams p, bool backward) {
     }
     dden[row] = den == 0.f ? 0.f : float(-dot);
   }
-  constexpr int kBytes = Traits::bytes(PerformerCausalTraits<Traits>::kBwdFloats);
-  run_grid(performer_causal_bwd_query_kernel<Traits>, tile_grid, Traits::kThreads, kBytes, p);
-  run_grid(performer_causal_bwd_key_kernel<Traits>, tile_grid, Traits::kThreads, kBytes, p);
+  run_grid(performer_causal_bwd_query_kernel<Traits>, tile_grid, Traits::kThreads, Traits::bytes(Causal::kBwdFloats), p);
+  run_grid(performer_causal_bwd_key_kernel<Traits>, tile_grid, Traits::kThreads, Traits::bytes(Causal::kBwdFloats), p);
   run_grid(performer_causal_grads_kernel<Traits>, dim3(tiles_of(p.query_len, Traits::kRows), 2, heads),
            Traits::kThreads, 0, p);
 }
 
+// The kernel sequence of csrc/cuda/performer_launch.cuh.
 template <typename Element, int HeadDim>
 void performer(const PerformerParams& p, bool backward) {
   using Traits = PerformerTraits<Element, HeadDim>;
