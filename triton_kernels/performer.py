@@ -558,18 +558,20 @@ def performer_bwd_kernel_dkdv(
 
 @triton.jit
 def _running_max(b_a, b_b):
+    """The combine of ``tl.associative_scan`` for a running maximum down the keys of a chunk."""
     return tl.maximum(b_a, b_b)
 
 
 @triton.jit
 def _causal_key_logits(k, w, key_padding_mask, i_c, i_b, i_h, i_hkv, o_f, m_f,
                        stride_kb, stride_kh, stride_kn, stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale,
-                       HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BC: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
-    """Softmax logits W k - |k|^2 / 2 of the chunk's keys [BC, BF], -inf for padded keys and features past m.
+    """The chunk's unpadded keys [BC] and their logits [BC, BF]: softmax W k - |k|^2 / 2, -inf for padded
+    keys and features past m; relu W k.
 
-    Every causal kernel computes them on the same [BC, D] x [D, BF] tiles, so that the running maxima
-    are bit for bit the logits the weights take: the best weight of a query is exactly 1.
+    Every causal kernel computes them here, on the same [BC, D] x [D, BF] tiles, so that the running
+    maxima are bit for bit the logits the weights take: the best weight of a query is exactly 1.
     """
     o_c = i_c + tl.arange(0, BC)
     o_d = tl.arange(0, D)
@@ -580,8 +582,10 @@ def _causal_key_logits(k, w, key_padding_mask, i_c, i_b, i_h, i_hkv, o_f, m_f,
     b_k = tl.load(k + i_b * stride_kb + i_hkv * stride_kh + o_c.to(tl.int64)[:, None] * stride_kn + o_d[None, :],
                   mask=m_kv[:, None], other=0.0)
     b_logits = _logits(b_k, w + i_h * stride_wh, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
-    b_logits = b_logits - _half_norm(b_k, scale, ACC)[:, None]
-    return tl.where(m_kv[:, None] & m_f[None, :], b_logits, float("-inf"))
+    if SOFTMAX:
+        b_logits = tl.where(m_kv[:, None] & m_f[None, :], b_logits - _half_norm(b_k, scale, ACC)[:, None],
+                            float("-inf"))
+    return m_kv, b_logits
 
 
 @triton.jit
@@ -609,9 +613,9 @@ def performer_fwd_kernel_causal_key_max(
     b_running = tl.full([BF], float("-inf"), dtype=ACC)
     tl.store(p_chunk_max, b_running, mask=m_f)
     for i_c in range(0, N, BC):
-        b_logits = _causal_key_logits(k, w, key_padding_mask, i_c, i_b, i_h, i_h // GROUP, o_f, m_f,
-                                      stride_kb, stride_kh, stride_kn, stride_wh, stride_wm, stride_pad_b, N,
-                                      sqrt_scale, scale, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
+        _, b_logits = _causal_key_logits(k, w, key_padding_mask, i_c, i_b, i_h, i_h // GROUP, o_f, m_f,
+                                         stride_kb, stride_kh, stride_kn, stride_wh, stride_wm, stride_pad_b, N,
+                                         sqrt_scale, scale, True, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
         b_prefix = tl.maximum(tl.associative_scan(b_logits, 0, _running_max), b_running[None, :])
         o_c = i_c + tl.arange(0, BC)
         tl.store(p_part + o_c, tl.max(b_prefix, 1), mask=o_c < N)
@@ -654,9 +658,9 @@ def performer_fwd_kernel_causal_query_stabiliser(
     for i_f in range(0, M, BF):
         o_f = i_f + tl.arange(0, BF)
         m_f = o_f < M
-        b_logits = _causal_key_logits(k, w, key_padding_mask, i_c, i_b, i_h, i_h // GROUP, o_f, m_f,
-                                      stride_kb, stride_kh, stride_kn, stride_wh, stride_wm, stride_pad_b, N,
-                                      sqrt_scale, scale, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
+        _, b_logits = _causal_key_logits(k, w, key_padding_mask, i_c, i_b, i_h, i_h // GROUP, o_f, m_f,
+                                         stride_kb, stride_kh, stride_kn, stride_wh, stride_wm, stride_pad_b, N,
+                                         sqrt_scale, scale, True, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
         b_before = tl.load(p_chunk_max + o_f, mask=m_f, other=float("-inf"))
         b_prefix = tl.maximum(tl.associative_scan(b_logits, 0, _running_max), b_before[None, :])
         b_wx_q = _logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
@@ -675,7 +679,7 @@ def _causal_chunk(q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk
                   stride_wh, stride_wm, stride_pad_b, N, M, sqrt_scale, scale,
                   SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BC: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
-    """One chunk of a causal pass, for one feature tile: positions, masks, k, v, logits and the weights
+    """One chunk of a causal pass, for one feature tile: positions, masks, v, logits and the weights
     that go through a state.
 
     Softmax: the logits W q - max W q and W k - |k|^2 / 2 (-inf where padded), query weights
@@ -688,20 +692,15 @@ def _causal_chunk(q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk
     o_c = i_c + tl.arange(0, BC)
     o_d = tl.arange(0, D)
     m_c = o_c < N
-    m_kv = m_c
-    if HAS_PADDING:
-        b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_c, mask=m_c, other=1)
-        m_kv = m_c & (b_pad == 0)
+    m_kv, b_wx_k = _causal_key_logits(k, w, key_padding_mask, i_c, i_b, i_h, i_hkv, o_f, m_f,
+                                      stride_kb, stride_kh, stride_kn, stride_wh, stride_wm, stride_pad_b, N,
+                                      sqrt_scale, scale, SOFTMAX, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
     o_c64 = o_c.to(tl.int64)
     b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_c64[:, None] * stride_qn + o_d[None, :],
                   mask=m_c[:, None], other=0.0)
-    b_k = tl.load(k + i_b * stride_kb + i_hkv * stride_kh + o_c64[:, None] * stride_kn + o_d[None, :],
-                  mask=m_kv[:, None], other=0.0)
     b_v = tl.load(v + i_b * stride_vb + i_hkv * stride_vh + o_c64[:, None] * stride_vn + o_d[None, :],
                   mask=m_kv[:, None], other=0.0).to(ACC)
-    p_w_base = w + i_h * stride_wh
-    b_wx_q = _logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
-    b_wx_k = _logits(b_k, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+    b_wx_q = _logits(b_q, w + i_h * stride_wh, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
     if SOFTMAX:
         b_stab = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=float("-inf"))
         m_seen = b_stab > float("-inf")
@@ -709,7 +708,6 @@ def _causal_chunk(q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk
         b_c = tl.load(query_stabiliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
         # A difference of two close large numbers, nearly exact.
         b_wx_q = b_wx_q - b_query_max[:, None]
-        b_wx_k = tl.where(m_kv[:, None] & m_f[None, :], b_wx_k - _half_norm(b_k, scale, ACC)[:, None], float("-inf"))
         p_chunk_max = chunk_max + (i_bh.to(tl.int64) * (tl.cdiv(N, BC) + 1) + i_c // BC) * M + o_f
         b_before = tl.load(p_chunk_max, mask=m_f, other=float("-inf"))
         b_after = tl.load(p_chunk_max + M, mask=m_f, other=float("-inf"))
@@ -726,7 +724,7 @@ def _causal_chunk(q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk
         b_wq = _features(b_wx_q, 0.0, m_c, m_f, SOFTMAX)
         b_wk = _features(b_wx_k, 0.0, m_kv, m_f, SOFTMAX)
         b_decay = tl.full([o_f.shape[0]], 1.0, dtype=ACC)
-    return o_c, m_c, m_kv, m_seen, b_k, b_v, b_wx_q, b_wx_k, b_c, b_stab, b_wq, b_wk, b_decay
+    return o_c, m_c, m_kv, m_seen, b_v, b_wx_q, b_wx_k, b_c, b_stab, b_wq, b_wk, b_decay
 
 
 @triton.jit
@@ -789,7 +787,7 @@ def performer_fwd_kernel_causal(
     b_state_den = tl.zeros([BF], dtype=ACC)
     p_part_base = numden_part + (i_bh.to(tl.int64) * FEATURE_TILES + i_f) * N * (D + 1)
     for i_c in range(0, N, BC):
-        o_c, m_c, m_kv, m_seen, b_k, b_v, b_wx_q, b_wx_k, b_c, b_stab, b_wq, b_wk, b_decay = _causal_chunk(
+        o_c, m_c, m_kv, m_seen, b_v, b_wx_q, b_wx_k, b_c, b_stab, b_wq, b_wk, b_decay = _causal_chunk(
             q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk_max, key_padding_mask, i_c, i_b, i_h,
             i_hkv, i_bh, o_f, m_f, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
             stride_vh, stride_vn, stride_wh, stride_wm, stride_pad_b, N, M, sqrt_scale, scale, SOFTMAX, HAS_PADDING,
@@ -851,7 +849,7 @@ def performer_bwd_kernel_causal_dq(
     b_state_den = tl.zeros([BF], dtype=ACC)
     p_part_base = dq_part + (i_bh.to(tl.int64) * FEATURE_TILES + i_f) * N * D
     for i_c in range(0, N, BC):
-        o_c, m_c, m_kv, m_seen, b_k, b_v, b_wx_q, b_wx_k, b_c, b_stab, b_wq, b_wk, b_decay = _causal_chunk(
+        o_c, m_c, m_kv, m_seen, b_v, b_wx_q, b_wx_k, b_c, b_stab, b_wq, b_wk, b_decay = _causal_chunk(
             q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk_max, key_padding_mask, i_c, i_b, i_h,
             i_hkv, i_bh, o_f, m_f, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
             stride_vh, stride_vn, stride_wh, stride_wm, stride_pad_b, N, M, sqrt_scale, scale, SOFTMAX, HAS_PADDING,
@@ -919,7 +917,7 @@ def performer_bwd_kernel_causal_dkdv(
     num_chunks = tl.cdiv(N, BC)
     for i_rev in range(0, num_chunks):
         i_c = (num_chunks - 1 - i_rev) * BC
-        o_c, m_c, m_kv, m_seen, b_k, b_v, b_wx_q, b_wx_k, b_c, b_stab, b_wq, b_wk, b_decay = _causal_chunk(
+        o_c, m_c, m_kv, m_seen, b_v, b_wx_q, b_wx_k, b_c, b_stab, b_wq, b_wk, b_decay = _causal_chunk(
             q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk_max, key_padding_mask, i_c, i_b, i_h,
             i_hkv, i_bh, o_f, m_f, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
             stride_vh, stride_vn, stride_wh, stride_wm, stride_pad_b, N, M, sqrt_scale, scale, SOFTMAX, HAS_PADDING,
