@@ -734,17 +734,28 @@ def _causal_mask(o_c, m_seen, m_kv):
 
 
 @triton.jit
-def _causal_pair_weights(b_wx_q, b_logits_k, b_c, b_stab, m_pairs, m_f):
-    """Softmax: the weights exp(A_if + (l_f(k_j) - M_i)) <= 1 of the chunk's own pairs, [BC (i), BC (j), BF];
-    0 off the mask.
+def _causal_pair_weights(b_wx_q, b_logits_k, b_c, b_stab, m_pairs, m_f, SUMMED: tl.constexpr):
+    """Softmax: the weights exp(A_if + (l_f(k_j) - M_i)) <= 1 of the chunk's own pairs, 0 off the mask,
+    with the axis the caller sums over first: [BF, BC (i), BC (j)] for SUMMED == "f", [BC (j), BC (i), BF]
+    for "j".
+
+    Each thread holds the block's first axis whole, so that sum stays in its registers and the operands
+    without that axis take one register each instead of BC or BF (the causal dQ and dK/dV kernels spilled
+    with the queries' axis first).
 
     Computed weight by weight: factoring them through the chunk's own maxima would let a later key of
     the chunk change an earlier row's weights, and underflow them.
     """
-    m_weights = m_pairs[:, :, None] & m_f[None, None, :]
-    b_exponent = _query_exponent(b_wx_q[:, None, :], b_logits_k[None, :, :], b_stab[:, None, None],
-                                 b_c[:, None, None])
-    return tl.exp(tl.where(m_weights, b_exponent, float("-inf")))
+    if SUMMED == "f":
+        b_wx_q = tl.trans(b_wx_q)[:, :, None]
+        b_logits_k = tl.trans(b_logits_k)[:, None, :]
+        b_stab, b_c = b_stab[None, :, None], b_c[None, :, None]
+        m_weights = m_f[:, None, None] & m_pairs[None, :, :]
+    else:
+        b_wx_q, b_logits_k = b_wx_q[None, :, :], b_logits_k[:, None, :]
+        b_stab, b_c = b_stab[None, :, None], b_c[None, :, None]
+        m_weights = tl.trans(m_pairs)[:, :, None] & m_f[None, None, :]
+    return tl.exp(tl.where(m_weights, _query_exponent(b_wx_q, b_logits_k, b_stab, b_c), float("-inf")))
 
 
 @triton.jit
@@ -795,7 +806,7 @@ def performer_fwd_kernel_causal(
         m_pairs = _causal_mask(o_c, m_seen, m_kv)
         # The chunk's pairs: summed weights [BC (queries), BC (keys)].
         if SOFTMAX:
-            b_s = tl.sum(_causal_pair_weights(b_wx_q, b_wx_k, b_c, b_stab, m_pairs, m_f), 2)
+            b_s = tl.sum(_causal_pair_weights(b_wx_q, b_wx_k, b_c, b_stab, m_pairs, m_f, "f"), 0)
         else:
             # [BC, BF] @ [BF, BC] -> [BC, BC]
             b_s = tl.where(m_pairs, tl.dot(b_wq, tl.trans(b_wk), input_precision=DOT_PRECISION), 0.0)
@@ -865,8 +876,8 @@ def performer_bwd_kernel_causal_dq(
         # den_i G_i . state_f: [BC, D] @ [D, BF] -> [BC, BF]
         b_gs = tl.dot(b_g, tl.trans(b_state_num), input_precision=DOT_PRECISION) - b_go[:, None] * b_state_den[None, :]
         if SOFTMAX:
-            b_pairs = _causal_pair_weights(b_wx_q, b_wx_k, b_c, b_stab, m_pairs, m_f)
-            b_dlogit = b_wq * b_gs + tl.sum(b_gv[:, :, None] * b_pairs, 1)
+            b_pairs = _causal_pair_weights(b_wx_q, b_wx_k, b_c, b_stab, m_pairs, m_f, "j")
+            b_dlogit = b_wq * b_gs + tl.sum(tl.trans(b_gv)[:, :, None] * b_pairs, 0)
         else:
             # [BC, BC] @ [BC, BF] -> [BC, BF]
             b_dphi = b_gs + tl.dot(b_gv, b_wk, input_precision=DOT_PRECISION)
@@ -933,9 +944,9 @@ def performer_bwd_kernel_causal_dkdv(
         # g_ij of the chunk's pairs (queries x keys): [BC, D] @ [D, BC] -> [BC, BC]
         b_g = tl.where(m_pairs, _dot_nt(b_dnum, b_v, DOT_PRECISION) + b_dden[:, None], 0.0)
         if SOFTMAX:
-            b_pairs = _causal_pair_weights(b_wx_q, b_wx_k, b_c, b_stab, m_pairs, m_f)
-            b_s = tl.sum(b_pairs, 2)
-            b_dlogit = b_wk * b_dsuffix + tl.sum(b_g[:, :, None] * b_pairs, 0)
+            b_pairs = _causal_pair_weights(b_wx_q, b_wx_k, b_c, b_stab, m_pairs, m_f, "f")
+            b_s = tl.sum(b_pairs, 0)
+            b_dlogit = b_wk * b_dsuffix + tl.trans(tl.sum(b_g[None, :, :] * b_pairs, 1))
         else:
             # [BC, BF] @ [BF, BC] -> [BC, BC] and [BC, BC] @ [BC, BF] -> [BC, BF]
             b_s = tl.where(m_pairs, tl.dot(b_wq, tl.trans(b_wk), input_precision=DOT_PRECISION), 0.0)
