@@ -52,10 +52,10 @@ dphi(K) = [V | 1] d state^T), with dnum = dO / den and dden = -(dO . O) / den, w
 that stay finite wherever the forward is (see ``_query_shares``). dK and dV sum the query heads of a
 group (grouped-query attention) inside one program, in order: deterministic, no atomics.
 
-Running sums and states are float32 (float64 for float64 inputs). The logits W x are products in the
-inputs' dtype; every product of features, states or gradients takes float32 operands (tf32 for
-float16/bfloat16 inputs): a float16 feature far below its stabiliser would be subnormal, and a state,
-which sums over every key, could overflow float16.
+Running sums and states are float32 (float64 for float64 inputs). The logits W x (and, causal, dO . v)
+are products in the inputs' dtype; every other product of features, states or gradients takes float32
+operands (tf32 for float16/bfloat16 inputs): a float16 feature far below its stabiliser would be
+subnormal, and a state, which sums over every key, could overflow float16.
 """
 from __future__ import annotations
 
@@ -339,17 +339,6 @@ def performer_fwd_kernel(
 
 
 @triton.jit
-def _output_grads(p_do, p_o, b_den, m_m):
-    """dnum = dO / den [rows, D] and dden = -(dO . O) / den [rows]; 0 for rows that see no key (den == 0)."""
-    m_seen = m_m & (b_den > 0)
-    b_inv = tl.where(m_seen, 1.0 / tl.where(m_seen, b_den, 1.0), 0.0)
-    b_do = tl.load(p_do, mask=m_seen[:, None], other=0.0).to(b_den.dtype)
-    b_o = tl.load(p_o, mask=m_seen[:, None], other=0.0).to(b_den.dtype)
-    b_dnum = b_do * b_inv[:, None]
-    return b_dnum, -tl.sum(b_dnum * b_o, 1)
-
-
-@triton.jit
 def _query_shares(b_logits, b_c, b_den, b_s_den, m_m, m_f, SOFTMAX: tl.constexpr):
     """a[i, f] = phi_q[i, f] state_den[f] / den[i]: the share of feature f in query i's normaliser, in [0, 1].
 
@@ -563,6 +552,30 @@ def _running_max(b_a, b_b):
 
 
 @triton.jit
+def _dot_nt_rows(p_a_rows, m_a, p_b_rows, m_b, DOT_PRECISION: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
+    """a @ b^T of the [rows, D] a and [cols, D] b in memory, read in their own dtype: p_a_rows [rows, 1] and
+    p_b_rows [cols, 1] point at each row's first column; rows off the masks m_a, m_b read 0.
+
+    IEEE float32 dots run on the FMA units with whole rows of both operands in each thread, 2 D registers
+    for the (16, 16) outputs of the causal kernels, which spilled: they walk the head dim in a loop of
+    slices of 32 columns. Tensor-core dots take the whole tiles (sliced, the float16 dK/dV spilled on sm_90).
+    """
+    if DOT_PRECISION == "ieee" and D > 32:
+        b_ab = tl.zeros([p_a_rows.shape[0], p_b_rows.shape[0]], dtype=ACC)
+        for i_d in range(0, D, 32):
+            o_d = i_d + tl.arange(0, 32)
+            b_a = tl.load(p_a_rows + o_d[None, :], mask=m_a[:, None], other=0.0)
+            b_b = tl.load(p_b_rows + o_d[None, :], mask=m_b[:, None], other=0.0)
+            b_ab = tl.dot(b_a, tl.trans(b_b), acc=b_ab, input_precision=DOT_PRECISION)
+    else:
+        o_d = tl.arange(0, D)
+        b_a = tl.load(p_a_rows + o_d[None, :], mask=m_a[:, None], other=0.0)
+        b_b = tl.load(p_b_rows + o_d[None, :], mask=m_b[:, None], other=0.0)
+        b_ab = tl.dot(b_a, tl.trans(b_b), input_precision=DOT_PRECISION)
+    return b_ab
+
+
+@triton.jit
 def _causal_key_logits(k, w, key_padding_mask, i_c, i_b, i_h, i_hkv, o_f, m_f,
                        stride_kb, stride_kh, stride_kn, stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale,
                        SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -570,8 +583,8 @@ def _causal_key_logits(k, w, key_padding_mask, i_c, i_b, i_h, i_hkv, o_f, m_f,
     """The chunk's unpadded keys [BC] and their logits [BC, BF]: softmax W k - |k|^2 / 2, -inf for padded
     keys and features past m; relu W k.
 
-    Every causal kernel computes them here, on the same [BC, D] x [D, BF] tiles, so that the running
-    maxima are bit for bit the logits the weights take: the best weight of a query is exactly 1.
+    Every causal kernel computes them here, so that the running maxima are bit for bit the logits the
+    weights take: the best weight of a query is exactly 1.
     """
     o_c = i_c + tl.arange(0, BC)
     o_d = tl.arange(0, D)
@@ -579,10 +592,11 @@ def _causal_key_logits(k, w, key_padding_mask, i_c, i_b, i_h, i_hkv, o_f, m_f,
     if HAS_PADDING:
         b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_c, mask=m_kv, other=1)
         m_kv = m_kv & (b_pad == 0)
-    b_k = tl.load(k + i_b * stride_kb + i_hkv * stride_kh + o_c.to(tl.int64)[:, None] * stride_kn + o_d[None, :],
-                  mask=m_kv[:, None], other=0.0)
-    b_logits = _logits(b_k, w + i_h * stride_wh, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+    p_k_rows = k + i_b * stride_kb + i_hkv * stride_kh + o_c.to(tl.int64)[:, None] * stride_kn
+    p_w_rows = w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm
+    b_logits = _dot_nt_rows(p_k_rows, m_kv, p_w_rows, m_f, DOT_PRECISION, D, ACC) * sqrt_scale
     if SOFTMAX:
+        b_k = tl.load(p_k_rows + o_d[None, :], mask=m_kv[:, None], other=0.0)
         b_logits = tl.where(m_kv[:, None] & m_f[None, :], b_logits - _half_norm(b_k, scale, ACC)[:, None],
                             float("-inf"))
     return m_kv, b_logits
@@ -646,8 +660,8 @@ def performer_fwd_kernel_causal_query_stabiliser(
     o_c = i_c + tl.arange(0, BC)
     o_d = tl.arange(0, D)
     m_c = o_c < N
-    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_c.to(tl.int64)[:, None] * stride_qn + o_d[None, :],
-                  mask=m_c[:, None], other=0.0)
+    p_q_rows = q + i_b * stride_qb + i_h * stride_qh + o_c.to(tl.int64)[:, None] * stride_qn
+    b_q = tl.load(p_q_rows + o_d[None, :], mask=m_c[:, None], other=0.0)
     p_w_base = w + i_h * stride_wh
     b_query_max = _largest_logit(b_q, p_w_base, M, stride_wm, o_d, sqrt_scale, DOT_PRECISION, BC, BF, ACC)
     b_stab = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=float("-inf"))
@@ -663,7 +677,9 @@ def performer_fwd_kernel_causal_query_stabiliser(
                                          sqrt_scale, scale, True, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
         b_before = tl.load(p_chunk_max + o_f, mask=m_f, other=float("-inf"))
         b_prefix = tl.maximum(tl.associative_scan(b_logits, 0, _running_max), b_before[None, :])
-        b_wx_q = _logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+        # As the causal passes compute W q (``_causal_chunk``), bit for bit.
+        b_wx_q = _dot_nt_rows(p_q_rows, m_c, p_w_base + o_f.to(tl.int64)[:, None] * stride_wm, m_f, DOT_PRECISION, D,
+                              ACC) * sqrt_scale
         m_gap = m_seen[:, None] & m_f[None, :]
         b_gap = tl.where(m_gap, _query_exponent(b_wx_q - b_query_max[:, None], b_prefix, b_stab[:, None], 0.0),
                          float("-inf"))
@@ -696,11 +712,11 @@ def _causal_chunk(q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk
                                       stride_kb, stride_kh, stride_kn, stride_wh, stride_wm, stride_pad_b, N,
                                       sqrt_scale, scale, SOFTMAX, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
     o_c64 = o_c.to(tl.int64)
-    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_c64[:, None] * stride_qn + o_d[None, :],
-                  mask=m_c[:, None], other=0.0)
     b_v = tl.load(v + i_b * stride_vb + i_hkv * stride_vh + o_c64[:, None] * stride_vn + o_d[None, :],
                   mask=m_kv[:, None], other=0.0).to(ACC)
-    b_wx_q = _logits(b_q, w + i_h * stride_wh, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+    b_wx_q = _dot_nt_rows(q + i_b * stride_qb + i_h * stride_qh + o_c64[:, None] * stride_qn, m_c,
+                          w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm, m_f, DOT_PRECISION, D,
+                          ACC) * sqrt_scale
     if SOFTMAX:
         b_stab = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=float("-inf"))
         m_seen = b_stab > float("-inf")
@@ -731,6 +747,26 @@ def _causal_chunk(q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk
 def _causal_mask(o_c, m_seen, m_kv):
     """Pairs of the chunk that may enter: key j <= query i, the query sees a key and j is not padded."""
     return (o_c[:, None] >= o_c[None, :]) & m_seen[:, None] & m_kv[None, :]
+
+
+@triton.jit
+def _chunk_output_grads(do, o, v, normaliser, i_b, i_h, i_hkv, i_bh, o_c, m_c, m_kv, m_pairs,
+                        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, N,
+                        DOT_PRECISION: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
+    """For the chunk's queries: dO of the rows that see a key (0 elsewhere) [BC, D], dO . O [BC], the
+    normalisers (1 where 0), and den_i g_ij = dO_i . v_j - dO_i . O_i of the chunk's pairs [BC (i), BC (j)],
+    0 off m_pairs.
+
+    dO . v takes the inputs in their own dtype (``_dot_nt_rows``), whose float16 and bfloat16 products are
+    exact in the float32 sums.
+    """
+    b_den = tl.load(normaliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
+    p_rows = i_b * stride_ob + i_h * stride_oh + o_c.to(tl.int64)[:, None] * stride_on
+    o_d = tl.arange(0, D)
+    b_g, b_go = _query_grads(do + p_rows + o_d[None, :], o + p_rows + o_d[None, :], b_den, m_c)
+    p_v_rows = v + i_b * stride_vb + i_hkv * stride_vh + o_c.to(tl.int64)[:, None] * stride_vn
+    b_gv = _dot_nt_rows(do + p_rows, m_c & (b_den > 0), p_v_rows, m_kv, DOT_PRECISION, D, ACC)
+    return b_g, b_go, tl.where(b_den > 0, b_den, 1.0), tl.where(m_pairs, b_gv - b_go[:, None], 0.0)
 
 
 @triton.jit
@@ -865,14 +901,10 @@ def performer_bwd_kernel_causal_dq(
             i_hkv, i_bh, o_f, m_f, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
             stride_vh, stride_vn, stride_wh, stride_wm, stride_pad_b, N, M, sqrt_scale, scale, SOFTMAX, HAS_PADDING,
             DOT_PRECISION, BC, D, ACC)
-        b_den = tl.load(normaliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
-        o_row = i_b * stride_ob + i_h * stride_oh + o_c.to(tl.int64)[:, None] * stride_on + o_d[None, :]
-        b_g, b_go = _query_grads(do + o_row, o + o_row, b_den, m_c)
-        b_den = tl.where(b_den > 0, b_den, 1.0)
         m_pairs = _causal_mask(o_c, m_seen, m_kv)
-
-        # den_i g_ij of the chunk's pairs: [BC, D] @ [D, BC] -> [BC, BC]
-        b_gv = tl.where(m_pairs, tl.dot(b_g, tl.trans(b_v), input_precision=DOT_PRECISION) - b_go[:, None], 0.0)
+        b_g, b_go, b_den, b_gv = _chunk_output_grads(
+            do, o, v, normaliser, i_b, i_h, i_hkv, i_bh, o_c, m_c, m_kv, m_pairs, stride_vb, stride_vh, stride_vn,
+            stride_ob, stride_oh, stride_on, N, DOT_PRECISION, D, ACC)
         # den_i G_i . state_f: [BC, D] @ [D, BF] -> [BC, BF]
         b_gs = tl.dot(b_g, tl.trans(b_state_num), input_precision=DOT_PRECISION) - b_go[:, None] * b_state_den[None, :]
         if SOFTMAX:
@@ -933,16 +965,18 @@ def performer_bwd_kernel_causal_dkdv(
             i_hkv, i_bh, o_f, m_f, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
             stride_vh, stride_vn, stride_wh, stride_wm, stride_pad_b, N, M, sqrt_scale, scale, SOFTMAX, HAS_PADDING,
             DOT_PRECISION, BC, D, ACC)
-        b_den = tl.load(normaliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
-        o_row = i_b * stride_ob + i_h * stride_oh + o_c.to(tl.int64)[:, None] * stride_on + o_d[None, :]
-        b_dnum, b_dden = _output_grads(do + o_row, o + o_row, b_den, m_c)
         m_pairs = _causal_mask(o_c, m_seen, m_kv)
+        b_g, b_go, b_den, b_gv = _chunk_output_grads(
+            do, o, v, normaliser, i_b, i_h, i_hkv, i_bh, o_c, m_c, m_kv, m_pairs, stride_vb, stride_vh, stride_vn,
+            stride_ob, stride_oh, stride_on, N, DOT_PRECISION, D, ACC)
+        # dnum = dO / den and dden = -(dO . O) / den; g_ij of the chunk's pairs (queries x keys).
+        b_dnum = b_g / b_den[:, None]
+        b_dden = -b_go / b_den
+        b_g = b_gv / b_den[:, None]
 
         # Later chunks through the suffix state: [BC, BF] @ [BF, D] -> [BC, D], [BC, D] @ [D, BF] -> [BC, BF]
         b_dv = tl.dot(b_wk, b_suffix_num, input_precision=DOT_PRECISION)
         b_dsuffix = _dot_nt(b_v, b_suffix_num, DOT_PRECISION) + b_suffix_den[None, :]
-        # g_ij of the chunk's pairs (queries x keys): [BC, D] @ [D, BC] -> [BC, BC]
-        b_g = tl.where(m_pairs, _dot_nt(b_dnum, b_v, DOT_PRECISION) + b_dden[:, None], 0.0)
         if SOFTMAX:
             b_pairs = _causal_pair_weights(b_wx_q, b_wx_k, b_c, b_stab, m_pairs, m_f, "f")
             b_s = tl.sum(b_pairs, 0)
