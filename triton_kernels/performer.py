@@ -1020,8 +1020,12 @@ def _tiles(num_features: int, head_dim: int, dtype: torch.dtype, causal: bool) -
     # below 128 registers), the other kernels on 4.
     own_warps = 4 if dtype == torch.float32 and head_dim == 64 else num_warps
     tile_f = max(16, min(tile_f, triton.next_power_of_2(num_features)))
+    # The causal query stabilisers have no (BM, BM, BF) block, only (BM, BF) tiles and dots over D: on 8
+    # warps ptxas held them to 128 registers or fewer and spilled (float16 and bfloat16 at D = 128 with
+    # padding, float32 at D = 64), on 4 they fit.
     return {"BM": tile_m, "BF": tile_f, "num_warps": num_warps, "num_stages": 2,
-            "kernel_warps": {"performer_fwd_kernel_causal": own_warps, "performer_bwd_kernel_dkdv": own_warps}}
+            "kernel_warps": {"performer_fwd_kernel_causal": own_warps, "performer_bwd_kernel_dkdv": own_warps,
+                             "performer_fwd_kernel_causal_query_stabiliser": 4}}
 
 
 def _projection_strides(projection: Tensor) -> tuple[int, int]:
@@ -1116,7 +1120,8 @@ class _Problem:
             q, k, self.projection, self.padding, key_stabiliser, chunk_max, query_max, query_stabiliser,
             *q.stride()[:3], *k.stride()[:3], *self.projection_strides, self.stride_pad_b, self.heads, self.group,
             self.query_len, self.features, self.sqrt_scale, self.scale, HAS_PADDING=self.has_padding,
-            BC=self.tiles["BM"], **self.flags, **self.launch,
+            BC=self.tiles["BM"], **self.flags,
+            **self.launch_options("performer_fwd_kernel_causal_query_stabiliser"),
         )
         return query_max, query_stabiliser, key_stabiliser, chunk_max
 
