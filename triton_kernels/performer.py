@@ -12,10 +12,13 @@ stabilisers are constants that cancel in the outputs (and are constants for auto
   and every query has a feature 1, so a normaliser is 0 (no unpadded key) or >= 1. One scalar key stabiliser
   (the max over keys and features) underflowed the normalisers at large |q|, |k|: a query's best
   features met keys far below that max (issue 10).
-- Causal: those of ``fastattn.reference.performer_attention``: each query its own largest logit, each
-  key the running prefix maximum M_j of the keys' largest logits; a key's contribution to query i is
-  rescaled by exp(M_j - M_i) <= 1. (Per-feature stabilisers would need elementwise work per (i, j, f)
-  inside a chunk.)
+- Causal (as in csrc/cpu/performer.cpp): each feature f has a running key stabiliser
+  s_f(j), its largest logit over the unpadded keys up to j, and M_j = max_f s_f(j). Query i weighs key
+  j <= i through feature f by exp(A_if + (l_f(k_j) - M_i)) with A_if = (l_f(q_i) - max_g l_g(q_i)) - c_i
+  and c_i = max_f [(l_f(q_i) - max_g l_g(q_i)) + (s_f(i) - M_i)] (``_query_exponent``): every weight is at
+  most 1 and the best feature on the key that set s_f(i) weighs exactly 1, so a normaliser is 0 or >= 1,
+  and a later key never changes an earlier output. Each key's largest logit M_j alone as its stabiliser
+  underflowed the normalisers at large |q|, |k| as the scalar one did (issue 10).
 
 Non-causal forward (``fastattn::triton_performer_fwd``):
 
@@ -28,14 +31,20 @@ Non-causal forward (``fastattn::triton_performer_fwd``):
 - ``performer_fwd_kernel``: outputs phi(Q) state[:, :D] / phi(Q) state[:, D], one program per query tile,
   walking the feature tiles; saves the normaliser (0 where a query sees no key; its output is 0).
 
-Causal (``performer_fwd_kernel_row_max``: the largest logit of every query and key row, softmax only;
-``performer_fwd_kernel_causal``, ``performer_bwd_kernel_causal_dq`` / ``_dkdv``): one program per
-(feature tile, batch * head) walks the sequence in chunks of BM positions: the earlier chunks through a
-running fp32 state (m tile, D + 1) held in registers, the current chunk quadratically (phi(Q) phi(K)^T
-masked to j <= i and rescaled by exp(M_j - M_i)). Each program writes its feature tile's share of
-[numerator | normaliser] (forward), of dlogits(Q) W (dq, forward over the chunks) or of [dV | dlogits(K) W
-| sum dlogits(K)] (dk, dv: backward over the chunks with a suffix state of phi(Q)^T [dnum | dden]);
-the shares are then added over feature tiles (and over the query heads of a group) in a fixed order.
+Causal: ``performer_fwd_kernel_causal_key_max`` (one program per (feature tile, batch * head)) walks the
+keys in chunks of BC = 16, carrying the running maxima s; it writes each tile's max of s_f(j) for every
+key (reduced over the tiles to M) and s after every chunk. ``performer_fwd_kernel_causal_query_stabiliser``
+(one program per chunk) continues s over its chunk for max_g l_g(q) and c of its queries. Every causal
+pass recomputes these (softmax only). Then ``performer_fwd_kernel_causal``, ``performer_bwd_kernel_causal_dq``
+/ ``_dkdv``: one program per (feature tile, batch * head) walks the chunks: the earlier chunks through a
+running fp32 state sum_j exp(l_f(k_j) - sigma_f) [v_j | 1] (m tile, D + 1) held in registers, sigma the
+maxima after its last chunk, which query i reads with exp(A_if + (sigma_f - M_i)); the current chunk's
+pairs exactly, a (BC, BC, BF) block of weights (factoring them through the chunk's own maxima would let
+a later key change an earlier row). Each program writes its feature tile's share of [numerator |
+normaliser] (forward), of dlogits(Q) W (dq, forward over the chunks) or of [dV | dlogits(K) W | sum
+dlogits(K)] (dk, dv: backward over the chunks with a suffix state of the later queries' weights times
+[dnum | dden], against the maxima after the key's chunk); the shares are then added over feature tiles
+(and over the query heads of a group) in a fixed order.
 
 Non-causal backward: ``performer_bwd_kernel_dq`` (dphi(Q) = [dnum | dden] state^T), ``performer_bwd_kernel_dstate``
 (d state = phi(Q)^T [dnum | dden], split like the state) and ``performer_bwd_kernel_dkdv`` (dV = phi(K) d state,
@@ -43,10 +52,10 @@ dphi(K) = [V | 1] d state^T), with dnum = dO / den and dden = -(dO . O) / den, w
 that stay finite wherever the forward is (see ``_query_shares``). dK and dV sum the query heads of a
 group (grouped-query attention) inside one program, in order: deterministic, no atomics.
 
-Running sums and states are float32 (float64 for float64 inputs). The logits W x are products in the
-inputs' dtype; every product of features, states or gradients takes float32 operands (tf32 for
-float16/bfloat16 inputs): a float16 feature far below its stabiliser would be subnormal, and a state,
-which sums over every key, could overflow float16.
+Running sums and states are float32 (float64 for float64 inputs). The logits W x (and, causal, dO . v)
+are products in the inputs' dtype; every other product of features, states or gradients takes float32
+operands (tf32 for float16/bfloat16 inputs): a float16 feature far below its stabiliser would be
+subnormal, and a state, which sums over every key, could overflow float16.
 """
 from __future__ import annotations
 
@@ -151,33 +160,6 @@ def _query_logits(b_wx, b_query_max, b_key_shift, SOFTMAX: tl.constexpr):
     if SOFTMAX:
         return (b_wx - b_query_max[:, None]) + b_key_shift[None, :]
     return b_wx
-
-
-@triton.jit
-def performer_fwd_kernel_row_max(
-    x, w, row_max, key_padding_mask,
-    stride_xb, stride_xh, stride_xn,
-    stride_wh, stride_wm,
-    stride_pad_b,
-    H, GROUP, N, M, sqrt_scale, scale,
-    IS_KEY: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BN: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
-):
-    """Causal: largest logit of each row of head h (x head h // GROUP); keys less |x|^2 / 2, padded keys -inf."""
-    i_n, i_bh = _tile_and_batch_head(N, BN)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
-    o_d = tl.arange(0, D)
-    m_n = o_n < N
-    p_x = x + i_b * stride_xb + (i_h // GROUP) * stride_xh + o_n.to(tl.int64)[:, None] * stride_xn + o_d[None, :]
-    b_x = tl.load(p_x, mask=m_n[:, None], other=0.0)
-    b_max = _largest_logit(b_x, w + i_h * stride_wh, M, stride_wm, o_d, sqrt_scale, DOT_PRECISION, BN, BF, ACC)
-    if IS_KEY:
-        b_max = b_max - _half_norm(b_x, scale, ACC)
-        if HAS_PADDING:
-            b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_n, mask=m_n, other=1)
-            b_max = tl.where(b_pad == 0, b_max, float("-inf"))
-    tl.store(row_max + i_bh.to(tl.int64) * N + o_n, b_max, mask=m_n)
 
 
 @triton.jit
@@ -354,17 +336,6 @@ def performer_fwd_kernel(
     p_o = o + i_b * stride_ob + i_h * stride_oh + o_m64[:, None] * stride_on + o_d[None, :]
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None])
     tl.store(normaliser + i_bh.to(tl.int64) * Nq + o_m, b_den, mask=m_m)
-
-
-@triton.jit
-def _output_grads(p_do, p_o, b_den, m_m):
-    """dnum = dO / den [rows, D] and dden = -(dO . O) / den [rows]; 0 for rows that see no key (den == 0)."""
-    m_seen = m_m & (b_den > 0)
-    b_inv = tl.where(m_seen, 1.0 / tl.where(m_seen, b_den, 1.0), 0.0)
-    b_do = tl.load(p_do, mask=m_seen[:, None], other=0.0).to(b_den.dtype)
-    b_o = tl.load(p_o, mask=m_seen[:, None], other=0.0).to(b_den.dtype)
-    b_dnum = b_do * b_inv[:, None]
-    return b_dnum, -tl.sum(b_dnum * b_o, 1)
 
 
 @triton.jit
@@ -575,52 +546,267 @@ def performer_bwd_kernel_dkdv(
 
 
 @triton.jit
-def _causal_decay(b_mk, o_c, m_c):
-    """E[i, j] = exp(M_j - M_i) (<= 1) for keys j <= i of a chunk, else 0: key j rescaled to query i's stabiliser."""
-    m_causal = (o_c[:, None] >= o_c[None, :]) & m_c[:, None] & m_c[None, :]
-    return tl.where(m_causal, tl.exp(tl.minimum(b_mk[None, :] - b_mk[:, None], 0.0)), 0.0)
+def _running_max(b_a, b_b):
+    """The combine of ``tl.associative_scan`` for a running maximum down the keys of a chunk."""
+    return tl.maximum(b_a, b_b)
 
 
 @triton.jit
-def _causal_chunk(q, k, v, w, query_max, key_stabiliser, key_padding_mask, i_c, i_b, i_h, i_hkv, i_bh, o_f, m_f,
+def _dot_nt_rows(p_a_rows, m_a, p_b_rows, m_b, DOT_PRECISION: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
+    """a @ b^T of the [rows, D] a and [cols, D] b in memory, read in their own dtype: p_a_rows [rows, 1] and
+    p_b_rows [cols, 1] point at each row's first column; rows off the masks m_a, m_b read 0.
+
+    IEEE float32 dots run on the FMA units with whole rows of both operands in each thread, 2 D registers
+    for the (16, 16) outputs of the causal kernels, which spilled: they walk the head dim in a loop of
+    slices of 32 columns. Tensor-core dots take the whole tiles (sliced, the float16 dK/dV spilled on sm_90).
+    """
+    if DOT_PRECISION == "ieee" and D > 32:
+        b_ab = tl.zeros([p_a_rows.shape[0], p_b_rows.shape[0]], dtype=ACC)
+        for i_d in range(0, D, 32):
+            o_d = i_d + tl.arange(0, 32)
+            b_a = tl.load(p_a_rows + o_d[None, :], mask=m_a[:, None], other=0.0)
+            b_b = tl.load(p_b_rows + o_d[None, :], mask=m_b[:, None], other=0.0)
+            b_ab = tl.dot(b_a, tl.trans(b_b), acc=b_ab, input_precision=DOT_PRECISION)
+    else:
+        o_d = tl.arange(0, D)
+        b_a = tl.load(p_a_rows + o_d[None, :], mask=m_a[:, None], other=0.0)
+        b_b = tl.load(p_b_rows + o_d[None, :], mask=m_b[:, None], other=0.0)
+        b_ab = tl.dot(b_a, tl.trans(b_b), input_precision=DOT_PRECISION)
+    return b_ab
+
+
+@triton.jit
+def _causal_key_logits(k, w, key_padding_mask, i_c, i_b, i_h, i_hkv, o_f, m_f,
+                       stride_kb, stride_kh, stride_kn, stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale,
+                       SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BC: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
+    """The chunk's unpadded keys [BC] and their logits [BC, BF]: softmax W k - |k|^2 / 2, -inf for padded
+    keys and features past m; relu W k.
+
+    Every causal kernel computes them here, so that the running maxima are bit for bit the logits the
+    weights take: the best weight of a query is exactly 1.
+    """
+    o_c = i_c + tl.arange(0, BC)
+    o_d = tl.arange(0, D)
+    m_kv = o_c < N
+    if HAS_PADDING:
+        b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_c, mask=m_kv, other=1)
+        m_kv = m_kv & (b_pad == 0)
+    p_k_rows = k + i_b * stride_kb + i_hkv * stride_kh + o_c.to(tl.int64)[:, None] * stride_kn
+    p_w_rows = w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm
+    b_logits = _dot_nt_rows(p_k_rows, m_kv, p_w_rows, m_f, DOT_PRECISION, D, ACC) * sqrt_scale
+    if SOFTMAX:
+        b_k = tl.load(p_k_rows + o_d[None, :], mask=m_kv[:, None], other=0.0)
+        b_logits = tl.where(m_kv[:, None] & m_f[None, :], b_logits - _half_norm(b_k, scale, ACC)[:, None],
+                            float("-inf"))
+    return m_kv, b_logits
+
+
+@triton.jit
+def performer_fwd_kernel_causal_key_max(
+    k, w, key_padding_mask, key_max_part, chunk_max,
+    stride_kb, stride_kh, stride_kn,
+    stride_wh, stride_wm,
+    stride_pad_b,
+    H, GROUP, N, M, FEATURE_TILES, sqrt_scale, scale,
+    HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BC: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Causal softmax: the running maxima s_f(j) of one feature tile, walking the keys in chunks of BC.
+
+    Writes max_f s_f(j) over the tile for every key j (reduced over the tiles to M_j) and s_f after every
+    chunk: chunk_max[c + 1] (chunk_max[0] is -inf, before any key), the stabilisers of the states.
+    """
+    i_bh, i_f = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_f = i_f * BF + tl.arange(0, BF)
+    m_f = o_f < M
+    p_chunk_max = chunk_max + i_bh.to(tl.int64) * (tl.cdiv(N, BC) + 1) * M + o_f
+    p_part = key_max_part + (i_bh.to(tl.int64) * FEATURE_TILES + i_f) * N
+
+    b_running = tl.full([BF], float("-inf"), dtype=ACC)
+    tl.store(p_chunk_max, b_running, mask=m_f)
+    for i_c in range(0, N, BC):
+        _, b_logits = _causal_key_logits(k, w, key_padding_mask, i_c, i_b, i_h, i_h // GROUP, o_f, m_f,
+                                         stride_kb, stride_kh, stride_kn, stride_wh, stride_wm, stride_pad_b, N,
+                                         sqrt_scale, scale, True, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
+        b_prefix = tl.maximum(tl.associative_scan(b_logits, 0, _running_max), b_running[None, :])
+        o_c = i_c + tl.arange(0, BC)
+        tl.store(p_part + o_c, tl.max(b_prefix, 1), mask=o_c < N)
+        b_running = tl.max(b_prefix, 0)
+        tl.store(p_chunk_max + (i_c // BC + 1) * M, b_running, mask=m_f)
+
+
+@triton.jit
+def performer_fwd_kernel_causal_query_stabiliser(
+    q, k, w, key_padding_mask, key_stabiliser, chunk_max, query_max, query_stabiliser,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_wh, stride_wm,
+    stride_pad_b,
+    H, GROUP, N, M, sqrt_scale, scale,
+    HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BC: tl.constexpr, BF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Causal softmax: max W q and c_i = max_f [(W_f q_i - max W q_i) + (s_f(i) - M_i)] of one chunk's queries.
+
+    s_f(i) continues the running maxima from the end of the previous chunk over the chunk's keys up to
+    i. The feature tiles are walked twice: c needs max W q over every feature first. c is 0 where no
+    key is seen (M_i = -inf).
+    """
+    i_n, i_bh = _tile_and_batch_head(N, BC)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    i_c = i_n * BC
+    o_c = i_c + tl.arange(0, BC)
+    o_d = tl.arange(0, D)
+    m_c = o_c < N
+    p_q_rows = q + i_b * stride_qb + i_h * stride_qh + o_c.to(tl.int64)[:, None] * stride_qn
+    b_q = tl.load(p_q_rows + o_d[None, :], mask=m_c[:, None], other=0.0)
+    p_w_base = w + i_h * stride_wh
+    b_query_max = _largest_logit(b_q, p_w_base, M, stride_wm, o_d, sqrt_scale, DOT_PRECISION, BC, BF, ACC)
+    b_stab = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=float("-inf"))
+    m_seen = b_stab > float("-inf")
+    p_chunk_max = chunk_max + (i_bh.to(tl.int64) * (tl.cdiv(N, BC) + 1) + i_n) * M
+
+    b_c = tl.full([BC], float("-inf"), dtype=ACC)
+    for i_f in range(0, M, BF):
+        o_f = i_f + tl.arange(0, BF)
+        m_f = o_f < M
+        _, b_logits = _causal_key_logits(k, w, key_padding_mask, i_c, i_b, i_h, i_h // GROUP, o_f, m_f,
+                                         stride_kb, stride_kh, stride_kn, stride_wh, stride_wm, stride_pad_b, N,
+                                         sqrt_scale, scale, True, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
+        b_before = tl.load(p_chunk_max + o_f, mask=m_f, other=float("-inf"))
+        b_prefix = tl.maximum(tl.associative_scan(b_logits, 0, _running_max), b_before[None, :])
+        # As the causal passes compute W q (``_causal_chunk``), bit for bit.
+        b_wx_q = _dot_nt_rows(p_q_rows, m_c, p_w_base + o_f.to(tl.int64)[:, None] * stride_wm, m_f, DOT_PRECISION, D,
+                              ACC) * sqrt_scale
+        m_gap = m_seen[:, None] & m_f[None, :]
+        b_gap = tl.where(m_gap, _query_exponent(b_wx_q - b_query_max[:, None], b_prefix, b_stab[:, None], 0.0),
+                         float("-inf"))
+        b_c = tl.maximum(b_c, tl.max(b_gap, 1))
+    tl.store(query_max + i_bh.to(tl.int64) * N + o_c, b_query_max, mask=m_c)
+    tl.store(query_stabiliser + i_bh.to(tl.int64) * N + o_c, tl.where(m_seen, b_c, 0.0), mask=m_c)
+
+
+@triton.jit
+def _causal_chunk(q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk_max, key_padding_mask, i_c, i_b,
+                  i_h, i_hkv, i_bh, o_f, m_f,
                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                  stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale,
+                  stride_wh, stride_wm, stride_pad_b, N, M, sqrt_scale, scale,
                   SOFTMAX: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BC: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
-    """One chunk of a causal pass, for one feature tile: positions, masks, q, k, v, stabilisers and features.
+    """One chunk of a causal pass, for one feature tile: positions, masks, v, logits and the weights
+    that go through a state.
 
-    phi_k is stabilised by each key's own M_j; W x of the keys is returned for relu's derivative.
+    Softmax: the logits W q - max W q and W k - |k|^2 / 2 (-inf where padded), query weights
+    exp(A_if + (sigma_f - M_i)) on a state of the earlier chunks, sigma the running maxima before the
+    chunk; key weights exp(l_f(k_j) - sigma'_f), sigma' those after it; and exp(sigma - sigma'), which
+    moves a state from sigma to sigma' (both factors of a weight are <= 1). Also c and M (-inf where no
+    key is seen) of the queries for ``_causal_pair_weights``, and the rows that see a key. relu: W q and
+    W k, the features and no rescaling.
     """
     o_c = i_c + tl.arange(0, BC)
     o_d = tl.arange(0, D)
     m_c = o_c < N
-    m_kv = m_c
-    if HAS_PADDING:
-        b_pad = tl.load(key_padding_mask + i_b * stride_pad_b + o_c, mask=m_c, other=1)
-        m_kv = m_c & (b_pad == 0)
+    m_kv, b_wx_k = _causal_key_logits(k, w, key_padding_mask, i_c, i_b, i_h, i_hkv, o_f, m_f,
+                                      stride_kb, stride_kh, stride_kn, stride_wh, stride_wm, stride_pad_b, N,
+                                      sqrt_scale, scale, SOFTMAX, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
     o_c64 = o_c.to(tl.int64)
-    b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_c64[:, None] * stride_qn + o_d[None, :],
-                  mask=m_c[:, None], other=0.0)
-    b_k = tl.load(k + i_b * stride_kb + i_hkv * stride_kh + o_c64[:, None] * stride_kn + o_d[None, :],
-                  mask=m_kv[:, None], other=0.0)
     b_v = tl.load(v + i_b * stride_vb + i_hkv * stride_vh + o_c64[:, None] * stride_vn + o_d[None, :],
                   mask=m_kv[:, None], other=0.0).to(ACC)
-    b_cq = tl.load(query_max + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
-    b_mk = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
-    p_w_base = w + i_h * stride_wh
-    b_wx_q = _logits(b_q, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
-    b_phi_q = _features(b_wx_q, b_cq[:, None], m_c, m_f, SOFTMAX)
-    b_wx_k = _logits(b_k, p_w_base, o_f, m_f, stride_wm, o_d, sqrt_scale, DOT_PRECISION)
+    b_wx_q = _dot_nt_rows(q + i_b * stride_qb + i_h * stride_qh + o_c64[:, None] * stride_qn, m_c,
+                          w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm, m_f, DOT_PRECISION, D,
+                          ACC) * sqrt_scale
     if SOFTMAX:
-        b_phi_k = _features(b_wx_k - _half_norm(b_k, scale, ACC)[:, None], b_mk[:, None], m_kv, m_f, SOFTMAX)
+        b_stab = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=float("-inf"))
+        m_seen = b_stab > float("-inf")
+        b_query_max = tl.load(query_max + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
+        b_c = tl.load(query_stabiliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
+        # A difference of two close large numbers, nearly exact.
+        b_wx_q = b_wx_q - b_query_max[:, None]
+        p_chunk_max = chunk_max + (i_bh.to(tl.int64) * (tl.cdiv(N, BC) + 1) + i_c // BC) * M + o_f
+        b_before = tl.load(p_chunk_max, mask=m_f, other=float("-inf"))
+        b_after = tl.load(p_chunk_max + M, mask=m_f, other=float("-inf"))
+        m_rf = m_seen[:, None] & m_f[None, :]
+        b_wq = tl.exp(tl.where(m_rf, _query_exponent(b_wx_q, b_before[None, :], b_stab[:, None], b_c[:, None]),
+                               float("-inf")))
+        b_wk = _features(b_wx_k, b_after[None, :], m_kv, m_f, SOFTMAX)
+        # Equal maxima (-inf too: nothing summed yet) keep the state as it is.
+        b_decay = tl.where(b_before == b_after, 1.0, tl.exp(b_before - b_after))
     else:
-        b_phi_k = _features(b_wx_k, b_mk[:, None], m_kv, m_f, SOFTMAX)
-    return o_c, m_c, m_kv, b_k, b_v, b_mk, b_wx_q, b_phi_q, b_wx_k, b_phi_k
+        m_seen = m_c
+        b_c = tl.zeros([BC], dtype=ACC)
+        b_stab = b_c
+        b_wq = _features(b_wx_q, 0.0, m_c, m_f, SOFTMAX)
+        b_wk = _features(b_wx_k, 0.0, m_kv, m_f, SOFTMAX)
+        b_decay = tl.full([o_f.shape[0]], 1.0, dtype=ACC)
+    return o_c, m_c, m_kv, m_seen, b_v, b_wx_q, b_wx_k, b_c, b_stab, b_wq, b_wk, b_decay
+
+
+@triton.jit
+def _causal_mask(o_c, m_seen, m_kv):
+    """Pairs of the chunk that may enter: key j <= query i, the query sees a key and j is not padded."""
+    return (o_c[:, None] >= o_c[None, :]) & m_seen[:, None] & m_kv[None, :]
+
+
+@triton.jit
+def _chunk_output_grads(do, o, v, normaliser, i_b, i_h, i_hkv, i_bh, o_c, m_c, m_kv, m_pairs,
+                        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, N,
+                        DOT_PRECISION: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr):
+    """For the chunk's queries: dO of the rows that see a key (0 elsewhere) [BC, D], dO . O [BC], the
+    normalisers (1 where 0), and den_i g_ij = dO_i . v_j - dO_i . O_i of the chunk's pairs [BC (i), BC (j)],
+    0 off m_pairs.
+
+    dO . v takes the inputs in their own dtype (``_dot_nt_rows``), whose float16 and bfloat16 products are
+    exact in the float32 sums.
+    """
+    b_den = tl.load(normaliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
+    p_rows = i_b * stride_ob + i_h * stride_oh + o_c.to(tl.int64)[:, None] * stride_on
+    o_d = tl.arange(0, D)
+    b_g, b_go = _query_grads(do + p_rows + o_d[None, :], o + p_rows + o_d[None, :], b_den, m_c)
+    p_v_rows = v + i_b * stride_vb + i_hkv * stride_vh + o_c.to(tl.int64)[:, None] * stride_vn
+    b_gv = _dot_nt_rows(do + p_rows, m_c & (b_den > 0), p_v_rows, m_kv, DOT_PRECISION, D, ACC)
+    return b_g, b_go, tl.where(b_den > 0, b_den, 1.0), tl.where(m_pairs, b_gv - b_go[:, None], 0.0)
+
+
+@triton.jit
+def _causal_pair_weights(b_wx_q, b_logits_k, b_c, b_stab, m_pairs, m_f, SUMMED: tl.constexpr):
+    """Softmax: the weights exp(A_if + (l_f(k_j) - M_i)) <= 1 of the chunk's own pairs, 0 off the mask,
+    with the axis the caller sums over first: [BF, BC (i), BC (j)] for SUMMED == "f", [BC (j), BC (i), BF]
+    for "j".
+
+    Each thread holds the block's first axis whole, so that sum stays in its registers and the operands
+    without that axis take one register each instead of BC or BF (the causal dQ and dK/dV kernels spilled
+    with the queries' axis first).
+
+    Computed weight by weight: factoring them through the chunk's own maxima would let a later key of
+    the chunk change an earlier row's weights, and underflow them.
+    """
+    if SUMMED == "f":
+        b_wx_q = tl.trans(b_wx_q)[:, :, None]
+        b_logits_k = tl.trans(b_logits_k)[:, None, :]
+        b_stab, b_c = b_stab[None, :, None], b_c[None, :, None]
+        m_weights = m_f[:, None, None] & m_pairs[None, :, :]
+    else:
+        b_wx_q, b_logits_k = b_wx_q[None, :, :], b_logits_k[:, None, :]
+        b_stab, b_c = b_stab[None, :, None], b_c[None, :, None]
+        m_weights = tl.trans(m_pairs)[:, :, None] & m_f[None, None, :]
+    return tl.exp(tl.where(m_weights, _query_exponent(b_wx_q, b_logits_k, b_stab, b_c), float("-inf")))
+
+
+@triton.jit
+def _query_exponent(b_wx_q, b_key_logit, b_stab, b_c):
+    """A_if + (l - M_i) = ((W_f q_i - max W q_i) + (l - M_i)) - c_i for a key logit or running maximum l.
+
+    Summed in the order c_i was (``performer_fwd_kernel_causal_query_stabiliser``), so that query i's best
+    feature on the key that set its running maximum has exponent exactly 0: its normaliser is >= 1.
+    """
+    return (b_wx_q + (b_key_logit - b_stab)) - b_c
 
 
 @triton.jit
 def performer_fwd_kernel_causal(
-    q, k, v, w, query_max, key_stabiliser, key_padding_mask, numden_part, state,
+    q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk_max, key_padding_mask, numden_part, state,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -632,9 +818,10 @@ def performer_fwd_kernel_causal(
 ):
     """One feature tile's share of [numerator | normaliser] of every query, chunk by chunk in order.
 
-    The running state phi(K)^T [V | 1] of the earlier chunks is held in registers, stabilised by the
-    last summed key's M; query i takes it rescaled by exp(M_state - M_i) <= 1, plus its own chunk
-    quadratically. A key only ever reaches queries at or after it.
+    The running state sum_j exp(l_f(k_j) - sigma_f) [v_j | 1] of the earlier chunks is held in registers,
+    sigma the running maxima after its last chunk; the current chunk's pairs are summed weight by
+    weight. A key only ever reaches queries at or after it. The final state is written, against the
+    running maxima after the last key.
     """
     i_bh, i_f = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -645,33 +832,31 @@ def performer_fwd_kernel_causal(
 
     b_state_num = tl.zeros([BF, D], dtype=ACC)
     b_state_den = tl.zeros([BF], dtype=ACC)
-    # The state's stabiliser; any finite value while the state is still 0.
-    b_ref = tl.sum(tl.zeros([1], dtype=ACC), 0)
     p_part_base = numden_part + (i_bh.to(tl.int64) * FEATURE_TILES + i_f) * N * (D + 1)
     for i_c in range(0, N, BC):
-        o_c, m_c, m_kv, b_k, b_v, b_mk, b_wx_q, b_phi_q, b_wx_k, b_phi_k = _causal_chunk(
-            q, k, v, w, query_max, key_stabiliser, key_padding_mask, i_c, i_b, i_h, i_hkv, i_bh, o_f, m_f,
-            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-            stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale, SOFTMAX, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
-        # [BC, BF] @ [BF, BC] -> [BC, BC]
-        b_s = tl.dot(b_phi_q, tl.trans(b_phi_k), input_precision=DOT_PRECISION) * _causal_decay(b_mk, o_c, m_c)
-        b_factor = tl.exp(tl.minimum(b_ref - b_mk, 0.0))
+        o_c, m_c, m_kv, m_seen, b_v, b_wx_q, b_wx_k, b_c, b_stab, b_wq, b_wk, b_decay = _causal_chunk(
+            q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk_max, key_padding_mask, i_c, i_b, i_h,
+            i_hkv, i_bh, o_f, m_f, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
+            stride_vh, stride_vn, stride_wh, stride_wm, stride_pad_b, N, M, sqrt_scale, scale, SOFTMAX, HAS_PADDING,
+            DOT_PRECISION, BC, D, ACC)
+        m_pairs = _causal_mask(o_c, m_seen, m_kv)
+        # The chunk's pairs: summed weights [BC (queries), BC (keys)].
+        if SOFTMAX:
+            b_s = tl.sum(_causal_pair_weights(b_wx_q, b_wx_k, b_c, b_stab, m_pairs, m_f, "f"), 0)
+        else:
+            # [BC, BF] @ [BF, BC] -> [BC, BC]
+            b_s = tl.where(m_pairs, tl.dot(b_wq, tl.trans(b_wk), input_precision=DOT_PRECISION), 0.0)
         # [BC, BC] @ [BC, D] + [BC, BF] @ [BF, D] -> [BC, D]
         b_num = tl.dot(b_s, b_v, input_precision=DOT_PRECISION)
-        b_num += tl.dot(b_phi_q, b_state_num, input_precision=DOT_PRECISION) * b_factor[:, None]
-        b_den = tl.sum(b_s, 1) + tl.sum(b_phi_q * b_state_den[None, :], 1) * b_factor
+        b_num += tl.dot(b_wq, b_state_num, input_precision=DOT_PRECISION)
+        b_den = tl.sum(b_s, 1) + tl.sum(b_wq * b_state_den[None, :], 1)
         p_part = p_part_base + o_c.to(tl.int64) * (D + 1)
         tl.store(p_part[:, None] + o_d[None, :], b_num, mask=m_c[:, None])
         tl.store(p_part + D, b_den, mask=m_c)
 
-        # Add the chunk's keys, rescaled to the stabiliser of its last key (the largest M so far).
-        b_ref_new = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + tl.minimum(i_c + BC, N) - 1)
-        b_phi_k = b_phi_k * tl.exp(tl.minimum(b_mk - b_ref_new, 0.0))[:, None]
-        b_decay = tl.exp(tl.minimum(b_ref - b_ref_new, 0.0))
         # [BF, BC] @ [BC, D] -> [BF, D]
-        b_state_num = b_state_num * b_decay + tl.dot(tl.trans(b_phi_k), b_v, input_precision=DOT_PRECISION)
-        b_state_den = b_state_den * b_decay + tl.sum(b_phi_k, 0)
-        b_ref = b_ref_new
+        b_state_num = b_state_num * b_decay[:, None] + tl.dot(tl.trans(b_wk), b_v, input_precision=DOT_PRECISION)
+        b_state_den = b_state_den * b_decay + tl.sum(b_wk, 0)
 
     p_state = state + (i_bh.to(tl.int64) * M + o_f.to(tl.int64)) * (D + 1)
     tl.store(p_state[:, None] + o_d[None, :], b_state_num, mask=m_f[:, None])
@@ -680,7 +865,8 @@ def performer_fwd_kernel_causal(
 
 @triton.jit
 def performer_bwd_kernel_causal_dq(
-    q, k, v, w, query_max, key_stabiliser, key_padding_mask, do, o, normaliser, dq_part,
+    q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk_max, key_padding_mask, do, o, normaliser,
+    dq_part,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -693,8 +879,10 @@ def performer_bwd_kernel_causal_dq(
 ):
     """One feature tile's share of dlogits(Q) W, forward over the chunks with the running state.
 
-    dphi_q_i = exp(M_state - M_i) [dnum_i | dden_i] state^T + sum over the chunk's keys j <= i of
-    E_ij (dnum_i . v_j + dden_i) phi_k_j. As in the non-causal dq, the query's -|x|^2 / 2 term is 0.
+    With G_i = [dO_i | -(dO_i . O_i)] / den_i and g_ij = G_i . [v_j | 1], softmax dL/dl_f(q_i) = sum_{j <= i}
+    g_ij weight_ijf: the earlier chunks as (G_i . state_f) times query i's weight on the state, the
+    chunk's pairs weight by weight; relu takes dphi_q where W q > 0. As in the non-causal dq, the
+    query's -|x|^2 / 2 term is 0. Computed times den_i, from dO, then divided.
     """
     i_bh, i_f = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -706,48 +894,40 @@ def performer_bwd_kernel_causal_dq(
 
     b_state_num = tl.zeros([BF, D], dtype=ACC)
     b_state_den = tl.zeros([BF], dtype=ACC)
-    b_ref = tl.sum(tl.zeros([1], dtype=ACC), 0)
     p_part_base = dq_part + (i_bh.to(tl.int64) * FEATURE_TILES + i_f) * N * D
     for i_c in range(0, N, BC):
-        o_c, m_c, m_kv, b_k, b_v, b_mk, b_wx_q, b_phi_q, b_wx_k, b_phi_k = _causal_chunk(
-            q, k, v, w, query_max, key_stabiliser, key_padding_mask, i_c, i_b, i_h, i_hkv, i_bh, o_f, m_f,
-            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-            stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale, SOFTMAX, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
-        b_den = tl.load(normaliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
-        o_row = i_b * stride_ob + i_h * stride_oh + o_c.to(tl.int64)[:, None] * stride_on + o_d[None, :]
-        b_g, b_go = _query_grads(do + o_row, o + o_row, b_den, m_c)
-        b_den = tl.where(b_den > 0, b_den, 1.0)
-
-        # den * dphi_q, from dO (not dnum = dO / den, which overflows where den is subnormal):
-        # [BC, D] @ [D, BC] -> [BC, BC]
-        b_gv = (tl.dot(b_g, tl.trans(b_v), input_precision=DOT_PRECISION) - b_go[:, None]) * \
-            _causal_decay(b_mk, o_c, m_c)
-        b_factor = tl.exp(tl.minimum(b_ref - b_mk, 0.0))
-        # [BC, BC] @ [BC, BF] + [BC, D] @ [D, BF] -> [BC, BF]
-        b_dphi = tl.dot(b_gv, b_phi_k, input_precision=DOT_PRECISION)
-        b_dphi += (tl.dot(b_g, tl.trans(b_state_num), input_precision=DOT_PRECISION)
-                   - b_go[:, None] * b_state_den[None, :]) * b_factor[:, None]
-        # phi_q (den dphi_q) <= den times a bound of the gradient: the quotient stays finite.
+        o_c, m_c, m_kv, m_seen, b_v, b_wx_q, b_wx_k, b_c, b_stab, b_wq, b_wk, b_decay = _causal_chunk(
+            q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk_max, key_padding_mask, i_c, i_b, i_h,
+            i_hkv, i_bh, o_f, m_f, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
+            stride_vh, stride_vn, stride_wh, stride_wm, stride_pad_b, N, M, sqrt_scale, scale, SOFTMAX, HAS_PADDING,
+            DOT_PRECISION, BC, D, ACC)
+        m_pairs = _causal_mask(o_c, m_seen, m_kv)
+        b_g, b_go, b_den, b_gv = _chunk_output_grads(
+            do, o, v, normaliser, i_b, i_h, i_hkv, i_bh, o_c, m_c, m_kv, m_pairs, stride_vb, stride_vh, stride_vn,
+            stride_ob, stride_oh, stride_on, N, DOT_PRECISION, D, ACC)
+        # den_i G_i . state_f: [BC, D] @ [D, BF] -> [BC, BF]
+        b_gs = tl.dot(b_g, tl.trans(b_state_num), input_precision=DOT_PRECISION) - b_go[:, None] * b_state_den[None, :]
         if SOFTMAX:
-            b_dlogit = (b_phi_q * b_dphi) / b_den[:, None]
+            b_pairs = _causal_pair_weights(b_wx_q, b_wx_k, b_c, b_stab, m_pairs, m_f, "j")
+            b_dlogit = b_wq * b_gs + tl.sum(tl.trans(b_gv)[:, :, None] * b_pairs, 0)
         else:
-            b_dlogit = tl.where(b_wx_q > 0, b_dphi, 0.0) / b_den[:, None]
+            # [BC, BC] @ [BC, BF] -> [BC, BF]
+            b_dphi = b_gs + tl.dot(b_gv, b_wk, input_precision=DOT_PRECISION)
+            b_dlogit = tl.where(b_wx_q > 0, b_dphi, 0.0)
+        b_dlogit = b_dlogit / b_den[:, None]
         # [BC, BF] @ [BF, D] -> [BC, D]; W reloaded per chunk (an L2 hit) rather than held across the loop.
         b_dx = tl.dot(b_dlogit, tl.load(p_w_tile, mask=m_f[:, None], other=0.0).to(ACC), input_precision=DOT_PRECISION)
         tl.store(p_part_base + o_c.to(tl.int64)[:, None] * D + o_d[None, :], b_dx, mask=m_c[:, None])
 
-        b_ref_new = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + tl.minimum(i_c + BC, N) - 1)
-        b_phi_k = b_phi_k * tl.exp(tl.minimum(b_mk - b_ref_new, 0.0))[:, None]
-        b_decay = tl.exp(tl.minimum(b_ref - b_ref_new, 0.0))
         # [BF, BC] @ [BC, D] -> [BF, D]
-        b_state_num = b_state_num * b_decay + tl.dot(tl.trans(b_phi_k), b_v, input_precision=DOT_PRECISION)
-        b_state_den = b_state_den * b_decay + tl.sum(b_phi_k, 0)
-        b_ref = b_ref_new
+        b_state_num = b_state_num * b_decay[:, None] + tl.dot(tl.trans(b_wk), b_v, input_precision=DOT_PRECISION)
+        b_state_den = b_state_den * b_decay + tl.sum(b_wk, 0)
 
 
 @triton.jit
 def performer_bwd_kernel_causal_dkdv(
-    q, k, v, w, query_max, key_stabiliser, key_padding_mask, do, o, normaliser, dkv_part,
+    q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk_max, key_padding_mask, do, o, normaliser,
+    dkv_part,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -760,9 +940,11 @@ def performer_bwd_kernel_causal_dkdv(
 ):
     """One feature tile's share of [dV | dlogits(K) W | sum dlogits(K)] of every key, backward over the chunks.
 
-    The suffix state R = sum over later queries of exp(M_ref - M_i) phi_q_i [dnum_i | dden_i]^T is
-    referred to M_ref, the smallest M_i among them that see a key; key j takes it rescaled by
-    exp(M_j - M_ref) <= 1, plus its own chunk quadratically.
+    dL/dl_f(k_j) = sum_{i >= j} g_ij weight_ijf and dv_j = sum_{i >= j} (sum_f weight_ijf) G_i[:D]. The
+    later chunks come through the suffix state R = sum of their queries' weights exp(A_if + (rho_f - M_i))
+    times G_i, rho the running maxima after the key's chunk, read with the key weights exp(l_f(k_j) - rho_f);
+    the chunk's pairs weight by weight. Leaving a chunk, R moves to the maxima before it (a factor <= 1)
+    and takes the chunk's queries.
     """
     i_bh, i_f = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -774,40 +956,38 @@ def performer_bwd_kernel_causal_dkdv(
 
     b_suffix_num = tl.zeros([BF, D], dtype=ACC)
     b_suffix_den = tl.zeros([BF], dtype=ACC)
-    # +inf until a query that sees a key has been added (the suffix is 0 until then).
-    b_ref = tl.sum(tl.full([1], float("inf"), dtype=ACC), 0)
     p_part_base = dkv_part + (i_bh.to(tl.int64) * FEATURE_TILES + i_f) * N * (2 * D + 1)
     num_chunks = tl.cdiv(N, BC)
     for i_rev in range(0, num_chunks):
         i_c = (num_chunks - 1 - i_rev) * BC
-        o_c, m_c, m_kv, b_k, b_v, b_mk, b_wx_q, b_phi_q, b_wx_k, b_phi_k = _causal_chunk(
-            q, k, v, w, query_max, key_stabiliser, key_padding_mask, i_c, i_b, i_h, i_hkv, i_bh, o_f, m_f,
-            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-            stride_wh, stride_wm, stride_pad_b, N, sqrt_scale, scale, SOFTMAX, HAS_PADDING, DOT_PRECISION, BC, D, ACC)
-        b_den = tl.load(normaliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
-        o_row = i_b * stride_ob + i_h * stride_oh + o_c.to(tl.int64)[:, None] * stride_on + o_d[None, :]
-        b_dnum, b_dden = _output_grads(do + o_row, o + o_row, b_den, m_c)
+        o_c, m_c, m_kv, m_seen, b_v, b_wx_q, b_wx_k, b_c, b_stab, b_wq, b_wk, b_decay = _causal_chunk(
+            q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk_max, key_padding_mask, i_c, i_b, i_h,
+            i_hkv, i_bh, o_f, m_f, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb,
+            stride_vh, stride_vn, stride_wh, stride_wm, stride_pad_b, N, M, sqrt_scale, scale, SOFTMAX, HAS_PADDING,
+            DOT_PRECISION, BC, D, ACC)
+        m_pairs = _causal_mask(o_c, m_seen, m_kv)
+        b_g, b_go, b_den, b_gv = _chunk_output_grads(
+            do, o, v, normaliser, i_b, i_h, i_hkv, i_bh, o_c, m_c, m_kv, m_pairs, stride_vb, stride_vh, stride_vn,
+            stride_ob, stride_oh, stride_on, N, DOT_PRECISION, D, ACC)
+        # dnum = dO / den and dden = -(dO . O) / den; g_ij of the chunk's pairs (queries x keys).
+        b_dnum = b_g / b_den[:, None]
+        b_dden = -b_go / b_den
+        b_g = b_gv / b_den[:, None]
 
-        b_decay_qk = _causal_decay(b_mk, o_c, m_c)
-        # Later chunks through the suffix state (0 while M_ref is +inf).
-        b_factor = tl.exp(tl.minimum(b_mk - b_ref, 0.0))
-        # [BC, BF] @ [BF, D] -> [BC, D]
-        b_dv = tl.dot(b_phi_k, b_suffix_num, input_precision=DOT_PRECISION) * b_factor[:, None]
-        # [BC, D] @ [D, BF] -> [BC, BF]
-        b_dphi = (_dot_nt(b_v, b_suffix_num, DOT_PRECISION)
-                  + b_suffix_den[None, :]) * b_factor[:, None]
-        # This chunk: scores S (queries x keys) and G = [dnum | dden] [V | 1]^T, both masked by E.
-        # [BC, BF] @ [BF, BC] -> [BC, BC]
-        b_s = tl.dot(b_phi_q, tl.trans(b_phi_k), input_precision=DOT_PRECISION) * b_decay_qk
-        # [BC, D] @ [D, BC] -> [BC, BC]
-        b_g = (_dot_nt(b_dnum, b_v, DOT_PRECISION) + b_dden[:, None]) * b_decay_qk
-        # [BC, BC] @ [BC, D] -> [BC, D] and [BC, BC] @ [BC, BF] -> [BC, BF]
-        b_dv += tl.dot(tl.trans(b_s), b_dnum, input_precision=DOT_PRECISION)
-        b_dphi += tl.dot(tl.trans(b_g), b_phi_q, input_precision=DOT_PRECISION)
+        # Later chunks through the suffix state: [BC, BF] @ [BF, D] -> [BC, D], [BC, D] @ [D, BF] -> [BC, BF]
+        b_dv = tl.dot(b_wk, b_suffix_num, input_precision=DOT_PRECISION)
+        b_dsuffix = _dot_nt(b_v, b_suffix_num, DOT_PRECISION) + b_suffix_den[None, :]
         if SOFTMAX:
-            b_dlogit = b_dphi * b_phi_k
+            b_pairs = _causal_pair_weights(b_wx_q, b_wx_k, b_c, b_stab, m_pairs, m_f, "f")
+            b_s = tl.sum(b_pairs, 0)
+            b_dlogit = b_wk * b_dsuffix + tl.trans(tl.sum(b_g[None, :, :] * b_pairs, 1))
         else:
+            # [BC, BF] @ [BF, BC] -> [BC, BC] and [BC, BC] @ [BC, BF] -> [BC, BF]
+            b_s = tl.where(m_pairs, tl.dot(b_wq, tl.trans(b_wk), input_precision=DOT_PRECISION), 0.0)
+            b_dphi = b_dsuffix + tl.dot(tl.trans(b_g), b_wq, input_precision=DOT_PRECISION)
             b_dlogit = tl.where(m_kv[:, None] & (b_wx_k > 0), b_dphi, 0.0)
+        # [BC, BC] @ [BC, D] -> [BC, D]
+        b_dv += tl.dot(tl.trans(b_s), b_dnum, input_precision=DOT_PRECISION)
         # [BC, BF] @ [BF, D] -> [BC, D]; W reloaded per chunk (an L2 hit) rather than held across the loop.
         b_dx = tl.dot(b_dlogit, tl.load(p_w_tile, mask=m_f[:, None], other=0.0).to(ACC), input_precision=DOT_PRECISION)
         p_part = p_part_base + o_c.to(tl.int64) * (2 * D + 1)
@@ -815,31 +995,23 @@ def performer_bwd_kernel_causal_dkdv(
         tl.store(p_part[:, None] + D + o_d[None, :], b_dx, mask=m_c[:, None])
         tl.store(p_part + 2 * D, tl.sum(b_dlogit, 1), mask=m_c)
 
-        # Add this chunk's queries that see a key, referred to the smallest of their M_i.
-        m_seen = m_c & (b_den > 0)
-        b_ref_new = tl.minimum(b_ref, tl.min(tl.where(m_seen, b_mk, float("inf")), 0))
-        b_decay = tl.where(b_ref_new == b_ref, 1.0, tl.exp(tl.minimum(b_ref_new - b_ref, 0.0)))
-        b_weight = tl.where(m_seen, tl.exp(tl.minimum(b_ref_new - b_mk, 0.0)), 0.0)
-        b_phi_q = b_phi_q * b_weight[:, None]
         # [BF, BC] @ [BC, D] -> [BF, D]
-        b_suffix_num = b_suffix_num * b_decay + tl.dot(tl.trans(b_phi_q), b_dnum, input_precision=DOT_PRECISION)
-        b_suffix_den = b_suffix_den * b_decay + tl.sum(b_phi_q * b_dden[:, None], 0)
-        b_ref = b_ref_new
+        b_suffix_num = b_suffix_num * b_decay[:, None] + tl.dot(tl.trans(b_wq), b_dnum, input_precision=DOT_PRECISION)
+        b_suffix_den = b_suffix_den * b_decay + tl.sum(b_wq * b_dden[:, None], 0)
 
 
 def _tiles(num_features: int, head_dim: int, dtype: torch.dtype, causal: bool) -> dict:
     """Row tile BM (queries, keys, causal chunks), feature tile BF (>= 16 for tl.dot) and launch options.
 
     Sized so that ptxas (Triton 3.6, sm_80 and sm_90; ``make gpu-static-check``) reports no register
-    spills: the causal kernels hold a (BF, D) fp32 state and several (BM, D) tiles at once, so they take
-    8 warps, the smallest feature tile and, past D = 32, the smallest chunk (more warps or fewer spill
-    more); IEEE float32 dots run on the FMA units and need the most.
+    spills: the causal kernels hold a (BF, D) fp32 state, several (BM, D) tiles and the chunk's pairs'
+    weights, a (BM, BM, BF) block, at once, so they take 8 warps and the smallest feature tile and chunk
+    (more warps or fewer spill more); IEEE float32 dots run on the FMA units and need the most.
     """
     low_precision = dtype in (torch.float16, torch.bfloat16)
     wide = head_dim > 64
     if causal:
-        tile_m = 32 if low_precision and head_dim <= 32 else 16
-        tile_f, num_warps = 16, 8
+        tile_m, tile_f, num_warps = 16, 16, 8
     elif low_precision:
         tile_m, tile_f, num_warps = (32, 32, 8) if wide else (32, 32, 4)
     else:
@@ -848,8 +1020,12 @@ def _tiles(num_features: int, head_dim: int, dtype: torch.dtype, causal: bool) -
     # below 128 registers), the other kernels on 4.
     own_warps = 4 if dtype == torch.float32 and head_dim == 64 else num_warps
     tile_f = max(16, min(tile_f, triton.next_power_of_2(num_features)))
+    # The causal query stabilisers have no (BM, BM, BF) block, only (BM, BF) tiles and dots over D: on 8
+    # warps ptxas held them to 128 registers or fewer and spilled (float16 and bfloat16 at D = 128 with
+    # padding, float32 at D = 64), on 4 they fit.
     return {"BM": tile_m, "BF": tile_f, "num_warps": num_warps, "num_stages": 2,
-            "kernel_warps": {"performer_fwd_kernel_causal": own_warps, "performer_bwd_kernel_dkdv": own_warps}}
+            "kernel_warps": {"performer_fwd_kernel_causal": own_warps, "performer_bwd_kernel_dkdv": own_warps,
+                             "performer_fwd_kernel_causal_query_stabiliser": 4}}
 
 
 def _projection_strides(projection: Tensor) -> tuple[int, int]:
@@ -910,35 +1086,44 @@ class _Problem:
         """num_warps and num_stages of a kernel whose warps ``_tiles`` sets apart from the others'."""
         return {**self.launch, "num_warps": self.tiles["kernel_warps"][kernel]}
 
-    def row_max(self, x: Tensor, is_key: bool) -> Tensor:
-        """Causal: largest logit of each row per query head (B, H, N); keys: -inf where padded (softmax only)."""
-        length = x.shape[2]
-        result = torch.empty((self.batch, self.heads, length), dtype=self.acc, device=x.device)
-        performer_fwd_kernel_row_max[_grid(length, self.tiles["BM"], self.batch, self.heads)](
-            x, self.projection, result, self.padding, *x.stride()[:3], *self.projection_strides, self.stride_pad_b,
-            self.heads, self.group if is_key else 1, length, self.features, self.sqrt_scale, self.scale,
-            IS_KEY=is_key, HAS_PADDING=self.has_padding, BN=self.tiles["BM"], **self.flags, **self.launch,
-        )
-        return result
-
-    def query_max(self, q: Tensor) -> Tensor:
-        """Causal: each query's stabiliser, its largest logit (B, H, Nq); zeros for relu."""
-        if not self.softmax:
-            return torch.zeros((self.batch, self.heads, self.query_len), dtype=self.acc, device=q.device)
-        return self.row_max(q, is_key=False)
-
     def key_stabiliser(self, k: Tensor) -> Tensor:
-        """Softmax: per (query head, feature) the largest key logit over the unpadded keys, (B, H, m)
-        (non-causal), or per (query head, key) the running max of the keys' largest logits, (B, H, Nk)
-        (causal); 0 where no key is unpadded. relu: zeros of that shape."""
+        """Non-causal: per (query head, feature) the largest key logit over the unpadded keys, (B, H, m), 0
+        where no key is unpadded (softmax); zeros for relu."""
         if not self.softmax:
-            length = self.key_len if self.causal else self.features
-            return torch.zeros((self.batch, self.heads, length), dtype=self.acc, device=k.device)
-        if self.causal:
-            stabiliser = self.row_max(k, is_key=True).cummax(-1).values
-        else:
-            stabiliser = self.key_feature_max(k)
+            return torch.zeros((self.batch, self.heads, self.features), dtype=self.acc, device=k.device)
+        stabiliser = self.key_feature_max(k)
         return torch.where(torch.isfinite(stabiliser), stabiliser, torch.zeros_like(stabiliser)).contiguous()
+
+    def causal_stabilisers(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Causal: max W q and c of each query, M_j of each key (B, H, N; M_j -inf before any unpadded key)
+        and the running maxima of every feature after each chunk (B * H, chunks + 1, m; row 0 before any
+        key; see the module docstring), softmax. relu: zeros, and no maxima."""
+        shape = (self.batch, self.heads, self.query_len)
+        if not self.softmax:
+            zeros = torch.zeros(shape, dtype=self.acc, device=q.device)
+            return zeros, zeros, zeros, torch.empty(0, dtype=self.acc, device=q.device)
+        feature_tiles = triton.cdiv(self.features, self.tiles["BF"])
+        chunks = triton.cdiv(self.key_len, self.tiles["BM"])
+        key_max_part = torch.empty((self.batch * self.heads, feature_tiles, self.key_len), dtype=self.acc,
+                                   device=k.device)
+        chunk_max = torch.empty((self.batch * self.heads, chunks + 1, self.features), dtype=self.acc, device=k.device)
+        performer_fwd_kernel_causal_key_max[(self.batch * self.heads, feature_tiles)](
+            k, self.projection, self.padding, key_max_part, chunk_max, *k.stride()[:3], *self.projection_strides,
+            self.stride_pad_b, self.heads, self.group, self.key_len, self.features, feature_tiles, self.sqrt_scale,
+            self.scale, HAS_PADDING=self.has_padding, BC=self.tiles["BM"], **self.flags, **self.launch,
+        )
+        # A max does not depend on the order of the tiles: deterministic.
+        key_stabiliser = key_max_part.amax(1).view(shape)
+        query_max = torch.empty(shape, dtype=self.acc, device=q.device)
+        query_stabiliser = torch.empty_like(query_max)
+        performer_fwd_kernel_causal_query_stabiliser[_grid(self.query_len, self.tiles["BM"], self.batch, self.heads)](
+            q, k, self.projection, self.padding, key_stabiliser, chunk_max, query_max, query_stabiliser,
+            *q.stride()[:3], *k.stride()[:3], *self.projection_strides, self.stride_pad_b, self.heads, self.group,
+            self.query_len, self.features, self.sqrt_scale, self.scale, HAS_PADDING=self.has_padding,
+            BC=self.tiles["BM"], **self.flags,
+            **self.launch_options("performer_fwd_kernel_causal_query_stabiliser"),
+        )
+        return query_max, query_stabiliser, key_stabiliser, chunk_max
 
     def key_feature_max(self, k: Tensor) -> Tensor:
         """Non-causal softmax: the largest logit of each feature over the unpadded keys (B, H, m); -inf if none."""
@@ -1037,13 +1222,14 @@ def _backward_global(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
     return grad_q, grad_k, grad_v
 
 
-def _forward_causal(p: _Problem, q: Tensor, k: Tensor, v: Tensor, key_stabiliser: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _forward_causal(p: _Problem, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     feature_tiles = triton.cdiv(p.features, p.tiles["BF"])
+    stabilisers = p.causal_stabilisers(q, k)
     numden_part = torch.empty((p.batch * p.heads, feature_tiles, p.query_len, p.head_dim + 1), dtype=p.acc,
                               device=q.device)
     state = new_output((p.batch, p.heads, p.features, p.head_dim + 1), p.acc, q.device)
     performer_fwd_kernel_causal[(p.batch * p.heads, feature_tiles)](
-        q, k, v, p.projection, p.query_max(q), key_stabiliser, p.padding, numden_part, state,
+        q, k, v, p.projection, *stabilisers, p.padding, numden_part, state,
         *p.causal_strides(q, k, v), p.heads, p.group, p.query_len, p.features, feature_tiles, p.sqrt_scale, p.scale,
         SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BC=p.tiles["BM"], **p.flags,
         **p.launch_options("performer_fwd_kernel_causal"),
@@ -1053,14 +1239,15 @@ def _forward_causal(p: _Problem, q: Tensor, k: Tensor, v: Tensor, key_stabiliser
     normaliser = numden[..., p.head_dim].contiguous()
     seen = (normaliser > 0).unsqueeze(-1)
     out = torch.where(seen, numden[..., : p.head_dim] / torch.where(seen, normaliser.unsqueeze(-1), 1.0), 0.0)
-    return out.to(q.dtype), normaliser, state
+    key_stabiliser = stabilisers[2]
+    key_stabiliser = torch.where(torch.isfinite(key_stabiliser), key_stabiliser, 0.0).contiguous()
+    return out.to(q.dtype), normaliser, key_stabiliser, state
 
 
 def _backward_causal(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                     normaliser: Tensor, key_stabiliser: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                     normaliser: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     feature_tiles = triton.cdiv(p.features, p.tiles["BF"])
-    query_max = p.query_max(q)
-    arguments = (q, k, v, p.projection, query_max, key_stabiliser, p.padding, grad_out, out, normaliser)
+    arguments = (q, k, v, p.projection, *p.causal_stabilisers(q, k), p.padding, grad_out, out, normaliser)
     strides = (*p.causal_strides(q, k, v)[:-1], *out.stride()[:3], p.stride_pad_b)
     sizes = (p.heads, p.group, p.query_len, p.features, feature_tiles, p.sqrt_scale, p.scale)
     options = dict(SOFTMAX=p.softmax, HAS_PADDING=p.has_padding, BC=p.tiles["BM"], **p.flags, **p.launch)
@@ -1086,15 +1273,18 @@ def performer_fwd(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, kernel: s
                   key_padding_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Output (B, H, Nq, D), normaliser (B, H, Nq), key stabiliser and state (B, H, m, D + 1).
 
-    The key stabiliser is (B, H, m) non-causal (one per feature) and (B, H, Nk) causal (one per key). The
-    statistics are float32 (float64 for float64 inputs); the state is phi(K)^T [V | 1], with the keys
-    stabilised by the last key's stabiliser when causal.
+    The key stabiliser is (B, H, m) non-causal (one per feature) and (B, H, Nk) causal (M_j, one per key,
+    0 before any unpadded key). The statistics are float32 (float64 for float64 inputs); the state is
+    phi(K)^T [V | 1], causal with the keys stabilised by each feature's running maximum after the last
+    key. The causal backward recomputes its stabilisers and reads neither the key stabiliser nor the
+    state.
     """
     _check_arguments(q, k, v, projection, kernel, causal, key_padding_mask, scale)
     p = _Problem(q, k, projection, kernel, causal, key_padding_mask, scale)
+    if causal:
+        return _forward_causal(p, q, k, v)
     key_stabiliser = p.key_stabiliser(k)
-    forward = _forward_causal if causal else _forward_global
-    out, normaliser, state = forward(p, q, k, v, key_stabiliser)
+    out, normaliser, state = _forward_global(p, q, k, v, key_stabiliser)
     return out, normaliser, key_stabiliser, state
 
 
@@ -1123,7 +1313,7 @@ def performer_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, projection:
     grad_out, out = grad_out.contiguous(), out.contiguous()
     normaliser, key_stabiliser, state = normaliser.contiguous(), key_stabiliser.contiguous(), state.contiguous()
     if causal:
-        return _backward_causal(p, grad_out, q, k, v, out, normaliser, key_stabiliser)
+        return _backward_causal(p, grad_out, q, k, v, out, normaliser)
     return _backward_global(p, grad_out, q, k, v, out, normaliser, key_stabiliser, state)
 
 
