@@ -563,7 +563,7 @@ constexpr bool kStateInBf16 = false;
 // feature (k_prefix, n x m, continuing from `before`) and M_j (k_stab: -inf before any unpadded key);
 // relu: the features (k_phi).
 template <typename scalar_t, typename T>
-void causal_keys(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start, int64_t n,
+FASTATTN_VECTOR_CLONES void causal_keys(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start, int64_t n,
                  const T* before, Workspace<T>& w) {
   const int64_t m = p.features;
   key_logits(p, map, b, h, start, n, w);
@@ -596,7 +596,7 @@ std::vector<int64_t> record_features(const Workspace<T>& w, int64_t n, int64_t m
 // Queries [start, start + n) after causal_keys on the same rows: logits, and the base of their weights
 // (q_base): softmax A_if (see kSubBlock), relu the features.
 template <typename scalar_t, typename T>
-void causal_queries(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start,
+FASTATTN_VECTOR_CLONES void causal_queries(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start,
                     int64_t n, Workspace<T>& w) {
   const int64_t m = p.features;
   map.logits(p.q + p.qv.offset(b, h) + start * p.qv.row_stride, p.qv.row_stride, n, w.qx.data(), w.q_logits.data(),
@@ -623,7 +623,7 @@ void causal_queries(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_
 // Query weights in w.q_phi on keys stabilised by `sigma` (per feature): softmax exp(A_if + (sigma_f - M_i)),
 // relu the features; zero rows where dropped[r] (dropped may be null).
 template <typename T>
-void query_weights(Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* sigma, const bool* dropped) {
+FASTATTN_VECTOR_CLONES void query_weights(Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* sigma, const bool* dropped) {
   for (int64_t r = 0; r < n; ++r) {
     T* out = w.q_phi.data() + r * m;
     const T* base = w.q_base.data() + r * m;
@@ -651,7 +651,7 @@ void zero_columns(T* rows, int64_t n, int64_t m, const std::vector<int64_t>& col
 // Key weights in w.k_phi against per-feature stabilisers `sigma` (softmax: exp(l - sigma), zero for padded
 // keys; relu: the features, as they are).
 template <typename T>
-void key_weights(Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* sigma) {
+FASTATTN_VECTOR_CLONES void key_weights(Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* sigma) {
   if (!softmax) return;
   for (int64_t r = 0; r < n; ++r) {
     T* out = w.k_phi.data() + r * m;
@@ -677,7 +677,7 @@ void record_weights(const Workspace<T>& w, int64_t m, const std::vector<int64_t>
 // Rows f of a state (m x (D + 1)) times exp(low_f - high_f) <= 1 (low <= high): a state of keys moving to a
 // larger stabiliser (exp(l - s)), or one of queries moving to a smaller one (exp(... + s)).
 template <typename T>
-void decay_rows(T* state, int64_t m, int64_t dim, const T* low, const T* high) {
+FASTATTN_VECTOR_CLONES void decay_rows(T* state, int64_t m, int64_t dim, const T* low, const T* high) {
   for (int64_t f = 0; f < m; ++f) {
     if (low[f] == high[f]) continue;
     const T decay = cpu::exp_acc(low[f] - high[f]);
@@ -695,7 +695,7 @@ void causal_products(bool bf16, int64_t n, int64_t k, const T* a, const T* b, T*
 // out (n x m) += transposed^T o weights, transposed (m x n): the products of a state with the sub-block's
 // rows come out transposed (state x rows^T), which is cheaper than transposing the state for each sub-block.
 template <typename T>
-void add_transposed_times(const T* transposed, const T* weights, int64_t n, int64_t m, T* out) {
+FASTATTN_VECTOR_CLONES void add_transposed_times(const T* transposed, const T* weights, int64_t n, int64_t m, T* out) {
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t f = 0; f < m; ++f) out[i * m + f] += transposed[f * n + i] * weights[i * m + f];
   }
@@ -704,7 +704,7 @@ void add_transposed_times(const T* transposed, const T* weights, int64_t n, int6
 // Causal forward of head (b, h): outputs (write_outputs(start, n) turns the first n rows of w.numden into
 // them), the stabilisers M_j and the final state.
 template <typename scalar_t, typename WriteOutputs>
-void forward_causal(const Problem<scalar_t>& p, int64_t b, int64_t h, Workspace<at::opmath_type<scalar_t>>& w,
+FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b, int64_t h, Workspace<at::opmath_type<scalar_t>>& w,
                     at::opmath_type<scalar_t>* stab_ptr, at::opmath_type<scalar_t>* state,
                     const WriteOutputs& write_outputs) {
   using T = at::opmath_type<scalar_t>;
@@ -764,7 +764,7 @@ void forward_causal(const Problem<scalar_t>& p, int64_t b, int64_t h, Workspace<
 // ([dnum | dden] state^T) o (its query weights), the sub-block's pairs as in the forward, with
 // g_ij = [dnum_i | dden_i] . [v_j | 1].
 template <typename scalar_t>
-void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, const scalar_t* go_ptr,
+FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, const scalar_t* go_ptr,
                              const scalar_t* out_ptr, const HeadView& ov, const HeadView& gov,
                              const at::opmath_type<scalar_t>* norm_ptr, scalar_t* gq_ptr, const HeadView& gqv,
                              Workspace<at::opmath_type<scalar_t>>& w, std::vector<at::opmath_type<scalar_t>>& state) {
@@ -826,7 +826,7 @@ void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, c
 // the sub-block's own pairs as in the forward. The running maxima at each sub-block's end come from a
 // first pass over the keys. gk_ptr, gv_ptr: per query head, of type grad_t.
 template <typename scalar_t, typename grad_t>
-void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, const scalar_t* go_ptr,
+FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, const scalar_t* go_ptr,
                           const scalar_t* out_ptr, const HeadView& ov, const HeadView& gov,
                           const at::opmath_type<scalar_t>* norm_ptr, grad_t* gk_ptr, const HeadView& gkv,
                           grad_t* gv_ptr, const HeadView& gvv, Workspace<at::opmath_type<scalar_t>>& w,
