@@ -411,6 +411,7 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __m512 exp_coarse(__m512 x) {
 }
 
 FASTATTN_BF16_PRODUCTS_TARGET inline __mmask16 first_lanes(int64_t count) {
+  if (count <= 0) return 0;
   return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
 }
 
@@ -468,9 +469,63 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __mmask16 first_lanes(int64_t count) {
     }
   }
 }
+
+// The pair-interleaved B operand of src^T (src: rows x cols float, leading dimension src_ld), rounded to
+// bfloat16 as narrow_operand_row does: dst[(c / 2) * 2 * dst_ld + 2 * r + c % 2] = src[r][c], a zero pad when
+// cols is odd. A row's columns 2w and 2w + 1 narrow into one 32-bit word, so blocks of 16 rows x 16 words
+// are transposed in registers (transpose_16x16).
+[[maybe_unused]] FASTATTN_BF16_PRODUCTS_TARGET void pair_transposed_operand(const float* src, int64_t src_ld,
+                                                                            int64_t rows, int64_t cols,
+                                                                            uint16_t* dst, int64_t dst_ld) {
+  const int64_t words = (cols + 1) / 2;
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const __mmask16 out_lanes = first_lanes(rows - r0);
+    for (int64_t w0 = 0; w0 < words; w0 += 16) {
+      const int64_t c0 = 2 * w0;
+      const __mmask16 low_columns = first_lanes(cols - c0), high_columns = first_lanes(cols - c0 - 16);
+      __m512 block[16];
+      for (int64_t r = 0; r < 16; ++r) {
+        if (r0 + r >= rows) {
+          block[r] = _mm512_setzero_ps();
+          continue;
+        }
+        const float* row = src + (r0 + r) * src_ld + c0;
+        const __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(high_columns, row + 16),
+                                                   _mm512_maskz_loadu_ps(low_columns, row));
+        block[r] = reinterpret_cast<const __m512&>(pairs);
+      }
+      transpose_16x16(block);
+      for (int64_t w = 0; w < 16 && w0 + w < words; ++w) {
+        _mm512_mask_storeu_epi32(dst + (w0 + w) * 2 * dst_ld + 2 * r0, out_lanes, _mm512_castps_si512(block[w]));
+      }
+    }
+  }
+}
+
+// narrow_pair_rows rounded as narrow_operand_row does, for the B operands of bf16 products.
+[[maybe_unused]] FASTATTN_BF16_PRODUCTS_TARGET void narrow_pair_operand_rows(const float* first, const float* second,
+                                                                             uint32_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 lanes = first_lanes(n - i);
+    const __m512i low = _mm512_cvtepu16_epi32(
+        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(lanes, first + i))));
+    const __m512i high = _mm512_cvtepu16_epi32(
+        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(lanes, second + i))));
+    _mm512_mask_storeu_epi32(out + i, lanes, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+  }
+}
 #pragma GCC diagnostic pop
 #else
 // Elsewhere bf16 products do not run (bf16_products()); these keep the kernels compiling.
+[[maybe_unused]] void pair_transposed_operand(const float* src, int64_t src_ld, int64_t rows, int64_t cols,
+                                              uint16_t* dst, int64_t dst_ld) {
+  for (int64_t c = 0; c < cols + cols % 2; ++c) {
+    for (int64_t r = 0; r < rows; ++r) dst[(c / 2) * 2 * dst_ld + 2 * r + c % 2] = c < cols ? narrow(src[r * src_ld + c]) : 0;
+  }
+}
+[[maybe_unused]] void narrow_pair_operand_rows(const float* first, const float* second, uint32_t* out, int64_t n) {
+  narrow_pair_rows(first, second, out, n);
+}
 [[maybe_unused]] float exp_scaled_sum_bf16(const float* row, int64_t n, float scale, float max, uint16_t* probs) {
   float sum = 0;
   for (int64_t j = 0; j < n; ++j) {
@@ -498,8 +553,8 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __mmask16 first_lanes(int64_t count) {
 }  // namespace
 
 // The pair-interleaved B operand of product() from a (rows x cols) matrix `src` (leading dimension src_ld,
-// bfloat16, or float rounded to nearest even): dst[(r / 2) * 2 * dst_ld + 2 * c + r % 2] = src[r][c], a zero
-// pad row when rows is odd.
+// bfloat16, or float rounded as narrow_operand_row does, so only where bf16_products() holds):
+// dst[(r / 2) * 2 * dst_ld + 2 * c + r % 2] = src[r][c], a zero pad row when rows is odd.
 template <typename In>
 inline void pair_rows(const In* src, int64_t src_ld, int64_t rows, int64_t cols, c10::BFloat16* dst, int64_t dst_ld) {
   for (int64_t r = 0; r < rows; r += 2) {
@@ -510,7 +565,7 @@ inline void pair_rows(const In* src, int64_t src_ld, int64_t rows, int64_t cols,
       for (int64_t c0 = 0; c0 < cols; c0 += 256) {
         const int64_t n = std::min<int64_t>(256, cols - c0);
         const float* second = r + 1 < rows ? first + src_ld + c0 : zeros;
-        narrow_pair_rows(first + c0, second, reinterpret_cast<uint32_t*>(out + 2 * c0), n);
+        narrow_pair_operand_rows(first + c0, second, reinterpret_cast<uint32_t*>(out + 2 * c0), n);
       }
     } else {
       static_assert(std::is_same_v<In, c10::BFloat16>, "pair_rows: float or bfloat16 rows");

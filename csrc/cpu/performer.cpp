@@ -163,8 +163,9 @@ at::Tensor paired_operands(const at::Tensor& t) {
 
 // tile_product's bf16 products: A rounded to bfloat16 in rows of an even length (a zero pad column when k is
 // odd), B rounded and pair-interleaved (cpu::product), or given so (b_pairs: B's rows paired at their leading
-// dimension ldb, as paired_operands does). One product over the whole inner dimension: float's chunks bound
-// the rounding of long float32 sums, far below that of operands rounded to bfloat16.
+// dimension ldb, as paired_operands does). One product over the whole inner dimension, added into C directly:
+// float's chunks and separate sums bound the rounding of long float32 sums, far below that of operands
+// rounded to bfloat16.
 void bf16_tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
                        const float* a, int64_t lda, const float* b, int64_t ldb, bool accumulate, float* c,
                        int64_t ldc, const c10::BFloat16* b_pairs) {
@@ -185,14 +186,14 @@ void bf16_tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n,
     pairs_ld = n;
     c10::BFloat16* b_converted = scratch(b_converted_buffer, k_even * n);
     if (transpose_b) {
-      cpu::pair_transposed(b, ldb, n, k, 1.0f, b_converted, n);
+      cpu::pair_transposed_operand(b, ldb, n, k, reinterpret_cast<uint16_t*>(b_converted), n);
     } else {
       cpu::pair_rows(b, ldb, k, n, b_converted, n);
     }
     b_pairs = b_converted;
   }
-  if (!accumulate && alpha == 1.0f) {
-    cpu::product(m, n, k_even, a_rows, k_even, b_pairs, pairs_ld, c, ldc, false);
+  if (alpha == 1.0f) {
+    cpu::product(m, n, k_even, a_rows, k_even, b_pairs, pairs_ld, c, ldc, accumulate);
     return;
   }
   float* partial = scratch(partial_buffer, m * n);
@@ -554,11 +555,6 @@ void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_
 // weights (and underflow them). relu: the features relu(l) + eps, plain products, no records.
 constexpr int64_t kSubBlock = 16;
 
-// The products of the causal sweeps run in float32 even for bfloat16 inputs: the state changes every
-// sub-block, and rounding and pair-interleaving it for bf16 products each time costs more than the float32
-// product of a sub-block (measured: bf16 causal fwd+bwd 103 ms with them, 84 ms without, 1 thread).
-constexpr bool kStateInBf16 = false;
-
 // Keys [start, start + n) of head (b, h): logits and padding flags; softmax: the running maxima of each
 // feature (k_prefix, n x m, continuing from `before`) and M_j (k_stab: -inf before any unpadded key);
 // relu: the features (k_phi).
@@ -710,7 +706,6 @@ FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
   const auto map = p.feature_map(h);
-  const bool bf16 = w.bf16 && kStateInBf16;
   std::vector<T> sigma(m, -std::numeric_limits<T>::infinity()), weights(m);
   bool have_state = false;
   std::fill(state, state + m * (dim + 1), T(0));
@@ -731,13 +726,13 @@ FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b
     // as a masked product (there are none before the state has a key), the records one by one.
     if (have_state || !p.softmax) query_weights(w, n, m, p.softmax, sigma.data(), nullptr);
     if (have_state) {
-      tile_product(bf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state, dim + 1, false,
+      tile_product(w.bf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state, dim + 1, false,
                    w.numden.data(), dim + 1);
     }
     if (have_state || !p.softmax) {
       zero_columns(w.q_phi.data(), n, m, records);
-      causal_products(bf16, n, m, w.q_phi.data(), w.k_phi.data(), w.scores.data());
-      tile_product(bf16, false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1,
+      causal_products(w.bf16, n, m, w.q_phi.data(), w.k_phi.data(), w.scores.data());
+      tile_product(w.bf16, false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1,
                    true, w.numden.data(), dim + 1);
     }
     for (int64_t i = 0; i < n && !records.empty(); ++i) {
@@ -754,7 +749,7 @@ FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b
     if (std::all_of(w.k_dropped, w.k_dropped + n, [](bool dropped) { return dropped; })) continue;
     if (have_state) decay_rows(state, m, dim, sigma.data(), after);
     std::copy(after, after + m, sigma.begin());
-    tile_product(bf16, true, false, m, dim + 1, n, T(1), w.k_phi.data(), m, w.values.data(), dim + 1,
+    tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.k_phi.data(), m, w.values.data(), dim + 1,
                  have_state, state, dim + 1);
     have_state = true;
   }
@@ -771,7 +766,6 @@ FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, 
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
   const auto map = p.feature_map(h);
-  const bool bf16 = w.bf16 && kStateInBf16;
   std::vector<T> sigma(m, -std::numeric_limits<T>::infinity()), weights(m), pair_grads(kSubBlock * m);
   bool have_state = false;
   for (int64_t start = 0; start < p.key_len; start += kSubBlock) {
@@ -784,17 +778,17 @@ FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, 
     const std::vector<int64_t> records = record_features(w, n, m, p.softmax, sigma.data());
     const T* after = p.softmax ? w.k_prefix.data() + (n - 1) * m : sigma.data();
     key_weights(w, n, m, p.softmax, after);
-    causal_products(bf16, n, dim + 1, w.grads.data(), w.values.data(), w.scores.data());  // g_ij, j <= i
+    causal_products(w.bf16, n, dim + 1, w.grads.data(), w.values.data(), w.scores.data());  // g_ij, j <= i
     std::fill(w.dphi.begin(), w.dphi.begin() + n * m, T(0));
     if (have_state || !p.softmax) query_weights(w, n, m, p.softmax, sigma.data(), w.q_dropped);
     if (have_state) {
-      tile_product(bf16, false, true, m, n, dim + 1, T(1), state.data(), dim + 1, w.grads.data(), dim + 1,
+      tile_product(w.bf16, false, true, m, n, dim + 1, T(1), state.data(), dim + 1, w.grads.data(), dim + 1,
                    false, pair_grads.data(), n);
       add_transposed_times(pair_grads.data(), w.q_phi.data(), n, m, w.dphi.data());
     }
     if (have_state || !p.softmax) {
       zero_columns(w.q_phi.data(), n, m, records);
-      tile_product(bf16, false, false, n, m, n, T(1), w.scores.data(), n, w.k_phi.data(), m, false,
+      tile_product(w.bf16, false, false, n, m, n, T(1), w.scores.data(), n, w.k_phi.data(), m, false,
                    pair_grads.data(), m);
       for (int64_t i = 0; i < n * m; ++i) w.dphi[i] += w.q_phi[i] * pair_grads[i];
     }
@@ -814,7 +808,7 @@ FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, 
     if (std::all_of(w.k_dropped, w.k_dropped + n, [](bool dropped) { return dropped; })) continue;
     if (have_state) decay_rows(state.data(), m, dim, sigma.data(), after);
     std::copy(after, after + m, sigma.begin());
-    tile_product(bf16, true, false, m, dim + 1, n, T(1), w.k_phi.data(), m, w.values.data(), dim + 1,
+    tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.k_phi.data(), m, w.values.data(), dim + 1,
                  have_state, state.data(), dim + 1);
     have_state = true;
   }
@@ -834,7 +828,6 @@ FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
   const auto map = p.feature_map(h);
-  const bool bf16 = w.bf16 && kStateInBf16;
   const int64_t blocks = ceil_div(p.key_len, kSubBlock);
   // maxima[J + 1]: the running maxima after sub-block J (maxima[0]: -inf, before any key). relu: unused.
   std::vector<T> maxima(p.softmax ? (blocks + 1) * m : m, -std::numeric_limits<T>::infinity());
@@ -860,22 +853,22 @@ FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int
     std::fill(w.dphi.begin(), w.dphi.begin() + n * m, T(0));
     // Later sub-blocks: dv_j = exp(l_j - rho) R_num, d(weights)_j = exp(l_j - rho) o (R [v_j | 1]).
     if (have_suffix) {
-      tile_product(bf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, suffix.data(), dim + 1, false,
+      tile_product(w.bf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, suffix.data(), dim + 1, false,
                    dv.data(), dim);
-      tile_product(bf16, false, true, m, n, dim + 1, T(1), suffix.data(), dim + 1, w.values.data(), dim + 1,
+      tile_product(w.bf16, false, true, m, n, dim + 1, T(1), suffix.data(), dim + 1, w.values.data(), dim + 1,
                    false, pair_grads.data(), n);
       add_transposed_times(pair_grads.data(), w.k_phi.data(), n, m, w.dphi.data());
     }
-    causal_products(bf16, n, dim + 1, w.grads.data(), w.values.data(), w.scores.data());  // g_ij, j <= i
+    causal_products(w.bf16, n, dim + 1, w.grads.data(), w.values.data(), w.scores.data());  // g_ij, j <= i
     // The sub-block's pairs through the features it leaves alone (the key weights of the records zeroed):
     // weights e = Q K^T (j <= i), dv += e^T dnum, d(weights)_k += K o (g^T Q).
     query_weights(w, n, m, p.softmax, before, w.q_dropped);
     if (block > 0 || !p.softmax) {
       zero_columns(w.k_phi.data(), n, m, records);
-      causal_products(bf16, n, m, w.q_phi.data(), w.k_phi.data(), pair_weights.data());
-      tile_product(bf16, true, false, n, dim, n, T(1), pair_weights.data(), n, w.grads.data(), dim + 1, true,
+      causal_products(w.bf16, n, m, w.q_phi.data(), w.k_phi.data(), pair_weights.data());
+      tile_product(w.bf16, true, false, n, dim, n, T(1), pair_weights.data(), n, w.grads.data(), dim + 1, true,
                    dv.data(), dim);
-      tile_product(bf16, true, false, n, m, n, T(1), w.scores.data(), n, w.q_phi.data(), m, false,
+      tile_product(w.bf16, true, false, n, m, n, T(1), w.scores.data(), n, w.q_phi.data(), m, false,
                    pair_grads.data(), m);
       for (int64_t i = 0; i < n * m; ++i) w.dphi[i] += w.k_phi[i] * pair_grads[i];
     }
@@ -903,7 +896,7 @@ FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int
     if (block == 0) break;
     // This sub-block's queries join the suffix state, which moves to the maxima before the sub-block.
     if (have_suffix && p.softmax) decay_rows(suffix.data(), m, dim, before, after);
-    tile_product(bf16, true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1,
+    tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1,
                  have_suffix, suffix.data(), dim + 1);
     have_suffix = true;
   }
