@@ -110,6 +110,38 @@ FASTATTN_VECTOR_CLONES void exp_of_difference(const T* in, const T* shift, T* ou
   for (int64_t f = 0; f < n; ++f) out[f] = cpu::exp_acc(in[f] - shift[f]);
 }
 
+// base = row - row_max; returns the maximum over f of base_f + (prefix_f - stab), c_i of kSubBlock (NaN is
+// skipped, as max_of does).
+template <typename T>
+FASTATTN_VECTOR_CLONES T query_base_and_peak(T* base, const T* row, T row_max, const T* prefix, T stab, int64_t n) {
+  T partial[kMaxLanes];
+  std::fill(partial, partial + kMaxLanes, -std::numeric_limits<T>::infinity());
+  const auto step = [&](int64_t f, int64_t l) {
+    base[f] = row[f] - row_max;
+    const T gap = base[f] + (prefix[f] - stab);
+    partial[l] = gap > partial[l] ? gap : partial[l];
+  };
+  int64_t f = 0;
+  for (; f + kMaxLanes <= n; f += kMaxLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kMaxLanes; ++l) step(f + l, l);
+  }
+  for (int64_t l = 0; f < n; ++f, ++l) step(f, l);
+  return max_of_partials(partial);
+}
+
+// out = exp(base + (shift - offset)), shift per element (a query's weights, see kSubBlock).
+template <typename T>
+FASTATTN_VECTOR_CLONES void exp_of_shifted_sum(const T* base, const T* shift, T offset, T* out, int64_t n) {
+  for (int64_t f = 0; f < n; ++f) out[f] = cpu::exp_acc(base[f] + (shift[f] - offset));
+}
+
+// out = max(previous, row) element by element (a NaN in row is skipped); returns the maximum of out.
+template <typename T>
+FASTATTN_VECTOR_CLONES T running_max_and_max(T* out, const T* previous, const T* row, int64_t n) {
+  return transform_and_max(out, n, [&](int64_t f) { return row[f] > previous[f] ? row[f] : previous[f]; });
+}
+
 // running = max(running, row) element by element (a NaN in row is skipped).
 template <typename T>
 FASTATTN_VECTOR_CLONES void max_into(T* running, const T* row, int64_t n) {
@@ -571,10 +603,8 @@ FASTATTN_VECTOR_CLONES void causal_keys(const Problem<scalar_t>& p, const Featur
   for (int64_t r = 0; r < n; ++r) {
     const T* previous = r == 0 ? before : w.k_prefix.data() + (r - 1) * m;
     T* prefix = w.k_prefix.data() + r * m;
-    const T* lr = w.k_logits.data() + r * m;
-    std::copy(previous, previous + m, prefix);
-    if (!w.k_dropped[r]) max_into(prefix, lr, m);
-    w.k_stab[r] = cpu::max_of(prefix, m);
+    const T* lr = w.k_dropped[r] ? previous : w.k_logits.data() + r * m;
+    w.k_stab[r] = running_max_and_max(prefix, previous, lr, m);
   }
 }
 
@@ -601,17 +631,12 @@ FASTATTN_VECTOR_CLONES void causal_queries(const Problem<scalar_t>& p, const Fea
     map.phi(w.q_logits.data(), n, w.q_max.data(), nullptr, w.q_base.data());
     return;
   }
-  std::vector<T> gaps(m);
   for (int64_t r = 0; r < n; ++r) {
-    const T* lr = w.q_logits.data() + r * m;
-    const T* prefix = w.k_prefix.data() + r * m;
     T* base = w.q_base.data() + r * m;
-    for (int64_t f = 0; f < m; ++f) {
-      base[f] = lr[f] - w.q_max[r];
-      gaps[f] = base[f] + (prefix[f] - w.k_stab[r]);
-    }
+    const T peak = query_base_and_peak(base, w.q_logits.data() + r * m, w.q_max[r], w.k_prefix.data() + r * m,
+                                       w.k_stab[r], m);
     // A row before any unpadded key sees none: its weights are never used (c_i would be NaN).
-    const T peak = w.k_stab[r] > -std::numeric_limits<T>::infinity() ? cpu::max_of(gaps.data(), m) : T(0);
+    if (!(w.k_stab[r] > -std::numeric_limits<T>::infinity())) continue;
     for (int64_t f = 0; f < m; ++f) base[f] -= peak;
   }
 }
@@ -628,8 +653,7 @@ FASTATTN_VECTOR_CLONES void query_weights(Workspace<T>& w, int64_t n, int64_t m,
       continue;
     }
     if (softmax) {
-      for (int64_t f = 0; f < m; ++f) out[f] = base[f] + (sigma[f] - w.k_stab[r]);
-      cpu::exp_shifted(out, out, m, T(0));
+      exp_of_shifted_sum(base, sigma, w.k_stab[r], out, m);
     } else {
       std::copy(base, base + m, out);
     }
