@@ -270,18 +270,22 @@ def test_bigbird_attention_is_block_sparse_with_bigbird_layout(causal):
 
 
 # The backward splits its work by heads when there are at least 4 per thread, by key blocks otherwise: with
-# 6 heads, 1 thread and 2 or more threads take the two ways, which must give the same bits.
+# 6 heads, 1 thread and 2 or more threads take the two ways, which must give the same bits. (By heads, each
+# pair's share of dQ is added to dQ by its tile product; by key blocks, the shares are summed in a second
+# pass: the same bits only if the product adds C to its finished sum, as oneDNN's brgemm does.)
+@pytest.mark.parametrize("dtype, bf16_products", CPU_DTYPES, ids=CPU_DTYPE_IDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["non-causal", "causal"])
-def test_deterministic_whatever_the_thread_count(causal):
+def test_deterministic_whatever_the_thread_count(causal, dtype, bf16_products, monkeypatch):
+    allow_bf16_products(monkeypatch, bf16_products)
     inputs = Case(2, 3, 200, 200, 64, 32, layout="bigbird-per-head", causal=causal, padding=True).make_inputs()
     results = []
     threads = torch.get_num_threads()
     try:
         for count in (max(threads, 2), 1, max(threads, 2), 3):
             torch.set_num_threads(count)
-            q, k, v = (inputs[name].clone().requires_grad_() for name in ("q", "k", "v"))
+            q, k, v = (inputs[name].to(dtype).clone().requires_grad_() for name in ("q", "k", "v"))
             out = _cpu_kernel(q, k, v, inputs["layout"], causal, inputs["key_padding_mask"], None)
-            out.sum().backward()
+            out.float().square().sum().backward()
             results.append((out, q.grad, k.grad, v.grad))
     finally:
         torch.set_num_threads(threads)

@@ -502,8 +502,7 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   // One pass over the key blocks of a head, each over the query blocks that list it (the transposed CSR),
   // in transposed form: S^T = K Q^T, P^T = exp(scale S^T - lse), dV += P^T dO, dP^T = V dO^T,
   // dS^T = scale P^T (dP^T - delta), dK += dS^T Q, and the pair's share of dQ, dS K, which
-  // dq_share(position, qb) says where to write and dq_shared(position, qb, rows) is called with once it is
-  // there. Five tile products per pair of blocks. S^T repeats the forward's products (the same exactly
+  // dq_share(position, qb, rows) says where to write or add (a ShareTarget). Five tile products per pair of blocks. S^T repeats the forward's products (the same exactly
   // rounded terms summed in the same order), so that P is exactly 1 where the forward's softmax saturated
   // on one key.
   // Consecutive query blocks that list the key block are taken as one run (BigBird's window is a run of
@@ -532,11 +531,16 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
     const op_t *q_t, *do_t, *k_t;
     int64_t ld_q, ld_k;
   };
+  // Where a run's share of dQ^T (dim x rows) goes: written at `data` (leading dimension ld), or added there.
+  struct ShareTarget {
+    accum_t* data;
+    int64_t ld;
+    bool accumulate;
+  };
   // Query head h's share of dK and dV of key block kb is added to acc_k and acc_v (cols x D each): the
   // shares of the heads of a group (grouped-query attention) are summed there, in head order.
   const auto key_block_grads = [&](int64_t b, int64_t h, int64_t kb, const TransposedOperands& ops,
-                                   accum_t* scratch, accum_t* acc_k, accum_t* acc_v, const auto& dq_share,
-                                   const auto& dq_shared) {
+                                   accum_t* scratch, accum_t* acc_k, accum_t* acc_v, const auto& dq_share) {
     accum_t* probs_t = scratch;
     accum_t* dp_t = probs_t + bs * run_rows;
     // The operands of P^T dO, dS^T Q and K^T dS^T: P^T and dS^T themselves, or rounded to bfloat16.
@@ -604,9 +608,9 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
       }
       tile_gemm(cols, dim, inner_rows, ds_op, inner_rows, q_head + r0 * dim, dim, acc_k, dim, true);
       // The run's share of dQ, transposed (dQ^T = K^T dS^T, dim x rows), so that dS^T needs no transposing.
-      accum_t* share_t = dq_share(idx);
-      tile_gemm(dim, rows, kPaired ? cols + cols % 2 : cols, k_t_tile, ops.ld_k, ds_pairs, ld, share_t, rows, false);
-      dq_shared(qb, rows);
+      const ShareTarget share = dq_share(idx, qb, rows);
+      tile_gemm(dim, rows, kPaired ? cols + cols % 2 : cols, k_t_tile, ops.ld_k, ds_pairs, ld, share.data, share.ld,
+                share.accumulate);
     });
   };
 
@@ -624,11 +628,11 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
     const int64_t ld_q = padded_ld(p.query_len), ld_k = padded_ld(p.key_len), head_len = p.query_len * dim;
     // The transposed operands in op_t, counted in accum_t (ld_q and ld_k are even).
     const int64_t operand_size = dim * (2 * ld_q + ld_k) * sizeof(op_t) / sizeof(accum_t);
-    for_each_item<accum_t>(kv_heads_total, pair_scratch + run_rows * dim + dim * ld_q + operand_size + 2 * kv_len,
+    for_each_item<accum_t>(kv_heads_total, pair_scratch + bs * dim + dim * ld_q + operand_size + 2 * kv_len,
                            [&](int64_t item, accum_t* scratch) {
       const int64_t kv_head = item % p.kv_heads, b = item / p.kv_heads;
-      accum_t* share_t = scratch + pair_scratch;
-      accum_t* dq_t = share_t + run_rows * dim;  // dQ^T of the head, dim x ld_q
+      accum_t* dq_block = scratch + pair_scratch;  // a query block of dQ, bs x dim
+      accum_t* dq_t = dq_block + bs * dim;  // dQ^T of the head, dim x ld_q
       op_t* q_t = reinterpret_cast<op_t*>(dq_t + dim * ld_q);
       op_t* do_t = q_t + dim * ld_q;
       op_t* k_t = do_t + dim * ld_q;
@@ -647,17 +651,17 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
         transpose_operand<kPaired>(do_in_rows(b, h, p.heads), p.query_len, dim, do_t, ld_q);
         const TransposedOperands ops{q_t, do_t, k_t, ld_q, ld_k};
         std::fill(dq_t, dq_t + dim * ld_q, accum_t(0));
-        const auto to_share = [&](int64_t) { return share_t; };
-        const auto add_share = [&](int64_t qb, int64_t rows) {
-          for (int64_t d = 0; d < dim; ++d) add_rows(share_t + d * rows, dq_t + d * ld_q + qb * bs, rows);
-        };
+        // Each share is added to dQ^T by its product: oneDNN's brgemm adds C to the finished sum over the
+        // inner dimension, so dQ rounds as the sum of its shares, bit for bit as the slots' second pass
+        // below sums them (test_deterministic_whatever_the_thread_count).
+        const auto add_share = [&](int64_t, int64_t qb, int64_t) { return ShareTarget{dq_t + qb * bs, ld_q, true}; };
         for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
-          key_block_grads(b, h, kb, ops, scratch, acc_k + kb * bs * dim, acc_v + kb * bs * dim, to_share, add_share);
+          key_block_grads(b, h, kb, ops, scratch, acc_k + kb * bs * dim, acc_v + kb * bs * dim, add_share);
         }
         for (int64_t qb = 0; qb < p.query_blocks; ++qb) {
           const int64_t rows = p.query_rows(qb);
-          transpose_tile(dq_t + qb * bs, ld_q, dim, rows, share_t, dim);
-          store_rows(share_t, grad_q_data + (b * p.heads + h) * head_len + qb * bs * dim, rows * dim);
+          transpose_tile(dq_t + qb * bs, ld_q, dim, rows, dq_block, dim);
+          store_rows(dq_block, grad_q_data + (b * p.heads + h) * head_len + qb * bs * dim, rows * dim);
         }
       }
       store_rows(acc_k, grad_k_data + item * kv_len, kv_len);
@@ -683,11 +687,12 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
     std::fill(acc_k, acc_k + 2 * bs * dim, accum_t(0));
     for (int64_t h = kv_head * p.group(); h < (kv_head + 1) * p.group(); ++h) {
       accum_t* head_shares = shares_data + (b * p.heads + h) * capacity * share_size;
-      const auto to_slot = [&](int64_t idx) { return head_shares + idx * share_size; };
-      const auto nothing = [](int64_t, int64_t) {};
+      const auto to_slot = [&](int64_t idx, int64_t, int64_t rows) {
+        return ShareTarget{head_shares + idx * share_size, rows, false};
+      };
       const TransposedOperands ops{qt_heads(b, h, p.heads), dot_heads(b, h, p.heads),
                                    kt_heads(b, kv_head, p.kv_heads), qt_heads.ld, kt_heads.ld};
-      key_block_grads(b, h, kb, ops, scratch, acc_k, acc_v, to_slot, nothing);
+      key_block_grads(b, h, kb, ops, scratch, acc_k, acc_v, to_slot);
     }
     const int64_t first_key = (b * p.kv_heads + kv_head) * p.key_len + kb * bs;
     const int64_t cols = std::min(bs, p.key_len - kb * bs);

@@ -235,10 +235,11 @@ void bf16_tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n,
 
 // Row-major C (m x n) = alpha op(A) op(B), added to C when `accumulate`. Float goes to cpu::product
 // (oneDNN's small-matrix kernels, several times faster than BLAS on these tiles) with transposed operands
-// copied into thread scratch; double (gradcheck) to BLAS. A product that is added goes through scratch
-// and is then summed into C: the kernels keep one running sum over their inner dimension, C included,
-// so adding a tile's product directly would make the sums over the sequence round like one long dot
-// product. A thread that ran float products calls release_products<T>() when its work is done.
+// copied into thread scratch; double (gradcheck) to BLAS. A product that is added is added by oneDNN,
+// which adds C to the finished sum over the inner dimension (in chunks of kInnerChunk), so that sums over
+// the sequence round as sums of the tiles' sums, not as one long dot product (the block-sparse kernel's
+// test_deterministic_whatever_the_thread_count relies on the same). alpha != 1 goes through scratch.
+// A thread that ran float products calls release_products<T>() when its work is done.
 //
 // With `bf16` (bfloat16 inputs on a CPU with bf16 units, cpu::bf16_products), float operands are rounded to
 // bfloat16 once per tile, A in rows and B pair-interleaved, and multiplied with float32 accumulation.
@@ -265,15 +266,16 @@ void tile_product(bool bf16, bool transpose_a, bool transpose_b, int64_t m, int6
       b = b_t;
       ldb = n;
     }
-    if (!accumulate && alpha == 1.0f && k <= kInnerChunk) {
-      cpu::product(m, n, k, a, lda, b, ldb, c, ldc, false);
-      return;
-    }
-    float* partial = scratch(partial_buffer, m * n);
     for (int64_t first = 0; first < k; first += kInnerChunk) {
       const int64_t depth = std::min(kInnerChunk, k - first);
+      const bool add = accumulate || first > 0;
+      if (alpha == 1.0f) {
+        cpu::product(m, n, depth, a + first, lda, b + first * ldb, ldb, c, ldc, add);
+        continue;
+      }
+      float* partial = scratch(partial_buffer, m * n);
       cpu::product(m, n, depth, a + first, lda, b + first * ldb, ldb, partial, n, false);
-      add_partial(partial, m, n, alpha, accumulate || first > 0, c, ldc);
+      add_partial(partial, m, n, alpha, add, c, ldc);
     }
   }
 }
