@@ -36,9 +36,10 @@ using cpu::HeadView;
 
 constexpr int64_t kQueryTile = 256;
 constexpr int64_t kKeyTile = 1024;
-// Sums over the sequence (K' = P_k K, dK'^T = sum of Q^T dS over query tiles) add one partial product per
-// chunk of this many rows: a micro-kernel accumulates its inner dimension in one running sum, so a single
-// product over thousands of rows would round several times worse than BLAS, which blocks that dimension.
+// Sums over the sequence (K' = P_k K, dK'^T = sum of Q^T dS over query tiles) add one product per chunk of
+// this many rows: a micro-kernel accumulates its inner dimension in one running sum, so a single product over
+// thousands of rows would round several times worse than BLAS, which blocks that dimension. Each chunk's
+// product adds its finished sum to C (oneDNN's brgemm with C accumulated).
 constexpr int64_t kSumChunk = 256;
 // Key rows per task of the projection gradients: their (rows x kp) sum stays in the L2 cache.
 constexpr int64_t kProjectionGradTile = 128;
@@ -164,20 +165,6 @@ void finish_rows(const T* rows, int64_t count, int64_t dim, scalar_t* first_row,
   if constexpr (!std::is_same_v<scalar_t, T>) cpu::store_rows(rows, count, dim, first_row, row_stride);
 }
 
-// C (m x n) += A (m x k) B (k x n) through `partial` (m x n scratch), or C = A B when `first`.
-template <typename O, typename T>
-void add_product(int64_t m, int64_t n, int64_t k, const O* a, int64_t lda, const O* b, int64_t ldb, T* c, int64_t ldc,
-                 bool first, T* partial) {
-  if (first) {
-    cpu::product(m, n, k, a, lda, b, ldb, c, ldc, false);
-    return;
-  }
-  cpu::product(m, n, k, a, lda, b, ldb, partial, n, false);
-  for (int64_t r = 0; r < m; ++r) {
-    for (int64_t col = 0; col < n; ++col) c[r * ldc + col] += partial[r * n + col];
-  }
-}
-
 // The tile products take operands of type O: the accumulation type, or bfloat16 for bf16 products
 // (use_bf16_products), whose B operands are pair-interleaved (cpu::product) and whose inner dimensions are
 // rounded up to even over zero pads (inner_size). K' and V' stay float32 sums; their bf16 operands are rounded
@@ -214,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
 
   cpu::parallel_tasks(batch * heads, [&](const auto& claim) {
-    std::vector<T> rows(kSumChunk * dim), partial(kp * dim);
+    std::vector<T> rows(kSumChunk * dim);
     std::vector<O> operand_rows(kPaired ? (kSumChunk + 1) * dim : 0);
     for (int64_t bh = claim(); bh >= 0; bh = claim()) {
       const int64_t b = bh / heads, h = bh % heads;
@@ -233,8 +220,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
             std::tie(keys, ld) = key_rows(src + view->offset(b, h / heads_per_kv), view->row_stride, padding, start, n, dim,
                                           rows.data());
           }
-          add_product(kp, dim, inner_size<O>(n), projection->head(h) + start, projection->row_stride, keys, ld,
-                      projected, dim, start == 0, partial.data());
+          cpu::product(kp, dim, inner_size<O>(n), projection->head(h) + start, projection->row_stride, keys, ld,
+                       projected, dim, start > 0);
         }
       }
       if constexpr (kPaired) {
@@ -344,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const int64_t tile_inner = inner_size<O>(kQueryTile);
     std::vector<O> queries(kQueryTile * dim), grads(kQueryTile * dim);
     std::vector<O> queries_t(dim * tile_inner), grads_t(dim * tile_inner);
-    std::vector<T> grad_rows(kQueryTile * dim), partial_sum(dim * kp);
+    std::vector<T> grad_rows(kQueryTile * dim);
     // The B operands of Q (scale K'^T), dO V'^T and dS K' (K' itself, or pair-interleaved), and with bf16
     // products P and dS as the B operands of dO^T P and Q^T dS, and dS as the A operand of dS K'.
     std::vector<O> keys_t(dim * kp), values_t(dim * kp), keys_pairs(kPaired ? kp_inner * dim : 0);
@@ -424,10 +411,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
             cpu::softmax_grad_row(probs.data() + r * kp, dprobs.data() + r * kp, kp, probabilities_and_delta(r), T(scale));
           }
         }
-        add_product(dim, kp, n_inner, grads_t.data(), n_inner, probs_operand, kp, grad_values_t, kp, first,
-                    partial_sum.data());
-        add_product(dim, kp, n_inner, queries_t.data(), n_inner, ds_operand, kp, grad_keys_t, kp, first,
-                    partial_sum.data());
+        cpu::product(dim, kp, n_inner, grads_t.data(), n_inner, probs_operand, kp, grad_values_t, kp, !first);
+        cpu::product(dim, kp, n_inner, queries_t.data(), n_inner, ds_operand, kp, grad_keys_t, kp, !first);
         scalar_t* gq_rows = gq_ptr + gqv.offset(b, h) + start * gqv.row_stride;
         const auto [grad_query_rows, ldq_out] = rows_out(gq_rows, gqv.row_stride, dim, grad_rows.data());
         cpu::product(n, dim, kp_inner, ds_a, kp_inner, keys_operand, dim, grad_query_rows, ldq_out, false);
