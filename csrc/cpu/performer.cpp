@@ -685,15 +685,46 @@ FASTATTN_VECTOR_CLONES void key_weights(Workspace<T>& w, int64_t n, int64_t m, b
   }
 }
 
-// The weights of query i on key j of the same sub-block through the record features, one per record.
+// The weights of the sub-block's pairs through record feature f: weights (n x n), row i (query), column j
+// (key) = exp(A_if + (l_f(k_j) - M_i)) for keys j <= i that are not dropped, 0 elsewhere and in the rows
+// where query_dropped[i] (query_dropped may be null). Each row is computed over kSubBlock keys at once and
+// masked (a vector operation; a NaN from a row that sees no key is masked too).
 template <typename T>
-void record_weights(const Workspace<T>& w, int64_t m, const std::vector<int64_t>& records, int64_t i, int64_t j,
-                    T* weights) {
-  const T* base = w.q_base.data() + i * m;
-  const T* lk = w.k_logits.data() + j * m;
-  const int64_t count = static_cast<int64_t>(records.size());
-  for (int64_t r = 0; r < count; ++r) weights[r] = base[records[r]] + (lk[records[r]] - w.k_stab[i]);
-  cpu::exp_shifted(weights, weights, count, T(0));
+FASTATTN_VECTOR_CLONES void record_pair_weights(const Workspace<T>& w, int64_t n, int64_t m, int64_t f,
+                                                const bool* query_dropped, T* weights) {
+  T key_logits[kSubBlock];
+  int32_t key_kept[kSubBlock];
+  for (int64_t j = 0; j < kSubBlock; ++j) {
+    key_kept[j] = j < n && !w.k_dropped[j];
+    key_logits[j] = j < n ? w.k_logits[j * m + f] : T(0);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const T base = w.q_base[i * m + f], stab = w.k_stab[i];
+    const int32_t row_kept = query_dropped == nullptr || !query_dropped[i];
+    T row[kSubBlock];
+#pragma omp simd
+    for (int64_t j = 0; j < kSubBlock; ++j) {
+      const T weight = cpu::exp_acc(base + (key_logits[j] - stab));
+      row[j] = (j <= i) & key_kept[j] & row_kept ? weight : T(0);
+    }
+    std::copy(row, row + n, weights + i * n);
+  }
+}
+
+// The sub-block's pairs through its record features (none: nothing to do): their weights, summed over the
+// records, are added to pair_weights (n x n; set to 0 first unless `add`), and visit(f, weights) is called
+// with each record's own weights (record_pair_weights).
+template <typename T, typename Visit>
+void add_record_pairs(const Workspace<T>& w, int64_t n, int64_t m, const std::vector<int64_t>& records,
+                      const bool* query_dropped, bool add, T* pair_weights, std::vector<T>& weights,
+                      const Visit& visit) {
+  if (records.empty()) return;
+  if (!add) std::fill(pair_weights, pair_weights + n * n, T(0));
+  for (int64_t f : records) {
+    record_pair_weights(w, n, m, f, query_dropped, weights.data());
+    for (int64_t i = 0; i < n * n; ++i) pair_weights[i] += weights[i];
+    visit(f, weights.data());
+  }
 }
 
 // Rows f of a state (m x (D + 1)) times exp(low_f - high_f) <= 1 (low <= high): a state of keys moving to a
@@ -732,7 +763,7 @@ FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
   const auto map = p.feature_map(h);
-  std::vector<T> sigma(m, -std::numeric_limits<T>::infinity()), weights(m);
+  std::vector<T> sigma(m, -std::numeric_limits<T>::infinity()), record_weights(kSubBlock * kSubBlock);
   bool have_state = false;
   std::fill(state, state + m * (dim + 1), T(0));
   for (int64_t start = 0; start < p.key_len; start += kSubBlock) {
@@ -749,27 +780,21 @@ FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b
     key_weights(w, n, m, p.softmax, after);
     std::fill(w.numden.begin(), w.numden.begin() + n * (dim + 1), T(0));
     // Earlier sub-blocks through the state; the sub-block's own pairs through the features it leaves alone
-    // as a masked product (there are none before the state has a key), the records one by one.
-    if (have_state || !p.softmax) query_weights(w, n, m, p.softmax, sigma.data(), nullptr);
+    // as a masked product (there are none before the state has a key), plus the records' pair weights.
+    const bool masked_pairs = have_state || !p.softmax;
+    if (masked_pairs) query_weights(w, n, m, p.softmax, sigma.data(), nullptr);
     if (have_state) {
       tile_product(w.bf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state, dim + 1, false,
                    w.numden.data(), dim + 1);
     }
-    if (have_state || !p.softmax) {
+    if (masked_pairs) {
       zero_columns(w.q_phi.data(), n, m, records);
       causal_products(w.bf16, n, m, w.q_phi.data(), w.k_phi.data(), w.scores.data());
+    }
+    add_record_pairs(w, n, m, records, nullptr, masked_pairs, w.scores.data(), record_weights, [](int64_t, const T*) {});
+    if (masked_pairs || !records.empty()) {
       tile_product(w.bf16, false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1,
                    true, w.numden.data(), dim + 1);
-    }
-    for (int64_t i = 0; i < n && !records.empty(); ++i) {
-      T* numden = w.numden.data() + i * (dim + 1);
-      for (int64_t j = 0; j <= i; ++j) {
-        if (w.k_dropped[j]) continue;
-        record_weights(w, m, records, i, j, weights.data());
-        const T weight = cpu::sum_of(weights.data(), static_cast<int64_t>(records.size()));
-        const T* value = w.values.data() + j * (dim + 1);
-        for (int64_t c = 0; c <= dim; ++c) numden[c] += weight * value[c];
-      }
     }
     write_outputs(start, n);
     if (std::all_of(w.k_dropped, w.k_dropped + n, [](bool dropped) { return dropped; })) continue;
@@ -792,7 +817,8 @@ FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, 
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
   const auto map = p.feature_map(h);
-  std::vector<T> sigma(m, -std::numeric_limits<T>::infinity()), weights(m), pair_grads(kSubBlock * m);
+  std::vector<T> sigma(m, -std::numeric_limits<T>::infinity()), pair_grads(kSubBlock * m),
+      record_weights(kSubBlock * kSubBlock);
   bool have_state = false;
   for (int64_t start = 0; start < p.key_len; start += kSubBlock) {
     const int64_t n = std::min(kSubBlock, p.key_len - start);
@@ -818,14 +844,15 @@ FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, 
                    pair_grads.data(), m);
       for (int64_t i = 0; i < n * m; ++i) w.dphi[i] += w.q_phi[i] * pair_grads[i];
     }
-    for (int64_t i = 0; i < n && !records.empty(); ++i) {
-      if (w.q_dropped[i]) continue;
-      T* products = w.dphi.data() + i * m;
-      for (int64_t j = 0; j <= i; ++j) {
-        if (w.k_dropped[j]) continue;
-        const T grad = w.scores[i * n + j];
-        record_weights(w, m, records, i, j, weights.data());
-        for (size_t r = 0; r < records.size(); ++r) products[records[r]] += grad * weights[r];
+    // The records: d(weights)_if += sum_j g_ij e_ijf.
+    for (int64_t f : records) {
+      record_pair_weights(w, n, m, f, w.q_dropped, record_weights.data());
+      for (int64_t i = 0; i < n; ++i) {
+        const T* grads = w.scores.data() + i * n;
+        const T* weights = record_weights.data() + i * n;
+        T sum = 0;
+        for (int64_t j = 0; j < n; ++j) sum += grads[j] * weights[j];
+        w.dphi[i * m + f] += sum;
       }
     }
     map.backward_from_products(w.dphi.data(), w.q_base.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped,
@@ -863,7 +890,8 @@ FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int
     std::copy(w.k_prefix.data() + (n - 1) * m, w.k_prefix.data() + n * m, maxima.data() + (block + 1) * m);
   }
   const auto maxima_after = [&](int64_t block) { return maxima.data() + (p.softmax ? (block + 1) * m : 0); };
-  std::vector<T> weights(m), dv(kSubBlock * dim), pair_grads(kSubBlock * m), pair_weights(kSubBlock * kSubBlock);
+  std::vector<T> dv(kSubBlock * dim), pair_grads(kSubBlock * m), pair_weights(kSubBlock * kSubBlock),
+      record_weights(kSubBlock * kSubBlock), record_grads(kSubBlock);
   bool have_suffix = false;
   for (int64_t block = blocks - 1; block >= 0; --block) {
     const int64_t start = block * kSubBlock, n = std::min(kSubBlock, p.key_len - start);
@@ -886,31 +914,31 @@ FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int
       add_transposed_times(pair_grads.data(), w.k_phi.data(), n, m, w.dphi.data());
     }
     causal_products(w.bf16, n, dim + 1, w.grads.data(), w.values.data(), w.scores.data());  // g_ij, j <= i
-    // The sub-block's pairs through the features it leaves alone (the key weights of the records zeroed):
-    // weights e = Q K^T (j <= i), dv += e^T dnum, d(weights)_k += K o (g^T Q).
+    // The sub-block's pairs through the features it leaves alone (the key weights of the records zeroed)
+    // and through the records: weights e (j <= i), dv += e^T dnum, d(weights)_k += K o (g^T Q) for the
+    // former, d(weights)_jf += sum_i g_ij e_ijf for each record f.
     query_weights(w, n, m, p.softmax, before, w.q_dropped);
-    if (block > 0 || !p.softmax) {
+    const bool masked_pairs = block > 0 || !p.softmax;
+    if (masked_pairs) {
       zero_columns(w.k_phi.data(), n, m, records);
       causal_products(w.bf16, n, m, w.q_phi.data(), w.k_phi.data(), pair_weights.data());
+    }
+    add_record_pairs(w, n, m, records, w.q_dropped, masked_pairs, pair_weights.data(), record_weights,
+                     [&](int64_t f, const T* weights) {
+                       std::fill(record_grads.begin(), record_grads.end(), T(0));
+                       for (int64_t i = 0; i < n; ++i) {
+                         for (int64_t j = 0; j < n; ++j) record_grads[j] += w.scores[i * n + j] * weights[i * n + j];
+                       }
+                       for (int64_t j = 0; j < n; ++j) w.dphi[j * m + f] += record_grads[j];
+                     });
+    if (masked_pairs || !records.empty()) {
       tile_product(w.bf16, true, false, n, dim, n, T(1), pair_weights.data(), n, w.grads.data(), dim + 1, true,
                    dv.data(), dim);
+    }
+    if (masked_pairs) {
       tile_product(w.bf16, true, false, n, m, n, T(1), w.scores.data(), n, w.q_phi.data(), m, false,
                    pair_grads.data(), m);
       for (int64_t i = 0; i < n * m; ++i) w.dphi[i] += w.k_phi[i] * pair_grads[i];
-    }
-    for (int64_t j = 0; j < n && !records.empty(); ++j) {
-      if (w.k_dropped[j]) continue;
-      T* products = w.dphi.data() + j * m;
-      T* dv_row = dv.data() + j * dim;
-      for (int64_t i = j; i < n; ++i) {
-        if (w.q_dropped[i]) continue;
-        const T* grads = w.grads.data() + i * (dim + 1);
-        const T grad = w.scores[i * n + j];
-        record_weights(w, m, records, i, j, weights.data());
-        for (size_t r = 0; r < records.size(); ++r) products[records[r]] += grad * weights[r];
-        const T weight = cpu::sum_of(weights.data(), static_cast<int64_t>(records.size()));
-        for (int64_t c = 0; c < dim; ++c) dv_row[c] += weight * grads[c];
-      }
     }
     for (int64_t r = 0; r < n; ++r) {
       if (w.k_dropped[r]) std::fill(dv.begin() + r * dim, dv.begin() + (r + 1) * dim, T(0));
