@@ -199,6 +199,30 @@ def test_rows_that_see_no_key_give_zeros(causal):
         assert (out[1, :, :30] == 0).all() and (q.grad[1, :, :30] == 0).all()
 
 
+# The causal backward runs a head's two directions in one task (the reverse one reading the running maxima
+# the forward one recorded) with at least two heads per thread, in two tasks otherwise (the reverse one
+# finding the maxima itself): with 2 heads, 1 thread and 2 or more threads take the two ways, which must
+# give the same bits.
+@pytest.mark.parametrize("dtype, bf16_products", CPU_DTYPES, ids=CPU_DTYPE_IDS)
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+def test_causal_backward_same_bits_whatever_the_thread_count(kernel, dtype, bf16_products, monkeypatch):
+    allow_bf16_products(monkeypatch, bf16_products)
+    inputs = _inputs(1, 2, 150, 32, 40, padding=True, dtype=torch.float32)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, max(threads, 2)):
+            torch.set_num_threads(count)
+            q, k, v = (inputs[name].to(dtype).clone().requires_grad_() for name in ("q", "k", "v"))
+            out = _cpu(kernel, True)(q, k, v, inputs["projection"].to(dtype), inputs["key_padding_mask"])
+            out.float().square().sum().backward()
+            results.append((out, q.grad, k.grad, v.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for first, again in zip(*results):
+        assert torch.equal(first, again)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kernel,causal", MODES, ids=[describe_case(k=k, causal=c) for k, c in MODES])
 def test_large_inputs_stay_finite(kernel, causal, dtype):

@@ -589,6 +589,12 @@ void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_
 // weights (and underflow them). relu: the features relu(l) + eps, plain products, no records.
 constexpr int64_t kSubBlock = 16;
 
+// The running maxima of the features after each sub-block of a head and -inf before the first (softmax), or
+// m elements that are never read (relu).
+int64_t causal_maxima_size(int64_t key_len, int64_t features, bool softmax) {
+  return (softmax ? ceil_div(key_len, kSubBlock) + 1 : 1) * features;
+}
+
 // Keys [start, start + n) of head (b, h): logits and padding flags; softmax: the running maxima of each
 // feature (k_prefix, n x m, continuing from `before`) and M_j (k_stab: -inf before any unpadded key);
 // relu: the features (k_phi).
@@ -808,12 +814,14 @@ FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b
 
 // Causal backward of head (b, h), forward direction: dq from d(weights) o weights: the state's part is
 // ([dnum | dden] state^T) o (its query weights), the sub-block's pairs as in the forward, with
-// g_ij = [dnum_i | dden_i] . [v_j | 1].
+// g_ij = [dnum_i | dden_i] . [v_j | 1]. Softmax: where `maxima` is not null, the running maxima after each
+// sub-block J go to maxima[(J + 1) m ...] (backward_causal_keys' first pass, done on the way).
 template <typename scalar_t>
 FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, const scalar_t* go_ptr,
                              const scalar_t* out_ptr, const HeadView& ov, const HeadView& gov,
                              const at::opmath_type<scalar_t>* norm_ptr, scalar_t* gq_ptr, const HeadView& gqv,
-                             Workspace<at::opmath_type<scalar_t>>& w, std::vector<at::opmath_type<scalar_t>>& state) {
+                             Workspace<at::opmath_type<scalar_t>>& w, std::vector<at::opmath_type<scalar_t>>& state,
+                             at::opmath_type<scalar_t>* maxima) {
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
   const auto map = p.feature_map(h);
@@ -858,6 +866,7 @@ FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, 
     map.backward_from_products(w.dphi.data(), w.q_base.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped,
                                w.dx.data());
     cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
+    if (maxima != nullptr && p.softmax) std::copy(after, after + m, maxima + (start / kSubBlock + 1) * m);
     if (std::all_of(w.k_dropped, w.k_dropped + n, [](bool dropped) { return dropped; })) continue;
     if (have_state) decay_rows(state.data(), m, dim, sigma.data(), after);
     std::copy(after, after + m, sigma.begin());
@@ -870,21 +879,22 @@ FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, 
 // Causal backward of head (b, h), reverse direction: dk, dv. Later sub-blocks reach a key through the
 // suffix state R = sum over their queries of exp(A_if + (rho_f - M_i)) [dnum_i | dden_i], rho the running
 // maxima at the end of the key's sub-block (so that both factors stay <= 1), read with exp(l - rho);
-// the sub-block's own pairs as in the forward. The running maxima at each sub-block's end come from a
-// first pass over the keys. gk_ptr, gv_ptr: per query head, of type grad_t.
+// the sub-block's own pairs as in the forward. maxima (causal_maxima_size elements, -inf first): the running
+// maxima at each sub-block's end, maxima[(J + 1) m ...] after sub-block J, which have_maxima says
+// backward_causal_queries has written, else a first pass over the keys finds. gk_ptr, gv_ptr: per query
+// head, of type grad_t.
 template <typename scalar_t, typename grad_t>
 FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, const scalar_t* go_ptr,
                           const scalar_t* out_ptr, const HeadView& ov, const HeadView& gov,
                           const at::opmath_type<scalar_t>* norm_ptr, grad_t* gk_ptr, const HeadView& gkv,
                           grad_t* gv_ptr, const HeadView& gvv, Workspace<at::opmath_type<scalar_t>>& w,
-                          std::vector<at::opmath_type<scalar_t>>& suffix) {
+                          std::vector<at::opmath_type<scalar_t>>& suffix, std::vector<at::opmath_type<scalar_t>>& maxima,
+                          bool have_maxima) {
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
   const auto map = p.feature_map(h);
   const int64_t blocks = ceil_div(p.key_len, kSubBlock);
-  // maxima[J + 1]: the running maxima after sub-block J (maxima[0]: -inf, before any key). relu: unused.
-  std::vector<T> maxima(p.softmax ? (blocks + 1) * m : m, -std::numeric_limits<T>::infinity());
-  for (int64_t block = 0; p.softmax && block < blocks; ++block) {
+  for (int64_t block = 0; p.softmax && !have_maxima && block < blocks; ++block) {
     const int64_t start = block * kSubBlock, n = std::min(kSubBlock, p.key_len - start);
     causal_keys(p, map, b, h, start, n, maxima.data() + block * m, w);
     std::copy(w.k_prefix.data() + (n - 1) * m, w.k_prefix.data() + n * m, maxima.data() + (block + 1) * m);
@@ -1201,16 +1211,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     scalar_t* gq_ptr = grad_q.data_ptr<scalar_t>();
     grad_t *gk_ptr = grad_k_heads.data_ptr<grad_t>(), *gv_ptr = grad_v_heads.data_ptr<grad_t>();
     const int64_t bh_count = p.batch * p.heads;
-    // Tasks [0, BH) take the forward direction (dq), [BH, 2 BH) the reverse one (dk, dv).
-    cpu::parallel_tasks(2 * bh_count, [&](const auto& claim) {
+    // With at least two heads per thread, a task is a head: its forward direction (dq), which records the
+    // running maxima, then its reverse one (dk, dv), which reads them. With fewer, tasks [0, BH) take the
+    // forward directions and [BH, 2 BH) the reverse ones, which find the maxima in a pass of their own.
+    const bool whole_heads = bh_count >= 2 * static_cast<int64_t>(at::get_num_threads());
+    cpu::parallel_tasks(whole_heads ? bh_count : 2 * bh_count, [&](const auto& claim) {
       Workspace<T> w(p.features, p.dim, p.bf16_products);
       std::vector<T> running(p.features * (p.dim + 1));
+      std::vector<T> maxima(causal_maxima_size(p.key_len, p.features, p.softmax), -std::numeric_limits<T>::infinity());
       for (int64_t task = claim(); task >= 0; task = claim()) {
         const int64_t bh = task % bh_count, b = bh / p.heads, h = bh % p.heads;
-        if (task < bh_count) {
-          backward_causal_queries(p, b, h, go_ptr, out_ptr, ov, gov, norm_ptr, gq_ptr, gqv, w, running);
-        } else {
-          backward_causal_keys(p, b, h, go_ptr, out_ptr, ov, gov, norm_ptr, gk_ptr, gkv, gv_ptr, gvv, w, running);
+        if (whole_heads || task < bh_count) {
+          backward_causal_queries(p, b, h, go_ptr, out_ptr, ov, gov, norm_ptr, gq_ptr, gqv, w, running,
+                                  whole_heads ? maxima.data() : nullptr);
+        }
+        if (whole_heads || task >= bh_count) {
+          backward_causal_keys(p, b, h, go_ptr, out_ptr, ov, gov, norm_ptr, gk_ptr, gkv, gv_ptr, gvv, w, running,
+                               maxima, whole_heads);
         }
       }
       release_products<T>();
