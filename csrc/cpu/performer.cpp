@@ -755,9 +755,11 @@ void causal_products(bool bf16, int64_t n, int64_t k, const T* a, const T* b, T*
 // rows come out transposed (state x rows^T), which is cheaper than transposing the state for each sub-block.
 template <typename T>
 FASTATTN_VECTOR_CLONES void add_transposed_times(const T* transposed, const T* weights, int64_t n, int64_t m, T* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t f = 0; f < m; ++f) out[i * m + f] += transposed[f * n + i] * weights[i * m + f];
-  }
+  // Transposed first (in registers, cpu::transpose): read in place, the columns of `transposed` are strided.
+  thread_local std::vector<T> rows_buffer;
+  T* rows = scratch(rows_buffer, n * m);
+  cpu::transpose(transposed, n, m, n, T(1), rows, m);
+  for (int64_t i = 0; i < n * m; ++i) out[i] += rows[i] * weights[i];
 }
 
 // Causal forward of head (b, h): outputs (write_outputs(start, n) turns the first n rows of w.numden into
