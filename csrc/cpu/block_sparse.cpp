@@ -502,9 +502,9 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   // One pass over the key blocks of a head, each over the query blocks that list it (the transposed CSR),
   // in transposed form: S^T = K Q^T, P^T = exp(scale S^T - lse), dV += P^T dO, dP^T = V dO^T,
   // dS^T = scale P^T (dP^T - delta), dK += dS^T Q, and the pair's share of dQ, dS K, which
-  // dq_share(position, qb, rows) says where to write or add (a ShareTarget). Five tile products per pair of blocks. S^T repeats the forward's products (the same exactly
-  // rounded terms summed in the same order), so that P is exactly 1 where the forward's softmax saturated
-  // on one key.
+  // dq_share(position, qb, rows) says where to write or add (a ShareTarget). Five tile products per pair of
+  // blocks. S^T repeats the forward's products (the same exactly rounded terms summed in the same order), so
+  // that P is exactly 1 where the forward's softmax saturated on one key.
   // Consecutive query blocks that list the key block are taken as one run (BigBird's window is a run of
   // 3), of up to run_rows queries: one tile product per run instead of one per pair.
   // Scratch: P^T and dP^T (dS^T in place) (bs x run_rows each), and with bf16 products P^T and dS^T in
@@ -654,9 +654,9 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
         // Each share is added to dQ^T by its product: oneDNN's brgemm adds C to the finished sum over the
         // inner dimension, so dQ rounds as the sum of its shares, bit for bit as the slots' second pass
         // below sums them (test_deterministic_whatever_the_thread_count).
-        const auto add_share = [&](int64_t, int64_t qb, int64_t) { return ShareTarget{dq_t + qb * bs, ld_q, true}; };
+        const auto to_head_dq = [&](int64_t, int64_t qb, int64_t) { return ShareTarget{dq_t + qb * bs, ld_q, true}; };
         for (int64_t kb = 0; kb < p.key_blocks; ++kb) {
-          key_block_grads(b, h, kb, ops, scratch, acc_k + kb * bs * dim, acc_v + kb * bs * dim, add_share);
+          key_block_grads(b, h, kb, ops, scratch, acc_k + kb * bs * dim, acc_v + kb * bs * dim, to_head_dq);
         }
         for (int64_t qb = 0; qb < p.query_blocks; ++qb) {
           const int64_t rows = p.query_rows(qb);

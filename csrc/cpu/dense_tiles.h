@@ -132,6 +132,12 @@ inline void pair_columns(const c10::BFloat16* src, int64_t src_ld, int64_t rows,
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define FASTATTN_AVX512_TARGET __attribute__((target("avx512f")))
 
+// The mask of the first `count` of 16 lanes (none when count <= 0).
+FASTATTN_AVX512_TARGET inline __mmask16 first_lanes(int64_t count) {
+  if (count <= 0) return 0;
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+
 // 16 x 16 floats transposed in registers: block[r] holds row r on entry and column r on return (pairs of
 // 32-bit lanes, then 64-bit ones, then 128-bit quarters).
 FASTATTN_AVX512_TARGET inline void transpose_16x16(__m512* block) {
@@ -166,8 +172,7 @@ FASTATTN_AVX512_TARGET inline void transpose_16x16(__m512* block) {
 // into block, times multiplier, and transposes them.
 FASTATTN_AVX512_TARGET inline void load_transposed_16x16(const float* src, int64_t src_ld, int64_t rows, int64_t cols,
                                                          int64_t r0, int64_t c0, float multiplier, __m512* block) {
-  const __mmask16 columns = cols - c0 >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                            : static_cast<__mmask16>((1u << (cols - c0)) - 1);
+  const __mmask16 columns = first_lanes(cols - c0);
   const __m512 scale = _mm512_set1_ps(multiplier);
   for (int64_t r = 0; r < 16; ++r) {
     block[r] = r0 + r < rows ? _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(columns, src + (r0 + r) * src_ld + c0))
@@ -181,8 +186,7 @@ FASTATTN_AVX512_TARGET inline void load_transposed_16x16(const float* src, int64
 FASTATTN_AVX512_TARGET inline void transpose_floats(const float* src, int64_t src_ld, int64_t rows, int64_t cols,
                                                     float multiplier, float* dst, int64_t dst_ld) {
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-    const __mmask16 out_lanes = rows - r0 >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                                : static_cast<__mmask16>((1u << (rows - r0)) - 1);
+    const __mmask16 out_lanes = first_lanes(rows - r0);
     for (int64_t c0 = 0; c0 < cols; c0 += 16) {
       __m512 block[16];
       load_transposed_16x16(src, src_ld, rows, cols, r0, c0, multiplier, block);
@@ -410,11 +414,6 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __m512 exp_coarse(__m512 x) {
   return _mm512_maskz_mul_ps(static_cast<__mmask16>(~underflow), p, power);
 }
 
-FASTATTN_BF16_PRODUCTS_TARGET inline __mmask16 first_lanes(int64_t count) {
-  if (count <= 0) return 0;
-  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
-}
-
 // probs[j] = exp(scale * (row[j] - max)) rounded to bfloat16, for j < n; returns the sum of the unrounded
 // values. Scaling after the subtraction cannot be contracted into one fused multiply-add with it, whose
 // unrounded product would make the maximum's own probability differ from exactly 1.
@@ -520,7 +519,9 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __mmask16 first_lanes(int64_t count) {
 [[maybe_unused]] void pair_transposed_operand(const float* src, int64_t src_ld, int64_t rows, int64_t cols,
                                               uint16_t* dst, int64_t dst_ld) {
   for (int64_t c = 0; c < cols + cols % 2; ++c) {
-    for (int64_t r = 0; r < rows; ++r) dst[(c / 2) * 2 * dst_ld + 2 * r + c % 2] = c < cols ? narrow(src[r * src_ld + c]) : 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      dst[(c / 2) * 2 * dst_ld + 2 * r + c % 2] = c < cols ? narrow(src[r * src_ld + c]) : 0;
+    }
   }
 }
 [[maybe_unused]] void narrow_pair_operand_rows(const float* first, const float* second, uint32_t* out, int64_t n) {

@@ -38,8 +38,8 @@ constexpr int64_t kQueryTile = 256;
 constexpr int64_t kKeyTile = 1024;
 // Sums over the sequence (K' = P_k K, dK'^T = sum of Q^T dS over query tiles) add one product per chunk of
 // this many rows: a micro-kernel accumulates its inner dimension in one running sum, so a single product over
-// thousands of rows would round several times worse than BLAS, which blocks that dimension. Each chunk's
-// product adds its finished sum to C (oneDNN's brgemm with C accumulated).
+// thousands of rows would round several times worse than BLAS, which blocks that dimension. For float, each
+// chunk's product adds its finished sum to C (oneDNN's brgemm with C accumulated).
 constexpr int64_t kSumChunk = 256;
 // Key rows per task of the projection gradients: their (rows x kp) sum stays in the L2 cache.
 constexpr int64_t kProjectionGradTile = 128;

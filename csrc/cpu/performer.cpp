@@ -599,8 +599,8 @@ int64_t causal_maxima_size(int64_t key_len, int64_t features, bool softmax) {
 // feature (k_prefix, n x m, continuing from `before`) and M_j (k_stab: -inf before any unpadded key);
 // relu: the features (k_phi).
 template <typename scalar_t, typename T>
-FASTATTN_VECTOR_CLONES void causal_keys(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start, int64_t n,
-                 const T* before, Workspace<T>& w) {
+FASTATTN_VECTOR_CLONES void causal_keys(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h,
+                                        int64_t start, int64_t n, const T* before, Workspace<T>& w) {
   const int64_t m = p.features;
   key_logits(p, map, b, h, start, n, w);
   if (!p.softmax) {
@@ -630,8 +630,8 @@ std::vector<int64_t> record_features(const Workspace<T>& w, int64_t n, int64_t m
 // Queries [start, start + n) after causal_keys on the same rows: logits, and the base of their weights
 // (q_base): softmax A_if (see kSubBlock), relu the features.
 template <typename scalar_t, typename T>
-FASTATTN_VECTOR_CLONES void causal_queries(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start,
-                    int64_t n, Workspace<T>& w) {
+FASTATTN_VECTOR_CLONES void causal_queries(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h,
+                                           int64_t start, int64_t n, Workspace<T>& w) {
   const int64_t m = p.features;
   map.logits(p.q + p.qv.offset(b, h) + start * p.qv.row_stride, p.qv.row_stride, n, w.qx.data(), w.q_logits.data(),
              w.q_max.data());
@@ -652,7 +652,8 @@ FASTATTN_VECTOR_CLONES void causal_queries(const Problem<scalar_t>& p, const Fea
 // Query weights in w.q_phi on keys stabilised by `sigma` (per feature): softmax exp(A_if + (sigma_f - M_i)),
 // relu the features; zero rows where dropped[r] (dropped may be null).
 template <typename T>
-FASTATTN_VECTOR_CLONES void query_weights(Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* sigma, const bool* dropped) {
+FASTATTN_VECTOR_CLONES void query_weights(Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* sigma,
+                                          const bool* dropped) {
   for (int64_t r = 0; r < n; ++r) {
     T* out = w.q_phi.data() + r * m;
     const T* base = w.q_base.data() + r * m;
@@ -754,7 +755,8 @@ void causal_products(bool bf16, int64_t n, int64_t k, const T* a, const T* b, T*
 // out (n x m) += transposed^T o weights, transposed (m x n): the products of a state with the sub-block's
 // rows come out transposed (state x rows^T), which is cheaper than transposing the state for each sub-block.
 template <typename T>
-FASTATTN_VECTOR_CLONES void add_transposed_times(const T* transposed, const T* weights, int64_t n, int64_t m, T* out) {
+FASTATTN_VECTOR_CLONES void add_transposed_times(const T* transposed, const T* weights, int64_t n, int64_t m,
+                                                 T* out) {
   // Transposed first (in registers, cpu::transpose): read in place, the columns of `transposed` are strided.
   thread_local std::vector<T> rows_buffer;
   T* rows = scratch(rows_buffer, n * m);
@@ -765,9 +767,10 @@ FASTATTN_VECTOR_CLONES void add_transposed_times(const T* transposed, const T* w
 // Causal forward of head (b, h): outputs (write_outputs(start, n) turns the first n rows of w.numden into
 // them), the stabilisers M_j and the final state.
 template <typename scalar_t, typename WriteOutputs>
-FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b, int64_t h, Workspace<at::opmath_type<scalar_t>>& w,
-                    at::opmath_type<scalar_t>* stab_ptr, at::opmath_type<scalar_t>* state,
-                    const WriteOutputs& write_outputs) {
+FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b, int64_t h,
+                                           Workspace<at::opmath_type<scalar_t>>& w,
+                                           at::opmath_type<scalar_t>* stab_ptr, at::opmath_type<scalar_t>* state,
+                                           const WriteOutputs& write_outputs) {
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
   const auto map = p.feature_map(h);
@@ -799,7 +802,8 @@ FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b
       zero_columns(w.q_phi.data(), n, m, records);
       causal_products(w.bf16, n, m, w.q_phi.data(), w.k_phi.data(), w.scores.data());
     }
-    add_record_pairs(w, n, m, records, nullptr, masked_pairs, w.scores.data(), record_weights, [](int64_t, const T*) {});
+    add_record_pairs(w, n, m, records, nullptr, masked_pairs, w.scores.data(), record_weights,
+                     [](int64_t, const T*) {});
     if (masked_pairs || !records.empty()) {
       tile_product(w.bf16, false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1,
                    true, w.numden.data(), dim + 1);
@@ -819,11 +823,13 @@ FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b
 // g_ij = [dnum_i | dden_i] . [v_j | 1]. Softmax: where `maxima` is not null, the running maxima after each
 // sub-block J go to maxima[(J + 1) m ...] (backward_causal_keys' first pass, done on the way).
 template <typename scalar_t>
-FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h, const scalar_t* go_ptr,
-                             const scalar_t* out_ptr, const HeadView& ov, const HeadView& gov,
-                             const at::opmath_type<scalar_t>* norm_ptr, scalar_t* gq_ptr, const HeadView& gqv,
-                             Workspace<at::opmath_type<scalar_t>>& w, std::vector<at::opmath_type<scalar_t>>& state,
-                             at::opmath_type<scalar_t>* maxima) {
+FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, int64_t b, int64_t h,
+                                                    const scalar_t* go_ptr, const scalar_t* out_ptr, const HeadView& ov,
+                                                    const HeadView& gov, const at::opmath_type<scalar_t>* norm_ptr,
+                                                    scalar_t* gq_ptr, const HeadView& gqv,
+                                                    Workspace<at::opmath_type<scalar_t>>& w,
+                                                    std::vector<at::opmath_type<scalar_t>>& state,
+                                                    at::opmath_type<scalar_t>* maxima) {
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
   const auto map = p.feature_map(h);
@@ -842,13 +848,14 @@ FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, 
     key_weights(w, n, m, p.softmax, after);
     causal_products(w.bf16, n, dim + 1, w.grads.data(), w.values.data(), w.scores.data());  // g_ij, j <= i
     std::fill(w.dphi.begin(), w.dphi.begin() + n * m, T(0));
-    if (have_state || !p.softmax) query_weights(w, n, m, p.softmax, sigma.data(), w.q_dropped);
+    const bool masked_pairs = have_state || !p.softmax;
+    if (masked_pairs) query_weights(w, n, m, p.softmax, sigma.data(), w.q_dropped);
     if (have_state) {
       tile_product(w.bf16, false, true, m, n, dim + 1, T(1), state.data(), dim + 1, w.grads.data(), dim + 1,
                    false, pair_grads.data(), n);
       add_transposed_times(pair_grads.data(), w.q_phi.data(), n, m, w.dphi.data());
     }
-    if (have_state || !p.softmax) {
+    if (masked_pairs) {
       zero_columns(w.q_phi.data(), n, m, records);
       tile_product(w.bf16, false, false, n, m, n, T(1), w.scores.data(), n, w.k_phi.data(), m, false,
                    pair_grads.data(), m);
@@ -886,12 +893,13 @@ FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, 
 // backward_causal_queries has written, else a first pass over the keys finds. gk_ptr, gv_ptr: per query
 // head, of type grad_t.
 template <typename scalar_t, typename grad_t>
-FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h, const scalar_t* go_ptr,
-                          const scalar_t* out_ptr, const HeadView& ov, const HeadView& gov,
-                          const at::opmath_type<scalar_t>* norm_ptr, grad_t* gk_ptr, const HeadView& gkv,
-                          grad_t* gv_ptr, const HeadView& gvv, Workspace<at::opmath_type<scalar_t>>& w,
-                          std::vector<at::opmath_type<scalar_t>>& suffix, std::vector<at::opmath_type<scalar_t>>& maxima,
-                          bool have_maxima) {
+FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int64_t b, int64_t h,
+                                                 const scalar_t* go_ptr, const scalar_t* out_ptr, const HeadView& ov,
+                                                 const HeadView& gov, const at::opmath_type<scalar_t>* norm_ptr,
+                                                 grad_t* gk_ptr, const HeadView& gkv, grad_t* gv_ptr,
+                                                 const HeadView& gvv, Workspace<at::opmath_type<scalar_t>>& w,
+                                                 std::vector<at::opmath_type<scalar_t>>& suffix,
+                                                 std::vector<at::opmath_type<scalar_t>>& maxima, bool have_maxima) {
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh = b * p.heads + h;
   const auto map = p.feature_map(h);
@@ -1220,7 +1228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     cpu::parallel_tasks(whole_heads ? bh_count : 2 * bh_count, [&](const auto& claim) {
       Workspace<T> w(p.features, p.dim, p.bf16_products);
       std::vector<T> running(p.features * (p.dim + 1));
-      std::vector<T> maxima(causal_maxima_size(p.key_len, p.features, p.softmax), -std::numeric_limits<T>::infinity());
+      std::vector<T> maxima(causal_maxima_size(p.key_len, p.features, p.softmax),
+                            -std::numeric_limits<T>::infinity());
       for (int64_t task = claim(); task >= 0; task = claim()) {
         const int64_t bh = task % bh_count, b = bh / p.heads, h = bh % p.heads;
         if (whole_heads || task < bh_count) {
