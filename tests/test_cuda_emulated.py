@@ -430,7 +430,7 @@ def test_emulated_performer_matches_reference(library, case):
 
 
 def test_emulated_performer_large_logits_keep_their_normalisers(library):
-    """At std 16 a scalar key stabiliser lets the normalisers underflow (notes/performer_spec.md); per-feature
+    """At std 16 a scalar key stabiliser lets the normalisers underflow (csrc/cpu/performer.cpp's header); per-feature
     stabilisers keep every normaliser >= 1, so every output matches the float64 reference."""
     inputs, projection = _performer_inputs(1, 2, 100, 100, 32, 64, False, seed=7, std=16.0)
     scale = 32**-0.5

@@ -93,7 +93,8 @@ def test_cuda_causal_performer_later_keys_leave_earlier_outputs_unchanged():
 
 @pytest.mark.gpu
 def test_cuda_performer_large_logits_keep_their_normalisers():
-    # std 16: a scalar key stabiliser lets normalisers underflow (notes/performer_spec.md); per-feature ones do not.
+    # std 16: a scalar key stabiliser lets normalisers underflow (csrc/cpu/performer.cpp's header); per-feature
+    # ones do not.
     # The float32 reference underflows there, so the tolerance rule would measure little: the float64 one must match.
     inputs = _inputs(1, 2, 100, 32, 64)
     q, k = inputs["q"] * 16, inputs["k"] * 16

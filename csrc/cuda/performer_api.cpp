@@ -2,7 +2,7 @@
 // with messages that name the argument, the params of csrc/cuda/performer_params.h, workspaces, and the launches
 // of csrc/cuda/performer_launch.h on the current stream.
 //
-// Saved tensors (notes/performer_spec.md, notes/causal_spec.md): normaliser (B, H, Nq), key_stabiliser
+// Saved tensors (the stabilisers of csrc/cpu/performer.cpp): normaliser (B, H, Nq), key_stabiliser
 // (non-causal: (B, H, m), the per-feature key maxima s_f; causal: (B, H, Nk), M_j, the largest of the per-feature
 // running maxima; zeros for relu) and state (B, H, m, D + 1), all float32. Causal: dden of the backward (an
 // O(N D) reduction) goes through ATen before the kernels, which recompute the stabilisers.

@@ -1,5 +1,5 @@
 // Causal Performer kernels, FAVOR+ ("softmax") or relu, with the per-feature running maxima of
-// notes/causal_spec.md (the same function as the CPU kernel's causal sweeps, csrc/cpu/performer.cpp). Softmax:
+// the CPU kernel's causal sweeps (the same function; csrc/cpu/performer.cpp, kSubBlock). Softmax:
 // s_f(j) is the largest logit of feature f over the unpadded keys <= j, M_j = max_f s_f(j) (saved as
 // key_stabiliser, 0 before the first unpadded key), a_f(i) = l_f(q_i) - max_g l_g(q_i) and
 // c_i = max_f [a_f(i) + (s_f(i) - M_i)]. Query i weighs key j <= i through feature f by
@@ -21,7 +21,7 @@
 // weights (and underflow them). Each CTA writes its feature tile's share of [num | den], which
 // performer_causal_output_kernel adds in tile order (deterministic, no atomics).
 //
-// Backward (gradients of the exact weights, the stabilisers constants; notes/causal_spec.md):
+// Backward (gradients of the exact weights, the stabilisers constants):
 // performer_causal_bwd_query_kernel walks forward with the prefix state for the shares of dq;
 // performer_causal_bwd_key_kernel walks backward with the suffix state R = sum over later chunks' queries of
 // exp((a_f(i) + (rho_f - M_i)) - c_i) [dnum_i | dden_i], rho the running maxima after the key's chunk, read

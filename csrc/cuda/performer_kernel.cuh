@@ -1,5 +1,5 @@
 // Performer attention kernels (non-causal; causal in performer_causal_kernel.cuh), FAVOR+ ("softmax") or relu features, with the stabilisers of
-// notes/performer_spec.md. Features are computed from the projection W (float32) in shared memory, tile by
+// csrc/cpu/performer.cpp (its header). Features are computed from the projection W (float32) in shared memory, tile by
 // tile, and never stored in global memory: no (N, m) feature matrix and no (N, m, D) prefix tensor exist.
 //
 // Every product here is float32 on the FMA units (SIMT), whatever the inputs' dtype: the features of a key far
@@ -244,7 +244,7 @@ __device__ __forceinline__ void performer_key_features(float* phi, const float* 
 }
 
 // A query's feature from its logit, its largest logit, its constant c and the key stabilisers:
-// exp(((l_f - max_g l_g) + (s_f - max_g s_g)) - c) in this order (notes/performer_spec.md), or relu(l) + eps.
+// exp(((l_f - max_g l_g) + (s_f - max_g s_g)) - c) in this order (as csrc/cpu/performer.cpp), or relu(l) + eps.
 // The -|q|^2 / 2 of the logits cancels in l_f - max_g l_g (a per-query constant) and is left out.
 __device__ __forceinline__ float performer_query_exponent(float logit, float logit_max, float stabiliser,
                                                           float stabiliser_max) {

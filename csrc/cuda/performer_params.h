@@ -1,10 +1,10 @@
 // Torch-free description of a Performer call (forward and backward): raw pointers, strides in elements,
 // sizes and flags. csrc/cuda/performer_api.cpp fills it; the kernels of performer_kernel.cuh read only this.
 //
-// Non-causal, kernel "softmax" (notes/performer_spec.md): per-feature key stabilisers s_f (the maximum of
+// Non-causal, kernel "softmax" (as csrc/cpu/performer.cpp): per-feature key stabilisers s_f (the maximum of
 // feature f's logit over the unpadded keys), query features exp(a_f(i) - c_i) with
 // a_f(i) = (l_f(q_i) - max_g l_g(q_i)) + (s_f - max_g s_g) and c_i = max_f a_f(i). Causal: per-feature running
-// maxima (notes/causal_spec.md, performer_causal_kernel.cuh).
+// maxima (performer_causal_kernel.cuh; csrc/cpu/performer.cpp, kSubBlock).
 #pragma once
 
 #include <cstdint>
@@ -67,7 +67,7 @@ struct PerformerParams {
   float* grad_state;
   float* grad_state_partial;
 
-  // Causal softmax (notes/causal_spec.md; key_stabiliser is (B, H, Nk): M_j, 0 before the first unpadded key,
+  // Causal softmax (performer_causal_kernel.cuh; key_stabiliser is (B, H, Nk): M_j, 0 before the first unpadded key,
   // written by the forward only, nullptr in the backward, which recomputes every stabiliser). chunk_max
   // (chunks + 1, B, H, m), chunks of kPerformerRows positions: the running maxima s_f of the key logits after each
   // chunk (row 0: -inf, before any key). Per query (B, H, Nq): running_max M_i (-inf before the first unpadded
