@@ -609,6 +609,16 @@ inline void load_rows(const scalar_t* src, int64_t row_stride, int64_t rows, int
   }
 }
 
+// Asks the CPU to bring rows x cols of a strided source into its caches: the rows a later load_rows reads,
+// issued a tile ahead, so that the load does not wait on memory.
+template <typename scalar_t>
+inline void prefetch_rows(const scalar_t* src, int64_t row_stride, int64_t rows, int64_t cols) {
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; c += kLine) __builtin_prefetch(src + r * row_stride + c);
+  }
+}
+
 template <typename scalar_t, typename T>
 inline void store_rows(const T* src, int64_t rows, int64_t cols, scalar_t* dst, int64_t row_stride) {
   for (int64_t r = 0; r < rows; ++r) {

@@ -98,16 +98,17 @@ FASTATTN_VECTOR_CLONES T subtract_and_max(T* row, int64_t n, T value) {
   return transform_and_max(row, n, [&](int64_t f) { return row[f] - value; });
 }
 
-// row = (row - row_max) + (feature_max - peak) (see FeatureMap::query_phi); returns the row's maximum.
+// row = ((row - offset) - row_max) + (feature_max - peak) (see FeatureMap::query_phi); returns the row's maximum.
 template <typename T>
-FASTATTN_VECTOR_CLONES T gaps_and_max(T* row, const T* feature_max, int64_t n, T row_max, T peak) {
-  return transform_and_max(row, n, [&](int64_t f) { return (row[f] - row_max) + (feature_max[f] - peak); });
+FASTATTN_VECTOR_CLONES T gaps_and_max(T* row, T offset, const T* feature_max, int64_t n, T row_max, T peak) {
+  return transform_and_max(row, n,
+                           [&](int64_t f) { return ((row[f] - offset) - row_max) + (feature_max[f] - peak); });
 }
 
-// out = exp(in - shift), shift per element.
+// out = exp((in - offset) - shift), shift per element.
 template <typename T>
-FASTATTN_VECTOR_CLONES void exp_of_difference(const T* in, const T* shift, T* out, int64_t n) {
-  for (int64_t f = 0; f < n; ++f) out[f] = cpu::exp_acc(in[f] - shift[f]);
+FASTATTN_VECTOR_CLONES void exp_of_difference(const T* in, T offset, const T* shift, T* out, int64_t n) {
+  for (int64_t f = 0; f < n; ++f) out[f] = cpu::exp_acc((in[f] - offset) - shift[f]);
 }
 
 // base = row - row_max; returns the maximum over f of base_f + (prefix_f - stab), c_i of kSubBlock (NaN is
@@ -142,10 +143,13 @@ FASTATTN_VECTOR_CLONES T running_max_and_max(T* out, const T* previous, const T*
   return transform_and_max(out, n, [&](int64_t f) { return row[f] > previous[f] ? row[f] : previous[f]; });
 }
 
-// running = max(running, row) element by element (a NaN in row is skipped).
+// running = max(running, row - offset) element by element (a NaN is skipped).
 template <typename T>
-FASTATTN_VECTOR_CLONES void max_into(T* running, const T* row, int64_t n) {
-  for (int64_t f = 0; f < n; ++f) running[f] = row[f] > running[f] ? row[f] : running[f];
+FASTATTN_VECTOR_CLONES void max_into(T* running, const T* row, T offset, int64_t n) {
+  for (int64_t f = 0; f < n; ++f) {
+    const T value = row[f] - offset;
+    running[f] = value > running[f] ? value : running[f];
+  }
 }
 
 // row *= factors element by element.
@@ -193,25 +197,32 @@ at::Tensor paired_operands(const at::Tensor& t) {
   return result;
 }
 
-// tile_product's bf16 products: A rounded to bfloat16 in rows of an even length (a zero pad column when k is
-// odd), B rounded and pair-interleaved (cpu::product), or given so (b_pairs: B's rows paired at their leading
-// dimension ldb, as paired_operands does). One product over the whole inner dimension, added into C directly:
-// float's chunks and separate sums bound the rounding of long float32 sums, far below that of operands
-// rounded to bfloat16.
+// Row r of a bf16 product's A operand (k elements): rounded to bfloat16 into a row of an even length, a zero
+// pad column when k is odd.
+void round_operand_row(const float* row, int64_t k, c10::BFloat16* a_row) {
+  cpu::narrow_operand_row(row, reinterpret_cast<uint16_t*>(a_row), k);
+  if (k % 2 == 1) a_row[k] = c10::BFloat16(0.0f);
+}
+
+// tile_product's bf16 products: A rounded to bfloat16 in rows of an even length (round_operand_row), or given
+// so (a_rows, not transposed), B rounded and pair-interleaved (cpu::product), or given so (b_pairs: B's rows
+// paired at their leading dimension ldb, as paired_operands does). One product over the whole inner
+// dimension, added into C directly: float's chunks and separate sums bound the rounding of long float32
+// sums, far below that of operands rounded to bfloat16.
 void bf16_tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
                        const float* a, int64_t lda, const float* b, int64_t ldb, bool accumulate, float* c,
-                       int64_t ldc, const c10::BFloat16* b_pairs) {
+                       int64_t ldc, const c10::BFloat16* b_pairs, const c10::BFloat16* a_rows) {
   thread_local std::vector<c10::BFloat16> a_rows_buffer, b_converted_buffer;
   thread_local std::vector<float> partial_buffer;
   const int64_t k_even = k + k % 2;
-  c10::BFloat16* a_rows = scratch(a_rows_buffer, m * k_even);
-  if (transpose_a) {
-    cpu::narrow_transposed_operand(a, lda, k, m, reinterpret_cast<uint16_t*>(a_rows), k_even);
-  } else {
-    for (int64_t r = 0; r < m; ++r) {
-      cpu::narrow_operand_row(a + r * lda, reinterpret_cast<uint16_t*>(a_rows + r * k_even), k);
-      if (k % 2 == 1) a_rows[r * k_even + k] = c10::BFloat16(0.0f);
+  if (a_rows == nullptr) {
+    c10::BFloat16* narrowed = scratch(a_rows_buffer, m * k_even);
+    if (transpose_a) {
+      cpu::narrow_transposed_operand(a, lda, k, m, reinterpret_cast<uint16_t*>(narrowed), k_even);
+    } else {
+      for (int64_t r = 0; r < m; ++r) round_operand_row(a + r * lda, k, narrowed + r * k_even);
     }
+    a_rows = narrowed;
   }
   int64_t pairs_ld = ldb;
   if (b_pairs == nullptr) {
@@ -243,15 +254,18 @@ void bf16_tile_product(bool transpose_a, bool transpose_b, int64_t m, int64_t n,
 //
 // With `bf16` (bfloat16 inputs on a CPU with bf16 units, cpu::bf16_products), float operands are rounded to
 // bfloat16 once per tile, A in rows and B pair-interleaved, and multiplied with float32 accumulation.
-// b_pairs, where given, is B already pair-interleaved for bf16 products (paired_operands).
+// b_pairs, where given, is B already pair-interleaved for bf16 products (paired_operands); a_rows, where given,
+// is A (not transposed) already rounded for them, in rows of k rounded up to even (round_operand_row): the
+// passes that compute a tile's rows narrow each while it is in the L1 cache.
 template <typename T>
 void tile_product(bool bf16, bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
                   int64_t lda, const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc,
-                  const c10::BFloat16* b_pairs = nullptr) {
+                  const c10::BFloat16* b_pairs = nullptr, const c10::BFloat16* a_rows = nullptr) {
   if constexpr (!std::is_same_v<T, float>) {
     gemm(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, T(accumulate ? 1 : 0), c, ldc);
   } else if (bf16) {
-    bf16_tile_product(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, accumulate, c, ldc, b_pairs);
+    TORCH_INTERNAL_ASSERT(a_rows == nullptr || !transpose_a);
+    bf16_tile_product(transpose_a, transpose_b, m, n, k, alpha, a, lda, b, ldb, accumulate, c, ldc, b_pairs, a_rows);
   } else {
     thread_local std::vector<float> a_t_buffer, b_t_buffer, partial_buffer;
     if (transpose_a) {
@@ -278,6 +292,51 @@ void tile_product(bool bf16, bool transpose_a, bool transpose_b, int64_t m, int6
       add_partial(partial, m, n, alpha, add, c, ldc);
     }
   }
+}
+
+// column[i] = sum_j op(A)[i][j] b[j * ldb] over j < k, added to it when `accumulate` (op(A): m x k, A^T when
+// transpose_a), in float32 (double for double): the last column of a product with B = [B' | b].
+template <typename T>
+FASTATTN_VECTOR_CLONES void times_column(bool transpose_a, int64_t m, int64_t k, const T* a, int64_t lda, const T* b,
+                                         int64_t ldb, bool accumulate, T* column, int64_t column_stride) {
+  thread_local std::vector<T> buffer;
+  T* sums = scratch(buffer, m + k);
+  T* weights = sums + m;
+  if (transpose_a) {
+    std::fill(sums, sums + m, T(0));
+    for (int64_t j = 0; j < k; ++j) {
+      const T weight = b[j * ldb];
+      const T* row = a + j * lda;
+      for (int64_t i = 0; i < m; ++i) sums[i] += row[i] * weight;
+    }
+  } else {
+    for (int64_t j = 0; j < k; ++j) weights[j] = b[j * ldb];
+    for (int64_t i = 0; i < m; ++i) {
+      const T* row = a + i * lda;
+      T partial[16] = {};
+      int64_t j = 0;
+      for (; j + 16 <= k; j += 16) {
+        for (int64_t l = 0; l < 16; ++l) partial[l] += row[j + l] * weights[j + l];
+      }
+      T sum = 0;
+      for (; j < k; ++j) sum += row[j] * weights[j];
+      for (int64_t l = 0; l < 16; ++l) sum += partial[l];
+      sums[i] = sum;
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) column[i * column_stride] = accumulate ? column[i * column_stride] + sums[i] : sums[i];
+}
+
+// tile_product (alpha 1, B not transposed) for a B of n columns whose last one is a normaliser's (the 1 of
+// [V | 1], or dden of [dnum | dden]): oneDNN's kernels work in blocks of 16 columns, so a 65th column costs
+// as much as 16 more (a bf16 brgemm of 64 x 65 x 256 took 1.45 times as long as one of 64 x 64 x 256); the
+// last column is summed by times_column instead, in float32.
+template <typename T>
+void tile_product_and_column(bool bf16, bool transpose_a, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
+                             const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc,
+                             const c10::BFloat16* b_pairs = nullptr, const c10::BFloat16* a_rows = nullptr) {
+  tile_product(bf16, transpose_a, false, m, n - 1, k, T(1), a, lda, b, ldb, accumulate, c, ldc, b_pairs, a_rows);
+  times_column(transpose_a, m, k, a, lda, b + n - 1, ldb, accumulate, c + n - 1, ldc);
 }
 
 template <typename T>
@@ -314,21 +373,26 @@ struct FeatureMap {
   // With bf16 products, weights_t and weights pair-interleaved (paired_operands); else null.
   const c10::BFloat16 *weights_t_pairs, *weights_pairs;
 
-  // x <- rows * sqrt(scale); logits <- W x (relu) or W x - |x|^2 / 2 (softmax); row_max <- max of each logit row.
+  // x <- rows * sqrt(scale); products <- W x; half_norm[r] <- |x_r|^2 / 2 (softmax) or 0 (relu). The logits are
+  // products - half_norm[r], a subtraction that the passes reading them make on the way.
   template <typename scalar_t>
-  void logits(const scalar_t* src, int64_t row_stride, int64_t rows, T* x, T* logits, T* row_max) const {
+  void logit_products(const scalar_t* src, int64_t row_stride, int64_t rows, T* x, T* products, T* half_norm) const {
     cpu::load_rows(src, row_stride, rows, dim, sqrt_scale, x);
-    tile_product(bf16_products, false, false, rows, features, dim, T(1), x, dim, weights_t, features, false, logits,
+    tile_product(bf16_products, false, false, rows, features, dim, T(1), x, dim, weights_t, features, false, products,
                  features, weights_t_pairs);
     for (int64_t r = 0; r < rows; ++r) {
-      if (!softmax) {
-        row_max[r] = 0;
-        continue;
-      }
       // Summed in double: |x|^2 / 2 is large next to the logits' spread, and its rounding error becomes a
       // relative error of every feature of the row.
-      const T half_norm = static_cast<T>(0.5 * squared_norm(x + r * dim, dim));
-      row_max[r] = subtract_and_max(logits + r * features, features, half_norm);
+      half_norm[r] = softmax ? static_cast<T>(0.5 * squared_norm(x + r * dim, dim)) : T(0);
+    }
+  }
+
+  // logit_products, and logits <- products - half_norm; row_max <- max of each logit row (softmax), 0 (relu).
+  template <typename scalar_t>
+  void logits(const scalar_t* src, int64_t row_stride, int64_t rows, T* x, T* logits, T* row_max) const {
+    logit_products(src, row_stride, rows, x, logits, row_max);
+    for (int64_t r = 0; softmax && r < rows; ++r) {
+      row_max[r] = subtract_and_max(logits + r * features, features, row_max[r]);
     }
   }
 
@@ -340,50 +404,58 @@ struct FeatureMap {
       if (dropped != nullptr && dropped[r]) {
         std::fill(pr, pr + features, T(0));
       } else if (softmax) {
-        const T shift = stabiliser[r];
-        cpu::exp_shifted(lr, pr, features, shift);
+        cpu::exp_shifted(lr, pr, features, stabiliser[r]);
       } else {
-        for (int64_t f = 0; f < features; ++f) pr[f] = (lr[f] > 0 ? lr[f] : T(0)) + T(kReluEpsilon);
+        relu_features(lr, pr);
       }
     }
   }
 
-  // Non-causal softmax key features exp(logits - feature_max) (zero rows where dropped[r]); relu as phi().
-  void key_phi(const T* logits, int64_t rows, const T* feature_max, const bool* dropped, T* phi_out) const {
-    if (!softmax) {
-      const std::vector<T> no_shift(rows, T(0));
-      phi(logits, rows, no_shift.data(), dropped, phi_out);
-      return;
-    }
+  // Non-causal softmax key features exp(logits - feature_max) from logit_products' results (zero rows where
+  // dropped[r]); relu as phi(). narrowed: see narrow_operand().
+  void key_phi(const T* products, const T* half_norm, int64_t rows, const T* feature_max, const bool* dropped,
+               T* phi_out, c10::BFloat16* narrowed = nullptr) const {
     for (int64_t r = 0; r < rows; ++r) {
+      const T* lr = products + r * features;
       T* pr = phi_out + r * features;
       if (dropped != nullptr && dropped[r]) {
         std::fill(pr, pr + features, T(0));
+      } else if (softmax) {
+        exp_of_difference(lr, half_norm[r], feature_max, pr, features);
       } else {
-        exp_of_difference(logits + r * features, feature_max, pr, features);
+        relu_features(lr, pr);
       }
+      narrow_operand(pr, r, narrowed);
     }
   }
 
   // Non-causal softmax query features against the keys' per-feature maxima: a_f = (logits_f - row_max) +
   // (feature_max_f - max feature_max), then exp(a_f - max a). Each difference is of two large numbers (both
   // about |x|^2 / 2) that are close for the features that matter, so nearly exact; logits_f + feature_max_f
-  // would round at twice their magnitude. relu as phi(). The logits are overwritten.
-  void query_phi(T* logits, int64_t rows, const T* row_max, const T* feature_max, T* phi_out) const {
-    std::vector<T> shift(rows, T(0));
-    if (softmax) {
-      const T peak = cpu::max_of(feature_max, features);
-      for (int64_t r = 0; r < rows; ++r) {
-        shift[r] = gaps_and_max(logits + r * features, feature_max, features, row_max[r], peak);
+  // would round at twice their magnitude. relu as phi(). From logit_products' results, which are overwritten
+  // (softmax). narrowed: see narrow_operand().
+  void query_phi(T* products, const T* half_norm, int64_t rows, const T* feature_max, T* phi_out,
+                 c10::BFloat16* narrowed = nullptr) const {
+    const T peak = softmax ? cpu::max_of(feature_max, features) : T(0);
+    for (int64_t r = 0; r < rows; ++r) {
+      T* lr = products + r * features;
+      T* pr = phi_out + r * features;
+      if (softmax) {
+        // The row's largest logit: rounding is monotonic, so the largest product rounds to it.
+        const T row_max = cpu::max_of(lr, features) - half_norm[r];
+        cpu::exp_shifted(lr, pr, features, gaps_and_max(lr, half_norm[r], feature_max, features, row_max, peak));
+      } else {
+        relu_features(lr, pr);
       }
+      narrow_operand(pr, r, narrowed);
     }
-    phi(logits, rows, shift.data(), nullptr, phi_out);
   }
 
-  // dx <- d(phi)/dx^T dphi for rows not dropped, zero for dropped rows (dphi is overwritten).
-  void backward(T* dphi, const T* phi, const T* logits, const T* x, int64_t rows, const bool* dropped, T* dx) const {
-    for (int64_t r = 0; r < rows; ++r) {
-      T* dr = dphi + r * features;
+  // dx <- d(phi)/dx^T dphi for rows not dropped, zero for dropped rows (dphi is overwritten). narrowed: the
+  // tile's scratch for the rows of d(logits) in bfloat16, see narrow_operand().
+  void backward(T* dphi, const T* phi, const T* logits, const T* x, int64_t rows, const bool* dropped, T* dx,
+                c10::BFloat16* narrowed = nullptr) const {
+    logits_backward(dphi, x, rows, dropped, dx, narrowed, [&](int64_t r, T* dr) {
       const T* pr = phi + r * features;
       const T* lr = logits + r * features;
       if (softmax) {
@@ -391,38 +463,52 @@ struct FeatureMap {
       } else {
         for (int64_t f = 0; f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] : T(0);
       }
-    }
-    logits_backward(dphi, x, rows, dropped, dx);
+    });
   }
 
   // backward() from products = phi o dphi (overwritten), which are the logits' gradients for softmax; relu
   // divides phi (>= its epsilon) back out where the logit is positive.
   void backward_from_products(T* products, const T* phi, const T* logits, const T* x, int64_t rows,
                               const bool* dropped, T* dx) const {
-    for (int64_t r = 0; !softmax && r < rows; ++r) {
-      T* dr = products + r * features;
+    logits_backward(products, x, rows, dropped, dx, nullptr, [&](int64_t r, T* dr) {
       const T* pr = phi + r * features;
       const T* lr = logits + r * features;
-      for (int64_t f = 0; f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] / pr[f] : T(0);
-    }
-    logits_backward(products, x, rows, dropped, dx);
+      for (int64_t f = 0; !softmax && f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] / pr[f] : T(0);
+    });
   }
 
  private:
+  void relu_features(const T* logits_row, T* phi_row) const {
+    for (int64_t f = 0; f < features; ++f) phi_row[f] = (logits_row[f] > 0 ? logits_row[f] : T(0)) + T(kReluEpsilon);
+  }
+
+  // Row r (features elements, just computed, so in the L1 cache) rounded into row r of narrowed, the A
+  // operand rows of a bf16 product (tile_product's a_rows); nothing when narrowed is null (no bf16 products).
+  void narrow_operand(const T* row, int64_t r, c10::BFloat16* narrowed) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (narrowed != nullptr) round_operand_row(row, features, narrowed + r * (features + features % 2));
+    }
+  }
+
   // dx <- d(logits)/dx^T dlogits for rows not dropped, zero for dropped rows (dlogits of those are zeroed).
-  void logits_backward(T* dlogits, const T* x, int64_t rows, const bool* dropped, T* dx) const {
+  // to_logit_grads(r, row) first turns row r of dlogits into the logits' gradients, where not dropped.
+  template <typename ToLogitGrads>
+  void logits_backward(T* dlogits, const T* x, int64_t rows, const bool* dropped, T* dx, c10::BFloat16* narrowed,
+                       const ToLogitGrads& to_logit_grads) const {
     std::vector<T> logit_sums(rows, T(0));
     for (int64_t r = 0; r < rows; ++r) {
       T* dr = dlogits + r * features;
       if (dropped != nullptr && dropped[r]) {
         std::fill(dr, dr + features, T(0));
-      } else if (softmax) {
-        logit_sums[r] = cpu::sum_of(dr, features);
+      } else {
+        to_logit_grads(r, dr);
+        if (softmax) logit_sums[r] = cpu::sum_of(dr, features);
       }
+      narrow_operand(dr, r, narrowed);
     }
     // d logits / d x = W - x (softmax, from the -|x|^2/2) or W (relu); x carries sqrt(scale) once more.
     tile_product(bf16_products, false, false, rows, dim, features, sqrt_scale, dlogits, features, weights, dim, false,
-                 dx, dim, weights_pairs);
+                 dx, dim, weights_pairs, narrowed);
     for (int64_t r = 0; r < rows; ++r) {
       if (dropped != nullptr && dropped[r]) {
         std::fill(dx + r * dim, dx + (r + 1) * dim, T(0));  // not 0 * x, which is NaN where x is
@@ -438,16 +524,22 @@ struct FeatureMap {
 // Buffers of one task: a tile of queries and one of keys with their features, and the per-chunk products.
 template <typename T>
 struct Workspace {
+  // Non-causal: q_logits and k_logits hold logit products, q_max and k_max their half norms (FeatureMap::
+  // logit_products).
   std::vector<T> qx, q_logits, q_phi, q_base, q_max, kx, k_logits, k_phi, k_prefix, k_max, k_stab, values, numden, grads,
       scores, dphi, dx;
   bool k_dropped[kTile];
   bool q_dropped[kTile];
   bool bf16;  // tile_product's bf16 argument
+  std::vector<c10::BFloat16> operand_rows;  // with bf16 products, a tile of features rounded (tile_product's a_rows)
   Workspace(int64_t features, int64_t dim, bool bf16_products)
       : qx(kTile * dim), q_logits(kTile * features), q_phi(kTile * features), q_base(kTile * features), q_max(kTile),
         kx(kTile * dim), k_logits(kTile * features), k_phi(kTile * features), k_prefix(kTile * features), k_max(kTile),
         k_stab(kTile), values(kTile * (dim + 1)), numden(kTile * (dim + 1)), grads(kTile * (dim + 1)),
-        scores(kTile * kTile), dphi(kTile * features), dx(kTile * dim), bf16(bf16_products) {}
+        scores(kTile * kTile), dphi(kTile * features), dx(kTile * dim), bf16(bf16_products),
+        operand_rows(bf16_products ? kTile * (features + features % 2) : 0) {}
+  // FeatureMap's narrowed argument: operand_rows, or null without bf16 products.
+  c10::BFloat16* narrowed() { return bf16 ? operand_rows.data() : nullptr; }
 };
 
 // rows of v into a (rows, D + 1) buffer whose last column is 1; zero rows where dropped[r] (padded keys are
@@ -552,21 +644,29 @@ struct Problem {
   }
 };
 
-// Keys [start, start + n) of head (b, h): logits (k_max takes their per-row maxima, unused) and padding flags.
+// Keys [start, start + n) of head (b, h): padding flags, and logits (k_max takes their per-row maxima, unused),
+// or non-causal logit products (see Workspace).
 template <typename scalar_t, typename T>
 void key_logits(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start, int64_t n,
                 Workspace<T>& w) {
-  map.logits(p.keys(b, h, start), p.kv.row_stride, n, w.kx.data(), w.k_logits.data(), w.k_max.data());
+  cpu::prefetch_rows(p.keys(b, h, start + n), p.kv.row_stride, std::min(n, p.key_len - start - n), p.dim);
+  cpu::prefetch_rows(p.values(b, h, start + n), p.vv.row_stride, std::min(n, p.key_len - start - n), p.dim);
+  if (p.causal) {
+    map.logits(p.keys(b, h, start), p.kv.row_stride, n, w.kx.data(), w.k_logits.data(), w.k_max.data());
+  } else {
+    map.logit_products(p.keys(b, h, start), p.kv.row_stride, n, w.kx.data(), w.k_logits.data(), w.k_max.data());
+  }
   for (int64_t r = 0; r < n; ++r) w.k_dropped[r] = p.padded(b, start + r);
 }
 
 // Non-causal query features of rows [start, start + n), against the keys' per-feature maxima.
 template <typename scalar_t, typename T>
 void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start,
-                    int64_t n, Workspace<T>& w, const T* key_feature_max) {
-  map.logits(p.q + p.qv.offset(b, h) + start * p.qv.row_stride, p.qv.row_stride, n, w.qx.data(), w.q_logits.data(),
-             w.q_max.data());
-  map.query_phi(w.q_logits.data(), n, w.q_max.data(), key_feature_max, w.q_phi.data());
+                    int64_t n, Workspace<T>& w, const T* key_feature_max, c10::BFloat16* narrowed = nullptr) {
+  const scalar_t* rows = p.q + p.qv.offset(b, h) + start * p.qv.row_stride;
+  cpu::prefetch_rows(rows + n * p.qv.row_stride, p.qv.row_stride, std::min(n, p.query_len - start - n), p.dim);
+  map.logit_products(rows, p.qv.row_stride, n, w.qx.data(), w.q_logits.data(), w.q_max.data());
+  map.query_phi(w.q_logits.data(), w.q_max.data(), n, key_feature_max, w.q_phi.data(), narrowed);
 }
 
 // Causal sweeps run over sub-blocks of kSubBlock rows, as keys and as queries at once.
@@ -688,7 +788,7 @@ FASTATTN_VECTOR_CLONES void key_weights(Workspace<T>& w, int64_t n, int64_t m, b
       std::fill(out, out + m, T(0));
       continue;
     }
-    exp_of_difference(w.k_logits.data() + r * m, sigma, out, m);
+    exp_of_difference(w.k_logits.data() + r * m, T(0), sigma, out, m);
   }
 }
 
@@ -795,8 +895,8 @@ FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b
     const bool masked_pairs = have_state || !p.softmax;
     if (masked_pairs) query_weights(w, n, m, p.softmax, sigma.data(), nullptr);
     if (have_state) {
-      tile_product(w.bf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state, dim + 1, false,
-                   w.numden.data(), dim + 1);
+      tile_product_and_column(w.bf16, false, n, dim + 1, m, w.q_phi.data(), m, state, dim + 1, false,
+                              w.numden.data(), dim + 1);
     }
     if (masked_pairs) {
       zero_columns(w.q_phi.data(), n, m, records);
@@ -805,15 +905,15 @@ FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b
     add_record_pairs(w, n, m, records, nullptr, masked_pairs, w.scores.data(), record_weights,
                      [](int64_t, const T*) {});
     if (masked_pairs || !records.empty()) {
-      tile_product(w.bf16, false, false, n, dim + 1, n, T(1), w.scores.data(), n, w.values.data(), dim + 1,
-                   true, w.numden.data(), dim + 1);
+      tile_product_and_column(w.bf16, false, n, dim + 1, n, w.scores.data(), n, w.values.data(), dim + 1, true,
+                              w.numden.data(), dim + 1);
     }
     write_outputs(start, n);
     if (std::all_of(w.k_dropped, w.k_dropped + n, [](bool dropped) { return dropped; })) continue;
     if (have_state) decay_rows(state, m, dim, sigma.data(), after);
     std::copy(after, after + m, sigma.begin());
-    tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.k_phi.data(), m, w.values.data(), dim + 1,
-                 have_state, state, dim + 1);
+    tile_product_and_column(w.bf16, true, m, dim + 1, n, w.k_phi.data(), m, w.values.data(), dim + 1, have_state,
+                            state, dim + 1);
     have_state = true;
   }
 }
@@ -879,8 +979,8 @@ FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, 
     if (std::all_of(w.k_dropped, w.k_dropped + n, [](bool dropped) { return dropped; })) continue;
     if (have_state) decay_rows(state.data(), m, dim, sigma.data(), after);
     std::copy(after, after + m, sigma.begin());
-    tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.k_phi.data(), m, w.values.data(), dim + 1,
-                 have_state, state.data(), dim + 1);
+    tile_product_and_column(w.bf16, true, m, dim + 1, n, w.k_phi.data(), m, w.values.data(), dim + 1, have_state,
+                            state.data(), dim + 1);
     have_state = true;
   }
 }
@@ -970,8 +1070,8 @@ FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int
     if (block == 0) break;
     // This sub-block's queries join the suffix state, which moves to the maxima before the sub-block.
     if (have_suffix && p.softmax) decay_rows(suffix.data(), m, dim, before, after);
-    tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1,
-                 have_suffix, suffix.data(), dim + 1);
+    tile_product_and_column(w.bf16, true, m, dim + 1, n, w.q_phi.data(), m, w.grads.data(), dim + 1, have_suffix,
+                            suffix.data(), dim + 1);
     have_suffix = true;
   }
 }
@@ -1023,15 +1123,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       if (softmax) {
         std::vector<T> tile_max(feature_max);
         for (int64_t r = 0; r < n; ++r) {
-          if (!w.k_dropped[r]) max_into(tile_max.data(), w.k_logits.data() + r * m, m);
+          if (!w.k_dropped[r]) max_into(tile_max.data(), w.k_logits.data() + r * m, w.k_max[r], m);
         }
         if (have_state) decay_rows(head_state, m, dim, feature_max.data(), tile_max.data());
         feature_max.swap(tile_max);
       }
-      map.key_phi(w.k_logits.data(), n, feature_max.data(), w.k_dropped, w.k_phi.data());
+      map.key_phi(w.k_logits.data(), w.k_max.data(), n, feature_max.data(), w.k_dropped, w.k_phi.data());
       load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped, w.values.data());
-      tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.k_phi.data(), m, w.values.data(), dim + 1, have_state,
-                   head_state, dim + 1);
+      tile_product_and_column(w.bf16, true, m, dim + 1, n, w.k_phi.data(), m, w.values.data(), dim + 1, have_state,
+                              head_state, dim + 1);
       have_state = true;
     }
     for (int64_t f = 0; f < m; ++f) {
@@ -1064,10 +1164,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / query_tiles, b = bh / p.heads, h = bh % p.heads;
       const int64_t start = (task % query_tiles) * kTile, n = std::min(kTile, p.query_len - start);
-      query_features(p, p.feature_map(h), b, h, start, n, w, stab_ptr + bh * m);
-      tile_product(w.bf16, false, false, n, dim + 1, m, T(1), w.q_phi.data(), m, state_ptr + bh * m * (dim + 1), dim + 1, false,
-                   w.numden.data(), dim + 1,
-                   p.bf16_products ? state_pairs.data_ptr<c10::BFloat16>() + bh * (m + m % 2) * (dim + 1) : nullptr);
+      query_features(p, p.feature_map(h), b, h, start, n, w, stab_ptr + bh * m, w.narrowed());
+      tile_product_and_column(w.bf16, false, n, dim + 1, m, w.q_phi.data(), m, state_ptr + bh * m * (dim + 1), dim + 1,
+                              false, w.numden.data(), dim + 1,
+                   p.bf16_products ? state_pairs.data_ptr<c10::BFloat16>() + bh * (m + m % 2) * (dim + 1) : nullptr,
+                   w.narrowed());
       write_outputs(w, bh, b, h, start, n, rows);
     }
     release_products<T>();
@@ -1138,16 +1239,22 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
       const int64_t last_tile = std::min(query_tiles, first_tile + tiles_per_split);
       for (int64_t tile = first_tile; tile < last_tile; ++tile) {
         const int64_t start = tile * kTile, n = std::min(kTile, p.query_len - start);
+        const scalar_t *tile_grad_out = go_ptr + gov.offset(b, h) + start * gov.row_stride,
+                       *tile_out = out_ptr + ov.offset(b, h) + start * ov.row_stride;
+        const int64_t next_rows = std::min(n, p.query_len - start - n);
+        cpu::prefetch_rows(tile_grad_out + n * ov.row_stride, ov.row_stride, next_rows, dim);
+        cpu::prefetch_rows(tile_out + n * ov.row_stride, ov.row_stride, next_rows, dim);
         query_features(p, map, b, h, start, n, w, stab_ptr + bh * m);
-        output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
-                     ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
+        output_grads(tile_grad_out, tile_out, ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim,
+                     w.grads.data(), w.q_dropped);
         tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false,
                      w.dphi.data(), m, pairs_of(state_t_pairs, bh, state_t_pairs_size));
-        map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.dx.data());
+        map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.dx.data(),
+                     w.narrowed());
         cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
         zero_dropped_rows(w.q_phi.data(), n, m, w.q_dropped);
-        tile_product(w.bf16, true, false, m, dim + 1, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, true, grad_state,
-                     dim + 1);
+        tile_product_and_column(w.bf16, true, m, dim + 1, n, w.q_phi.data(), m, w.grads.data(), dim + 1, true, grad_state,
+                                dim + 1);
       }
     }
     release_products<T>();
@@ -1167,15 +1274,17 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
       const auto map = p.feature_map(h);
       const T* grad_state = gs_ptr + bh * m * (dim + 1);
       key_logits(p, map, b, h, start, n, w);
-      map.key_phi(w.k_logits.data(), n, stab_ptr + bh * m, w.k_dropped, w.k_phi.data());
+      map.key_phi(w.k_logits.data(), w.k_max.data(), n, stab_ptr + bh * m, w.k_dropped, w.k_phi.data(),
+                  w.narrowed());
       load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
                             w.values.data());
       tile_product(w.bf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, false, w.dx.data(), dim,
-                   pairs_of(grad_state_pairs, bh, state_pairs_size));
+                   pairs_of(grad_state_pairs, bh, state_pairs_size), w.narrowed());
       cpu::store_rows(w.dx.data(), n, dim, gv_ptr + gvv.offset(b, h) + start * gvv.row_stride, gvv.row_stride);
       tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.values.data(), dim + 1, gs_t_ptr + bh * m * (dim + 1), m,
                    false, w.dphi.data(), m, pairs_of(grad_state_t_pairs, bh, state_t_pairs_size));
-      map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, w.dx.data());
+      map.backward(w.dphi.data(), w.k_phi.data(), w.k_logits.data(), w.kx.data(), n, w.k_dropped, w.dx.data(),
+                   w.narrowed());
       cpu::store_rows(w.dx.data(), n, dim, gk_ptr + gkv.offset(b, h) + start * gkv.row_stride, gkv.row_stride);
     }
     release_products<T>();
