@@ -598,6 +598,8 @@ inline void pair_transposed(const In* src, int64_t src_ld, int64_t rows, int64_t
 // rows x cols from a strided source (unit stride along a row) into a contiguous buffer, times multiplier.
 template <typename scalar_t, typename T>
 inline void load_rows(const scalar_t* src, int64_t row_stride, int64_t rows, int64_t cols, T multiplier, T* dst) {
+  // Contiguous rows are one row: a call per short row (64 elements) cost as much as its conversion.
+  if (row_stride == cols && rows > 1) return load_rows(src, rows * cols, 1, rows * cols, multiplier, dst);
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* in = src + r * row_stride;
     T* out = dst + r * cols;
@@ -621,6 +623,7 @@ inline void prefetch_rows(const scalar_t* src, int64_t row_stride, int64_t rows,
 
 template <typename scalar_t, typename T>
 inline void store_rows(const T* src, int64_t rows, int64_t cols, scalar_t* dst, int64_t row_stride) {
+  if (row_stride == cols && rows > 1) return store_rows(src, 1, rows * cols, dst, rows * cols);  // see load_rows
   for (int64_t r = 0; r < rows; ++r) {
     const T* in = src + r * cols;
     scalar_t* out = dst + r * row_stride;

@@ -294,49 +294,53 @@ void tile_product(bool bf16, bool transpose_a, bool transpose_b, int64_t m, int6
   }
 }
 
-// column[i] = sum_j op(A)[i][j] b[j * ldb] over j < k, added to it when `accumulate` (op(A): m x k, A^T when
-// transpose_a), in float32 (double for double): the last column of a product with B = [B' | b].
+// a . b over n elements, in sixteen partial sums.
 template <typename T>
-FASTATTN_VECTOR_CLONES void times_column(bool transpose_a, int64_t m, int64_t k, const T* a, int64_t lda, const T* b,
-                                         int64_t ldb, bool accumulate, T* column, int64_t column_stride) {
-  thread_local std::vector<T> buffer;
-  T* sums = scratch(buffer, m + k);
-  T* weights = sums + m;
-  if (transpose_a) {
-    std::fill(sums, sums + m, T(0));
-    for (int64_t j = 0; j < k; ++j) {
-      const T weight = b[j * ldb];
-      const T* row = a + j * lda;
-      for (int64_t i = 0; i < m; ++i) sums[i] += row[i] * weight;
-    }
-  } else {
-    for (int64_t j = 0; j < k; ++j) weights[j] = b[j * ldb];
-    for (int64_t i = 0; i < m; ++i) {
-      const T* row = a + i * lda;
-      T partial[16] = {};
-      int64_t j = 0;
-      for (; j + 16 <= k; j += 16) {
-        for (int64_t l = 0; l < 16; ++l) partial[l] += row[j + l] * weights[j + l];
-      }
-      T sum = 0;
-      for (; j < k; ++j) sum += row[j] * weights[j];
-      for (int64_t l = 0; l < 16; ++l) sum += partial[l];
-      sums[i] = sum;
-    }
+FASTATTN_VECTOR_CLONES T dot_of(const T* a, const T* b, int64_t n) {
+  T partial[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    for (int64_t l = 0; l < 16; ++l) partial[l] += a[j + l] * b[j + l];
   }
-  for (int64_t i = 0; i < m; ++i) column[i * column_stride] = accumulate ? column[i * column_stride] + sums[i] : sums[i];
+  T sum = 0;
+  for (; j < n; ++j) sum += a[j] * b[j];
+  for (int64_t l = 0; l < 16; ++l) sum += partial[l];
+  return sum;
 }
 
-// tile_product (alpha 1, B not transposed) for a B of n columns whose last one is a normaliser's (the 1 of
-// [V | 1], or dden of [dnum | dden]): oneDNN's kernels work in blocks of 16 columns, so a 65th column costs
-// as much as 16 more (a bf16 brgemm of 64 x 65 x 256 took 1.45 times as long as one of 64 x 64 x 256); the
-// last column is summed by times_column instead, in float32.
+// sums += row * weight element by element.
+template <typename T>
+FASTATTN_VECTOR_CLONES void add_scaled(T* sums, const T* row, T weight, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) sums[i] += row[i] * weight;
+}
+
+// column[i * stride] = sums[i], or += when `accumulate`.
+template <typename T>
+void write_column(const T* sums, int64_t m, bool accumulate, T* column, int64_t stride) {
+  for (int64_t i = 0; i < m; ++i) column[i * stride] = accumulate ? column[i * stride] + sums[i] : sums[i];
+}
+
+// Products with a B of D + 1 columns whose last one is a normaliser's (the 1 of [V | 1], or dden of
+// [dnum | dden]) leave that column out of tile_product: oneDNN's kernels work in blocks of 16 columns, so a
+// 65th column costs as much as 16 more (a bf16 brgemm of 64 x 65 x 256 took 1.45 times as long as one of
+// 64 x 64 x 256). Its matrix-vector product is summed in float32 instead: by the passes that make the
+// features, while a row is in the L1 cache (non-causal), or here.
 template <typename T>
 void tile_product_and_column(bool bf16, bool transpose_a, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
-                             const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc,
-                             const c10::BFloat16* b_pairs = nullptr, const c10::BFloat16* a_rows = nullptr) {
-  tile_product(bf16, transpose_a, false, m, n - 1, k, T(1), a, lda, b, ldb, accumulate, c, ldc, b_pairs, a_rows);
-  times_column(transpose_a, m, k, a, lda, b + n - 1, ldb, accumulate, c + n - 1, ldc);
+                             const T* b, int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+  tile_product(bf16, transpose_a, false, m, n - 1, k, T(1), a, lda, b, ldb, accumulate, c, ldc);
+  thread_local std::vector<T> buffer;
+  T* sums = scratch(buffer, m + k);
+  const T* column = b + n - 1;
+  if (transpose_a) {
+    std::fill(sums, sums + m, T(0));
+    for (int64_t j = 0; j < k; ++j) add_scaled(sums, a + j * lda, column[j * ldb], m);
+  } else {
+    T* weights = sums + m;
+    for (int64_t j = 0; j < k; ++j) weights[j] = column[j * ldb];
+    for (int64_t i = 0; i < m; ++i) sums[i] = dot_of(a + i * lda, weights, k);
+  }
+  write_column(sums, m, accumulate, c + n - 1, ldc);
 }
 
 template <typename T>
@@ -412,9 +416,10 @@ struct FeatureMap {
   }
 
   // Non-causal softmax key features exp(logits - feature_max) from logit_products' results (zero rows where
-  // dropped[r]); relu as phi(). narrowed: see narrow_operand().
+  // dropped[r]); relu as phi(). visit(r, row) is called with each row once it is made (in the L1 cache).
+  template <typename Visit>
   void key_phi(const T* products, const T* half_norm, int64_t rows, const T* feature_max, const bool* dropped,
-               T* phi_out, c10::BFloat16* narrowed = nullptr) const {
+               T* phi_out, const Visit& visit) const {
     for (int64_t r = 0; r < rows; ++r) {
       const T* lr = products + r * features;
       T* pr = phi_out + r * features;
@@ -425,7 +430,7 @@ struct FeatureMap {
       } else {
         relu_features(lr, pr);
       }
-      narrow_operand(pr, r, narrowed);
+      visit(r, pr);
     }
   }
 
@@ -433,9 +438,10 @@ struct FeatureMap {
   // (feature_max_f - max feature_max), then exp(a_f - max a). Each difference is of two large numbers (both
   // about |x|^2 / 2) that are close for the features that matter, so nearly exact; logits_f + feature_max_f
   // would round at twice their magnitude. relu as phi(). From logit_products' results, which are overwritten
-  // (softmax). narrowed: see narrow_operand().
+  // (softmax). visit: as key_phi's.
+  template <typename Visit>
   void query_phi(T* products, const T* half_norm, int64_t rows, const T* feature_max, T* phi_out,
-                 c10::BFloat16* narrowed = nullptr) const {
+                 const Visit& visit) const {
     const T peak = softmax ? cpu::max_of(feature_max, features) : T(0);
     for (int64_t r = 0; r < rows; ++r) {
       T* lr = products + r * features;
@@ -447,7 +453,7 @@ struct FeatureMap {
       } else {
         relu_features(lr, pr);
       }
-      narrow_operand(pr, r, narrowed);
+      visit(r, pr);
     }
   }
 
@@ -477,17 +483,17 @@ struct FeatureMap {
     });
   }
 
- private:
-  void relu_features(const T* logits_row, T* phi_row) const {
-    for (int64_t f = 0; f < features; ++f) phi_row[f] = (logits_row[f] > 0 ? logits_row[f] : T(0)) + T(kReluEpsilon);
-  }
-
   // Row r (features elements, just computed, so in the L1 cache) rounded into row r of narrowed, the A
   // operand rows of a bf16 product (tile_product's a_rows); nothing when narrowed is null (no bf16 products).
   void narrow_operand(const T* row, int64_t r, c10::BFloat16* narrowed) const {
     if constexpr (std::is_same_v<T, float>) {
       if (narrowed != nullptr) round_operand_row(row, features, narrowed + r * (features + features % 2));
     }
+  }
+
+ private:
+  void relu_features(const T* logits_row, T* phi_row) const {
+    for (int64_t f = 0; f < features; ++f) phi_row[f] = (logits_row[f] > 0 ? logits_row[f] : T(0)) + T(kReluEpsilon);
   }
 
   // dx <- d(logits)/dx^T dlogits for rows not dropped, zero for dropped rows (dlogits of those are zeroed).
@@ -659,14 +665,15 @@ void key_logits(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b,
   for (int64_t r = 0; r < n; ++r) w.k_dropped[r] = p.padded(b, start + r);
 }
 
-// Non-causal query features of rows [start, start + n), against the keys' per-feature maxima.
-template <typename scalar_t, typename T>
+// Non-causal query features of rows [start, start + n), against the keys' per-feature maxima. visit: as
+// FeatureMap::key_phi's.
+template <typename scalar_t, typename T, typename Visit>
 void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start,
-                    int64_t n, Workspace<T>& w, const T* key_feature_max, c10::BFloat16* narrowed = nullptr) {
+                    int64_t n, Workspace<T>& w, const T* key_feature_max, const Visit& visit) {
   const scalar_t* rows = p.q + p.qv.offset(b, h) + start * p.qv.row_stride;
   cpu::prefetch_rows(rows + n * p.qv.row_stride, p.qv.row_stride, std::min(n, p.query_len - start - n), p.dim);
   map.logit_products(rows, p.qv.row_stride, n, w.qx.data(), w.q_logits.data(), w.q_max.data());
-  map.query_phi(w.q_logits.data(), w.q_max.data(), n, key_feature_max, w.q_phi.data(), narrowed);
+  map.query_phi(w.q_logits.data(), w.q_max.data(), n, key_feature_max, w.q_phi.data(), visit);
 }
 
 // Causal sweeps run over sub-blocks of kSubBlock rows, as keys and as queries at once.
@@ -1110,7 +1117,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
 
   // Non-causal keys of head (b, h) into its state, against the per-feature maxima of their logits
   // (running over the tiles; the state's rows are rescaled when theirs grows); the final maxima are saved.
-  auto sum_keys = [&](Workspace<T>& w, std::vector<T>& feature_max, int64_t bh, int64_t b, int64_t h) {
+  // column_sums: m elements of scratch, for the normaliser column of the state (tile_product_and_column).
+  auto sum_keys = [&](Workspace<T>& w, std::vector<T>& feature_max, std::vector<T>& column_sums, int64_t bh, int64_t b,
+                      int64_t h) {
     const auto map = p.feature_map(h);
     T* head_state = state_ptr + bh * m * (dim + 1);
     std::fill(head_state, head_state + m * (dim + 1), T(0));
@@ -1128,10 +1137,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
         if (have_state) decay_rows(head_state, m, dim, feature_max.data(), tile_max.data());
         feature_max.swap(tile_max);
       }
-      map.key_phi(w.k_logits.data(), w.k_max.data(), n, feature_max.data(), w.k_dropped, w.k_phi.data());
+      std::fill(column_sums.begin(), column_sums.end(), T(0));
+      map.key_phi(w.k_logits.data(), w.k_max.data(), n, feature_max.data(), w.k_dropped, w.k_phi.data(),
+                  [&](int64_t, const T* row) { add_scaled(column_sums.data(), row, T(1), m); });
       load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped, w.values.data());
-      tile_product_and_column(w.bf16, true, m, dim + 1, n, w.k_phi.data(), m, w.values.data(), dim + 1, have_state,
-                              head_state, dim + 1);
+      tile_product(w.bf16, true, false, m, dim, n, T(1), w.k_phi.data(), m, w.values.data(), dim + 1, have_state,
+                   head_state, dim + 1);
+      write_column(column_sums.data(), m, have_state, head_state + dim, dim + 1);
       have_state = true;
     }
     for (int64_t f = 0; f < m; ++f) {
@@ -1142,11 +1154,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   // Keys (and, when causal, the queries of the same sub-block) per (batch, head), in order.
   cpu::parallel_tasks(p.batch * p.heads, [&](const auto& claim) {
     Workspace<T> w(m, dim, p.bf16_products);
-    std::vector<T> rows(kTile * dim), feature_max(m);
+    std::vector<T> rows(kTile * dim), feature_max(m), column_sums(m);
     for (int64_t bh = claim(); bh >= 0; bh = claim()) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
       if (!causal) {
-        sum_keys(w, feature_max, bh, b, h);
+        sum_keys(w, feature_max, column_sums, bh, b, h);
         continue;
       }
       forward_causal(p, b, h, w, stab_ptr, state_ptr + bh * m * (dim + 1),
@@ -1160,13 +1172,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const at::Tensor state_pairs = p.bf16_products ? paired_operands(state) : at::Tensor();
   cpu::parallel_tasks(p.batch * p.heads * query_tiles, [&](const auto& claim) {
     Workspace<T> w(m, dim, p.bf16_products);
-    std::vector<T> rows(kTile * dim);
+    std::vector<T> rows(kTile * dim), normaliser_column(m);
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / query_tiles, b = bh / p.heads, h = bh % p.heads;
       const int64_t start = (task % query_tiles) * kTile, n = std::min(kTile, p.query_len - start);
-      query_features(p, p.feature_map(h), b, h, start, n, w, stab_ptr + bh * m, w.narrowed());
-      tile_product_and_column(w.bf16, false, n, dim + 1, m, w.q_phi.data(), m, state_ptr + bh * m * (dim + 1), dim + 1,
-                              false, w.numden.data(), dim + 1,
+      const auto map = p.feature_map(h);
+      const T* head_state = state_ptr + bh * m * (dim + 1);
+      for (int64_t f = 0; f < m; ++f) normaliser_column[f] = head_state[f * (dim + 1) + dim];
+      // The normaliser column apart (see tile_product_and_column).
+      query_features(p, map, b, h, start, n, w, stab_ptr + bh * m, [&](int64_t r, const T* row) {
+        map.narrow_operand(row, r, w.narrowed());
+        w.numden[r * (dim + 1) + dim] = dot_of(row, normaliser_column.data(), m);
+      });
+      tile_product(w.bf16, false, false, n, dim, m, T(1), w.q_phi.data(), m, head_state, dim + 1, false,
+                   w.numden.data(), dim + 1,
                    p.bf16_products ? state_pairs.data_ptr<c10::BFloat16>() + bh * (m + m % 2) * (dim + 1) : nullptr,
                    w.narrowed());
       write_outputs(w, bh, b, h, start, n, rows);
@@ -1229,12 +1248,14 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
 
   cpu::parallel_tasks(bh_count * splits, [&](const auto& claim) {
     Workspace<T> w(m, dim, p.bf16_products);
+    std::vector<T> normaliser_grads(m);
     for (int64_t task = claim(); task >= 0; task = claim()) {
       const int64_t bh = task / splits, b = bh / p.heads, h = bh % p.heads;
       const auto map = p.feature_map(h);
       const T* head_state_t = state_t_ptr + bh * m * (dim + 1);
       T* grad_state = partial_ptr + task * m * (dim + 1);
       std::fill(grad_state, grad_state + m * (dim + 1), T(0));
+      std::fill(normaliser_grads.begin(), normaliser_grads.end(), T(0));
       const int64_t first_tile = (task % splits) * tiles_per_split;
       const int64_t last_tile = std::min(query_tiles, first_tile + tiles_per_split);
       for (int64_t tile = first_tile; tile < last_tile; ++tile) {
@@ -1244,18 +1265,22 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
         const int64_t next_rows = std::min(n, p.query_len - start - n);
         cpu::prefetch_rows(tile_grad_out + n * ov.row_stride, ov.row_stride, next_rows, dim);
         cpu::prefetch_rows(tile_out + n * ov.row_stride, ov.row_stride, next_rows, dim);
-        query_features(p, map, b, h, start, n, w, stab_ptr + bh * m);
         output_grads(tile_grad_out, tile_out, ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim,
                      w.grads.data(), w.q_dropped);
+        // d state's normaliser column, phi_q^T dden, apart (see tile_product_and_column).
+        query_features(p, map, b, h, start, n, w, stab_ptr + bh * m, [&](int64_t r, const T* row) {
+          if (!w.q_dropped[r]) add_scaled(normaliser_grads.data(), row, w.grads[r * (dim + 1) + dim], m);
+        });
         tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false,
                      w.dphi.data(), m, pairs_of(state_t_pairs, bh, state_t_pairs_size));
         map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.dx.data(),
                      w.narrowed());
         cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
         zero_dropped_rows(w.q_phi.data(), n, m, w.q_dropped);
-        tile_product_and_column(w.bf16, true, m, dim + 1, n, w.q_phi.data(), m, w.grads.data(), dim + 1, true, grad_state,
-                                dim + 1);
+        tile_product(w.bf16, true, false, m, dim, n, T(1), w.q_phi.data(), m, w.grads.data(), dim + 1, true, grad_state,
+                     dim + 1);
       }
+      write_column(normaliser_grads.data(), m, false, grad_state + dim, dim + 1);
     }
     release_products<T>();
   });
@@ -1275,7 +1300,7 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
       const T* grad_state = gs_ptr + bh * m * (dim + 1);
       key_logits(p, map, b, h, start, n, w);
       map.key_phi(w.k_logits.data(), w.k_max.data(), n, stab_ptr + bh * m, w.k_dropped, w.k_phi.data(),
-                  w.narrowed());
+                  [&](int64_t r, const T* row) { map.narrow_operand(row, r, w.narrowed()); });
       load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
                             w.values.data());
       tile_product(w.bf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, false, w.dx.data(), dim,
