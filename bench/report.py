@@ -117,7 +117,28 @@ def format_table(result: RunResult) -> str:
             else:
                 lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:2], widths)) + "  " + row[2])
         blocks.append("\n".join(lines))
+    speedups = format_dtype_speedups(shown)
+    if speedups:
+        blocks.append(speedups)
     return "\n\n".join(blocks)
+
+
+def format_dtype_speedups(records: list[Record]) -> str:
+    """Each measurement in another dtype against the same one in float32, both timed by this run ("" when it
+    ran one dtype): the ratio of two figures from one process, which move less than figures from two runs."""
+    times = {(r.case.mechanism, r.mode, r.provider, r.case.seq_len, r.case.dtype_name): r.timing.median_ms
+             for r in records if r.timing is not None}
+    header = ["mechanism", "mode", "provider", "N", "dtype", "float32 ms", "its ms", "speed-up"]
+    rows = [[mechanism, mode, provider, str(n), dtype, f"{times[(mechanism, mode, provider, n, 'float32')]:.3f}",
+             f"{ms:.3f}", f"{times[(mechanism, mode, provider, n, 'float32')] / ms:.2f}x"]
+            for (mechanism, mode, provider, n, dtype), ms in sorted(times.items())
+            if dtype != "float32" and (mechanism, mode, provider, n, "float32") in times]
+    if not rows:
+        return ""
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    lines = ["speed-up over float32 (float32 time / time in the dtype, both from this run)"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header] + rows]
+    return "\n".join(lines)
 
 
 def write_plots(result: RunResult, directory: Path) -> list[Path]:

@@ -12,7 +12,7 @@ from bench import correctness
 from bench.__main__ import main
 from bench.measure import Timing, peak_memory
 from bench.providers import PEERS, Prepared, reference_function
-from bench.report import CSV_COLUMNS
+from bench.report import CSV_COLUMNS, format_dtype_speedups
 from bench.runner import BASELINE, Record, add_speedups, timed_step
 from bench.workload import Case, forward_flops, make_inputs
 
@@ -117,6 +117,22 @@ def test_matmul_fraction_is_the_flop_rate_over_the_matmul_rate():
                     matmul_tflops=0.5)
     assert record.matmul_fraction == pytest.approx(record.tflops / 0.5)
     assert Record(case, "fastattn-cpu", "fastattn", "fwd", correctness.PASSED).matmul_fraction is None
+
+
+def test_dtype_speedups_pair_each_measurement_with_its_float32_one():
+    timings = {torch.float32: Timing(3.0, 2.9, 3.1, 10), torch.bfloat16: Timing(2.0, 1.9, 2.1, 10)}
+    records = [Record(dataclasses.replace(SMALL, dtype=dtype), provider, "fastattn", "fwd", correctness.PASSED,
+                      timing=timing)
+               for dtype, timing in timings.items() for provider in ("fastattn-cpu", "sdpa-dense")]
+    records.append(Record(dataclasses.replace(SMALL, dtype=torch.bfloat16, seq_len=192), "fastattn-cpu", "fastattn",
+                          "fwd", correctness.PASSED, timing=timings[torch.bfloat16]))  # no float32 partner
+    lines = format_dtype_speedups(records).splitlines()
+    assert lines[1].split() == ["mechanism", "mode", "provider", "N", "dtype", "float32", "ms", "its", "ms",
+                                "speed-up"]
+    assert [line.split() for line in lines[2:]] == [
+        ["bigbird", "fwd", provider, "96", "bfloat16", "3.000", "2.000", "1.50x"]
+        for provider in ("fastattn-cpu", "sdpa-dense")]
+    assert format_dtype_speedups(records[:2]) == ""  # one dtype: nothing to compare
 
 
 def test_tiny_run_writes_csv_plots_and_quality(tmp_path, monkeypatch, capsys):
