@@ -539,13 +539,14 @@ def main() -> int:
     start = time.time()
     os.environ.pop("TRITON_INTERPRET", None)
     # Triton's own cache would skip ptxas (and its register report) on a hit; results are cached here.
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpu-static-check-triton-")
-    failures = []
-    if args.only in (None, "triton"):
-        failures += _triton_section(args.jobs, args.variants)
-    if args.only in (None, "cuda"):
-        failures += _cuda_section(args.jobs)
-    shutil.rmtree(os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
+    # Removed however the run ends: a fresh run leaves several hundred MB of compiled kernels in it.
+    with tempfile.TemporaryDirectory(prefix="gpu-static-check-triton-") as triton_cache:
+        os.environ["TRITON_CACHE_DIR"] = triton_cache
+        failures = []
+        if args.only in (None, "triton"):
+            failures += _triton_section(args.jobs, args.variants)
+        if args.only in (None, "cuda"):
+            failures += _cuda_section(args.jobs)
     print(f"gpu-static-check took {time.time() - start:.0f} s")
     if failures:
         print(f"\n{len(failures)} failure(s):", file=sys.stderr)

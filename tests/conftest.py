@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import torch
@@ -11,7 +13,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # A fresh inductor cache per test run: its key leaves out the fake kernels of custom ops, so code compiled
 # before an op's saved tensors changed shape would be reused (and fail its own shape asserts).
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastattn-inductor-"))
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastattn-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import importlib.util  # noqa: E402
 
