@@ -398,20 +398,19 @@ namespace {
 FASTATTN_BF16_PRODUCTS_TARGET inline __m512 exp_coarse(__m512 x) {
   // max and min return their second operand when one is NaN: x, so that NaN goes through.
   const __m512 clamped = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.33654f), x));
-  // Adding 1.5 * 2^23 rounds to the nearest integer n, which the low bits of `shifted` then hold.
+  // Adding 1.5 * 2^23 rounds to the nearest integer n.
   const __m512 shifter = _mm512_set1_ps(12582912.0f);
-  const __m512 shifted = _mm512_fmadd_ps(clamped, _mm512_set1_ps(1.44269504088896341f), shifter);
-  const __m512 n = _mm512_sub_ps(shifted, shifter);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(clamped, _mm512_set1_ps(1.44269504088896341f), shifter), shifter);
   const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945f), clamped);
   __m512 p = _mm512_set1_ps(1.0f / 120);
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i exponent = _mm512_add_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(127 - 0x4B400000));
-  const __m512 power = _mm512_castsi512_ps(_mm512_slli_epi32(exponent, 23));
+  // p * 2^n in one instruction (as exact as the product by a power of two it replaces), 0 below the smallest
+  // normal result.
   const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ);
-  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~underflow), p, power);
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~underflow), p, n);
 }
 
 // probs[j] = exp(scale * (row[j] - max)) rounded to bfloat16, for j < n; returns the sum of the unrounded
