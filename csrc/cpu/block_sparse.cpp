@@ -28,7 +28,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -62,28 +61,6 @@ void tile_gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, co
   cpu::product(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 }
 
-// exp for float32 (Cephes' polynomial on the range-reduced argument), written without calls so that
-// loops over it vectorise; exact 0 for x below the smallest normal result (-inf included).
-inline float exp_float(float x) {
-  constexpr float kMin = -87.33654f, kMax = 88.0f;
-  float clamped = std::min(std::max(x, kMin), kMax);
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  float n = (clamped * 1.44269504088896341f + kRound) - kRound;
-  float r = clamped - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float power = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return x < kMin ? 0.0f : p * power;
-}
-
-inline double exp_accum(double x) { return std::exp(x); }
-inline float exp_accum(float x) { return exp_float(x); }
 
 // Rows of a (B, H, N, D) tensor transposed by one task.
 constexpr int64_t kTransposeChunk = 256;
@@ -108,14 +85,14 @@ FASTATTN_ISA_CLONES T exp_scaled_sum(const T* row, int64_t n, T scale, T max, T*
   for (; j + kLanes <= n; j += kLanes) {
 #pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) {
-      const T e = exp_accum(scale * (row[j + l] - max));
+      const T e = cpu::exp_acc(scale * (row[j + l] - max));
       probs[j + l] = e;
       lanes[l] += e;
     }
   }
   T sum = 0;
   for (; j < n; ++j) {
-    probs[j] = exp_accum(scale * (row[j] - max));
+    probs[j] = cpu::exp_acc(scale * (row[j] - max));
     sum += probs[j];
   }
   for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
@@ -126,7 +103,7 @@ FASTATTN_ISA_CLONES T exp_scaled_sum(const T* row, int64_t n, T scale, T max, T*
 template <typename T>
 FASTATTN_ISA_CLONES void exp_shifted(T* row, int64_t n, const T* shifts) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) row[j] = exp_accum(row[j] - shifts[j]);
+  for (int64_t j = 0; j < n; ++j) row[j] = cpu::exp_acc(row[j] - shifts[j]);
 }
 
 template <typename T>
@@ -435,7 +412,7 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
           row_sum = exp_scaled_sum(row, cols, scale, new_max, prob_row);
         }
         // Most runs leave a row's maximum as it was, and exp(0) is 1: the scalar exp is skipped then.
-        const accum_t correction = new_max == run_max[i] ? accum_t(1) : exp_accum(scale * (run_max[i] - new_max));
+        const accum_t correction = new_max == run_max[i] ? accum_t(1) : cpu::exp_acc(scale * (run_max[i] - new_max));
         if (correction != accum_t(1)) scale_row(acc + i * dim, dim, correction);
         run_sum[i] = run_sum[i] * correction + row_sum;
         run_max[i] = new_max;
