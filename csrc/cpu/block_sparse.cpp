@@ -61,7 +61,6 @@ void tile_gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, co
   cpu::product(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 }
 
-
 // Rows of a (B, H, N, D) tensor transposed by one task.
 constexpr int64_t kTransposeChunk = 256;
 

@@ -407,8 +407,8 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __m512 exp_coarse(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  // p * 2^n in one instruction (as exact as the product by a power of two it replaces), 0 below the smallest
-  // normal result.
+  // p * 2^n in one instruction, exact but for a denormal result, as a product by a power of two is; 0 below the
+  // smallest normal result.
   const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ);
   return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~underflow), p, n);
 }
