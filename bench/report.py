@@ -87,6 +87,14 @@ def _cells(record: Record) -> list[str]:
             f"{record.memory.added_bytes / MIB:.1f}", f"{record.memory.peak_bytes / MIB:.0f}", speedup, check]
 
 
+def _column_widths(rows: list[list[str]]) -> list[int]:
+    return [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+
+def _aligned(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(cell.ljust(w) for cell, w in zip(cells, widths))
+
+
 def format_table(result: RunResult) -> str:
     """One table per (mechanism, dtype, mode): a row per provider and N."""
     header = ["provider", "N", "median ms", "p20-p80 ms", "TFLOP/s", "of matmul", "added MiB", "peak MiB", "vs SDPA",
@@ -108,14 +116,14 @@ def format_table(result: RunResult) -> str:
         case = group[0].case
         rows = [_cells(record) for record in group]
         measured = [row for row in rows if len(row) == len(header)]
-        widths = [max(len(row[i]) for row in [header] + measured) for i in range(len(header))]
+        widths = _column_widths([header] + measured)
         title = f"{mechanism} | {mode} | {dtype} | B={case.batch} H={case.heads} D={case.head_dim} {case.options}"
-        lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths))]
+        lines = [title, _aligned(header, widths)]
         for row in rows:
             if len(row) == len(header):
-                lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+                lines.append(_aligned(row, widths))
             else:
-                lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:2], widths)) + "  " + row[2])
+                lines.append(_aligned(row[:2], widths) + "  " + row[2])
         blocks.append("\n".join(lines))
     speedups = format_dtype_speedups(shown)
     if speedups:
@@ -135,9 +143,9 @@ def format_dtype_speedups(records: list[Record]) -> str:
             if dtype != "float32" and (mechanism, mode, provider, n, "float32") in times]
     if not rows:
         return ""
-    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    widths = _column_widths([header] + rows)
     lines = ["speed-up over float32 (float32 time / time in the dtype, both from this run)"]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header] + rows]
+    lines += [_aligned(row, widths) for row in [header] + rows]
     return "\n".join(lines)
 
 
