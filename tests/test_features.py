@@ -54,6 +54,19 @@ def test_reproducible_from_the_generator(orthogonal):
     assert not torch.equal(draw(3), draw(4))
 
 
+@pytest.mark.parametrize("orthogonal", [True, False], ids=["orthogonal", "iid"])
+def test_the_same_whatever_the_thread_count(orthogonal):
+    def draw(threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fastattn.random_features(256, 64, orthogonal=orthogonal, generator=torch.Generator().manual_seed(0))
+        finally:
+            torch.set_num_threads(previous)
+
+    torch.testing.assert_close(draw(1), draw(4), rtol=0, atol=0)
+
+
 def test_dtype_and_device():
     features = fastattn.random_features(16, 8, dtype=torch.bfloat16, device="cpu")
     assert features.dtype == torch.bfloat16 and features.device.type == "cpu"
