@@ -173,6 +173,28 @@ def test_shared_projection_gets_the_sum_of_both_gradients():
     torch.testing.assert_close(proj.grad, separate[0].grad + separate[1].grad)
 
 
+# The backward splits each head's sums over its 5 query tiles into parts, whose number must not follow the
+# number of threads.
+@pytest.mark.parametrize("dtype, bf16_products", CPU_DTYPES, ids=CPU_DTYPE_IDS)
+def test_backward_same_bits_whatever_the_thread_count(dtype, bf16_products, monkeypatch):
+    allow_bf16_products(monkeypatch, bf16_products)
+    inputs = _inputs(1, 1, 1100, 16, 24, dtype=torch.float32)
+    names = ("q", "k", "v", "proj_k", "proj_v")
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, max(threads, 4)):
+            torch.set_num_threads(count)
+            tensors = [inputs[name].to(dtype).clone().requires_grad_() for name in names]
+            out = _cpu(*tensors)
+            out.float().square().sum().backward()
+            results.append([out] + [t.grad for t in tensors])
+    finally:
+        torch.set_num_threads(threads)
+    for name, first, again in zip(("out",) + names, *results):
+        assert torch.equal(first, again), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_large_inputs_stay_finite(dtype):
     inputs = _inputs(1, 2, 130, 64, 32, padding=True, dtype=torch.float32)

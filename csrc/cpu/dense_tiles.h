@@ -22,6 +22,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "common.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -650,6 +652,23 @@ inline void parallel_tasks(int64_t count, const Run& run) {
   };
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { run(claim); });
+}
+
+// The number of parts into which a backward splits each head's sum over its query tiles (the gradients of
+// Performer's state, of Linformer's projected keys and values): enough that heads x parts tasks keep
+// kSplitTasks threads busy. It follows from the shape alone, and the parts are added in order (sum_in_order),
+// so that the gradients have the same bits whatever the number of threads.
+constexpr int64_t kSplitTasks = 16;
+inline int64_t query_splits(int64_t heads, int64_t query_tiles) {
+  return std::clamp<int64_t>(ceil_div(kSplitTasks, heads), 1, query_tiles);
+}
+
+// The sum of t over dimension dim, its slices added in index order (element-wise additions: the same bits
+// whatever the number of threads, which at::sum does not promise); contiguous.
+inline at::Tensor sum_in_order(const at::Tensor& t, int64_t dim) {
+  at::Tensor total = t.select(dim, 0).clone(at::MemoryFormat::Contiguous);
+  for (int64_t i = 1; i < t.size(dim); ++i) total.add_(t.select(dim, i));
+  return total;
 }
 
 // Strides of a (B, H, N, D) tensor with unit stride in D, and the start of head (b, h).

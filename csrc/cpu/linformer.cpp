@@ -317,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   // dK'^T += Q^T dS and dV'^T += dO^T P (D x kp), which is the form the projection gradients need.
   // They are sums over query tiles: each (head, split) task sums its share, then the splits are added.
   const int64_t query_tiles = ceil_div(query_len, kQueryTile);
-  const int64_t splits = std::clamp<int64_t>(ceil_div(2 * at::get_num_threads(), batch * heads), 1, query_tiles);
+  const int64_t splits = cpu::query_splits(batch * heads, query_tiles);
   const int64_t tiles_per_split = ceil_div(query_tiles, splits);
   at::Tensor partial = at::empty({batch * heads, splits, 2, dim, kp}, q.options().dtype(acc));
   T* partial_ptr = partial.data_ptr<T>();
@@ -421,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     }
     cpu::release_products();
   });
-  const at::Tensor grad_projected_t = partial.sum(1);  // (B * H, 2, D, kp): dK'^T, dV'^T
+  const at::Tensor grad_projected_t = cpu::sum_in_order(partial, 1);  // (B * H, 2, D, kp): dK'^T, dV'^T
   const at::Tensor grad_projected = grad_projected_t.transpose(-1, -2).contiguous();  // (B * H, 2, kp, D)
   // As B operands of P_k^T dK' and K dK'^T: themselves, or pair-interleaved in bfloat16 (over kp, over D).
   at::Tensor grad_projected_pairs = grad_projected, grad_projected_t_pairs = grad_projected_t;

@@ -1250,7 +1250,7 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
   using T = at::opmath_type<scalar_t>;
   const int64_t m = p.features, dim = p.dim, bh_count = p.batch * p.heads;
   const int64_t query_tiles = ceil_div(p.query_len, kTile);
-  const int64_t splits = std::clamp<int64_t>(ceil_div(2 * at::get_num_threads(), bh_count), 1, query_tiles);
+  const int64_t splits = cpu::query_splits(bh_count, query_tiles);
   const int64_t tiles_per_split = ceil_div(query_tiles, splits);
   at::Tensor partial = at::empty({bh_count, splits, m, dim + 1}, grad_q.options().dtype(c10::CppTypeToScalarType<T>::value));
   T* partial_ptr = partial.data_ptr<T>();
@@ -1301,7 +1301,7 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
     }
     release_products<T>();
   });
-  const at::Tensor grad_state_all = partial.sum(1);
+  const at::Tensor grad_state_all = cpu::sum_in_order(partial, 1);
   const at::Tensor grad_state_t_all = grad_state_all.transpose(-1, -2).contiguous();
   const T *gs_ptr = grad_state_all.data_ptr<T>(), *gs_t_ptr = grad_state_t_all.data_ptr<T>();
   const at::Tensor grad_state_pairs = p.bf16_products ? paired_operands(grad_state_all) : at::Tensor();
@@ -1334,13 +1334,9 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
   });
 }
 
-// (B, H, N, D) per query head -> (B, Hkv, N, D): the sum over each group of H / Hkv heads, added in head
-// order (element-wise additions: the same result whatever the number of threads).
+// (B, H, N, D) per query head -> (B, Hkv, N, D): the sum over each group of H / Hkv heads, in head order.
 at::Tensor sum_over_groups(const at::Tensor& per_head, int64_t kv_heads) {
-  const at::Tensor grouped = per_head.unflatten(1, {kv_heads, per_head.size(1) / kv_heads});
-  at::Tensor total = grouped.select(2, 0).clone();
-  for (int64_t g = 1; g < grouped.size(2); ++g) total.add_(grouped.select(2, g));
-  return total;
+  return cpu::sum_in_order(per_head.unflatten(1, {kv_heads, per_head.size(1) / kv_heads}), 2);
 }
 
 template <typename scalar_t>
