@@ -12,7 +12,8 @@ import fastattn
 from fastattn import reference
 from fastattn.layout import BlockLayout, bigbird_layout
 from fastattn.testing import check_against_reference
-from tests.utils import CPU_DTYPE_IDS, CPU_DTYPES, allow_bf16_products, cpu_has_bf16_units, describe_case
+from tests.utils import (CPU_DTYPE_IDS, CPU_DTYPES, allow_bf16_products, cpu_has_bf16_units, describe_case,
+                         run_with_thread_counts)
 
 
 def _random_layout(heads: int, query_blocks: int, key_blocks: int, block_size: int, density: float, seed: int) -> BlockLayout:
@@ -278,17 +279,15 @@ def test_bigbird_attention_is_block_sparse_with_bigbird_layout(causal):
 def test_deterministic_whatever_the_thread_count(causal, dtype, bf16_products, monkeypatch):
     allow_bf16_products(monkeypatch, bf16_products)
     inputs = Case(2, 3, 200, 200, 64, 32, layout="bigbird-per-head", causal=causal, padding=True).make_inputs()
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for count in (max(threads, 2), 1, max(threads, 2), 3):
-            torch.set_num_threads(count)
-            q, k, v = (inputs[name].to(dtype).clone().requires_grad_() for name in ("q", "k", "v"))
-            out = _cpu_kernel(q, k, v, inputs["layout"], causal, inputs["key_padding_mask"], None)
-            out.float().square().sum().backward()
-            results.append((out, q.grad, k.grad, v.grad))
-    finally:
-        torch.set_num_threads(threads)
+
+    def outputs_and_grads():
+        q, k, v = (inputs[name].to(dtype).clone().requires_grad_() for name in ("q", "k", "v"))
+        out = _cpu_kernel(q, k, v, inputs["layout"], causal, inputs["key_padding_mask"], None)
+        out.float().square().sum().backward()
+        return out, q.grad, k.grad, v.grad
+
+    several = max(torch.get_num_threads(), 2)
+    results = run_with_thread_counts(outputs_and_grads, (several, 1, several, 3))
     for run in results[1:]:
         for first, again in zip(results[0], run):
             assert torch.equal(first, again)

@@ -7,7 +7,7 @@ import torch
 import fastattn
 from fastattn import reference
 from fastattn.testing import check_against_reference
-from tests.utils import describe_case
+from tests.utils import describe_case, run_with_thread_counts
 
 MECHANISMS = ["block_sparse", "linformer", "performer"]
 BLOCK_SIZE = 16
@@ -317,14 +317,7 @@ def test_grouped_query_gradients_do_not_depend_on_thread_count(mechanism, causal
         out.backward(torch.ones_like(out))
         return [out.detach()] + [tensors[name].grad for name in names]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = grads()
-        torch.set_num_threads(4)
-        several = grads()
-    finally:
-        torch.set_num_threads(threads)
+    single, several = run_with_thread_counts(grads, (1, 4))
     for got, expected in zip(several, single):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastattn
+from tests.utils import run_with_thread_counts
 
 
 @pytest.mark.parametrize("num_features,head_dim", [(64, 64), (256, 64), (100, 32), (20, 16), (8, 128)],
@@ -56,15 +57,11 @@ def test_reproducible_from_the_generator(orthogonal):
 
 @pytest.mark.parametrize("orthogonal", [True, False], ids=["orthogonal", "iid"])
 def test_the_same_whatever_the_thread_count(orthogonal):
-    def draw(threads):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return fastattn.random_features(256, 64, orthogonal=orthogonal, generator=torch.Generator().manual_seed(0))
-        finally:
-            torch.set_num_threads(previous)
+    def draw():
+        return fastattn.random_features(256, 64, orthogonal=orthogonal, generator=torch.Generator().manual_seed(0))
 
-    torch.testing.assert_close(draw(1), draw(4), rtol=0, atol=0)
+    single, several = run_with_thread_counts(draw, (1, 4))
+    torch.testing.assert_close(single, several, rtol=0, atol=0)
 
 
 def test_dtype_and_device():

@@ -8,7 +8,8 @@ import fastattn
 from fastattn import reference
 from fastattn.ops import linformer as linformer_ops
 from fastattn.testing import check_against_reference
-from tests.utils import CPU_DTYPE_IDS, CPU_DTYPES, allow_bf16_products, cpu_has_bf16_units, describe_case
+from tests.utils import (CPU_DTYPE_IDS, CPU_DTYPES, allow_bf16_products, cpu_has_bf16_units, describe_case,
+                         run_with_thread_counts)
 
 EXTRA_LENGTH = 9  # projections are made longer than the sequence: the functional layer slices them
 
@@ -180,17 +181,14 @@ def test_backward_same_bits_whatever_the_thread_count(dtype, bf16_products, monk
     allow_bf16_products(monkeypatch, bf16_products)
     inputs = _inputs(1, 1, 1100, 16, 24, dtype=torch.float32)
     names = ("q", "k", "v", "proj_k", "proj_v")
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, max(threads, 4)):
-            torch.set_num_threads(count)
-            tensors = [inputs[name].to(dtype).clone().requires_grad_() for name in names]
-            out = _cpu(*tensors)
-            out.float().square().sum().backward()
-            results.append([out] + [t.grad for t in tensors])
-    finally:
-        torch.set_num_threads(threads)
+
+    def outputs_and_grads():
+        tensors = [inputs[name].to(dtype).clone().requires_grad_() for name in names]
+        out = _cpu(*tensors)
+        out.float().square().sum().backward()
+        return [out] + [t.grad for t in tensors]
+
+    results = run_with_thread_counts(outputs_and_grads, (1, max(torch.get_num_threads(), 4)))
     for name, first, again in zip(("out",) + names, *results):
         assert torch.equal(first, again), name
 

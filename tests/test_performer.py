@@ -8,7 +8,8 @@ import fastattn
 from fastattn import reference
 from fastattn.ops import performer as performer_ops
 from fastattn.testing import check_against_reference
-from tests.utils import CPU_DTYPE_IDS, CPU_DTYPES, allow_bf16_products, cpu_has_bf16_units, describe_case
+from tests.utils import (CPU_DTYPE_IDS, CPU_DTYPES, allow_bf16_products, cpu_has_bf16_units, describe_case,
+                         run_with_thread_counts)
 
 
 def _inputs(batch, heads, length, dim, features, *, per_head=False, padding=False, seed=0, dtype=torch.float64):
@@ -209,17 +210,14 @@ def test_rows_that_see_no_key_give_zeros(causal):
 def test_backward_same_bits_whatever_the_thread_count(kernel, causal, dtype, bf16_products, monkeypatch):
     allow_bf16_products(monkeypatch, bf16_products)
     inputs = _inputs(1, 2, 150, 32, 40, padding=True, dtype=torch.float32)
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for count in (1, max(threads, 2)):
-            torch.set_num_threads(count)
-            q, k, v = (inputs[name].to(dtype).clone().requires_grad_() for name in ("q", "k", "v"))
-            out = _cpu(kernel, causal)(q, k, v, inputs["projection"].to(dtype), inputs["key_padding_mask"])
-            out.float().square().sum().backward()
-            results.append((out, q.grad, k.grad, v.grad))
-    finally:
-        torch.set_num_threads(threads)
+
+    def outputs_and_grads():
+        q, k, v = (inputs[name].to(dtype).clone().requires_grad_() for name in ("q", "k", "v"))
+        out = _cpu(kernel, causal)(q, k, v, inputs["projection"].to(dtype), inputs["key_padding_mask"])
+        out.float().square().sum().backward()
+        return out, q.grad, k.grad, v.grad
+
+    results = run_with_thread_counts(outputs_and_grads, (1, max(torch.get_num_threads(), 2)))
     for first, again in zip(*results):
         assert torch.equal(first, again)
 

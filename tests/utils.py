@@ -58,6 +58,19 @@ def cpu_has_bf16_units() -> bool:
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
+def run_with_thread_counts(compute, counts) -> list:
+    """compute() once with each number of threads in ``counts``, in order; the thread count is restored after."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in counts:
+            torch.set_num_threads(count)
+            results.append(compute())
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
 def allow_bf16_products(monkeypatch, allowed: bool) -> None:
     """Lets the CPU kernels take bf16 products where the CPU can (allowed) or forces float32 products."""
     monkeypatch.setenv("FASTATTN_CPU_BF16_PRODUCTS", "1" if allowed else "0")
