@@ -222,6 +222,34 @@ def test_backward_same_bits_whatever_the_thread_count(kernel, causal, dtype, bf1
         assert torch.equal(first, again)
 
 
+def _keys_that_jump(length_factor):
+    # Keys 0-20 are `length_factor` times too long: their logits lie near -|x|^2 / 2, about -2 length_factor^2.
+    # Key 21, an ordinary one, raises the features' running maxima by about as much in the middle of a
+    # sub-block of the CPU kernel (16 rows): rows 16-20 meet it through the sub-block's final maxima only where
+    # the rise is small; the features that rise more are summed pair by pair.
+    inputs = _inputs(1, 2, 48, 16, 8)
+    inputs["k"][:, :, :21] *= length_factor
+    return inputs
+
+
+@pytest.mark.parametrize("dtype, bf16_products", CPU_DTYPES, ids=CPU_DTYPE_IDS)
+def test_causal_feature_maxima_that_jump_within_a_sub_block(dtype, bf16_products, monkeypatch):
+    allow_bf16_products(monkeypatch, bf16_products)
+    check_against_reference(_cpu("softmax", True), _reference("softmax", True), _keys_that_jump(5), dtype)
+
+
+def test_causal_feature_maxima_that_jump_beyond_float32s_range():
+    # A rise of about 200: factored, the weights of rows 16-20 would be exp(200), inf in float32.
+    inputs = _keys_that_jump(10)
+    q, k, v = (inputs[name].float().requires_grad_() for name in ("q", "k", "v"))
+    out = _cpu("softmax", True)(q, k, v, inputs["projection"].float())
+    out.square().sum().backward()
+    expected = _reference("softmax", True)(inputs["q"], inputs["k"], inputs["v"], inputs["projection"])
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    for name, value in (("grad q", q.grad), ("grad k", k.grad), ("grad v", v.grad)):
+        assert torch.isfinite(value).all(), f"{name} has non-finite values"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kernel,causal", MODES, ids=[describe_case(k=k, causal=c) for k, c in MODES])
 def test_large_inputs_stay_finite(kernel, causal, dtype):

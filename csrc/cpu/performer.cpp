@@ -12,7 +12,7 @@
 // Causal: per feature and position, the running maximum over the keys so far (see kSubBlock), so that a
 // later key never changes an earlier output and, again, every normaliser is >= 1. relu uses 0 throughout.
 //
-// Causal runs in sub-blocks: the earlier ones through the state, the current one pair by pair. The
+// Causal runs in sub-blocks: the earlier ones through the state, the current one as a masked product. The
 // backward recomputes the features; causal takes a forward pass over the sub-blocks for dq (prefix state)
 // and a reverse pass for dk, dv (a suffix state of the queries' weights times [dnum | dden]), both per
 // (batch, head).
@@ -710,12 +710,19 @@ void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_
 // Weights factor through any per-feature constant sigma_f: exp(A_if + (sigma_f - M_i)) exp(l_f(k_j) -
 // sigma_f), both factors <= 1 when sigma_f lies between key j's logit and s_f(i). Earlier sub-blocks
 // reach a query through the state sum_j exp(l_f(k_j) - sigma_f) [v_j | 1], sigma the running maxima at
-// the end of the previous sub-block; within the sub-block the same factoring holds for every feature whose
-// maximum the sub-block does not raise (a masked product, j <= i). A feature whose maximum it raises (a
-// "record" feature: all of them in the first sub-block, few later) is summed pair by pair, weight by
-// weight: factoring it through the sub-block's new maximum would let a later key change an earlier row's
-// weights (and underflow them). relu: the features relu(l) + eps, plain products, no records.
+// the end of the previous sub-block. The sub-block's own pairs (j <= i) factor through its final maxima
+// s_f(last), as a masked product: key weights <= 1, query weights exp(A_if + (s_f(last) - M_i)) <=
+// exp(s_f(last) - s_f(i)), at most the rise of feature f's maximum over the sub-block (from the previous
+// sub-block's end, or from the first row that sees a key). After a sub-block with keys, these query
+// weights are those against its maxima times exp(rise), a product per column instead of an exp per
+// element. Where the rise is at most kRecordRise, a later key of the sub-block changes an earlier row's
+// weights by rounding only: a weight that underflows on either side belongs to a pair weight below
+// exp(kRecordRise - 87), and every normaliser is >= 1. A feature whose maximum rises more (a "record"
+// feature: only inputs of huge magnitude make them past the first keys) is summed pair by pair, weight by
+// weight. relu: the features relu(l) + eps, plain products, no records.
 constexpr int64_t kSubBlock = 16;
+static_assert(kSubBlock <= kTile, "a sub-block's rows live in a Workspace's tiles");
+constexpr double kRecordRise = 20;
 
 // The running maxima of the features after each sub-block of a head and -inf before the first (softmax), or
 // m elements that are never read (relu).
@@ -744,13 +751,20 @@ FASTATTN_VECTOR_CLONES void causal_keys(const Problem<scalar_t>& p, const Featur
   }
 }
 
-// The features whose running maximum the sub-block raises from `before` (softmax; none for relu).
+// The features whose running maximum rises by more than kRecordRise over the sub-block (softmax, after
+// causal_keys; none for relu, or where no row sees a key): from `before`, the maxima before the sub-block,
+// where given, else from the first row that sees a key. A NaN maximum makes a record, whose pair weights
+// carry the NaN to the rows that see it.
 template <typename T>
 std::vector<int64_t> record_features(const Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* before) {
   std::vector<int64_t> records;
-  const T* after = w.k_prefix.data() + (n - 1) * m;
-  for (int64_t f = 0; softmax && f < m; ++f) {
-    if (after[f] != before[f]) records.push_back(f);
+  if (!softmax) return records;
+  int64_t first = 0;
+  while (first < n && w.k_stab[first] == -std::numeric_limits<T>::infinity()) ++first;
+  if (first == n) return records;
+  const T *low = before != nullptr ? before : w.k_prefix.data() + first * m, *after = w.k_prefix.data() + (n - 1) * m;
+  for (int64_t f = 0; f < m; ++f) {
+    if (!(after[f] - low[f] <= T(kRecordRise))) records.push_back(f);
   }
   return records;
 }
@@ -778,14 +792,15 @@ FASTATTN_VECTOR_CLONES void causal_queries(const Problem<scalar_t>& p, const Fea
 }
 
 // Query weights in w.q_phi on keys stabilised by `sigma` (per feature): softmax exp(A_if + (sigma_f - M_i)),
-// relu the features; zero rows where dropped[r] (dropped may be null).
+// relu the features; zero rows where dropped[r] (dropped may be null) and, softmax, rows that see no key.
 template <typename T>
 FASTATTN_VECTOR_CLONES void query_weights(Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* sigma,
                                           const bool* dropped) {
   for (int64_t r = 0; r < n; ++r) {
     T* out = w.q_phi.data() + r * m;
     const T* base = w.q_base.data() + r * m;
-    if (dropped != nullptr && dropped[r]) {
+    const bool sees_no_key = softmax && w.k_stab[r] == -std::numeric_limits<T>::infinity();
+    if ((dropped != nullptr && dropped[r]) || sees_no_key) {
       std::fill(out, out + m, T(0));
       continue;
     }
@@ -795,6 +810,18 @@ FASTATTN_VECTOR_CLONES void query_weights(Workspace<T>& w, int64_t n, int64_t m,
       std::copy(base, base + m, out);
     }
   }
+}
+
+// w.q_phi's softmax weights moved from the stabilisers `before` to `after` (>= before): column f times
+// exp(after_f - before_f), at most exp(kRecordRise) but in the columns of the records (record_features
+// from `before`), which the caller zeroes.
+template <typename T>
+FASTATTN_VECTOR_CLONES void raise_query_weights(Workspace<T>& w, int64_t n, int64_t m, const T* before,
+                                                const T* after) {
+  thread_local std::vector<T> factors_buffer;
+  T* factors = scratch(factors_buffer, m);
+  for (int64_t f = 0; f < m; ++f) factors[f] = cpu::exp_acc(after[f] - before[f]);
+  for (int64_t r = 0; r < n; ++r) multiply_into(w.q_phi.data() + r * m, factors, m);
 }
 
 // Columns `columns` of rows (n x m) set to 0: the record features, left out of a sub-block's masked products.
@@ -847,14 +874,11 @@ FASTATTN_VECTOR_CLONES void record_pair_weights(const Workspace<T>& w, int64_t n
 }
 
 // The sub-block's pairs through its record features (none: nothing to do): their weights, summed over the
-// records, are added to pair_weights (n x n; set to 0 first unless `add`), and visit(f, weights) is called
-// with each record's own weights (record_pair_weights).
+// records, are added to pair_weights (n x n), and visit(f, weights) is called with each record's own weights
+// (record_pair_weights).
 template <typename T, typename Visit>
 void add_record_pairs(const Workspace<T>& w, int64_t n, int64_t m, const std::vector<int64_t>& records,
-                      const bool* query_dropped, bool add, T* pair_weights, std::vector<T>& weights,
-                      const Visit& visit) {
-  if (records.empty()) return;
-  if (!add) std::fill(pair_weights, pair_weights + n * n, T(0));
+                      const bool* query_dropped, T* pair_weights, std::vector<T>& weights, const Visit& visit) {
   for (int64_t f : records) {
     record_pair_weights(w, n, m, f, query_dropped, weights.data());
     for (int64_t i = 0; i < n * n; ++i) pair_weights[i] += weights[i];
@@ -914,28 +938,25 @@ FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b
     }
     load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped, w.values.data());
     causal_queries(p, map, b, h, start, n, w);
-    const std::vector<int64_t> records = record_features(w, n, m, p.softmax, sigma.data());
+    const std::vector<int64_t> records = record_features(w, n, m, p.softmax, have_state ? sigma.data() : nullptr);
     const T* after = p.softmax ? w.k_prefix.data() + (n - 1) * m : sigma.data();
     key_weights(w, n, m, p.softmax, after);
     std::fill(w.numden.begin(), w.numden.begin() + n * (dim + 1), T(0));
-    // Earlier sub-blocks through the state; the sub-block's own pairs through the features it leaves alone
-    // as a masked product (there are none before the state has a key), plus the records' pair weights.
-    const bool masked_pairs = have_state || !p.softmax;
-    if (masked_pairs) query_weights(w, n, m, p.softmax, sigma.data(), nullptr);
+    // Earlier sub-blocks through the state, against the maxima before this one; the sub-block's own pairs
+    // against its final maxima, as a masked product without the record features, plus the records' pair weights.
     if (have_state) {
+      query_weights(w, n, m, p.softmax, sigma.data(), nullptr);
       tile_product_and_column(w.bf16, false, n, dim + 1, m, w.q_phi.data(), m, state, dim + 1, false,
                               w.numden.data(), dim + 1);
+      if (p.softmax) raise_query_weights(w, n, m, sigma.data(), after);
+    } else {
+      query_weights(w, n, m, p.softmax, after, nullptr);
     }
-    if (masked_pairs) {
-      zero_columns(w.q_phi.data(), n, m, records);
-      causal_products(w.bf16, n, m, w.q_phi.data(), w.k_phi.data(), w.scores.data());
-    }
-    add_record_pairs(w, n, m, records, nullptr, masked_pairs, w.scores.data(), record_weights,
-                     [](int64_t, const T*) {});
-    if (masked_pairs || !records.empty()) {
-      tile_product_and_column(w.bf16, false, n, dim + 1, n, w.scores.data(), n, w.values.data(), dim + 1, true,
-                              w.numden.data(), dim + 1);
-    }
+    zero_columns(w.q_phi.data(), n, m, records);
+    causal_products(w.bf16, n, m, w.q_phi.data(), w.k_phi.data(), w.scores.data());
+    add_record_pairs(w, n, m, records, nullptr, w.scores.data(), record_weights, [](int64_t, const T*) {});
+    tile_product_and_column(w.bf16, false, n, dim + 1, n, w.scores.data(), n, w.values.data(), dim + 1, true,
+                            w.numden.data(), dim + 1);
     write_outputs(start, n);
     if (std::all_of(w.k_dropped, w.k_dropped + n, [](bool dropped) { return dropped; })) continue;
     if (have_state) decay_rows(state, m, dim, sigma.data(), after);
@@ -971,24 +992,24 @@ FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, 
     causal_queries(p, map, b, h, start, n, w);
     output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
                  ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
-    const std::vector<int64_t> records = record_features(w, n, m, p.softmax, sigma.data());
+    const std::vector<int64_t> records = record_features(w, n, m, p.softmax, have_state ? sigma.data() : nullptr);
     const T* after = p.softmax ? w.k_prefix.data() + (n - 1) * m : sigma.data();
     key_weights(w, n, m, p.softmax, after);
     causal_products(w.bf16, n, dim + 1, w.grads.data(), w.values.data(), w.scores.data());  // g_ij, j <= i
     std::fill(w.dphi.begin(), w.dphi.begin() + n * m, T(0));
-    const bool masked_pairs = have_state || !p.softmax;
-    if (masked_pairs) query_weights(w, n, m, p.softmax, sigma.data(), w.q_dropped);
     if (have_state) {
+      query_weights(w, n, m, p.softmax, sigma.data(), w.q_dropped);
       tile_product(w.bf16, false, true, m, n, dim + 1, T(1), state.data(), dim + 1, w.grads.data(), dim + 1,
                    false, pair_grads.data(), n);
       add_transposed_times(pair_grads.data(), w.q_phi.data(), n, m, w.dphi.data());
+      if (p.softmax) raise_query_weights(w, n, m, sigma.data(), after);
+    } else {
+      query_weights(w, n, m, p.softmax, after, w.q_dropped);
     }
-    if (masked_pairs) {
-      zero_columns(w.q_phi.data(), n, m, records);
-      tile_product(w.bf16, false, false, n, m, n, T(1), w.scores.data(), n, w.k_phi.data(), m, false,
-                   pair_grads.data(), m);
-      for (int64_t i = 0; i < n * m; ++i) w.dphi[i] += w.q_phi[i] * pair_grads[i];
-    }
+    zero_columns(w.q_phi.data(), n, m, records);
+    tile_product(w.bf16, false, false, n, m, n, T(1), w.scores.data(), n, w.k_phi.data(), m, false,
+                 pair_grads.data(), m);
+    for (int64_t i = 0; i < n * m; ++i) w.dphi[i] += w.q_phi[i] * pair_grads[i];
     // The records: d(weights)_if += sum_j g_ij e_ijf.
     for (int64_t f : records) {
       record_pair_weights(w, n, m, f, w.q_dropped, record_weights.data());
@@ -1035,7 +1056,7 @@ FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int
   }
   const auto maxima_after = [&](int64_t block) { return maxima.data() + (p.softmax ? (block + 1) * m : 0); };
   std::vector<T> dv(kSubBlock * dim), pair_grads(kSubBlock * m), pair_weights(kSubBlock * kSubBlock),
-      record_weights(kSubBlock * kSubBlock), record_grads(kSubBlock);
+      record_weights(kSubBlock * kSubBlock), record_grads(kSubBlock), suffix_weights(kSubBlock * m);
   bool have_suffix = false;
   for (int64_t block = blocks - 1; block >= 0; --block) {
     const int64_t start = block * kSubBlock, n = std::min(kSubBlock, p.key_len - start);
@@ -1045,7 +1066,9 @@ FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int
     causal_queries(p, map, b, h, start, n, w);
     output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
                  ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
-    const std::vector<int64_t> records = record_features(w, n, m, p.softmax, before);
+    // The maxima before the sub-block are those of an earlier key, or -inf before the first.
+    const bool keys_before = p.softmax && before[0] > -std::numeric_limits<T>::infinity();
+    const std::vector<int64_t> records = record_features(w, n, m, p.softmax, keys_before ? before : nullptr);
     key_weights(w, n, m, p.softmax, after);
     std::fill(dv.begin(), dv.begin() + n * dim, T(0));
     std::fill(w.dphi.begin(), w.dphi.begin() + n * m, T(0));
@@ -1058,16 +1081,21 @@ FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int
       add_transposed_times(pair_grads.data(), w.k_phi.data(), n, m, w.dphi.data());
     }
     causal_products(w.bf16, n, dim + 1, w.grads.data(), w.values.data(), w.scores.data());  // g_ij, j <= i
-    // The sub-block's pairs through the features it leaves alone (the key weights of the records zeroed)
-    // and through the records: weights e (j <= i), dv += e^T dnum, d(weights)_k += K o (g^T Q) for the
-    // former, d(weights)_jf += sum_i g_ij e_ijf for each record f.
+    // The sub-block's pairs against its final maxima, through the features other than the records (the key
+    // weights of the records zeroed) and through the records: weights e (j <= i), dv += e^T dnum,
+    // d(weights)_k += K o (g^T Q) for the former, d(weights)_jf += sum_i g_ij e_ijf for each record f.
+    // The queries' weights against the maxima before the sub-block join the suffix state below.
     query_weights(w, n, m, p.softmax, before, w.q_dropped);
-    const bool masked_pairs = block > 0 || !p.softmax;
-    if (masked_pairs) {
-      zero_columns(w.k_phi.data(), n, m, records);
-      causal_products(w.bf16, n, m, w.q_phi.data(), w.k_phi.data(), pair_weights.data());
+    std::copy(w.q_phi.begin(), w.q_phi.begin() + n * m, suffix_weights.begin());
+    if (keys_before) {
+      raise_query_weights(w, n, m, before, after);
+    } else if (p.softmax) {
+      query_weights(w, n, m, p.softmax, after, w.q_dropped);
     }
-    add_record_pairs(w, n, m, records, w.q_dropped, masked_pairs, pair_weights.data(), record_weights,
+    zero_columns(w.q_phi.data(), n, m, records);
+    zero_columns(w.k_phi.data(), n, m, records);
+    causal_products(w.bf16, n, m, w.q_phi.data(), w.k_phi.data(), pair_weights.data());
+    add_record_pairs(w, n, m, records, w.q_dropped, pair_weights.data(), record_weights,
                      [&](int64_t f, const T* weights) {
                        std::fill(record_grads.begin(), record_grads.end(), T(0));
                        for (int64_t i = 0; i < n; ++i) {
@@ -1075,15 +1103,11 @@ FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int
                        }
                        for (int64_t j = 0; j < n; ++j) w.dphi[j * m + f] += record_grads[j];
                      });
-    if (masked_pairs || !records.empty()) {
-      tile_product(w.bf16, true, false, n, dim, n, T(1), pair_weights.data(), n, w.grads.data(), dim + 1, true,
-                   dv.data(), dim);
-    }
-    if (masked_pairs) {
-      tile_product(w.bf16, true, false, n, m, n, T(1), w.scores.data(), n, w.q_phi.data(), m, false,
-                   pair_grads.data(), m);
-      for (int64_t i = 0; i < n * m; ++i) w.dphi[i] += w.k_phi[i] * pair_grads[i];
-    }
+    tile_product(w.bf16, true, false, n, dim, n, T(1), pair_weights.data(), n, w.grads.data(), dim + 1, true,
+                 dv.data(), dim);
+    tile_product(w.bf16, true, false, n, m, n, T(1), w.scores.data(), n, w.q_phi.data(), m, false,
+                 pair_grads.data(), m);
+    for (int64_t i = 0; i < n * m; ++i) w.dphi[i] += w.k_phi[i] * pair_grads[i];
     for (int64_t r = 0; r < n; ++r) {
       if (w.k_dropped[r]) std::fill(dv.begin() + r * dim, dv.begin() + (r + 1) * dim, T(0));
     }
@@ -1094,7 +1118,7 @@ FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int
     if (block == 0) break;
     // This sub-block's queries join the suffix state, which moves to the maxima before the sub-block.
     if (have_suffix && p.softmax) decay_rows(suffix.data(), m, dim, before, after);
-    tile_product_and_column(w.bf16, true, m, dim + 1, n, w.q_phi.data(), m, w.grads.data(), dim + 1, have_suffix,
+    tile_product_and_column(w.bf16, true, m, dim + 1, n, suffix_weights.data(), m, w.grads.data(), dim + 1, have_suffix,
                             suffix.data(), dim + 1);
     have_suffix = true;
   }
