@@ -812,12 +812,16 @@ FASTATTN_VECTOR_CLONES void query_weights(Workspace<T>& w, int64_t n, int64_t m,
   }
 }
 
-// w.q_phi's softmax weights moved from the stabilisers `before` to `after` (>= before): column f times
-// exp(after_f - before_f), at most exp(kRecordRise) but in the columns of the records (record_features
-// from `before`), which the caller zeroes.
+// Query weights in w.q_phi against the sub-block's final maxima `after` (see kSubBlock). Where `before` is
+// given, w.q_phi holds the weights against it (query_weights), the maxima before the sub-block: softmax
+// multiplies column f by exp(after_f - before_f), at most exp(kRecordRise) but in the columns of the
+// records (record_features from `before`), which the caller zeroes; relu's weights stay as they are.
+// Without `before`, query_weights against `after`.
 template <typename T>
-FASTATTN_VECTOR_CLONES void raise_query_weights(Workspace<T>& w, int64_t n, int64_t m, const T* before,
-                                                const T* after) {
+FASTATTN_VECTOR_CLONES void move_query_weights(Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* before,
+                                               const T* after, const bool* dropped) {
+  if (before == nullptr) return query_weights(w, n, m, softmax, after, dropped);
+  if (!softmax) return;
   thread_local std::vector<T> factors_buffer;
   T* factors = scratch(factors_buffer, m);
   for (int64_t f = 0; f < m; ++f) factors[f] = cpu::exp_acc(after[f] - before[f]);
@@ -938,7 +942,8 @@ FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b
     }
     load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped, w.values.data());
     causal_queries(p, map, b, h, start, n, w);
-    const std::vector<int64_t> records = record_features(w, n, m, p.softmax, have_state ? sigma.data() : nullptr);
+    const T* before = have_state ? sigma.data() : nullptr;  // the maxima of the earlier keys
+    const std::vector<int64_t> records = record_features(w, n, m, p.softmax, before);
     const T* after = p.softmax ? w.k_prefix.data() + (n - 1) * m : sigma.data();
     key_weights(w, n, m, p.softmax, after);
     std::fill(w.numden.begin(), w.numden.begin() + n * (dim + 1), T(0));
@@ -948,10 +953,8 @@ FASTATTN_VECTOR_CLONES void forward_causal(const Problem<scalar_t>& p, int64_t b
       query_weights(w, n, m, p.softmax, sigma.data(), nullptr);
       tile_product_and_column(w.bf16, false, n, dim + 1, m, w.q_phi.data(), m, state, dim + 1, false,
                               w.numden.data(), dim + 1);
-      if (p.softmax) raise_query_weights(w, n, m, sigma.data(), after);
-    } else {
-      query_weights(w, n, m, p.softmax, after, nullptr);
     }
+    move_query_weights(w, n, m, p.softmax, before, after, nullptr);
     zero_columns(w.q_phi.data(), n, m, records);
     causal_products(w.bf16, n, m, w.q_phi.data(), w.k_phi.data(), w.scores.data());
     add_record_pairs(w, n, m, records, nullptr, w.scores.data(), record_weights, [](int64_t, const T*) {});
@@ -992,7 +995,8 @@ FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, 
     causal_queries(p, map, b, h, start, n, w);
     output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
                  ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
-    const std::vector<int64_t> records = record_features(w, n, m, p.softmax, have_state ? sigma.data() : nullptr);
+    const T* before = have_state ? sigma.data() : nullptr;  // the maxima of the earlier keys
+    const std::vector<int64_t> records = record_features(w, n, m, p.softmax, before);
     const T* after = p.softmax ? w.k_prefix.data() + (n - 1) * m : sigma.data();
     key_weights(w, n, m, p.softmax, after);
     causal_products(w.bf16, n, dim + 1, w.grads.data(), w.values.data(), w.scores.data());  // g_ij, j <= i
@@ -1002,10 +1006,8 @@ FASTATTN_VECTOR_CLONES void backward_causal_queries(const Problem<scalar_t>& p, 
       tile_product(w.bf16, false, true, m, n, dim + 1, T(1), state.data(), dim + 1, w.grads.data(), dim + 1,
                    false, pair_grads.data(), n);
       add_transposed_times(pair_grads.data(), w.q_phi.data(), n, m, w.dphi.data());
-      if (p.softmax) raise_query_weights(w, n, m, sigma.data(), after);
-    } else {
-      query_weights(w, n, m, p.softmax, after, w.q_dropped);
     }
+    move_query_weights(w, n, m, p.softmax, before, after, w.q_dropped);
     zero_columns(w.q_phi.data(), n, m, records);
     tile_product(w.bf16, false, false, n, m, n, T(1), w.scores.data(), n, w.k_phi.data(), m, false,
                  pair_grads.data(), m);
@@ -1066,9 +1068,9 @@ FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int
     causal_queries(p, map, b, h, start, n, w);
     output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
                  ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim, w.grads.data(), w.q_dropped);
-    // The maxima before the sub-block are those of an earlier key, or -inf before the first.
-    const bool keys_before = p.softmax && before[0] > -std::numeric_limits<T>::infinity();
-    const std::vector<int64_t> records = record_features(w, n, m, p.softmax, keys_before ? before : nullptr);
+    // The maxima before the sub-block where an earlier key set them (softmax: -inf before the first).
+    const T* keys_before = !p.softmax || before[0] > -std::numeric_limits<T>::infinity() ? before : nullptr;
+    const std::vector<int64_t> records = record_features(w, n, m, p.softmax, keys_before);
     key_weights(w, n, m, p.softmax, after);
     std::fill(dv.begin(), dv.begin() + n * dim, T(0));
     std::fill(w.dphi.begin(), w.dphi.begin() + n * m, T(0));
@@ -1087,11 +1089,7 @@ FASTATTN_VECTOR_CLONES void backward_causal_keys(const Problem<scalar_t>& p, int
     // The queries' weights against the maxima before the sub-block join the suffix state below.
     query_weights(w, n, m, p.softmax, before, w.q_dropped);
     std::copy(w.q_phi.begin(), w.q_phi.begin() + n * m, suffix_weights.begin());
-    if (keys_before) {
-      raise_query_weights(w, n, m, before, after);
-    } else if (p.softmax) {
-      query_weights(w, n, m, p.softmax, after, w.q_dropped);
-    }
+    move_query_weights(w, n, m, p.softmax, keys_before, after, w.q_dropped);
     zero_columns(w.q_phi.data(), n, m, records);
     zero_columns(w.k_phi.data(), n, m, records);
     causal_products(w.bf16, n, m, w.q_phi.data(), w.k_phi.data(), pair_weights.data());
