@@ -449,6 +449,26 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __m512 exp_coarse(__m512 x) {
   }
 }
 
+// out[j] = exp((in[j] - offset) - shifts[j]) for j < n (shifts null: exp(in[j] - offset)), and, where operand is not
+// null, the results rounded into operand[j] as narrow_operand_row does, with a zero pad when n is odd: a row of
+// Performer features and their bf16 operand row in one pass, with exp_coarse's exp.
+[[maybe_unused]] FASTATTN_BF16_PRODUCTS_TARGET void exp_of_difference_bf16(const float* in, float offset,
+                                                                           const float* shifts, float* out,
+                                                                           uint16_t* operand, int64_t n) {
+  const __m512 offsets = _mm512_set1_ps(offset);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, in + j), offsets);
+    if (shifts != nullptr) x = _mm512_sub_ps(x, _mm512_maskz_loadu_ps(lanes, shifts + j));
+    const __m512 e = exp_coarse(x);
+    _mm512_mask_storeu_ps(out + j, lanes, e);
+    if (operand != nullptr) {
+      _mm256_mask_storeu_epi16(operand + j, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+    }
+  }
+  if (operand != nullptr && n % 2 == 1) operand[n] = 0;
+}
+
 // The A operand of a bf16 product from a transposed float matrix: dst (cols x rows rounded up to even,
 // leading dimension dst_ld) = src^T (src: rows x cols, leading dimension src_ld) rounded to bfloat16 as
 // narrow_operand_row does, with a zero pad column when rows is odd. Blocks of 16 x 16 are transposed in
@@ -544,6 +564,14 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __m512 exp_coarse(__m512 x) {
   for (int64_t c = 0; c < cols; ++c) {
     for (int64_t r = 0; r < rows + rows % 2; ++r) dst[c * dst_ld + r] = r < rows ? narrow(src[r * src_ld + c]) : 0;
   }
+}
+[[maybe_unused]] void exp_of_difference_bf16(const float* in, float offset, const float* shifts, float* out,
+                                             uint16_t* operand, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = exp_approx((in[j] - offset) - (shifts != nullptr ? shifts[j] : 0.0f));
+    if (operand != nullptr) operand[j] = narrow(out[j]);
+  }
+  if (operand != nullptr && n % 2 == 1) operand[n] = 0;
 }
 [[maybe_unused]] void exp_shifted_bf16(float* row, int64_t n, float scale, const float* shifts, bool shift_per_element,
                                        uint16_t* probs) {

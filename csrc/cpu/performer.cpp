@@ -416,19 +416,22 @@ struct FeatureMap {
   }
 
   // Non-causal softmax key features exp(logits - feature_max) from logit_products' results (zero rows where
-  // dropped[r]); relu as phi(). visit(r, row) is called with each row once it is made (in the L1 cache).
+  // dropped[r]); relu as phi(). Each row is rounded into narrowed too where it is not null (narrow_operand), and
+  // visit(r, row) is called with it once it is made (in the L1 cache).
   template <typename Visit>
   void key_phi(const T* products, const T* half_norm, int64_t rows, const T* feature_max, const bool* dropped,
-               T* phi_out, const Visit& visit) const {
+               T* phi_out, c10::BFloat16* narrowed, const Visit& visit) const {
     for (int64_t r = 0; r < rows; ++r) {
       const T* lr = products + r * features;
       T* pr = phi_out + r * features;
       if (dropped != nullptr && dropped[r]) {
         std::fill(pr, pr + features, T(0));
+        narrow_operand(pr, r, narrowed);
       } else if (softmax) {
-        exp_of_difference(lr, half_norm[r], feature_max, pr, features);
+        exp_features(lr, half_norm[r], feature_max, pr, r, narrowed);
       } else {
         relu_features(lr, pr);
+        narrow_operand(pr, r, narrowed);
       }
       visit(r, pr);
     }
@@ -438,10 +441,10 @@ struct FeatureMap {
   // (feature_max_f - max feature_max), then exp(a_f - max a). Each difference is of two large numbers (both
   // about |x|^2 / 2) that are close for the features that matter, so nearly exact; logits_f + feature_max_f
   // would round at twice their magnitude. relu as phi(). From logit_products' results, which are overwritten
-  // (softmax). visit: as key_phi's.
+  // (softmax). narrowed, visit: as key_phi's.
   template <typename Visit>
   void query_phi(T* products, const T* half_norm, int64_t rows, const T* feature_max, T* phi_out,
-                 const Visit& visit) const {
+                 c10::BFloat16* narrowed, const Visit& visit) const {
     const T peak = softmax ? cpu::max_of(feature_max, features) : T(0);
     for (int64_t r = 0; r < rows; ++r) {
       T* lr = products + r * features;
@@ -449,9 +452,11 @@ struct FeatureMap {
       if (softmax) {
         // The row's largest logit: rounding is monotonic, so the largest product rounds to it.
         const T row_max = cpu::max_of(lr, features) - half_norm[r];
-        cpu::exp_shifted(lr, pr, features, gaps_and_max(lr, half_norm[r], feature_max, features, row_max, peak));
+        exp_features(lr, gaps_and_max(lr, half_norm[r], feature_max, features, row_max, peak), nullptr, pr, r,
+                     narrowed);
       } else {
         relu_features(lr, pr);
+        narrow_operand(pr, r, narrowed);
       }
       visit(r, pr);
     }
@@ -492,6 +497,28 @@ struct FeatureMap {
   }
 
  private:
+  // phi_row = exp((logits_row - offset) - shifts) (shifts null: exp(logits_row - offset)), rounded into row r of
+  // narrowed too where it is not null (narrow_operand). With bf16 products (float, on a CPU with AVX512-BF16) in
+  // one pass whose exp has a relative error within 7e-6 (cpu::exp_of_difference_bf16), far below the 2^-9 to
+  // which the products round the features.
+  void exp_features(const T* logits_row, T offset, const T* shifts, T* phi_row, int64_t r,
+                    c10::BFloat16* narrowed) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16_products) {
+        uint16_t* operand =
+            narrowed == nullptr ? nullptr : reinterpret_cast<uint16_t*>(narrowed + r * (features + features % 2));
+        cpu::exp_of_difference_bf16(logits_row, offset, shifts, phi_row, operand, features);
+        return;
+      }
+    }
+    if (shifts != nullptr) {
+      exp_of_difference(logits_row, offset, shifts, phi_row, features);
+    } else {
+      cpu::exp_shifted(logits_row, phi_row, features, offset);
+    }
+    narrow_operand(phi_row, r, narrowed);
+  }
+
   void relu_features(const T* logits_row, T* phi_row) const {
     for (int64_t f = 0; f < features; ++f) phi_row[f] = (logits_row[f] > 0 ? logits_row[f] : T(0)) + T(kReluEpsilon);
   }
@@ -688,13 +715,14 @@ void key_logits(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b,
   for (int64_t r = 0; r < n; ++r) w.k_dropped[r] = p.padded(b, start + r);
 }
 
-// Non-causal query features of rows [start, start + n), against the keys' per-feature maxima. visit: as
+// Non-causal query features of rows [start, start + n), against the keys' per-feature maxima. narrowed, visit: as
 // FeatureMap::key_phi's.
 template <typename scalar_t, typename T, typename Visit>
 void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start,
-                    int64_t n, Workspace<T>& w, const T* key_feature_max, const Visit& visit) {
+                    int64_t n, Workspace<T>& w, const T* key_feature_max, c10::BFloat16* narrowed,
+                    const Visit& visit) {
   map.logit_products(p.q + p.qv.offset(b, h) + start * p.qv.row_stride, p.qv.row_stride, n, w.qx.data(), w.q_logits.data(), w.q_max.data());
-  map.query_phi(w.q_logits.data(), w.q_max.data(), n, key_feature_max, w.q_phi.data(), visit);
+  map.query_phi(w.q_logits.data(), w.q_max.data(), n, key_feature_max, w.q_phi.data(), narrowed, visit);
 }
 
 // Causal sweeps run over sub-blocks of kSubBlock rows, as keys and as queries at once.
@@ -1178,7 +1206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
         feature_max.swap(tile_max);
       }
       std::fill(column_sums.begin(), column_sums.end(), T(0));
-      map.key_phi(w.k_logits.data(), w.k_max.data(), n, feature_max.data(), w.k_dropped, w.k_phi.data(),
+      map.key_phi(w.k_logits.data(), w.k_max.data(), n, feature_max.data(), w.k_dropped, w.k_phi.data(), nullptr,
                   [&](int64_t, const T* row) { add_scaled(column_sums.data(), row, T(1), m); });
       load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped, w.values.data());
       tile_product(w.bf16, true, false, m, dim, n, T(1), w.k_phi.data(), m, w.values.data(), dim + 1, have_state,
@@ -1221,8 +1249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       for (int64_t f = 0; f < m; ++f) normaliser_column[f] = head_state[f * (dim + 1) + dim];
       p.prefetch(b, h, start + kTile, kTile, false, true);
       // The normaliser column apart (see tile_product_and_column).
-      query_features(p, map, b, h, start, n, w, stab_ptr + bh * m, [&](int64_t r, const T* row) {
-        map.narrow_operand(row, r, w.narrowed());
+      query_features(p, map, b, h, start, n, w, stab_ptr + bh * m, w.narrowed(), [&](int64_t r, const T* row) {
         w.numden[r * (dim + 1) + dim] = dot_of(row, normaliser_column.data(), m);
       });
       tile_product(w.bf16, false, false, n, dim, m, T(1), w.q_phi.data(), m, head_state, dim + 1, false,
@@ -1307,7 +1334,7 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
                      ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim,
                      w.grads.data(), w.q_dropped);
         // d state's normaliser column, phi_q^T dden, apart (see tile_product_and_column).
-        query_features(p, map, b, h, start, n, w, stab_ptr + bh * m, [&](int64_t r, const T* row) {
+        query_features(p, map, b, h, start, n, w, stab_ptr + bh * m, nullptr, [&](int64_t r, const T* row) {
           if (!w.q_dropped[r]) add_scaled(normaliser_grads.data(), row, w.grads[r * (dim + 1) + dim], m);
         });
         tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false,
@@ -1339,8 +1366,8 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
       const T* grad_state = gs_ptr + bh * m * (dim + 1);
       p.prefetch(b, h, start + kTile, kTile, true, false);
       key_logits(p, map, b, h, start, n, w);
-      map.key_phi(w.k_logits.data(), w.k_max.data(), n, stab_ptr + bh * m, w.k_dropped, w.k_phi.data(),
-                  [&](int64_t r, const T* row) { map.narrow_operand(row, r, w.narrowed()); });
+      map.key_phi(w.k_logits.data(), w.k_max.data(), n, stab_ptr + bh * m, w.k_dropped, w.k_phi.data(), w.narrowed(),
+                  [](int64_t, const T*) {});
       load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
                             w.values.data());
       tile_product(w.bf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, false, w.dx.data(), dim,
