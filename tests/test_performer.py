@@ -29,16 +29,16 @@ def _inputs(batch, heads, length, dim, features, *, per_head=False, padding=Fals
 
 
 def _cpu(kernel, causal):
-    def run(q, k, v, projection, key_padding_mask=None):
+    def run(q, k, v, projection, key_padding_mask=None, scale=None):
         return fastattn.performer_attention(q, k, v, projection, kernel=kernel, causal=causal,
-                                            key_padding_mask=key_padding_mask, backend="cpu")
+                                            key_padding_mask=key_padding_mask, scale=scale, backend="cpu")
     return run
 
 
 def _reference(kernel, causal):
-    def run(q, k, v, projection, key_padding_mask=None):
+    def run(q, k, v, projection, key_padding_mask=None, scale=None):
         return reference.performer_attention(q, k, v, projection, kernel=kernel, causal=causal,
-                                             key_padding_mask=key_padding_mask)
+                                             key_padding_mask=key_padding_mask, scale=scale)
     return run
 
 
@@ -72,9 +72,12 @@ def test_matches_reference(shape, kernel, causal, dtype, bf16_products, monkeypa
     differentiable = ("v",) if length == 1 else ("q", "k", "v")
     if kernel == "relu" and dtype == torch.bfloat16:
         # relu's derivative jumps at 0: rounding the inputs to bfloat16 can flip it for a logit near 0, an error
-        # no kernel can avoid. Inputs representable in bfloat16 leave the kernel only its own rounding.
+        # no kernel can avoid. Inputs representable in bfloat16, scaled by a power of two (sqrt(scale) = 1/4:
+        # the default 1/D^(1/4) is not one for most D, and the kernel would round x sqrt(scale) or
+        # W sqrt(scale) to bfloat16), leave the kernel only its float32 sums.
         inputs = {name: value.to(dtype).double() if value.is_floating_point() else value
                   for name, value in inputs.items()}
+        inputs["scale"] = 1 / 16
     check_against_reference(_cpu(kernel, causal), _reference(kernel, causal), inputs, dtype, differentiable)
 
 

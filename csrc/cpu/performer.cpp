@@ -172,6 +172,26 @@ FASTATTN_VECTOR_CLONES double squared_norm(const T* x, int64_t n) {
   return total;
 }
 
+// |x|^2 of bfloat16 elements, as squared_norm of their float values (widened as cpu::widen_row does).
+FASTATTN_VECTOR_CLONES double squared_norm(const c10::BFloat16* x, int64_t n) {
+  const auto* bits = reinterpret_cast<const uint16_t*>(x);
+  double partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const auto value = [&](int64_t c) {
+    const uint32_t widened = static_cast<uint32_t>(bits[c]) << 16;
+    float f;
+    std::memcpy(&f, &widened, sizeof(f));
+    return static_cast<double>(f);
+  };
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    for (int l = 0; l < 8; ++l) partial[l] += value(c + l) * value(c + l);
+  }
+  double total = 0;
+  for (; c < n; ++c) total += value(c) * value(c);
+  for (int l = 0; l < 8; ++l) total += partial[l];
+  return total;
+}
+
 // Thread scratch of at least n elements. Grows only: products of alternating shapes would otherwise
 // re-initialise their buffers at every call (a tenth of the bf16 time did so).
 template <typename T>
@@ -374,16 +394,32 @@ struct FeatureMap {
   T sqrt_scale;
   bool softmax;
   bool bf16_products;  // tile_product's bf16 argument
-  // With bf16 products, weights_t and weights pair-interleaved (paired_operands); else null.
+  // With bf16 products, weights_t times sqrt(scale) and weights pair-interleaved (paired_operands); else null.
   const c10::BFloat16 *weights_t_pairs, *weights_pairs;
 
-  // x <- rows * sqrt(scale); products <- W x; half_norm[r] <- |x_r|^2 / 2 (softmax) or 0 (relu). The logits are
-  // products - half_norm[r], a subtraction that the passes reading them make on the way.
+  // x <- rows * sqrt(scale) (where x is not null: the backward's d logits / dx reads them); products <- W x;
+  // half_norm[r] <- |x_r|^2 / 2 (softmax) or 0 (relu). The logits are products - half_norm[r], a subtraction that
+  // the passes reading them make on the way. With bf16 products, the bfloat16 rows themselves are the product's A
+  // operand, against W^T sqrt(scale) rounded once (weights_t_pairs; Problem), so that no row is widened and
+  // rounded again on the way, and the half norms are scale |row|^2 / 2.
   template <typename scalar_t>
   void logit_products(const scalar_t* src, int64_t row_stride, int64_t rows, T* x, T* products, T* half_norm) const {
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>) {
+      if (bf16_products) {
+        if (x != nullptr) cpu::load_rows(src, row_stride, rows, dim, sqrt_scale, x);
+        bf16_row_products(src, row_stride, rows, products);
+        const double half_scale = 0.5 * static_cast<double>(sqrt_scale) * sqrt_scale;
+        for (int64_t r = 0; r < rows; ++r) {
+          half_norm[r] = softmax ? static_cast<T>(half_scale * squared_norm(src + r * row_stride, dim)) : T(0);
+        }
+        return;
+      }
+    }
+    thread_local std::vector<T> x_buffer;
+    if (x == nullptr) x = scratch(x_buffer, rows * dim);
     cpu::load_rows(src, row_stride, rows, dim, sqrt_scale, x);
-    tile_product(bf16_products, false, false, rows, features, dim, T(1), x, dim, weights_t, features, false, products,
-                 features, weights_t_pairs);
+    tile_product(false, false, false, rows, features, dim, T(1), x, dim, weights_t, features, false, products,
+                 features);
     for (int64_t r = 0; r < rows; ++r) {
       // Summed in double: |x|^2 / 2 is large next to the logits' spread, and its rounding error becomes a
       // relative error of every feature of the row.
@@ -497,6 +533,25 @@ struct FeatureMap {
   }
 
  private:
+  // products (rows x m) = rows of src (bfloat16, row_stride apart) times weights_t_pairs. An odd D is read from a
+  // copy of the rows with a zero pad column, since the product reads one element past each row then.
+  void bf16_row_products(const c10::BFloat16* src, int64_t row_stride, int64_t rows, T* products) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (dim % 2 == 1) {
+        thread_local std::vector<c10::BFloat16> padded_buffer;
+        c10::BFloat16* padded = scratch(padded_buffer, rows * (dim + 1));
+        for (int64_t r = 0; r < rows; ++r) {
+          std::copy(src + r * row_stride, src + r * row_stride + dim, padded + r * (dim + 1));
+          padded[r * (dim + 1) + dim] = c10::BFloat16(0.0f);
+        }
+        src = padded;
+        row_stride = dim + 1;
+      }
+      cpu::product(rows, features, dim + dim % 2, src, row_stride, weights_t_pairs, features, products, features,
+                   false);
+    }
+  }
+
   // phi_row = exp((logits_row - offset) - shifts) (shifts null: exp(logits_row - offset)), rounded into row r of
   // narrowed too where it is not null (narrow_operand). With bf16 products (float, on a CPU with AVX512-BF16) in
   // one pass whose exp has a relative error within 7e-6 (cpu::exp_of_difference_bf16), far below the 2^-9 to
@@ -662,7 +717,8 @@ struct Problem {
         mask(key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr),
         bf16_products(std::is_same_v<scalar_t, c10::BFloat16> && cpu::bf16_products()) {
     if (bf16_products) {
-      projection_t_pairs = paired_operands(projection_t);
+      // sqrt(scale) goes into W^T here, since FeatureMap::logit_products multiplies the rows as they are.
+      projection_t_pairs = paired_operands(projection_t * sqrt_scale);
       projection_pairs = paired_operands(projection_);
     }
   }
@@ -703,25 +759,27 @@ struct Problem {
 };
 
 // Keys [start, start + n) of head (b, h): padding flags, and logits (k_max takes their per-row maxima, unused),
-// or non-causal logit products (see Workspace).
+// or non-causal logit products (see Workspace); w.kx the scaled rows where scaled_rows (the backward reads them).
 template <typename scalar_t, typename T>
 void key_logits(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start, int64_t n,
-                Workspace<T>& w) {
+                Workspace<T>& w, bool scaled_rows) {
+  T* kx = scaled_rows ? w.kx.data() : nullptr;
   if (p.causal) {
-    map.logits(p.keys(b, h, start), p.kv.row_stride, n, w.kx.data(), w.k_logits.data(), w.k_max.data());
+    map.logits(p.keys(b, h, start), p.kv.row_stride, n, kx, w.k_logits.data(), w.k_max.data());
   } else {
-    map.logit_products(p.keys(b, h, start), p.kv.row_stride, n, w.kx.data(), w.k_logits.data(), w.k_max.data());
+    map.logit_products(p.keys(b, h, start), p.kv.row_stride, n, kx, w.k_logits.data(), w.k_max.data());
   }
   for (int64_t r = 0; r < n; ++r) w.k_dropped[r] = p.padded(b, start + r);
 }
 
-// Non-causal query features of rows [start, start + n), against the keys' per-feature maxima. narrowed, visit: as
-// FeatureMap::key_phi's.
+// Non-causal query features of rows [start, start + n), against the keys' per-feature maxima; w.qx the scaled rows
+// where scaled_rows (the backward reads them). narrowed, visit: as FeatureMap::key_phi's.
 template <typename scalar_t, typename T, typename Visit>
 void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start,
                     int64_t n, Workspace<T>& w, const T* key_feature_max, c10::BFloat16* narrowed,
-                    const Visit& visit) {
-  map.logit_products(p.q + p.qv.offset(b, h) + start * p.qv.row_stride, p.qv.row_stride, n, w.qx.data(), w.q_logits.data(), w.q_max.data());
+                    bool scaled_rows, const Visit& visit) {
+  map.logit_products(p.q + p.qv.offset(b, h) + start * p.qv.row_stride, p.qv.row_stride, n,
+                     scaled_rows ? w.qx.data() : nullptr, w.q_logits.data(), w.q_max.data());
   map.query_phi(w.q_logits.data(), w.q_max.data(), n, key_feature_max, w.q_phi.data(), narrowed, visit);
 }
 
@@ -765,7 +823,7 @@ template <typename scalar_t, typename T>
 FASTATTN_VECTOR_CLONES void causal_keys(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h,
                                         int64_t start, int64_t n, const T* before, Workspace<T>& w) {
   const int64_t m = p.features;
-  key_logits(p, map, b, h, start, n, w);
+  key_logits(p, map, b, h, start, n, w, /*scaled_rows=*/true);
   if (!p.softmax) {
     const std::vector<T> no_shift(n, T(0));
     map.phi(w.k_logits.data(), n, no_shift.data(), w.k_dropped, w.k_phi.data());
@@ -1195,7 +1253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     for (int64_t start = 0; start < p.key_len; start += kTile) {
       const int64_t n = std::min(kTile, p.key_len - start);
       p.prefetch(b, h, start + kTile, kTile, true, false);
-      key_logits(p, map, b, h, start, n, w);
+      key_logits(p, map, b, h, start, n, w, /*scaled_rows=*/false);
       if (std::all_of(w.k_dropped, w.k_dropped + n, [](bool dropped) { return dropped; })) continue;
       if (softmax) {
         std::vector<T> tile_max(feature_max);
@@ -1249,7 +1307,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       for (int64_t f = 0; f < m; ++f) normaliser_column[f] = head_state[f * (dim + 1) + dim];
       p.prefetch(b, h, start + kTile, kTile, false, true);
       // The normaliser column apart (see tile_product_and_column).
-      query_features(p, map, b, h, start, n, w, stab_ptr + bh * m, w.narrowed(), [&](int64_t r, const T* row) {
+      query_features(p, map, b, h, start, n, w, stab_ptr + bh * m, w.narrowed(), /*scaled_rows=*/false,
+                     [&](int64_t r, const T* row) {
         w.numden[r * (dim + 1) + dim] = dot_of(row, normaliser_column.data(), m);
       });
       tile_product(w.bf16, false, false, n, dim, m, T(1), w.q_phi.data(), m, head_state, dim + 1, false,
@@ -1334,7 +1393,8 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
                      ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim,
                      w.grads.data(), w.q_dropped);
         // d state's normaliser column, phi_q^T dden, apart (see tile_product_and_column).
-        query_features(p, map, b, h, start, n, w, stab_ptr + bh * m, nullptr, [&](int64_t r, const T* row) {
+        query_features(p, map, b, h, start, n, w, stab_ptr + bh * m, nullptr, /*scaled_rows=*/true,
+                       [&](int64_t r, const T* row) {
           if (!w.q_dropped[r]) add_scaled(normaliser_grads.data(), row, w.grads[r * (dim + 1) + dim], m);
         });
         tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false,
@@ -1365,7 +1425,7 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
       const auto map = p.feature_map(h);
       const T* grad_state = gs_ptr + bh * m * (dim + 1);
       p.prefetch(b, h, start + kTile, kTile, true, false);
-      key_logits(p, map, b, h, start, n, w);
+      key_logits(p, map, b, h, start, n, w, /*scaled_rows=*/true);
       map.key_phi(w.k_logits.data(), w.k_max.data(), n, stab_ptr + bh * m, w.k_dropped, w.k_phi.data(), w.narrowed(),
                   [](int64_t, const T*) {});
       load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
