@@ -328,13 +328,14 @@ inline T max_of(const T* x, int64_t n) {
 // calls here), bit for bit the same as c10: widening shifts the bits up, narrowing rounds to nearest even
 // and turns NaN into the quiet NaN 0x7FC0.
 namespace {
+inline float widen(uint16_t bits) {
+  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &widened, sizeof(value));
+  return value;
+}
 [[maybe_unused]] FASTATTN_VECTOR_CLONES void widen_row(const uint16_t* in, float* out, int64_t n, float multiplier) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(in[i]) << 16;
-    float value;
-    std::memcpy(&value, &bits, sizeof(value));
-    out[i] = value * multiplier;
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = widen(in[i]) * multiplier;
 }
 inline uint16_t narrow(float value) {
   uint32_t bits;

@@ -158,36 +158,20 @@ FASTATTN_VECTOR_CLONES void multiply_into(T* row, const T* factors, int64_t n) {
   for (int64_t f = 0; f < n; ++f) row[f] *= factors[f];
 }
 
-// |x|^2, summed in double (see FeatureMap::logits) in eight partial sums.
+inline double as_double(double x) { return x; }
+inline double as_double(float x) { return x; }
+inline double as_double(c10::BFloat16 x) { return cpu::widen(x.x); }
+
+// |x|^2 (float, double or bfloat16 elements), summed in double (see FeatureMap::logits) in eight partial sums.
 template <typename T>
 FASTATTN_VECTOR_CLONES double squared_norm(const T* x, int64_t n) {
   double partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
-    for (int l = 0; l < 8; ++l) partial[l] += static_cast<double>(x[c + l]) * x[c + l];
+    for (int l = 0; l < 8; ++l) partial[l] += as_double(x[c + l]) * as_double(x[c + l]);
   }
   double total = 0;
-  for (; c < n; ++c) total += static_cast<double>(x[c]) * x[c];
-  for (int l = 0; l < 8; ++l) total += partial[l];
-  return total;
-}
-
-// |x|^2 of bfloat16 elements, as squared_norm of their float values (widened as cpu::widen_row does).
-FASTATTN_VECTOR_CLONES double squared_norm(const c10::BFloat16* x, int64_t n) {
-  const auto* bits = reinterpret_cast<const uint16_t*>(x);
-  double partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  const auto value = [&](int64_t c) {
-    const uint32_t widened = static_cast<uint32_t>(bits[c]) << 16;
-    float f;
-    std::memcpy(&f, &widened, sizeof(f));
-    return static_cast<double>(f);
-  };
-  int64_t c = 0;
-  for (; c + 8 <= n; c += 8) {
-    for (int l = 0; l < 8; ++l) partial[l] += value(c + l) * value(c + l);
-  }
-  double total = 0;
-  for (; c < n; ++c) total += value(c) * value(c);
+  for (; c < n; ++c) total += as_double(x[c]) * as_double(x[c]);
   for (int l = 0; l < 8; ++l) total += partial[l];
   return total;
 }
