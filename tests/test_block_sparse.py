@@ -88,6 +88,10 @@ CASES = [
     Case(2, 4, 201, 201, 64, 32, causal=True, padding=True),
     Case(1, 2, 77, 77, 33, 16),  # odd head dim, odd block size: bfloat16 takes float32 products
     Case(1, 2, 45, 45, 32, 15, padding=True),
+    # Global rows list more keys (701) than the forward's scratch holds (512 columns): several groups of runs,
+    # the last ending on an odd block.
+    Case(1, 2, 701, 701, 32, 16, layout="bigbird-per-head"),
+    Case(2, 2, 701, 701, 32, 16, padding=True),
 ]
 
 

@@ -367,7 +367,13 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
   // Scratch: scores (bs x run * bs), output accumulator, running max and sum, and with bf16 products the
   // probabilities in bfloat16 (bs x run * bs, ld even).
   const int64_t scratch_size = bs * ld + bs * dim + 2 * bs + (kPaired ? bs * ld / 2 : 0);
+  // The columns of a run of keys in the scratch: rounded up to even for bf16 products.
+  const auto padded_width = [](int64_t cols) { return kPaired ? cols + cols % 2 : cols; };
+  struct KeyRun {
+    int64_t first_key, cols;
+  };
   for_each_item<accum_t>(p.batch * p.heads * p.query_blocks, scratch_size, [&](int64_t item, accum_t* scratch) {
+    thread_local std::vector<KeyRun> runs;
     accum_t* scores = scratch;
     accum_t* acc = scores + bs * ld;
     accum_t* run_max = acc + bs * dim;
@@ -384,40 +390,60 @@ void forward_kernel(const Problem& p, const at::Tensor& q, const at::Tensor& k, 
     std::fill(run_max, run_max + rows, -std::numeric_limits<accum_t>::infinity());
     std::fill(run_sum, run_sum + rows, accum_t(0));
 
-    for_each_key_run(p, h, qb, [&](int64_t c0, int64_t cols) {
-      tile_gemm(rows, cols, dim, q_tile, dim, k_t_head + column_offset<kPaired>(c0), kt_heads.ld, scores, ld, false);
-      mask_scores(p, scores, ld, rows, cols, b, r0, c0);
+    // The runs are taken in groups that fill the scratch's ld columns, each run's scores at an even column
+    // (a run of odd width, the sequence's last block, is followed by a pad column of score -inf, which gives
+    // the zero probability that meets V's zero pad row in the bf16 product): one softmax pass per row and
+    // group instead of one per run, since BigBird's random and global blocks are runs of one block, whose
+    // passes were a third slower per score than a whole row's, and a row is rescaled only between groups.
+    runs.clear();
+    for_each_key_run(p, h, qb, [&](int64_t c0, int64_t cols) { runs.push_back({c0, cols}); });
+    for (size_t first = 0, last = 0; first < runs.size(); first = last) {
+      int64_t width = 0;
+      for (last = first; last < runs.size() && width + padded_width(runs[last].cols) <= ld; ++last) {
+        width += padded_width(runs[last].cols);
+      }
+      for (size_t r = first, column = 0; r < last; column += padded_width(runs[r].cols), ++r) {
+        const auto [c0, cols] = runs[r];
+        accum_t* run_scores = scores + column;
+        tile_gemm(rows, cols, dim, q_tile, dim, k_t_head + column_offset<kPaired>(c0), kt_heads.ld, run_scores, ld,
+                  false);
+        mask_scores(p, run_scores, ld, rows, cols, b, r0, c0);
+        for (int64_t i = 0; padded_width(cols) != cols && i < rows; ++i) {
+          run_scores[i * ld + cols] = -std::numeric_limits<accum_t>::infinity();
+        }
+      }
       for (int64_t i = 0; i < rows; ++i) {
         const accum_t* row = scores + i * ld;
         prob_t* prob_row = reinterpret_cast<prob_t*>(probs + i * ld);
-        // An odd run of keys meets a zero pad row of V (pair_rows) in the bf16 product: its column is zero too.
-        if (kPaired && cols % 2 == 1) prob_row[cols] = 0;
         // max_of skips NaN scores: a NaN makes exp(s - max), and so the row's sum, NaN below. A run_max of NaN
         // (set here) stays NaN, std::max returning its first argument when the second is not larger.
-        accum_t new_max = std::max(run_max[i], cpu::max_of(row, cols));
+        accum_t new_max = std::max(run_max[i], cpu::max_of(row, width));
         if (new_max == -std::numeric_limits<accum_t>::infinity()) {
-          // No key of this run is visible, unless every visible one scored NaN (a NaN in q or k), which must
+          // No key of this group is visible, unless every visible one scored NaN (a NaN in q or k), which must
           // reach the row's output (not make it a row that sees no key).
-          if (std::none_of(row, row + cols, [](accum_t s) { return s != s; })) {
-            std::fill(prob_row, prob_row + cols, prob_t(0));
+          if (std::none_of(row, row + width, [](accum_t s) { return s != s; })) {
+            std::fill(prob_row, prob_row + width, prob_t(0));
             continue;
           }
           new_max = std::numeric_limits<accum_t>::quiet_NaN();
         }
         accum_t row_sum;
         if constexpr (kPaired) {
-          row_sum = cpu::exp_scaled_sum_bf16(row, cols, scale, new_max, prob_row);
+          row_sum = cpu::exp_scaled_sum_bf16(row, width, scale, new_max, prob_row);
         } else {
-          row_sum = exp_scaled_sum(row, cols, scale, new_max, prob_row);
+          row_sum = exp_scaled_sum(row, width, scale, new_max, prob_row);
         }
-        // Most runs leave a row's maximum as it was, and exp(0) is 1: the scalar exp is skipped then.
+        // Most groups leave a row's maximum as it was, and exp(0) is 1: the scalar exp is skipped then.
         const accum_t correction = new_max == run_max[i] ? accum_t(1) : cpu::exp_acc(scale * (run_max[i] - new_max));
         if (correction != accum_t(1)) scale_row(acc + i * dim, dim, correction);
         run_sum[i] = run_sum[i] * correction + row_sum;
         run_max[i] = new_max;
       }
-      tile_gemm(rows, dim, cols + (kPaired ? cols % 2 : 0), probs, ld, v_head + c0 * dim, dim, acc, dim, true);
-    });
+      for (size_t r = first, column = 0; r < last; column += padded_width(runs[r].cols), ++r) {
+        const auto [c0, cols] = runs[r];
+        tile_gemm(rows, dim, padded_width(cols), probs + column, ld, v_head + c0 * dim, dim, acc, dim, true);
+      }
+    }
 
     const int64_t out_row = (b * p.heads + h) * p.query_len + r0;
     for (int64_t i = 0; i < rows; ++i) {
