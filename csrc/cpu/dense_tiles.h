@@ -470,6 +470,22 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __m512 exp_coarse(__m512 x) {
   if (operand != nullptr && n % 2 == 1) operand[n] = 0;
 }
 
+// operand[j] = a[j] * b[j] rounded as narrow_operand_row does, with a zero pad when n is odd; returns the sum of
+// the unrounded products. Performer's logit gradients (d phi times phi) for the bf16 product with the
+// projection, and their row sum, in one pass.
+[[maybe_unused]] FASTATTN_BF16_PRODUCTS_TARGET float multiply_sum_bf16(const float* a, const float* b,
+                                                                       uint16_t* operand, int64_t n) {
+  __m512 sums = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    const __m512 product = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, a + j), _mm512_maskz_loadu_ps(lanes, b + j));
+    sums = _mm512_add_ps(sums, product);
+    _mm256_mask_storeu_epi16(operand + j, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(product)));
+  }
+  if (n % 2 == 1) operand[n] = 0;
+  return _mm512_reduce_add_ps(sums);
+}
+
 // The A operand of a bf16 product from a transposed float matrix: dst (cols x rows rounded up to even,
 // leading dimension dst_ld) = src^T (src: rows x cols, leading dimension src_ld) rounded to bfloat16 as
 // narrow_operand_row does, with a zero pad column when rows is odd. Blocks of 16 x 16 are transposed in
@@ -573,6 +589,15 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __m512 exp_coarse(__m512 x) {
     if (operand != nullptr) operand[j] = narrow(out[j]);
   }
   if (operand != nullptr && n % 2 == 1) operand[n] = 0;
+}
+[[maybe_unused]] float multiply_sum_bf16(const float* a, const float* b, uint16_t* operand, int64_t n) {
+  float sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    operand[j] = narrow(a[j] * b[j]);
+    sum += a[j] * b[j];
+  }
+  if (n % 2 == 1) operand[n] = 0;
+  return sum;
 }
 [[maybe_unused]] void exp_shifted_bf16(float* row, int64_t n, float scale, const float* shifts, bool shift_per_element,
                                        uint16_t* probs) {

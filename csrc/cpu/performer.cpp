@@ -482,10 +482,28 @@ struct FeatureMap {
     }
   }
 
-  // dx <- d(phi)/dx^T dphi for rows not dropped, zero for dropped rows (dphi is overwritten). narrowed: the
+  // dx <- d(phi)/dx^T dphi for rows not dropped, zero for dropped rows (dphi may be overwritten). narrowed: the
   // tile's scratch for the rows of d(logits) in bfloat16, see narrow_operand().
   void backward(T* dphi, const T* phi, const T* logits, const T* x, int64_t rows, const bool* dropped, T* dx,
                 c10::BFloat16* narrowed = nullptr) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (softmax && narrowed != nullptr) {
+        // With bf16 products, the logits' gradients go to the product only as its rounded A rows: made with
+        // their row sums in one pass (cpu::multiply_sum_bf16), not stored in float.
+        const int64_t operand_len = features + features % 2;
+        std::vector<T> logit_sums(rows, T(0));
+        for (int64_t r = 0; r < rows; ++r) {
+          auto* operand = reinterpret_cast<uint16_t*>(narrowed + r * operand_len);
+          if (dropped != nullptr && dropped[r]) {
+            std::fill(operand, operand + operand_len, uint16_t(0));
+          } else {
+            logit_sums[r] = cpu::multiply_sum_bf16(dphi + r * features, phi + r * features, operand, features);
+          }
+        }
+        dx_from_logit_grads(dphi, x, rows, dropped, dx, narrowed, logit_sums);
+        return;
+      }
+    }
     logits_backward(dphi, x, rows, dropped, dx, narrowed, [&](int64_t r, T* dr) {
       const T* pr = phi + r * features;
       const T* lr = logits + r * features;
@@ -578,6 +596,13 @@ struct FeatureMap {
       }
       narrow_operand(dr, r, narrowed);
     }
+    dx_from_logit_grads(dlogits, x, rows, dropped, dx, narrowed, logit_sums);
+  }
+
+  // dx <- d(logits)/dx^T dlogits from the logits' gradients (the A rows in narrowed, where not null) and their
+  // row sums (softmax), zero for dropped rows.
+  void dx_from_logit_grads(const T* dlogits, const T* x, int64_t rows, const bool* dropped, T* dx,
+                           const c10::BFloat16* narrowed, const std::vector<T>& logit_sums) const {
     // d logits / d x = W - x (softmax, from the -|x|^2/2) or W (relu); x carries sqrt(scale) once more.
     tile_product(bf16_products, false, false, rows, dim, features, sqrt_scale, dlogits, features, weights, dim, false,
                  dx, dim, weights_pairs, narrowed);
