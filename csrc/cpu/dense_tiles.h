@@ -452,11 +452,15 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __m512 exp_coarse(__m512 x) {
 
 // out[j] = exp((in[j] - offset) - shifts[j]) for j < n (shifts null: exp(in[j] - offset)), and, where operand is not
 // null, the results rounded into operand[j] as narrow_operand_row does, with a zero pad when n is odd: a row of
-// Performer features and their bf16 operand row in one pass, with exp_coarse's exp.
-[[maybe_unused]] FASTATTN_BF16_PRODUCTS_TARGET void exp_of_difference_bf16(const float* in, float offset,
-                                                                           const float* shifts, float* out,
-                                                                           uint16_t* operand, int64_t n) {
-  const __m512 offsets = _mm512_set1_ps(offset);
+// Performer features and their bf16 operand row in one pass, with exp_coarse's exp. In the same pass, where
+// given: sums[j] += weight * out[j], and the sum of out[j] * dot_with[j], which it returns (else 0).
+[[maybe_unused]] FASTATTN_BF16_PRODUCTS_TARGET float exp_of_difference_bf16(const float* in, float offset,
+                                                                            const float* shifts, float* out,
+                                                                            uint16_t* operand, int64_t n,
+                                                                            const float* dot_with = nullptr,
+                                                                            float* sums = nullptr, float weight = 1.0f) {
+  const __m512 offsets = _mm512_set1_ps(offset), weights = _mm512_set1_ps(weight);
+  __m512 dots = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 lanes = first_lanes(n - j);
     __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, in + j), offsets);
@@ -466,8 +470,13 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __m512 exp_coarse(__m512 x) {
     if (operand != nullptr) {
       _mm256_mask_storeu_epi16(operand + j, lanes, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
     }
+    if (dot_with != nullptr) dots = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(lanes, dot_with + j), dots);
+    if (sums != nullptr) {
+      _mm512_mask_storeu_ps(sums + j, lanes, _mm512_fmadd_ps(e, weights, _mm512_maskz_loadu_ps(lanes, sums + j)));
+    }
   }
   if (operand != nullptr && n % 2 == 1) operand[n] = 0;
+  return _mm512_reduce_add_ps(dots);
 }
 
 // operand[j] = a[j] * b[j] rounded as narrow_operand_row does, with a zero pad when n is odd; returns the sum of
@@ -582,13 +591,18 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __m512 exp_coarse(__m512 x) {
     for (int64_t r = 0; r < rows + rows % 2; ++r) dst[c * dst_ld + r] = r < rows ? narrow(src[r * src_ld + c]) : 0;
   }
 }
-[[maybe_unused]] void exp_of_difference_bf16(const float* in, float offset, const float* shifts, float* out,
-                                             uint16_t* operand, int64_t n) {
+[[maybe_unused]] float exp_of_difference_bf16(const float* in, float offset, const float* shifts, float* out,
+                                              uint16_t* operand, int64_t n, const float* dot_with = nullptr,
+                                              float* sums = nullptr, float weight = 1.0f) {
+  float dot = 0;
   for (int64_t j = 0; j < n; ++j) {
     out[j] = exp_approx((in[j] - offset) - (shifts != nullptr ? shifts[j] : 0.0f));
     if (operand != nullptr) operand[j] = narrow(out[j]);
+    if (dot_with != nullptr) dot += out[j] * dot_with[j];
+    if (sums != nullptr) sums[j] += weight * out[j];
   }
   if (operand != nullptr && n % 2 == 1) operand[n] = 0;
+  return dot;
 }
 [[maybe_unused]] float multiply_sum_bf16(const float* a, const float* b, uint16_t* operand, int64_t n) {
   float sum = 0;

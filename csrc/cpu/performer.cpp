@@ -318,6 +318,25 @@ FASTATTN_VECTOR_CLONES void add_scaled(T* sums, const T* row, T weight, int64_t 
   for (int64_t i = 0; i < n; ++i) sums[i] += row[i] * weight;
 }
 
+// What a pass that makes feature rows also does with each row r, while it is in the L1 cache: its dot product
+// with dot_with into dots[r * dots_stride] (a normaliser), and sums += weight(r) row (a normaliser column's
+// gradient or sum). With bf16 products, in the exp's own pass (cpu::exp_of_difference_bf16).
+template <typename T>
+struct RowUse {
+  const T* dot_with = nullptr;
+  T* dots = nullptr;
+  int64_t dots_stride = 0;
+  T* sums = nullptr;
+  const T* weights = nullptr;  // weight(r) = weights[r * weights_stride], or 1 where null
+  int64_t weights_stride = 0;
+
+  T weight(int64_t r) const { return weights == nullptr ? T(1) : weights[r * weights_stride]; }
+  void apply(int64_t r, const T* row, int64_t n) const {
+    if (dot_with != nullptr) dots[r * dots_stride] = dot_of(row, dot_with, n);
+    if (sums != nullptr) add_scaled(sums, row, weight(r), n);
+  }
+};
+
 // column[i * stride] = sums[i], or += when `accumulate`.
 template <typename T>
 void write_column(const T* sums, int64_t m, bool accumulate, T* column, int64_t stride) {
@@ -437,23 +456,23 @@ struct FeatureMap {
 
   // Non-causal softmax key features exp(logits - feature_max) from logit_products' results (zero rows where
   // dropped[r]); relu as phi(). Each row is rounded into narrowed too where it is not null (narrow_operand), and
-  // visit(r, row) is called with it once it is made (in the L1 cache).
-  template <typename Visit>
+  // used as `use` says.
   void key_phi(const T* products, const T* half_norm, int64_t rows, const T* feature_max, const bool* dropped,
-               T* phi_out, c10::BFloat16* narrowed, const Visit& visit) const {
+               T* phi_out, c10::BFloat16* narrowed, const RowUse<T>& use = {}) const {
     for (int64_t r = 0; r < rows; ++r) {
       const T* lr = products + r * features;
       T* pr = phi_out + r * features;
       if (dropped != nullptr && dropped[r]) {
         std::fill(pr, pr + features, T(0));
         narrow_operand(pr, r, narrowed);
+        use.apply(r, pr, features);
       } else if (softmax) {
-        exp_features(lr, half_norm[r], feature_max, pr, r, narrowed);
+        exp_features(lr, half_norm[r], feature_max, pr, r, narrowed, use);
       } else {
         relu_features(lr, pr);
         narrow_operand(pr, r, narrowed);
+        use.apply(r, pr, features);
       }
-      visit(r, pr);
     }
   }
 
@@ -461,10 +480,9 @@ struct FeatureMap {
   // (feature_max_f - max feature_max), then exp(a_f - max a). Each difference is of two large numbers (both
   // about |x|^2 / 2) that are close for the features that matter, so nearly exact; logits_f + feature_max_f
   // would round at twice their magnitude. relu as phi(). From logit_products' results, which are overwritten
-  // (softmax). narrowed, visit: as key_phi's.
-  template <typename Visit>
+  // (softmax). narrowed, use: as key_phi's.
   void query_phi(T* products, const T* half_norm, int64_t rows, const T* feature_max, T* phi_out,
-                 c10::BFloat16* narrowed, const Visit& visit) const {
+                 c10::BFloat16* narrowed, const RowUse<T>& use) const {
     const T peak = softmax ? cpu::max_of(feature_max, features) : T(0);
     for (int64_t r = 0; r < rows; ++r) {
       T* lr = products + r * features;
@@ -473,12 +491,12 @@ struct FeatureMap {
         // The row's largest logit: rounding is monotonic, so the largest product rounds to it.
         const T row_max = cpu::max_of(lr, features) - half_norm[r];
         exp_features(lr, gaps_and_max(lr, half_norm[r], feature_max, features, row_max, peak), nullptr, pr, r,
-                     narrowed);
+                     narrowed, use);
       } else {
         relu_features(lr, pr);
         narrow_operand(pr, r, narrowed);
+        use.apply(r, pr, features);
       }
-      visit(r, pr);
     }
   }
 
@@ -555,16 +573,18 @@ struct FeatureMap {
   }
 
   // phi_row = exp((logits_row - offset) - shifts) (shifts null: exp(logits_row - offset)), rounded into row r of
-  // narrowed too where it is not null (narrow_operand). With bf16 products (float, on a CPU with AVX512-BF16) in
-  // one pass whose exp has a relative error within 7e-6 (cpu::exp_of_difference_bf16), far below the 2^-9 to
-  // which the products round the features.
-  void exp_features(const T* logits_row, T offset, const T* shifts, T* phi_row, int64_t r,
-                    c10::BFloat16* narrowed) const {
+  // narrowed too where it is not null (narrow_operand), and used as `use` says. With bf16 products (float, on a
+  // CPU with AVX512-BF16) in one pass whose exp has a relative error within 7e-6 (cpu::exp_of_difference_bf16),
+  // far below the 2^-9 to which the products round the features.
+  void exp_features(const T* logits_row, T offset, const T* shifts, T* phi_row, int64_t r, c10::BFloat16* narrowed,
+                    const RowUse<T>& use) const {
     if constexpr (std::is_same_v<T, float>) {
       if (bf16_products) {
         uint16_t* operand =
             narrowed == nullptr ? nullptr : reinterpret_cast<uint16_t*>(narrowed + r * (features + features % 2));
-        cpu::exp_of_difference_bf16(logits_row, offset, shifts, phi_row, operand, features);
+        const T dot = cpu::exp_of_difference_bf16(logits_row, offset, shifts, phi_row, operand, features, use.dot_with,
+                                                  use.sums, use.weight(r));
+        if (use.dot_with != nullptr) use.dots[r * use.dots_stride] = dot;
         return;
       }
     }
@@ -574,6 +594,7 @@ struct FeatureMap {
       cpu::exp_shifted(logits_row, phi_row, features, offset);
     }
     narrow_operand(phi_row, r, narrowed);
+    use.apply(r, phi_row, features);
   }
 
   void relu_features(const T* logits_row, T* phi_row) const {
@@ -782,14 +803,14 @@ void key_logits(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b,
 }
 
 // Non-causal query features of rows [start, start + n), against the keys' per-feature maxima; w.qx the scaled rows
-// where scaled_rows (the backward reads them). narrowed, visit: as FeatureMap::key_phi's.
-template <typename scalar_t, typename T, typename Visit>
+// where scaled_rows (the backward reads them). narrowed, use: as FeatureMap::key_phi's.
+template <typename scalar_t, typename T>
 void query_features(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h, int64_t start,
                     int64_t n, Workspace<T>& w, const T* key_feature_max, c10::BFloat16* narrowed,
-                    bool scaled_rows, const Visit& visit) {
+                    bool scaled_rows, const RowUse<T>& use) {
   map.logit_products(p.q + p.qv.offset(b, h) + start * p.qv.row_stride, p.qv.row_stride, n,
                      scaled_rows ? w.qx.data() : nullptr, w.q_logits.data(), w.q_max.data());
-  map.query_phi(w.q_logits.data(), w.q_max.data(), n, key_feature_max, w.q_phi.data(), narrowed, visit);
+  map.query_phi(w.q_logits.data(), w.q_max.data(), n, key_feature_max, w.q_phi.data(), narrowed, use);
 }
 
 // Causal sweeps run over sub-blocks of kSubBlock rows, as keys and as queries at once.
@@ -1274,7 +1295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       }
       std::fill(column_sums.begin(), column_sums.end(), T(0));
       map.key_phi(w.k_logits.data(), w.k_max.data(), n, feature_max.data(), w.k_dropped, w.k_phi.data(), nullptr,
-                  [&](int64_t, const T* row) { add_scaled(column_sums.data(), row, T(1), m); });
+                  {.sums = column_sums.data()});
       load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped, w.values.data());
       tile_product(w.bf16, true, false, m, dim, n, T(1), w.k_phi.data(), m, w.values.data(), dim + 1, have_state,
                    head_state, dim + 1);
@@ -1317,9 +1338,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       p.prefetch(b, h, start + kTile, kTile, false, true);
       // The normaliser column apart (see tile_product_and_column).
       query_features(p, map, b, h, start, n, w, stab_ptr + bh * m, w.narrowed(), /*scaled_rows=*/false,
-                     [&](int64_t r, const T* row) {
-        w.numden[r * (dim + 1) + dim] = dot_of(row, normaliser_column.data(), m);
-      });
+                     {.dot_with = normaliser_column.data(), .dots = w.numden.data() + dim, .dots_stride = dim + 1});
       tile_product(w.bf16, false, false, n, dim, m, T(1), w.q_phi.data(), m, head_state, dim + 1, false,
                    w.numden.data(), dim + 1,
                    p.bf16_products ? state_pairs.data_ptr<c10::BFloat16>() + bh * (m + m % 2) * (dim + 1) : nullptr,
@@ -1401,11 +1420,10 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
         output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
                      ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim,
                      w.grads.data(), w.q_dropped);
-        // d state's normaliser column, phi_q^T dden, apart (see tile_product_and_column).
+        // d state's normaliser column, phi_q^T dden, apart (see tile_product_and_column). Rows that see no key
+        // have dden = 0 (output_grads) and features in [0, 1].
         query_features(p, map, b, h, start, n, w, stab_ptr + bh * m, nullptr, /*scaled_rows=*/true,
-                       [&](int64_t r, const T* row) {
-          if (!w.q_dropped[r]) add_scaled(normaliser_grads.data(), row, w.grads[r * (dim + 1) + dim], m);
-        });
+                       {.sums = normaliser_grads.data(), .weights = w.grads.data() + dim, .weights_stride = dim + 1});
         tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false,
                      w.dphi.data(), m, pairs_of(state_t_pairs, bh, state_t_pairs_size));
         map.backward(w.dphi.data(), w.q_phi.data(), w.q_logits.data(), w.qx.data(), n, w.q_dropped, w.dx.data(),
@@ -1435,8 +1453,7 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
       const T* grad_state = gs_ptr + bh * m * (dim + 1);
       p.prefetch(b, h, start + kTile, kTile, true, false);
       key_logits(p, map, b, h, start, n, w, /*scaled_rows=*/true);
-      map.key_phi(w.k_logits.data(), w.k_max.data(), n, stab_ptr + bh * m, w.k_dropped, w.k_phi.data(), w.narrowed(),
-                  [](int64_t, const T*) {});
+      map.key_phi(w.k_logits.data(), w.k_max.data(), n, stab_ptr + bh * m, w.k_dropped, w.k_phi.data(), w.narrowed());
       load_values_with_ones(p.values(b, h, start), p.vv.row_stride, n, dim, w.k_dropped,
                             w.values.data());
       tile_product(w.bf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, false, w.dx.data(), dim,
