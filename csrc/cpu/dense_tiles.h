@@ -410,8 +410,8 @@ FASTATTN_BF16_PRODUCTS_TARGET inline __m512 exp_coarse(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402404099702835f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931242942810059f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  // p * 2^n in one instruction, exact (the result is normal here); 0 below the smallest normal result, which
-  // also takes -inf (whose f is NaN).
+  // p * 2^n in one instruction, exact as a product by a power of two is, but for a denormal result (x within a
+  // rounding of the cut-off below); 0 below the smallest normal result, which also takes -inf (whose f is NaN).
   const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ);
   return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~underflow), p, n);
 }
