@@ -1421,7 +1421,7 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
                      ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim,
                      w.grads.data(), w.q_dropped);
         // d state's normaliser column, phi_q^T dden, apart (see tile_product_and_column). Rows that see no key
-        // have dden = 0 (output_grads) and features in [0, 1].
+        // have dden = 0 (output_grads) and finite features (an infinite or NaN one makes the normaliser NaN).
         query_features(p, map, b, h, start, n, w, stab_ptr + bh * m, nullptr, /*scaled_rows=*/true,
                        {.sums = normaliser_grads.data(), .weights = w.grads.data() + dim, .weights_stride = dim + 1});
         tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false,
