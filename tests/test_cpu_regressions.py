@@ -7,7 +7,7 @@ import torch
 import fastattn
 from fastattn import reference
 from fastattn.testing import check_against_reference
-from tests.utils import describe_case, run_with_thread_counts
+from tests.utils import assert_nan_queries_reach_only_what_they_read, describe_case, run_with_thread_counts
 
 MECHANISMS = ["block_sparse", "linformer", "performer"]
 BLOCK_SIZE = 16
@@ -199,6 +199,17 @@ def test_nan_in_a_key_reaches_every_row_that_sees_it(mechanism, causal, name):
     assert torch.isnan(out[1, 0, sees_it]).any(-1).all()  # a NaN in v reaches its own column
     # Other heads and batch elements never see it.
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, 1]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mechanism,causal", NAN_MODES, ids=[describe_case(m=m, causal=c) for m, c in NAN_MODES])
+def test_nan_in_a_query_reaches_only_what_it_reads(mechanism, causal, dtype):
+    # The CPU Performer gave NaN outputs for a NaN query that sees no key (phi(q) . 0), and NaN gradients to the
+    # padded keys' values; the block-sparse kernel NaN gradients to padded keys (dS^T Q with 0 * NaN).
+    extra = _projection(mechanism, 32, 40, 0)
+    assert_nan_queries_reach_only_what_they_read(
+        lambda q, k, v, mask: _call(mechanism, q, k, v, extra, cpu=True, causal=causal, key_padding_mask=mask),
+        causal=causal, dtype=dtype, rows_without_keys=mechanism != "linformer")
 
 
 @pytest.mark.parametrize("mechanism,causal", NAN_MODES, ids=[describe_case(m=m, causal=c) for m, c in NAN_MODES])

@@ -109,3 +109,39 @@ def assert_gradients_match_finite_differences(attention, leaves, names) -> None:
             assert abs(numerical - analytical) <= 1e-6 * max(1.0, abs(analytical)), (
                 f"grad of {name}: <grad, u> = {analytical:.9f}, finite differences give {numerical:.9f}"
             )
+
+
+def assert_nan_queries_reach_only_what_they_read(attention, *, causal: bool, dtype: torch.dtype, device="cpu",
+                                                 head_dim: int = 32, rows_without_keys: bool = True) -> None:
+    """A NaN query that sees no key reaches nothing (its output and every gradient are 0), and a NaN query that
+    sees keys never reaches the gradients of padded keys (DESIGN: rows that see no key give 0 and no gradient;
+    padded keys are ignored). ``attention(q, k, v, key_padding_mask)`` runs the op under test on (2, 2, 40, D).
+    rows_without_keys=False (Linformer, whose queries all read the kp projections) checks the latter only."""
+    generator = torch.Generator().manual_seed(0)
+
+    def run(mask, nan_at):
+        q, k, v = (torch.randn(2, 2, 40, head_dim, generator=generator, dtype=torch.float64) for _ in range(3))
+        for index in nan_at:
+            q[index] = float("nan")
+        leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, mask.to(device))
+        out.backward(torch.randn(out.shape, generator=generator, dtype=torch.float64).to(device, dtype))
+        return [out.detach().cpu()] + [t.grad.cpu() for t in leaves]
+
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[1] = True  # batch element 1: every key padded
+    mask[0, :20] = True  # batch element 0: when causal, the first 20 queries see no key
+    nan_at = [(1, 0, 3, 1)] + ([(0, 1, 7, 0)] if causal else [])
+    for name, tensor in zip(("out", "grad q", "grad k", "grad v"), run(mask, nan_at) if rows_without_keys else []):
+        assert torch.isfinite(tensor).all(), f"{name} holds NaN at {torch.isnan(tensor).nonzero().tolist()[:4]}"
+        assert (tensor[1] == 0).all(), f"{name} of the batch element without keys is not 0"
+        if causal and name in ("out", "grad q"):
+            assert (tensor[0, :, :20] == 0).all(), f"{name} of the rows before the first key is not 0"
+
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[0, :10] = True
+    mask[0, 30:] = True
+    out, _, grad_k, grad_v = run(mask, [(0, 0, 35, 1)])
+    assert torch.isnan(out[0, 0, 35]).all()
+    for name, grad in (("k", grad_k), ("v", grad_v)):
+        assert (grad[0][:, mask[0]] == 0).all(), f"grad of padded {name} is not 0"

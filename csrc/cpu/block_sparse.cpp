@@ -182,6 +182,21 @@ void mask_scores_transposed(const Problem& p, accum_t* scores_t, int64_t ld, int
   }
 }
 
+// Rows of dK and dV (cols x D each, keys from first_col) of padded keys set to 0: their P and dS are 0, but the
+// products add 0 times a NaN query row (one that sees no key: all its keys are padded), or the exp of -inf
+// minus a NaN log-sum-exp (a NaN query that sees keys), which are NaN.
+template <typename accum_t>
+void zero_padded_key_grads(const Problem& p, int64_t b, int64_t first_col, int64_t cols, accum_t* acc_k,
+                           accum_t* acc_v) {
+  if (p.key_padding == nullptr) return;
+  const bool* padded = p.key_padding + b * p.key_len + first_col;
+  for (int64_t j = 0; j < cols; ++j) {
+    if (!padded[j]) continue;
+    std::fill(acc_k + j * p.dim, acc_k + (j + 1) * p.dim, accum_t(0));
+    std::fill(acc_v + j * p.dim, acc_v + (j + 1) * p.dim, accum_t(0));
+  }
+}
+
 // Runs body(item, scratch) for every item in [0, count) on torch's intra-op threads, each thread with its
 // own scratch of scratch_size elements. Threads take the next item from a shared counter: rows of a
 // layout differ in cost (global rows list every block), so a static split would leave threads idle.
@@ -666,6 +681,7 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
           store_rows(dq_block, grad_q_data + (b * p.heads + h) * head_len + qb * bs * dim, rows * dim);
         }
       }
+      zero_padded_key_grads(p, b, 0, p.key_len, acc_k, acc_v);
       store_rows(acc_k, grad_k_data + item * kv_len, kv_len);
       store_rows(acc_v, grad_v_data + item * kv_len, kv_len);
     });
@@ -698,6 +714,7 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
     }
     const int64_t first_key = (b * p.kv_heads + kv_head) * p.key_len + kb * bs;
     const int64_t cols = std::min(bs, p.key_len - kb * bs);
+    zero_padded_key_grads(p, b, kb * bs, cols, acc_k, acc_v);
     store_rows(acc_k, grad_k_data + first_key * dim, cols * dim);
     store_rows(acc_v, grad_v_data + first_key * dim, cols * dim);
   });

@@ -337,6 +337,16 @@ struct RowUse {
   }
 };
 
+// Whether a non-causal state holds no key, from its normaliser column (m elements, `stride` apart): all 0 then,
+// while every unpadded key adds to it (softmax: 1 in the features its logits peak at; relu: eps at least).
+template <typename T>
+bool holds_no_key(const T* normalisers, int64_t m, int64_t stride) {
+  for (int64_t f = 0; f < m; ++f) {
+    if (normalisers[f * stride] != 0) return false;
+  }
+  return true;
+}
+
 // column[i * stride] = sums[i], or += when `accumulate`.
 template <typename T>
 void write_column(const T* sums, int64_t m, bool accumulate, T* column, int64_t stride) {
@@ -1336,6 +1346,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
       const T* head_state = state_ptr + bh * m * (dim + 1);
       for (int64_t f = 0; f < m; ++f) normaliser_column[f] = head_state[f * (dim + 1) + dim];
       p.prefetch(b, h, start + kTile, kTile, false, true);
+      if (holds_no_key(normaliser_column.data(), m, 1)) {
+        // 0 whatever the queries hold: a NaN one would make its normaliser phi(q) . 0 NaN.
+        std::fill(w.numden.begin(), w.numden.begin() + n * (dim + 1), T(0));
+        write_outputs(w, bh, b, h, start, n, rows);
+        continue;
+      }
       // The normaliser column apart (see tile_product_and_column).
       query_features(p, map, b, h, start, n, w, stab_ptr + bh * m, w.narrowed(), /*scaled_rows=*/false,
                      {.dot_with = normaliser_column.data(), .dots = w.numden.data() + dim, .dots_stride = dim + 1});
@@ -1413,15 +1429,22 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
       std::fill(normaliser_grads.begin(), normaliser_grads.end(), T(0));
       const int64_t first_tile = (task % splits) * tiles_per_split;
       const int64_t last_tile = std::min(query_tiles, first_tile + tiles_per_split);
+      // The queries of a head without keys have no gradient, and give none to the state (whatever they hold).
+      const bool no_key = holds_no_key(head_state_t + dim * m, m, 1);
       for (int64_t tile = first_tile; tile < last_tile; ++tile) {
         const int64_t start = tile * kTile, n = std::min(kTile, p.query_len - start);
+        if (no_key) {
+          std::fill(w.dx.begin(), w.dx.begin() + n * dim, T(0));
+          cpu::store_rows(w.dx.data(), n, dim, gq_ptr + gqv.offset(b, h) + start * gqv.row_stride, gqv.row_stride);
+          continue;
+        }
         p.prefetch(b, h, start + kTile, kTile, false, true);
         prefetch_output_rows(go_ptr, out_ptr, ov, b, h, start + kTile, kTile, p.query_len, dim);
         output_grads(go_ptr + gov.offset(b, h) + start * gov.row_stride, out_ptr + ov.offset(b, h) + start * ov.row_stride,
                      ov.row_stride, norm_ptr + bh * p.query_len + start, n, dim,
                      w.grads.data(), w.q_dropped);
-        // d state's normaliser column, phi_q^T dden, apart (see tile_product_and_column). Rows that see no key
-        // have dden = 0 (output_grads) and finite features (an infinite or NaN one makes the normaliser NaN).
+        // d state's normaliser column, phi_q^T dden, apart (see tile_product_and_column). Every query of a head
+        // with keys sees them all (its normaliser is not 0, so output_grads drops no row).
         query_features(p, map, b, h, start, n, w, stab_ptr + bh * m, nullptr, /*scaled_rows=*/true,
                        {.sums = normaliser_grads.data(), .weights = w.grads.data() + dim, .weights_stride = dim + 1});
         tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.grads.data(), dim + 1, head_state_t, m, false,
@@ -1458,6 +1481,10 @@ void backward_global(const Problem<scalar_t>& p, const scalar_t* go_ptr, const s
                             w.values.data());
       tile_product(w.bf16, false, false, n, dim, m, T(1), w.k_phi.data(), m, grad_state, dim + 1, false, w.dx.data(), dim,
                    pairs_of(grad_state_pairs, bh, state_pairs_size), w.narrowed());
+      // A padded key's zero features times a NaN gradient of the state (a NaN query's) would be NaN.
+      for (int64_t r = 0; r < n; ++r) {
+        if (w.k_dropped[r]) std::fill(w.dx.begin() + r * dim, w.dx.begin() + (r + 1) * dim, T(0));
+      }
       cpu::store_rows(w.dx.data(), n, dim, gv_ptr + gvv.offset(b, h) + start * gvv.row_stride, gvv.row_stride);
       tile_product(w.bf16, false, false, n, m, dim + 1, T(1), w.values.data(), dim + 1, gs_t_ptr + bh * m * (dim + 1), m,
                    false, w.dphi.data(), m, pairs_of(grad_state_t_pairs, bh, state_t_pairs_size));
