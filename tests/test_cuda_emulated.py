@@ -183,7 +183,9 @@ def test_emulated_rows_that_see_no_key_give_zeros_and_zero_gradients(library, ca
     layout = random_block_layout(heads, length, length, block_size, True, seed=2)
     padding = torch.zeros(batch, length, dtype=torch.bool)
     padding[1] = True
-    q, k, v = (torch.randn(batch, heads, length, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(batch, heads, length, head_dim, dtype=dtype) for _ in range(3))
+    q[1, 0, 3, 1] = float("nan")  # a row that sees no key gives 0 and no gradient, whatever its query holds
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = _emulated_attention(library, layout, False, padding, head_dim**-0.5)(q, k, v)
     out.backward(torch.randn_like(out))
     assert torch.equal(out[1], torch.zeros_like(out[1]))
@@ -191,6 +193,23 @@ def test_emulated_rows_that_see_no_key_give_zeros_and_zero_gradients(library, ca
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         assert torch.isfinite(tensor.grad[0]).all(), f"grad of {name}[0] is not finite"
         assert torch.equal(tensor.grad[1], torch.zeros_like(tensor.grad[1])), f"grad of {name}[1] is not zero"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["global", "causal"])
+def test_emulated_nan_in_a_query_leaves_the_gradients_of_padded_keys_zero(library, causal):
+    batch, heads, length, head_dim, block_size = 2, 1, 100, 32, 32
+    layout = random_block_layout(heads, length, length, block_size, True, seed=2)
+    padding = torch.zeros(batch, length, dtype=torch.bool)
+    padding[0, :10] = True
+    padding[0, 70:80] = True
+    q, k, v = (torch.randn(batch, heads, length, head_dim, dtype=torch.float16) for _ in range(3))
+    q[0, 0, 95, 1] = float("nan")  # row 95 reads the last key block (the window), with keys 70-79 padded
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = _emulated_attention(library, layout, causal, padding, head_dim**-0.5)(q, k, v)
+    out.backward(torch.randn_like(out))
+    assert torch.isnan(out[0, 0, 95]).all()
+    for name, tensor in (("k", k), ("v", v)):
+        assert (tensor.grad[0][:, padding[0]] == 0).all(), f"grad of padded {name} is not 0"
 
 
 # (B, H, Nq, kp, D, block_size, dtype): attention over Linformer's kp projected keys, which runs the
@@ -447,13 +466,32 @@ def test_emulated_performer_rows_that_see_no_key_give_zeros_and_zero_gradients(l
     padding = torch.zeros(batch, length, dtype=torch.bool)
     padding[1] = True
     inputs, projection = _performer_inputs(batch, heads, length, length, head_dim, features, False, seed=6)
-    q, k, v = (inputs[name].float().requires_grad_() for name in ("q", "k", "v"))
+    q, k, v = (inputs[name].float() for name in ("q", "k", "v"))
+    q[1, 0, 3, 1] = float("nan")  # a row that sees no key gives 0 and no gradient, whatever its query holds
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = _emulated_performer(library, projection, kernel, padding, head_dim**-0.5, 32, 32)(q, k, v)
     out.backward(torch.randn_like(out))
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert torch.isfinite(out[0]).all()
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         assert torch.equal(tensor.grad[1], torch.zeros_like(tensor.grad[1])), f"grad of {name}[1] is not zero"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["global", "causal"])
+def test_emulated_performer_nan_in_a_query_leaves_the_gradients_of_padded_keys_zero(library, causal):
+    batch, heads, length, head_dim, features = 2, 1, 70, 32, 16
+    padding = torch.zeros(batch, length, dtype=torch.bool)
+    padding[0, :10] = True
+    padding[0, 40:50] = True
+    inputs, projection = _performer_inputs(batch, heads, length, length, head_dim, features, False, seed=6)
+    q, k, v = (inputs[name].float() for name in ("q", "k", "v"))
+    q[0, 0, 65, 1] = float("nan")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = _emulated_performer(library, projection, "softmax", padding, head_dim**-0.5, 32, 32, causal=causal)(q, k, v)
+    out.backward(torch.randn_like(out))
+    assert torch.isnan(out[0, 0, 65]).all()
+    for name, tensor in (("k", k), ("v", v)):
+        assert (tensor.grad[0][:, padding[0]] == 0).all(), f"grad of padded {name} is not 0"
 
 
 # (B, H, N, D, m, dtype, kernel, padded, per_head): causal; N within one 32-row chunk and across several, ragged;

@@ -297,6 +297,9 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dkdv_kernel
   }
   cp_async_wait<0>();
 
+  // Padded keys get 0: their P and dS are 0, but dS^T Q adds 0 times a NaN query that sees no key, and a NaN
+  // query that sees keys makes delta NaN.
+  __syncthreads();  // key_visible is written (the loop above may not have run)
   const int64_t head_offset = ((int64_t(batch) * p.heads + head) * p.key_len) * kD;
   T* grad_k = static_cast<T*>(p.grad_k) + head_offset;
   T* grad_v = static_cast<T*>(p.grad_v) + head_offset;
@@ -307,13 +310,15 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dkdv_kernel
       const int row = fragment_row(row0, i, r, lane);
       if (row >= key_rows) continue;
       const int64_t offset = int64_t(key0 + row) * kD;
+      const bool visible = key_visible[row];
 #pragma unroll
       for (int n = 0; n < kD / 8; ++n) {
         const int col = fragment_column(n, 0, lane);
         *reinterpret_cast<uint32_t*>(grad_k + offset + col) =
-            MmaType<T>::pack(grad_k_acc[i][n][2 * r] * p.scale, grad_k_acc[i][n][2 * r + 1] * p.scale);
+            visible ? MmaType<T>::pack(grad_k_acc[i][n][2 * r] * p.scale, grad_k_acc[i][n][2 * r + 1] * p.scale)
+                    : MmaType<T>::pack(0.f, 0.f);
         *reinterpret_cast<uint32_t*>(grad_v + offset + col) =
-            MmaType<T>::pack(grad_v_acc[i][n][2 * r], grad_v_acc[i][n][2 * r + 1]);
+            visible ? MmaType<T>::pack(grad_v_acc[i][n][2 * r], grad_v_acc[i][n][2 * r + 1]) : MmaType<T>::pack(0.f, 0.f);
       }
     }
   }

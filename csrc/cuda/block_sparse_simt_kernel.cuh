@@ -252,16 +252,20 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dkdv_simt_k
     }
   }
 
+  // Padded keys get 0: their P and dS are 0, but dS^T Q adds 0 times a NaN query that sees no key, and a NaN
+  // query that sees keys makes delta NaN.
+  __syncthreads();  // key_visible is written (the loop above may not have run)
   const int64_t head_offset = ((int64_t(batch) * p.heads + head) * p.key_len) * kD;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int row = warp + r * kWarps;
     if (row >= key_rows) continue;
+    const bool visible = key_visible[row];
 #pragma unroll
     for (int c = 0; c < kValues; ++c) {
       const int64_t index = head_offset + int64_t(key0 + row) * kD + lane + 32 * c;
-      static_cast<float*>(p.grad_k)[index] = grad_k_acc[r][c] * p.scale;
-      static_cast<float*>(p.grad_v)[index] = grad_v_acc[r][c];
+      static_cast<float*>(p.grad_k)[index] = visible ? grad_k_acc[r][c] * p.scale : 0.f;
+      static_cast<float*>(p.grad_v)[index] = visible ? grad_v_acc[r][c] : 0.f;
     }
   }
 }

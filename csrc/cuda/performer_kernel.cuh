@@ -470,6 +470,9 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
   const float* state = p.state + int64_t(hd.bh) * m * (kD + 1);
   float acc[Traits::kRowsPerThread][Traits::kColumnsPerThread] = {};
   float normaliser = 0.f;  // thread < kRows: row `thread`'s
+  // Whether the state holds a key: its normaliser column is all 0 when it holds none, while every unpadded key
+  // adds to it (softmax: 1 in the features its logits peak at; relu: eps at least).
+  bool holds_key = false;
   for (int f0 = 0; f0 < m; f0 += kF) {
     __syncthreads();  // the features are written, and every thread is done with the previous tile
     performer_load_feature_rows<Traits>(tile, state, kD + 1, kD + 1, f0, m, thread);
@@ -477,12 +480,17 @@ __global__ void __launch_bounds__(Traits::kThreads, kPerformerMinBlocks) perform
     const int count = min(kF, m - f0);
     performer_add_product<Traits>(acc, features + f0, ld, 1, tile, kLd, count, ty, tx);
     if (thread < kRows) {
-      for (int f = 0; f < count; ++f) normaliser += features[thread * ld + f0 + f] * tile[f * kLd + kD];
+      for (int f = 0; f < count; ++f) {
+        normaliser += features[thread * ld + f0 + f] * tile[f * kLd + kD];
+        holds_key = holds_key || tile[f * kLd + kD] != 0.f;
+      }
     }
   }
   if (thread < kRows) {
     // A query that sees a key has a normaliser >= 1 (softmax) or >= m eps^2 (relu), one that sees none exactly
-    // 0 (its output is 0). NaN (an input's) stays NaN.
+    // 0 (its output is 0, whatever the query holds: a NaN one would make phi(q) . 0 NaN). NaN (an input's)
+    // stays NaN.
+    if (!holds_key) normaliser = 0.f;
     normalisers[thread] = normaliser;
     if (thread < rows) p.normaliser[int64_t(hd.bh) * p.query_len + q0 + thread] = normaliser;
   }
