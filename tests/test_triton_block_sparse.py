@@ -19,7 +19,12 @@ from fastattn.layout import BlockLayout, bigbird_layout  # noqa: E402
 from fastattn.triton_kernels import IMPLEMENTATIONS  # noqa: E402
 from fastattn.triton_kernels import block_sparse as triton_block_sparse  # noqa: E402
 from fastattn.testing import check_against_reference  # noqa: E402
-from tests.utils import RecordingLaunch, assert_gradients_match_finite_differences, describe_case  # noqa: E402
+from tests.utils import (  # noqa: E402
+    RecordingLaunch,
+    assert_gradients_match_finite_differences,
+    assert_nan_queries_reach_only_what_they_read,
+    describe_case,
+)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -485,3 +490,14 @@ def test_gpu_backward_is_deterministic(kv_heads):
         grads.append(torch.autograd.grad(out, (q, k, v), grad_out))
     for first, second in zip(*grads):
         assert torch.equal(first, second)
+
+
+@needs_triton_device
+@pytest.mark.parametrize("causal", [False, True], ids=["global", "causal"])
+def test_nan_in_a_query_reaches_only_what_it_reads(causal):
+    # dK and dV of padded keys were NaN: dS^T Q added 0 times a NaN query that sees no key.
+    layout = BlockLayout.from_dense(torch.ones(3, 3, dtype=torch.bool), 16)
+    assert_nan_queries_reach_only_what_they_read(
+        lambda q, k, v, mask: fastattn.block_sparse_attention(q, k, v, layout, causal=causal, key_padding_mask=mask,
+                                                              backend="triton"),
+        causal=causal, dtype=torch.float32, device=DEVICE)

@@ -21,7 +21,12 @@ from fastattn.backends import BACKENDS  # noqa: E402
 from fastattn.testing import check_against_reference  # noqa: E402
 from fastattn.triton_kernels import IMPLEMENTATIONS  # noqa: E402
 from fastattn.triton_kernels import performer as triton_performer  # noqa: E402
-from tests.utils import RecordingLaunch, assert_gradients_match_finite_differences, describe_case  # noqa: E402
+from tests.utils import (  # noqa: E402
+    RecordingLaunch,
+    assert_gradients_match_finite_differences,
+    assert_nan_queries_reach_only_what_they_read,
+    describe_case,
+)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -438,3 +443,14 @@ def test_gpu_backward_is_deterministic(causal):
         grads.append(torch.autograd.grad(out, leaves, grad_out))
     for first, second in zip(*grads):
         assert torch.equal(first, second)
+
+
+@needs_triton_device
+@pytest.mark.parametrize("causal", [False, True], ids=["global", "causal"])
+def test_nan_in_a_query_reaches_only_what_it_reads(causal):
+    # Causal: the gradients of padded keys were NaN (0 weights times a suffix state made NaN by the query).
+    projection = fastattn.random_features(16, 32, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    assert_nan_queries_reach_only_what_they_read(
+        lambda q, k, v, mask: fastattn.performer_attention(q, k, v, projection, causal=causal, key_padding_mask=mask,
+                                                           backend="triton"),
+        causal=causal, dtype=torch.float32, device=DEVICE)

@@ -317,6 +317,7 @@ def performer_fwd_kernel(
 
     b_num = tl.zeros([BM, D], dtype=ACC)
     b_den = tl.zeros([BM], dtype=ACC)
+    n_key_features = 0  # features of the state's normaliser column that are not 0
     for i_f in range(0, M, BF):
         o_f = i_f + tl.arange(0, BF)
         m_f = o_f < M
@@ -330,8 +331,14 @@ def performer_fwd_kernel(
         # [BM, BF] @ [BF, D] -> [BM, D]
         b_num += tl.dot(b_phi, b_s_num, input_precision=DOT_PRECISION)
         b_den += tl.sum(b_phi * b_s_den[None, :], 1)
+        n_key_features += tl.sum((b_s_den != 0).to(tl.int32), 0)
 
-    m_seen = b_den > 0
+    # Every unpadded key adds to the state's normaliser column (softmax: 1 in the features its logits peak at;
+    # relu: eps at least), so a state without keys has it all 0: its queries see no key, and give 0 and
+    # normaliser 0 whatever they hold (a NaN query would make phi(q) . 0 NaN). Any other normaliser is >= 1
+    # (softmax) or >= m eps^2 (relu), or NaN (an input's), which reaches the output.
+    b_den = tl.where(n_key_features > 0, b_den, 0.0)
+    m_seen = b_den != 0
     b_o = tl.where(m_seen[:, None], b_num / tl.where(m_seen, b_den, 1.0)[:, None], 0.0)
     p_o = o + i_b * stride_ob + i_h * stride_oh + o_m64[:, None] * stride_on + o_d[None, :]
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None])
@@ -347,7 +354,7 @@ def _query_shares(b_logits, b_c, b_den, b_s_den, m_m, m_f, SOFTMAX: tl.constexpr
     intermediate exceeds the gradients themselves: (phi_q state_den) / den never overflows, den >=
     phi_q state_den. 0 for rows that see no key and for features no key reaches.
     """
-    m_seen = m_m & (b_den > 0)
+    m_seen = m_m & (b_den != 0)
     m_share = m_seen[:, None] & (m_f & (b_s_den > 0))[None, :]
     b_phi = _features(b_logits, b_c[:, None], m_seen, m_f, SOFTMAX)
     return tl.where(m_share, (b_phi * b_s_den[None, :]) / tl.where(m_seen, b_den, 1.0)[:, None], 0.0)
@@ -356,7 +363,7 @@ def _query_shares(b_logits, b_c, b_den, b_s_den, m_m, m_f, SOFTMAX: tl.constexpr
 @triton.jit
 def _query_grads(p_do, p_o, b_den, m_m):
     """dO of the rows that see a key (0 elsewhere) [rows, D] and dO . O [rows]: dnum = dO / den, dden = -(dO . O) / den."""
-    m_seen = m_m & (b_den > 0)
+    m_seen = m_m & (b_den != 0)
     b_g = tl.load(p_do, mask=m_seen[:, None], other=0.0).to(b_den.dtype)
     b_o = tl.load(p_o, mask=m_seen[:, None], other=0.0).to(b_den.dtype)
     return b_g, tl.sum(b_g * b_o, 1)
@@ -541,8 +548,9 @@ def performer_bwd_kernel_dkdv(
         b_dk -= scale * b_dsum[:, None] * b_k.to(ACC)
     p_dk = dk + i_b * stride_dkb + i_hkv * stride_dkh + o_n64[:, None] * stride_dkn + o_d[None, :]
     p_dv = dv + i_b * stride_dvb + i_hkv * stride_dvh + o_n64[:, None] * stride_dvn + o_d[None, :]
-    tl.store(p_dk, b_dk.to(dk.dtype.element_ty), mask=m_n[:, None])
-    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_n[:, None])
+    # Padded keys get 0: their features are 0, but a NaN query's makes the state's gradient NaN, and 0 * NaN is NaN.
+    tl.store(p_dk, tl.where(m_kv[:, None], b_dk, 0.0).to(dk.dtype.element_ty), mask=m_n[:, None])
+    tl.store(p_dv, tl.where(m_kv[:, None], b_dv, 0.0).to(dv.dtype.element_ty), mask=m_n[:, None])
 
 
 @triton.jit
@@ -765,8 +773,8 @@ def _chunk_output_grads(do, o, v, normaliser, i_b, i_h, i_hkv, i_bh, o_c, m_c, m
     o_d = tl.arange(0, D)
     b_g, b_go = _query_grads(do + p_rows + o_d[None, :], o + p_rows + o_d[None, :], b_den, m_c)
     p_v_rows = v + i_b * stride_vb + i_hkv * stride_vh + o_c.to(tl.int64)[:, None] * stride_vn
-    b_gv = _dot_nt_rows(do + p_rows, m_c & (b_den > 0), p_v_rows, m_kv, DOT_PRECISION, D, ACC)
-    return b_g, b_go, tl.where(b_den > 0, b_den, 1.0), tl.where(m_pairs, b_gv - b_go[:, None], 0.0)
+    b_gv = _dot_nt_rows(do + p_rows, m_c & (b_den != 0), p_v_rows, m_kv, DOT_PRECISION, D, ACC)
+    return b_g, b_go, tl.where(b_den != 0, b_den, 1.0), tl.where(m_pairs, b_gv - b_go[:, None], 0.0)
 
 
 @triton.jit
@@ -988,6 +996,9 @@ def performer_bwd_kernel_causal_dkdv(
             b_dlogit = tl.where(m_kv[:, None] & (b_wx_k > 0), b_dphi, 0.0)
         # [BC, BC] @ [BC, D] -> [BC, D]
         b_dv += tl.dot(tl.trans(b_s), b_dnum, input_precision=DOT_PRECISION)
+        # Padded keys get 0: their weights are 0, but a NaN query's makes the suffix state NaN, and 0 * NaN is NaN.
+        b_dv = tl.where(m_kv[:, None], b_dv, 0.0)
+        b_dlogit = tl.where(m_kv[:, None], b_dlogit, 0.0)
         # [BC, BF] @ [BF, D] -> [BC, D]; W reloaded per chunk (an L2 hit) rather than held across the loop.
         b_dx = tl.dot(b_dlogit, tl.load(p_w_tile, mask=m_f[:, None], other=0.0).to(ACC), input_precision=DOT_PRECISION)
         p_part = p_part_base + o_c.to(tl.int64) * (2 * D + 1)
@@ -1237,7 +1248,7 @@ def _forward_causal(p: _Problem, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tenso
     # The feature tiles' shares added in a fixed order: deterministic.
     numden = numden_part.sum(1).view(p.batch, p.heads, p.query_len, p.head_dim + 1)
     normaliser = numden[..., p.head_dim].contiguous()
-    seen = (normaliser > 0).unsqueeze(-1)
+    seen = (normaliser != 0).unsqueeze(-1)  # 0 where the query sees no key; NaN (an input's) reaches the output
     out = torch.where(seen, numden[..., : p.head_dim] / torch.where(seen, normaliser.unsqueeze(-1), 1.0), 0.0)
     key_stabiliser = stabilisers[2]
     key_stabiliser = torch.where(torch.isfinite(key_stabiliser), key_stabiliser, 0.0).contiguous()
