@@ -249,10 +249,13 @@ def block_sparse_bwd_kernel_dkdv(
 
     p_dk = dk + i_b * stride_dkb + i_hk * stride_dkh + o_k64[:, None] * stride_dkn + o_d[None, :]
     p_dv = dv + i_b * stride_dvb + i_hk * stride_dvh + o_k64[:, None] * stride_dvn + o_d[None, :]
-    # Padded keys get 0: their P^T and dS^T are 0, but dS^T Q adds 0 times a NaN query that sees no key (all its
-    # keys padded), and dS^T = P^T (dP^T - delta) is NaN where a NaN query that sees keys makes delta NaN.
-    tl.store(p_dk, tl.where(m_k[:, None], b_dk * scale, 0.0).to(dk.dtype.element_ty), mask=m_k_in[:, None])
-    tl.store(p_dv, tl.where(m_k[:, None], b_dv, 0.0).to(dv.dtype.element_ty), mask=m_k_in[:, None])
+    if HAS_PADDING:
+        # Padded keys get 0: their P^T and dS^T are 0, but dS^T Q adds 0 times a NaN query that sees no key (all
+        # its keys padded), and dS^T = P^T (dP^T - delta) is NaN where a NaN query that sees keys makes delta NaN.
+        b_dk = tl.where(m_k[:, None], b_dk, 0.0)
+        b_dv = tl.where(m_k[:, None], b_dv, 0.0)
+    tl.store(p_dk, (b_dk * scale).to(dk.dtype.element_ty), mask=m_k_in[:, None])
+    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_k_in[:, None])
 
 
 @triton.jit

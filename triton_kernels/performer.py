@@ -548,9 +548,13 @@ def performer_bwd_kernel_dkdv(
         b_dk -= scale * b_dsum[:, None] * b_k.to(ACC)
     p_dk = dk + i_b * stride_dkb + i_hkv * stride_dkh + o_n64[:, None] * stride_dkn + o_d[None, :]
     p_dv = dv + i_b * stride_dvb + i_hkv * stride_dvh + o_n64[:, None] * stride_dvn + o_d[None, :]
-    # Padded keys get 0: their features are 0, but a NaN query's makes the state's gradient NaN, and 0 * NaN is NaN.
-    tl.store(p_dk, tl.where(m_kv[:, None], b_dk, 0.0).to(dk.dtype.element_ty), mask=m_n[:, None])
-    tl.store(p_dv, tl.where(m_kv[:, None], b_dv, 0.0).to(dv.dtype.element_ty), mask=m_n[:, None])
+    if HAS_PADDING:
+        # Padded keys get 0: their features are 0, but a NaN query's makes the state's gradient NaN, and 0 * NaN is
+        # NaN.
+        b_dk = tl.where(m_kv[:, None], b_dk, 0.0)
+        b_dv = tl.where(m_kv[:, None], b_dv, 0.0)
+    tl.store(p_dk, b_dk.to(dk.dtype.element_ty), mask=m_n[:, None])
+    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_n[:, None])
 
 
 @triton.jit
@@ -996,9 +1000,6 @@ def performer_bwd_kernel_causal_dkdv(
             b_dlogit = tl.where(m_kv[:, None] & (b_wx_k > 0), b_dphi, 0.0)
         # [BC, BC] @ [BC, D] -> [BC, D]
         b_dv += tl.dot(tl.trans(b_s), b_dnum, input_precision=DOT_PRECISION)
-        # Padded keys get 0: their weights are 0, but a NaN query's makes the suffix state NaN, and 0 * NaN is NaN.
-        b_dv = tl.where(m_kv[:, None], b_dv, 0.0)
-        b_dlogit = tl.where(m_kv[:, None], b_dlogit, 0.0)
         # [BC, BF] @ [BF, D] -> [BC, D]; W reloaded per chunk (an L2 hit) rather than held across the loop.
         b_dx = tl.dot(b_dlogit, tl.load(p_w_tile, mask=m_f[:, None], other=0.0).to(ACC), input_precision=DOT_PRECISION)
         p_part = p_part_base + o_c.to(tl.int64) * (2 * D + 1)
@@ -1276,6 +1277,11 @@ def _backward_causal(p: _Problem, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
     if p.softmax:
         # d logits / d x = sqrt(scale) (W - sqrt(scale) x): the -|x|^2 / 2 term of the keys' logits.
         grad_k = grad_k - p.scale * dkv[..., 2 * p.head_dim:] * k.to(p.acc)
+    if p.has_padding:
+        # Padded keys get 0: their weights are 0, but a NaN query's makes the suffix state NaN, and 0 * NaN is NaN.
+        # Here rather than in the kernel, whose largest variants have no registers to spare.
+        padded = p.padding.bool()[:, None, :, None]
+        grad_k, grad_v = grad_k.masked_fill(padded, 0.0), grad_v.masked_fill(padded, 0.0)
     return grad_q, grad_k.to(k.dtype).contiguous(), grad_v
 
 
