@@ -318,7 +318,8 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dkdv_kernel
             visible ? MmaType<T>::pack(grad_k_acc[i][n][2 * r] * p.scale, grad_k_acc[i][n][2 * r + 1] * p.scale)
                     : MmaType<T>::pack(0.f, 0.f);
         *reinterpret_cast<uint32_t*>(grad_v + offset + col) =
-            visible ? MmaType<T>::pack(grad_v_acc[i][n][2 * r], grad_v_acc[i][n][2 * r + 1]) : MmaType<T>::pack(0.f, 0.f);
+            visible ? MmaType<T>::pack(grad_v_acc[i][n][2 * r], grad_v_acc[i][n][2 * r + 1])
+                    : MmaType<T>::pack(0.f, 0.f);
       }
     }
   }
