@@ -113,10 +113,11 @@ def assert_gradients_match_finite_differences(attention, leaves, names) -> None:
 
 def assert_nan_queries_reach_only_what_they_read(attention, *, causal: bool, dtype: torch.dtype, device="cpu",
                                                  head_dim: int = 32, rows_without_keys: bool = True) -> None:
-    """A NaN query that sees no key reaches nothing (its output and every gradient are 0), and a NaN query that
-    sees keys never reaches the gradients of padded keys (DESIGN: rows that see no key give 0 and no gradient;
-    padded keys are ignored). ``attention(q, k, v, key_padding_mask)`` runs the op under test on (2, 2, 40, D).
-    rows_without_keys=False (Linformer, whose queries all read the kp projections) checks the latter only."""
+    """A NaN query that sees no key reaches nothing (its output and every gradient are 0, even those of the later
+    keys in its own block or tile), and a NaN query that sees keys never reaches the gradients of padded keys
+    (DESIGN: rows that see no key give 0 and no gradient; padded keys are ignored). ``attention(q, k, v,
+    key_padding_mask)`` runs the op under test on (2, 2, 40, D). rows_without_keys=False (Linformer, whose queries
+    all read the kp projections) checks the latter only."""
     generator = torch.Generator().manual_seed(0)
 
     def run(mask, nan_at):
@@ -137,6 +138,17 @@ def assert_nan_queries_reach_only_what_they_read(attention, *, causal: bool, dty
         assert (tensor[1] == 0).all(), f"{name} of the batch element without keys is not 0"
         if causal and name in ("out", "grad q"):
             assert (tensor[0, :, :20] == 0).all(), f"{name} of the rows before the first key is not 0"
+
+    if causal and rows_without_keys:
+        # The first unpadded key shares its block or tile with the NaN queries before it, whatever the tile size.
+        mask = torch.zeros(2, 40, dtype=torch.bool)
+        mask[0, :4] = True
+        mask[1, :9] = True
+        for name, tensor in zip(("out", "grad q", "grad k", "grad v"), run(mask, [(0, 1, 2, 0), (1, 0, 7, 1)])):
+            assert torch.isfinite(tensor).all(), f"{name} holds NaN at {torch.isnan(tensor).nonzero().tolist()[:4]}"
+            for batch, keys_from in ((0, 4), (1, 9)):
+                if name in ("out", "grad q"):
+                    assert (tensor[batch, :, :keys_from] == 0).all(), f"{name} of the rows before the first key is not 0"
 
     mask = torch.zeros(2, 40, dtype=torch.bool)
     mask[0, :10] = True

@@ -833,6 +833,14 @@ at::Tensor without_padded_keys(const at::Tensor& t, const std::optional<at::Tens
   return t.masked_fill(key_padding_mask->view({t.size(0), 1, t.size(2), 1}), 0);
 }
 
+// q with the rows that see no key (log-sum-exp +inf) zeroed. Their probabilities are all 0, but the diagonal
+// block's dK += dS^T Q still reads them for the later keys of their block, where 0 * NaN (a NaN query) is NaN.
+at::Tensor without_rows_that_see_no_key(const at::Tensor& q, const at::Tensor& lse) {
+  const at::Tensor sees_no_key = lse == std::numeric_limits<double>::infinity();
+  if (!sees_no_key.any().item<bool>()) return q;
+  return q.masked_fill(sees_no_key.unsqueeze(-1), 0);
+}
+
 std::tuple<at::Tensor, at::Tensor> block_sparse_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& row_offsets,
     const at::Tensor& col_indices, const at::Tensor& col_offsets, const at::Tensor& row_indices, int64_t block_size,
@@ -876,12 +884,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_bwd_cpu(
   at::Tensor grad_k = new_output(k.sizes(), k.options());
   at::Tensor grad_v = new_output(v.sizes(), v.options());
   const at::Tensor keys = without_padded_keys(k, key_padding_mask), values = without_padded_keys(v, key_padding_mask);
+  const at::Tensor queries = without_rows_that_see_no_key(q, lse);
   if (use_bf16_products(p, q)) {
-    backward_kernel<c10::BFloat16, c10::BFloat16>(p, grad_out, q, keys, values, out, lse, grad_q, grad_k, grad_v);
+    backward_kernel<c10::BFloat16, c10::BFloat16>(p, grad_out, queries, keys, values, out, lse, grad_q, grad_k,
+                                                  grad_v);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "block_sparse_bwd_cpu", [&] {
-      backward_kernel<scalar_t, at::opmath_type<scalar_t>>(p, grad_out, q, keys, values, out, lse, grad_q, grad_k,
-                                                           grad_v);
+      backward_kernel<scalar_t, at::opmath_type<scalar_t>>(p, grad_out, queries, keys, values, out, lse, grad_q,
+                                                           grad_k, grad_v);
     });
   }
   return {grad_q, grad_k, grad_v};

@@ -213,8 +213,15 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dkdv_kernel
   const T* grad_out = head_pointer<T>(p.grad_out, p.grad_out_batch_stride, p.grad_out_head_stride, batch, head);
   const int64_t row_stats = (int64_t(batch) * p.heads + head) * p.query_len;
   const auto load_queries = [&](int query0, int slot) {
-    load_tile_async<kThreads>(ColumnTile{query_buffers + slot * ColumnTile::kElements},
-                              q + int64_t(query0) * p.q_row_stride, p.q_row_stride, p.query_len - query0, thread);
+    // Rows that see no key (lse +inf; only with padding) load as 0: dS^T Q would add 0 times such a NaN query to
+    // the later keys of this tile.
+    const float* lse = p.lse + row_stats + query0;
+    const int query_rows = p.query_len - query0;
+    load_tile_async_if<kThreads>(
+        ColumnTile{query_buffers + slot * ColumnTile::kElements}, q + int64_t(query0) * p.q_row_stride,
+        p.q_row_stride,
+        [&](int row) { return row < query_rows && (p.key_padding_mask == nullptr || lse[row] != kInfinity); }, kD,
+        thread);
     cp_async_commit();
     float* const lse_log2 = stat_buffers + 2 * slot * kBlockN;
     float* const delta = lse_log2 + kBlockN;
@@ -297,8 +304,7 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dkdv_kernel
   }
   cp_async_wait<0>();
 
-  // Padded keys get 0: their P and dS are 0, but dS^T Q adds 0 times a NaN query that sees no key, and a NaN
-  // query that sees keys makes delta NaN.
+  // Padded keys get 0: their P is 0, but a NaN query that sees keys makes delta, and so dS, NaN.
   __syncthreads();  // key_visible is written (the loop above may not have run)
   const int64_t head_offset = ((int64_t(batch) * p.heads + head) * p.key_len) * kD;
   T* grad_k = static_cast<T*>(p.grad_k) + head_offset;

@@ -9,13 +9,23 @@
 
 namespace fastattn::cuda {
 
+// Loads Rows x head_dim floats into a shared tile (rows Stride apart), zero-filling the rows where
+// row_visible(row) is false.
+template <int Rows, int Stride, typename RowVisible>
+__device__ __forceinline__ void load_float_tile_if(float* tile, const float* global, int64_t row_stride,
+                                                   RowVisible row_visible, int head_dim, int thread, int threads) {
+  for (int index = thread; index < Rows * head_dim; index += threads) {
+    const int row = index / head_dim, col = index % head_dim;
+    tile[row * Stride + col] = row_visible(row) ? global[row * row_stride + col] : 0.f;
+  }
+}
+
+// The same for rows at or past `valid_rows`.
 template <int Rows, int Stride>
 __device__ __forceinline__ void load_float_tile(float* tile, const float* global, int64_t row_stride, int valid_rows,
                                                 int head_dim, int thread, int threads) {
-  for (int index = thread; index < Rows * head_dim; index += threads) {
-    const int row = index / head_dim, col = index % head_dim;
-    tile[row * Stride + col] = row < valid_rows ? global[row * row_stride + col] : 0.f;
-  }
+  load_float_tile_if<Rows, Stride>(tile, global, row_stride, [valid_rows](int row) { return row < valid_rows; },
+                                   head_dim, thread, threads);
 }
 
 template <int HeadDim>
@@ -222,8 +232,13 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dkdv_simt_k
       const int query_rows = min(kTile, p.query_len - query0);
       if (tile_is_causally_empty(p, query0 + query_rows - 1, key0)) continue;
       __syncthreads();
-      load_float_tile<kTile, kStride>(q_tile, q + int64_t(query0) * p.q_row_stride, p.q_row_stride, query_rows, kD,
-                                      thread, kThreads);
+      // Rows that see no key (lse +inf; only with padding) load as 0: dS^T Q would add 0 times such a NaN query
+      // to the later keys of this tile.
+      const float* lse = p.lse + row_stats + query0;
+      load_float_tile_if<kTile, kStride>(
+          q_tile, q + int64_t(query0) * p.q_row_stride, p.q_row_stride,
+          [&](int row) { return row < query_rows && (p.key_padding_mask == nullptr || lse[row] != kInfinity); }, kD,
+          thread, kThreads);
       load_float_tile<kTile, kStride>(grad_out_tile, grad_out + int64_t(query0) * p.grad_out_row_stride,
                                       p.grad_out_row_stride, query_rows, kD, thread, kThreads);
       for (int i = thread; i < kTile; i += kThreads) {
@@ -252,8 +267,7 @@ __global__ void __launch_bounds__(Traits::kThreads) block_sparse_bwd_dkdv_simt_k
     }
   }
 
-  // Padded keys get 0: their P and dS are 0, but dS^T Q adds 0 times a NaN query that sees no key, and a NaN
-  // query that sees keys makes delta NaN.
+  // Padded keys get 0: their P is 0, but a NaN query that sees keys makes delta, and so dS, NaN.
   __syncthreads();  // key_visible is written (the loop above may not have run)
   const int64_t head_offset = ((int64_t(batch) * p.heads + head) * p.key_len) * kD;
 #pragma unroll
