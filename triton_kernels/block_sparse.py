@@ -227,14 +227,9 @@ def block_sparse_bwd_kernel_dkdv(
             o_m = i_qb * BLOCK + (i_it % TILES) * BM + o_m_block
             m_m = (o_m < Nq) & (o_m >= i_q_first)
             o_m64 = o_m.to(tl.int64)
-            b_lse = tl.load(p_lse_base + o_m, mask=m_m, other=float("inf"))
-            m_q = m_m
-            if HAS_PADDING:
-                # Rows that see no key (lse +inf) load as 0: dS^T Q would add 0 times such a NaN query to the
-                # later keys of its block.
-                m_q = m_m & (b_lse != float("inf"))
-            b_q = tl.load(p_q_base + o_m64[:, None] * stride_qn + o_d[None, :], mask=m_q[:, None], other=0.0)
+            b_q = tl.load(p_q_base + o_m64[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
             b_do = tl.load(p_do_base + o_m64[:, None] * stride_don + o_d[None, :], mask=m_m[:, None], other=0.0)
+            b_lse = tl.load(p_lse_base + o_m, mask=m_m, other=float("inf"))
             b_delta = tl.load(p_delta_base + o_m, mask=m_m, other=0.0)
 
             # [BN, D] @ [D, BM] -> [BN, BM]
@@ -255,8 +250,9 @@ def block_sparse_bwd_kernel_dkdv(
     p_dk = dk + i_b * stride_dkb + i_hk * stride_dkh + o_k64[:, None] * stride_dkn + o_d[None, :]
     p_dv = dv + i_b * stride_dvb + i_hk * stride_dvh + o_k64[:, None] * stride_dvn + o_d[None, :]
     if HAS_PADDING:
-        # Padded keys get 0: their P^T is 0, but dS^T = P^T (dP^T - delta) is NaN where a NaN query that sees keys
-        # makes delta NaN.
+        # Padded keys get 0: their P^T and dS^T are 0, but dS^T Q adds 0 times a NaN query that sees no key (all
+        # its keys padded, not causal), and dS^T = P^T (dP^T - delta) is NaN where a NaN query that sees keys makes
+        # delta NaN.
         b_dk = tl.where(m_k[:, None], b_dk, 0.0)
         b_dv = tl.where(m_k[:, None], b_dv, 0.0)
     tl.store(p_dk, (b_dk * scale).to(dk.dtype.element_ty), mask=m_k_in[:, None])
@@ -560,9 +556,14 @@ def block_sparse_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, query_len,
         BM=dq_tiles["BM"], D=head_dim, ACC=flags["ACC"],
     )
+    # Causal rows that see no key (their keys padded up to them: lse +inf) enter dK as 0, since dS^T Q would add 0
+    # times such a NaN query to the later keys of their block. Here, not in the kernel, where the mask cost
+    # register spills.
+    rows_may_see_no_key = causal and key_padding_mask is not None
+    queries = q.masked_fill((lse == float("inf")).unsqueeze(-1), 0.0) if rows_may_see_no_key else q
     block_sparse_bwd_kernel_dkdv[_grid(key_len, dkdv_tiles["BN"], batch, k.shape[1])](
-        q, k, v, grad_out, lse, delta, grad_k, grad_v, col_offsets, row_indices, padding,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
+        queries, k, v, grad_out, lse, delta, grad_k, grad_v, col_offsets, row_indices, padding,
+        *queries.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
         *grad_k.stride()[:3], *grad_v.stride()[:3],
         _csr_head_stride(col_offsets), _csr_head_stride(row_indices), stride_pad_b,
         heads, group, query_len, key_len, scale, **flags, **dkdv_tiles,
