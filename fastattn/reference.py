@@ -3,7 +3,8 @@
 They follow the public signatures, materialise the full attention matrix, and run in the dtype of
 their inputs (the tests evaluate them in float64). k and v may have fewer heads than q (grouped-query
 attention: query head h reads kv head h // (H / Hkv)). Semantics shared with every backend are stated
-in the docstrings; a row of queries that sees no key gives zeros.
+in the docstrings; a row of queries that sees no key gives zeros and passes no gradient, and padded keys
+get zero gradients, whatever NaN the inputs hold.
 """
 from __future__ import annotations
 
@@ -33,6 +34,16 @@ def _padding_allowed(key_padding_mask: Tensor | None) -> Tensor | None:
     return None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
 
 
+def _without_padded_keys(key_padding_mask: Tensor | None, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """k, v (B, H, N, D) with the rows of padded keys set to 0, through masked_fill so that their gradients are
+    exactly 0 too: a padded key is ignored even where 0 * NaN (a NaN query's share, a NaN in the padded row)
+    would not be 0."""
+    if key_padding_mask is None:
+        return tensors
+    padded = key_padding_mask[:, None, :, None]
+    return tuple(t.masked_fill(padded, 0.0) for t in tensors)
+
+
 def _kv_heads_of_queries(q: Tensor, *kv: Tensor) -> tuple[Tensor, ...]:
     """k, v (B, Hkv, N, D) indexed to the heads of q (grouped-query attention): query head h reads kv head
     h // (H / Hkv)."""
@@ -44,11 +55,14 @@ def _kv_heads_of_queries(q: Tensor, *kv: Tensor) -> tuple[Tensor, ...]:
 
 def _masked_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float) -> Tensor:
     """softmax(q k^T * scale) v over the allowed (query, key) pairs; rows with none allowed give zeros."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if allowed is None:
-        return torch.matmul(torch.softmax(scores, dim=-1), v)
-    allowed = allowed.expand_as(scores)
+        return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1), v)
     row_sees_a_key = allowed.any(dim=-1, keepdim=True)
+    if not row_sees_a_key.all():
+        # A row that sees no key reaches nothing, not even through 0 * NaN (a NaN query) in the gradient of k.
+        q = q.masked_fill(~row_sees_a_key, 0.0)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    allowed = allowed.expand_as(scores)
     scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~row_sees_a_key, 0.0)
     probs = torch.softmax(scores, dim=-1) * row_sees_a_key
     return torch.matmul(probs, v)
@@ -66,7 +80,7 @@ def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 def full_attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None) -> Tensor:
     """Dense softmax attention."""
-    k, v = _kv_heads_of_queries(q, k, v)
+    k, v = _without_padded_keys(key_padding_mask, *_kv_heads_of_queries(q, k, v))
     allowed = _padding_allowed(key_padding_mask)
     if causal:
         allowed = _and(allowed, _causal_allowed(q.shape[2], k.shape[2], q.device))
@@ -79,7 +93,7 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, key_pa
     With ``causal`` the keys after each query are masked too, so listed blocks above the diagonal
     contribute nothing and the diagonal block is masked element-wise.
     """
-    k, v = _kv_heads_of_queries(q, k, v)
+    k, v = _without_padded_keys(key_padding_mask, *_kv_heads_of_queries(q, k, v))
     size = layout.block_size
     blocks = layout.to_dense().to(q.device)
     allowed = blocks.repeat_interleave(size, 1).repeat_interleave(size, 2)[:, : q.shape[2], : k.shape[2]]
@@ -102,10 +116,7 @@ def linformer_attention(q, k, v, proj_k, proj_v=None, *, key_padding_mask=None, 
 
     Padded keys and values are zeroed before the projection; ``proj_v`` defaults to ``proj_k``.
     """
-    k, v = _kv_heads_of_queries(q, k, v)
-    if key_padding_mask is not None:
-        keep = (~key_padding_mask)[:, None, :, None].to(k.dtype)
-        k, v = k * keep, v * keep
+    k, v = _without_padded_keys(key_padding_mask, *_kv_heads_of_queries(q, k, v))
     k_projected = _project_sequence(k, proj_k)
     v_projected = _project_sequence(v, proj_k if proj_v is None else proj_v)
     return _masked_attention(q, k_projected, v_projected, None, _scale(q, scale))
@@ -147,8 +158,17 @@ def performer_attention(q, k, v, projection, *, kernel="softmax", causal=False, 
     change an earlier output). Padded keys contribute to neither numerator nor normaliser; a query whose
     normaliser is zero (it sees no key) gives zeros.
     """
-    k, v = _kv_heads_of_queries(q, k, v)
+    k, v = _without_padded_keys(key_padding_mask, *_kv_heads_of_queries(q, k, v))
     scale = _scale(q, scale)
+    if key_padding_mask is not None:
+        # A query that sees no key reaches nothing, not even through 0 * NaN (a NaN query) in the gradients.
+        if causal:
+            last_key_seen = torch.arange(q.shape[2], device=q.device).clamp(max=k.shape[2] - 1)
+            keys_seen = (~key_padding_mask).cumsum(-1)[:, last_key_seen]
+        else:
+            keys_seen = (~key_padding_mask).sum(-1, keepdim=True)
+        if (keys_seen == 0).any():
+            q = q.masked_fill(keys_seen[:, None, :, None] == 0, 0.0)
     phi_q, _ = performer_features(q, projection, kernel=kernel, scale=scale)
     phi_k, key_max = performer_features(k, projection, kernel=kernel, scale=scale)
     keep = None if key_padding_mask is None else (~key_padding_mask)[:, None, :]
@@ -177,5 +197,5 @@ def performer_attention(q, k, v, projection, *, kernel="softmax", causal=False, 
     else:
         numerator = torch.matmul(phi_q, torch.matmul(phi_k.transpose(-1, -2), v))
         normaliser = torch.matmul(phi_q, phi_k.sum(-2).unsqueeze(-1))
-    sees_a_key = normaliser > 0
+    sees_a_key = normaliser != 0  # a NaN normaliser (a NaN query) gives NaN, never a zero row
     return torch.where(sees_a_key, numerator / torch.where(sees_a_key, normaliser, 1.0), 0.0)

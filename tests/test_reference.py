@@ -6,6 +6,7 @@ import torch
 
 import fastattn
 from fastattn import reference
+from tests.utils import assert_nan_queries_reach_only_what_they_read
 
 
 def _qkv(batch=2, heads=3, query_len=37, key_len=37, head_dim=16, seed=0, dtype=torch.float64):
@@ -115,3 +116,27 @@ def test_performer_reference_approaches_softmax_attention_as_features_grow():
         approx = reference.performer_attention(q, k, v, projection)
         errors.append(((approx - exact).norm() / exact.norm()).item())
     assert errors[1] < 0.5 * errors[0], errors
+
+
+NAN_CASES = [("full", False), ("full", True), ("block_sparse", False), ("block_sparse", True), ("linformer", False),
+             ("performer", False), ("performer", True)]
+
+
+@pytest.mark.parametrize("mechanism,causal", NAN_CASES, ids=[f"{m}-{'causal' if c else 'global'}" for m, c in NAN_CASES])
+def test_nan_in_a_query_reaches_only_what_it_reads(mechanism, causal):
+    # The references' gradients were NaN for padded keys (0 * NaN through the masking), and for every key of a
+    # batch element where a NaN query saw no key: the kernels' tests could not gradient-check such inputs.
+    layout = fastattn.BlockLayout.from_dense(torch.rand(1, 3, 3, generator=torch.Generator().manual_seed(1)) < 0.6,
+                                             16)
+    projection = torch.randn(24, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64) / 40**0.5
+    features = fastattn.random_features(16, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    attention = {
+        "full": lambda q, k, v, mask: reference.full_attention(q, k, v, causal=causal, key_padding_mask=mask),
+        "block_sparse": lambda q, k, v, mask: reference.block_sparse_attention(q, k, v, layout, causal=causal,
+                                                                              key_padding_mask=mask),
+        "linformer": lambda q, k, v, mask: reference.linformer_attention(q, k, v, projection, key_padding_mask=mask),
+        "performer": lambda q, k, v, mask: reference.performer_attention(q, k, v, features, causal=causal,
+                                                                         key_padding_mask=mask),
+    }[mechanism]
+    assert_nan_queries_reach_only_what_they_read(attention, causal=causal, dtype=torch.float64,
+                                                 rows_without_keys=mechanism != "linformer")
