@@ -3,8 +3,7 @@
 They follow the public signatures, materialise the full attention matrix, and run in the dtype of
 their inputs (the tests evaluate them in float64). k and v may have fewer heads than q (grouped-query
 attention: query head h reads kv head h // (H / Hkv)). Semantics shared with every backend are stated
-in the docstrings; a row of queries that sees no key gives zeros and passes no gradient, and padded keys
-get zero gradients, whatever NaN the inputs hold.
+in the docstrings; a row of queries that sees no key gives zeros.
 """
 from __future__ import annotations
 
@@ -34,16 +33,6 @@ def _padding_allowed(key_padding_mask: Tensor | None) -> Tensor | None:
     return None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
 
 
-def _without_padded_keys(key_padding_mask: Tensor | None, *tensors: Tensor) -> tuple[Tensor, ...]:
-    """k, v (B, H, N, D) with the rows of padded keys set to 0, through masked_fill so that their gradients are
-    exactly 0 too: a padded key is ignored even where 0 * NaN (a NaN query's share, a NaN in the padded row)
-    would not be 0."""
-    if key_padding_mask is None:
-        return tensors
-    padded = key_padding_mask[:, None, :, None]
-    return tuple(t.masked_fill(padded, 0.0) for t in tensors)
-
-
 def _kv_heads_of_queries(q: Tensor, *kv: Tensor) -> tuple[Tensor, ...]:
     """k, v (B, Hkv, N, D) indexed to the heads of q (grouped-query attention): query head h reads kv head
     h // (H / Hkv)."""
@@ -55,14 +44,11 @@ def _kv_heads_of_queries(q: Tensor, *kv: Tensor) -> tuple[Tensor, ...]:
 
 def _masked_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float) -> Tensor:
     """softmax(q k^T * scale) v over the allowed (query, key) pairs; rows with none allowed give zeros."""
-    if allowed is None:
-        return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1), v)
-    row_sees_a_key = allowed.any(dim=-1, keepdim=True)
-    if not row_sees_a_key.all():
-        # A row that sees no key reaches nothing, not even through 0 * NaN (a NaN query) in the gradient of k.
-        q = q.masked_fill(~row_sees_a_key, 0.0)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if allowed is None:
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
     allowed = allowed.expand_as(scores)
+    row_sees_a_key = allowed.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~row_sees_a_key, 0.0)
     probs = torch.softmax(scores, dim=-1) * row_sees_a_key
     return torch.matmul(probs, v)
@@ -80,7 +66,7 @@ def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 def full_attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None) -> Tensor:
     """Dense softmax attention."""
-    k, v = _without_padded_keys(key_padding_mask, *_kv_heads_of_queries(q, k, v))
+    k, v = _kv_heads_of_queries(q, k, v)
     allowed = _padding_allowed(key_padding_mask)
     if causal:
         allowed = _and(allowed, _causal_allowed(q.shape[2], k.shape[2], q.device))
@@ -93,7 +79,7 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, causal=False, key_pa
     With ``causal`` the keys after each query are masked too, so listed blocks above the diagonal
     contribute nothing and the diagonal block is masked element-wise.
     """
-    k, v = _without_padded_keys(key_padding_mask, *_kv_heads_of_queries(q, k, v))
+    k, v = _kv_heads_of_queries(q, k, v)
     size = layout.block_size
     blocks = layout.to_dense().to(q.device)
     allowed = blocks.repeat_interleave(size, 1).repeat_interleave(size, 2)[:, : q.shape[2], : k.shape[2]]
@@ -116,7 +102,10 @@ def linformer_attention(q, k, v, proj_k, proj_v=None, *, key_padding_mask=None, 
 
     Padded keys and values are zeroed before the projection; ``proj_v`` defaults to ``proj_k``.
     """
-    k, v = _without_padded_keys(key_padding_mask, *_kv_heads_of_queries(q, k, v))
+    k, v = _kv_heads_of_queries(q, k, v)
+    if key_padding_mask is not None:
+        keep = (~key_padding_mask)[:, None, :, None].to(k.dtype)
+        k, v = k * keep, v * keep
     k_projected = _project_sequence(k, proj_k)
     v_projected = _project_sequence(v, proj_k if proj_v is None else proj_v)
     return _masked_attention(q, k_projected, v_projected, None, _scale(q, scale))
@@ -158,17 +147,8 @@ def performer_attention(q, k, v, projection, *, kernel="softmax", causal=False, 
     change an earlier output). Padded keys contribute to neither numerator nor normaliser; a query whose
     normaliser is zero (it sees no key) gives zeros.
     """
-    k, v = _without_padded_keys(key_padding_mask, *_kv_heads_of_queries(q, k, v))
+    k, v = _kv_heads_of_queries(q, k, v)
     scale = _scale(q, scale)
-    if key_padding_mask is not None:
-        # A query that sees no key reaches nothing, not even through 0 * NaN (a NaN query) in the gradients.
-        if causal:
-            last_key_seen = torch.arange(q.shape[2], device=q.device).clamp(max=k.shape[2] - 1)
-            keys_seen = (~key_padding_mask).cumsum(-1)[:, last_key_seen]
-        else:
-            keys_seen = (~key_padding_mask).sum(-1, keepdim=True)
-        if (keys_seen == 0).any():
-            q = q.masked_fill(keys_seen[:, None, :, None] == 0, 0.0)
     phi_q, _ = performer_features(q, projection, kernel=kernel, scale=scale)
     phi_k, key_max = performer_features(k, projection, kernel=kernel, scale=scale)
     keep = None if key_padding_mask is None else (~key_padding_mask)[:, None, :]
@@ -191,11 +171,17 @@ def performer_attention(q, k, v, projection, *, kernel="softmax", causal=False, 
             kernel_matrix = kernel_matrix * torch.exp(
                 torch.clamp(stabiliser.unsqueeze(-2) - stabiliser.unsqueeze(-1), max=0.0)
             )
-        kernel_matrix = kernel_matrix * _causal_allowed(q.shape[2], k.shape[2], q.device)
+        # masked_fill, not a product: a NaN in a later key must not reach earlier rows as 0 * NaN.
+        kernel_matrix = kernel_matrix.masked_fill(~_causal_allowed(q.shape[2], k.shape[2], q.device), 0.0)
         numerator = torch.matmul(kernel_matrix, v)
         normaliser = kernel_matrix.sum(-1, keepdim=True)
     else:
         numerator = torch.matmul(phi_q, torch.matmul(phi_k.transpose(-1, -2), v))
         normaliser = torch.matmul(phi_q, phi_k.sum(-2).unsqueeze(-1))
-    sees_a_key = normaliser != 0  # a NaN normaliser (a NaN query) gives NaN, never a zero row
+    # A row sees a key where its normaliser is not 0, and where the mask lets it (a NaN query's normaliser is NaN:
+    # NaN where it sees keys, never hidden as a zero row, and 0 where it sees none).
+    sees_a_key = normaliser != 0
+    if keep is not None:
+        keys_seen = keep.cumsum(-1) if causal else keep.sum(-1, keepdim=True)
+        sees_a_key = sees_a_key & (keys_seen[..., : q.shape[2]] > 0).unsqueeze(-1)
     return torch.where(sees_a_key, numerator / torch.where(sees_a_key, normaliser, 1.0), 0.0)
