@@ -477,13 +477,31 @@ def test_emulated_performer_rows_that_see_no_key_give_zeros_and_zero_gradients(l
         assert torch.equal(tensor.grad[1], torch.zeros_like(tensor.grad[1])), f"grad of {name}[1] is not zero"
 
 
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
 @pytest.mark.parametrize("causal", [False, True], ids=["global", "causal"])
-def test_emulated_performer_nan_in_a_query_reaches_only_what_it_reads(library, causal):
+def test_emulated_performer_nan_in_a_query_reaches_only_what_it_reads(library, causal, kernel):
     projection = fastattn.random_features(16, 32, generator=torch.Generator().manual_seed(6))
     assert_nan_queries_reach_only_what_they_read(
-        lambda q, k, v, mask: _emulated_performer(library, projection, "softmax", mask, 32**-0.5, 32, 32,
+        lambda q, k, v, mask: _emulated_performer(library, projection, kernel, mask, 32**-0.5, 32, 32,
                                                   causal=causal)(q, k, v),
         causal=causal, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+@pytest.mark.parametrize("causal", [False, True], ids=["global", "causal"])
+def test_emulated_performer_nan_in_q_or_k_reaches_the_rows_that_read_it(library, causal, kernel):
+    # relu(NaN) was 0 (fmaxf): a NaN in q or k vanished from the outputs.
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 32, generator=generator) for _ in range(3))
+    q[0, 0, 5, 3] = float("nan")
+    k[0, 1, 9, 2] = float("nan")
+    projection = fastattn.random_features(16, 32, generator=generator)
+    out = _emulated_performer(library, projection, kernel, None, 32**-0.5, 32, 32, causal=causal)(q, k, v)
+    expected = torch.zeros(1, 2, 40, dtype=torch.bool)
+    expected[0, 0, 5] = True
+    expected[0, 1, 9 if causal else 0:] = True
+    assert torch.equal(torch.isnan(out).any(-1), expected)
+    assert torch.equal(torch.isnan(out).all(-1), expected)
 
 
 # (B, H, N, D, m, dtype, kernel, padded, per_head): causal; N within one 32-row chunk and across several, ragged;

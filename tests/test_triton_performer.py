@@ -446,11 +446,31 @@ def test_gpu_backward_is_deterministic(causal):
 
 
 @needs_triton_device
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
 @pytest.mark.parametrize("causal", [False, True], ids=["global", "causal"])
-def test_nan_in_a_query_reaches_only_what_it_reads(causal):
+def test_nan_in_a_query_reaches_only_what_it_reads(causal, kernel):
     # Causal: the gradients of padded keys were NaN (0 weights times a suffix state made NaN by the query).
     projection = fastattn.random_features(16, 32, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     assert_nan_queries_reach_only_what_they_read(
-        lambda q, k, v, mask: fastattn.performer_attention(q, k, v, projection, causal=causal, key_padding_mask=mask,
-                                                           backend="triton"),
+        lambda q, k, v, mask: fastattn.performer_attention(q, k, v, projection, kernel=kernel, causal=causal,
+                                                           key_padding_mask=mask, backend="triton"),
         causal=causal, dtype=torch.float32, device=DEVICE)
+
+
+@needs_triton_device
+@pytest.mark.parametrize("kernel", ["softmax", "relu"])
+@pytest.mark.parametrize("causal", [False, True], ids=["global", "causal"])
+def test_nan_in_q_or_k_reaches_the_rows_that_read_it(causal, kernel):
+    # relu(NaN) was 0 (tl.maximum): a NaN in q or k vanished from the outputs.
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 24, 32, generator=generator) for _ in range(3))
+    q[0, 0, 5, 3] = float("nan")
+    k[0, 1, 9, 2] = float("nan")
+    projection = fastattn.random_features(16, 32, generator=generator)
+    out = fastattn.performer_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), projection.to(DEVICE), kernel=kernel,
+                                       causal=causal, backend="triton").cpu()
+    expected = torch.zeros(1, 2, 24, dtype=torch.bool)
+    expected[0, 0, 5] = True
+    expected[0, 1, 9 if causal else 0:] = True
+    assert torch.equal(torch.isnan(out).any(-1), expected)
+    assert torch.equal(torch.isnan(out).all(-1), expected)

@@ -114,7 +114,8 @@ def _features(b_wx, b_shift, m_rows, m_f, SOFTMAX: tl.constexpr):
         # A masked row may have shift -inf or +inf: its exponent is replaced before exp, never NaN.
         b_phi = tl.exp(tl.where(m_rf, b_wx - b_shift, float("-inf")))
     else:
-        b_phi = tl.where(m_rf, tl.maximum(b_wx, 0.0) + EPSILON, 0.0)
+        # l <= 0, not a maximum: relu(NaN) is NaN (as torch's), and PTX's max would drop it.
+        b_phi = tl.where(m_rf, tl.where(b_wx <= 0, 0.0, b_wx) + EPSILON, 0.0)
     return b_phi
 
 
@@ -419,7 +420,9 @@ def performer_bwd_kernel_dq(
         if SOFTMAX:
             b_dlogit = b_share * b_diff
         else:
-            b_dlogit = tl.where(b_logits > 0, b_share / (tl.maximum(b_logits, 0.0) + EPSILON) * b_diff, 0.0)
+            # Rows that see no key (den 0) give 0, even with NaN logits.
+            m_relu = (b_den != 0)[:, None] & ~(b_logits <= 0)
+            b_dlogit = tl.where(m_relu, b_share / (b_logits + EPSILON) * b_diff, 0.0)
         b_w = tl.load(p_w_base + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None], other=0.0)
         # [BM, BF] @ [BF, D] -> [BM, D]
         b_dx += tl.dot(b_dlogit, b_w.to(ACC), input_precision=DOT_PRECISION)
@@ -535,7 +538,7 @@ def performer_bwd_kernel_dkdv(
             if SOFTMAX:
                 b_dlogit = b_dphi * b_phi
             else:
-                b_dlogit = tl.where(m_kv[:, None] & m_s[None, :] & (b_wx > 0), b_dphi / b_s_den[None, :], 0.0)
+                b_dlogit = tl.where(m_kv[:, None] & m_s[None, :] & ~(b_wx <= 0), b_dphi / b_s_den[None, :], 0.0)
             b_w = tl.load(p_w_base + o_f.to(tl.int64)[:, None] * stride_wm + o_d[None, :], mask=m_f[:, None],
                           other=0.0)
             # [BN, BF] @ [BF, D] -> [BN, D]
@@ -715,7 +718,7 @@ def _causal_chunk(q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk
     chunk; key weights exp(l_f(k_j) - sigma'_f), sigma' those after it; and exp(sigma - sigma'), which
     moves a state from sigma to sigma' (both factors of a weight are <= 1). Also c and M (-inf where no
     key is seen) of the queries for ``_causal_pair_weights``, and the rows that see a key. relu: W q and
-    W k, the features and no rescaling.
+    W k, the features (0 for queries that see no key: M -inf) and no rescaling.
     """
     o_c = i_c + tl.arange(0, BC)
     o_d = tl.arange(0, D)
@@ -729,9 +732,9 @@ def _causal_chunk(q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk
     b_wx_q = _dot_nt_rows(q + i_b * stride_qb + i_h * stride_qh + o_c64[:, None] * stride_qn, m_c,
                           w + i_h * stride_wh + o_f.to(tl.int64)[:, None] * stride_wm, m_f, DOT_PRECISION, D,
                           ACC) * sqrt_scale
+    b_stab = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=float("-inf"))
+    m_seen = b_stab > float("-inf")
     if SOFTMAX:
-        b_stab = tl.load(key_stabiliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=float("-inf"))
-        m_seen = b_stab > float("-inf")
         b_query_max = tl.load(query_max + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
         b_c = tl.load(query_stabiliser + i_bh.to(tl.int64) * N + o_c, mask=m_c, other=0.0)
         # A difference of two close large numbers, nearly exact.
@@ -746,10 +749,8 @@ def _causal_chunk(q, k, v, w, query_max, query_stabiliser, key_stabiliser, chunk
         # Equal maxima (-inf too: nothing summed yet) keep the state as it is.
         b_decay = tl.where(b_before == b_after, 1.0, tl.exp(b_before - b_after))
     else:
-        m_seen = m_c
         b_c = tl.zeros([BC], dtype=ACC)
-        b_stab = b_c
-        b_wq = _features(b_wx_q, 0.0, m_c, m_f, SOFTMAX)
+        b_wq = _features(b_wx_q, 0.0, m_seen, m_f, SOFTMAX)
         b_wk = _features(b_wx_k, 0.0, m_kv, m_f, SOFTMAX)
         b_decay = tl.full([o_f.shape[0]], 1.0, dtype=ACC)
     return o_c, m_c, m_kv, m_seen, b_v, b_wx_q, b_wx_k, b_c, b_stab, b_wq, b_wk, b_decay
@@ -925,7 +926,7 @@ def performer_bwd_kernel_causal_dq(
         else:
             # [BC, BC] @ [BC, BF] -> [BC, BF]
             b_dphi = b_gs + tl.dot(b_gv, b_wk, input_precision=DOT_PRECISION)
-            b_dlogit = tl.where(b_wx_q > 0, b_dphi, 0.0)
+            b_dlogit = tl.where(b_wx_q <= 0, 0.0, b_dphi)
         b_dlogit = b_dlogit / b_den[:, None]
         # [BC, BF] @ [BF, D] -> [BC, D]; W reloaded per chunk (an L2 hit) rather than held across the loop.
         b_dx = tl.dot(b_dlogit, tl.load(p_w_tile, mask=m_f[:, None], other=0.0).to(ACC), input_precision=DOT_PRECISION)
@@ -997,7 +998,7 @@ def performer_bwd_kernel_causal_dkdv(
             # [BC, BF] @ [BF, BC] -> [BC, BC] and [BC, BC] @ [BC, BF] -> [BC, BF]
             b_s = tl.where(m_pairs, tl.dot(b_wq, tl.trans(b_wk), input_precision=DOT_PRECISION), 0.0)
             b_dphi = b_dsuffix + tl.dot(tl.trans(b_g), b_wq, input_precision=DOT_PRECISION)
-            b_dlogit = tl.where(m_kv[:, None] & (b_wx_k > 0), b_dphi, 0.0)
+            b_dlogit = tl.where(m_kv[:, None] & ~(b_wx_k <= 0), b_dphi, 0.0)
         # [BC, BC] @ [BC, D] -> [BC, D]
         b_dv += tl.dot(tl.trans(b_s), b_dnum, input_precision=DOT_PRECISION)
         # [BC, BF] @ [BF, D] -> [BC, D]; W reloaded per chunk (an L2 hit) rather than held across the loop.
@@ -1109,11 +1110,17 @@ class _Problem:
     def causal_stabilisers(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Causal: max W q and c of each query, M_j of each key (B, H, N; M_j -inf before any unpadded key)
         and the running maxima of every feature after each chunk (B * H, chunks + 1, m; row 0 before any
-        key; see the module docstring), softmax. relu: zeros, and no maxima."""
+        key; see the module docstring), softmax. relu: zeros, M_j 0 from the first unpadded key on, and no
+        maxima."""
         shape = (self.batch, self.heads, self.query_len)
         if not self.softmax:
             zeros = torch.zeros(shape, dtype=self.acc, device=q.device)
-            return zeros, zeros, zeros, torch.empty(0, dtype=self.acc, device=q.device)
+            key_stabiliser = zeros
+            if self.has_padding:
+                # A query that sees no key must give 0 even where its features are NaN (phi(q) . 0 would be NaN).
+                seen = (self.padding == 0).cumsum(-1)[:, None, : self.query_len] > 0
+                key_stabiliser = torch.where(seen, zeros, float("-inf"))
+            return zeros, zeros, key_stabiliser, torch.empty(0, dtype=self.acc, device=q.device)
         feature_tiles = triton.cdiv(self.features, self.tiles["BF"])
         chunks = triton.cdiv(self.key_len, self.tiles["BM"])
         key_max_part = torch.empty((self.batch * self.heads, feature_tiles, self.key_len), dtype=self.acc,

@@ -538,7 +538,7 @@ struct FeatureMap {
       if (softmax) {
         multiply_into(dr, pr, features);
       } else {
-        for (int64_t f = 0; f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] : T(0);
+        for (int64_t f = 0; f < features; ++f) dr[f] = lr[f] <= 0 ? T(0) : dr[f];
       }
     });
   }
@@ -550,7 +550,7 @@ struct FeatureMap {
     logits_backward(products, x, rows, dropped, dx, nullptr, [&](int64_t r, T* dr) {
       const T* pr = phi + r * features;
       const T* lr = logits + r * features;
-      for (int64_t f = 0; !softmax && f < features; ++f) dr[f] = lr[f] > 0 ? dr[f] / pr[f] : T(0);
+      for (int64_t f = 0; !softmax && f < features; ++f) dr[f] = lr[f] <= 0 ? T(0) : dr[f] / pr[f];
     });
   }
 
@@ -608,7 +608,8 @@ struct FeatureMap {
   }
 
   void relu_features(const T* logits_row, T* phi_row) const {
-    for (int64_t f = 0; f < features; ++f) phi_row[f] = (logits_row[f] > 0 ? logits_row[f] : T(0)) + T(kReluEpsilon);
+    // Compared as l <= 0, so that relu(NaN) is NaN (as torch's): a NaN must reach the outputs.
+    for (int64_t f = 0; f < features; ++f) phi_row[f] = (logits_row[f] <= 0 ? T(0) : logits_row[f]) + T(kReluEpsilon);
   }
 
   // dx <- d(logits)/dx^T dlogits for rows not dropped, zero for dropped rows (dlogits of those are zeroed).
@@ -774,6 +775,12 @@ struct Problem {
     return projection_head_stride == 0 ? 0 : (rows + rows % 2) * (features * dim / rows);
   }
   bool padded(int64_t b, int64_t j) const { return mask != nullptr && mask[b * key_len + j]; }
+  // Whether a key before position `end` of batch element b is unpadded.
+  bool any_key_before(int64_t b, int64_t end) const {
+    if (mask == nullptr) return end > 0;
+    const bool* row = mask + b * key_len;
+    return std::find(row, row + end, false) != row + end;
+  }
   // Rows of k and v from `start` that query head h reads: those of kv head h / heads_per_kv (grouped-query
   // attention; heads_per_kv is 1 without it).
   const scalar_t* keys(int64_t b, int64_t h, int64_t start) const {
@@ -858,7 +865,8 @@ int64_t causal_maxima_size(int64_t key_len, int64_t features, bool softmax) {
 
 // Keys [start, start + n) of head (b, h): logits and padding flags; softmax: the running maxima of each
 // feature (k_prefix, n x m, continuing from `before`) and M_j (k_stab: -inf before any unpadded key);
-// relu: the features (k_phi).
+// relu: the features (k_phi), and k_stab -inf before any unpadded key, 0 from it on (query_weights drops the
+// rows that see no key, whose normaliser phi(q) . 0 would be NaN for a NaN query).
 template <typename scalar_t, typename T>
 FASTATTN_VECTOR_CLONES void causal_keys(const Problem<scalar_t>& p, const FeatureMap<T>& map, int64_t b, int64_t h,
                                         int64_t start, int64_t n, const T* before, Workspace<T>& w) {
@@ -867,6 +875,11 @@ FASTATTN_VECTOR_CLONES void causal_keys(const Problem<scalar_t>& p, const Featur
   if (!p.softmax) {
     const std::vector<T> no_shift(n, T(0));
     map.phi(w.k_logits.data(), n, no_shift.data(), w.k_dropped, w.k_phi.data());
+    bool seen = p.any_key_before(b, start);
+    for (int64_t r = 0; r < n; ++r) {
+      seen = seen || !w.k_dropped[r];
+      w.k_stab[r] = seen ? T(0) : -std::numeric_limits<T>::infinity();
+    }
     return;
   }
   for (int64_t r = 0; r < n; ++r) {
@@ -918,14 +931,14 @@ FASTATTN_VECTOR_CLONES void causal_queries(const Problem<scalar_t>& p, const Fea
 }
 
 // Query weights in w.q_phi on keys stabilised by `sigma` (per feature): softmax exp(A_if + (sigma_f - M_i)),
-// relu the features; zero rows where dropped[r] (dropped may be null) and, softmax, rows that see no key.
+// relu the features; zero rows where dropped[r] (dropped may be null) and rows that see no key.
 template <typename T>
 FASTATTN_VECTOR_CLONES void query_weights(Workspace<T>& w, int64_t n, int64_t m, bool softmax, const T* sigma,
                                           const bool* dropped) {
   for (int64_t r = 0; r < n; ++r) {
     T* out = w.q_phi.data() + r * m;
     const T* base = w.q_base.data() + r * m;
-    const bool sees_no_key = softmax && w.k_stab[r] == -std::numeric_limits<T>::infinity();
+    const bool sees_no_key = w.k_stab[r] == -std::numeric_limits<T>::infinity();
     if ((dropped != nullptr && dropped[r]) || sees_no_key) {
       std::fill(out, out + m, T(0));
       continue;

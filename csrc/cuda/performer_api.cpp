@@ -128,6 +128,17 @@ std::vector<at::Tensor> causal_stabiliser_workspaces(const at::Tensor& q, cuda::
   return {chunk_max, per_query};
 }
 
+// Causal relu with padding: running_max per query (B, H, Nq), 0 from the first unpadded key on and -inf before,
+// so that a query that sees no key gives 0 even where its features are NaN (phi(q) . 0 would be NaN). The
+// returned tensor owns it until the kernels are enqueued.
+at::Tensor relu_keys_seen(const at::Tensor& q, const at::Tensor& key_padding_mask, cuda::PerformerParams& p) {
+  const at::Tensor seen = key_padding_mask.logical_not().cumsum(-1).gt(0);
+  at::Tensor running = at::where(seen, 0.0, -std::numeric_limits<double>::infinity()).to(at::kFloat);
+  running = running.unsqueeze(1).expand({q.size(0), q.size(1), q.size(2)}).contiguous();
+  p.running_max = running.data_ptr<float>();
+  return running;
+}
+
 // The projection as the kernels read it: float32 with contiguous (m, D) rows.
 at::Tensor projection_for_kernel(const at::Tensor& projection) {
   return projection.to(at::kFloat).contiguous();
@@ -158,6 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> performer_fwd_cuda(
       stabilisers = causal_stabiliser_workspaces(q, p);
     } else {
       key_stabiliser.zero_();
+      if (key_padding_mask.has_value()) stabilisers = {relu_keys_seen(q, *key_padding_mask, p)};
     }
     at::Tensor shares = at::empty({feature_tiles(features), batch, heads, q.size(2), dim + 1}, float_options);
     p.shares = shares.data_ptr<float>();

@@ -245,8 +245,9 @@ __device__ __forceinline__ void performer_causal_load_chunk(const PerformerParam
   if (backward) performer_load_output_grads<Traits>(p, row_base, rows, c.grads, thread);
   if (thread < kRows) {
     const bool row = thread < rows;
-    const float running = row && p.softmax ? p.running_max[row_base + thread] : -kInfinity;
-    bool keep = row && (!p.softmax || running > -kInfinity);
+    // relu reads running_max only where given (with padding): 0 from the first unpadded key on, -inf before.
+    const float running = !row ? -kInfinity : p.running_max != nullptr ? p.running_max[row_base + thread] : 0.f;
+    bool keep = row && running > -kInfinity;
     if (backward) {
       keep = keep && !(p.normaliser[row_base + thread] == 0.f);
       c.grads[thread * kLd + kD] = keep ? p.grad_den[row_base + thread] : 0.f;

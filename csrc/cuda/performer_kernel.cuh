@@ -216,9 +216,12 @@ __device__ __forceinline__ float performer_input_grad(const PerformerParams& p, 
 }
 
 // relu features and the gradient through them: relu(l) + eps, and dL/dl = dL/dphi where l > 0 (phi > eps).
-__device__ __forceinline__ float performer_relu_feature(float logit) { return fmaxf(logit, 0.f) + kPerformerReluEpsilon; }
+// Compared as l <= 0, not through fmaxf: relu(NaN) is NaN (as torch's), which must reach the outputs.
+__device__ __forceinline__ float performer_relu_feature(float logit) {
+  return (logit <= 0.f ? 0.f : logit) + kPerformerReluEpsilon;
+}
 __device__ __forceinline__ float performer_relu_dlogit(float grad, float feature) {
-  return feature > kPerformerReluEpsilon ? grad : 0.f;
+  return feature <= kPerformerReluEpsilon ? 0.f : grad;
 }
 
 // dL/dl of a feature phi from dL/dphi: softmax (phi an exponential of l) dphi phi, relu performer_relu_dlogit.

@@ -71,7 +71,8 @@ struct PerformerParams {
   // written by the forward only, nullptr in the backward, which recomputes every stabiliser). chunk_max
   // (chunks + 1, B, H, m), chunks of kPerformerRows positions: the running maxima s_f of the key logits after each
   // chunk (row 0: -inf, before any key). Per query (B, H, Nq): running_max M_i (-inf before the first unpadded
-  // key), query_max max_g l_g(q_i) and query_constant c_i. relu: unused.
+  // key), query_max max_g l_g(q_i) and query_constant c_i. relu: running_max only, with padding (0 from the first
+  // unpadded key on, -inf before; nullptr without).
   float* chunk_max;
   float* running_max;
   float* query_max;

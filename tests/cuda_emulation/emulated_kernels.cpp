@@ -242,7 +242,8 @@ void performer_sum_splits(const float* partial, float* out, int64_t count, int s
 }
 
 // Causal: the kernel sequence of csrc/cuda/performer_launch.cuh with the workspaces of csrc/cuda/performer_api.cpp
-// (poisoned with NaN) and its host steps (dden, relu's zero key_stabiliser) done here in place of ATen.
+// (poisoned with NaN) and its host steps (dden, relu's zero key_stabiliser and relu_keys_seen) done here in place
+// of ATen.
 template <typename Element, int HeadDim>
 void performer_causal(PerformerParams p, bool backward) {
   using Traits = PerformerTraits<Element, HeadDim>;
@@ -265,6 +266,17 @@ void performer_causal(PerformerParams p, bool backward) {
     p.key_stabiliser = nullptr;
   } else if (!p.softmax) {
     std::fill(p.key_stabiliser, p.key_stabiliser + rows, 0.f);
+  }
+  if (!p.softmax) {
+    p.running_max = nullptr;
+    if (!backward && p.key_padding_mask != nullptr) {  // relu_keys_seen
+      for (int64_t row = 0; row < rows; ++row) {
+        const int64_t batch = row / (int64_t(p.heads) * p.query_len), position = row % p.query_len;
+        const bool *mask = p.key_padding_mask + batch * p.key_len, *end = mask + position + 1;
+        running_max[row] = std::find(mask, end, false) != end ? 0.f : -std::numeric_limits<float>::infinity();
+      }
+      p.running_max = running_max.data();
+    }
   }
   if (p.softmax) {
     PerformerParams chunk_maxima = p;
