@@ -108,6 +108,12 @@ def full_attention(q, k, v, *, causal=False, key_padding_mask=None, scale=None) 
     if causal:
         allowed = allowed & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     sees_a_key = allowed.any(dim=-1, keepdim=True)
+    # Padded keys are ignored and rows that see no key reach nothing, even where they hold NaN or inf:
+    # scaled_dot_product_attention adds the mask to the scores (NaN + -inf is NaN) and multiplies zero weights by
+    # the values. masked_fill, so that their gradients are exactly 0 too.
+    padded = key_padding_mask[:, None, :, None]
+    q = q.masked_fill(~sees_a_key, 0.0)
+    k, v = k.masked_fill(padded, 0.0), v.masked_fill(padded, 0.0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~sees_a_key, scale=scale, enable_gqa=grouped)
     return torch.where(sees_a_key, out + nan, 0.0)
 

@@ -23,6 +23,8 @@ def _projection(mechanism: str, dim: int, key_len: int, seed: int) -> torch.Tens
 def _call(mechanism: str, q, k, v, extra, *, cpu: bool, causal: bool = False, key_padding_mask=None):
     """The public op (backend "cpu") or its reference; ``extra`` is the projection (the layout for block_sparse)."""
     module = fastattn if cpu else reference
+    if mechanism == "full":
+        return module.full_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
     backend = {"backend": "cpu"} if cpu else {}
     if mechanism == "block_sparse":
         layout = fastattn.BlockLayout.from_dense(torch.ones(-(-q.shape[2] // BLOCK_SIZE), -(-k.shape[2] // BLOCK_SIZE),
@@ -31,8 +33,9 @@ def _call(mechanism: str, q, k, v, extra, *, cpu: bool, causal: bool = False, ke
                                              **backend)
     if mechanism == "linformer":
         return module.linformer_attention(q, k, v, extra.to(q.dtype), key_padding_mask=key_padding_mask, **backend)
-    return module.performer_attention(q, k, v, extra.to(q.dtype), causal=causal, key_padding_mask=key_padding_mask,
-                                      **backend)
+    kernel = "relu" if mechanism == "performer_relu" else "softmax"
+    return module.performer_attention(q, k, v, extra.to(q.dtype), kernel=kernel, causal=causal,
+                                      key_padding_mask=key_padding_mask, **backend)
 
 
 # Layouts whose size-1 dims keep a stride smaller than a row, or whose rows overlap: each makes (q, k, v) in that
@@ -160,6 +163,9 @@ def test_linformer_saturated_rows_have_exact_zero_score_gradients(kp):
 # turns a NaN in a padded position into NaN outputs.
 NAN_MODES = [(mechanism, causal) for mechanism in MECHANISMS for causal in (False, True) if mechanism != "linformer"
              or not causal]
+# The NaN tests also take the Performer's relu features, whose relu(NaN) was 0 (a NaN in q or k vanished), and
+# full attention, where a NaN in a padded key reached every row (scaled_dot_product_attention's additive mask).
+NAN_FEATURE_MODES = NAN_MODES + [("performer_relu", False), ("performer_relu", True), ("full", False), ("full", True)]
 
 
 def _nan_case(mechanism, causal, seed=0):
@@ -168,7 +174,8 @@ def _nan_case(mechanism, causal, seed=0):
     return q, k, v, _projection(mechanism, 16, 40, seed)
 
 
-@pytest.mark.parametrize("mechanism,causal", NAN_MODES, ids=[describe_case(m=m, causal=c) for m, c in NAN_MODES])
+@pytest.mark.parametrize("mechanism,causal", NAN_FEATURE_MODES,
+                         ids=[describe_case(m=m, causal=c) for m, c in NAN_FEATURE_MODES])
 def test_nan_in_a_query_reaches_its_row_only(mechanism, causal):
     # Issue 10: q[0, 0, 3, 1] = nan gave a zero output row in the block-sparse kernel.
     q, k, v, extra = _nan_case(mechanism, causal)
@@ -189,7 +196,8 @@ def test_nan_in_a_query_reaches_bigbird_output():
 
 
 @pytest.mark.parametrize("name", ["k", "v"])
-@pytest.mark.parametrize("mechanism,causal", NAN_MODES, ids=[describe_case(m=m, causal=c) for m, c in NAN_MODES])
+@pytest.mark.parametrize("mechanism,causal", NAN_FEATURE_MODES,
+                         ids=[describe_case(m=m, causal=c) for m, c in NAN_FEATURE_MODES])
 def test_nan_in_a_key_reaches_every_row_that_sees_it(mechanism, causal, name):
     q, k, v, extra = _nan_case(mechanism, causal)
     position = 25
@@ -197,12 +205,15 @@ def test_nan_in_a_key_reaches_every_row_that_sees_it(mechanism, causal, name):
     out = _call(mechanism, q, k, v, extra, cpu=True, causal=causal)
     sees_it = torch.arange(40) >= position if causal else torch.ones(40, dtype=torch.bool)
     assert torch.isnan(out[1, 0, sees_it]).any(-1).all()  # a NaN in v reaches its own column
+    if name == "k":  # (a NaN in v still reaches the earlier rows of its causal block: 0 * NaN in P V)
+        assert torch.isfinite(out[1, 0, ~sees_it]).all()
     # Other heads and batch elements never see it.
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, 1]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("mechanism,causal", NAN_MODES, ids=[describe_case(m=m, causal=c) for m, c in NAN_MODES])
+@pytest.mark.parametrize("mechanism,causal", NAN_FEATURE_MODES,
+                         ids=[describe_case(m=m, causal=c) for m, c in NAN_FEATURE_MODES])
 def test_nan_in_a_query_reaches_only_what_it_reads(mechanism, causal, dtype):
     # The CPU Performer gave NaN outputs for a NaN query that sees no key (phi(q) . 0), and NaN gradients to the
     # padded keys' values; the block-sparse kernel NaN gradients to padded keys (dS^T Q with 0 * NaN).
@@ -212,7 +223,8 @@ def test_nan_in_a_query_reaches_only_what_it_reads(mechanism, causal, dtype):
         causal=causal, dtype=dtype, rows_without_keys=mechanism != "linformer")
 
 
-@pytest.mark.parametrize("mechanism,causal", NAN_MODES, ids=[describe_case(m=m, causal=c) for m, c in NAN_MODES])
+@pytest.mark.parametrize("mechanism,causal", NAN_FEATURE_MODES,
+                         ids=[describe_case(m=m, causal=c) for m, c in NAN_FEATURE_MODES])
 def test_nan_in_padded_keys_changes_nothing(mechanism, causal):
     q, k, v, extra = _nan_case(mechanism, causal)
     mask = torch.zeros(2, 40, dtype=torch.bool)
