@@ -124,12 +124,15 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
-def _check_bigbird_arguments(seq_len, block_size, num_heads, num_random_blocks) -> None:
+def _check_bigbird_arguments(seq_len, block_size, num_heads, num_random_blocks, seed=0) -> None:
     for name, value, low in (("seq_len", seq_len, 1), ("block_size", block_size, 1),
                              ("num_heads", num_heads, 1), ("num_random_blocks", num_random_blocks, 0)):
         # torch.SymInt: a symbolic length or head count while torch.compile or torch.export traces
         if not isinstance(value, (int, torch.SymInt)) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    # The seed reaches the layout op as an int64 (fastattn::bigbird_layout_csr).
+    if isinstance(seed, bool) or not hasattr(type(seed), "__index__") or not -2**63 <= operator.index(seed) < 2**63:
+        raise ValueError(f"seed: expected an int in [-2**63, 2**63), got {seed!r}")
 
 
 def bigbird_layout(
@@ -153,12 +156,13 @@ def bigbird_layout(
     tokens is the top-left corner of that of any longer sequence, and decoding with a key-value cache
     gives exactly the full forward's outputs. Layouts are cached per argument set.
     """
-    _check_bigbird_arguments(seq_len, block_size, num_heads, num_random_blocks)
+    _check_bigbird_arguments(seq_len, block_size, num_heads, num_random_blocks, seed)
     # Under torch.compile a length or head count may be symbolic; the BlockLayout (a Python object with
     # a dense mask) exists for one length only, so operator.index specialises to this call's value and
     # Dynamo guards on it. (bigbird_attention keeps the length symbolic: see TracedBigBirdLayout.)
     seq_len, num_heads = operator.index(seq_len), operator.index(num_heads)
-    return _BIGBIRD_LAYOUTS[_cache_bigbird_layout(seq_len, block_size, num_heads, num_random_blocks, int(seed), bool(causal))]
+    return _BIGBIRD_LAYOUTS[_cache_bigbird_layout(seq_len, block_size, num_heads, num_random_blocks,
+                                                  operator.index(seed), bool(causal))]
 
 
 _BIGBIRD_LAYOUTS: dict[str, BlockLayout] = {}
@@ -208,9 +212,9 @@ class TracedBigBirdLayout:
     """
 
     def __init__(self, seq_len, *, block_size: int, num_heads, num_random_blocks: int, seed: int, causal: bool):
-        _check_bigbird_arguments(seq_len, block_size, num_heads, num_random_blocks)
+        _check_bigbird_arguments(seq_len, block_size, num_heads, num_random_blocks, seed)
         self.block_size = block_size
-        self._arguments = (seq_len, block_size, num_heads, num_random_blocks, int(seed), bool(causal))
+        self._arguments = (seq_len, block_size, num_heads, num_random_blocks, operator.index(seed), bool(causal))
 
     def csr(self, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return torch.ops.fastattn.bigbird_layout_csr(*self._arguments, torch.device(device))
@@ -265,7 +269,7 @@ def causal_bigbird_row_layout(position: int, *, block_size: int, num_heads: int,
     For decoding with a key-value cache: the new token attends to its row's blocks only, with
     ``causal=False`` (no listed key lies after it), and gets exactly the output of the full causal forward.
     """
-    _check_bigbird_arguments(position + 1, block_size, num_heads, num_random_blocks)
+    _check_bigbird_arguments(position + 1, block_size, num_heads, num_random_blocks, seed)
     row = position // block_size
     mask = torch.zeros(num_heads, 1, row + 1, dtype=torch.bool)
     for head in range(num_heads):

@@ -78,6 +78,20 @@ def test_causal_bigbird_output_of_a_token_does_not_depend_on_the_tokens_after_it
         torch.testing.assert_close(prefix, full[:, :, :length], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("seed", ["a", None, 1.5, True, 2**70], ids=["str", "None", "float", "bool", "2**70"])
+def test_bigbird_rejects_a_seed_that_is_not_an_int64(seed):
+    # int(seed) took 1.5 and True silently, and "a", None or 2**70 failed without naming the argument.
+    q = torch.randn(1, 1, 8, 4)
+    with pytest.raises(ValueError, match="seed: expected an int"):
+        bigbird_layout(64, block_size=4, seed=seed)
+    with pytest.raises(ValueError, match="seed: expected an int"):
+        fastattn.bigbird_attention(q, q, q, block_size=4, seed=seed)
+
+
+def test_bigbird_takes_an_integer_seed_of_any_integer_type():
+    assert bigbird_layout(64, block_size=4, seed=torch.tensor(5).numpy()[()]) == bigbird_layout(64, block_size=4, seed=5)
+
+
 def test_bigbird_layout_is_reproducible_from_seed_and_differs_per_head():
     first = bigbird_layout(2048, block_size=64, num_heads=4, num_random_blocks=3, seed=7).to_dense()
     again = bigbird_layout(2048, block_size=64, num_heads=4, num_random_blocks=3, seed=7).to_dense()
