@@ -89,7 +89,8 @@ def test_bigbird_rejects_a_seed_that_is_not_an_int64(seed):
 
 
 def test_bigbird_takes_an_integer_seed_of_any_integer_type():
-    assert bigbird_layout(64, block_size=4, seed=torch.tensor(5).numpy()[()]) == bigbird_layout(64, block_size=4, seed=5)
+    numpy_seed = torch.tensor(5).numpy()[()]
+    assert bigbird_layout(64, block_size=4, seed=numpy_seed) == bigbird_layout(64, block_size=4, seed=5)
 
 
 def test_bigbird_layout_is_reproducible_from_seed_and_differs_per_head():

@@ -117,7 +117,6 @@ def test_performer_reference_approaches_softmax_attention_as_features_grow():
     assert errors[1] < 0.5 * errors[0], errors
 
 
-
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_performer_reference_nan_reaches_the_rows_that_read_it(causal):
     # A NaN query that sees keys gave a zero row (normaliser > 0 is False for NaN), and causal, a NaN in a later

@@ -262,12 +262,9 @@ void performer_causal(PerformerParams p, bool backward) {
   p.query_constant = query_constant.data(), p.grad_den = dden.data();
   p.shares = shares.data(), p.grad_k_shares = grad_k_shares.data(), p.grad_v_shares = grad_v_shares.data();
   p.row_sum_shares = row_sums.data(), p.key_row_sum_shares = key_row_sums.data();
-  if (backward) {
-    p.key_stabiliser = nullptr;
-  } else if (!p.softmax) {
-    std::fill(p.key_stabiliser, p.key_stabiliser + rows, 0.f);
-  }
+  if (backward) p.key_stabiliser = nullptr;
   if (!p.softmax) {
+    if (!backward) std::fill(p.key_stabiliser, p.key_stabiliser + rows, 0.f);
     p.running_max = nullptr;
     if (!backward && p.key_padding_mask != nullptr) {  // relu_keys_seen
       for (int64_t row = 0; row < rows; ++row) {
